@@ -1,0 +1,38 @@
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: demo test test-slow lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/nijimi demo --out out
+
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check nijimi tests bench
+
+bench: $(TEST_STAMP)
+	$(BIN)/python bench/unet.py
+
+clean:
+	rm -rf $(VENV) out

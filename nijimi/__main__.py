@@ -1,0 +1,3 @@
+from nijimi.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""One error hierarchy for everything nijimi reports to a user.
+
+Messages name the file, key, shape or value at fault; the CLI prints ``error: <message>`` and exits 2.
+"""
+
+
+class NijimiError(Exception):
+    """Base class of every error nijimi raises on purpose."""
+
+
+class ConfigError(NijimiError):
+    """A bad argument, option or configuration value."""
+
+
+class SamplerError(ConfigError):
+    """A bad sampler name, step count, strength or σ schedule."""
+
+
+class CheckpointError(NijimiError):
+    """A checkpoint file that cannot be read, or whose keys/shapes do not fit the model."""
+
+
+class PromptError(NijimiError):
+    """A prompt that cannot be parsed or encoded."""
+
+
+class ImageError(NijimiError):
+    """An image or mask that cannot be read or does not fit."""
+
+
+class DataError(NijimiError):
+    """A training data folder or caption file that cannot be used."""
