@@ -1,0 +1,377 @@
+"""The procedural "shapes" world: coloured circles, squares, triangles and stars on white, with captions.
+
+A tiny, fully known text-to-image world for training and evaluating a small latent diffusion model on a CPU.
+Everything is deterministic from a seed: a scene is drawn from a ``torch.Generator`` seeded by ``(seed, split, index)``,
+so any index can be regenerated exactly (bit-exact training resume), and a caption can be parsed back into what it asks
+for (the evaluator in ``nijimi.train.detect`` checks generated images against it).
+
+World:
+    64×64 (any size) RGB, white background; one or two objects that never overlap.
+    colours  red, orange, yellow, green, blue, purple (RGB in ``COLOURS``)
+    shapes   circle, square, triangle (equilateral, apex up), star (5 points)
+    sizes    small (circumradius 0.13 × image side), large (0.22 ×)
+    places   left, right, top, bottom, center (± 0.025 × side of jitter)
+Every shape is inscribed in the circle of its circumradius around its centre (which is also its centroid), so two
+objects are apart when their circles are. Two-object scenes place them left/right or top/bottom.
+
+Held-out split (for evaluation on captions never seen in training): the (colour, shape, position) triple with
+``position index == (colour index + shape index) mod 5`` is held out for every colour×shape pair — e.g. "red circle on
+the left", "blue star in the center" — 24 of the 120 triples. A scene is ``"heldout"`` when any of its objects has a
+held-out triple, otherwise ``"train"``. The split is a function of what a caption says, so the captions of the two
+splits are disjoint whatever the phrasing; every colour×shape and every colour/shape×position is still seen in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nijimi.errors import ConfigError, PromptError
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (224, 48, 48),
+    "orange": (240, 140, 32),
+    "yellow": (232, 208, 32),
+    "green": (48, 160, 64),
+    "blue": (48, 80, 224),
+    "purple": (144, 64, 192),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+SIZES: dict[str, float] = {"small": 0.13, "large": 0.22}
+POSITIONS: dict[str, tuple[float, float]] = {
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+SPLITS: tuple[str, ...] = ("train", "heldout")
+PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
+JITTER = 0.025
+GAP = 0.04
+STAR_INNER = 0.45
+SUPERSAMPLE = 4
+
+_PLACE_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "on the left side"),
+    "right": ("on the right", "on the right side"),
+    "top": ("at the top", "near the top"),
+    "bottom": ("at the bottom", "near the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+_ONE_TEMPLATES = ("{a} {pa}", "{pa}, {a}", "{a} drawn {pa}", "{a} {pa} against a white background")
+_TWO_TEMPLATES = (
+    "{a} {pa} and {b} {pb}",
+    "{b} {pb} and {a} {pa}",
+    "{a} {before} {b}",
+    "{b} {after} {a}",
+)
+_RELATIONS = {("left", "right"): ("to the left of", "to the right of"), ("top", "bottom"): ("above", "below")}
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """What a caption asks of one object; ``size`` is None when the caption does not say."""
+
+    colour: str
+    shape: str
+    position: str
+    size: str | None = None
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn object; ``cx, cy, radius`` (circumradius) are fractions of the image side, y downwards."""
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+    cx: float
+    cy: float
+    radius: float
+
+    def spec(self, with_size: bool = True) -> ShapeSpec:
+        return ShapeSpec(self.colour, self.shape, self.position, self.size if with_size else None)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two non-overlapping objects; a two-object scene lists them left→right or top→bottom."""
+
+    objects: tuple[Shape, ...]
+
+    @property
+    def split(self) -> str:
+        return split_of(tuple(o.spec() for o in self.objects))
+
+
+def is_heldout(colour: str, shape: str, position: str) -> bool:
+    """True for the 24 held-out (colour, shape, position) triples: position index ≡ colour + shape index (mod 5)."""
+    positions = list(POSITIONS)
+    return positions.index(position) == (list(COLOURS).index(colour) + SHAPES.index(shape)) % len(positions)
+
+
+def split_of(specs: tuple[ShapeSpec, ...]) -> str:
+    """``"heldout"`` if any object's (colour, shape, position) is held out, else ``"train"``."""
+    return "heldout" if any(is_heldout(s.colour, s.shape, s.position) for s in specs) else "train"
+
+
+class _Draws:
+    """Uniform numbers from one explicit generator, consumed in order."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.values: list[float] = []
+
+    def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
+        if not self.values:
+            self.values = torch.rand(64, generator=self.generator, dtype=torch.float64).tolist()[::-1]
+        return low + (high - low) * self.values.pop()
+
+    def pick(self, options: tuple | list) -> object:
+        return options[min(int(self.uniform() * len(options)), len(options) - 1)]
+
+
+def _place(draws: _Draws, colour: str, shape: str, size: str, position: str) -> Shape:
+    x, y = POSITIONS[position]
+    dx, dy = draws.uniform(-JITTER, JITTER), draws.uniform(-JITTER, JITTER)
+    return Shape(colour, shape, size, position, x + dx, y + dy, SIZES[size])
+
+
+def _apart(a: Shape, b: Shape) -> bool:
+    return math.hypot(a.cx - b.cx, a.cy - b.cy) >= a.radius + b.radius + GAP
+
+
+def _random_objects(draws: _Draws, positions: tuple[str, ...]) -> tuple[Shape, ...]:
+    specs = [(draws.pick(list(COLOURS)), draws.pick(SHAPES), draws.pick(list(SIZES)), p) for p in positions]
+    while True:
+        objects = tuple(_place(draws, *spec) for spec in specs)
+        if len(objects) == 1 or _apart(*objects):
+            return objects
+
+
+def sample_scene(generator: torch.Generator, split: str = "train", objects: int | None = None) -> Scene:
+    """Draw a scene of the given split (one or two objects, half each when ``objects`` is None)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
+    draws = _Draws(generator)
+    count = objects if objects is not None else 1 + int(draws.uniform() < 0.5)
+    if count not in (1, 2):
+        raise ConfigError(f"a shapes scene has 1 or 2 objects, got {count}")
+    while True:
+        positions = (draws.pick(list(POSITIONS)),) if count == 1 else draws.pick(PAIRS)
+        scene = Scene(_random_objects(draws, positions))
+        if scene.split == split:
+            return scene
+
+
+def _object_phrase(spec: ShapeSpec) -> str:
+    words = " ".join(w for w in (spec.size, spec.colour, spec.shape) if w)
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def caption_for(specs: tuple[ShapeSpec, ...], template: int = 0, places: tuple[int, ...] = (0, 0)) -> str:
+    """Caption in plain English for one or two specs (two: first is left/top); ``template``/``places`` pick phrasing."""
+    phrases = [_PLACE_PHRASES[s.position][places[i] % 2] for i, s in enumerate(specs)]
+    if len(specs) == 1:
+        return _ONE_TEMPLATES[template % len(_ONE_TEMPLATES)].format(a=_object_phrase(specs[0]), pa=phrases[0])
+    before, after = _RELATIONS[(specs[0].position, specs[1].position)]
+    fields = {"a": _object_phrase(specs[0]), "b": _object_phrase(specs[1]), "before": before, "after": after}
+    return _TWO_TEMPLATES[template % len(_TWO_TEMPLATES)].format(pa=phrases[0], pb=phrases[1], **fields)
+
+
+def describe(scene: Scene, generator: torch.Generator) -> str:
+    """A caption for ``scene`` with a random phrasing; two-object captions name both sizes or neither."""
+    draws = _Draws(generator)
+    with_size = len(scene.objects) == 1 or draws.uniform() < 0.5
+    template = int(draws.uniform() * 4)
+    places = (int(draws.uniform() * 2), int(draws.uniform() * 2))
+    return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places)
+
+
+_OBJECT = r"(?:a|an|one) (?:({size}) )?({colour}) ({shape})".format(
+    size="|".join(SIZES), colour="|".join(COLOURS), shape="|".join(SHAPES)
+)
+_PLACE_OF = {phrase: place for place, phrases in _PLACE_PHRASES.items() for phrase in phrases}
+_PLACE = "(" + "|".join(sorted(_PLACE_OF, key=len, reverse=True)) + ")"
+_RELATION_OF = {word: pair for pair, words in _RELATIONS.items() for word in words}
+_ONE_PATTERNS = (
+    re.compile(rf"{_OBJECT} (?:drawn )?{_PLACE}(?: against a white background)?"),
+    re.compile(rf"{_PLACE}, {_OBJECT}"),
+)
+_TWO_PLACES = re.compile(rf"{_OBJECT} {_PLACE} and {_OBJECT} {_PLACE}")
+_TWO_RELATION = re.compile(rf"{_OBJECT} ({'|'.join(_RELATION_OF)}) {_OBJECT}")
+
+
+def _spec(size: str | None, colour: str, shape: str, place: str) -> ShapeSpec:
+    return ShapeSpec(colour, shape, place, size or None)
+
+
+def _ordered(a: ShapeSpec, b: ShapeSpec, caption: str) -> tuple[ShapeSpec, ...]:
+    if (a.position, b.position) in PAIRS:
+        return (a, b)
+    if (b.position, a.position) in PAIRS:
+        return (b, a)
+    raise PromptError(f"caption {caption!r} places two objects at {a.position} and {b.position}; "
+                      f"expected left/right or top/bottom")
+
+
+def parse_caption(caption: str) -> tuple[ShapeSpec, ...]:
+    """What a shapes caption asks for: one spec, or two ordered left→right / top→bottom.
+
+    Accepts every phrasing ``caption_for`` writes (case, surrounding space and a final period are ignored).
+    """
+    text = " ".join(caption.lower().strip().rstrip(".").split())
+    if m := _ONE_PATTERNS[0].fullmatch(text):
+        return (_spec(m[1], m[2], m[3], _PLACE_OF[m[4]]),)
+    if m := _ONE_PATTERNS[1].fullmatch(text):
+        return (_spec(m[2], m[3], m[4], _PLACE_OF[m[1]]),)
+    if m := _TWO_PLACES.fullmatch(text):
+        a = _spec(m[1], m[2], m[3], _PLACE_OF[m[4]])
+        return _ordered(a, _spec(m[5], m[6], m[7], _PLACE_OF[m[8]]), caption)
+    if m := _TWO_RELATION.fullmatch(text):
+        first, second = _RELATION_OF[m[4]]
+        if m[4] in ("to the right of", "below"):
+            first, second = second, first
+        return _ordered(_spec(m[1], m[2], m[3], first), _spec(m[5], m[6], m[7], second), caption)
+    raise PromptError(f"not a shapes caption: {caption!r}")
+
+
+def _convex_inside(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Points inside a convex polygon with counter-clockwise (on screen: clockwise, y down) vertices (N, 2)."""
+    inside = np.ones(np.broadcast_shapes(xs.shape, ys.shape), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(vertices, np.roll(vertices, -1, axis=0), strict=True):
+        inside &= (x1 - x0) * (ys - y0) - (y1 - y0) * (xs - x0) >= 0
+    return inside
+
+
+def _polygon(radius: float, angles_deg: np.ndarray, radii: np.ndarray | float = 1.0) -> np.ndarray:
+    angles = np.deg2rad(angles_deg)
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1) * (radius * np.asarray(radii))[..., None]
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Which offsets (dx (1, W), dy (H, 1), pixels from the centre) fall inside ``shape`` of circumradius r."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        half = r / math.sqrt(2)
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if shape == "triangle":
+        return _convex_inside(dx, dy, _polygon(r, np.array([-90.0, 30.0, 150.0])))
+    if shape == "star":
+        inside = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=bool)
+        for k in range(5):
+            tip = -90.0 + 72.0 * k
+            kite = np.array([tip, tip + 36.0, tip + 180.0, tip - 36.0])
+            inside |= _convex_inside(dx, dy, _polygon(r, kite, np.array([1.0, STAR_INNER, 0.0, STAR_INNER])))
+        return inside
+    raise ConfigError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def _coverage(obj: Shape, size: int) -> tuple[slice, slice, np.ndarray]:
+    """Anti-aliased coverage in [0, 1] of ``obj`` over its pixel bounding box (rows, cols, alpha (h, w))."""
+    cx, cy, r = obj.cx * size, obj.cy * size, obj.radius * size
+    x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)
+    y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)
+    offsets = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    xs = (np.arange(x0, x1)[:, None] + offsets).reshape(1, -1) - cx
+    ys = (np.arange(y0, y1)[:, None] + offsets).reshape(-1, 1) - cy
+    hits = _inside(obj.shape, xs, ys, r)
+    alpha = hits.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
+    return slice(y0, y1), slice(x0, x1), alpha
+
+
+def render(scene: Scene, size: int = 64) -> np.ndarray:
+    """Draw ``scene`` with 4×4 supersampled edges → uint8 (size, size, 3)."""
+    if size < 8:
+        raise ConfigError(f"shapes image size must be at least 8 pixels, got {size}")
+    image = np.full((size, size, 3), 255.0)
+    for obj in scene.objects:
+        rows, cols, alpha = _coverage(obj, size)
+        colour = np.array(COLOURS[obj.colour], dtype=np.float64)
+        patch = image[rows, cols]
+        image[rows, cols] = patch + alpha[..., None] * (colour - patch)
+    return np.rint(image).astype(np.uint8)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float32 (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def _index_generator(seed: int, split: str, index: int, purpose: str) -> torch.Generator:
+    digest = hashlib.blake2b(f"shapes:{seed}:{split}:{index}:{purpose}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class ShapesDataset:
+    """In-memory shapes images: ``dataset[i]`` → (image (3, size, size) float32 in [-1, 1], caption).
+
+    Index ``i`` alone (with ``seed`` and ``split``) fixes the scene and caption, so any index regenerates exactly.
+    Half the scenes have one object, half two.
+    """
+
+    def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
+        if count < 1:
+            raise ConfigError(f"shapes dataset count must be positive, got {count}")
+        self.size, self.seed, self.split, self.count = size, seed, split, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def scene(self, index: int) -> Scene:
+        return sample_scene(_index_generator(self.seed, self.split, index, "scene"), self.split)
+
+    def caption(self, index: int) -> str:
+        return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"))
+
+    def item(self, index: int) -> tuple[np.ndarray, str]:
+        """(uint8 image (size, size, 3), caption) for ``index``."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"shapes index {index} out of range [0, {self.count})")
+        scene = self.scene(index)
+        caption = describe(scene, _index_generator(self.seed, self.split, index, "caption"))
+        return render(scene, self.size), caption
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, caption = self.item(index)
+        return to_tensor(image), caption
+
+
+def sample_captions(count: int, seed: int = 0, split: str = "heldout") -> list[str]:
+    """``count`` captions of ``split`` (half one-object, half two-object), e.g. for evaluation."""
+    captions = []
+    for index in range(count):
+        scene = sample_scene(_index_generator(seed, split, index, "eval"), split, objects=1 + index % 2)
+        captions.append(describe(scene, _index_generator(seed, split, index, "caption")))
+    return captions
+
+
+def write_shapes_dataset(out_dir: str | Path, count: int, seed: int = 0, size: int = 64, split: str = "train") -> Path:
+    """Write ``NNNNN.png`` images and ``captions.jsonl`` (``{"file": …, "caption": …}`` per line) to ``out_dir``.
+
+    Image ``i`` is ``ShapesDataset(size, seed, split)[i]``. Returns the folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = ShapesDataset(size, seed, split, count)
+    lines = []
+    for index in range(count):
+        image, caption = dataset.item(index)
+        name = f"{index:05d}.png"
+        Image.fromarray(image).save(out / name)
+        lines.append(json.dumps({"file": name, "caption": caption}))
+    (out / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
