@@ -93,7 +93,7 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection (Shazeer, arXiv:2002.05202): ``a · gelu(g)`` with ``[a, g] = proj(x)``. Parameter ``proj``."""
+    """Gated GELU projection (Shazeer, arXiv:2002.05202): ``a · gelu(g)`` with ``[a, g] = proj(x)``. Param ``proj``."""
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()

@@ -190,7 +190,7 @@ class Upsample(nn.Module):
 
 
 class TimestepSequential(nn.Sequential):
-    """A U-Net block: its sub-modules in order, each given what it takes (ResBlock: emb, SpatialTransformer: context)."""
+    """A U-Net block: its sub-modules in order, each fed what it takes (ResBlock: emb, SpatialTransformer: context)."""
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """h: (B, C, H, W), emb: (B, time_embed_dim), context: (B, M, context_dim) → (B, C', H', W')."""
