@@ -1,0 +1,113 @@
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from nijimi.errors import CheckpointError, ConfigError
+from nijimi.train.config import build_config, parse_overrides
+from nijimi.train.trainer import LoopConfig, Trainer, batch_indices, lr_factor
+
+N = 64
+X = torch.randn(N, 8, generator=torch.Generator().manual_seed(0))
+W_TRUE = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+Y = X @ W_TRUE
+
+
+class Regression(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 3))
+
+    def forward(self, indices, g, part):
+        noise = torch.randn(len(indices), 3, generator=g) * 0.01  # drawn for the whole global batch
+        idx = torch.tensor(indices)[part]
+        return ((self.net(X[idx]) - (Y[idx] + noise[part])) ** 2).mean()
+
+
+def make_trainer(tmp_path, steps=20, batch=8):
+    torch.manual_seed(0)
+    cfg = LoopConfig(steps=steps, batch_size=batch, lr=3e-2, warmup_steps=2, save_every=5, ema_decay=0.9)
+    return Trainer(Regression(), N, cfg, tmp_path)
+
+
+def test_loss_decreases(tmp_path):
+    t = make_trainer(tmp_path, steps=100)
+    t.run()
+    assert sum(t.losses[-5:]) / 5 < 0.3 * sum(t.losses[:5]) / 5
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    full = make_trainer(tmp_path / "full")
+    full.run()
+    part = make_trainer(tmp_path / "part")
+    part.run(until=10)  # "killed" after the checkpoint at step 10
+    resumed = make_trainer(tmp_path / "part")
+    resumed.resume()
+    assert resumed.step == 10
+    resumed.run()
+    assert resumed.losses == full.losses
+    for a, b in zip(full.module.state_dict().values(), resumed.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for k, v in full.ema.shadow.items():
+        assert torch.equal(v, resumed.ema.shadow[k])
+
+
+def test_batches_cover_each_epoch_once():
+    seen = [i for s in range(8) for i in batch_indices(s, 8, N, seed=3)]
+    assert sorted(seen) == list(range(N))
+    assert batch_indices(2, 8, N, 3) == batch_indices(2, 8, N, 3)
+    assert batch_indices(0, 8, N, 3) != batch_indices(0, 8, N, 4)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+def test_resume_without_checkpoint_names_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint.pt"):
+        make_trainer(tmp_path).resume()
+
+
+def test_config_overrides_are_typed_and_checked():
+    cfg = build_config(LoopConfig, {"steps": 5, **parse_overrides(["--lr=0.5", "--batch-size=4"])})
+    assert (cfg.steps, cfg.lr, cfg.batch_size) == (5, 0.5, 4)
+    with pytest.raises(ConfigError, match="nope"):
+        build_config(LoopConfig, {"nope": 1})
+    with pytest.raises(ConfigError, match="steps"):
+        build_config(LoopConfig, parse_overrides(["--steps=many"]))
+
+
+def _ddp_worker(rank, world, port, tmp, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        t = make_trainer(tmp, steps=6)
+        t.run()
+        if rank == 0:
+            torch.save(t.module.state_dict(), result_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_ranks_equal_one_rank_with_combined_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp", result), nprocs=2, join=True)
+    single = make_trainer(tmp_path / "single", steps=6)
+    single.run()
+    ddp_state = torch.load(result, weights_only=True)
+    for k, v in single.module.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_not_divisible_by_world_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("nijimi.train.trainer._world", lambda: (0, 3))
+    with pytest.raises(ConfigError, match="batch_size 8"):
+        make_trainer(tmp_path)
