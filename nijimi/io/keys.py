@@ -9,11 +9,14 @@ direction and round trips exactly.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 from nijimi.errors import CheckpointError, ConfigError
+from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
+from nijimi.models.vae import VAE, VAEConfig
 
 # ---- U-Net (diffusers UNet2DConditionModel) ---------------------------------------------------------------------
 
@@ -156,4 +159,280 @@ def _unet_heads_from_diffusers(heads: int | list[int], channels: list[int]) -> d
 
 # ---- VAE (diffusers AutoencoderKL) ------------------------------------------------------------------------------
 
+# Sub-module renames inside a VAE ResnetBlock / mid AttnBlock: original name → diffusers name.
+_VAE_RESNET_PARTS = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+                     ("nin_shortcut", "conv_shortcut"))
+_VAE_ATTN_PARTS = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
+# Original 1×1 convs of the mid attention whose weights diffusers stores as Linear (out, in) matrices.
+_VAE_ATTN_CONVS = ("q", "k", "v", "proj_out")
+
+# diffusers AutoencoderKL options that every SD-style VAE has at these values (nijimi has no others).
+_VAE_DIFFUSERS_FIXED = {"act_fn": "silu", "mid_block_add_attention": True, "use_quant_conv": True,
+                        "use_post_quant_conv": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+def _vae_module_pairs(cfg: VAEConfig) -> dict[str, str]:
+    """Native module path → diffusers module path for every VAE module holding parameters.
+
+    diffusers numbers the decoder's ``up_blocks`` in execution order, the original numbers ``up`` by resolution
+    level, so ``decoder.up.{L-1-i}`` ↔ ``decoder.up_blocks.{i}``.
+    """
+    levels = len(cfg.channel_mult)
+    pairs = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    blocks = {}
+    for part in ("encoder", "decoder"):
+        pairs.update({f"{part}.conv_in": f"{part}.conv_in", f"{part}.norm_out": f"{part}.conv_norm_out",
+                      f"{part}.conv_out": f"{part}.conv_out"})
+        blocks.update({f"{part}.mid.block_1": f"{part}.mid_block.resnets.0",
+                       f"{part}.mid.block_2": f"{part}.mid_block.resnets.1"})
+        pairs.update({f"{part}.mid.attn_1.{a}": f"{part}.mid_block.attentions.0.{b}" for a, b in _VAE_ATTN_PARTS})
+    for level in range(levels):
+        up = levels - 1 - level
+        blocks.update({f"encoder.down.{level}.block.{j}": f"encoder.down_blocks.{level}.resnets.{j}"
+                       for j in range(cfg.num_res_blocks)})
+        blocks.update({f"decoder.up.{level}.block.{j}": f"decoder.up_blocks.{up}.resnets.{j}"
+                       for j in range(cfg.num_res_blocks + 1)})
+        if level < levels - 1:
+            pairs[f"encoder.down.{level}.downsample.conv"] = f"encoder.down_blocks.{level}.downsamplers.0.conv"
+        if level > 0:
+            pairs[f"decoder.up.{level}.upsample.conv"] = f"decoder.up_blocks.{up}.upsamplers.0.conv"
+    for native, foreign in blocks.items():
+        pairs.update({f"{native}.{a}": f"{foreign}.{b}" for a, b in _VAE_RESNET_PARTS})
+    return pairs
+
+
+@functools.lru_cache(maxsize=8)
+def vae_key_table(cfg: VAEConfig) -> tuple[tuple[str, str], ...]:
+    """``(native_key, diffusers_key)`` for every parameter of ``VAE(cfg)``, in the model's order.
+
+    Native keys carry no ``first_stage_model.`` prefix. Every VAE parameter is ``<module>.weight`` or ``.bias``.
+    """
+    with torch.device("meta"):
+        native_keys = list(VAE(cfg).state_dict())
+    pairs = _vae_module_pairs(cfg)
+    table = []
+    for key in native_keys:
+        module, param = key.rsplit(".", 1)
+        if module not in pairs:
+            raise CheckpointError(f"VAE key {key!r} has no diffusers rename rule")
+        table.append((key, f"{pairs[module]}.{param}"))
+    return tuple(table)
+
+
+def _is_vae_attn_conv_weight(native_key: str) -> bool:
+    module, param = native_key.rsplit(".", 1)
+    return param == "weight" and ".mid.attn_1." in module and module.rsplit(".", 1)[1] in _VAE_ATTN_CONVS
+
+
+def _vae_convert(sd: dict[str, torch.Tensor], table: tuple[tuple[str, str], ...], to_diffusers: bool,
+                 naming: str) -> dict[str, torch.Tensor]:
+    """Rename by ``table`` (strict: missing and unknown keys raise), reshaping mid-attention 1×1 conv weights
+    ``(C, C, 1, 1)`` ↔ Linear weights ``(C, C)`` (a view, so the round trip is bit-exact)."""
+    src, dst = (0, 1) if to_diffusers else (1, 0)
+    unknown = sorted(set(sd) - {row[src] for row in table})
+    missing = [row[src] for row in table if row[src] not in sd]
+    if unknown or missing:
+        raise CheckpointError(f"{naming} VAE state dict does not fit the config: missing {missing[:5]} "
+                              f"({len(missing)}), unexpected {unknown[:5]} ({len(unknown)})")
+    out = {}
+    for row in table:
+        value = sd[row[src]]
+        if _is_vae_attn_conv_weight(row[0]):
+            value = value.reshape(value.shape[0], -1) if to_diffusers else value.reshape(*value.shape[:2], 1, 1)
+        out[row[dst]] = value
+    return out
+
+
+def vae_to_diffusers(sd: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Native VAE state dict (no ``first_stage_model.`` prefix) → diffusers ``AutoencoderKL`` keys and shapes."""
+    return _vae_convert(sd, vae_key_table(cfg), True, "native")
+
+
+def vae_from_diffusers(sd: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """diffusers ``AutoencoderKL`` state dict → native VAE keys and shapes (no ``first_stage_model.`` prefix)."""
+    return _vae_convert(sd, vae_key_table(cfg), False, "diffusers")
+
+
+def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int = 512) -> dict:
+    """The diffusers ``config.json`` of an ``AutoencoderKL`` with this architecture.
+
+    ``sample_size`` (pixels) is only diffusers' default tile size for tiled decoding.
+    """
+    levels = len(cfg.channel_mult)
+    return {
+        "_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [cfg.channels * m for m in cfg.channel_mult], "layers_per_block": cfg.num_res_blocks,
+        "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups, "sample_size": sample_size,
+        "scaling_factor": cfg.scaling_factor, "force_upcast": True, **_VAE_DIFFUSERS_FIXED,
+    }
+
+
+def vae_config_from_diffusers(d: dict) -> VAEConfig:
+    """A :class:`VAEConfig` from a diffusers ``AutoencoderKL`` ``config.json`` dict (absent keys: diffusers'
+    defaults). Options nijimi's VAE does not have raise :class:`ConfigError` naming them."""
+    for key, value in _VAE_DIFFUSERS_FIXED.items():
+        if d.get(key, value) != value:
+            raise ConfigError(f"diffusers VAE option {key}={d[key]!r} is not supported (only {value!r})")
+    widths = [int(c) for c in d.get("block_out_channels", (64,))]
+    down = list(d.get("down_block_types", ["DownEncoderBlock2D"]))
+    up = list(d.get("up_block_types", ["UpDecoderBlock2D"]))
+    if down != ["DownEncoderBlock2D"] * len(widths) or up != ["UpDecoderBlock2D"] * len(widths):
+        raise ConfigError(f"diffusers VAE blocks down={down} up={up} for {len(widths)} levels are not SD-like")
+    base = math.gcd(*widths)
+    return VAEConfig(
+        in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3), channels=base,
+        channel_mult=tuple(w // base for w in widths), num_res_blocks=d.get("layers_per_block", 1),
+        z_channels=d.get("latent_channels", 4), norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=d.get("scaling_factor", 0.18215),
+    )
+
+
 # ---- CLIP text encoder (transformers CLIPTextModel, OpenCLIP) ----------------------------------------------------
+
+# Native keys (no ``cond_stage_model.transformer.`` prefix) that old transformers files carry and nijimi drops.
+_CLIP_IGNORED = ("text_model.embeddings.position_ids",)
+# Encoder-layer sub-modules: native (transformers) name → OpenCLIP ``transformer.resblocks.{i}`` name. The separate
+# q/k/v projections of a layer are OpenCLIP's fused ``attn.in_proj_weight`` / ``attn.in_proj_bias`` (rows q|k|v).
+_CLIP_OPENCLIP_PARTS = (("layer_norm1", "ln_1"), ("self_attn.out_proj", "attn.out_proj"), ("layer_norm2", "ln_2"),
+                        ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+_CLIP_OPENCLIP_TOP = (("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+                      ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+                      ("text_model.final_layer_norm.weight", "ln_final.weight"),
+                      ("text_model.final_layer_norm.bias", "ln_final.bias"))
+
+
+def _clip_native_keys(cfg: TextEncoderConfig) -> list[str]:
+    with torch.device("meta"):
+        return list(TextEncoder(cfg).state_dict())
+
+
+def _clip_layer(key: str) -> int | None:
+    """The encoder layer index of a native key, or None outside ``text_model.encoder.layers``."""
+    prefix = "text_model.encoder.layers."
+    return int(key[len(prefix):].split(".", 1)[0]) if key.startswith(prefix) else None
+
+
+@functools.lru_cache(maxsize=8)
+def text_encoder_transformers_table(cfg: TextEncoderConfig) -> tuple[tuple[str, str], ...]:
+    """``(native_key, transformers_key)`` for the parameters a transformers ``CLIPTextModel`` keeps.
+
+    The keys are the same (the native tree *is* transformers' ``text_model.`` layout). ``CLIPTextModel`` has no
+    clip-skip, so only the layers up to the default one (``num_layers - clip_skip + 1``) are kept, and no
+    projection: this is what diffusers' SD 2.x ``text_encoder`` folder holds (23 of OpenCLIP-H's 24 layers, no
+    ``text_projection``/``logit_scale``), whose last hidden state equals the native encoder's default output.
+    """
+    used = cfg.num_layers - cfg.clip_skip + 1
+    return tuple((k, k) for k in _clip_native_keys(cfg)
+                 if k.startswith("text_model.") and (_clip_layer(k) is None or _clip_layer(k) < used))
+
+
+def _clip_check(sd: dict, expected: list[str], ignored: set[str], what: str) -> None:
+    unknown = sorted(set(sd) - set(expected) - ignored)
+    missing = [k for k in expected if k not in sd]
+    if unknown or missing:
+        raise CheckpointError(f"{what} text encoder state dict does not fit the config: missing {missing[:5]} "
+                              f"({len(missing)}), unexpected {unknown[:5]} ({len(unknown)})")
+
+
+def text_encoder_to_transformers(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """Native text-encoder state dict → transformers ``CLIPTextModel`` keys (with the ``text_model.`` level, which
+    every transformers version loads; transformers ≥ 5 itself saves without it). Layers after the default one and
+    the OpenCLIP projection are dropped (see :func:`text_encoder_transformers_table`)."""
+    table = text_encoder_transformers_table(cfg)
+    _clip_check(sd, [n for n, _ in table], set(_clip_native_keys(cfg)), "native")
+    return {foreign: sd[native] for native, foreign in table}
+
+
+def text_encoder_from_transformers(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) → native keys.
+
+    ``cfg`` is the encoder the folder describes (:func:`text_encoder_config_from_transformers`); a stored
+    ``position_ids`` buffer is dropped.
+    """
+    named = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}
+    table = text_encoder_transformers_table(cfg)
+    _clip_check(named, [f for _, f in table], set(_CLIP_IGNORED), "transformers")
+    return {native: named[foreign] for native, foreign in table}
+
+
+@functools.lru_cache(maxsize=8)
+def text_encoder_openclip_table(cfg: TextEncoderConfig) -> tuple[tuple[str, str], ...]:
+    """``(native_key, openclip_key)`` for every parameter, OpenCLIP keys as in an SD 2.x single file after
+    ``cond_stage_model.model.``. The q, k, v rows of a layer map to the same fused ``in_proj`` key, in that order;
+    ``text_projection.weight`` (``(proj, width)``) is OpenCLIP's ``text_projection`` (``(width, proj)``) transposed.
+    """
+    table = list(_CLIP_OPENCLIP_TOP)
+    for i in range(cfg.num_layers):
+        native, foreign = f"text_model.encoder.layers.{i}", f"transformer.resblocks.{i}"
+        for param in ("weight", "bias"):
+            table += [(f"{native}.self_attn.{p}_proj.{param}", f"{foreign}.attn.in_proj_{param}") for p in "qkv"]
+            table += [(f"{native}.{a}.{param}", f"{foreign}.{b}.{param}") for a, b in _CLIP_OPENCLIP_PARTS]
+    if cfg.projection_dim is not None:
+        table += [("text_projection.weight", "text_projection"), ("logit_scale", "logit_scale")]
+    return tuple(table)
+
+
+def text_encoder_to_openclip(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """Native text-encoder state dict → OpenCLIP keys (fusing q/k/v into ``in_proj``, transposing the projection).
+
+    Bit-exact inverse of :func:`text_encoder_from_openclip`.
+    """
+    table = text_encoder_openclip_table(cfg)
+    _clip_check(sd, [n for n, _ in table], set(), "native")
+    groups: dict[str, list[torch.Tensor]] = {}
+    for native, foreign in table:
+        groups.setdefault(foreign, []).append(sd[native])
+    out = {foreign: torch.cat(parts) if len(parts) > 1 else parts[0] for foreign, parts in groups.items()}
+    if "text_projection" in out:
+        out["text_projection"] = out["text_projection"].t().contiguous()
+    return out
+
+
+def text_encoder_from_openclip(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """OpenCLIP text-tower state dict (an SD 2.x single file's keys after ``cond_stage_model.model.``) → native keys.
+
+    Each fused ``in_proj`` is split into equal q, k, v row blocks (copies, so no two tensors share memory).
+    """
+    table = text_encoder_openclip_table(cfg)
+    _clip_check(sd, list(dict.fromkeys(f for _, f in table)), set(), "OpenCLIP")
+    natives: dict[str, list[str]] = {}
+    for native, foreign in table:
+        natives.setdefault(foreign, []).append(native)
+    out = {}
+    for foreign, names in natives.items():
+        value = sd[foreign].t().contiguous() if foreign == "text_projection" else sd[foreign]
+        if len(names) == 1:
+            out[names[0]] = value
+        else:
+            out.update(zip(names, (part.clone() for part in value.chunk(len(names))), strict=True))
+    return out
+
+
+def text_encoder_config_to_transformers(cfg: TextEncoderConfig) -> dict:
+    """The ``config.json`` of the transformers ``CLIPTextModel`` that :func:`text_encoder_to_transformers` fills:
+    ``num_hidden_layers`` counts only the layers up to the default one (23 for OpenCLIP-H, as in diffusers)."""
+    return {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.width, "intermediate_size": cfg.mlp_width,
+        "projection_dim": cfg.projection_dim or cfg.width, "num_hidden_layers": cfg.num_layers - cfg.clip_skip + 1,
+        "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_positions,
+        "hidden_act": cfg.activation, "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "initializer_factor": 1.0, "pad_token_id": 1, "bos_token_id": cfg.vocab_size - 2,
+        "eos_token_id": cfg.vocab_size - 1,
+    }
+
+
+def text_encoder_config_from_transformers(d: dict) -> TextEncoderConfig:
+    """A :class:`TextEncoderConfig` from a transformers ``CLIPTextConfig`` dict (absent keys: transformers'
+    defaults), used at its last layer and without projection parameters."""
+    act = d.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ConfigError(f"transformers CLIP hidden_act={act!r} is not supported (only quick_gelu, gelu)")
+    if d.get("layer_norm_eps", 1e-5) != 1e-5:
+        raise ConfigError(f"transformers CLIP layer_norm_eps={d['layer_norm_eps']} is not supported (only 1e-05)")
+    return TextEncoderConfig(
+        vocab_size=d.get("vocab_size", 49408), max_positions=d.get("max_position_embeddings", 77),
+        width=d.get("hidden_size", 512), num_layers=d.get("num_hidden_layers", 12),
+        num_heads=d.get("num_attention_heads", 8), mlp_width=d.get("intermediate_size", 2048), activation=act,
+    )
