@@ -1,0 +1,207 @@
+"""U-Net parity with diffusers' UNet2DConditionModel on random weights, full-size architecture checks, options."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from nijimi.errors import ConfigError
+from nijimi.io.keys import unet_config_to_diffusers, unet_to_diffusers
+from nijimi.models.unet import UNetConfig, UNetModel
+
+# Small configs of the real architectures: same block structure, fewer channels.
+SD1_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                       num_heads=4, context_dim=32, norm_groups=16)
+SD2_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                       num_heads=None, head_dim=8, context_dim=48, linear_proj=True, upcast_attention=True,
+                       norm_groups=16)
+INPAINT_SMALL = dataclasses.replace(SD1_SMALL, in_channels=9)
+TINY_SMALL = dataclasses.replace(UNetConfig.tiny(), model_channels=32, norm_groups=16, context_dim=40)
+
+PARITY_CONFIGS = {"sd1": SD1_SMALL, "sd2": SD2_SMALL, "inpaint9": INPAINT_SMALL, "tiny": TINY_SMALL}
+TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers|, fp32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and immune to other processes on the same cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Fill every parameter with seeded noise (weights ~ 1/√fan_in, norm gains ~ 1, biases ~ 0.1) so nothing is zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def make_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditionModel]:
+    """A random nijimi U-Net and the diffusers U-Net holding the same weights, moved over by nijimi's key table."""
+    ours = UNetModel(cfg).eval()
+    randomize(ours, seed)
+    theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
+    theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True)
+    return ours, theirs
+
+
+def inputs(cfg: UNetConfig, batch: int = 2, size: int = 16, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=gen)
+    context = torch.randn(batch, 7, cfg.context_dim, generator=gen)
+    t = torch.tensor([999.0, 0.5, 321.0, 17.0][:batch])
+    return x, t, context
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_parity_with_diffusers(name: str) -> None:
+    cfg = PARITY_CONFIGS[name]
+    ours, theirs = make_pair(cfg)
+    x, t, context = inputs(cfg)
+    with torch.inference_mode():
+        got = ours(x, t, context)
+        want = theirs(x, t, encoder_hidden_states=context).sample
+    assert got.shape == (2, cfg.out_channels, 16, 16)
+    assert want.abs().max() > 0.1
+    assert rel_err(got, want) <= TOLERANCE
+
+
+def test_parity_controlnet_residuals_and_int_timesteps() -> None:
+    cfg = SD1_SMALL
+    ours, theirs = make_pair(cfg, seed=3)
+    x, _, context = inputs(cfg)
+    t = torch.tensor([10, 500])
+    gen = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        down = [torch.randn(shape, generator=gen) for shape in skip_shapes(ours, x, context)]
+        mid = torch.randn(2, 128, 2, 2, generator=gen)
+        got = ours(x, t, context, down_residuals=down, mid_residual=mid)
+        want = theirs(x, t, encoder_hidden_states=context, down_block_additional_residuals=tuple(down),
+                      mid_block_additional_residual=mid).sample
+        plain = ours(x, t, context)
+    assert rel_err(got, want) <= TOLERANCE
+    assert rel_err(plain, got) > 1e-2  # the residuals did change the output
+
+
+def skip_shapes(unet: UNetModel, x: torch.Tensor, context: torch.Tensor) -> list[torch.Size]:
+    """The shapes of the skips the encoder leaves for the decoder (one per input block)."""
+    emb = torch.zeros(x.shape[0], unet.config.time_embed_dim)
+    shapes, h = [], x
+    for block in unet.input_blocks:
+        h = block(h, emb, context)
+        shapes.append(h.shape)
+    return shapes
+
+
+def test_attention_slicing_gives_same_result() -> None:
+    ours = UNetModel(TINY_SMALL).eval()
+    randomize(ours, 7)
+    x, t, context = inputs(TINY_SMALL, batch=1)
+    with torch.inference_mode():
+        whole = ours(x, t, context)
+        ours.set_attention_slice(5)
+        sliced = ours(x, t, context)
+    assert rel_err(sliced, whole) <= 1e-5  # fp32 rounding: chunked SDPA blocks the sums differently
+
+
+def test_half_precision_upcast_attention_stays_close() -> None:
+    ours = UNetModel(SD2_SMALL).eval()
+    randomize(ours, 11)
+    x, t, context = inputs(SD2_SMALL, batch=1)
+    with torch.inference_mode():
+        want = ours(x, t, context)
+        got = ours.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want) < 0.1
+
+
+def build_on_meta(cfg: UNetConfig) -> tuple[UNetModel, UNet2DConditionModel]:
+    with torch.device("meta"):
+        return UNetModel(cfg), UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg))
+
+
+@pytest.mark.parametrize(("preset", "params"), [("sd15", 859_520_964), ("sd21", 865_910_724),
+                                                 ("sd15_inpaint", 859_535_364)])
+def test_full_size_matches_diffusers(preset: str, params: int) -> None:
+    cfg = getattr(UNetConfig, preset)()
+    ours, theirs = build_on_meta(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == params
+    assert sum(p.numel() for p in theirs.parameters()) == params
+    converted = {k: v.shape for k, v in unet_to_diffusers(ours.state_dict(), cfg).items()}
+    assert converted == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_sd15_original_key_positions() -> None:
+    with torch.device("meta"):
+        sd = UNetModel(UNetConfig.sd15()).state_dict()
+    assert sd["input_blocks.0.0.weight"].shape == (320, 4, 3, 3)
+    assert sd["input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"].shape == (640, 768)
+    assert sd["input_blocks.4.0.skip_connection.weight"].shape == (640, 320, 1, 1)
+    assert sd["input_blocks.3.0.op.weight"].shape == (320, 320, 3, 3)
+    assert sd["middle_block.1.proj_in.weight"].shape == (1280, 1280, 1, 1)
+    assert sd["output_blocks.2.1.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert sd["output_blocks.5.2.conv.weight"].shape == (1280, 1280, 3, 3)
+    assert sd["output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight"].shape == (2560, 320)
+    assert sd["out.2.weight"].shape == (4, 320, 3, 3)
+    assert "input_blocks.1.0.skip_connection.weight" not in sd
+
+
+def test_sd21_uses_linear_projections_and_64_channel_heads() -> None:
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig.sd21())
+    assert unet.state_dict()["input_blocks.1.1.proj_in.weight"].shape == (320, 320)
+    heads = [m.heads for name, m in unet.named_modules() if name.endswith("attn1")]
+    assert heads[:3] == [5, 5, 10] and max(heads) == 20
+    assert {m.head_dim for name, m in unet.named_modules() if name.endswith("attn2")} == {64}
+
+
+def test_presets_and_dict_round_trip() -> None:
+    assert UNetConfig.sd21_v() == dataclasses.replace(UNetConfig.sd21(), sample_size=96)
+    assert UNetConfig.sd15_pix2pix().in_channels == 8
+    for cfg in (UNetConfig.sd15(), UNetConfig.sd21_v(), UNetConfig.tiny(), SD2_SMALL):
+        assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="frobnicate"):
+        UNetConfig.from_dict({**UNetConfig.tiny().to_dict(), "frobnicate": 1})
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_heads": None}, "exactly one"),
+    ({"head_dim": 64}, "exactly one"),
+    ({"attention_levels": (4,)}, r"\[4\]"),
+    ({"model_channels": 40}, "norm_groups"),
+    ({"num_heads": 7}, "num_heads=7"),
+])
+def test_config_errors_name_the_value(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        UNetConfig(**kwargs)
+
+
+def test_forward_shape_errors() -> None:
+    unet = UNetModel(TINY_SMALL)
+    x, t, context = inputs(TINY_SMALL, batch=1)
+    with pytest.raises(ConfigError, match=r"\(1, 5, 16, 16\)"):
+        unet(torch.zeros(1, 5, 16, 16), t, context)
+    with pytest.raises(ConfigError, match="multiples of 4"):
+        unet(torch.zeros(1, 4, 18, 18), t, context)
+    with pytest.raises(ConfigError, match="context"):
+        unet(x, t, torch.zeros(1, 7, 3))
+    with pytest.raises(ConfigError, match="down residuals"):
+        unet(x, t, context, down_residuals=[x])
+    with pytest.raises(ConfigError, match="slice"):
+        unet.set_attention_slice(0)
