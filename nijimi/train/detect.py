@@ -1,0 +1,336 @@
+"""A hand-written detector for the shapes world, and the evaluator that scores generated images against captions.
+
+No learning: every rule comes from how ``nijimi.train.shapes`` draws its scenes.
+
+1. Foreground: chroma ``max(R,G,B) − min(R,G,B)``. Mixing a colour with white keeps its hue and scales its chroma, so
+   per pixel the nearest of the six hues names the colour and ``(chroma − floor) / (chroma(colour) − floor)`` is its
+   coverage α, where the floor is the median chroma (the background's, which cancels what noise adds). The nearest-hue
+   rule leaves ±11° between orange and yellow for a generated image's colour drift.
+2. Objects: 8-connected components of the pixels with α ≥ ½, coloured by their chroma-weighted majority hue; a
+   component holding two single-colour connected parts of ``min_area`` each (touching objects) is split into them.
+   Components smaller than ``min_area`` are noise. An object's soft mask is its component grown by one pixel,
+   weighted by α, so anti-aliased and blurred edges count towards its area.
+3. Shape: the nearest prototype over four numbers (prototypes measured on rendered shapes, sharp to 1 px of blur):
+   fill = area / (longest column × longest row of the soft mask): circle π/4, square 1, triangle and star ≈ 0.55;
+   box fill = pixels / bounding box of the α ≥ ½ pixels: circle ≈ 0.78, square ≈ 1, triangle ≈ 0.55, star ≈ 0.45;
+   drop = (centroid − bounding-box middle) / height: ≈ 0.15 for an apex-up triangle, ≈ 0.05 star, 0 circle/square;
+   solidity = pixels / lattice points inside their convex hull: 1 for the convex shapes, ≈ 0.7 for a star.
+   Fill uses sums of columns and rows, so noise on the outline barely moves it; box fill and drop resist blur.
+4. Size: circumradius from area (area = k·r², k = π, 2, 3√3/4, 5·ρ·sin 36° for circle, square, triangle, star of
+   inner ratio ρ), "large" above the geometric mean of the two sizes. Position: the nearest anchor to the centroid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nijimi.errors import ConfigError, ImageError
+from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER, ShapeSpec, parse_caption
+
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "count")
+
+_CHROMA = {name: float(max(rgb) - min(rgb)) for name, rgb in COLOURS.items()}
+_AREA_FACTOR = {
+    "circle": math.pi,
+    "square": 2.0,
+    "triangle": 3 * math.sqrt(3) / 4,
+    "star": 5 * STAR_INNER * math.sin(math.radians(36)),
+}
+# (fill, box fill, drop, solidity) of each drawn shape, and the distance in each that counts as one unit.
+_PROTOTYPES = {
+    "circle": (0.79, 0.78, 0.0, 1.0),
+    "square": (1.0, 0.98, 0.0, 1.0),
+    "triangle": (0.6, 0.57, 0.14, 1.0),
+    "star": (0.6, 0.47, 0.05, 0.72),
+}
+_FEATURE_SCALE = np.array([0.06, 0.08, 0.04, 0.08])
+_SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees [0, 360) of float RGB (..., 3) — the HSV hexcone formula."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.degrees(np.arctan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360.0
+
+
+_HUES = {name: float(_hue(np.array(rgb, dtype=np.float64))) for name, rgb in COLOURS.items()}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One object found in an image; ``cx, cy, radius`` are fractions of the image side."""
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+    cx: float
+    cy: float
+    radius: float
+    fill: float
+    box_fill: float
+    drop: float
+    solidity: float
+
+
+@dataclass(frozen=True)
+class Score:
+    """Per-attribute verdicts for one image against one caption; ``size`` is None when the caption omits sizes."""
+
+    colour: bool
+    shape: bool
+    size: bool | None
+    position: bool
+    count: bool
+    correct: bool
+    detections: tuple[Detection, ...] = field(default=(), repr=False)
+
+
+def as_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
+    """Any image form the evaluator accepts → float64 (H, W, 3) in 0..255.
+
+    PIL image; uint8 array (H, W, 3); float array (H, W, 3) in [0, 1]; tensor (3, H, W) in [-1, 1].
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ImageError(f"expected an image tensor (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+        return ((image.detach().double().clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError(f"expected an RGB array (H, W, 3), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float64)
+    return np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a bool mask (H, W) → (labels (H, W), -1 outside, count), by min-label propagation."""
+    h, w = mask.shape
+    none = h * w
+    labels = np.where(mask, np.arange(none).reshape(h, w), none)
+    while True:
+        padded = np.pad(labels, 1, constant_values=none)
+        smallest = labels.copy()
+        for dy in range(3):
+            for dx in range(3):
+                np.minimum(smallest, padded[dy : dy + h, dx : dx + w], out=smallest)
+        smallest = np.where(mask, smallest, none)
+        flat = smallest.ravel()
+        inside = flat < none
+        flat[inside] = flat[flat[inside]]
+        if np.array_equal(smallest, labels):
+            break
+        labels = smallest
+    roots, dense = np.unique(labels[mask], return_inverse=True)
+    out = np.full((h, w), -1, dtype=np.int64)
+    out[mask] = dense
+    return out, len(roots)
+
+
+def _hull_lattice_count(ys: np.ndarray, xs: np.ndarray) -> int:
+    """Number of integer points inside the convex hull of the points (ys, xs) (Andrew's monotone chain)."""
+    points = sorted(set(zip(xs.tolist(), ys.tolist(), strict=True)))
+    if len(points) < 3:
+        return len(points)
+
+    def half(seq: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        chain: list[tuple[int, int]] = []
+        for p in seq:
+            while len(chain) >= 2 and (
+                (chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])
+            ) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = np.array(half(points) + half(points[::-1]), dtype=np.float64)
+    gx, gy = np.meshgrid(np.arange(xs.min(), xs.max() + 1), np.arange(ys.min(), ys.max() + 1))
+    inside = np.ones(gx.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(hull, np.roll(hull, -1, axis=0), strict=True):
+        inside &= (x1 - x0) * (gy - y0) - (y1 - y0) * (gx - x0) >= -1e-9
+    return int(inside.sum())
+
+
+def _classify(*features: float) -> str:
+    """The shape whose prototype (fill, box fill, drop, solidity) is nearest, in ``_FEATURE_SCALE`` units."""
+    features = np.array(features) / _FEATURE_SCALE
+    distance = {k: float(np.sum((features - np.array(p) / _FEATURE_SCALE) ** 2)) for k, p in _PROTOTYPES.items()}
+    return min(distance, key=distance.__getitem__)
+
+
+def _measure(alpha: np.ndarray, core: np.ndarray, colour: str) -> Detection:
+    """Describe one object from its soft mask ``alpha`` (H, W) and its α ≥ ½ pixels ``core`` (H, W) bool."""
+    side = alpha.shape[1]
+    area = float(alpha.sum())
+    yy = np.arange(alpha.shape[0]) + 0.5
+    xx = np.arange(alpha.shape[1]) + 0.5
+    cy = float(alpha.sum(axis=1) @ yy) / area
+    cx = float(alpha.sum(axis=0) @ xx) / area
+    ys, xs = np.nonzero(core)
+    width, height = xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()
+    middle = (ys.min() + ys.max() + 1) / 2
+    drop = float((cy - middle) / height)
+    solidity = len(ys) / max(_hull_lattice_count(ys, xs), 1)
+    fill = area / float(alpha.sum(axis=0).max() * alpha.sum(axis=1).max())
+    box_fill = len(ys) / float(width * height)
+    shape = _classify(fill, box_fill, drop, solidity)
+    radius = math.sqrt(area / _AREA_FACTOR[shape]) / side
+    size = "large" if radius > _SIZE_THRESHOLD else "small"
+    x, y = cx / side, cy / alpha.shape[0]
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
+    return Detection(colour, shape, size, position, x, y, radius, fill, box_fill, drop, solidity)
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """3×3 dilation of a bool mask (H, W)."""
+    h, w = mask.shape
+    padded = np.pad(mask, 1)
+    return np.logical_or.reduce([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
+
+
+def _single_colour_parts(core: np.ndarray, nearest: np.ndarray, chroma: np.ndarray,
+                         min_pixels: float) -> list[tuple[np.ndarray, int]]:
+    """Split one foreground component (H, W) bool into (part, colour index): itself with its chroma-weighted majority
+    colour, unless it holds two or more single-colour connected parts of ``min_pixels`` each (touching objects)."""
+    parts = []
+    for colour in np.unique(nearest[core]):
+        labels, count = _components(core & (nearest == colour))
+        parts += [(labels == k, int(colour)) for k in range(count) if np.sum(labels == k) >= min_pixels]
+    if len(parts) >= 2:
+        return parts
+    votes = np.bincount(nearest[core], weights=chroma[core], minlength=len(COLOURS))
+    return [(core, int(votes.argmax()))]
+
+
+def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.006) -> list[Detection]:
+    """Objects in a shapes image, largest first; ``min_area`` is the smallest object as a fraction of the image area.
+
+    ``image``: anything ``as_rgb`` takes (H, W, 3) / (3, H, W). The median chroma (the background's: objects cover
+    under a third of a shapes image) is taken as zero coverage, which cancels the chroma that noise adds.
+    """
+    rgb = as_rgb(image)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    floor = float(np.median(chroma))
+    nearest = np.stack([np.abs((_hue(rgb) - h + 180.0) % 360.0 - 180.0) for h in _HUES.values()]).argmin(axis=0)
+    full = np.maximum(np.array(list(_CHROMA.values())) - floor, 1.0) + floor
+    coverage = np.clip((chroma - floor) / (full[nearest] - floor), 0.0, 1.0)
+    labels, count = _components(coverage >= 0.5)
+    names = list(COLOURS)
+    found = []
+    for label in range(count):
+        parts = _single_colour_parts(labels == label, nearest, chroma, min_area * chroma.size)
+        for core, colour in parts:
+            grown = _grow(core) if len(parts) == 1 else _grow(core) & (nearest == colour)
+            soft = np.where(grown, np.clip((chroma - floor) / (full[colour] - floor), 0.0, 1.0), 0.0)
+            if soft.sum() >= min_area * soft.size:
+                found.append((soft.sum(), _measure(soft, core, names[colour])))
+    return [d for _, d in sorted(found, key=lambda t: -t[0])]
+
+
+def _agreement(spec: ShapeSpec, found: Detection) -> dict[str, bool | None]:
+    return {
+        "colour": spec.colour == found.colour,
+        "shape": spec.shape == found.shape,
+        "size": None if spec.size is None else spec.size == found.size,
+        "position": spec.position == found.position,
+    }
+
+
+def _best_match(specs: tuple[ShapeSpec, ...], found: list[Detection]) -> list[dict[str, bool | None]]:
+    """Per spec, its agreement with the detection assigned to it (the assignment agreeing most); misses disagree."""
+    missing: dict[str, bool | None] = {"colour": False, "shape": False, "size": False, "position": False}
+    best: list[dict[str, bool | None]] = []
+    best_hits = -1
+    candidates = found[: len(specs) + 2]
+    for order in _assignments(len(specs), len(candidates)):
+        rows = [missing if i is None else _agreement(s, candidates[i]) for s, i in zip(specs, order, strict=True)]
+        hits = sum(v is True for row in rows for v in row.values())
+        if hits > best_hits:
+            best, best_hits = rows, hits
+    return best
+
+
+def _assignments(n_specs: int, n_found: int) -> list[tuple[int | None, ...]]:
+    """Every injective map of specs to detections, unmatched specs as None (n_specs ≤ 2)."""
+    options: list[int | None] = [*range(n_found), None]
+    if n_specs == 1:
+        return [(i,) for i in options]
+    return [(i, j) for i in options for j in options if i is None or i != j]
+
+
+def score(image: Image.Image | np.ndarray | torch.Tensor, caption: str, min_area: float = 0.006) -> Score:
+    """Judge ``image`` against a shapes ``caption``: each attribute right for every object, and the whole caption."""
+    specs = parse_caption(caption)
+    found = detect(image, min_area)
+    rows = _best_match(specs, found)
+    verdict: dict[str, bool | None] = {}
+    for attribute in ("colour", "shape", "position"):
+        verdict[attribute] = all(row[attribute] for row in rows)
+    sizes = [row["size"] for row in rows if row["size"] is not None]
+    verdict["size"] = all(sizes) if sizes else None
+    verdict["count"] = len(found) == len(specs)
+    correct = all(v is not False for v in verdict.values())
+    return Score(**verdict, correct=correct, detections=tuple(found))
+
+
+@dataclass(frozen=True)
+class EvalTable:
+    """Accuracies in [0, 1]: ``rows[group][attribute]`` for groups "one object", "two objects", "all";
+    attributes ``ATTRIBUTES`` + "caption" (whole caption right). ``counts[group]`` = images judged
+    (a size accuracy counts only captions that name sizes)."""
+
+    rows: dict[str, dict[str, float | None]]
+    counts: dict[str, int]
+
+
+GenerateFn = Callable[[list[str], list[int]], Sequence[Image.Image | np.ndarray | torch.Tensor]]
+
+
+def evaluate(generate_fn: GenerateFn, captions: Sequence[str], seeds: Sequence[int] | None = None,
+             batch_size: int = 8, min_area: float = 0.006) -> EvalTable:
+    """Generate an image per caption with ``generate_fn(captions, seeds) → images`` in batches and score them.
+
+    ``seeds`` default to 0, 1, 2, …; the function never sees a pipeline, only captions and seeds.
+    """
+    seeds = list(range(len(captions))) if seeds is None else list(seeds)
+    if len(seeds) != len(captions) or not captions or batch_size < 1:
+        raise ConfigError(f"evaluate needs ≥ 1 caption, one seed per caption and batch_size ≥ 1; got "
+                          f"{len(captions)} captions, {len(seeds)} seeds, batch_size {batch_size}")
+    counts = [len(parse_caption(c)) for c in captions]
+    scores: list[Score] = []
+    for start in range(0, len(captions), batch_size):
+        batch = list(captions[start : start + batch_size])
+        images = generate_fn(batch, seeds[start : start + batch_size])
+        if len(images) != len(batch):
+            raise ConfigError(f"generate_fn returned {len(images)} images for {len(batch)} captions")
+        scores += [score(image, c, min_area) for c, image in zip(batch, images, strict=True)]
+    groups = {"one object": [s for n, s in zip(counts, scores, strict=True) if n == 1],
+              "two objects": [s for n, s in zip(counts, scores, strict=True) if n == 2], "all": scores}
+    return EvalTable({g: _accuracies(s) for g, s in groups.items()}, {g: len(s) for g, s in groups.items()})
+
+
+def _accuracies(scores: list[Score]) -> dict[str, float | None]:
+    row: dict[str, float | None] = {}
+    for attribute in (*ATTRIBUTES, "correct"):
+        judged = [getattr(s, attribute) for s in scores if getattr(s, attribute) is not None]
+        row["caption" if attribute == "correct" else attribute] = sum(judged) / len(judged) if judged else None
+    return row
+
+
+def format_table(table: EvalTable) -> str:
+    """One plain-text table: a row per group, a column per attribute and the whole caption, percentages."""
+    columns = (*ATTRIBUTES, "caption")
+    lines = [f"{'prompts':<12s} {'n':>5s} " + " ".join(f"{c:>8s}" for c in columns)]
+    for group, row in table.rows.items():
+        cells = " ".join(f"{'-':>8s}" if row[c] is None else f"{100 * row[c]:7.1f}%" for c in columns)
+        lines.append(f"{group:<12s} {table.counts[group]:>5d} {cells}")
+    return "\n".join(lines)
