@@ -1,0 +1,81 @@
+"""Classifier-free guidance (2207.12598) in one batched network call, with guidance rescale (2305.08891)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nijimi.errors import ConfigError
+
+Network = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GuidedNetwork:
+    """Wrap ``net(x, t, **inputs)`` so one call evaluates the conditional and unconditional branches together.
+
+    ``guided(x, t, cond, uncond)`` runs ``net`` once on the batch ``[uncond; cond]`` (2B rows: ``x`` and ``t``
+    repeated, each conditioning input concatenated by :func:`batch_conditions`) and returns
+    ``p_u + scale·(p_c - p_u)`` on the raw prediction (ε or v, as diffusers does), then, when ``rescale`` φ > 0,
+    :func:`rescale_guidance`. With ``uncond=None`` or ``scale == 1`` it is a single unguided call on ``cond``.
+
+    Use it under the denoiser: ``Denoiser(GuidedNetwork(unet, 7.5), schedule)`` called with
+    ``extra_args={"cond": {"context": c}, "uncond": {"context": u}}``.
+    Shapes: x (B, C, H, W), t (B,), tensors in cond/uncond (B, ...); returns (B, C, H, W).
+    """
+
+    net: Network
+    scale: float
+    rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ConfigError(f"guidance rescale {self.rescale} must be within [0, 1]")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
+                 uncond: Mapping[str, Any] | None = None) -> torch.Tensor:
+        if uncond is None or self.scale == 1.0:
+            return self.net(x, t, **cond)
+        both = self.net(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(uncond, cond))
+        pred_uncond, pred_cond = both.chunk(2)
+        guided = pred_uncond + self.scale * (pred_cond - pred_uncond)
+        if self.rescale > 0:
+            guided = rescale_guidance(guided, pred_cond, self.rescale)
+        return guided
+
+
+def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Scale the guided prediction back to the conditional prediction's standard deviation, mixed by φ
+    (2305.08891, §3.4, eq. 15–16): ``φ·guided·std(p_c)/std(guided) + (1-φ)·guided``; std per sample over all
+    non-batch dimensions. Shapes: (B, ...) → (B, ...).
+    """
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (pred_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def batch_conditions(uncond: Any, cond: Any, key: str = "cond") -> Any:
+    """Stack the unconditional and conditional inputs into one batch, ``[uncond; cond]``.
+
+    Tensors are concatenated along dim 0; dicts, lists and tuples are walked item by item; anything else (a flag,
+    a callable that produces ControlNet residuals, ``None``) must be the same object in both and is passed once.
+    """
+    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
+        if uncond.shape[1:] != cond.shape[1:]:
+            raise ConfigError(f"guidance input {key!r}: uncond shape {tuple(uncond.shape)} does not match cond "
+                              f"shape {tuple(cond.shape)}")
+        return torch.cat([uncond, cond])
+    if isinstance(cond, Mapping) and isinstance(uncond, Mapping):
+        if set(cond) != set(uncond):
+            raise ConfigError(f"guidance inputs differ: cond has {sorted(cond)}, uncond has {sorted(uncond)}")
+        return {k: batch_conditions(uncond[k], cond[k], k) for k in cond}
+    if isinstance(cond, list | tuple) and isinstance(uncond, list | tuple) and len(cond) == len(uncond):
+        pairs = enumerate(zip(uncond, cond, strict=True))
+        return type(cond)(batch_conditions(u, c, f"{key}[{i}]") for i, (u, c) in pairs)
+    if uncond is cond:
+        return cond
+    raise ConfigError(f"guidance input {key!r}: cannot batch {type(uncond).__name__} with {type(cond).__name__}; "
+                      "pass tensors, or the same object for both branches")

@@ -1,0 +1,131 @@
+"""Where stochastic samplers get their noise: per-step Gaussian draws and a seeded Brownian tree.
+
+Randomness comes only from explicit ``torch.Generator`` objects. A sampler receives either one generator for the
+whole batch, or one generator per batch element; with one per element (each seeded with that image's seed), an image
+comes out the same whatever its position in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from nijimi.errors import SamplerError
+
+Generators = torch.Generator | Sequence[torch.Generator]
+
+_MASK63 = (1 << 63) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def gaussian_like(x: torch.Tensor, generator: Generators | None, sampler: str) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` (B, ...), drawn from ``generator`` (one, or one per batch element)."""
+    generators = _generators(generator, x.shape[0], sampler)
+    if isinstance(generators, torch.Generator):
+        noise = torch.randn(x.shape, generator=generators, device=generators.device, dtype=x.dtype)
+    else:
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                             for g in generators])
+    return noise.to(x.device)
+
+
+def draw_seeds(generator: Generators | None, batch: int, sampler: str) -> list[int]:
+    """One 62-bit seed per batch element: from its own generator, or ``batch`` draws from a shared one."""
+    generators = _generators(generator, batch, sampler)
+    if isinstance(generators, torch.Generator):
+        return torch.randint(0, 2**62, (batch,), generator=generators, device=generators.device).tolist()
+    return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generators]
+
+
+class BrownianTree:
+    """Brownian motions W_b(t) on [0, t_max], one per seed, that can be queried at any t in any order.
+
+    W(t) is built by bisection (a Brownian bridge, Lévy's construction): W(0) = 0, W(t_max) = sqrt(t_max)·z, and each
+    midpoint m of [a, b] is ``(W(a) + W(b))/2 + sqrt((b-a)/4)·z_node``. Every ``z_node`` comes from a generator
+    seeded by (seed, node index), so the path is a pure function of the seed: it does not depend on which or how
+    many points are queried. Below ``t_max/2^depth`` the path is interpolated linearly.
+    """
+
+    def __init__(self, shape: Sequence[int], seeds: Sequence[int], t_max: float, *, depth: int = 24,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not t_max > 0:
+            raise SamplerError(f"Brownian tree needs t_max > 0, got {t_max}")
+        self.shape, self.seeds, self.t_max, self.depth, self.dtype = tuple(shape), list(seeds), t_max, depth, dtype
+
+    def _gaussian(self, node: int) -> torch.Tensor:
+        """z_node for every seed, (B, *shape)."""
+        draws = []
+        for seed in self.seeds:
+            generator = torch.Generator().manual_seed(_mix(seed, node))
+            draws.append(torch.randn(self.shape, generator=generator, dtype=self.dtype))
+        return torch.stack(draws)
+
+    def __call__(self, t: float) -> torch.Tensor:
+        """W(t) for every seed, (B, *shape)."""
+        if not 0 <= t <= self.t_max:
+            raise SamplerError(f"Brownian tree queried at t={t}, outside [0, {self.t_max}]")
+        a, b, node = 0.0, self.t_max, 1
+        w_a = torch.zeros((len(self.seeds), *self.shape), dtype=self.dtype)
+        w_b = math.sqrt(self.t_max) * self._gaussian(node)
+        for _ in range(self.depth):
+            if t == a:
+                return w_a
+            if t == b:
+                return w_b
+            m = (a + b) / 2
+            w_m = (w_a + w_b) / 2 + math.sqrt((b - a) / 4) * self._gaussian(2 * node)
+            if t < m:
+                b, w_b, node = m, w_m, 2 * node
+            else:
+                a, w_a, node = m, w_m, 2 * node + 1
+        return w_a + (t - a) / (b - a) * (w_b - w_a)
+
+
+class BrownianNoise:
+    """Unit-variance noise for the step σ → σ_next, taken from a Brownian tree over σ (k-diffusion's
+    ``BrownianTreeNoiseSampler``): ``(W(σ) - W(σ_next)) / sqrt(σ - σ_next)``.
+
+    The tree spans [0, 2^⌈log₂ σ_max⌉], so schedules of different lengths that share the power of two (every SD
+    schedule: σ_max in (8, 16]) read the same Brownian path, and more steps refine the same SDE solution.
+    """
+
+    def __init__(self, x: torch.Tensor, sigma_max: float, generator: Generators | None, sampler: str) -> None:
+        seeds = draw_seeds(generator, x.shape[0], sampler)
+        t_max = 2.0 ** math.ceil(math.log2(sigma_max))
+        self.tree = BrownianTree(x.shape[1:], seeds, t_max, dtype=x.dtype)
+        self.device = x.device
+        self._last: tuple[float, torch.Tensor] | None = None
+
+    def _w(self, t: float) -> torch.Tensor:
+        if self._last is not None and self._last[0] == t:
+            return self._last[1]
+        w = self.tree(t)
+        self._last = (t, w)
+        return w
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        """(B, ...) standard normal noise for the step from ``sigma`` down to ``sigma_next``."""
+        w_sigma = self._w(sigma)
+        w_next = self._w(sigma_next)
+        return ((w_sigma - w_next) / math.sqrt(sigma - sigma_next)).to(self.device)
+
+
+def _generators(generator: Generators | None, batch: int, sampler: str) -> Generators:
+    if generator is None:
+        raise SamplerError(f"sampler {sampler!r} draws noise: pass generator=torch.Generator().manual_seed(seed)")
+    if isinstance(generator, torch.Generator):
+        return generator
+    generators = list(generator)
+    if len(generators) != batch:
+        raise SamplerError(f"sampler {sampler!r} got {len(generators)} generators for a batch of {batch}")
+    return generators
+
+
+def _mix(seed: int, node: int) -> int:
+    """A well-scrambled 63-bit seed for tree node ``node`` of the path seeded ``seed`` (SplitMix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + node) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & _MASK63
