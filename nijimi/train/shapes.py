@@ -16,7 +16,7 @@ objects are apart when their circles are. Two-object scenes place them left/righ
 
 Held-out split (for evaluation on captions never seen in training): the (colour, shape, position) triple with
 ``position index == (colour index + shape index) mod 5`` is held out for every colour×shape pair — e.g. "red circle on
-the left", "blue star in the center" — 24 of the 120 triples. A scene is ``"heldout"`` when any of its objects has a
+the left", "orange star in the center" — 24 of the 120 triples. A scene is ``"heldout"`` when any of its objects has a
 held-out triple, otherwise ``"train"``. The split is a function of what a caption says, so the captions of the two
 splits are disjoint whatever the phrasing; every colour×shape and every colour/shape×position is still seen in training.
 """
