@@ -1,0 +1,341 @@
+"""Whole-model checkpoints: load a single file or a diffusers folder as a :class:`LatentDiffusion`, save, convert.
+
+Single files (``.safetensors``, or ``.ckpt`` read by the weights-only unpickler) use the original CompVis key tree,
+which *is* our module tree (``nijimi.models.ldm``); SD 2.x files keep their text encoder in OpenCLIP's layout and are
+renamed by ``nijimi.io.keys``. What model a foreign file holds is read from its keys and shapes before any tensor data
+(``nijimi.io.detect``); nijimi's own files carry their :class:`ModelConfig` as JSON in the safetensors metadata.
+
+Diffusers folders (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) are renamed
+component by component with the same tables; the schedule comes from ``scheduler/scheduler_config.json``.
+
+Loading never holds two copies of the weights: the model is built on the ``meta`` device and the tensors of the
+memory-mapped file are assigned into it (``load_state_dict(assign=True)``); only dtype conversions and OpenCLIP's
+fused q/k/v projections are copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nijimi.errors import CheckpointError, ConfigError, NijimiError
+from nijimi.io import diffusers_folder, files, keys, safetensors
+from nijimi.io.detect import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    clip_native_key,
+    detect_single_file,
+    probe_v_prediction,
+    read_sidecar_yaml,
+    sidecar_yaml,
+    text_layout,
+    with_v_prediction,
+)
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+
+CONFIG_METADATA_KEY = "nijimi_config"
+"""safetensors ``__metadata__`` key holding the JSON :meth:`ModelConfig.to_dict` of files nijimi writes."""
+
+# Keys real single files carry besides the three networks, dropped without comment: the EMA copy of the U-Net,
+# the DDPM schedule buffers of CompVis' LatentDiffusion, and CLIP's position_ids buffer.
+_KNOWN_EXTRAS = re.compile(
+    r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod|"
+    r"sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar|lvlb_weights|"
+    r"scale_factor|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
+)
+_EMA_PREFIX = "model_ema."
+_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_model` found and decided.
+
+    ``layout``: ``"single"`` or ``"diffusers"``. ``config_source``: ``"metadata"`` (nijimi's own file),
+    ``"detected"`` (keys and shapes), ``"diffusers"`` (the folder's config files) or ``"override"``.
+    ``prediction_source``: ``"metadata"``, ``"override"``, ``"yaml"`` (side-car or given yaml), ``"probe"``
+    (SD 2.x probe), ``"scheduler"`` (diffusers scheduler config) or ``"default"`` (ε, nothing says otherwise).
+    ``stored_dtypes``: dtypes of the stored weights. ``ignored``: known extra keys dropped; ``unknown``: other
+    keys outside the three networks, dropped and named here. ``ema``: the U-Net's EMA weights were used.
+    """
+
+    path: str
+    layout: str
+    config: ModelConfig
+    config_source: str
+    prediction_source: str
+    stored_dtypes: tuple[str, ...]
+    ignored: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
+    ema: bool = False
+
+    def summary(self) -> str:
+        """One line for a user: what was loaded and how it was recognised."""
+        parts = [f"{self.path}: {self.layout} {self.config.family} model", f"config from {self.config_source}",
+                 f"{self.config.prediction_type} ({self.prediction_source})", f"stored {'/'.join(self.stored_dtypes)}"]
+        if self.ema:
+            parts.append("EMA weights")
+        if self.ignored:
+            parts.append(f"{len(self.ignored)} known extra keys ignored")
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} unknown keys ignored: {', '.join(self.unknown[:_SHOWN])}")
+        return "; ".join(parts)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+
+def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None,
+               dtype: torch.dtype | None = torch.float32, ema: bool = False) -> tuple[LatentDiffusion, LoadReport]:
+    """Load a Stable Diffusion model from a single file (``.safetensors``/``.ckpt``) or a diffusers folder.
+
+    ``config`` overrides detection: a :class:`ModelConfig`, a preset name (``"sd21_v"`` …) or the path of an LDM
+    inference ``.yaml`` (its ``parameterization``; the shapes still come from the file). ``dtype``: the floating
+    dtype of the returned weights (float32 by default; ``None`` keeps them as stored). ``ema``: use a single file's
+    EMA copy of the U-Net (``model_ema.*``). The model is returned in eval mode on the CPU.
+
+    Raises :class:`CheckpointError` naming the file and the problem (unreadable file, unknown architecture,
+    missing/unexpected keys, mismatched shapes, non-float weights).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if ema:
+            raise ConfigError(f"{path}: a diffusers folder holds no EMA copy; ema=True is for single files")
+        return _load_diffusers(path, config, dtype)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    return _load_single(path, config, dtype, ema)
+
+
+def _peek(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, torch.Tensor] | None]:
+    """Shapes and metadata of a checkpoint; a safetensors file is read header-only (third item None)."""
+    if path.suffix.lower() == ".safetensors" or safetensors.looks_like_safetensors(path):
+        try:
+            header = safetensors.read_header(path)
+            return {k: v.shape for k, v in header.items()}, safetensors.read_metadata(path), None
+        except CheckpointError:
+            pass  # let the full reader name the problem (a pickle under a .safetensors name, …)
+    sd, metadata = files.load_state_dict(path)
+    return {k: tuple(v.shape) for k, v in sd.items()}, metadata, sd
+
+
+@dataclass(frozen=True)
+class _Choice:
+    config: ModelConfig
+    layout: str
+    config_source: str
+    prediction_source: str
+
+
+def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
+                   override: ModelConfig | str | os.PathLike | None) -> _Choice:
+    """The config of a single file: override > own metadata > detection (+ side-car yaml)."""
+    layout = text_layout(shapes)
+    if isinstance(override, ModelConfig) or (isinstance(override, str) and not override.endswith(".yaml")):
+        config = override if isinstance(override, ModelConfig) else ModelConfig.preset(override)
+        return _Choice(config, layout or "clip", "override", "override")
+    if override is None and CONFIG_METADATA_KEY in metadata:
+        try:
+            config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        except (ValueError, ConfigError) as e:
+            raise CheckpointError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata: {e}") from None
+        return _Choice(config, layout or "clip", "metadata", "metadata")
+    config = detect_single_file(shapes, str(path)).config
+    yaml = Path(override) if override is not None else sidecar_yaml(path)
+    prediction = read_sidecar_yaml(yaml) if yaml is not None else None
+    if prediction is not None:
+        config = with_v_prediction(config) if prediction == "v_prediction" else config
+        return _Choice(config, layout, "detected", "yaml")
+    probe = config.family == "sd2" and config.unet.in_channels == 4
+    return _Choice(config, layout, "detected", "probe" if probe else "default")
+
+
+def _load_single(path: Path, override: ModelConfig | str | os.PathLike | None, dtype: torch.dtype | None,
+                 ema: bool) -> tuple[LatentDiffusion, LoadReport]:
+    shapes, metadata, sd = _peek(path)
+    choice = _choose_config(path, shapes, metadata, override)
+    if sd is None:
+        sd, _ = files.load_state_dict(path)
+    native, ignored, unknown = single_to_native(sd, choice.config, choice.layout, str(path), ema)
+    model = build_loaded(native, choice.config, dtype, str(path))
+    if choice.prediction_source == "probe" and probe_v_prediction(model.unet):
+        model.set_config(with_v_prediction(model.config))
+    report = LoadReport(str(path), "single", model.config, choice.config_source, choice.prediction_source,
+                        _dtype_names(sd.values()), tuple(ignored), tuple(unknown), ema)
+    return model, report
+
+
+def _dtype_names(tensors) -> tuple[str, ...]:
+    return tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
+
+
+def single_to_native(sd: Mapping[str, torch.Tensor], config: ModelConfig, layout: str, source: str = "checkpoint",
+                     ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """A single file's tensors → (native state dict of :class:`LatentDiffusion`, ignored extras, unknown keys).
+
+    ``layout`` is the text-encoder layout of the file (``"clip"`` or ``"openclip"``, :func:`detect.text_layout`);
+    it must be the one ``config.family`` stores. No tensor is copied except OpenCLIP's split q/k/v projections.
+    """
+    expected = "openclip" if config.family == "sd2" else "clip"
+    if layout != expected:
+        prefixes = {"clip": CLIP_PREFIX, "openclip": OPENCLIP_PREFIX}
+        raise CheckpointError(f"{source}: a {config.family} model keeps its text encoder under "
+                              f"{prefixes[expected]!r}, but the file has it under {prefixes[layout]!r}")
+    own = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+    native, text, ignored, unknown = {}, {}, [], []
+    for key, tensor in sd.items():
+        if _KNOWN_EXTRAS.fullmatch(key):
+            ignored.append(key)
+        elif layout == "openclip" and key.startswith(OPENCLIP_PREFIX):
+            text[key[len(OPENCLIP_PREFIX):]] = tensor
+        elif key.startswith(CLIP_PREFIX):
+            native[CLIP_PREFIX + clip_native_key(key[len(CLIP_PREFIX):])] = tensor
+        elif key.startswith(own):
+            native[key] = tensor
+        else:
+            unknown.append(key)
+    if layout == "openclip":
+        if config.text.projection_dim is None:
+            dropped = [k for k in ("text_projection", "logit_scale") if text.pop(k, None) is not None]
+            ignored += [OPENCLIP_PREFIX + k for k in dropped]
+        try:
+            native.update({CLIP_PREFIX + k: v for k, v in keys.text_encoder_from_openclip(text, config.text).items()})
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+    if ema:
+        native.update(_ema_unet(sd, native, source))
+    return native, ignored, unknown
+
+
+def _ema_unet(sd: Mapping[str, torch.Tensor], native: Mapping[str, torch.Tensor], source: str) -> dict:
+    """The U-Net's EMA weights: CompVis stores ``model.diffusion_model.a.b`` as ``model_ema.diffusion_modelab``."""
+    out, missing = {}, []
+    for key in native:
+        if key.startswith(UNET_PREFIX):
+            ema_key = _EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+            if ema_key in sd:
+                out[key] = sd[ema_key]
+            else:
+                missing.append(ema_key)
+    if missing:
+        raise CheckpointError(f"{source}: ema=True but {len(missing)} EMA weights are missing, e.g. {missing[:_SHOWN]}")
+    return out
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (a model's state dict): missing and
+    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights.
+    """
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {missing[:_SHOWN]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:_SHOWN]}")
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:_SHOWN])}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
+    files.require_float(sd, source)
+
+
+def build_loaded(native: Mapping[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype | None,
+                 source: str = "checkpoint") -> LatentDiffusion:
+    """A :class:`LatentDiffusion` holding ``native`` (its full state dict), built without a second copy.
+
+    The model is made on the ``meta`` device and the tensors are assigned into it (converted where ``dtype``
+    differs from the stored one; ``None`` keeps what is stored).
+    """
+    with torch.device("meta"):
+        model = LatentDiffusion(config)
+    check_state_dict(native, model.state_dict(), source)
+    converted = {k: v if dtype is None or v.dtype == dtype else v.to(dtype) for k, v in native.items()}
+    model.load_state_dict(converted, strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise NijimiError(f"{source}: tensors left unmaterialised after loading: {left[:_SHOWN]}")
+    return model.eval()
+
+
+def _load_diffusers(folder: Path, override: ModelConfig | str | os.PathLike | None,
+                    dtype: torch.dtype | None) -> tuple[LatentDiffusion, LoadReport]:
+    config, source = diffusers_folder.read_config(folder)
+    prediction_source = "scheduler"
+    if isinstance(override, ModelConfig) or isinstance(override, str) and not override.endswith(".yaml"):
+        config = override if isinstance(override, ModelConfig) else ModelConfig.preset(override)
+        source = prediction_source = "override"
+    elif override is not None:
+        prediction = read_sidecar_yaml(override)
+        if prediction is not None:
+            config, prediction_source = config.with_prediction_type(prediction), "yaml"
+    stored, native = diffusers_folder.read_weights(folder, config)
+    model = build_loaded(native, config, dtype, str(folder))
+    report = LoadReport(str(folder), "diffusers", config, source, prediction_source, _dtype_names(stored))
+    return model, report
+
+
+# ---- saving -------------------------------------------------------------------------------------------------------
+
+def single_file_state_dict(model: LatentDiffusion, half: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors under single-file (CompVis) keys; SD 2.x's text encoder in OpenCLIP layout (fused
+    ``in_proj``). ``half`` stores floating tensors as float16."""
+    out, text = {}, {}
+    for key, tensor in model.state_dict().items():
+        if model.config.family == "sd2" and key.startswith(CLIP_PREFIX):
+            text[key[len(CLIP_PREFIX):]] = tensor
+        else:
+            out[key] = tensor
+    if text:
+        out.update({OPENCLIP_PREFIX + k: v for k, v in keys.text_encoder_to_openclip(text, model.config.text).items()})
+    return {k: v.half() if half and v.is_floating_point() else v for k, v in out.items()}
+
+
+def save_single(model: LatentDiffusion, path: str | os.PathLike, half: bool = False,
+                metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``model`` as one ``.safetensors`` file in the CompVis layout, atomically.
+
+    The :class:`ModelConfig` goes into the metadata (key :data:`CONFIG_METADATA_KEY`) so nijimi reloads the file
+    exactly; ``metadata`` (str → str) is added. ``half``: store float16.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ConfigError(f"{path}: single files are written as .safetensors; choose a name ending in .safetensors")
+    extra = dict(metadata or {})
+    if CONFIG_METADATA_KEY in extra:
+        raise ConfigError(f"metadata key {CONFIG_METADATA_KEY!r} is reserved for the model config")
+    meta = {"format": "pt", **extra, CONFIG_METADATA_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
+    safetensors.save_file(single_file_state_dict(model, half), path, meta)
+
+
+def save_diffusers(model: LatentDiffusion, folder: str | os.PathLike, half: bool = False) -> None:
+    """Write ``model`` as a diffusers ``StableDiffusionPipeline`` folder, atomically (built in a temp sibling folder,
+    then renamed into place). ``half``: store float16. See :mod:`nijimi.io.diffusers_folder` for the contents."""
+    diffusers_folder.write(model, Path(folder), half)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, half: bool = False,
+            config: ModelConfig | str | os.PathLike | None = None) -> LoadReport:
+    """``nijimi convert SRC DST [--to single|diffusers] [--half]``: load ``src`` (either format) and write ``dst``.
+
+    ``to`` defaults to ``"single"`` when ``dst`` ends in ``.safetensors``, else ``"diffusers"``. Tensors keep their
+    stored dtype unless ``half`` (float16), so single → diffusers → single is bit-exact. Returns the load report.
+    """
+    to = to or ("single" if str(dst).lower().endswith(".safetensors") else "diffusers")
+    if to not in ("single", "diffusers"):
+        raise ConfigError(f"convert: to={to!r} must be 'single' or 'diffusers'")
+    model, report = load_model(src, config=config, dtype=None)
+    if to == "single":
+        save_single(model, dst, half=half)
+    else:
+        save_diffusers(model, dst, half=half)
+    return dataclasses.replace(report, config=model.config)
