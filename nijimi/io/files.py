@@ -1,0 +1,188 @@
+"""Reading a state dict from any tensor file users hold, safely, and writing any file atomically.
+
+Formats, chosen by content first, then by extension:
+
+- safetensors (``.safetensors``, or any name with a safetensors header): our own reader, no code can run;
+- PyTorch zip checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``): only through
+  ``torch.load(path, map_location="cpu", weights_only=True, mmap=True)``, whose restricted unpickler builds tensors
+  and plain containers and refuses every other global, so a pickle that would run code is rejected before anything
+  runs. Besides the defaults we allow only what original Stable Diffusion ``.ckpt`` files carry next to their
+  weights: the PyTorch Lightning ``ModelCheckpoint`` class as a dictionary key (mapped to an inert stand-in) and
+  NumPy scalars. Legacy (pre-zip) pickles and ``.safetensors`` names with other contents are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+from nijimi.errors import CheckpointError, ConfigError, NijimiError
+from nijimi.io import safetensors  # safetensors.save_file also uses atomic_write from this module
+
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_SD_CKPT_KEYS = ("state_dict",)
+
+
+class _LightningModelCheckpoint:
+    """Inert stand-in for ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``, which original SD
+    ``.ckpt`` files use as a key of their ``callbacks`` entry. Never called by nijimi; holds state only."""
+
+
+_LightningModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+_LightningModelCheckpoint.__qualname__ = _LightningModelCheckpoint.__name__ = "ModelCheckpoint"
+
+
+def _checkpoint_globals() -> list:
+    """Globals allowed in ``.ckpt`` pickles beyond torch's defaults: the Lightning stand-in and NumPy scalars."""
+    scalar = np._core.multiarray.scalar
+    dtype_classes = [type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]]
+    return [
+        _LightningModelCheckpoint,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtype_classes,
+    ]
+
+
+def _first_line_naming_global(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    naming = [line for line in lines if "GLOBAL" in line]
+    return (naming or lines or ["unknown error"])[0]
+
+
+def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A PyTorch zip checkpoint through the weights-only unpickler; unwraps a top-level ``state_dict``."""
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to unpickle, the file asks for more than tensors ({_first_line_naming_global(str(e))})"
+        ) from e
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {_first_line_naming_global(str(e))}") from e
+    metadata: dict[str, str] = {}
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        metadata = {k: str(v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, int | float | str)}
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return dict(obj), metadata
+
+
+def _describe(path: Path) -> str:
+    with open(path, "rb") as file:
+        head = file.read(16)
+    if zipfile.is_zipfile(path):
+        return "a PyTorch zip checkpoint"
+    if head[:1] == b"\x80":
+        return "a raw pickle"
+    return f"unknown content starting {head[:8]!r}"
+
+
+def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a ``.safetensors`` file or a PyTorch zip checkpoint (``.ckpt .pt .pth .bin``).
+
+    Half-precision tensors are returned as stored (see ``to_float32``). Metadata is the safetensors
+    ``__metadata__``; for a ``.ckpt`` with a ``state_dict`` entry, its other scalar entries (``global_step`` …) as
+    strings. Every unreadable, malformed or unsafe file raises ``CheckpointError`` naming the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" or safetensors.looks_like_safetensors(path):
+        if zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: is {_describe(path)}, not safetensors; a .safetensors name must not hold "
+                                  "a pickle (rename it to .ckpt if you trust it)")
+        return safetensors.load_file(path), safetensors.read_metadata(path)
+    if zipfile.is_zipfile(path):
+        return _load_torch(path)
+    if suffix in TORCH_SUFFIXES:
+        raise CheckpointError(f"{path}: is {_describe(path)}, not a PyTorch zip checkpoint; legacy and raw pickles "
+                              "are not loaded (unpickling them could run code)")
+    raise CheckpointError(f"{path}: is {_describe(path)}; expected a .safetensors file or a PyTorch zip checkpoint "
+                          f"({' '.join(TORCH_SUFFIXES)})")
+
+
+def to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy of ``state_dict`` with fp16/bf16 tensors as float32 (for CPU math); other tensors as they are."""
+    return {k: v.float() if v.dtype in _HALF_DTYPES else v for k, v in state_dict.items()}
+
+
+def require_float(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` naming ``source`` and the key if any tensor is not floating point."""
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}, a float dtype is required")
+
+
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """Create a fresh hidden temp file next to ``path`` (mode 0o666 less the umask, like ``open``)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        temp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            return temp, os.open(temp, flags, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise NijimiError(f"cannot write {path}: {e.strerror}") from e
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename durable (POSIX). Best effort: some file systems refuse to fsync a directory."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` all or nothing: yields a file (``"wb"`` binary, ``"w"`` UTF-8 text) on a temp file in the same
+    folder, then fsyncs it and renames it over ``path``.
+
+    If the block raises, the temp file is removed, ``path`` is untouched and the exception propagates unchanged.
+    File-system failures of creating, syncing or renaming raise ``NijimiError`` naming ``path``.
+    """
+    if mode not in ("wb", "w"):
+        raise ConfigError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    temp, fd = _create_temp(path)
+    file = os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": "\n"}))
+    try:
+        yield file
+    except BaseException:
+        file.close()
+        temp.unlink(missing_ok=True)
+        raise
+    try:
+        file.flush()
+        os.fsync(file.fileno())
+        file.close()
+        os.replace(temp, path)
+    except OSError as e:
+        file.close()
+        temp.unlink(missing_ok=True)
+        raise NijimiError(f"cannot write {path}: {e.strerror or e}") from e
+    _fsync_directory(path.parent)
