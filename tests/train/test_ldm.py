@@ -1,0 +1,59 @@
+import torch
+
+from nijimi.diffusion.schedules import NoiseSchedule
+from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
+from nijimi.models.unet import UNetConfig, UNetModel
+from nijimi.models.vae import VAE, VAEConfig
+from nijimi.text.tokenizer import ClipTokenizer
+from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
+from nijimi.train.shapes import ShapesDataset
+from nijimi.train.trainer import LoopConfig, Trainer
+
+DATA = ShapesDataset(size=32, count=64)
+VAE_CFG = VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1)
+TEXT_CFG = TextEncoderConfig(width=64, num_layers=2, num_heads=2, mlp_width=128)
+UNET_CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                      context_dim=64)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_vae_stage_lowers_reconstruction_loss(tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(VAE_CFG)
+    cfg = LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup_steps=3, save_every=0)
+    trainer = Trainer(AutoencoderObjective(vae, DATA), len(DATA), cfg, tmp_path)
+    trainer.run()
+    assert _mean(trainer.losses[-5:]) < 0.6 * _mean(trainer.losses[:5])
+    scale = measure_scaling_factor(vae, DATA, count=32, batch=16)
+    with torch.no_grad():
+        z = vae.encode(torch.stack([DATA[i][0] for i in range(32)])).mean
+    assert abs(float((z * scale).std()) - 1.0) < 1e-4
+
+
+def test_diffusion_stage_lowers_loss_and_trains_text_encoder(tmp_path):
+    torch.manual_seed(0)
+    unet, te, vae = UNetModel(UNET_CFG), TextEncoder(TEXT_CFG), VAE(VAE_CFG)
+    te_before = te.text_model.final_layer_norm.weight.detach().clone()
+    vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
+    objective = DiffusionObjective(unet, te, vae, ClipTokenizer.sd1(), NoiseSchedule.sd(), DATA, min_snr_gamma=5.0)
+    cfg = LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup_steps=3, save_every=0)
+    trainer = Trainer(objective, len(DATA), cfg, tmp_path)
+    trainer.run()
+    assert _mean(trainer.losses[-5:]) < 0.8 * _mean(trainer.losses[:5])
+    assert not torch.equal(te.text_model.final_layer_norm.weight, te_before)
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, vae_before[k]), f"frozen VAE weight {k} changed"
+
+
+def test_frozen_text_encoder_is_not_trained(tmp_path):
+    torch.manual_seed(0)
+    te = TextEncoder(TEXT_CFG)
+    before = {k: v.clone() for k, v in te.state_dict().items()}
+    objective = DiffusionObjective(UNetModel(UNET_CFG), te, VAE(VAE_CFG), ClipTokenizer.sd1(), NoiseSchedule.sd(),
+                                   DATA, train_text_encoder=False)
+    Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path).run()
+    for k, v in te.state_dict().items():
+        assert torch.equal(v, before[k])
