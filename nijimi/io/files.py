@@ -78,7 +78,9 @@ def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a str")
+        if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
     return dict(obj), metadata
 
@@ -88,6 +90,8 @@ def _describe(path: Path) -> str:
         head = file.read(16)
     if zipfile.is_zipfile(path):
         return "a PyTorch zip checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return "a damaged or truncated zip archive"
     if head[:1] == b"\x80":
         return "a raw pickle"
     return f"unknown content starting {head[:8]!r}"

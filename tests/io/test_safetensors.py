@@ -226,7 +226,7 @@ PEAK_RSS_SCRIPT = textwrap.dedent(
 
     model = torch.nn.Module()
     for i in range(16):
-        model.register_parameter(f"w{i}", torch.nn.Parameter(torch.empty(1 << 21, dtype=torch.float16, device="meta")))
+        model.register_parameter(f"w{i}", torch.nn.Parameter(torch.empty(1 << 20, dtype=torch.float16, device="meta")))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
     before = status("VmRSS")
@@ -241,10 +241,10 @@ PEAK_RSS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_peak_memory_of_loading_into_a_model(tmp_path):
-    """Loading a 64 MiB file and assigning it into a model costs at most 1.3× the file in peak RSS."""
+    """Loading a 32 MiB file and assigning it into a model costs at most 1.3× the file in peak RSS."""
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "model.safetensors"
-    save_file({f"w{i}": torch.randn(1 << 21, generator=g).half() for i in range(16)}, path)
+    save_file({f"w{i}": torch.randn(1 << 20, generator=g).half() for i in range(16)}, path)
     size = os.path.getsize(path)
     result = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(path)], capture_output=True, text=True)
     if "clear_refs" in result.stderr:
