@@ -136,8 +136,14 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _hull_lattice_count(ys: np.ndarray, xs: np.ndarray) -> int:
-    """Number of integer points inside the convex hull of the points (ys, xs) (Andrew's monotone chain)."""
-    points = sorted(set(zip(xs.tolist(), ys.tolist(), strict=True)))
+    """Number of integer points inside the convex hull of the points (ys, xs) (Andrew's monotone chain over the
+    leftmost and rightmost point of each row, which span the same hull)."""
+    rows = np.unique(ys)
+    left = np.full(ys.max() + 1, xs.max() + 1)
+    right = np.full(ys.max() + 1, -1)
+    np.minimum.at(left, ys, xs)
+    np.maximum.at(right, ys, xs)
+    points = sorted({(int(left[r]), int(r)) for r in rows} | {(int(right[r]), int(r)) for r in rows})
     if len(points) < 3:
         return len(points)
 
@@ -167,25 +173,26 @@ def _classify(*features: float) -> str:
     return min(distance, key=distance.__getitem__)
 
 
-def _measure(alpha: np.ndarray, core: np.ndarray, colour: str) -> Detection:
-    """Describe one object from its soft mask ``alpha`` (H, W) and its α ≥ ½ pixels ``core`` (H, W) bool."""
-    side = alpha.shape[1]
+def _measure(alpha: np.ndarray, core: np.ndarray, colour: str, origin: tuple[int, int],
+             image_shape: tuple[int, int]) -> Detection:
+    """Describe one object from its soft mask ``alpha`` (h, w) and its α ≥ ½ pixels ``core`` (h, w) bool, both cut
+    from an image of ``image_shape`` (H, W) at ``origin`` (row, column)."""
     area = float(alpha.sum())
-    yy = np.arange(alpha.shape[0]) + 0.5
-    xx = np.arange(alpha.shape[1]) + 0.5
+    yy = np.arange(alpha.shape[0]) + origin[0] + 0.5
+    xx = np.arange(alpha.shape[1]) + origin[1] + 0.5
     cy = float(alpha.sum(axis=1) @ yy) / area
     cx = float(alpha.sum(axis=0) @ xx) / area
     ys, xs = np.nonzero(core)
     width, height = xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()
-    middle = (ys.min() + ys.max() + 1) / 2
+    middle = (ys.min() + ys.max() + 1) / 2 + origin[0]
     drop = float((cy - middle) / height)
     solidity = len(ys) / max(_hull_lattice_count(ys, xs), 1)
     fill = area / float(alpha.sum(axis=0).max() * alpha.sum(axis=1).max())
     box_fill = len(ys) / float(width * height)
     shape = _classify(fill, box_fill, drop, solidity)
-    radius = math.sqrt(area / _AREA_FACTOR[shape]) / side
+    radius = math.sqrt(area / _AREA_FACTOR[shape]) / image_shape[1]
     size = "large" if radius > _SIZE_THRESHOLD else "small"
-    x, y = cx / side, cy / alpha.shape[0]
+    x, y = cx / image_shape[1], cy / image_shape[0]
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
     return Detection(colour, shape, size, position, x, y, radius, fill, box_fill, drop, solidity)
 
@@ -201,8 +208,9 @@ def _single_colour_parts(core: np.ndarray, nearest: np.ndarray, chroma: np.ndarr
                          min_pixels: float) -> list[tuple[np.ndarray, int]]:
     """Split one foreground component (H, W) bool into (part, colour index): itself with its chroma-weighted majority
     colour, unless it holds two or more single-colour connected parts of ``min_pixels`` each (touching objects)."""
+    pixels = np.bincount(nearest[core], minlength=len(COLOURS))
     parts = []
-    for colour in np.unique(nearest[core]):
+    for colour in np.nonzero(pixels >= min_pixels)[0] if np.sum(pixels >= min_pixels) >= 2 else []:
         labels, count = _components(core & (nearest == colour))
         parts += [(labels == k, int(colour)) for k in range(count) if np.sum(labels == k) >= min_pixels]
     if len(parts) >= 2:
@@ -220,7 +228,8 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
     rgb = as_rgb(image)
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
     floor = float(np.median(chroma))
-    nearest = np.stack([np.abs((_hue(rgb) - h + 180.0) % 360.0 - 180.0) for h in _HUES.values()]).argmin(axis=0)
+    hue = _hue(rgb)
+    nearest = np.stack([np.abs((hue - h + 180.0) % 360.0 - 180.0) for h in _HUES.values()]).argmin(axis=0)
     full = np.maximum(np.array(list(_CHROMA.values())) - floor, 1.0) + floor
     coverage = np.clip((chroma - floor) / (full[nearest] - floor), 0.0, 1.0)
     labels, count = _components(coverage >= 0.5)
@@ -229,10 +238,15 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
     for label in range(count):
         parts = _single_colour_parts(labels == label, nearest, chroma, min_area * chroma.size)
         for core, colour in parts:
-            grown = _grow(core) if len(parts) == 1 else _grow(core) & (nearest == colour)
-            soft = np.where(grown, np.clip((chroma - floor) / (full[colour] - floor), 0.0, 1.0), 0.0)
-            if soft.sum() >= min_area * soft.size:
-                found.append((soft.sum(), _measure(soft, core, names[colour])))
+            ys, xs = np.nonzero(core)
+            if len(ys) < min_area * chroma.size / 4:
+                continue
+            top, left = max(ys.min() - 1, 0), max(xs.min() - 1, 0)
+            window = slice(top, ys.max() + 2), slice(left, xs.max() + 2)
+            grown = _grow(core[window]) if len(parts) == 1 else _grow(core[window]) & (nearest[window] == colour)
+            soft = np.where(grown, np.clip((chroma[window] - floor) / (full[colour] - floor), 0.0, 1.0), 0.0)
+            if soft.sum() >= min_area * chroma.size:
+                found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape)))
     return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
 
