@@ -182,12 +182,12 @@ def infer_openclip_config(shapes: Mapping[str, tuple[int, ...]]) -> TextEncoderC
     )
 
 
-def probe_v_prediction(unet: UNetModel) -> bool:
-    """Whether an SD 2.x-style U-Net was trained for v-prediction (arXiv 2202.00512), by AUTOMATIC1111's probe.
+def probe_value(unet: UNetModel) -> float:
+    """AUTOMATIC1111's v-prediction probe statistic ``mean(out − x)`` of a U-Net.
 
-    No key marks the target, so the web UI runs the U-Net once on ``x = 0.5·1`` (1, C, 8, 8) at ``t = 999`` with the
-    context ``0.5·1`` (1, 2, context_dim) and calls it v-prediction iff ``mean(out − x) < −1`` (an empirical
-    threshold). We do the same, at 8×8 or the smallest size the U-Net's downsampling allows, in the weights' dtype.
+    The web UI runs the U-Net once on ``x = 0.5·1`` (1, C, 8, 8) at ``t = 999`` with the context ``0.5·1``
+    (1, 2, context_dim). We do the same, at 8×8 or the smallest size the U-Net's downsampling allows, in the
+    weights' dtype.
     """
     cfg = unet.config
     side = max(8, 2 ** (len(cfg.channel_mult) - 1))
@@ -196,7 +196,14 @@ def probe_v_prediction(unet: UNetModel) -> bool:
     context = torch.full((1, 2, cfg.context_dim), _PROBE_VALUE, dtype=param.dtype, device=param.device)
     with torch.no_grad():
         out = unet(x, torch.tensor([_PROBE_T], device=param.device), context)
-    return (out.float() - x.float()).mean().item() < _PROBE_THRESHOLD
+    return (out.float() - x.float()).mean().item()
+
+
+def probe_v_prediction(unet: UNetModel) -> bool:
+    """Whether an SD 2.x-style U-Net was trained for v-prediction (arXiv 2202.00512): no key marks the target, so
+    like AUTOMATIC1111's web UI (``is_using_v_parameterization_for_sd2``) we call it v-prediction iff
+    :func:`probe_value` is below −1 (the web UI's empirical threshold)."""
+    return probe_value(unet) < _PROBE_THRESHOLD
 
 
 def sidecar_yaml(path: str | Path) -> Path | None:
@@ -215,7 +222,7 @@ def read_sidecar_yaml(path: str | Path) -> str | None:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read config {path}: {e}") from None
-    match = re.search(r"^\s*parameterization:\s*[\"']?([A-Za-z_]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)
+    match = re.search(r"^\s*parameterization:\s*[\"']?([^\s\"'#]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)
     if match is None:
         return None
     value = match.group(1)
