@@ -29,7 +29,6 @@ from nijimi.io import safetensors  # safetensors.save_file also uses atomic_writ
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_SD_CKPT_KEYS = ("state_dict",)
 
 
 class _LightningModelCheckpoint:
@@ -43,7 +42,7 @@ _LightningModelCheckpoint.__qualname__ = _LightningModelCheckpoint.__name__ = "M
 
 def _checkpoint_globals() -> list:
     """Globals allowed in ``.ckpt`` pickles beyond torch's defaults: the Lightning stand-in and NumPy scalars."""
-    scalar = np._core.multiarray.scalar
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar-from-bytes constructor, wherever this NumPy keeps it
     dtype_classes = [type(np.dtype(code)) for code in "?" + np.typecodes["AllInteger"] + np.typecodes["AllFloat"]]
     return [
         _LightningModelCheckpoint,
@@ -85,16 +84,22 @@ def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return dict(obj), metadata
 
 
-def _describe(path: Path) -> str:
+_KINDS = {
+    "zip": "a PyTorch zip checkpoint",
+    "damaged zip": "a damaged or truncated zip archive",
+    "pickle": "a raw pickle",
+}
+
+
+def _sniff(path: Path) -> tuple[str, bytes]:
+    """What the file holds by its first bytes: safetensors, zip, damaged zip, pickle or unknown; and those bytes."""
+    if safetensors.looks_like_safetensors(path):
+        return "safetensors", b""
     with open(path, "rb") as file:
-        head = file.read(16)
-    if zipfile.is_zipfile(path):
-        return "a PyTorch zip checkpoint"
+        head = file.read(8)
     if head.startswith(b"PK\x03\x04"):
-        return "a damaged or truncated zip archive"
-    if head[:1] == b"\x80":
-        return "a raw pickle"
-    return f"unknown content starting {head[:8]!r}"
+        return ("zip" if zipfile.is_zipfile(path) else "damaged zip"), head
+    return ("pickle" if head[:1] == b"\x80" else "unknown"), head
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -109,18 +114,20 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    kind, head = _sniff(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors" or safetensors.looks_like_safetensors(path):
-        if zipfile.is_zipfile(path):
-            raise CheckpointError(f"{path}: is {_describe(path)}, not safetensors; a .safetensors name must not hold "
-                                  "a pickle (rename it to .ckpt if you trust it)")
+    if kind == "zip" and suffix == ".safetensors":
+        raise CheckpointError(f"{path}: is {_KINDS[kind]}, not safetensors; a .safetensors name must not hold "
+                              "a pickle (rename it to .ckpt if you trust it)")
+    if kind == "safetensors" or suffix == ".safetensors":
         return safetensors.load_file(path), safetensors.read_metadata(path)
-    if zipfile.is_zipfile(path):
+    if kind == "zip":
         return _load_torch(path)
+    described = _KINDS.get(kind, f"unknown content starting {head!r}")
     if suffix in TORCH_SUFFIXES:
-        raise CheckpointError(f"{path}: is {_describe(path)}, not a PyTorch zip checkpoint; legacy and raw pickles "
+        raise CheckpointError(f"{path}: is {described}, not a PyTorch zip checkpoint; legacy and raw pickles "
                               "are not loaded (unpickling them could run code)")
-    raise CheckpointError(f"{path}: is {_describe(path)}; expected a .safetensors file or a PyTorch zip checkpoint "
+    raise CheckpointError(f"{path}: is {described}; expected a .safetensors file or a PyTorch zip checkpoint "
                           f"({' '.join(TORCH_SUFFIXES)})")
 
 

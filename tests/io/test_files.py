@@ -101,6 +101,15 @@ def test_ckpt_tensors_are_memory_mapped(tmp_path):
     assert any(int(lo, 16) <= pointer < int(hi, 16) for lo, hi in spans)
 
 
+@pytest.mark.parametrize("name", ["weights.safetensors", "weights.ckpt"])
+def test_safetensors_data_that_looks_like_a_zip_trailer(tmp_path, name):
+    """Tensor bytes may end in a zip end-of-directory record by chance; the header decides, not the trailer."""
+    sd = {"w": torch.frombuffer(bytearray(b"PK\x05\x06" + bytes(18)), dtype=torch.uint8)}
+    save_file(sd, tmp_path / name)
+    assert zipfile.is_zipfile(tmp_path / name)
+    _assert_same(load_state_dict(tmp_path / name)[0], sd)
+
+
 # ---- refusing code and malformed files -------------------------------------------------------------------------------
 
 
@@ -257,3 +266,4 @@ def test_atomic_write_errors(tmp_path):
         with atomic_write(tmp_path / "folder") as f:
             f.write(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
