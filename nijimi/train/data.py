@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,9 +39,10 @@ class Record:
     mask: Path | None = None
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One example ready for training: ``image`` (3, S, S) float32 in [-1, 1], ``mask`` (1, S, S) in [0, 1] or None."""
+class Sample(NamedTuple):
+    """One example ready for training: ``image`` (3, S, S) float32 in [-1, 1], ``mask`` (1, S, S) in [0, 1] or None.
+
+    A tuple, so ``image, caption = sample[:2]`` reads it like a ``ShapesDataset`` item."""
 
     image: torch.Tensor
     caption: str
@@ -215,15 +217,19 @@ class ImageFolder:
                 position += 1
 
 
-def collate(samples: Sequence[Sample]) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+def collate(
+    samples: Sequence[Sample | tuple[torch.Tensor, str]],
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
     """Stack samples → images (B, 3, S, S), captions, masks (B, 1, S, S) or None when no sample has one.
 
-    A sample without a mask in a batch with masks gets an all-ones mask (learn every pixel).
+    Takes ``Sample``s or ``(image, caption)`` pairs (``ShapesDataset`` items). A sample without a mask in a batch
+    with masks gets an all-ones mask (learn every pixel).
     """
     if not samples:
         raise ConfigError("cannot collate an empty batch")
-    images = torch.stack([s.image for s in samples])
-    if all(s.mask is None for s in samples):
-        return images, [s.caption for s in samples], None
-    masks = [s.mask if s.mask is not None else torch.ones_like(s.image[:1]) for s in samples]
-    return images, [s.caption for s in samples], torch.stack(masks)
+    images = torch.stack([s[0] for s in samples])
+    captions = [s[1] for s in samples]
+    masks = [s[2] if len(s) > 2 else None for s in samples]
+    if all(m is None for m in masks):
+        return images, captions, None
+    return images, captions, torch.stack([torch.ones_like(images[0, :1]) if m is None else m for m in masks])
