@@ -184,6 +184,9 @@ def caption_for(specs: tuple[ShapeSpec, ...], template: int = 0, places: tuple[i
     phrases = [_PLACE_PHRASES[s.position][places[i] % 2] for i, s in enumerate(specs)]
     if len(specs) == 1:
         return _ONE_TEMPLATES[template % len(_ONE_TEMPLATES)].format(a=_object_phrase(specs[0]), pa=phrases[0])
+    if len(specs) != 2 or (specs[0].position, specs[1].position) not in PAIRS:
+        raise ConfigError(f"a shapes caption describes one object or two at {PAIRS}, got "
+                          f"{[s.position for s in specs]}")
     before, after = _RELATIONS[(specs[0].position, specs[1].position)]
     fields = {"a": _object_phrase(specs[0]), "b": _object_phrase(specs[1]), "before": before, "after": after}
     return _TWO_TEMPLATES[template % len(_TWO_TEMPLATES)].format(pa=phrases[0], pb=phrases[1], **fields)
@@ -193,7 +196,7 @@ def describe(scene: Scene, generator: torch.Generator) -> str:
     """A caption for ``scene`` with a random phrasing; two-object captions name both sizes or neither."""
     draws = _Draws(generator)
     with_size = len(scene.objects) == 1 or draws.uniform() < 0.5
-    template = int(draws.uniform() * 4)
+    template = int(draws.uniform() * len(_ONE_TEMPLATES if len(scene.objects) == 1 else _TWO_TEMPLATES))
     places = (int(draws.uniform() * 2), int(draws.uniform() * 2))
     return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places)
 

@@ -204,6 +204,8 @@ def test_bad_arguments_raise_config_errors() -> None:
         ShapesDataset(split="test")
     with pytest.raises(ConfigError, match="3"):
         sample_scene(torch.Generator(), objects=3)
+    with pytest.raises(ConfigError, match="'right', 'left'"):
+        caption_for((ShapeSpec("red", "star", "right"), ShapeSpec("red", "star", "left")))
     with pytest.raises(IndexError):
         ShapesDataset(count=5)[5]
 
