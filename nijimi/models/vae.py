@@ -352,7 +352,7 @@ class VAE(nn.Module):
         weights_dtype = next(self.parameters()).dtype
         try:
             self.to(torch.float32)
-            image = self._decode_maybe_tiled(z.float(), tile)
+            image = self._decode_maybe_tiled(latents.float() / self.config.scaling_factor, tile)
         finally:
             self.to(weights_dtype)
         if not torch.isfinite(image).all():
