@@ -62,13 +62,14 @@ def convert_prediction(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s
 
 
 def min_snr_weights(t: torch.Tensor, schedule: NoiseSchedule, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights (2303.09556, §3.4), (B,): with SNR_t = ᾱ_t/(1-ᾱ_t), ``min(SNR, γ)/SNR`` for ε-,
-    ``min(SNR, γ)/(SNR+1)`` for v- and ``min(SNR, γ)`` for x₀-prediction (the weight that turns each MSE into
-    min(SNR, γ)·‖x₀ - x̂₀‖²). At SNR = 0 (zero-terminal SNR) the ε weight takes its limit, 1.
+    """Min-SNR-γ loss weights (2303.09556, §3.4), (B,) float32 for timesteps t (B,): with SNR_t = ᾱ_t/(1-ᾱ_t),
+    ``min(SNR, γ)/SNR`` for ε-, ``min(SNR, γ)/(SNR+1)`` for v- and ``min(SNR, γ)`` for x₀-prediction (each turns
+    the MSE into min(SNR, γ)·‖x₀ - x̂₀‖²). Where SNR = 0 (zero-terminal SNR) the ε weight takes its limit, 1.
     """
     if not gamma > 0:
         raise ConfigError(f"min_snr_gamma={gamma} must be > 0")
-    alpha_bar = schedule.alphas_cumprod.to(torch.as_tensor(t).device)[torch.as_tensor(t).long()]
+    t = torch.as_tensor(t).long()
+    alpha_bar = schedule.alphas_cumprod.to(t.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     clipped = snr.clamp(max=gamma)
     if schedule.prediction_type == "epsilon":
@@ -82,9 +83,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, sc
                    min_snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-squared error between prediction and target, optionally Min-SNR-γ weighted.
 
-    Returns ``(loss, per_sample)``: ``per_sample`` (B,) is each sample's weighted MSE (mean over its elements, times
-    its weight, detached from nothing — it carries gradients); ``loss`` is its mean, the scalar to backpropagate.
-    The MSE is computed in float32 whatever the input dtype. pred, target (B, ...), t (B,).
+    Returns ``(loss, per_sample)``: ``per_sample`` (B,) is each sample's MSE (mean over its elements) times its
+    Min-SNR weight (1 without ``min_snr_gamma``), and ``loss`` is the batch mean — the scalar to backpropagate; both
+    carry gradients. Computed in float32 whatever the input dtype. pred, target (B, ...), t (B,).
     """
     if pred.shape != target.shape:
         raise ConfigError(f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")

@@ -32,20 +32,23 @@ def gaussian_like(x: torch.Tensor, generator: Generators | None, sampler: str) -
 
 
 def draw_seeds(generator: Generators | None, batch: int, sampler: str) -> list[int]:
-    """One 62-bit seed per batch element: from its own generator, or ``batch`` draws from a shared one."""
+    """Seeds for Brownian paths: one for the whole batch from a shared generator, or one per batch element, each
+    from that element's own generator. Each seed is a 62-bit draw."""
     generators = _generators(generator, batch, sampler)
     if isinstance(generators, torch.Generator):
-        return torch.randint(0, 2**62, (batch,), generator=generators, device=generators.device).tolist()
+        generators = [generators]
     return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device)) for g in generators]
 
 
 class BrownianTree:
-    """Brownian motions W_b(t) on [0, t_max], one per seed, that can be queried at any t in any order.
+    """Brownian motions W_k(t) of shape ``shape`` on [0, t_max], one per seed, that can be queried at any t in any
+    order; ``tree(t)`` has shape (number of seeds, *shape).
 
-    W(t) is built by bisection (a Brownian bridge, Lévy's construction): W(0) = 0, W(t_max) = sqrt(t_max)·z, and each
-    midpoint m of [a, b] is ``(W(a) + W(b))/2 + sqrt((b-a)/4)·z_node``. Every ``z_node`` comes from a generator
-    seeded by (seed, node index), so the path is a pure function of the seed: it does not depend on which or how
-    many points are queried. Below ``t_max/2^depth`` the path is interpolated linearly.
+    W(t) is built by bisection (a Brownian bridge, Lévy's construction): W(0) = 0, W(t_max) = sqrt(t_max)·z₀, and
+    the midpoint m of node n's interval [a, b] (root n = 1, children 2n and 2n+1) is
+    ``(W(a) + W(b))/2 + sqrt((b-a)/4)·z_n``. Every z_n comes from a generator seeded by (seed, n), so the path is a
+    pure function of the seed: it does not depend on which or how many points are queried. Below
+    ``t_max/2^depth`` the path is interpolated linearly.
     """
 
     def __init__(self, shape: Sequence[int], seeds: Sequence[int], t_max: float, *, depth: int = 24,
@@ -55,7 +58,7 @@ class BrownianTree:
         self.shape, self.seeds, self.t_max, self.depth, self.dtype = tuple(shape), list(seeds), t_max, depth, dtype
 
     def _gaussian(self, node: int) -> torch.Tensor:
-        """z_node for every seed, (B, *shape)."""
+        """z_node for every seed, (number of seeds, *shape)."""
         draws = []
         for seed in self.seeds:
             generator = torch.Generator().manual_seed(_mix(seed, node))
@@ -63,19 +66,19 @@ class BrownianTree:
         return torch.stack(draws)
 
     def __call__(self, t: float) -> torch.Tensor:
-        """W(t) for every seed, (B, *shape)."""
+        """W(t) for every seed, (number of seeds, *shape)."""
         if not 0 <= t <= self.t_max:
             raise SamplerError(f"Brownian tree queried at t={t}, outside [0, {self.t_max}]")
         a, b, node = 0.0, self.t_max, 1
         w_a = torch.zeros((len(self.seeds), *self.shape), dtype=self.dtype)
-        w_b = math.sqrt(self.t_max) * self._gaussian(node)
+        w_b = math.sqrt(self.t_max) * self._gaussian(0)
         for _ in range(self.depth):
             if t == a:
                 return w_a
             if t == b:
                 return w_b
             m = (a + b) / 2
-            w_m = (w_a + w_b) / 2 + math.sqrt((b - a) / 4) * self._gaussian(2 * node)
+            w_m = (w_a + w_b) / 2 + math.sqrt((b - a) / 4) * self._gaussian(node)
             if t < m:
                 b, w_b, node = m, w_m, 2 * node
             else:
@@ -87,15 +90,18 @@ class BrownianNoise:
     """Unit-variance noise for the step σ → σ_next, taken from a Brownian tree over σ (k-diffusion's
     ``BrownianTreeNoiseSampler``): ``(W(σ) - W(σ_next)) / sqrt(σ - σ_next)``.
 
-    The tree spans [0, 2^⌈log₂ σ_max⌉], so schedules of different lengths that share the power of two (every SD
-    schedule: σ_max in (8, 16]) read the same Brownian path, and more steps refine the same SDE solution.
+    With one generator per batch element each element gets its own path (batch-position independent); with a
+    shared generator the whole batch is one path. The tree spans [0, 2^⌈log₂ σ_max⌉], so schedules of different
+    lengths that share the power of two (every SD schedule: σ_max in (8, 16]) read the same Brownian path, and more
+    steps refine the same SDE solution.
     """
 
     def __init__(self, x: torch.Tensor, sigma_max: float, generator: Generators | None, sampler: str) -> None:
         seeds = draw_seeds(generator, x.shape[0], sampler)
         t_max = 2.0 ** math.ceil(math.log2(sigma_max))
-        self.tree = BrownianTree(x.shape[1:], seeds, t_max, dtype=x.dtype)
-        self.device = x.device
+        shape = x.shape if len(seeds) == 1 else x.shape[1:]
+        self.tree = BrownianTree(shape, seeds, t_max, dtype=x.dtype)
+        self.shape, self.device = x.shape, x.device
         self._last: tuple[float, torch.Tensor] | None = None
 
     def _w(self, t: float) -> torch.Tensor:
@@ -109,7 +115,7 @@ class BrownianNoise:
         """(B, ...) standard normal noise for the step from ``sigma`` down to ``sigma_next``."""
         w_sigma = self._w(sigma)
         w_next = self._w(sigma_next)
-        return ((w_sigma - w_next) / math.sqrt(sigma - sigma_next)).to(self.device)
+        return ((w_sigma - w_next) / math.sqrt(sigma - sigma_next)).reshape(self.shape).to(self.device)
 
 
 def _generators(generator: Generators | None, batch: int, sampler: str) -> Generators:

@@ -1,0 +1,92 @@
+"""Shared fixtures for the diffusion tests: a tiny fixed network and a 2-D Gaussian mixture with an exact denoiser."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a shared machine (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    """A fixed random conv net ``net(x, t, context=None)`` that depends non-linearly on x and on t (sinusoidal
+    embedding), like a U-Net but small; output magnitude ~1 as an ε/v predictor's."""
+
+    def __init__(self, channels: int = 4, hidden: int = 16, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.time = nn.Linear(16, hidden)
+        self.context = nn.Linear(8, hidden)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(max(p[0].numel(), 1)))
+
+    def forward(self, x, t, context=None):
+        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
+        emb = self.time(torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], 1))
+        if context is not None:
+            emb = emb + self.context(context.mean(1))
+        h = nn.functional.silu(self.conv1(x) + emb[:, :, None, None])
+        return torch.tanh(self.conv2(h)) * 1.5
+
+
+@pytest.fixture(scope="session")
+def tiny_net():
+    return TinyNet().eval()
+
+
+class GaussianMixture:
+    """A 2-D mixture of three anisotropic Gaussians, in float64. ``denoise(x, σ)`` is the exact posterior mean
+    E[x₀ | x₀ + σ·n = x]: Σ_k γ_k(x)·(μ_k + Σ_k (Σ_k + σ²I)⁻¹ (x - μ_k)), γ_k ∝ π_k N(x; μ_k, Σ_k + σ²I)."""
+
+    weights = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]], dtype=torch.float64)
+    covs = torch.tensor([[[0.30, 0.10], [0.10, 0.20]],
+                         [[0.15, -0.05], [-0.05, 0.40]],
+                         [[0.25, 0.00], [0.00, 0.10]]], dtype=torch.float64)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return self.means[k] + torch.einsum("nij,nj->ni", torch.linalg.cholesky(self.covs)[k], z)
+
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+    def covariance(self) -> torch.Tensor:
+        outer = self.covs + self.means[:, :, None] * self.means[:, None, :]
+        m = self.mean()
+        return (self.weights[:, None, None] * outer).sum(0) - m[:, None] * m[None, :]
+
+    def _log_likelihoods(self, x: torch.Tensor, cov: torch.Tensor):
+        diff = x.double()[:, None, :] - self.means[None]
+        solved = torch.linalg.solve(cov, diff[..., None])[..., 0]
+        log_p = self.weights.log()[None] - 0.5 * (diff * solved).sum(-1) - 0.5 * torch.logdet(cov)
+        return log_p, solved
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        cov = self.covs[None] + sigma.double()[:, None, None, None] ** 2 * torch.eye(2, dtype=torch.float64)
+        log_p, solved = self._log_likelihoods(x, cov)
+        posterior = self.means[None] + torch.einsum("kij,nkj->nki", self.covs, solved)
+        return (torch.softmax(log_p, dim=1)[..., None] * posterior).sum(1).to(x.dtype)
+
+    def mode_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Fraction of samples whose most likely component is k, (3,)."""
+        log_p, _ = self._log_likelihoods(x, self.covs[None].expand(len(x), -1, -1, -1))
+        return torch.bincount(log_p.argmax(1), minlength=3).double() / len(x)
+
+
+@pytest.fixture(scope="session")
+def mixture():
+    return GaussianMixture()
