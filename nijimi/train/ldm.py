@@ -29,17 +29,17 @@ from nijimi.text.tokenizer import ClipTokenizer
 
 
 class CaptionedImages(Protocol):
-    """What a training data set provides: ``ds[i] -> (image (3, H, W) in [-1, 1], caption)``."""
+    """What a training data set provides: ``ds[i] -> (image (3, H, W) in [-1, 1], caption, ...)``."""
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]: ...
+    def __getitem__(self, index: int) -> tuple: ...
 
 
 def load_batch(data: CaptionedImages, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
     """Stack ``data[i]`` for ``indices`` → images (B, 3, H, W) and their captions."""
     items = [data[i] for i in indices]
-    return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+    return torch.stack([item[0] for item in items]), [item[1] for item in items]
 
 
 class AutoencoderObjective(nn.Module):

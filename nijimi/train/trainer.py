@@ -10,7 +10,6 @@ gradients, so K ranks make the update one rank makes with the combined batch.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.files import atomic_write
 from nijimi.train.ema import EMA
 
 
@@ -162,12 +162,8 @@ class Trainer:
         if self.rank != 0:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, self.checkpoint_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(self.checkpoint_path) as f:
+            torch.save(self.state_dict(), f)
 
     def resume(self) -> None:
         """Load ``checkpoint.pt`` from ``out_dir`` (model, EMA, optimizer, RNG, data position, loss history)."""

@@ -1,0 +1,195 @@
+"""``nijimi train CONFIG.toml``: the whole recipe of a latent text-to-image model, stage by stage.
+
+1. ``vae`` — the autoencoder on the training images; its latent scaling factor is then measured on the data.
+2. ``unet`` — the U-Net (and, jointly, the text encoder) on the VAE's latents. Sample grids and the loss curve are
+   written every ``sample_every`` steps.
+3. export — one single-file checkpoint (EMA weights) that ``nijimi.load`` reads like any SD file.
+
+A stage whose output file exists is done; ``--resume`` continues an interrupted stage from its checkpoint. With
+``init`` (``--init MODEL``) an existing model is fine-tuned: the VAE stage is skipped and its networks are the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nijimi.diffusion.schedules import NoiseSchedule
+from nijimi.errors import ConfigError
+from nijimi.io.checkpoint import load_model, save_single
+from nijimi.io.safetensors import load_file, read_metadata, save_file
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.vae import VAE
+from nijimi.train.config import build_config, read_toml
+from nijimi.train.data import ImageFolder
+from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
+from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.shapes import ShapesDataset
+from nijimi.train.trainer import LoopConfig, Trainer
+
+OnStep = Callable[[str, Trainer, float, float], None]
+# sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
+SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys of a training config (stage tables ``[vae]`` and ``[unet]`` take :class:`LoopConfig` keys plus
+    their objective's: ``kl_weight``; ``caption_dropout``, ``min_snr_gamma``, ``train_text_encoder``)."""
+
+    out: str = "runs/train"
+    data: str = "shapes"
+    data_count: int = 100_000
+    size: int = 64
+    seed: int = 0
+    model: str = "tiny"
+    init: str = ""
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    sample_every: int = 500
+    sample_steps: int = 20
+    sample_prompts: tuple = ("a red circle on the left", "a large blue square in the center",
+                             "a small green triangle at the top", "a yellow star on the right")
+    export: str = ""
+    half: bool = True
+
+
+@dataclass
+class VAEStage(LoopConfig):
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class UNetStage(LoopConfig):
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    train_text_encoder: bool = True
+
+
+_ARCH_KEYS = ("arch.unet.", "arch.vae.", "arch.text.")
+
+
+def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str, dict]]:
+    """Split flat config keys into the run, the two stages and architecture overrides (``arch.unet.*`` …)."""
+    groups: dict[str, dict] = {"": {}, "vae.": {}, "unet.": {}, **{k: {} for k in _ARCH_KEYS}}
+    for key, value in values.items():
+        prefix = next((p for p in (*_ARCH_KEYS, "vae.", "unet.") if key.startswith(p)), "")
+        groups[prefix][key.removeprefix(prefix)] = value
+    arch = {k.split(".")[1]: groups[k] for k in _ARCH_KEYS}
+    return (build_config(RunConfig, groups[""]), build_config(VAEStage, groups["vae."]),
+            build_config(UNetStage, groups["unet."]), arch)
+
+
+def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | None = None) -> ModelConfig:
+    """The preset ``run.model`` with ``arch`` field overrides, the run's schedule and the measured scaling factor."""
+    base = ModelConfig.preset(run.model)
+    try:
+        unet = dataclasses.replace(base.unet, **arch["unet"])
+        vae = dataclasses.replace(base.vae, **arch["vae"])
+        text = dataclasses.replace(base.text, **arch["text"])
+    except TypeError as exc:
+        raise ConfigError(f"bad architecture key: {exc}") from None
+    if scaling_factor is not None:
+        vae = dataclasses.replace(vae, scaling_factor=scaling_factor)
+    schedule = NoiseSchedule(beta_schedule=run.beta_schedule, prediction_type=run.prediction_type)
+    return dataclasses.replace(base, unet=dataclasses.replace(unet, context_dim=text.width), vae=vae, text=text,
+                               schedule=schedule)
+
+
+def open_data(run: RunConfig):
+    """The training set: the procedural shapes world, or a folder of captioned images."""
+    if run.data == "shapes":
+        return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count)
+    return ImageFolder(run.data, run.size, seed=run.seed)
+
+
+def _stage_trainer(module: torch.nn.Module, data, cfg: LoopConfig, out: Path, resume: bool) -> Trainer:
+    trainer = Trainer(module, len(data), cfg, out)
+    if resume and trainer.checkpoint_path.is_file():
+        trainer.resume()
+    return trainer
+
+
+def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, on_step: OnStep | None) -> Path:
+    """Stage 1; writes ``out/vae.safetensors`` (EMA weights) with the measured scaling factor in its metadata."""
+    out = Path(run.out)
+    path = out / "vae.safetensors"
+    if path.is_file():
+        return path
+    torch.manual_seed(run.seed)
+    vae = VAE(model_config(run, arch).vae)
+    trainer = _stage_trainer(AutoencoderObjective(vae, data, stage.kl_weight), data, stage, out / "vae", resume)
+    trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
+    trainer.ema.copy_to(trainer.module)
+    scale = measure_scaling_factor(vae, data)
+    save_file(vae.state_dict(), path, metadata={"scaling_factor": repr(scale)})
+    write_loss_curve(trainer.losses, out / "vae-loss.png", "VAE")
+    return path
+
+
+def _initial_model(run: RunConfig, arch: dict, vae_path: Path | None) -> LatentDiffusion:
+    if run.init:
+        model, _ = load_model(run.init)
+        return model
+    scale = float(read_metadata(vae_path)["scaling_factor"])
+    torch.manual_seed(run.seed + 1)
+    model = LatentDiffusion(model_config(run, arch, scale))
+    model.vae.load_state_dict(load_file(vae_path))
+    return model
+
+
+def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Path | None, resume: bool,
+               on_step: OnStep | None, sample_fn: SampleFn | None) -> LatentDiffusion:
+    """Stage 2; returns the model with the EMA weights of the U-Net and text encoder."""
+    out = Path(run.out)
+    model = _initial_model(run, arch, vae_path)
+    objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
+                                   model.config.schedule, data, caption_dropout=stage.caption_dropout,
+                                   min_snr_gamma=stage.min_snr_gamma or None,
+                                   train_text_encoder=stage.train_text_encoder)
+    trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
+
+    def step(t: Trainer, loss: float, seconds: float) -> None:
+        if on_step is not None:
+            on_step("unet", t, loss, seconds)
+        if run.sample_every and (t.step % run.sample_every == 0 or t.step == stage.steps):
+            _report(run, t, model, out, sample_fn)
+
+    trainer.run(on_step=step)
+    trainer.ema.copy_to(trainer.module)
+    return model
+
+
+def _report(run: RunConfig, trainer: Trainer, model: LatentDiffusion, out: Path, sample_fn: SampleFn | None) -> None:
+    """Loss curve and a sample grid made with the EMA weights (the live weights are restored afterwards)."""
+    write_loss_curve(trainer.losses, out / "loss.png", "U-Net")
+    if sample_fn is None:
+        return
+    live = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    trainer.ema.copy_to(trainer.module)
+    model.eval()
+    try:
+        images = sample_fn(model, list(run.sample_prompts), run.sample_steps, run.seed)
+        write_grid(images, out / f"samples-{trainer.step:06d}.png")
+    finally:
+        trainer.module.load_state_dict(live)
+        trainer.module.train()
+
+
+def run_training(config_path: str | Path, overrides: dict[str, str] | None = None, resume: bool = False,
+                 on_step: OnStep | None = None, sample_fn: SampleFn | None = None) -> Path:
+    """Run every stage of the recipe in ``config_path``; returns the exported single-file model."""
+    values = read_toml(config_path)
+    values.update(overrides or {})
+    run, vae_stage, unet_stage, arch = parse_config(values)
+    data = open_data(run)
+    vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)
+    model = train_unet(run, unet_stage, arch, data, vae_path, resume, on_step, sample_fn)
+    target = Path(run.export) if run.export else Path(run.out) / "model.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_single(model, target, half=run.half)
+    return target
