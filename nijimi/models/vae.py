@@ -339,15 +339,16 @@ class VAE(nn.Module):
     def decode_latents(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Scaled latents ``(B, z, h, w)`` → images ``(B, 3, h·f, w·f)`` in about [-1, 1].
 
-        In half precision a VAE can overflow to inf/NaN (a black image); then the decode is rerun in float32 with a
-        warning, and the result is returned in the latents' dtype. ``tile`` (pixels) enables :meth:`tiled_decode`.
+        In half precision (float16, bfloat16) a VAE can overflow to inf/NaN (a black image); then the decode is rerun
+        with float32 weights (restored afterwards, exactly) and a warning, and the result is returned in the latents'
+        dtype. NaN/inf in a float32 decode raise :class:`NijimiError`. ``tile`` (pixels) enables :meth:`tiled_decode`.
         """
         z = latents / self.config.scaling_factor
         image = self._decode_maybe_tiled(z, tile)
         if torch.isfinite(image).all():
             return image
-        if image.dtype == torch.float32:
-            raise NijimiError(f"VAE decode produced NaN/inf in float32 ({_count_bad(latents)} non-finite latents)")
+        if image.dtype not in (torch.float16, torch.bfloat16):
+            raise _non_finite(image, latents)
         warnings.warn(f"VAE decode overflowed in {image.dtype}; decoding again in float32", stacklevel=2)
         weights_dtype = next(self.parameters()).dtype
         try:
@@ -356,7 +357,7 @@ class VAE(nn.Module):
         finally:
             self.to(weights_dtype)
         if not torch.isfinite(image).all():
-            raise NijimiError(f"VAE decode produced NaN/inf in float32 ({_count_bad(latents)} non-finite latents)")
+            raise _non_finite(image, latents)
         return image.to(latents.dtype)
 
     def _decode_maybe_tiled(self, z: torch.Tensor, tile: int | None) -> torch.Tensor:
@@ -364,8 +365,9 @@ class VAE(nn.Module):
         return self.tiled_decode(z, tile) if big else self.decode(z)
 
 
-def _count_bad(t: torch.Tensor) -> int:
-    return int((~torch.isfinite(t)).sum())
+def _non_finite(image: torch.Tensor, latents: torch.Tensor) -> NijimiError:
+    bad = int((~torch.isfinite(latents)).sum())
+    return NijimiError(f"VAE decode produced NaN/inf in {image.dtype} ({bad} non-finite latents)")
 
 
 def _ramp(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:

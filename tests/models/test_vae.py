@@ -282,5 +282,5 @@ def test_float32_nan_is_an_error_not_a_black_image():
     ours = VAE(SMALL).eval()
     z = latents()
     z[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NijimiError, match="1 non-finite latents"):
+    with pytest.raises(NijimiError, match=r"torch.float32 \(1 non-finite latents\)"):
         ours.decode_latents(z)
