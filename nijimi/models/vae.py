@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nijimi.errors import ConfigError, NijimiError
+from nijimi.errors import ConfigError, ImageError, NijimiError
 
 _NORM_EPS = 1e-6
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
@@ -285,29 +285,36 @@ class VAE(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
-    def _check(self, x: torch.Tensor, channels: int, multiple: int, what: str) -> None:
+    def _check(self, x: torch.Tensor, what: str) -> None:
+        """Images must be ``(B, in_channels, H, W)`` with H, W multiples of f (:class:`ImageError`), latents
+        ``(B, z_channels, h, w)`` (:class:`ConfigError`)."""
+        image = what.endswith("encode")
+        channels = self.config.in_channels if image else self.config.z_channels
+        multiple = self.config.downscale_factor if image else 1
         if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % multiple or x.shape[3] % multiple:
-            raise ConfigError(
+            error = ImageError if image else ConfigError
+            raise error(
                 f"VAE {what} expects (B, {channels}, H, W) with H, W multiples of {multiple}, got {tuple(x.shape)}"
             )
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """``x: (B, in_channels, H, W)`` in [-1, 1] → posterior over unscaled latents ``(B, z, H/f, W/f)``."""
-        self._check(x, self.config.in_channels, self.config.downscale_factor, "encode")
+        self._check(x, "encode")
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents ``z: (B, z_channels, h, w)`` → image ``(B, out_channels, h·f, w·f)``, about [-1, 1]."""
-        self._check(z, self.config.z_channels, 1, "decode")
+        self._check(z, "decode")
         return self.decoder(self.post_quant_conv(z))
 
     def tiled_encode(self, x: torch.Tensor, tile: int = 512, overlap: float = 0.25) -> DiagonalGaussian:
         """:meth:`encode` over ``tile``×``tile`` pixel tiles overlapping by ``overlap``, moments blended linearly.
 
-        Memory stays bounded by the tile size; the result differs slightly from :meth:`encode` near tile borders.
+        Activation memory is bounded by the tile size; the result differs slightly from :meth:`encode` because each
+        tile is normalised with its own statistics and attends only within itself.
         ``x: (B, in_channels, H, W)`` → posterior over ``(B, z, H/f, W/f)``.
         """
-        self._check(x, self.config.in_channels, self.config.downscale_factor, "tiled_encode")
+        self._check(x, "tiled_encode")
         f = self.config.downscale_factor
         size, stride = _tile_grid(tile // f, overlap)
         moments = _tiled(lambda t: self.quant_conv(self.encoder(t)), x, (size * f, stride * f), (size, stride))
@@ -318,7 +325,7 @@ class VAE(nn.Module):
 
         ``z: (B, z_channels, h, w)`` → ``(B, out_channels, h·f, w·f)``.
         """
-        self._check(z, self.config.z_channels, 1, "tiled_decode")
+        self._check(z, "tiled_decode")
         f = self.config.downscale_factor
         size, stride = _tile_grid(tile // f, overlap)
         return _tiled(lambda t: self.decoder(self.post_quant_conv(t)), z, (size, stride), (size * f, stride * f))

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from nijimi.errors import CheckpointError, ConfigError, NijimiError
+from nijimi.errors import CheckpointError, ConfigError, ImageError, NijimiError
 from nijimi.io.keys import (
     vae_config_from_diffusers,
     vae_config_to_diffusers,
@@ -187,8 +187,12 @@ def test_bad_configs_are_named():
         VAEConfig.from_dict({"colour": 1})
     with pytest.raises(ConfigError, match="shift_factor"):
         vae_config_from_diffusers({**vae_config_to_diffusers(SMALL), "shift_factor": 0.1159})
-    with pytest.raises(ConfigError, match=r"\(B, 3, H, W\).*\(1, 4, 32, 32\)"):
+    with pytest.raises(ImageError, match=r"\(B, 3, H, W\).*\(1, 4, 32, 32\)"):
         VAE(SMALL).encode(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(ImageError, match=r"multiples of 4, got \(1, 3, 32, 30\)"):
+        VAE(SMALL).encode(torch.zeros(1, 3, 32, 30))
+    with pytest.raises(ConfigError, match=r"\(B, 4, H, W\).*\(1, 3, 8, 8\)"):
+        VAE(SMALL).decode(torch.zeros(1, 3, 8, 8))
 
 
 # ---- tiling ------------------------------------------------------------------------------------------------------
