@@ -1,0 +1,345 @@
+"""Samplers: parity with diffusers' scheduler loops, correctness on an analytic Gaussian mixture, and the API."""
+
+import math
+import re
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from nijimi.diffusion.denoiser import Denoiser
+from nijimi.diffusion.noise import BrownianNoise
+from nijimi.diffusion.samplers import (
+    SAMPLERS,
+    SPACINGS,
+    StepInfo,
+    canonical_name,
+    display_name,
+    img2img_start,
+    initial_latent,
+    masked_blend,
+    noised_latent,
+    parse_sampler,
+    sample_ddim,
+    sample_ddpm,
+    sample_euler,
+    sample_euler_ancestral,
+)
+from nijimi.diffusion.schedules import NoiseSchedule, sampling_sigmas
+from nijimi.errors import NijimiError, SamplerError
+
+SHAPE = (2, 4, 8, 8)
+OFFSETS = {"leading": 1, "linspace": 0, "trailing": 0}
+
+
+def schedule_for(prediction_type: str, timestep_spacing: str) -> NoiseSchedule:
+    return NoiseSchedule(prediction_type=prediction_type, timestep_spacing=timestep_spacing,
+                         steps_offset=OFFSETS[timestep_spacing])
+
+
+def start_noise(seed: int = 1) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def diffusers_loop(scheduler, net, latents, steps, *, start=0, step_kwargs=lambda k: {}, blend=None):
+    """diffusers' pipeline loop: scale_model_input, net, step (plus img2img start and inpainting blend)."""
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if start:
+        scheduler.set_begin_index(start * scheduler.order)
+    for k, t in enumerate(timesteps):
+        out = net(scheduler.scale_model_input(latents, t), t.float().expand(latents.shape[0]))
+        latents = scheduler.step(out, t, latents, **step_kwargs(k)).prev_sample
+        if blend is not None and scheduler.order == 1:
+            latents = blend(latents, timesteps[k + 1] if k + 1 < len(timesteps) else None)
+    return latents
+
+
+def run_diffusers(scheduler, net, steps, **kwargs):
+    scheduler.set_timesteps(steps)
+    return diffusers_loop(scheduler, net, start_noise() * scheduler.init_noise_sigma, steps, **kwargs)
+
+
+def run_ours(name, schedule, net, steps, *, quantize=False, **kwargs):
+    fn, spacing = parse_sampler(name)
+    sigmas = sampling_sigmas(schedule, steps, spacing)
+    return fn(Denoiser(net, schedule, quantize=quantize), initial_latent(start_noise(), sigmas, schedule, name),
+              sigmas, **kwargs)
+
+
+# (our sampler, diffusers scheduler, its extra config, timestep spacing, round t like diffusers, sampler kwargs)
+DETERMINISTIC = [
+    ("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, "leading", False, {}),
+    ("euler", EulerDiscreteScheduler, {}, "leading", False, {}),
+    ("euler", EulerDiscreteScheduler, {}, "linspace", False, {}),
+    ("euler", EulerDiscreteScheduler, {}, "trailing", False, {}),
+    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
+    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "trailing", False, {}),
+    ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, "linspace", False, {}),
+    ("heun", HeunDiscreteScheduler, {}, "leading", False, {}),
+    ("heun-karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
+    ("dpm++2m", DPMSolverMultistepScheduler, {}, "trailing", False, {}),
+    ("dpm++2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "linspace", True, {}),
+    ("unipc", UniPCMultistepScheduler, {}, "trailing", False, {}),
+    ("unipc-karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}, "linspace", True, {}),
+    ("unipc", UniPCMultistepScheduler, {"solver_order": 3}, "trailing", False, {"order": 3}),
+]
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("case", DETERMINISTIC, ids=lambda c: f"{c[0]}-{c[3]}-{c[1].__name__}{c[5] or ''}")
+def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type, steps):
+    name, scheduler_cls, extra, spacing, quantize, kwargs = case
+    schedule = schedule_for(prediction_type, spacing)
+    scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
+    with torch.no_grad():
+        ours = run_ours(name, schedule, tiny_net, steps, quantize=quantize, **kwargs)
+        ref = run_diffusers(scheduler, tiny_net, steps)
+    assert max_rel(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+@pytest.mark.parametrize("name,scheduler_cls,extra,kwargs", [
+    ("euler-a", EulerAncestralDiscreteScheduler, {}, {}),
+    ("ddpm", DDPMScheduler, {"clip_sample": False}, {}),
+    ("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, {"eta": 0.5}),
+], ids=["euler-a", "ddpm", "ddim-eta0.5"])
+def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, name, scheduler_cls, extra, kwargs,
+                                                                     steps):
+    schedule = schedule_for("epsilon", "leading")
+    scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
+    step_generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ours = run_ours(name, schedule, tiny_net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
+        ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
+    assert max_rel(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpmpp_2m_sde_equals_diffusers_fed_the_same_brownian_noise(tiny_net, prediction_type, steps):
+    schedule = schedule_for(prediction_type, "trailing")
+    scheduler = DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config(),
+                                                        algorithm_type="sde-dpmsolver++")
+    sigmas = sampling_sigmas(schedule, steps)
+    brownian = BrownianNoise(start_noise(), sigmas[0].item(), torch.Generator().manual_seed(9), "dpm++2m-sde")
+    s = sigmas.tolist()
+    noises = [brownian(s[k], s[k + 1]) if s[k + 1] > 0 else torch.zeros(SHAPE) for k in range(steps)]
+    with torch.no_grad():
+        ours = run_ours("dpm++2m-sde", schedule, tiny_net, steps, generator=torch.Generator().manual_seed(9))
+        ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"variance_noise": noises[k]})
+    assert max_rel(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name,scheduler_cls,spacing", [("euler", EulerDiscreteScheduler, "leading"),
+                                                        ("dpm++2m", DPMSolverMultistepScheduler, "trailing")])
+@pytest.mark.parametrize("steps,strength", [(10, 0.6), (30, 0.35)])
+def test_img2img_and_inpainting_equal_diffusers(tiny_net, name, scheduler_cls, spacing, steps, strength):
+    schedule = schedule_for("epsilon", spacing)
+    scheduler = scheduler_cls.from_config(schedule.to_diffusers_config())
+    g = torch.Generator().manual_seed(3)
+    image, noise = torch.randn(SHAPE, generator=g) * 0.8, torch.randn(SHAPE, generator=g)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 3:7] = 1
+    scheduler.set_timesteps(steps)
+    start = img2img_start(steps, strength)
+    t0 = scheduler.timesteps[start:start + 1]
+
+    def diffusers_blend(latents, t_next):
+        known = image if t_next is None else scheduler.add_noise(image, noise, t_next.reshape(1))
+        return (1 - mask) * known + mask * latents
+
+    sigmas = sampling_sigmas(schedule, steps)
+    denoiser = Denoiser(tiny_net, schedule)
+    with torch.no_grad():
+        for blend, ours_blend in ((None, None), (diffusers_blend, masked_blend(image, noise, mask))):
+            scheduler.set_timesteps(steps)
+            ref = diffusers_loop(scheduler, tiny_net, scheduler.add_noise(image, noise, t0), steps, start=start,
+                                 blend=blend)
+            x = noised_latent(image, noise, sigmas, start)
+            ours = SAMPLERS[name](denoiser, x, sigmas, start=start, blend=ours_blend)
+            assert max_rel(ours, ref) <= 1e-4
+    assert torch.equal(ours * (1 - mask), image * (1 - mask))
+
+
+def test_img2img_start_matches_diffusers_formula():
+    for steps in (1, 7, 10, 30, 50):
+        for strength in (0.0, 0.1, 0.29, 0.3, 0.5, 0.75, 0.999, 1.0):
+            init = min(int(steps * strength), steps)
+            assert img2img_start(steps, strength) == max(steps - init, 0)
+    assert img2img_start(10, 1.0) == 0 and img2img_start(10, 0.0) == 10
+
+
+def test_zero_strength_runs_no_step_and_returns_the_input():
+    x = start_noise()
+    calls = []
+    out = sample_euler(lambda x, s: calls.append(s) or x, x, sampling_sigmas(NoiseSchedule.sd(), 10), start=10)
+    assert out is x and calls == []
+
+
+def test_initial_latent_follows_diffusers_init_noise_sigma():
+    noise = start_noise()
+    for name, spacing, cls in [("euler", "leading", EulerDiscreteScheduler), ("euler", "linspace",
+                               EulerDiscreteScheduler), ("heun-karras", "trailing", HeunDiscreteScheduler),
+                               ("euler-a", "trailing", EulerAncestralDiscreteScheduler),
+                               ("dpm++2m", "linspace", DPMSolverMultistepScheduler),
+                               ("unipc-karras", "linspace", UniPCMultistepScheduler)]:
+        schedule = schedule_for("epsilon", spacing)
+        scheduler = cls.from_config(schedule.to_diffusers_config(), use_karras_sigmas="karras" in name)
+        scheduler.set_timesteps(20)
+        sigmas = sampling_sigmas(schedule, 20, parse_sampler(name)[1])
+        expected = noise * scheduler.init_noise_sigma
+        if scheduler.init_noise_sigma == 1.0:  # a variance-preserving scheduler: x_T = noise ⇔ x = noise·sqrt(σ²+1)
+            expected = noise * (sigmas[0] ** 2 + 1) ** 0.5
+        assert torch.allclose(initial_latent(noise, sigmas, schedule, name), expected, rtol=1e-6), name
+
+
+# ---- correctness on a 2-D Gaussian mixture whose exact denoiser is known ----
+
+def mixture_start(mixture, sigmas, n=4000):
+    g = torch.Generator().manual_seed(0)
+    x0 = mixture.sample(n, g)
+    return (x0 + sigmas[0].double() * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_samples_have_the_mixture_mean_covariance_and_mode_weights(mixture, name):
+    steps = 50 if name in ("ddpm", "euler-a", "dpm++2m-sde") else 30
+    sigmas = sampling_sigmas(NoiseSchedule.sd(), steps, "karras")
+    out = SAMPLERS[name](mixture.denoise, mixture_start(mixture, sigmas), sigmas,
+                         generator=torch.Generator().manual_seed(1)).double()
+    assert (out.mean(0) - mixture.mean()).abs().max() < 0.06
+    assert (torch.cov(out.T) - mixture.covariance()).abs().max() < 0.2
+    assert (mixture.mode_weights(out) - mixture.weights).abs().max() < 0.03
+
+
+def test_higher_order_samplers_are_closer_to_the_ode_solution_than_euler(mixture):
+    sigmas = sampling_sigmas(NoiseSchedule.sd(), 10, "karras")
+    x = mixture_start(mixture, sigmas, n=500)
+
+    def log_spaced(steps):
+        return torch.cat([torch.exp(torch.linspace(math.log(sigmas[0]), math.log(sigmas[-2]), steps)),
+                          torch.zeros(1)])
+
+    reference = SAMPLERS["dpm++2m"](mixture.denoise, x, log_spaced(1000))
+    assert (SAMPLERS["dpm++2m"](mixture.denoise, x, log_spaced(500)) - reference).abs().mean() < 1e-4
+    error = {name: (SAMPLERS[name](mixture.denoise, x, sigmas) - reference).abs().mean().item()
+             for name in ("euler", "heun", "dpm++2m", "unipc")}
+    for name in ("heun", "dpm++2m", "unipc"):
+        assert error[name] < 0.5 * error["euler"], error
+
+
+def test_ddim_is_euler_and_ddpm_is_euler_ancestral(tiny_net):
+    schedule = NoiseSchedule.sd()
+    sigmas = sampling_sigmas(schedule, 12)
+    denoiser, x = Denoiser(tiny_net, schedule), start_noise() * 10
+    with torch.no_grad():
+        assert max_rel(sample_ddim(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas)) < 1e-5
+        a = sample_ddpm(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
+        b = sample_euler_ancestral(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
+    assert max_rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde"])
+def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny_net, name):
+    schedule = NoiseSchedule.sd()
+    sigmas = sampling_sigmas(schedule, 8)
+    denoiser = Denoiser(tiny_net, schedule)
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    run = SAMPLERS[name]
+    with torch.no_grad():
+        a = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
+        b = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
+        c = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(5))
+        batch = run(denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+        alone = run(denoiser, x[2:], sigmas, generator=[torch.Generator().manual_seed(9)])
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-2
+    assert max_rel(batch[2:], alone) < 1e-6  # (the conv net itself may round differently per batch size)
+
+
+def test_callback_sees_every_step(tiny_net):
+    schedule = NoiseSchedule.sd()
+    sigmas = sampling_sigmas(schedule, 10)
+    seen: list[StepInfo] = []
+    with torch.no_grad():
+        out = SAMPLERS["heun"](Denoiser(tiny_net, schedule), start_noise(), sigmas, start=4, callback=seen.append)
+    assert [info.i for info in seen] == list(range(4, 10))
+    assert all(info.steps == 10 and info.denoised.shape == SHAPE for info in seen)
+    assert [info.sigma for info in seen] == sigmas[4:10].tolist()
+    assert seen[-1].sigma_next == 0 and seen[-1].x is out
+
+
+# ---- names and argument checking ----
+
+@pytest.mark.parametrize("name,expected", [
+    ("euler", ("euler", "model")), ("Euler a", ("euler-a", "model")), ("euler_ancestral", ("euler-a", "model")),
+    ("DPM++ 2M Karras", ("dpm++2m", "karras")), ("dpmpp_2m_sde", ("dpm++2m-sde", "model")),
+    ("DPM++ 2M SDE Exponential", ("dpm++2m-sde", "exponential")), ("unipc-karras", ("unipc", "karras")),
+    ("DDIM", ("ddim", "model")), ("  Heun  ", ("heun", "model")), ("ddpm-exponential", ("ddpm", "exponential")),
+])
+def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
+    fn, spacing = parse_sampler(name)
+    assert (fn, spacing) == (SAMPLERS[expected[0]], expected[1])
+
+
+def test_every_name_round_trips_through_display_names():
+    assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-sde", "unipc"]
+    assert SPACINGS == ("karras", "exponential")
+    for base in SAMPLERS:
+        for name in [base] + [f"{base}-{s}" for s in SPACINGS]:
+            assert canonical_name(display_name(name)) == name
+    assert display_name("dpm++2m-karras") == "DPM++ 2M Karras"
+    assert display_name("euler-a") == "Euler a"
+    assert all(fn.__doc__.strip() for fn in SAMPLERS.values())
+
+
+@pytest.mark.parametrize("name", ["euler b", "dpm++3m", "karras", "", "lms"])
+def test_unknown_sampler_names_raise(name):
+    with pytest.raises(SamplerError, match=re.escape(repr(name))):
+        parse_sampler(name)
+
+
+@pytest.mark.parametrize("sigmas,start,message", [
+    ([10.0, 5.0, 5.0, 0.0], 0, r"sigmas\[1\]=5.0 then sigmas\[2\]=5.0"),
+    ([1.0, 2.0, 0.0], 0, r"sigmas\[0\]=1.0 then sigmas\[1\]=2.0"),
+    ([2.0, 1.0, -0.5], 0, "-0.5"),
+    ([3.0], 0, r"\(1,\)"),
+    ([3.0, 1.0, 0.0], 3, "start=3"),
+    ([3.0, 1.0, 0.0], -1, "start=-1"),
+])
+def test_bad_sigmas_and_start_raise(sigmas, start, message):
+    for fn in SAMPLERS.values():
+        with pytest.raises(SamplerError, match=message):
+            fn(lambda x, s: x, torch.zeros(1, 2), torch.tensor(sigmas), start=start,
+               generator=torch.Generator())
+
+
+def test_bad_strength_steps_and_options_raise():
+    with pytest.raises(SamplerError, match="strength=1.5"):
+        img2img_start(10, 1.5)
+    with pytest.raises(SamplerError, match="strength=-0.1"):
+        img2img_start(10, -0.1)
+    with pytest.raises(SamplerError, match="steps=0"):
+        img2img_start(0, 0.5)
+    with pytest.raises(SamplerError, match="steps=0"):
+        sampling_sigmas(NoiseSchedule.sd(), 0)
+    sigmas = torch.tensor([2.0, 1.0, 0.0])
+    with pytest.raises(SamplerError, match="order=4"):
+        SAMPLERS["unipc"](lambda x, s: x, torch.zeros(1, 2), sigmas, order=4)
+    with pytest.raises(SamplerError, match="eta=2"):
+        sample_ddim(lambda x, s: x, torch.zeros(1, 2), sigmas, eta=2)
+    with pytest.raises(NijimiError, match="'euler-a'.*generator"):
+        SAMPLERS["euler-a"](lambda x, s: x, torch.zeros(1, 2), sigmas)
