@@ -15,7 +15,6 @@ fused q/k/v projections are copied.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -45,11 +44,12 @@ CONFIG_METADATA_KEY = "nijimi_config"
 """safetensors ``__metadata__`` key holding the JSON :meth:`ModelConfig.to_dict` of files nijimi writes."""
 
 # Keys real single files carry besides the three networks, dropped without comment: the EMA copy of the U-Net,
-# the DDPM schedule buffers of CompVis' LatentDiffusion, and CLIP's position_ids buffer.
+# the DDPM schedule buffers of CompVis' LatentDiffusion, CLIP's position_ids buffer, and the autoencoder's training
+# loss (LPIPS and discriminator) that some files keep.
 _KNOWN_EXTRAS = re.compile(
     r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_(one_minus_)?alphas_cumprod|log_one_minus_alphas_cumprod|"
     r"sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar|lvlb_weights|"
-    r"scale_factor|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids"
+    r"scale_factor|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids|first_stage_model\.loss\..*"
 )
 _EMA_PREFIX = "model_ema."
 _SHOWN = 5
@@ -105,6 +105,8 @@ def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     missing/unexpected keys, mismatched shapes, non-float weights).
     """
     path = Path(path)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigError(f"load_model: dtype must be a floating dtype or None, got {dtype}")
     if path.is_dir():
         if ema:
             raise ConfigError(f"{path}: a diffusers folder holds no EMA copy; ema=True is for single files")
@@ -138,8 +140,8 @@ def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: 
                    override: ModelConfig | str | os.PathLike | None) -> _Choice:
     """The config of a single file: override > own metadata > detection (+ side-car yaml)."""
     layout = text_layout(shapes)
-    if isinstance(override, ModelConfig) or (isinstance(override, str) and not override.endswith(".yaml")):
-        config = override if isinstance(override, ModelConfig) else ModelConfig.preset(override)
+    config = _override_config(override)
+    if config is not None:
         return _Choice(config, layout or "clip", "override", "override")
     if override is None and CONFIG_METADATA_KEY in metadata:
         try:
@@ -155,6 +157,15 @@ def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: 
         return _Choice(config, layout, "detected", "yaml")
     probe = config.family == "sd2" and config.unet.in_channels == 4
     return _Choice(config, layout, "detected", "probe" if probe else "default")
+
+
+def _override_config(override: ModelConfig | str | os.PathLike | None) -> ModelConfig | None:
+    """The :class:`ModelConfig` an override names (itself or a preset); None for no override or a yaml path."""
+    if isinstance(override, ModelConfig):
+        return override
+    if isinstance(override, str) and not override.lower().endswith((".yaml", ".yml")):
+        return ModelConfig.preset(override)
+    return None
 
 
 def _load_single(path: Path, override: ModelConfig | str | os.PathLike | None, dtype: torch.dtype | None,
@@ -271,9 +282,8 @@ def _load_diffusers(folder: Path, override: ModelConfig | str | os.PathLike | No
                     dtype: torch.dtype | None) -> tuple[LatentDiffusion, LoadReport]:
     config, source = diffusers_folder.read_config(folder)
     prediction_source = "scheduler"
-    if isinstance(override, ModelConfig) or isinstance(override, str) and not override.endswith(".yaml"):
-        config = override if isinstance(override, ModelConfig) else ModelConfig.preset(override)
-        source = prediction_source = "override"
+    if _override_config(override) is not None:
+        config, source, prediction_source = _override_config(override), "override", "override"
     elif override is not None:
         prediction = read_sidecar_yaml(override)
         if prediction is not None:
@@ -338,4 +348,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
         save_single(model, dst, half=half)
     else:
         save_diffusers(model, dst, half=half)
-    return dataclasses.replace(report, config=model.config)
+    return report

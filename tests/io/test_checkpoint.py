@@ -83,6 +83,44 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
+# ---- the model bundle (nijimi/models/ldm.py; tests/models/test_ldm.py would clash with tests/train/test_ldm.py) --
+
+@pytest.mark.parametrize("name", ["sd15", "sd15_inpaint", "sd15_pix2pix", "sd21", "sd21_v", "tiny"])
+def test_model_config_json_round_trip(name: str) -> None:
+    config = ModelConfig.preset(name)
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.scaling_factor == 0.18215
+    assert config.prediction_type == ("v_prediction" if name == "sd21_v" else "epsilon")
+    assert config.pad_token_id == (0 if name.startswith("sd21") else 49407)
+    assert ModelConfig.from_dict(json.loads(json.dumps(SD2.to_dict()))) == SD2
+
+
+def test_model_config_errors() -> None:
+    with pytest.raises(ConfigError, match="context_dim 64 does not match the text encoder width 128"):
+        dataclasses.replace(SD1, text=SD2.text)
+    with pytest.raises(ConfigError, match="family"):
+        dataclasses.replace(SD1, family="sdxl")
+    with pytest.raises(ConfigError, match=r"unknown keys \['extra'\]"):
+        ModelConfig.from_dict({**SD1.to_dict(), "extra": 1})
+    with pytest.raises(ConfigError, match="sample"):
+        SD1.with_prediction_type("sample")
+
+
+def test_latent_diffusion_key_tree_and_set_config() -> None:
+    with torch.device("meta"):
+        model = LatentDiffusion(ModelConfig.sd15())
+    roots = {k.split(".")[0] + "." + k.split(".")[1] for k in model.state_dict()}
+    assert roots == {"model.diffusion_model", "first_stage_model.encoder", "first_stage_model.decoder",
+                     "first_stage_model.quant_conv", "first_stage_model.post_quant_conv",
+                     "cond_stage_model.transformer"}
+    assert model.unet is model.model.diffusion_model and model.text_encoder is model.cond_stage_model.transformer
+    model.set_config(ModelConfig.sd15().with_prediction_type("v_prediction"))
+    assert model.config.prediction_type == "v_prediction"
+    with pytest.raises(ConfigError, match="architecture"):
+        model.set_config(ModelConfig.sd15_inpaint())
+    assert torch.equal(ModelConfig.sd21().tokenizer()("a")[0, :4], torch.tensor([49406, 320, 49407, 0]))
+
+
 # ---- diffusers folders written by diffusers ----------------------------------------------------------------------
 
 def diffusers_pipeline(tmp_path, sd2: bool, prediction_type: str) -> StableDiffusionPipeline:
@@ -312,6 +350,19 @@ def test_truncated_and_oversized_header(tmp_path) -> None:
         load_model(tmp_path / "text.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "absent.safetensors")
+
+
+def test_bad_arguments(tmp_path) -> None:
+    path = _saved(tmp_path)
+    with pytest.raises(ConfigError, match="floating dtype"):
+        load_model(path, dtype=torch.int8)
+    with pytest.raises(ConfigError, match="'zip'"):
+        convert(path, tmp_path / "out", to="zip")
+    with pytest.raises(ConfigError, match="unknown model preset 'sd3'"):
+        load_model(path, config="sd3")
+    save_diffusers(random_model(SD1, seed=0), tmp_path / "folder")
+    with pytest.raises(ConfigError, match="EMA"):
+        load_model(tmp_path / "folder", ema=True)
 
 
 def test_invalid_own_metadata(tmp_path, sd1_tensors) -> None:

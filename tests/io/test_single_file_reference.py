@@ -151,6 +151,7 @@ def _sd1_extras(ckpt: dict) -> None:
     ckpt["model_ema.num_updates"] = torch.tensor(1000, dtype=torch.int32)
     ckpt["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
     ckpt["betas"] = torch.linspace(0.00085, 0.012, 1000)
+    ckpt["first_stage_model.loss.logvar"] = torch.zeros(())
 
 
 def _no_text_model_level(ckpt: dict) -> None:
@@ -164,7 +165,7 @@ def test_real_sd1_file_with_extras_loads_by_detection(tmp_path) -> None:
     loaded, report = load_model(path)
     assert report.config_source == "detected" and report.prediction_source == "default"
     assert loaded.config == SD1
-    assert len(report.ignored) == sum(k.startswith("model_ema.") for k in ckpt) + 3 and report.unknown == ()
+    assert len(report.ignored) == sum(k.startswith("model_ema.") for k in ckpt) + 4 and report.unknown == ()
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                  strict=True))
     ema, report = load_model(path, ema=True)
