@@ -194,8 +194,12 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                         extra_args: dict | None = None, callback: Callback | None = None,
                         generator: Generators | None = None, start: int = 0, blend: Blend | None = None,
                         eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE: the stochastic second-order multistep solver (2211.01095, §5, midpoint form), noise
-    from a Brownian tree seeded from ``generator`` (see :class:`~nijimi.diffusion.noise.BrownianNoise`)."""
+    """DPM-Solver++(2M) SDE: stochastic second-order multistep, Brownian-tree noise (2211.01095).
+
+    The midpoint form of diffusers' ``sde-dpmsolver++`` / k-diffusion's ``sample_dpmpp_2m_sde``; ``eta`` scales the
+    injected noise (0 gives a deterministic exponential integrator). Noise comes from a Brownian tree seeded from
+    ``generator`` (:class:`~nijimi.diffusion.noise.BrownianNoise`), so it does not depend on the step count.
+    """
     s, extra = _check(sigmas, start), extra_args or {}
     if not 0.0 <= eta <= 1.0:
         raise SamplerError(f"dpm++2m-sde: eta={eta} must be within [0, 1]")

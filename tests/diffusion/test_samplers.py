@@ -241,7 +241,7 @@ def test_higher_order_samplers_are_closer_to_the_ode_solution_than_euler(mixture
         assert error[name] < 0.5 * error["euler"], error
 
 
-def test_ddim_is_euler_and_ddpm_is_euler_ancestral(tiny_net):
+def test_ddim_is_euler_ddpm_is_euler_ancestral_and_noiseless_sde_is_dpmpp_2m(tiny_net):
     schedule = NoiseSchedule.sd()
     sigmas = sampling_sigmas(schedule, 12)
     denoiser, x = Denoiser(tiny_net, schedule), start_noise() * 10
@@ -249,7 +249,9 @@ def test_ddim_is_euler_and_ddpm_is_euler_ancestral(tiny_net):
         assert max_rel(sample_ddim(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas)) < 1e-5
         a = sample_ddpm(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
         b = sample_euler_ancestral(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
-    assert max_rel(a, b) < 1e-5
+        assert max_rel(a, b) < 1e-5
+        sde = SAMPLERS["dpm++2m-sde"](denoiser, x, sigmas, eta=0.0)
+        assert max_rel(sde, SAMPLERS["dpm++2m"](denoiser, x, sigmas)) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde"])
