@@ -54,6 +54,7 @@ class Tokenizer(Protocol):
 
     bos_token_id: int
     eos_token_id: int
+    pad_token_id: int
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS."""
@@ -354,7 +355,7 @@ _GUIDANCE_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)
 def split_composable(prompt: str) -> list[tuple[str, float]]:
     """A1111's composable split of a positive prompt: sub-prompts at the word ``AND``, each with a guidance weight.
 
-    ``"a cat :1.5"`` → ``[("a cat", 1.5)]``; ``"a AND b:0.5"`` → ``[("a ", 1.0), (" b", 0.5)]``. Trailing whitespace
+    ``"a cat :1.5"`` → ``[("a cat", 1.5)]``; ``"a AND b:0.5"`` → ``[("a", 1.0), (" b", 0.5)]``. Trailing whitespace
     is dropped as A1111 drops it. A1111 scales each sub-prompt's guidance term ``cond - uncond`` by its weight.
     """
     parts = []
@@ -418,13 +419,13 @@ def chunk_prompt(
     tokenizer: Tokenizer,
     *,
     comma_backtrack: int = COMMA_BACKTRACK,
-    pad_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and emphasis weights of one prompt, cut into 77-token chunks as A1111 does.
 
-    Each piece of ``parse_attention(text)`` is tokenized on its own; ``BREAK`` closes the current chunk. ``pad_id``
-    fills the chunk after its EOS (None: the EOS id, as SD1's CLIP; SD2's OpenCLIP uses 0). ``comma_backtrack=0``
-    turns the comma back-off off. Returns ``ids: (n_chunks, 77)`` int64 and ``weights: (n_chunks, 77)`` float32.
+    Each piece of ``parse_attention(text)`` is tokenized on its own; ``BREAK`` closes the current chunk. The
+    tokenizer's ``pad_token_id`` fills a chunk after its EOS (SD1: the EOS id 49407; SD2: 0, as A1111's OpenCLIP
+    path). ``comma_backtrack=0`` turns the comma back-off off.
+    Returns ``ids: (n_chunks, 77)`` int64 and ``weights: (n_chunks, 77)`` float32.
     """
     comma = tokenizer.encode(",")
     if len(comma) != 1:
@@ -438,8 +439,8 @@ def chunk_prompt(
             chunker.add(token, weight)
     if chunker.tokens or not chunker.chunks:
         chunker.close()
-    eos = tokenizer.eos_token_id
-    framed = [_frame(t, w, tokenizer.bos_token_id, eos, eos if pad_id is None else pad_id) for t, w in chunker.chunks]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    framed = [_frame(tokens, weights, bos, eos, pad) for tokens, weights in chunker.chunks]
     ids = torch.tensor([f[0] for f in framed], dtype=torch.int64)
     weights = torch.tensor([f[1] for f in framed], dtype=torch.float32)
     return ids, weights
@@ -470,7 +471,6 @@ def encode_weighted(
     tokenizer: Tokenizer,
     encode: Callable[[torch.Tensor], torch.Tensor],
     *,
-    pad_id: int | None = None,
     comma_backtrack: int = COMMA_BACKTRACK,
 ) -> torch.Tensor:
     """Encode prompts with A1111 emphasis and long-prompt chunking: ``(B, 77·n, D)``, n = most chunks of any text.
@@ -481,8 +481,8 @@ def encode_weighted(
     """
     if not texts:
         raise PromptError("no prompt texts to encode")
-    chunked = {t: chunk_prompt(t, tokenizer, comma_backtrack=comma_backtrack, pad_id=pad_id) for t in set(texts)}
-    empty_ids, empty_weights = chunk_prompt("", tokenizer, pad_id=pad_id)
+    chunked = {t: chunk_prompt(t, tokenizer, comma_backtrack=comma_backtrack) for t in set(texts)}
+    empty_ids, empty_weights = chunk_prompt("", tokenizer)
     n_chunks = max(ids.shape[0] for ids, _ in chunked.values())
     encoded = []
     for i in range(n_chunks):
@@ -535,7 +535,6 @@ def encode_prompt_schedule(
     encode: Callable[[torch.Tensor], torch.Tensor],
     *,
     negative: bool = False,
-    pad_id: int | None = None,
     old_scheduling: bool = False,
 ) -> ScheduledCond:
     """Everything A1111 does to turn a prompt into conditioning for ``steps`` sampling steps.
@@ -551,5 +550,5 @@ def encode_prompt_schedule(
         prompt, weight = parts[0]
     schedule = prompt_schedule(prompt, steps, old_scheduling=old_scheduling)
     texts = [text for _, text in schedule]
-    cond = encode_weighted(texts, tokenizer, encode, pad_id=pad_id)
+    cond = encode_weighted(texts, tokenizer, encode)
     return ScheduledCond([end for end, _ in schedule], texts, cond, weight)
