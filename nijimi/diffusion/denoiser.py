@@ -35,8 +35,9 @@ class Denoiser:
         self.log_sigmas = schedule.sigmas.double().log()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The (continuous, or rounded with ``quantize``) training timestep for each σ, float32, same shape."""
-        t = sigma_to_t(sigma, self.log_sigmas)
+        """The (continuous, or rounded with ``quantize``) training timestep for each σ, float32, same shape, on the
+        CPU (the lookup runs in float64 there, whatever device the latents live on)."""
+        t = sigma_to_t(sigma.detach().cpu(), self.log_sigmas)
         return t.round() if self.quantize else t
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
