@@ -1,0 +1,255 @@
+"""Generation metadata in PNG text chunks: AUTOMATIC1111's ``parameters``, nijimi's recipe, ComfyUI's graphs.
+
+``parameters`` is A1111's infotext, so A1111 ("PNG Info"), civitai and other readers show nijimi images' settings::
+
+    a cat, (masterpiece:1.2)
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: sd15
+
+Values holding ``,``, ``:`` or a newline are written as JSON strings, as A1111 quotes them. Reading follows A1111's
+``parse_generation_parameters``: the last line is the settings line only if it holds at least three ``Key: value``
+pairs; the lines before it are the prompt until one starts with ``Negative prompt:``; prompts may span lines.
+
+``nijimi`` holds the full recipe as JSON (every knob the pipeline used). ComfyUI writes its API graph as ``prompt``
+and its editor graph as ``workflow``, both JSON. Only Pillow is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from nijimi.errors import CheckpointError, ImageError
+from nijimi.io.files import atomic_write
+
+PARAMETERS_KEY = "parameters"
+RECIPE_KEY = "nijimi"
+COMFYUI_KEYS = ("prompt", "workflow")
+HASH_BLOCK = 1 << 20
+"""Bytes read at a time by ``model_hash``."""
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEGATIVE = "Negative prompt:"
+_INT_KEYS = ("Steps", "Seed", "Clip skip", "Variation seed", "ENSD", "Hires steps")
+_FLOAT_KEYS = ("CFG scale", "Denoising strength", "Variation seed strength", "Eta", "Hires upscale")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A1111 infotext
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _format_value(value: object) -> str:
+    """A value as A1111 writes it: whole floats without ``.0``, JSON-quoted when it holds ``,`` ``:`` or a newline."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, tuple) and len(value) == 2:
+        value = f"{value[0]}x{value[1]}"
+    text = str(value)
+    if any(c in text for c in ",:\n"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
+    """A1111's infotext: prompt, ``Negative prompt:`` line (left out when empty), then ``Key: value, ...``.
+
+    ``settings`` keeps its order; ``None`` values are left out; a ``(w, h)`` tuple is written ``WxH``. A key whose
+    value equals the key itself is written alone, as A1111 does.
+    """
+    pairs = [k if k == v else f"{k}: {_format_value(v)}" for k, v in settings.items() if v is not None]
+    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{', '.join(pairs)}".strip()
+
+
+def generation_settings(
+    *,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_hash: str | None = None,
+    model: str | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, object]:
+    """The settings line in A1111's order: Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, then ``extra``.
+
+    ``sampler`` is A1111's name ("DPM++ 2M Karras", "Euler a"); ``extra`` adds e.g. ``{"Clip skip": 2}``.
+    """
+    settings: dict[str, object] = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": cfg_scale,
+        "Seed": seed,
+        "Size": (width, height),
+        "Model hash": model_hash,
+        "Model": model,
+    }
+    settings.update(extra or {})
+    return settings
+
+
+def _typed(key: str, value: str) -> object:
+    size = _SIZE.match(value)
+    try:
+        if size:
+            return int(size.group(1)), int(size.group(2))
+        if key in _INT_KEYS:
+            return int(value)
+        if key in _FLOAT_KEYS:
+            return float(value)
+    except ValueError:
+        return value
+    return value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_parameters(text: str) -> dict[str, object]:
+    """Read an A1111 infotext into ``{"prompt", "negative_prompt", "settings"}`` by A1111's own rules.
+
+    ``settings`` maps each key to its value: ``WxH`` values become ``(w, h)``; Steps, Seed, Clip skip and other
+    counts ``int``; CFG scale, Denoising strength and other factors ``float``; everything else ``str``.
+    """
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(_NEGATIVE):
+            in_negative = True
+            line = line[len(_NEGATIVE) :].strip()
+        if in_negative:
+            negative += ("\n" if negative else "") + line
+        else:
+            prompt += ("\n" if prompt else "") + line
+    settings: dict[str, object] = {}
+    for key, value in _PARAM.findall(last):
+        if value:
+            settings[key] = _typed(key, _unquote(value))
+    return {"prompt": prompt, "negative_prompt": negative, "settings": settings}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PNG files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+    except OSError as e:
+        raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
+    return digest.hexdigest()[:10]
+
+
+def save_png(
+    image: Image.Image, path: str | os.PathLike, parameters: str, recipe: Mapping[str, object] | None = None
+) -> None:
+    """Write ``image`` as a PNG with A1111 ``parameters`` and the JSON ``recipe`` (key ``nijimi``), atomically.
+
+    The file appears complete or not at all (temp file in the same folder, then rename). Recipe values JSON cannot
+    hold (a dtype, a path) are written as their ``str``.
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    if recipe is not None:
+        info.add_text(RECIPE_KEY, json.dumps(dict(recipe), ensure_ascii=False, default=str))
+    try:
+        with atomic_write(path, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot write PNG {os.fspath(path)!r} from a {image.mode} image: {e}") from e
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise ImageError(f"{os.fspath(path)!r} is a {image.format} image, not a PNG")
+            return dict(image.text)
+    except (OSError, UnidentifiedImageError) as e:
+        raise ImageError(f"cannot read PNG {os.fspath(path)!r}: {e}") from e
+
+
+def _json_or_text(text: str | None) -> object:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, object]:
+    """Generation metadata of a PNG.
+
+    Returns ``{"parameters": raw A1111 text or None, "prompt", "negative_prompt", "settings"`` (see
+    ``parse_parameters``; empty when there is no ``parameters`` chunk)``, "recipe": nijimi recipe dict or None,
+    "comfyui_prompt", "comfyui_workflow": ComfyUI's JSON graphs or None, "text": every text chunk}``.
+    """
+    text = _png_text(Path(path))
+    raw = text.get(PARAMETERS_KEY)
+    parsed = parse_parameters(raw) if raw is not None else {"prompt": "", "negative_prompt": "", "settings": {}}
+    recipe = _json_or_text(text.get(RECIPE_KEY))
+    return {
+        "parameters": raw,
+        **parsed,
+        "recipe": recipe,
+        "comfyui_prompt": _json_or_text(text.get("prompt")),
+        "comfyui_workflow": _json_or_text(text.get("workflow")),
+        "text": text,
+    }
+
+
+def _graph_summary(name: str, graph: object) -> str:
+    if isinstance(graph, dict):
+        nodes = graph.get("nodes") if isinstance(graph.get("nodes"), list) else graph
+        return f"ComfyUI {name}: {len(nodes)} nodes"
+    return f"ComfyUI {name}: {str(graph)[:200]}"
+
+
+def format_info(meta: Mapping[str, object]) -> str:
+    """Human-readable text of ``read_png_metadata``'s result, for ``nijimi info IMG.png``."""
+    lines = []
+    if meta.get("parameters") is not None:
+        lines.append(f"Prompt: {meta['prompt']}")
+        if meta.get("negative_prompt"):
+            lines.append(f"Negative prompt: {meta['negative_prompt']}")
+        for key, value in dict(meta.get("settings") or {}).items():
+            shown = f"{value[0]}x{value[1]}" if isinstance(value, tuple) else value
+            lines.append(f"{key}: {shown}")
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict):
+        lines.append("nijimi recipe:")
+        lines += [f"  {key}: {json.dumps(value, ensure_ascii=False)}" for key, value in recipe.items()]
+    elif recipe is not None:
+        lines.append(f"nijimi recipe (unreadable JSON): {str(recipe)[:200]}")
+    for name in COMFYUI_KEYS:
+        graph = meta.get(f"comfyui_{name}")
+        if graph is not None:
+            lines.append(_graph_summary(name, graph))
+    return "\n".join(lines) if lines else "no generation metadata"
