@@ -7,12 +7,16 @@ import sys
 from collections.abc import Sequence
 
 from nijimi import __version__
+from nijimi.diffusion.explain import explain_schedules
+from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.errors import NijimiError
+from nijimi.io.checkpoint import convert
+from nijimi.ui.demo import run_demo
+from nijimi.ui.generate import add_generate_arguments, add_output_arguments, cmd_generate, cmd_info, cmd_reproduce
+from nijimi.ui.train import add_train_parsers
 
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
-    from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
-
     for name, fn in SAMPLERS.items():
         print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
     print(f"σ spacings (suffix): {', '.join(SPACINGS)}")
@@ -20,19 +24,53 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from nijimi.diffusion.explain import explain_schedules
-
     for path in explain_schedules(args.out, image=args.image):
         print(path)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    raise NijimiError("the embedded model is not trained yet; `make train-embedded` builds it (issue: embedded model)")
+    for path in run_demo(args.out):
+        print(path)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.config)
+    print(report.summary())
+    print(args.dst)
+    return 0
+
+
+def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="text to image (img2img with --init, inpainting with --mask)")
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("reproduce", help="regenerate an image from the recipe in its PNG metadata")
+    p.add_argument("image", help="a PNG written by nijimi")
+    p.add_argument("--model", help="use this model file instead of the one recorded")
+    add_output_arguments(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("info", help="print the generation metadata of a PNG (nijimi, A1111, ComfyUI)")
+    p.add_argument("image")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert a model between single-file and diffusers-folder layouts")
+    p.add_argument("src", help="checkpoint file or diffusers folder")
+    p.add_argument("dst", help="output .safetensors file or folder")
+    p.add_argument("--to", choices=("single", "diffusers"), help="output layout (default: from DST's name)")
+    p.add_argument("--half", action="store_true", help="store float16")
+    p.add_argument("--config", help="override detection: preset name or LDM .yaml")
+    p.set_defaults(func=_cmd_convert)
+
+
+DESCRIPTION = "nijimi (滲み): latent diffusion (Stable Diffusion) from scratch, fast on an ordinary CPU."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nijimi", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nijimi", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"nijimi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -45,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", help="image to noise (default: a generated test pattern)")
     q.add_argument("--out", required=True, help="output folder for the PNGs")
     q.set_defaults(func=_cmd_explain)
+
+    _add_generation_parsers(sub)
+    add_train_parsers(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")

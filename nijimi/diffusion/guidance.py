@@ -20,7 +20,9 @@ class GuidedNetwork:
     ``guided(x, t, cond, uncond)`` runs ``net`` once on the batch ``[uncond; cond]`` (2B rows: ``x`` and ``t``
     repeated, each conditioning input concatenated by :func:`batch_conditions`) and returns
     ``p_u + scale·(p_c - p_u)`` on the raw prediction (ε or v, as diffusers does), then, when ``rescale`` φ > 0,
-    :func:`rescale_guidance`. With ``uncond=None`` or ``scale == 1`` it is a single unguided call on ``cond``.
+    :func:`rescale_guidance`. When the two cannot be batched (a prompt and a negative prompt of different token
+    lengths) ``net`` is called once for each, as A1111 does.
+    With ``uncond=None`` or ``scale == 1`` it is a single unguided call on ``cond``.
 
     Use it under the denoiser: ``Denoiser(GuidedNetwork(unet, 7.5), schedule)`` called with
     ``extra_args={"cond": {"context": c}, "uncond": {"context": u}}``.
@@ -39,12 +41,26 @@ class GuidedNetwork:
                  uncond: Mapping[str, Any] | None = None) -> torch.Tensor:
         if uncond is None or self.scale == 1.0:
             return self.net(x, t, **cond)
-        both = self.net(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(uncond, cond))
-        pred_uncond, pred_cond = both.chunk(2)
+        if _layout(uncond) == _layout(cond):
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(uncond, cond))
+            pred_uncond, pred_cond = both.chunk(2)
+        else:  # e.g. prompt and negative prompt of different lengths: two calls, as A1111 makes them
+            pred_uncond, pred_cond = self.net(x, t, **uncond), self.net(x, t, **cond)
         guided = pred_uncond + self.scale * (pred_cond - pred_uncond)
         if self.rescale > 0:
             guided = rescale_guidance(guided, pred_cond, self.rescale)
         return guided
+
+
+def _layout(value: Any) -> Any:
+    """What must agree for two conditioning inputs to be batched: tensor shapes past the batch dim, structure."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape[1:])
+    if isinstance(value, Mapping):
+        return {k: _layout(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_layout(v) for v in value]
+    return id(value)
 
 
 def rescale_guidance(guided: torch.Tensor, pred_cond: torch.Tensor, phi: float) -> torch.Tensor:

@@ -1,0 +1,57 @@
+"""Prompt → text-encoder conditioning, per sampling step, the way A1111 builds it (see :mod:`nijimi.text.prompt`).
+
+A prompt's scheduled texts are encoded together (A1111's emphasis normalises over that batch), once per pipeline:
+a second generation with the same prompt, steps and clip skip runs no text-encoder pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
+
+
+@dataclass(frozen=True)
+class StepConditioning:
+    """The prompt's and (with guidance) the negative prompt's conditioning over the sampling steps."""
+
+    cond: ScheduledCond
+    uncond: ScheduledCond | None
+
+    @property
+    def guidance_weight(self) -> float:
+        """A1111's prompt weight (``"a cat :1.5"``) multiplies the guidance scale."""
+        return self.cond.weight
+
+    def at(self, step: int, batch: int) -> tuple[dict, dict | None]:
+        """The U-Net inputs for sampling step ``step`` (0-based), repeated for ``batch`` images."""
+        c = {"context": self.cond.at_step(step).expand(batch, -1, -1)}
+        if self.uncond is None:
+            return c, None
+        return c, {"context": self.uncond.at_step(step).expand(batch, -1, -1)}
+
+
+class Conditioner:
+    """Encodes prompts with the model's tokenizer and text encoder, caching each prompt's encoding."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self.tokenizer = model.config.tokenizer()
+        self.cache: dict[tuple, ScheduledCond] = {}
+
+    @torch.inference_mode()
+    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool) -> ScheduledCond:
+        key = (prompt, steps, clip_skip, negative)
+        if key not in self.cache:
+            encode = lambda ids: self.model.text_encoder(ids, clip_skip=clip_skip)  # noqa: E731
+            self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        return self.cache[key]
+
+    def step_conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int | None,
+                          guided: bool) -> StepConditioning:
+        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch)."""
+        return StepConditioning(self.schedule(prompt, steps, clip_skip, False),
+                                self.schedule(negative, steps, clip_skip, True) if guided else None)

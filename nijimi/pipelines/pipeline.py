@@ -1,0 +1,161 @@
+"""One object that turns prompts into images with a loaded model: ``nijimi.load(...)`` → ``pipe.generate(...)``.
+
+The path of a prompt: the text encoder makes the conditioning (:mod:`nijimi.pipelines.conditioning`), the sampler
+walks σ down with classifier-free guidance through the U-Net (:mod:`nijimi.diffusion`), the VAE decodes the latent.
+img2img and inpainting only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nijimi.diffusion.denoiser import Denoiser
+from nijimi.diffusion.guidance import GuidedNetwork
+from nijimi.diffusion.samplers import StepInfo, canonical_name, parse_sampler
+from nijimi.diffusion.schedules import sampling_sigmas
+from nijimi.errors import ConfigError, PromptError
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.pipelines import edit
+from nijimi.pipelines.conditioning import Conditioner, StepConditioning
+from nijimi.pipelines.images import check_size, to_pil, vae_tile_for
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class Generation:
+    """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents and every setting used."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    latents: torch.Tensor
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Pipeline:
+    """A loaded model plus what is needed to describe its images (name, file hash) and a prompt-embedding cache."""
+
+    model: LatentDiffusion
+    name: str = "model"
+    source: str | None = None
+    model_hash: str | None = None
+
+    def __post_init__(self) -> None:
+        self.model.eval().requires_grad_(False)
+        self.conditioner = Conditioner(self.model)
+
+    @property
+    def native_size(self) -> int:
+        """Default image side in pixels: the U-Net's training latent size × the VAE factor."""
+        cfg = self.model.config
+        return cfg.unet.sample_size * cfg.vae.downscale_factor
+
+    def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20, sampler: str = "dpm++2m-karras",
+                 cfg: float = 7.0, seed: int | None = None, width: int | None = None, height: int | None = None,
+                 batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
+                 mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
+                 guidance_rescale: float = 0.0, callback: Callable[[StepInfo], None] | None = None) -> Generation:
+        """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
+
+        ``init_image`` (+ ``strength``) makes it img2img; with ``mask`` (white = repaint) it is inpainting. Sizes
+        default to the init image's size, else the model's native size. The initial latent of image i is
+        ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed + i))`` — the convention
+        diffusers and A1111 share — so a seed means the same picture across tools.
+        """
+        if not prompt and cfg != 1.0 and not negative_prompt:
+            raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ConfigError(f"batch {batch!r} must be an integer >= 1")
+        fn, spacing = parse_sampler(sampler)
+        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        source = edit.load_sources(init_image, mask)
+        width, height = self._size(width, height, source)
+        schedule = self.model.config.schedule
+        sigmas = sampling_sigmas(schedule, steps, spacing)
+        seeds = [seed + i for i in range(batch)]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        f = self.model.config.vae.downscale_factor
+        shape = (1, self.model.config.vae.z_channels, height // f, width // f)
+        start, x, extra, blend = edit.prepare(self.model, source, strength, steps, sigmas, generators, sampler,
+                                              shape, width, height)
+        conds = self.conditioner.step_conditioning(prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
+        guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
+        denoiser = Denoiser(guided, schedule, quantize=_quantized(sampler))
+        model = _per_step(denoiser, conds, sigmas, batch, {} if extra is None else {"extra": extra})
+        with torch.inference_mode():
+            x = fn(model, x, sigmas, generator=generators, start=start, callback=callback, blend=blend)
+            images = self.decode(x)
+        settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
+                    "sampler": canonical_name(sampler), "cfg": cfg, "seed": seed, "width": width, "height": height,
+                    "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale}
+        settings.update(source.settings(strength))
+        return Generation(images, seeds, x, settings)
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents (B, C, h, w) → PIL images, tiling the VAE decode when memory is short."""
+        cfg = self.model.config.vae
+        f = cfg.downscale_factor
+        tile = vae_tile_for(latents.shape[3] * f, latents.shape[2] * f, cfg.channels * max(cfg.channel_mult),
+                            latents.shape[0])
+        return to_pil(self.model.vae.decode_latents(latents, tile=tile))
+
+    def _size(self, width: int | None, height: int | None, source: edit.Sources) -> tuple[int, int]:
+        if source.image is not None:
+            w, h = source.image.size
+            w, h = width or w - w % 8, height or h - h % 8
+        else:
+            w, h = width or self.native_size, height or self.native_size
+        check_size(w, h)
+        return w, h
+
+    def _network(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net call; ``extra`` holds the inpainting U-Net's additional input channels (mask, masked image)."""
+        return self.model.unet(x if extra is None else torch.cat([x, extra], dim=1), t, context)
+
+
+def _quantized(sampler: str) -> bool:
+    """diffusers' multistep solvers round the timesteps of Karras/exponential σ's to integers; match them."""
+    name = canonical_name(sampler)
+    return name.startswith(("dpm++", "unipc")) and name.endswith(("-karras", "-exponential"))
+
+
+def _per_step(denoiser: Denoiser, conds: StepConditioning, sigmas: torch.Tensor, batch: int, extra: dict):
+    """A denoiser ``D(x, σ)`` that gives the U-Net the conditioning of the current step (prompt editing picks the
+    text per step; step i runs at ``sigmas[i]``, so the step is the number of later σ's at or above σ)."""
+    levels = sigmas.tolist()[1:]
+
+    def model(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = float(torch.as_tensor(sigma).reshape(-1)[0]) * (1 - 1e-6)
+        cond, uncond = conds.at(sum(level >= s for level in levels), batch)
+        return denoiser(x, sigma, cond={**cond, **extra}, uncond=None if uncond is None else {**uncond, **extra})
+
+    return model
+
+
+def load(source: str | os.PathLike = EMBEDDED, config=None) -> Pipeline:
+    """Load ``"embedded"`` (the shipped tiny model), a single checkpoint file or a diffusers folder."""
+    from nijimi.io.checkpoint import load_model
+    from nijimi.io.pngmeta import model_hash
+
+    if str(source) == EMBEDDED:
+        from nijimi.embedded import embedded_path
+
+        path = embedded_path()
+        name = EMBEDDED
+    else:
+        path = Path(source)
+        name = path.stem if path.is_file() else path.name
+    model, report = load_model(path, config=config)
+    digest = model_hash(path) if path.is_file() else None
+    pipe = Pipeline(model, name=name, source=str(path), model_hash=digest)
+    pipe.report = report
+    return pipe

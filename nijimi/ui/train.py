@@ -1,0 +1,101 @@
+"""``nijimi train``, ``dataset shapes`` and ``eval shapes``: the CLI side of training and evaluation."""
+
+from __future__ import annotations
+
+import argparse
+
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
+from nijimi.train.config import parse_overrides
+from nijimi.train.detect import evaluate, format_table
+from nijimi.train.run import run_training
+from nijimi.train.shapes import sample_captions, write_shapes_dataset
+from nijimi.ui.progress import ProgressBar
+
+
+def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int) -> list:
+    """One image per prompt (seeds seed, seed+1, …) with the default sampler: sample grids during training."""
+    pipe = Pipeline(model)
+    return [pipe.generate(p, steps=steps, seed=seed + i).images[0] for i, p in enumerate(prompts)]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.init:
+        overrides["init"] = args.init
+    bars: dict[str, ProgressBar] = {}
+
+    def on_step(stage: str, trainer, loss: float, seconds: float) -> None:
+        if args.quiet:
+            return
+        if stage not in bars:
+            bars[stage] = ProgressBar(trainer.cfg.steps, label=stage)
+            bars[stage].resume_at(trainer.step - 1)
+        bars[stage].update(trainer.step, loss=loss)
+
+    try:
+        path = run_training(args.config_file, overrides, resume=args.resume, on_step=on_step, sample_fn=sample_images)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    print(path)
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    print(write_shapes_dataset(args.out, args.count, seed=args.seed, size=args.size))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    pipe = load(args.model or EMBEDDED)
+    captions = sample_captions(args.n, seed=args.seed, split=args.split)
+    bar = None if args.quiet else ProgressBar(len(captions), label="eval")
+    done = 0
+
+    def generate(batch: list[str], seeds: list[int]) -> list:
+        nonlocal done
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s).images[0]
+                  for c, s in zip(batch, seeds, strict=True)]
+        done += len(batch)
+        if bar is not None:
+            bar.update(done)
+        return images
+
+    table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))])
+    if bar is not None:
+        bar.close()
+    print(format_table(table))
+    return 0
+
+
+def add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a latent text-to-image model from a TOML recipe")
+    p.add_argument("config_file", help="recipe, e.g. configs/embedded.toml")
+    p.add_argument("overrides", nargs="*", help="--key=value overrides of the recipe (e.g. --unet.steps=100)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its checkpoint")
+    p.add_argument("--init", help="fine-tune this model (checkpoint file or diffusers folder) instead")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("dataset", help="write a procedural data set")
+    what = p.add_subparsers(dest="what", required=True, metavar="KIND")
+    q = what.add_parser("shapes", help="the shapes world: images + captions.jsonl")
+    q.add_argument("--count", type=int, required=True, help="number of images")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    q.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser("eval", help="measure prompt adherence")
+    what = p.add_subparsers(dest="what", required=True, metavar="KIND")
+    q = what.add_parser("shapes", help="generate held-out shapes captions and score them with the detector")
+    q.add_argument("--model", help="model to evaluate (default: the embedded model)")
+    q.add_argument("--n", type=int, default=200, help="number of captions (half one-object, half two-object)")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--sampler", default="dpm++2m-karras")
+    q.add_argument("--cfg", type=float, default=7.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="caption split (default heldout)")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_eval)
