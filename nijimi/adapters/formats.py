@@ -64,7 +64,7 @@ def detect_format(keys: list[str] | dict) -> str:
     keys = list(keys)
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if any(k.startswith(_PEFT_PREFIXES) or ".lora_A." in k or ".lora_B." in k for k in keys):
+    if any(k.startswith(_PEFT_PREFIXES) or _peft_split(k)[1] in TENSOR_NAMES - {"weight"} for k in keys):
         return "peft"
     raise CheckpointError(f"not a LoRA/LyCORIS/peft adapter: tensor names look like {sorted(keys)[:3]}")
 
@@ -226,9 +226,14 @@ def _peft_split(key: str) -> tuple[str, str]:
 
 
 def _peft_native(module: str, tables: NameTables) -> str | None:
-    if module.startswith((PEFT_UNET, PEFT_TEXT)):
-        return tables.peft.get(module)
-    return tables.peft.get(PEFT_UNET + module) or tables.peft.get(PEFT_TEXT + module)
+    """The native path of a diffusers/peft module name; the text encoder's may lack the ``text_model.`` level (as
+    transformers ≥ 5 names its modules)."""
+    if not module.startswith((PEFT_UNET, PEFT_TEXT)):
+        return _peft_native(PEFT_UNET + module, tables) or _peft_native(PEFT_TEXT + module, tables)
+    found = tables.peft.get(module)
+    if found is None and module.startswith(PEFT_TEXT):
+        found = tables.peft.get(PEFT_TEXT + "text_model." + module[len(PEFT_TEXT):])
+    return found
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
