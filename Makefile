@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench train-embedded clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/unet.py
+
+train-embedded: $(STAMP)
+	$(BIN)/nijimi train configs/embedded.toml --resume
 
 clean:
 	rm -rf $(VENV) out
