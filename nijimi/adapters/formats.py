@@ -390,6 +390,14 @@ def _read_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], di
     return sd, metadata, config
 
 
+def file_modules(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+    """The format of a file's tensors and its modules as the file names them (module name → tensor name → tensor),
+    without any model: what :func:`~nijimi.adapters.tools.describe_adapter` reports."""
+    fmt = detect_format(sd)
+    grouped = _group(sd, _kohya_split if fmt == "kohya" else _peft_split)
+    return fmt, {module: {name: value for name, (_, value) in entries.items()} for module, entries in grouped.items()}
+
+
 def adapter_from_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, metadata: dict[str, str] | None = None,
                             peft_config: dict | None = None, strict: bool = False,
                             source: str = "adapter") -> LoadedAdapter:
