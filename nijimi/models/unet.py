@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError
-from nijimi.models.layers import GroupNorm32, SpatialTransformer, timestep_embedding
+from nijimi.models.layers import Conv2d, GroupNorm32, SpatialTransformer, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -153,16 +153,19 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_dim: int, out_channels: int, groups: int = 32, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = nn.Identity() if channels == out_channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W), emb: (B, emb_dim) → (B, out_channels, H, W)."""
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.in_layers(x)
+        h += self.emb_layers(emb)[:, :, None, None]
+        out = self.out_layers(h)
+        out += self.skip_connection(x)
+        return out
 
 
 class Downsample(nn.Module):
@@ -170,7 +173,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) → (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
@@ -182,7 +185,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) → (B, C, 2H, 2W)."""
@@ -224,7 +227,7 @@ def _res_block(cfg: UNetConfig, channels: int, out_channels: int) -> ResBlock:
 
 def build_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The encoder ``input_blocks`` and the channel count of the skip each block leaves for the decoder."""
-    blocks = [TimestepSequential(nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
+    blocks = [TimestepSequential(Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1))]
     skip_channels = [cfg.model_channels]
     ch = cfg.model_channels
     for level, mult in enumerate(cfg.channel_mult):
@@ -290,15 +293,15 @@ class UNetModel(nn.Module):
         self.middle_block = build_middle_block(cfg)
         self.output_blocks = build_output_blocks(cfg, skip_channels)
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, cfg.model_channels), nn.SiLU(),
-                                 nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1))
+                                 Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1))
 
     @property
-    def conv_in(self) -> nn.Conv2d:
+    def conv_in(self) -> Conv2d:
         """The input convolution ``input_blocks.0.0``."""
         return self.input_blocks[0][0]
 
     @property
-    def conv_out(self) -> nn.Conv2d:
+    def conv_out(self) -> Conv2d:
         """The output convolution ``out.2``."""
         return self.out[2]
 

@@ -15,6 +15,10 @@ Prompt editing — ``prompt_schedules``
     steps, without one a step number (A1111's default; ``old_scheduling=True`` gives its legacy rule: < 1 fraction,
     ≥ 1 step). ``[a|b|c]`` alternates every step. They nest. A prompt that A1111's grammar rejects (a ``|`` outside
     ``[...]``, a backslash at the end of the prompt) is used unchanged at every step, as A1111 does.
+    One known difference: where A1111's grammar is ambiguous — a well-formed group right next to unbalanced brackets
+    or colons at the top level, e.g. ``(a)[b:3]:`` — its Earley parser (lark) may take the group for plain text;
+    nijimi always reads a well-formed group as a group. Tag-list prompts with emoticons (``:)``, ``>:(``) and stray
+    brackets agree with A1111.
 Composable ``AND`` — ``split_composable``
     A1111 splits positive prompts on the word ``AND`` into separately denoised sub-prompts. nijimi does not implement
     that: a positive prompt containing ``AND`` raises ``PromptError`` in ``encode_prompt_schedule`` (negative prompts
@@ -279,7 +283,7 @@ def _edit_step(when: str, steps: int, old_scheduling: bool) -> int:
         value = value * steps if value < 1 else value
     elif "." in when:
         value = value * steps
-    if math.isnan(value) or value >= steps:
+    if value >= steps:
         return steps
     return math.trunc(value) if value > -steps else -steps
 
@@ -323,10 +327,10 @@ def prompt_schedule(prompt: str, steps: int, *, old_scheduling: bool = False) ->
         raise PromptError(f"steps must be at least 1 to schedule prompt {prompt!r}, got {steps}")
     try:
         nodes = _ScheduleParser(prompt).parse()
+        ends = sorted(_switch_steps(nodes, steps, old_scheduling) | {steps})
+        return [(end, _render(nodes, end, steps, old_scheduling)) for end in ends]
     except (_Unparsable, RecursionError):
         return [(steps, prompt)]
-    ends = sorted(_switch_steps(nodes, steps, old_scheduling) | {steps})
-    return [(end, _render(nodes, end, steps, old_scheduling)) for end in ends]
 
 
 def prompt_schedules(

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return
         if stage not in bars:
             bars[stage] = ProgressBar(trainer.cfg.steps, label=stage)
-            bars[stage].resume_at(trainer.step - 1)
+            bars[stage].resume_at(trainer.step)
         bars[stage].update(trainer.step, loss=loss)
 
     try:
