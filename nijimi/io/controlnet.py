@@ -110,7 +110,10 @@ def detect_controlnet(shapes: Mapping[str, tuple[int, ...]], name: str = "checkp
         if len(outs) < 2 or len(outs) % 2 or indices != list(range(0, 2 * len(outs), 2)):
             raise ConfigError(f"input_hint_block convolutions at {indices} are not 0, 2, 4, …")
         return ControlNetConfig(unet, hint_in[1], tuple(outs[0:-1:2]))
-    except (KeyError, ConfigError) as e:
+    except KeyError as e:
+        key = str(e.args[0]).removeprefix("missing key ").strip("'").removeprefix(UNET_PREFIX)
+        raise CheckpointError(f"{name}: unknown ControlNet architecture: missing key {key!r}") from None
+    except ConfigError as e:
         raise CheckpointError(f"{name}: unknown ControlNet architecture: {e}") from None
 
 
