@@ -138,25 +138,29 @@ class _Choice:
 
 def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str],
                    override: ModelConfig | str | os.PathLike | None) -> _Choice:
-    """The config of a single file: override > own metadata > detection (+ side-car yaml)."""
-    layout = text_layout(shapes)
+    """The config of a single file: an override config; else nijimi's metadata or detection, with the prediction
+    type from a given yaml, else the side-car yaml, else the metadata or (SD 2.x) the probe."""
+    layout = text_layout(shapes) or "clip"
     config = _override_config(override)
     if config is not None:
-        return _Choice(config, layout or "clip", "override", "override")
-    if override is None and CONFIG_METADATA_KEY in metadata:
+        return _Choice(config, layout, "override", "override")
+    if CONFIG_METADATA_KEY in metadata:
         try:
             config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         except (ValueError, ConfigError) as e:
             raise CheckpointError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata: {e}") from None
-        return _Choice(config, layout or "clip", "metadata", "metadata")
-    config = detect_single_file(shapes, str(path)).config
+        source, prediction_source = "metadata", "metadata"
+    else:
+        config = detect_single_file(shapes, str(path)).config
+        probe = config.family == "sd2" and config.unet.in_channels == 4
+        source, prediction_source = "detected", "probe" if probe else "default"
     yaml = Path(override) if override is not None else sidecar_yaml(path)
     prediction = read_sidecar_yaml(yaml) if yaml is not None else None
-    if prediction is not None:
-        config = with_v_prediction(config) if prediction == "v_prediction" else config
-        return _Choice(config, layout, "detected", "yaml")
-    probe = config.family == "sd2" and config.unet.in_channels == 4
-    return _Choice(config, layout, "detected", "probe" if probe else "default")
+    if prediction == "v_prediction":
+        config, prediction_source = with_v_prediction(config), "yaml"
+    elif prediction == "epsilon":
+        config, prediction_source = config.with_prediction_type("epsilon"), "yaml"
+    return _Choice(config, layout, source, prediction_source)
 
 
 def _override_config(override: ModelConfig | str | os.PathLike | None) -> ModelConfig | None:

@@ -281,6 +281,9 @@ def test_config_override(sd2_files, tmp_path) -> None:
         "detected", "yaml", "v_prediction")
     with pytest.raises(CheckpointError, match="cond_stage_model.transformer"):
         load_model(sd2_files["eps"], config=SD1)
+    model, report = load_model(_saved(tmp_path), config=str(yaml))  # nijimi's own file: yaml sets the target
+    assert (report.config_source, report.prediction_source, model.config) == (
+        "metadata", "yaml", SD1.with_prediction_type("v_prediction"))
 
 
 def test_sd1_is_never_probed(tmp_path) -> None:
