@@ -41,6 +41,8 @@ def adapter_names(model: nn.Module) -> list[str]:
 def _check_name(name: str) -> None:
     if not name or "." in name:
         raise ConfigError(f"adapter name must be non-empty and without dots, got {name!r}")
+    if hasattr(nn.ModuleDict, name):
+        raise ConfigError(f"adapter name {name!r} is reserved (a method of torch's ModuleDict); choose another")
 
 
 def _layer(model: nn.Module, path: str) -> nn.Module | None:
@@ -155,7 +157,9 @@ def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
 
 def merge_adapters(model: nn.Module, names: list[str] | None = None) -> None:
     """Add the adapters' updates (all, or ``names``) into the base weights in place; they stop costing anything at
-    inference and are undone exactly by :func:`unmerge_adapters`."""
+    inference and are undone by :func:`unmerge_adapters`. The updates are computed on the weights before this merge,
+    as the live stack computes them; adapters left unmerged whose ΔW depends on W (DoRA, IA³, GLoRA, OFT) see the
+    merged weights from then on."""
     chosen = _selected(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(chosen)

@@ -1,0 +1,75 @@
+"""Kinds recognised from tensor names, A1111's scale rule, the flat state-dict layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nijimi.adapters.weights import Adapter, ModuleWeights, kind_of
+from nijimi.errors import CheckpointError
+
+
+@pytest.mark.parametrize(("names", "kind"), [
+    ({"lora_down", "lora_up"}, "lora"),
+    ({"lora_down", "lora_up", "lora_mid", "dora_scale"}, "lora"),
+    ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}, "loha"),
+    ({"lokr_w1", "lokr_w2"}, "lokr"),
+    ({"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}, "lokr"),
+    ({"diff", "diff_b"}, "full"),
+    ({"weight", "on_input"}, "ia3"),
+    ({"w_norm", "b_norm"}, "norm"),
+    ({"a1", "a2", "b1", "b2"}, "glora"),
+    ({"oft_blocks"}, "oft"),
+    ({"oft_diag", "rescale"}, "oft"),
+    ({"lora_down"}, None),
+    ({"lokr_w1", "lokr_w2_a"}, None),
+    ({"lora_down", "lora_up", "hada_w1_a"}, None),
+])
+def test_kind_of(names: set[str], kind: str | None) -> None:
+    assert kind_of(names) == kind
+
+
+def lora(rank: int, alpha: float | None = None, scale: float | None = None) -> ModuleWeights:
+    return ModuleWeights("lora", {"lora_down": torch.ones(rank, 6), "lora_up": torch.ones(5, rank)}, alpha, scale)
+
+
+def test_scale_is_alpha_over_rank_unless_given() -> None:
+    assert lora(4, alpha=2.0).effective_scale == 0.5
+    assert lora(4).effective_scale == 1.0
+    assert lora(4, alpha=2.0, scale=3.0).effective_scale == 3.0
+    full = ModuleWeights("lokr", {"lokr_w1": torch.ones(2, 2), "lokr_w2": torch.ones(3, 3)}, alpha=8.0)
+    assert full.rank is None and full.effective_scale == 1.0  # LyCORIS: whole factors ignore alpha
+    low = ModuleWeights("lokr", {"lokr_w1": torch.ones(2, 2), "lokr_w2_a": torch.ones(3, 2),
+                                 "lokr_w2_b": torch.ones(2, 3)}, alpha=8.0)
+    assert low.rank == 2 and low.effective_scale == 4.0
+    oft = ModuleWeights("oft", {"oft_blocks": torch.zeros(2, 3, 3)}, alpha=1e-3)
+    assert oft.effective_scale == 1.0  # OFT's alpha is a constraint, not a scale
+
+
+def test_delta_applies_scale_on_any_weight_dtype() -> None:
+    weights = lora(2, alpha=1.0)
+    delta = weights.delta(torch.zeros(5, 6, dtype=torch.float16))
+    assert delta.dtype == torch.float32
+    assert torch.equal(delta, torch.full((5, 6), 1.0))  # (5×2 ones) @ (2×6 ones) · ½
+
+
+def test_wrong_names_for_the_kind_are_refused() -> None:
+    with pytest.raises(CheckpointError, match="do not make a 'loha'"):
+        ModuleWeights("loha", {"lora_down": torch.ones(1, 2), "lora_up": torch.ones(2, 1)})
+    with pytest.raises(CheckpointError, match="unet_x: tensors"):
+        ModuleWeights.from_flat({"lora_down": torch.ones(1, 2)}, "unet_x")
+
+
+def test_state_dict_round_trip_and_prefixes() -> None:
+    adapter = Adapter({"a.b": lora(2, alpha=1.5), "c": ModuleWeights("full", {"diff": torch.ones(2)}, scale=0.5)},
+                      {"k": "v"})
+    sd = adapter.state_dict()
+    assert sorted(sd) == ["a.b.alpha", "a.b.lora_down", "a.b.lora_up", "c.diff", "c.scale"]
+    assert sd["a.b.alpha"].dtype == torch.float32 and sd["a.b.alpha"].item() == 1.5
+    back = Adapter.from_state_dict(sd, adapter.metadata)
+    assert back.modules.keys() == adapter.modules.keys() and back.metadata == {"k": "v"}
+    assert back.modules["a.b"].alpha == 1.5 and back.modules["c"].scale == 0.5
+    assert torch.equal(back.modules["a.b"].tensors["lora_up"], adapter.modules["a.b"].tensors["lora_up"])
+    assert list(adapter.prefixed("x.").under("x.").modules) == ["a.b", "c"]
+    assert list(adapter.under("a.").modules) == ["b"]
+    assert adapter.kinds() == {"lora": 1, "full": 1} and adapter.ranks() == {2: 1, None: 1}
