@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from nijimi.errors import ConfigError
+from nijimi.models.layers import Conv2d
 from nijimi.models.unet import (
     UNetConfig,
     UNetModel,
@@ -131,10 +132,10 @@ def build_hint_block(cfg: ControlNetConfig) -> nn.Sequential:
     ``f = hint_downscale``.
     """
     widths = cfg.hint_widths
-    convs = [nn.Conv2d(cfg.hint_channels, widths[0], 3, padding=1)]
+    convs = [Conv2d(cfg.hint_channels, widths[0], 3, padding=1)]
     for width, wider in zip(widths[:-1], widths[1:], strict=True):
-        convs += [nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, wider, 3, padding=1, stride=2)]
-    convs.append(_zeroed(nn.Conv2d(widths[-1], cfg.unet.model_channels, 3, padding=1)))
+        convs += [Conv2d(width, width, 3, padding=1), Conv2d(width, wider, 3, padding=1, stride=2)]
+    convs.append(_zeroed(Conv2d(widths[-1], cfg.unet.model_channels, 3, padding=1)))
     layers: list[nn.Module] = []
     for conv in convs:
         layers += [conv, nn.SiLU()]
@@ -151,7 +152,7 @@ def _zeroed(module: nn.Module) -> nn.Module:
 
 def _zero_conv(channels: int) -> nn.Sequential:
     """``zero_convs.{i}`` / ``middle_block_out``: a zero-initialised 1×1 convolution (key ``.0``)."""
-    return nn.Sequential(_zeroed(nn.Conv2d(channels, channels, 1)))
+    return nn.Sequential(_zeroed(Conv2d(channels, channels, 1)))
 
 
 def residual_scales(count: int, scale: float, guess_mode: bool) -> list[float]:
@@ -198,7 +199,7 @@ class ControlNetModel(nn.Module):
     def reset_hint_block(self, generator: torch.Generator | None = None) -> None:
         """Re-draw the hint encoder's weights from ``generator`` (PyTorch's default convolution init: Kaiming-uniform
         with a = √5, biases U(±1/√fan_in)); its last convolution stays zero."""
-        convs = [m for m in self.input_hint_block if isinstance(m, nn.Conv2d)]
+        convs = [m for m in self.input_hint_block if isinstance(m, Conv2d)]
         with torch.no_grad():
             for conv in convs[:-1]:
                 nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
