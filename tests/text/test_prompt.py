@@ -18,6 +18,7 @@ from nijimi.text.prompt import (
     pad_conds,
     parse_attention,
     prompt_schedule,
+    prompt_schedules,
     schedule_index,
     split_composable,
 )
@@ -139,6 +140,10 @@ def test_prompt_schedule_10_steps(prompt, expected):
 )
 def test_prompt_outside_the_grammar_is_used_unchanged(prompt):
     assert prompt_schedule(prompt, 10) == [(10, prompt)]
+
+
+def test_prompt_schedules_batch():
+    assert prompt_schedules(["a", "[b:2]", "a"], 4) == [[(4, "a")], [(2, ""), (4, "b")], [(4, "a")]]
 
 
 def test_old_scheduling_reads_values_from_one_as_steps():
