@@ -187,12 +187,15 @@ class ControlNetModel(nn.Module):
         """The paper's initialisation (§3.2): the encoder (``time_embed``, ``input_blocks``, ``middle_block``)
         copied from ``unet``, zero convolutions at zero, the hint encoder's other convolutions drawn from
         ``generator`` with PyTorch's default convolution initialisation. Returned in train mode, on ``unet``'s
-        device and dtype."""
+        device and dtype. Built on the ``meta`` device, so no global random state is used or spent."""
         param = next(unet.parameters())
-        model = cls(ControlNetConfig(unet.config, hint_channels, tuple(hint_widths)))
-        model.to(device=param.device, dtype=param.dtype)
+        with torch.device("meta"):
+            model = cls(ControlNetConfig(unet.config, hint_channels, tuple(hint_widths)))
+        model.to_empty(device=param.device).to(param.dtype)
         for name in ("time_embed", "input_blocks", "middle_block"):
             getattr(model, name).load_state_dict(getattr(unet, name).state_dict(), strict=True)
+        _zeroed(model.zero_convs)
+        _zeroed(model.middle_block_out)
         model.reset_hint_block(generator)
         return model
 

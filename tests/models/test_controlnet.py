@@ -144,7 +144,9 @@ def test_fresh_controlnet_leaves_unet_output_unchanged_exactly() -> None:
 def test_from_unet_copies_the_encoder_and_starts_at_zero() -> None:
     unet = UNetModel(TINY_SMALL).eval()
     randomize(unet, 2)
+    global_state = torch.random.get_rng_state()
     control = ControlNetModel.from_unet(unet, hint_channels=3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # randomness only from the generator
     again = ControlNetModel.from_unet(unet, hint_channels=3, generator=torch.Generator().manual_seed(0))
     theirs = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(control.config))
     theirs.load_state_dict(controlnet_to_diffusers(control.state_dict(), control.config))
