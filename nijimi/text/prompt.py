@@ -15,10 +15,10 @@ Prompt editing — ``prompt_schedules``
     steps, without one a step number (A1111's default; ``old_scheduling=True`` gives its legacy rule: < 1 fraction,
     ≥ 1 step). ``[a|b|c]`` alternates every step. They nest. A prompt that A1111's grammar rejects (a ``|`` outside
     ``[...]``, a backslash at the end of the prompt) is used unchanged at every step, as A1111 does.
-    One known difference: where A1111's grammar is ambiguous — a well-formed group right next to unbalanced brackets
-    or colons at the top level, e.g. ``(a)[b:3]:`` — its Earley parser (lark) may take the group for plain text;
-    nijimi always reads a well-formed group as a group. Tag-list prompts with emoticons (``:)``, ``>:(``) and stray
-    brackets agree with A1111.
+    Where A1111's grammar is ambiguous — a well-formed group right next to unbalanced brackets or colons at the top
+    level, e.g. ``(a)[b:3]:`` — its Earley parser (lark 1.1.2, the version A1111 pins) takes the group for plain text
+    or not depending on the process's hash seed, so A1111 itself differs from run to run there; nijimi always reads a
+    well-formed group as a group. Tag-list prompts with emoticons (``:)``, ``>:(``) and stray brackets agree.
 Composable ``AND`` — ``split_composable``
     A1111 splits positive prompts on the word ``AND`` into separately denoised sub-prompts. nijimi does not implement
     that: a positive prompt containing ``AND`` raises ``PromptError`` in ``encode_prompt_schedule`` (negative prompts
