@@ -361,6 +361,10 @@ def _peft_config(modules: dict[str, ModuleWeights], prefix: str) -> dict:
     if len(kinds) != 1:
         raise CheckpointError(f"{prefix.rstrip('.')}: peft needs one adapter kind per model part, got {sorted(kinds)}")
     kind = kinds.pop()
+    dora = {w.dora for w in modules.values()}
+    if len(dora) != 1:
+        raise CheckpointError(f"{prefix.rstrip('.')}: peft's use_dora holds for every module of a model part, "
+                              "but only some of these modules have a DoRA magnitude; save as kohya")
     pairs = {m: (_peft_rank(w), _peft_alpha_of(w)) for m, w in modules.items()}
     r, alpha = Counter(pairs.values()).most_common(1)[0][0]
     alpha_key = "lora_alpha" if kind == "lora" else "alpha"
@@ -368,7 +372,7 @@ def _peft_config(modules: dict[str, ModuleWeights], prefix: str) -> dict:
               "rank_pattern": {m: p[0] for m, p in pairs.items() if p[0] != r},
               "alpha_pattern": {m: p[1] for m, p in pairs.items() if p[1] != alpha}}
     if kind == "lora":
-        config["use_dora"] = any(w.dora for w in modules.values())
+        config["use_dora"] = dora.pop()
     return config
 
 

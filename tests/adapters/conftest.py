@@ -142,7 +142,7 @@ def _random_weights(kind: str, layer: torch.nn.Module, seed: int = 0) -> ModuleW
             t, kind = {"oft_diag": torch.linalg.matrix_exp(blocks - blocks.transpose(1, 2))}, "oft"
         else:
             t = {"oft_blocks": blocks if kind == "oft" else torch.stack([blocks, rnd(out // 4, 4, 4, size=1.0)])}
-            kind, alpha = "oft", 1e-2
+            kind, alpha = "oft", 2.0 ** -7  # COFT constraint per output; exact in the float32 files store
     else:
         raise ValueError(kind)
     return ModuleWeights(kind, t, alpha)
