@@ -1,17 +1,22 @@
 """Prompt → text-encoder conditioning, per sampling step, the way A1111 builds it (see :mod:`nijimi.text.prompt`).
 
 A prompt's scheduled texts are encoded together (A1111's emphasis normalises over that batch), once per pipeline:
-a second generation with the same prompt, steps and clip skip runs no text-encoder pass.
+a second generation with the same prompt, steps and clip skip runs no text-encoder pass. The cache keeps the
+:data:`CACHE_SIZE` most recently used prompts.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
+
+CACHE_SIZE = 32
+"""Prompt encodings kept per pipeline (an SD 1.x encoding of one text is 77 × 768 floats, 236 kB)."""
 
 
 @dataclass(frozen=True)
@@ -35,19 +40,29 @@ class StepConditioning:
 
 
 class Conditioner:
-    """Encodes prompts with the model's tokenizer and text encoder, caching each prompt's encoding."""
+    """Encodes prompts with the model's tokenizer and text encoder, caching each prompt's encoding.
+
+    Encodings come in the text encoder's dtype, on its device.
+    """
 
     def __init__(self, model: LatentDiffusion) -> None:
         self.model = model
         self.tokenizer = model.config.tokenizer()
-        self.cache: dict[tuple, ScheduledCond] = {}
+        self.cache: OrderedDict[tuple, ScheduledCond] = OrderedDict()
 
     @torch.inference_mode()
     def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool) -> ScheduledCond:
+        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``)."""
         key = (prompt, steps, clip_skip, negative)
-        if key not in self.cache:
-            encode = lambda ids: self.model.text_encoder(ids, clip_skip=clip_skip)  # noqa: E731
-            self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        text_encoder = self.model.text_encoder
+        device = next(text_encoder.parameters()).device
+        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip)  # noqa: E731
+        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
         return self.cache[key]
 
     def step_conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int | None,

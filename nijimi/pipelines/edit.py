@@ -1,7 +1,9 @@
 """img2img and inpainting: the starting latent, the extra U-Net inputs and the per-step blend.
 
 The generator draws follow diffusers' pipelines (image latents sampled from the posterior first, then the noise,
-then the masked-image latents), one generator per image, so the same seeds give the same pictures.
+then the masked-image latents), one generator per image, so the same seeds give the same pictures. One difference:
+for a batch, diffusers' inpainting pipeline samples the image posteriors with the first generator only; here each
+image uses its own, so image i of a batch equals a single generation with seed i (the two agree for batch 1).
 
 - img2img: encode the init image, noise it to ``sigmas[start]`` with ``start`` from the strength, denoise from there.
 - inpainting with a 9-channel U-Net (SD inpainting checkpoints): the U-Net also sees the mask and the latent of the
@@ -19,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nijimi.diffusion.samplers import img2img_start, initial_latent, masked_blend, noised_latent
-from nijimi.errors import ImageError, SamplerError
+from nijimi.diffusion.samplers import Blend, img2img_start, initial_latent, masked_blend, noised_latent
+from nijimi.errors import ImageError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.images import mask_tensor, open_image, to_tensor
 
@@ -45,6 +47,7 @@ class Sources:
 
 def load_sources(image: Image.Image | str | os.PathLike | None,
                  mask: Image.Image | str | os.PathLike | None) -> Sources:
+    """Open the init image (RGB) and mask (greyscale), checking that a mask comes with an image of its size."""
     if image is None:
         if mask is not None:
             raise ImageError("a mask needs an init image to inpaint")
@@ -57,49 +60,76 @@ def load_sources(image: Image.Image | str | os.PathLike | None,
     return Sources(rgb, grey, None if isinstance(image, Image.Image) else str(image))
 
 
-def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One posterior sample per generator of the single image ``pixels`` (1, 3, H, W) → scaled latents (B, C, h, w)."""
-    posterior = model.vae.encode(pixels)
-    scale = model.config.scaling_factor
-    return torch.cat([posterior.sample(g) * scale for g in generators])
+def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch.Generator],
+            tile: int | None) -> torch.Tensor:
+    """One posterior sample per generator of the single image ``pixels`` (1, 3, H, W) → scaled latents (B, C, h, w).
+
+    The sample's noise is drawn on the CPU from each generator (as diffusers' ``randn_tensor`` does for a CPU
+    generator), so a seed gives the same latent on any device. ``tile`` (pixels) tiles the encoder for big images.
+    """
+    vae = model.vae
+    big = tile is not None and max(pixels.shape[-2:]) > tile
+    posterior = vae.tiled_encode(pixels, tile) if big else vae.encode(pixels)
+    eps = _noise(tuple(posterior.mean.shape), generators).to(posterior.mean.device)
+    return (posterior.mean + posterior.std * eps) * model.config.scaling_factor
 
 
 def _noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """``torch.randn(shape, generator=g)`` for each image's generator, stacked: (B, C, h, w) for shape (1, C, h, w)."""
+    """``torch.randn(shape, generator=g)`` on the CPU for each image's generator, stacked: (B, C, h, w) for shape
+    (1, C, h, w)."""
     return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
 
+@dataclass(frozen=True)
+class Start:
+    """What sampling starts from: the index of the first σ, the latent (B, C, h, w) there, the extra U-Net input
+    (an inpainting U-Net's mask and masked-image latent, (B, 1 + C, h, w)) or None, and the per-step blend or None."""
+
+    index: int
+    latent: torch.Tensor
+    extra: torch.Tensor | None = None
+    blend: Blend | None = None
+
+
 @torch.inference_mode()
-def prepare(model: LatentDiffusion, source: Sources, strength: float, steps: int, sigmas: torch.Tensor,
-            generators: list[torch.Generator], sampler: str, shape: tuple[int, ...], width: int, height: int):
-    """(start index, starting latent (B, C, h, w), extra U-Net input or None, blend or None)."""
-    schedule = model.config.schedule
+def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: torch.Tensor,
+            generators: list[torch.Generator], sampler: str, shape: tuple[int, ...], tile: int | None = None) -> Start:
+    """The starting point of a generation of latent ``shape`` (1, C, h, w) per image, on the model's device.
+
+    Generator draws per image, as diffusers' pipelines make them: txt2img the noise; img2img the image's posterior
+    sample, then the noise; inpainting the posterior sample (skipped by a 9-channel U-Net at strength 1), the noise,
+    then the masked image's posterior sample (drawn for a 4-channel U-Net too, which does not use it, so that an
+    ancestral sampler's later draws stay in step). At strength 1 inpainting starts from pure noise, img2img from the
+    image noised to σ₀.
+    """
+    schedule, device = model.config.schedule, next(model.vae.parameters()).device
     in_channels, z = model.config.unet.in_channels, shape[1]
     if in_channels not in (z, 2 * z + 1):
         raise ImageError(f"a U-Net with {in_channels} input channels (instruct-pix2pix?) is not supported here")
     inpaint_unet = in_channels == 2 * z + 1
+    f = model.config.vae.downscale_factor
+    width, height = shape[3] * f, shape[2] * f
     if source.image is None:
-        x = initial_latent(_noise(shape, generators), sigmas, schedule, sampler)
+        x = initial_latent(_noise(shape, generators).to(device), sigmas, schedule, sampler)
         if not inpaint_unet:
-            return 0, x, None, None
+            return Start(0, x)
         # txt2img with an inpainting model (as A1111 does it): everything masked, the masked image blank (grey).
-        blank = _encode(model, torch.zeros(1, 3, height, width), generators)
-        return 0, x, torch.cat([torch.ones_like(blank[:, :1]), blank], dim=1), None
-    if not 0.0 <= strength <= 1.0:
-        raise SamplerError(f"strength={strength!r} must be within [0, 1]")
+        blank = _encode(model, torch.zeros(1, 3, height, width, device=device), generators, tile)
+        return Start(0, x, torch.cat([torch.ones_like(blank[:, :1]), blank], dim=1))
     if inpaint_unet and source.mask is None:
         raise ImageError(f"this is an inpainting model ({in_channels}-channel U-Net): give a mask with the init image")
-    pixels = to_tensor(source.image, width, height)
-    start = img2img_start(steps, strength)
-    full_noise = inpaint_unet and start == 0
-    known = None if full_noise else _encode(model, pixels, generators)
-    noise = _noise(shape, generators)
+    start = img2img_start(len(sigmas) - 1, strength)
+    pixels = to_tensor(source.image, width, height).to(device)
+    full_noise = source.mask is not None and strength == 1.0
+    known = None if full_noise and inpaint_unet else _encode(model, pixels, generators, tile)
+    noise = _noise(shape, generators).to(device)
     x = initial_latent(noise, sigmas, schedule, sampler) if full_noise else noised_latent(known, noise, sigmas, start)
     if source.mask is None:
-        return start, x, None, None
-    mask = mask_tensor(source.mask, width, height)
+        return Start(start, x)
+    mask = mask_tensor(source.mask, width, height).to(device)
     latent_mask = F.interpolate(mask, size=shape[2:])
     if inpaint_unet:
-        masked = _encode(model, pixels * (mask < 0.5), generators)
-        return start, x, torch.cat([latent_mask.expand(len(generators), -1, -1, -1), masked], dim=1), None
-    return start, x, None, masked_blend(known, noise, latent_mask)
+        masked = _encode(model, pixels * (mask < 0.5), generators, tile)
+        return Start(start, x, torch.cat([latent_mask.expand(len(generators), -1, -1, -1), masked], dim=1))
+    _noise(shape, generators)  # the draw of the masked image's posterior sample, which only a 9-channel U-Net uses
+    return Start(start, x, None, masked_blend(known, noise, latent_mask))

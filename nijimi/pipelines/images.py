@@ -1,7 +1,8 @@
-"""Pixels in and out of a pipeline: PIL ↔ [-1, 1] tensors, init images and masks, sizes, memory-based tiling."""
+"""Pixels in and out of a pipeline: PIL ↔ tensors, init images and masks, sizes."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -12,13 +13,16 @@ from PIL import Image, UnidentifiedImageError
 from nijimi.errors import ConfigError, ImageError
 
 SIZE_MULTIPLE = 8
-"""Widths and heights must be multiples of 8 pixels, the SD VAE's downscale factor."""
+"""Widths and heights must be multiples of 8 pixels, the SD VAE's downscale factor (and of more when the model's
+VAE and U-Net together downscale more, see :func:`check_size`)."""
 
 
-def check_size(width: int, height: int) -> None:
+def check_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> None:
+    """Raise ConfigError unless width and height are positive multiples of ``multiple`` (and of 8) pixels."""
+    multiple = math.lcm(multiple, SIZE_MULTIPLE)
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise ConfigError(f"{name} {value!r} must be a positive multiple of {SIZE_MULTIPLE} pixels")
+        if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+            raise ConfigError(f"{name} {value!r} must be a positive multiple of {multiple} pixels for this model")
 
 
 def open_image(image: Image.Image | str | os.PathLike, mode: str = "RGB") -> Image.Image:
@@ -52,28 +56,13 @@ def mask_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(array)[None, None]
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """``(B, 3, H, W)`` in about [-1, 1] → RGB PIL images (rounded as diffusers does: ×255, round, clip)."""
-    array = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """VAE output ``(B, 3, H, W)`` in about [-1, 1] → float32 in [0, 1] on the CPU (diffusers' ``x/2 + 0.5``, clipped:
+    its ``output_type="np"`` images, channels first)."""
+    return (images.detach().float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` in [0, 1] → RGB PIL images (rounded as diffusers does: ×255, round)."""
+    array = pixels.permute(0, 2, 3, 1).numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-
-
-def available_memory() -> int:
-    """Bytes of memory the OS says are available (MemAvailable), or 8 GiB when it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def vae_tile_for(width: int, height: int, channels: int, batch: int, memory: int | None = None) -> int | None:
-    """Decoder tile size in pixels, or None when a whole-image decode fits in a quarter of the free memory.
-
-    The decoder's largest activations are a few tensors of ``batch · channels · H · W`` floats at full resolution.
-    """
-    need = 6 * batch * channels * width * height * 4
-    memory = available_memory() if memory is None else memory
-    return None if need <= memory // 4 else 512

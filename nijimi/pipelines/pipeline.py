@@ -20,36 +20,51 @@ from nijimi.diffusion.denoiser import Denoiser
 from nijimi.diffusion.guidance import GuidedNetwork
 from nijimi.diffusion.samplers import StepInfo, canonical_name, parse_sampler
 from nijimi.diffusion.schedules import sampling_sigmas
-from nijimi.errors import ConfigError, PromptError
+from nijimi.errors import ConfigError, PromptError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
 from nijimi.pipelines.conditioning import Conditioner, StepConditioning
-from nijimi.pipelines.images import check_size, to_pil, vae_tile_for
+from nijimi.pipelines.images import check_size, to_pil, to_unit
+from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 
 EMBEDDED = "embedded"
 
 
 @dataclass
 class Generation:
-    """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents and every setting used."""
+    """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents (B, C, h, w), the decoded
+    ``pixels`` (B, 3, H, W) float32 in [0, 1] the images were rounded from, and every setting used."""
 
     images: list[Image.Image]
     seeds: list[int]
     latents: torch.Tensor
+    pixels: torch.Tensor
     settings: dict = field(default_factory=dict)
 
 
 @dataclass
 class Pipeline:
-    """A loaded model plus what is needed to describe its images (name, file hash) and a prompt-embedding cache."""
+    """A loaded model plus what is needed to describe its images (name, file hash) and a prompt-embedding cache.
+
+    ``device``: where the networks run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …); seeds give the same starting noise
+    everywhere (it is drawn on the CPU). ``dtype``: the U-Net's and text encoder's weight dtype (float32 or
+    bfloat16); the VAE and every sampler computation stay float32.
+    """
 
     model: LatentDiffusion
     name: str = "model"
     source: str | None = None
     model_hash: str | None = None
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
+        self.device = resolve_device(self.device)
+        dtype_name(self.dtype)
         self.model.eval().requires_grad_(False)
+        self.model.vae.to(self.device, torch.float32)
+        self.model.unet.to(self.device, self.dtype)
+        self.model.text_encoder.to(self.device, self.dtype)
         self.conditioner = Conditioner(self.model)
 
     @property
@@ -62,50 +77,55 @@ class Pipeline:
                  cfg: float = 7.0, seed: int | None = None, width: int | None = None, height: int | None = None,
                  batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
-                 guidance_rescale: float = 0.0, callback: Callable[[StepInfo], None] | None = None) -> Generation:
+                 guidance_rescale: float = 0.0, vae_tile: int | None = None, attention_slice: int | None = None,
+                 callback: Callable[[StepInfo], None] | None = None) -> Generation:
         """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
 
         ``init_image`` (+ ``strength``) makes it img2img; with ``mask`` (white = repaint) it is inpainting. Sizes
         default to the init image's size, else the model's native size. The initial latent of image i is
         ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed + i))`` — the convention
-        diffusers and A1111 share — so a seed means the same picture across tools.
+        diffusers and A1111 share — so a seed means the same picture across tools. ``vae_tile`` (pixels) and
+        ``attention_slice`` (query rows) bound memory; None chooses from the free memory, 0 switches them off.
         """
         if not prompt and cfg != 1.0 and not negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ConfigError(f"batch {batch!r} must be an integer >= 1")
+        if not 0.0 <= strength <= 1.0:
+            raise SamplerError(f"strength={strength!r} must be within [0, 1]")
         fn, spacing = parse_sampler(sampler)
+        sigmas = sampling_sigmas(self.model.config.schedule, steps, spacing)
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         source = edit.load_sources(init_image, mask)
         width, height = self._size(width, height, source)
-        schedule = self.model.config.schedule
-        sigmas = sampling_sigmas(schedule, steps, spacing)
         seeds = [seed + i for i in range(batch)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         f = self.model.config.vae.downscale_factor
         shape = (1, self.model.config.vae.z_channels, height // f, width // f)
-        start, x, extra, blend = edit.prepare(self.model, source, strength, steps, sigmas, generators, sampler,
-                                              shape, width, height)
+        vae_tile = choose_vae_tile(vae_tile, self.model.config.vae, width, height, batch)
+        attention_slice = choose_attention_slice(attention_slice, self.model.config.unet, shape[2:],
+                                                 batch * (1 + (cfg != 1.0)))
+        self.model.unet.set_attention_slice(attention_slice)
+        start = edit.prepare(self.model, source, strength, sigmas, generators, sampler, shape, vae_tile)
         conds = self.conditioner.step_conditioning(prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
         guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
-        denoiser = Denoiser(guided, schedule, quantize=_quantized(sampler))
-        model = _per_step(denoiser, conds, sigmas, batch, {} if extra is None else {"extra": extra})
+        denoiser = Denoiser(guided, self.model.config.schedule, quantize=_quantized(sampler))
+        model = _per_step(denoiser, conds, sigmas, batch, {} if start.extra is None else {"extra": start.extra})
         with torch.inference_mode():
-            x = fn(model, x, sigmas, generator=generators, start=start, callback=callback, blend=blend)
-            images = self.decode(x)
+            x = fn(model, start.latent, sigmas, generator=generators, start=start.index, callback=callback,
+                   blend=start.blend)
+            pixels = self.decode(x, vae_tile)
         settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                     "sampler": canonical_name(sampler), "cfg": cfg, "seed": seed, "width": width, "height": height,
-                    "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale}
-        settings.update(source.settings(strength))
-        return Generation(images, seeds, x, settings)
+                    "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale,
+                    "vae_tile": vae_tile or 0, "attention_slice": attention_slice or 0,
+                    "dtype": dtype_name(self.dtype), **source.settings(strength)}
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings)
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Scaled latents (B, C, h, w) → PIL images, tiling the VAE decode when memory is short."""
-        cfg = self.model.config.vae
-        f = cfg.downscale_factor
-        tile = vae_tile_for(latents.shape[3] * f, latents.shape[2] * f, cfg.channels * max(cfg.channel_mult),
-                            latents.shape[0])
-        return to_pil(self.model.vae.decode_latents(latents, tile=tile))
+    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) → pixels (B, 3, H, W) float32 in [0, 1] on the CPU; ``tile`` (pixels) tiles
+        the VAE decode."""
+        return to_unit(self.model.vae.decode_latents(latents.to(self.device, torch.float32), tile=tile))
 
     def _size(self, width: int | None, height: int | None, source: edit.Sources) -> tuple[int, int]:
         if source.image is not None:
@@ -113,13 +133,16 @@ class Pipeline:
             w, h = width or w - w % 8, height or h - h % 8
         else:
             w, h = width or self.native_size, height or self.native_size
-        check_size(w, h)
+        cfg = self.model.config
+        check_size(w, h, cfg.vae.downscale_factor * 2 ** (len(cfg.unet.channel_mult) - 1))
         return w, h
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                  extra: torch.Tensor | None = None) -> torch.Tensor:
-        """The U-Net call; ``extra`` holds the inpainting U-Net's additional input channels (mask, masked image)."""
-        return self.model.unet(x if extra is None else torch.cat([x, extra], dim=1), t, context)
+        """The U-Net call in the pipeline's dtype, returning float32; ``extra`` holds the inpainting U-Net's
+        additional input channels (mask, masked image)."""
+        x = x if extra is None else torch.cat([x, extra], dim=1)
+        return self.model.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
 
 
 def _quantized(sampler: str) -> bool:
@@ -141,21 +164,25 @@ def _per_step(denoiser: Denoiser, conds: StepConditioning, sigmas: torch.Tensor,
     return model
 
 
-def load(source: str | os.PathLike = EMBEDDED, config=None) -> Pipeline:
-    """Load ``"embedded"`` (the shipped tiny model), a single checkpoint file or a diffusers folder."""
+def load(source: str | os.PathLike = EMBEDDED, config=None, *, device: str | torch.device = "cpu",
+         dtype: torch.dtype = torch.float32) -> Pipeline:
+    """Load ``"embedded"`` (the shipped tiny model), a single checkpoint file or a diffusers folder, to run on
+    ``device`` with the U-Net and text encoder in ``dtype`` (see :class:`Pipeline`)."""
     from nijimi.io.checkpoint import load_model
     from nijimi.io.pngmeta import model_hash
 
+    device = resolve_device(device)
+    dtype_name(dtype)
     if str(source) == EMBEDDED:
         from nijimi.embedded import embedded_path
 
         path = embedded_path()
         name = EMBEDDED
     else:
-        path = Path(source)
+        path = Path(source).absolute()
         name = path.stem if path.is_file() else path.name
     model, report = load_model(path, config=config)
     digest = model_hash(path) if path.is_file() else None
-    pipe = Pipeline(model, name=name, source=str(path), model_hash=digest)
+    pipe = Pipeline(model, name=name, source=str(path), model_hash=digest, device=device, dtype=dtype)
     pipe.report = report
     return pipe

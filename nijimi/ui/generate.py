@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import secrets
 from pathlib import Path
 
 import torch
 
 from nijimi import __version__
-from nijimi.diffusion.samplers import canonical_name, display_name
+from nijimi.diffusion.samplers import StepInfo, canonical_name, display_name
 from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
 from nijimi.pipelines.pipeline import EMBEDDED, Generation, Pipeline, load
+from nijimi.pipelines.runtime import DTYPES
 from nijimi.ui.progress import ProgressBar
 
 
@@ -48,8 +50,7 @@ def _recipe(pipe: Pipeline, gen: Generation, seed: int) -> dict:
     s = gen.settings
     return {**s, "seed": seed, "batch": 1, "sampler": canonical_name(s["sampler"]),
             "model": {"name": pipe.name, "source": pipe.source, "hash": pipe.model_hash},
-            "schedule": pipe.model.config.schedule.to_diffusers_config(),
-            "dtype": str(next(pipe.model.parameters()).dtype).removeprefix("torch."),
+            "schedule": pipe.model.config.schedule.to_diffusers_config(), "device": str(pipe.device),
             "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
 
@@ -63,17 +64,27 @@ def _a1111_text(pipe: Pipeline, gen: Generation, seed: int) -> str:
 
 
 def run_generation(pipe: Pipeline, settings: dict, out: str | None, overwrite: bool, quiet: bool) -> list[Path]:
-    """Generate with ``settings`` (keyword arguments of :meth:`Pipeline.generate`) and write the PNGs."""
-    seed = settings.get("seed")
-    batch = settings.get("batch", 1)
-    if seed is not None:
-        output_paths(out, batch, [seed + i for i in range(batch)], overwrite)  # fail before the work, not after
-    bar = None if quiet else ProgressBar(settings.get("steps", 20), label="generate")
-    callback = None if bar is None else (lambda info: bar.update(info.i + 1))
+    """Generate with ``settings`` (keyword arguments of :meth:`Pipeline.generate`) and write the PNGs.
+
+    The seed is fixed first (a random one when ``settings`` has none) so that the output files are checked before
+    the work; nothing is written when generation fails.
+    """
+    settings = dict(settings)
+    if settings.get("seed") is None:
+        settings["seed"] = secrets.randbelow(2**32)
+    seed, batch = settings["seed"], settings.get("batch", 1)
+    output_paths(out, batch, [seed + i for i in range(batch)], overwrite)
+    bars: list[ProgressBar] = []
+
+    def callback(info: StepInfo) -> None:
+        if not bars:
+            bars.append(ProgressBar(info.steps, label="generate"))
+        bars[0].update(info.i + 1)
+
     try:
-        gen = pipe.generate(**settings, callback=callback)
+        gen = pipe.generate(**settings, callback=None if quiet else callback)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     paths = output_paths(out, len(gen.images), gen.seeds, overwrite)
     for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
@@ -84,32 +95,36 @@ def run_generation(pipe: Pipeline, settings: dict, out: str | None, overwrite: b
 
 def cmd_generate(args: argparse.Namespace) -> int:
     width, height = parse_size(args.size)
-    pipe = load(args.model or EMBEDDED, config=args.config)
+    pipe = load(args.model or EMBEDDED, config=args.config, device=args.device, dtype=DTYPES[args.dtype])
     settings = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps, "sampler": args.sampler,
                 "cfg": args.cfg, "seed": args.seed, "width": width, "height": height, "batch": args.batch,
-                "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip}
+                "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip,
+                "vae_tile": args.vae_tile, "attention_slice": args.attention_slice}
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
 
 
 _REPLAYED = ("prompt", "negative_prompt", "steps", "sampler", "cfg", "seed", "width", "height", "strength",
-             "clip_skip", "guidance_rescale")
+             "clip_skip", "guidance_rescale", "vae_tile", "attention_slice")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     meta = read_png_metadata(args.image)
     recipe = meta.get("recipe")
-    if not recipe:
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
         raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
-    model = args.model or recipe["model"]["source"]
-    pipe = load(model)
-    if recipe["model"]["hash"] and pipe.model_hash and pipe.model_hash != recipe["model"]["hash"]:
-        raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recipe['model']['hash']}")
-    settings = {k: recipe[k] for k in _REPLAYED if k in recipe}
     for key in ("init_image", "mask"):
         if recipe.get(key):
             raise NijimiError(f"{args.image}: reproducing img2img/inpainting needs the original {key}, not stored")
+    dtype = recipe.get("dtype", "fp32")
+    if dtype not in DTYPES:
+        raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = args.model or recipe["model"]["source"]
+    pipe = load(model, device=args.device, dtype=DTYPES[dtype])
+    if recipe["model"]["hash"] and pipe.model_hash and pipe.model_hash != recipe["model"]["hash"]:
+        raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recipe['model']['hash']}")
+    settings = {k: recipe[k] for k in _REPLAYED if k in recipe}
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
@@ -135,10 +150,18 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
     p.add_argument("--mask", help="inpainting mask (white = repaint), same size as --init")
     p.add_argument("--clip-skip", type=int, help="text-encoder layer, A1111 numbering (1 = last)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="U-Net and text-encoder weights (default fp32; bf16 halves their memory, the VAE stays fp32)")
+    p.add_argument("--vae-tile", type=int, metavar="N",
+                   help="decode (and encode) in N-pixel tiles; 0 = never (default: when memory is short)")
+    p.add_argument("--attention-slice", type=int, metavar="N",
+                   help="compute attention N query rows at a time; 0 = never (default: when memory is short)")
     add_output_arguments(p)
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``generate`` and ``reproduce``: where to write, and where to run."""
     p.add_argument("--out", help="output .png file or folder (default: out/)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
