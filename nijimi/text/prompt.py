@@ -10,7 +10,7 @@ Emphasis — ``parse_attention``
     unclosed at the end multiply everything after them. ``BREAK`` (a whole word, outside brackets) ends the current
     77-token chunk; inside brackets it is multiplied like text and then it is just the word "BREAK". Adjacent pieces
     of equal weight are merged.
-Prompt editing — ``prompt_schedules``
+Prompt editing — ``prompt_schedule``
     ``[from:to:when]``, ``[to:when]``, ``[from::when]``: a ``when`` written with a decimal point is a fraction of the
     steps, without one a step number (A1111's default; ``old_scheduling=True`` gives its legacy rule: < 1 fraction,
     ≥ 1 step). ``[a|b|c]`` alternates every step. They nest. A prompt that A1111's grammar rejects (a ``|`` outside
@@ -28,6 +28,10 @@ Long prompts — ``chunk_prompt``
     20 tokens, the text after that comma moves to the next chunk. Each token carries its emphasis weight.
 Emphasis on embeddings — ``apply_emphasis``
     A1111's "Original" mode: hidden states × per-token weight, then rescaled to the unweighted mean.
+In a pipeline — ``encode_prompt_schedule``
+    Once for the prompt and once (``negative=True``) for the negative prompt, then ``.at_step(i)`` with ``i`` counting
+    denoiser calls from 0. A1111 schedules over ``2·steps`` for samplers that call the model twice per step (Heun,
+    DPM2, DPM++ 2S a, DPM++ SDE). Textual-inversion embedding names in prompts are tokenized as plain words.
 """
 
 from __future__ import annotations
