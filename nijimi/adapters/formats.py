@@ -102,7 +102,8 @@ def _split_rows(weights: ModuleWeights, slot: Slot) -> ModuleWeights:
                "ia3": ("weight",)}
     splittable = by_kind.get(weights.kind)
     dora = t.get("dora_scale")
-    if (splittable is None or "hada_t1" in t or "hada_t2" in t or (weights.kind == "ia3" and t["on_input"].item())
+    on_input = weights.kind == "ia3" and "on_input" in t and bool(t["on_input"].item())
+    if (splittable is None or "hada_t1" in t or "hada_t2" in t or on_input
             or (dora is not None and dora[0].numel() != 1)):
         raise CheckpointError(f"a {weights.kind} adapter on a fused q|k|v projection cannot be split exactly")
     names = [n for n in (*splittable, "dora_scale") if n in t]

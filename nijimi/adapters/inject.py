@@ -72,17 +72,17 @@ def _check_fits(path: str, weights: ModuleWeights, layer: nn.Module) -> None:
     """Compute ΔW on the meta device (shapes only, no arithmetic) so a misfit names the module and the shapes."""
     if not norm_or_weight_layer(layer, weights.kind):
         raise CheckpointError(f"{path}: a {weights.kind} adapter cannot sit on a {type(layer).__name__}")
+    shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     meta = {k: v.to("meta") if v.is_floating_point() else v for k, v in weights.tensors.items()}
-    bias = weights.bias_delta()
     try:
         deltas.module_delta(weights.kind, meta, torch.empty(layer.weight.shape, device="meta"), 1.0, weights.alpha)
-        if bias is not None and (layer.bias is None or bias.numel() != layer.bias.numel()):
-            raise RuntimeError(f"bias update of {bias.numel()} values for a bias of "
-                               f"{None if layer.bias is None else layer.bias.numel()}")
     except RuntimeError as e:
-        shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
         raise CheckpointError(f"{path}: {weights.kind} adapter {shapes} does not fit the weight "
                               f"{tuple(layer.weight.shape)}: {e}") from None
+    bias = weights.bias_delta()
+    if bias is not None and (layer.bias is None or bias.numel() != layer.bias.numel()):
+        have = None if layer.bias is None else tuple(layer.bias.shape)
+        raise CheckpointError(f"{path}: {weights.kind} adapter {shapes} changes a bias of shape {have}")
 
 
 def _multiplier(path: str, multiplier: float, unet: float | None, text: float | None) -> float:

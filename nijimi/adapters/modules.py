@@ -39,6 +39,8 @@ class LayerAdapter(nn.Module):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.kind, self.alpha, self.scale = weights.kind, weights.alpha, weights.scale
+        self.effective_scale = weights.effective_scale
+        """``scale``, else ``alpha / rank``, else 1 (see :attr:`ModuleWeights.effective_scale`)."""
         self.names = tuple(weights.tensors)
         for name, tensor in weights.tensors.items():
             if tensor.is_floating_point():
@@ -56,11 +58,6 @@ class LayerAdapter(nn.Module):
         """A detached copy as format-neutral :class:`ModuleWeights`."""
         tensors = {name: t.detach().clone() for name, t in self.tensors().items()}
         return ModuleWeights(self.kind, tensors, self.alpha, self.scale)
-
-    @property
-    def effective_scale(self) -> float:
-        """``scale``, else ``alpha / rank``, else 1 (see :attr:`ModuleWeights.effective_scale`)."""
-        return ModuleWeights(self.kind, self.tensors(), self.alpha, self.scale).effective_scale
 
     @property
     def plain_lora(self) -> bool:
