@@ -2,8 +2,8 @@
 
 Both models share one set of weight tensors (moved over by nijimi's key table). After a warm-up, the two forwards are
 timed alternately (the order flips every round, so both see the same machine load) and the medians compared. For
-context, the machine's fp32 GEMM rate is measured and the U-Net's FLOPs counted, giving the fraction of that roof
-each implementation reaches.
+context, the machine's fp32 GEMM rate is measured in the same rounds and the U-Net's FLOPs counted, giving the
+fraction of that roof each implementation reaches. Process CPU time is shown too (less sensitive to other load).
 
     python bench/unet.py [--batch 2] [--size 32] [--runs 7] [--threads N]
 """
@@ -22,16 +22,18 @@ from nijimi.io.keys import unet_config_to_diffusers, unet_to_diffusers
 from nijimi.models.unet import UNetConfig, UNetModel
 
 
-def gemm_gflops(n: int = 2048, k: int = 1280, m: int = 1280, repeats: int = 10) -> float:
-    """Best measured fp32 matmul rate (GFLOP/s) of an (n×k)·(k×m) product, a typical U-Net GEMM shape."""
+def gemm_call(n: int = 2048, k: int = 1280, m: int = 1280, repeats: int = 5) -> tuple[callable, int]:
+    """A call doing ``repeats`` fp32 (n×k)·(k×m) matmuls (a typical U-Net GEMM shape) and its FLOP count.
+
+    Timed in the same interleaved rounds as the models, it gives the machine's GEMM rate under the same load.
+    """
     a, b = torch.randn(n, k), torch.randn(k, m)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n * k * m / best / 1e9
+
+    def call() -> None:
+        for _ in range(repeats):
+            a @ b
+
+    return call, 2 * n * k * m * repeats
 
 
 def unet_flops(cfg: UNetConfig, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> int:
@@ -53,17 +55,21 @@ def build_models(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DCondi
     return ours, theirs
 
 
-def time_interleaved(calls: dict[str, callable], runs: int) -> dict[str, list[float]]:
-    """Run each call once to warm up, then ``runs`` rounds of all calls, alternating their order each round."""
+def time_interleaved(calls: dict[str, callable], runs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Warm each call up once, then ``runs`` rounds of all calls, flipping their order every round.
+
+    Returns per call (wall-clock seconds, process CPU seconds) of each round.
+    """
     names = list(calls)
     for name in names:
         calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in names}
     for round_ in range(runs):
         for name in names if round_ % 2 == 0 else reversed(names):
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             calls[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
     return times
 
 
@@ -81,23 +87,27 @@ def main() -> None:
     context = torch.randn(args.batch, 77, cfg.context_dim, generator=gen)
     t = torch.full((args.batch,), 500.0)
     ours, theirs = build_models(cfg)
+    gemm, gemm_flops = gemm_call()
     with torch.inference_mode():
         error = (ours(x, t, context) - theirs(x, t, encoder_hidden_states=context).sample).abs().max().item()
         times = time_interleaved({
             "nijimi": lambda: ours(x, t, context),
             "diffusers": lambda: theirs(x, t, encoder_hidden_states=context),
+            "gemm": gemm,
         }, args.runs)
     flops = unet_flops(cfg, x, t, context)
-    roof = gemm_gflops()
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+    median = {name: statistics.median(wall) for name, (wall, _) in times.items()}
+    roof = gemm_flops / median.pop("gemm") / 1e9
     print(f"SD1.5 U-Net fp32, batch {args.batch}, latent {args.size}×{args.size}, {args.threads} threads, "
-          f"{flops / 1e9:.1f} GFLOP/forward, GEMM roof {roof:.1f} GFLOP/s, max |Δ| {error:.2e}")
-    print(f"{'model':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'GFLOP/s':>8} {'of roof':>8}")
-    for name, ts in times.items():
+          f"{flops / 1e9:.1f} GFLOP/forward, GEMM roof {roof:.1f} GFLOP/s (same rounds), max |Δ| {error:.2e}")
+    print(f"{'model':<10} {'median s':>9} {'min s':>8} {'max s':>8} {'CPU s':>8} {'GFLOP/s':>8} {'of roof':>8}")
+    for name in ("nijimi", "diffusers"):
+        wall, cpu = times[name]
         rate = flops / median[name] / 1e9
-        print(f"{name:<10} {median[name]:>9.3f} {min(ts):>8.3f} {max(ts):>8.3f} {rate:>8.1f} {rate / roof:>8.0%}")
+        print(f"{name:<10} {median[name]:>9.3f} {min(wall):>8.3f} {max(wall):>8.3f} {statistics.median(cpu):>8.3f} "
+              f"{rate:>8.1f} {rate / roof:>8.0%}")
     print(f"summary: nijimi/diffusers U-Net time ratio {median['nijimi'] / median['diffusers']:.3f} "
-          f"(median of {args.runs} interleaved runs; < 1 means nijimi is faster)")
+          f"(median wall time of {args.runs} interleaved runs; < 1 means nijimi is faster)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError
-from nijimi.models.layers import Conv2d, GroupNorm32, SpatialTransformer, timestep_embedding
+from nijimi.models.layers import Attention, Conv2d, GroupNorm32, SpatialTransformer, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class UNetConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"UNetConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         bad_levels = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
@@ -310,7 +312,7 @@ class UNetModel(nn.Module):
         if slice_size is not None and slice_size < 1:
             raise ConfigError(f"attention slice size must be ≥ 1 or None, got {slice_size}")
         for module in self.modules():
-            if hasattr(module, "slice_size"):
+            if isinstance(module, Attention):
                 module.slice_size = slice_size
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nijimi.errors import ConfigError
-from nijimi.io.keys import unet_config_to_diffusers, unet_to_diffusers
+from nijimi.io.keys import unet_config_to_diffusers, unet_key_table, unet_to_diffusers
 from nijimi.models.unet import UNetConfig, UNetModel
 
 # Small configs of the real architectures: same block structure, fewer channels.
@@ -107,6 +107,22 @@ def skip_shapes(unet: UNetModel, x: torch.Tensor, context: torch.Tensor) -> list
         h = block(h, emb, context)
         shapes.append(h.shape)
     return shapes
+
+
+def test_gradients_match_diffusers() -> None:
+    """Training goes through the same in-place fast paths: gradients must be diffusers' too."""
+    cfg = TINY_SMALL
+    ours, theirs = make_pair(cfg, seed=9)
+    x, t, context = inputs(cfg)
+    weights = torch.randn(2, cfg.out_channels, 16, 16, generator=torch.Generator().manual_seed(4))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ours(x_ours, t, context) * weights).sum().backward()
+    (theirs(x_theirs, t, encoder_hidden_states=context).sample * weights).sum().backward()
+    assert rel_err(x_ours.grad, x_theirs.grad) <= TOLERANCE
+    grads_theirs = dict(theirs.named_parameters())
+    for native, foreign in unet_key_table(cfg):
+        got, want = ours.get_parameter(native).grad, grads_theirs[foreign].grad
+        assert rel_err(got, want) <= TOLERANCE, native
 
 
 def test_attention_slicing_gives_same_result() -> None:
