@@ -36,8 +36,11 @@ class UNetConfig:
 
     Exactly one of ``num_heads`` (same head count at every level, SD 1.x) and ``head_dim`` (heads = channels / head_dim
     per level, SD 2.x) is set. ``attention_levels`` are the level indices (0 = full latent resolution) that get
-    transformer blocks; the middle block always has one. ``sample_size`` is the latent side the weights were trained
-    at (stored with the weights, not used by the network).
+    transformer blocks; the middle block always has one. ``linear_proj``: the transformers' ``proj_in``/``proj_out``
+    are Linear layers (SD 2.x) instead of 1×1 convolutions. ``upcast_attention``: attention runs in float32 for
+    half-precision inputs (the SD 2.x reference always does; fp16 SD 2.1 overflows otherwise). ``sample_size`` is the
+    latent side the weights were trained at (stored with the weights, not used by the network). SD 2.x 768-v is
+    :meth:`sd21_v`; its architecture is :meth:`sd21`'s.
     """
 
     in_channels: int = 4
@@ -108,7 +111,10 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> UNetConfig:
-        """A small U-Net of the same architecture for the embedded demo model and fast tests."""
+        """A small U-Net of the same architecture for the embedded demo model and fast tests (16.8 M parameters).
+
+        Provisional: the size is tuned together with the embedded model's training.
+        """
         return cls(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(1, 2),
                    num_heads=4, context_dim=256, sample_size=32)
 
