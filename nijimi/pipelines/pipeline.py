@@ -130,9 +130,11 @@ class Pipeline:
     def _size(self, width: int | None, height: int | None, source: edit.Sources) -> tuple[int, int]:
         if source.image is not None:
             w, h = source.image.size
-            w, h = width or w - w % 8, height or h - h % 8
+            w = w - w % 8 if width is None else width
+            h = h - h % 8 if height is None else height
         else:
-            w, h = width or self.native_size, height or self.native_size
+            w = self.native_size if width is None else width
+            h = self.native_size if height is None else height
         cfg = self.model.config
         check_size(w, h, cfg.vae.downscale_factor * 2 ** (len(cfg.unet.channel_mult) - 1))
         return w, h

@@ -35,8 +35,11 @@ INPAINT_CONFIG = dataclasses.replace(CONFIG, unet=dataclasses.replace(CONFIG.une
 
 
 def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
-    """A LatentDiffusion whose weights are the init plus N(0, 0.05²) noise (so zero-init layers are not zero)."""
-    model = LatentDiffusion(config)
+    """A LatentDiffusion whose weights are the init plus N(0, 0.05²) noise (so zero-init layers are not zero); the
+    same for the same seed (the global RNG, which the init draws from, is restored afterwards)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LatentDiffusion(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -1,0 +1,151 @@
+"""Pipeline: float pixels and their rounding, batches and seeds, sizes, bf16 networks with fp32 sampling, devices,
+automatic and explicit attention slicing, VAE tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nijimi.errors import ConfigError
+from nijimi.models.layers import Attention
+from nijimi.pipelines import runtime
+from nijimi.pipelines.images import to_unit
+from nijimi.pipelines.pipeline import Pipeline
+
+PROMPT = "a small house by a lake"
+
+
+@pytest.fixture(scope="module")
+def pipe(make_model, config) -> Pipeline:
+    return Pipeline(make_model(config, seed=5))
+
+
+def slice_sizes(pipe: Pipeline) -> set:
+    return {m.slice_size for m in pipe.model.unet.modules() if isinstance(m, Attention)}
+
+
+def test_images_are_the_rounded_pixels(pipe):
+    gen = pipe.generate(PROMPT, steps=2, sampler="euler", seed=1, batch=2, width=64, height=32)
+    assert gen.pixels.dtype == torch.float32 and gen.pixels.shape == (2, 3, 32, 64)
+    assert 0 <= float(gen.pixels.min()) and float(gen.pixels.max()) <= 1
+    for image, pixels in zip(gen.images, gen.pixels, strict=True):
+        assert image.size == (64, 32)
+        assert np.array_equal(np.asarray(image), (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    assert gen.latents.shape == (2, 4, 4, 8) and gen.seeds == [1, 2]
+    assert torch.equal(pipe.decode(gen.latents, tile=None), gen.pixels)
+
+
+def test_batch_images_equal_single_generations(pipe):
+    batch = pipe.generate(PROMPT, steps=3, sampler="euler-a", seed=30, batch=3, width=64, height=64)
+    single = pipe.generate(PROMPT, steps=3, sampler="euler-a", seed=32, width=64, height=64)
+    assert float((batch.pixels[2] - single.pixels[0]).abs().max()) <= 1e-4
+
+
+def test_settings_record_every_knob(pipe):
+    gen = pipe.generate(PROMPT, "dark", steps=2, sampler="Euler a", cfg=4.0, seed=3, width=64, height=64,
+                        clip_skip=2)
+    s = gen.settings
+    assert (s["sampler"], s["cfg"], s["seed"], s["clip_skip"], s["dtype"]) == ("euler-a", 4.0, 3, 2, "fp32")
+    assert (s["vae_tile"], s["attention_slice"]) == (0, 0) and "strength" not in s
+
+
+def test_random_seed_is_recorded_and_replays(pipe):
+    first = pipe.generate(PROMPT, steps=2, sampler="euler", width=64, height=64)
+    again = pipe.generate(PROMPT, steps=2, sampler="euler", width=64, height=64, seed=first.settings["seed"])
+    assert torch.equal(first.pixels, again.pixels)
+
+
+@pytest.mark.parametrize(("width", "height"), [(60, 64), (64, 72), (0, 64), (64, -16)])
+def test_sizes_must_fit_the_model(pipe, width, height):
+    """This model downsamples by 8 (VAE) × 2 (U-Net): sides must be multiples of 16."""
+    with pytest.raises(ConfigError, match="multiple of 16 pixels"):
+        pipe.generate(PROMPT, steps=2, width=width, height=height)
+
+
+def test_default_size_is_native(pipe):
+    assert pipe.native_size == 64
+    assert pipe.generate(PROMPT, steps=1, seed=0).images[0].size == (64, 64)
+
+
+def test_bf16_networks_fp32_sampling(make_model, config):
+    """bf16 casts the U-Net and text encoder; the sampler's latents, the VAE and the returned pixels stay fp32, and
+    the picture stays close to the fp32 one."""
+    reference = Pipeline(make_model(config, seed=5)).generate(PROMPT, "dark", steps=4, sampler="euler", seed=2)
+    pipe = Pipeline(make_model(config, seed=5), dtype=torch.bfloat16)
+    model = pipe.model
+    assert {p.dtype for p in model.unet.parameters()} == {p.dtype for p in model.text_encoder.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    seen = []
+    hook = model.unet.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[2].dtype)))
+    try:
+        gen = pipe.generate(PROMPT, "dark", steps=4, sampler="euler", seed=2)
+    finally:
+        hook.remove()
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert gen.latents.dtype == gen.pixels.dtype == torch.float32 and gen.settings["dtype"] == "bf16"
+    x = torch.randn(1, 4, 8, 8)
+    assert pipe._network(x, torch.tensor([500.0]), torch.randn(1, 77, 32)).dtype == torch.float32
+    error = (gen.pixels - reference.pixels).abs()
+    assert float(error.mean()) < 0.02 and 0 < float(error.max()) < 0.2
+
+
+def test_unsupported_dtype(make_model, config):
+    with pytest.raises(ConfigError, match="float16"):
+        Pipeline(make_model(config, seed=5), dtype=torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(make_model, config):
+    cpu = Pipeline(make_model(config, seed=5)).generate(PROMPT, "dark", steps=4, sampler="euler-a", seed=2)
+    cuda = Pipeline(make_model(config, seed=5), device="cuda").generate(PROMPT, "dark", steps=4, sampler="euler-a",
+                                                                        seed=2)
+    assert float((cpu.pixels - cuda.pixels).abs().max()) <= 1e-3
+
+
+def test_automatic_attention_slicing_when_memory_is_short(pipe, monkeypatch):
+    """8×8 latents, attention at level 1: 16 tokens, 2 heads, 2 rows with guidance: a 4 KiB score matrix. With
+    4 KiB free (a quarter of it, 1 KiB, for scores) the U-Net computes 4 query rows at a time — and the same
+    numbers."""
+    unsliced = pipe.generate(PROMPT, "dark", steps=3, sampler="euler", seed=8)
+    assert slice_sizes(pipe) == {None}
+    monkeypatch.setattr(runtime, "available_memory", lambda: 4096)
+    sliced = pipe.generate(PROMPT, "dark", steps=3, sampler="euler", seed=8)
+    assert sliced.settings["attention_slice"] == 4 and slice_sizes(pipe) == {4}
+    assert float((sliced.pixels - unsliced.pixels).abs().max()) <= 1e-4  # other SDPA blocking: ~1e-5
+    pipe.generate(PROMPT, "dark", steps=1, sampler="euler", seed=8, attention_slice=0)
+    assert slice_sizes(pipe) == {None}
+
+
+def test_explicit_attention_slice(pipe):
+    unsliced = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, attention_slice=0)
+    sliced = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, attention_slice=3)
+    assert slice_sizes(pipe) == {3} and sliced.settings["attention_slice"] == 3
+    assert float((sliced.pixels - unsliced.pixels).abs().max()) <= 1e-4  # other SDPA blocking: ~1e-5
+    with pytest.raises(ConfigError, match="attention slice"):
+        pipe.generate(PROMPT, steps=2, attention_slice=-1)
+
+
+def test_vae_tile(pipe, picture):
+    """An explicit tile decodes (and encodes) in tiles; 0 never tiles."""
+    whole = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, vae_tile=0)
+    tiled = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, vae_tile=32)
+    assert torch.equal(whole.latents, tiled.latents) and tiled.settings["vae_tile"] == 32
+    vae, scale = pipe.model.vae, pipe.model.config.scaling_factor
+    with torch.no_grad():
+        assert torch.equal(tiled.pixels, to_unit(vae.tiled_decode(tiled.latents / scale, 32)))
+        assert torch.equal(whole.pixels, to_unit(vae.decode(whole.latents / scale)))
+        posterior = vae.tiled_encode(torch.zeros(1, 3, 64, 64) + 0.2, 32)
+    assert float((tiled.pixels - whole.pixels).abs().max()) > 1e-3
+    kept = pipe.generate(PROMPT, steps=2, seed=9, init_image=picture, strength=0.0, vae_tile=32)
+    assert kept.latents.shape == posterior.mean.shape
+    with pytest.raises(ConfigError, match="multiple of the VAE factor 8"):
+        pipe.generate(PROMPT, steps=2, vae_tile=12)
+
+
+def test_automatic_vae_tile_when_memory_is_short(pipe, monkeypatch):
+    monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 20)
+    gen = pipe.generate(PROMPT, steps=1, sampler="euler", seed=8)
+    assert gen.settings["vae_tile"] == 512  # larger than the image: decoded whole, same pixels
+    assert torch.equal(gen.pixels, pipe.generate(PROMPT, steps=1, sampler="euler", seed=8, vae_tile=0).pixels)

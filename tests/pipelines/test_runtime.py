@@ -1,0 +1,79 @@
+"""Devices, dtypes and the memory rules for VAE tiles and attention slices (nijimi/pipelines/runtime.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nijimi.errors import ConfigError
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
+from nijimi.pipelines import runtime
+from nijimi.pipelines.runtime import (
+    attention_slice_for,
+    choose_attention_slice,
+    choose_vae_tile,
+    dtype_name,
+    resolve_device,
+    vae_tile_for,
+)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="meta is not supported"):
+        resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_dtype_names():
+    assert dtype_name(torch.float32) == "fp32" and dtype_name(torch.bfloat16) == "bf16"
+    assert runtime.DTYPES["bf16"] is torch.bfloat16
+    with pytest.raises(ConfigError, match="float16"):
+        dtype_name(torch.float16)
+
+
+def test_vae_tile_for():
+    """SD's VAE (512 channels at full width) at 1024×1024, batch 1: 6·512·1024²·4 B = 12 GiB of activations."""
+    need = 6 * 512 * 1024 * 1024 * 4
+    assert vae_tile_for(1024, 1024, 512, 1, memory=4 * need) is None
+    assert vae_tile_for(1024, 1024, 512, 1, memory=4 * need - 4) == 512
+
+
+def test_attention_slice_for():
+    """SD 1.5 at 512×512: 4096 tokens at level 0, 8 heads, 2 rows (guidance) → 4096·4096·8·2·4 B = 1 GiB of scores."""
+    full = 4096 * 4096 * 8 * 2 * 4
+    assert attention_slice_for(4096, 8, 2, memory=4 * full) is None
+    assert attention_slice_for(4096, 8, 2, memory=full) == 1024  # a quarter of the scores fits: 1024 query rows
+    assert attention_slice_for(4096, 8, 2, memory=16) == 1  # never below one row
+
+
+def test_choose_vae_tile():
+    cfg = VAEConfig()
+    assert choose_vae_tile(0, cfg, 512, 512, 1) is None
+    assert choose_vae_tile(256, cfg, 512, 512, 1) == 256
+    for bad in (-8, 12, 1.5, True):
+        with pytest.raises(ConfigError, match="VAE tile"):
+            choose_vae_tile(bad, cfg, 512, 512, 1)
+
+
+def test_choose_attention_slice(monkeypatch):
+    cfg = UNetConfig.sd15()
+    assert choose_attention_slice(0, cfg, (64, 64), 2) is None
+    assert choose_attention_slice(7, cfg, (64, 64), 2) == 7
+    monkeypatch.setattr(runtime, "available_memory", lambda: 4096 * 4096 * 8 * 2 * 4)
+    assert choose_attention_slice(None, cfg, (64, 64), 2) == 1024  # level 0: 64·64 tokens, 8 heads
+    sd21 = UNetConfig.sd21()  # head_dim 64: 5 heads over 320 channels
+    assert choose_attention_slice(None, sd21, (64, 64), 2) == 3276  # (1 GiB / 4) // (2 rows · 5 · 4096 · 4 B)
+    no_attention = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=())
+    assert choose_attention_slice(None, no_attention, (64, 64), 2) is None
+    with pytest.raises(ConfigError, match="attention slice"):
+        choose_attention_slice(-1, cfg, (64, 64), 2)
