@@ -72,7 +72,7 @@ def test_choose_attention_slice(monkeypatch):
     monkeypatch.setattr(runtime, "available_memory", lambda: 4096 * 4096 * 8 * 2 * 4)
     assert choose_attention_slice(None, cfg, (64, 64), 2) == 1024  # level 0: 64·64 tokens, 8 heads
     sd21 = UNetConfig.sd21()  # head_dim 64: 5 heads over 320 channels
-    assert choose_attention_slice(None, sd21, (64, 64), 2) == 3276  # (1 GiB / 4) // (2 rows · 5 · 4096 · 4 B)
+    assert choose_attention_slice(None, sd21, (64, 64), 2) == 1638  # (1 GiB / 4) // (2 rows · 5 · 4096 · 4 B)
     no_attention = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_levels=())
     assert choose_attention_slice(None, no_attention, (64, 64), 2) is None
     with pytest.raises(ConfigError, match="attention slice"):
