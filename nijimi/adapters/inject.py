@@ -68,21 +68,23 @@ def _attach(model: nn.Module, path: str, name: str, adapter: LayerAdapter) -> No
     layer.adapters[name] = adapter.to(weight.device)
 
 
-def _check_fits(path: str, weights: ModuleWeights, layer: nn.Module) -> None:
-    """Compute ΔW on the meta device (shapes only, no arithmetic) so a misfit names the module and the shapes."""
+def _misfit(weights: ModuleWeights, layer: nn.Module | None) -> str | None:
+    """Why the adapter cannot sit on ``layer`` (None: it fits). ΔW is computed on the meta device (shapes only)."""
+    if layer is None:
+        return "the module is not in the model"
     if not norm_or_weight_layer(layer, weights.kind):
-        raise CheckpointError(f"{path}: a {weights.kind} adapter cannot sit on a {type(layer).__name__}")
+        return f"a {weights.kind} adapter cannot sit on a {type(layer).__name__}"
     shapes = {k: tuple(v.shape) for k, v in weights.tensors.items()}
     meta = {k: v.to("meta") if v.is_floating_point() else v for k, v in weights.tensors.items()}
     try:
         deltas.module_delta(weights.kind, meta, torch.empty(layer.weight.shape, device="meta"), 1.0, weights.alpha)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: {weights.kind} adapter {shapes} does not fit the weight "
-                              f"{tuple(layer.weight.shape)}: {e}") from None
+    except (RuntimeError, CheckpointError) as e:
+        return f"{weights.kind} adapter {shapes} does not fit the weight {tuple(layer.weight.shape)}: {e}"
     bias = weights.bias_delta()
     if bias is not None and (layer.bias is None or bias.numel() != layer.bias.numel()):
         have = None if layer.bias is None else tuple(layer.bias.shape)
-        raise CheckpointError(f"{path}: {weights.kind} adapter {shapes} changes a bias of shape {have}")
+        return f"{weights.kind} adapter {shapes} changes a bias of shape {have}"
+    return None
 
 
 def _multiplier(path: str, multiplier: float, unet: float | None, text: float | None) -> float:
@@ -114,23 +116,26 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default",
 
 def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", multiplier: float = 1.0,
                   unet_multiplier: float | None = None, te_multiplier: float | None = None,
-                  dtype: torch.dtype = torch.float32, trainable: bool = False) -> list[str]:
+                  dtype: torch.dtype = torch.float32, trainable: bool = False,
+                  strict: bool = True) -> dict[str, str]:
     """Put a loaded adapter on ``model`` (frozen unless ``trainable``), its tensors cast to ``dtype``.
 
     ``unet_multiplier`` / ``te_multiplier`` override ``multiplier`` for modules under the U-Net / text encoder.
-    Modules the model lacks, or that do not fit, raise :class:`CheckpointError` naming them before anything changes.
-    Returns the adapted paths.
+    Modules the model lacks, or that do not fit their layer, raise :class:`CheckpointError` naming them before
+    anything changes; with ``strict=False`` they are left out instead. Returns the modules left out → why.
     """
     _check_name(name)
-    missing = sorted(p for p in adapter.modules if _layer(model, p) is None)
-    if missing:
-        raise CheckpointError(f"{len(missing)} adapter modules are not in the model, e.g. {missing[:5]}")
+    skipped = {p: why for p, w in adapter.modules.items() if (why := _misfit(w, _layer(model, p))) is not None}
+    if strict and skipped:
+        listed = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])
+        raise CheckpointError(f"{len(skipped)} adapter modules do not fit the model ({listed})")
+    if len(skipped) == len(adapter.modules):
+        raise CheckpointError(f"no module of the adapter fits the model ({len(skipped)} left out)")
     for path, weights in adapter.modules.items():
-        _check_fits(path, weights, _layer(model, path))
-    for path, weights in adapter.modules.items():
-        value = _multiplier(path, multiplier, unet_multiplier, te_multiplier)
-        _attach(model, path, name, LayerAdapter(weights, value, trainable, dtype))
-    return list(adapter.modules)
+        if path not in skipped:
+            value = _multiplier(path, multiplier, unet_multiplier, te_multiplier)
+            _attach(model, path, name, LayerAdapter(weights, value, trainable, dtype))
+    return skipped
 
 
 def set_multiplier(model: nn.Module, name: str, multiplier: float, unet_multiplier: float | None = None,

@@ -32,10 +32,13 @@ _LONG_METADATA = 200  # characters of a metadata value shown before it is cut
 def load_lora(model: LatentDiffusion, path: str | os.PathLike, te_multiplier: float = 1.0,
               unet_multiplier: float | None = None, name: str | None = None, strict: bool = False) -> LoadedAdapter:
     """Read an adapter file and apply it to ``model`` as adapter ``name`` (default: the file's stem), with A1111's
-    multipliers (``unet_multiplier`` defaults to ``te_multiplier``). Returns what was read, unmatched keys included."""
+    multipliers (``unet_multiplier`` defaults to ``te_multiplier``). Returns what was read; its ``unmatched`` lists
+    the file keys and the modules (native paths) left out, with the reasons. ``strict`` refuses any."""
     loaded = read_adapter(path, model.config, strict=strict)
     unet = te_multiplier if unet_multiplier is None else unet_multiplier
-    apply_adapter(model, loaded.adapter, name or Path(path).stem.replace(".", "_"), 1.0, unet, te_multiplier)
+    skipped = apply_adapter(model, loaded.adapter, name or Path(path).stem.replace(".", "_"), 1.0, unet,
+                            te_multiplier, strict=strict)
+    loaded.unmatched.update(skipped)
     return loaded
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import adapter_from_state_dict, detect_format, read_adapter, save_adapter
-from nijimi.adapters.inject import apply_adapter
+from nijimi.adapters.inject import adapted_layers, apply_adapter
 from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.adapters.targets import select_targets
 from nijimi.adapters.weights import Adapter, ModuleWeights
@@ -170,7 +170,8 @@ def test_full_size_sd15_kohya_lora_maps_exactly() -> None:
     with torch.device("meta"):
         meta = LatentDiffusion(config)
     assert sorted(loaded.adapter.modules) == sorted(select_targets(meta, "attn+ff"))
-    assert len(apply_adapter(meta, loaded.adapter)) == 264  # every tensor fits its layer
+    assert apply_adapter(meta, loaded.adapter) == {}  # every tensor fits its layer
+    assert len(list(adapted_layers(meta))) == 264
 
 
 def test_names_in_the_wild(small) -> None:
@@ -318,4 +319,5 @@ def test_peft_folder_with_base_model_prefix(small, randomize, tmp_path) -> None:
     assert weights.alpha == 2 and weights.effective_scale == 0.5
     unet = UNetModel(small.unet)
     randomize(unet, 1)
-    assert apply_adapter(unet, adapter.under(UNET_PREFIX)) == ["input_blocks.1.1.proj_in"]
+    assert apply_adapter(unet, adapter.under(UNET_PREFIX)) == {}
+    assert [path for path, _ in adapted_layers(unet)] == ["input_blocks.1.1.proj_in"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nijimi.adapters.inject import (
+    adapted_layers,
     adapter_names,
     adapter_parameters,
     adapter_state_dict,
@@ -60,7 +61,7 @@ def outputs(model: LatentDiffusion, unet_inputs, token_ids) -> tuple[torch.Tenso
 def test_merge_then_unmerge_restores_the_weights(model, random_weights, rel_err, unet_inputs, token_ids) -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     base = outputs(model, unet_inputs, token_ids)
-    assert apply_adapter(model, every_kind(model, random_weights), "all_kinds") == list(EVERY_KIND)
+    assert apply_adapter(model, every_kind(model, random_weights), "all_kinds") == {}
     adapted = outputs(model, unet_inputs, token_ids)
     assert rel_err(adapted[0], base[0]) > 0.02 and rel_err(adapted[1], base[1]) > 0.02
     merge_adapters(model)
@@ -134,11 +135,18 @@ def test_remove_puts_back_the_same_layer_objects_and_merge_remove_bakes(model, r
 
 def test_errors_name_the_module(model, random_weights) -> None:
     q = BLOCK + "attn1.to_q"
-    with pytest.raises(CheckpointError, match="not in the model.*nowhere.to_q"):
-        apply_adapter(model, Adapter({"nowhere.to_q": random_weights("lora", model.get_submodule(q))}))
+    good = random_weights("lora", model.get_submodule(q))
+    with pytest.raises(CheckpointError, match="nowhere.to_q: the module is not in the model"):
+        apply_adapter(model, Adapter({"nowhere.to_q": good, q: good}))
     wrong = random_weights("lora", model.get_submodule(BLOCK + "ff.net.2"))
     with pytest.raises(CheckpointError, match=r"attn1.to_q: lora adapter .*does not fit the weight \(32, 32\)"):
         apply_adapter(model, Adapter({q: wrong}))
+    k = BLOCK + "attn1.to_k"
+    skipped = apply_adapter(model, Adapter({q: wrong, k: good}), "partial", strict=False)
+    assert list(skipped) == [q] and "does not fit" in skipped[q]
+    assert [p for p, layer in adapted_layers(model) if "partial" in layer.adapters] == [k]
+    with pytest.raises(CheckpointError, match="no module of the adapter fits"):
+        apply_adapter(model, Adapter({q: wrong}), "none", strict=False)
     norm = random_weights("norm", model.get_submodule(BLOCK + "norm1"))
     with pytest.raises(CheckpointError, match="a norm adapter cannot sit on a Linear"):
         apply_adapter(model, Adapter({q: norm}))
@@ -160,7 +168,8 @@ def test_inject_trains_only_the_adapter(model, unet_inputs, token_ids, rel_err) 
     paths = inject(model, AdapterSpec(rank=2, targets="all"), "trained", torch.Generator().manual_seed(0))
     assert len(paths) == len(get_adapter(model, "trained").modules) > 50
     start = outputs(model, unet_inputs, token_ids)
-    assert torch.equal(start[0], base[0]) and torch.equal(start[1], base[1])  # a new adapter changes nothing
+    # A new adapter changes nothing (up to the rounding of convolutions over a freshly allocated weight).
+    assert rel_err(start[0], base[0]) <= 1e-6 and rel_err(start[1], base[1]) <= 1e-6
     params = adapter_parameters(model, "trained")
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
     optimizer = torch.optim.SGD(params, lr=0.1)
@@ -179,7 +188,7 @@ def test_inject_trains_only_the_adapter(model, unet_inputs, token_ids, rel_err) 
     inject(model, AdapterSpec(rank=2, targets="all"), "trained")
     load_adapter_state_dict(model, saved, "trained")
     resumed = outputs(model, unet_inputs, token_ids)
-    assert torch.equal(resumed[0], trained[0]) and torch.equal(resumed[1], trained[1])
+    assert rel_err(resumed[0], trained[0]) <= 1e-6 and rel_err(resumed[1], trained[1]) <= 1e-6
     with pytest.raises(CheckpointError, match="missing"):
         load_adapter_state_dict(model, {k: v for k, v in saved.items() if "to_q" not in k}, "trained")
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import read_adapter
-from nijimi.adapters.inject import apply_adapter, remove_adapter
+from nijimi.adapters.inject import adapted_layers, apply_adapter, remove_adapter
 from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.keys import (
     text_encoder_config_to_transformers,
@@ -98,8 +98,8 @@ def test_unet_matches_peft(name, tmp_path, small, randomize, rel_err, unet_input
     with torch.no_grad():
         plain = ours(x, t, context)
         want = theirs(x, t, encoder_hidden_states=context).sample
-    paths = apply_adapter(ours, loaded.adapter.under(UNET_PREFIX))
-    assert len(paths) == sum(isinstance(m, BaseTunerLayer) for m in theirs.modules())
+    assert apply_adapter(ours, loaded.adapter.under(UNET_PREFIX)) == {}
+    assert len(list(adapted_layers(ours))) == sum(isinstance(m, BaseTunerLayer) for m in theirs.modules())
     with torch.no_grad():
         got = ours(x, t, context)
     trained_path = ours(x, t, context)  # gradients recorded: the low-rank path for plain LoRA
@@ -137,7 +137,8 @@ def test_text_encoder_matches_peft(name, tmp_path, small, randomize, rel_err, to
     with torch.no_grad():
         plain = ours(ids)
         want = theirs(ids).last_hidden_state
-    assert len(apply_adapter(ours, loaded.adapter.under(TEXT_PREFIX))) == 12
+    assert apply_adapter(ours, loaded.adapter.under(TEXT_PREFIX)) == {}
+    assert len(list(adapted_layers(ours))) == 12
     with torch.no_grad():
         got = ours(ids)
     assert rel_err(want, plain) > 0.05
