@@ -34,9 +34,11 @@ from nijimi.io import files, safetensors
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+"""Weight files of a peft folder, in order of preference."""
+PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "oft_unet_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "oft_unet_", "lora_te1_", "lora_te2_")  # te1/te2: SDXL, reported
 _PEFT_PREFIXES = ("unet.", "text_encoder.", "base_model.model.")
 # kohya tensor names stored with a ".weight" ending (they were nn.Linear/Conv2d weights in the trainer).
 _WEIGHT_SUFFIXED = frozenset({"lora_down", "lora_up", "lora_mid", "a1", "a2", "b1", "b2"})
@@ -379,12 +381,20 @@ def _peft_config(modules: dict[str, ModuleWeights], prefix: str) -> dict:
 
 # ---- files ----------------------------------------------------------------------------------------------------------
 
+def peft_weights_file(folder: Path) -> Path:
+    """The weights file of a peft folder (``adapter_model.safetensors``, else ``adapter_model.bin``)."""
+    found = [folder / name for name in PEFT_WEIGHTS if (folder / name).is_file()]
+    if not found:
+        raise CheckpointError(f"{folder}: a folder, but no peft adapter file ({' or '.join(PEFT_WEIGHTS)}) in it")
+    return found[0]
+
+
 def _read_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
     """Tensors, header metadata and (for a peft folder, or a file with ``adapter_config.json`` beside it) the peft
     config of an adapter file or folder."""
     weights, config_path = path, path.parent / PEFT_CONFIG
     if path.is_dir():
-        weights, config_path = path / PEFT_WEIGHTS, path / PEFT_CONFIG
+        weights, config_path = peft_weights_file(path), path / PEFT_CONFIG
     sd, metadata = files.load_state_dict(weights)
     config = None
     if config_path.is_file():

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nijimi.adapters.formats import LoadedAdapter, file_modules, read_adapter
+from nijimi.adapters.formats import LoadedAdapter, file_modules, peft_weights_file, read_adapter
 from nijimi.adapters.inject import apply_adapter
 from nijimi.adapters.names import KOHYA_TEXT, KOHYA_UNET, PEFT_TEXT, PEFT_UNET
 from nijimi.adapters.targets import named_layers, select_targets
@@ -149,7 +149,7 @@ def describe_adapter(path: str | os.PathLike, config: ModelConfig | None = None)
     """A readable summary of an adapter file: format, module count per model part, kinds, ranks, alphas, metadata
     (kohya's ``ss_*`` and any other entries); with ``config``, also how it fits that model (unmatched keys named)."""
     path = Path(path)
-    sd, metadata = files.load_state_dict(path / "adapter_model.safetensors" if path.is_dir() else path)
+    sd, metadata = files.load_state_dict(peft_weights_file(path) if path.is_dir() else path)
     fmt, modules = file_modules(sd)
     kinds, ranks, alphas, parts = Counter(), Counter(), Counter(), Counter()
     for name, tensors in modules.items():

@@ -321,3 +321,19 @@ def test_peft_folder_with_base_model_prefix(small, randomize, tmp_path) -> None:
     randomize(unet, 1)
     assert apply_adapter(unet, adapter.under(UNET_PREFIX)) == {}
     assert [path for path, _ in adapted_layers(unet)] == ["input_blocks.1.1.proj_in"]
+
+
+def test_sdxl_keys_are_reported_and_folders_without_weights_refused(small, tmp_path) -> None:
+    state = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(1, 4),
+             "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(4, 1),
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(1, 24),
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(24, 1)}
+    loaded = adapter_from_state_dict(state, small.model)
+    assert list(loaded.adapter.modules) == [T + "0.self_attn.q_proj"]
+    assert set(loaded.unmatched) == {k for k in state if k.startswith("lora_te2_")}
+    with pytest.raises(CheckpointError, match="no peft adapter file"):
+        read_adapter(tmp_path, small.model)
+    torch.save({"base_model.model.text_model.encoder.layers.1.mlp.fc2.lora_A.weight": torch.ones(2, 48),
+                "base_model.model.text_model.encoder.layers.1.mlp.fc2.lora_B.weight": torch.ones(24, 2)},
+               tmp_path / "adapter_model.bin")
+    assert list(read_adapter(tmp_path, small.model).adapter.modules) == [T + "1.mlp.fc2"]
