@@ -1,0 +1,233 @@
+"""``nijimi generate`` / ``reproduce`` / ``info`` through the real command line (``nijimi.cli.main``): PNG → reproduce
+gives the same pixels, metadata round-trips, batches are numbered and never overwritten by accident, and every user
+error exits 2 with one ``error:`` line, no traceback and no file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nijimi.cli import main
+from nijimi.io.checkpoint import save_single
+from nijimi.io.pngmeta import model_hash, read_png_metadata
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
+
+CONFIG = ModelConfig(
+    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+               context_dim=32, sample_size=8),
+    VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
+    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+FAST = ["--steps", "3", "--size", "64x64", "--quiet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A small random SD-architecture model in a single .safetensors file (the init plus noise: a fresh text
+    encoder's final LayerNorm gives hidden states of mean exactly 0, which A1111's emphasis rescaling divides by)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LatentDiffusion(CONFIG)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_single(model, path)
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``nijimi ARGV`` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_path):
+    first = tmp_path / "a.png"
+    code, out, err = run(capsys, "generate", "a red cube, (blue:1.2) sky", "-n", "fog", "--model", model_file,
+                         "--seed", 42, "--sampler", "euler-a", "--cfg", 5, *FAST, "--out", first)
+    assert (code, out.strip(), err) == (0, str(first), "")
+    again = tmp_path / "b.png"
+    code, out, err = run(capsys, "reproduce", first, "--out", again, "--quiet")
+    assert (code, out.strip(), err) == (0, str(again), "")
+    assert np.array_equal(pixels(first), pixels(again))
+    assert pixels(first).std() > 5  # a picture, not a flat field
+    assert read_png_metadata(again)["recipe"] == read_png_metadata(first)["recipe"]
+
+
+def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_path):
+    first = tmp_path / "bf16.png"
+    assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, "--dtype", "bf16",
+               "--vae-tile", 32, "--attention-slice", 5, "--device", "cpu", *FAST, "--out", first)[0] == 0
+    recipe = read_png_metadata(first)["recipe"]
+    assert (recipe["dtype"], recipe["vae_tile"], recipe["attention_slice"], recipe["device"]) == ("bf16", 32, 5, "cpu")
+    assert run(capsys, "reproduce", first, "--out", tmp_path / "again.png", "--quiet")[0] == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
+    assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, *FAST, "--out", tmp_path / "f.png",
+               "--vae-tile", 0)[0] == 0
+    assert not np.array_equal(pixels(first), pixels(tmp_path / "f.png"))  # fp32, untiled: other pixels
+
+
+def test_metadata_round_trips(capsys, model_file, tmp_path):
+    out = tmp_path / "meta.png"
+    assert run(capsys, "generate", "a cat: on a mat", "-n", "dog", "--model", model_file, "--seed", 7, "--cfg", 4.5,
+               "--sampler", "DPM++ 2M Karras", "--clip-skip", 2, *FAST, "--out", out)[0] == 0
+    meta = read_png_metadata(out)
+    assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
+    settings = meta["settings"]
+    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
+    assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
+    assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
+    recipe = meta["recipe"]
+    assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
+    assert (recipe["sampler"], recipe["seed"], recipe["batch"], recipe["cfg"]) == ("dpm++2m-karras", 7, 1, 4.5)
+    assert recipe["schedule"]["timestep_spacing"] == "leading" and recipe["versions"]["torch"] == torch.__version__
+    code, text, err = run(capsys, "info", out)
+    assert code == 0 and err == ""
+    lines = text.splitlines()
+    assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
+    assert "Sampler: DPM++ 2M Karras" in lines and "Seed: 7" in lines and "nijimi recipe:" in lines
+
+
+def test_batch_writes_numbered_files_and_never_overwrites(capsys, model_file, tmp_path):
+    target = tmp_path / "shot.png"
+    code, out, err = run(capsys, "generate", "a boat", "--model", model_file, "--seed", 10, "--batch", 3, *FAST,
+                       "--out", target)
+    paths = [tmp_path / f"shot-{i:02d}.png" for i in range(3)]
+    assert code == 0 and out.split() == [str(p) for p in paths], err
+    assert [read_png_metadata(p)["settings"]["Seed"] for p in paths] == [10, 11, 12]
+    single = tmp_path / "single.png"
+    assert run(capsys, "generate", "a boat", "--model", model_file, "--seed", 11, *FAST, "--out", single)[0] == 0
+    difference = np.abs(pixels(paths[1]).astype(int) - pixels(single).astype(int))
+    assert difference.max() <= 1  # batched convolutions round differently (~1e-5), a rare ±1 after uint8 rounding
+    before = [p.read_bytes() for p in paths]
+    code, out, err = run(capsys, "generate", "a ship", "--model", model_file, "--seed", 10, "--batch", 3, *FAST,
+                         "--out", target)
+    assert (code, out) == (2, "") and err == f"error: {paths[0]} exists; use --overwrite to replace it\n"
+    assert [p.read_bytes() for p in paths] == before
+    assert run(capsys, "generate", "a ship", "--model", model_file, "--seed", 10, "--batch", 3, *FAST, "--out",
+               target, "--overwrite")[0] == 0
+    assert [p.read_bytes() for p in paths] != before
+
+
+def test_folder_output_numbers_on(capsys, model_file, tmp_path):
+    folder = tmp_path / "out"
+    assert run(capsys, "generate", "a kite", "--model", model_file, "--seed", 4, "--batch", 2, *FAST, "--out",
+               folder)[0] == 0
+    assert run(capsys, "generate", "a kite", "--model", model_file, "--seed", 4, *FAST, "--out", folder)[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["00000-4.png", "00001-5.png", "00002-4.png"]
+
+
+def test_random_seed_is_written_and_reproducible(capsys, model_file, tmp_path):
+    out = tmp_path / "random.png"
+    assert run(capsys, "generate", "a hill", "--model", model_file, *FAST, "--out", out)[0] == 0
+    seed = read_png_metadata(out)["settings"]["Seed"]
+    assert run(capsys, "generate", "a hill", "--model", model_file, "--seed", seed, *FAST, "--out",
+               tmp_path / "fixed.png")[0] == 0
+    assert np.array_equal(pixels(out), pixels(tmp_path / "fixed.png"))
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    """An init image, a matching mask, a mask of another size, an unreadable image and a corrupt model."""
+    files = {name: tmp_path / "inputs" / name for name in ("init.png", "mask.png", "small_mask.png", "broken.png",
+                                                           "corrupt.safetensors")}
+    files["init.png"].parent.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(files["init.png"])
+    Image.new("L", (64, 64), 255).save(files["mask.png"])
+    Image.new("L", (32, 32), 255).save(files["small_mask.png"])
+    files["broken.png"].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files["corrupt.safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return files
+
+
+ERROR_CASES = {
+    "size-not-multiple-of-8": (["a red cube", "--size", "60x64"], "width 60 must be a positive multiple of 16 pixels"),
+    "size-not-multiple-of-16": (["a red cube", "--size", "72x64"], "width 72 must be a positive multiple of 16"),
+    "size-not-a-size": (["a red cube", "--size", "big"], "--size 'big' is not WIDTHxHEIGHT"),
+    "missing-model": (["a red cube", "--model", "{tmp}/nope.safetensors"], "no such file or folder"),
+    "corrupt-model": (["a red cube", "--model", "{inputs}/corrupt.safetensors"], "corrupt.safetensors"),
+    "unknown-sampler": (["a red cube", "--sampler", "warp-drive"], "unknown sampler 'warp-drive'"),
+    "unreadable-image": (["a red cube", "--init", "{inputs}/broken.png"], "broken.png: cannot read image"),
+    "missing-image": (["a red cube", "--init", "{inputs}/gone.png"], "gone.png: image file not found"),
+    "mask-size-mismatch": (["a red cube", "--init", "{inputs}/init.png", "--mask", "{inputs}/small_mask.png"],
+                           "mask size 32x32 does not match the init image size 64x64"),
+    "mask-without-image": (["a red cube", "--mask", "{inputs}/mask.png"], "a mask needs an init image"),
+    "empty-prompt-with-cfg": ([""], "the prompt is empty"),
+    "steps-zero": (["a red cube", "--steps", "0"], "steps=0 must be an integer from 1 to 1000"),
+    "strength-above-1": (["a red cube", "--init", "{inputs}/init.png", "--strength", "1.5"],
+                         "strength=1.5 must be within [0, 1]"),
+    "strength-below-0": (["a red cube", "--strength", "-0.5"], "strength=-0.5 must be within [0, 1]"),
+    "batch-zero": (["a red cube", "--batch", "0"], "batch 0 must be an integer >= 1"),
+    "clip-skip-too-deep": (["a red cube", "--clip-skip", "5"], "clip_skip must be in [1, 2], got 5"),
+    "vae-tile": (["a red cube", "--vae-tile", "12"], "VAE tile 12 must be a multiple of the VAE factor 8"),
+    "attention-slice": (["a red cube", "--attention-slice", "-2"], "attention slice -2 must be 0 (off)"),
+    "unknown-device": (["a red cube", "--device", "abacus"], "unknown device 'abacus'"),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_errors_exit_2_with_one_line_and_no_file(capsys, model_file, inputs, tmp_path, argv, message):
+    """``nijimi generate PROMPT …`` with one bad setting (the model downsamples by 16: the sizes it takes are
+    multiples of 16). Run without --quiet, so a progress bar could not hide in the error output either."""
+    prompt, *args = [a.format(tmp=tmp_path, inputs=inputs["init.png"].parent) for a in argv]
+    code, out, err = run(capsys, "generate", prompt, "--model", model_file, "--steps", "2", "--size", "64x64",
+                         "--seed", "1", "--out", tmp_path / "out" / "x.png", *args)
+    assert (code, out) == (2, "")
+    assert err.endswith("\n") and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_exits_2(capsys, model_file, tmp_path):
+    code, _, err = run(capsys, "generate", "x", "--model", model_file, "--device", "cuda", *FAST, "--out",
+                       tmp_path / "x.png")
+    assert code == 2 and err.startswith("error: device cuda: CUDA is not available") and len(err.splitlines()) == 1
+
+
+def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, err = run(capsys, "reproduce", plain, "--out", tmp_path / "r.png")
+    assert code == 2 and err == f"error: {plain}: no nijimi recipe in this PNG; only images made by nijimi can be " \
+                                "reproduced\n"
+    made = tmp_path / "inpainted.png"
+    assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
+               inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
+    code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
+    assert code == 2 and "needs the original init_image" in err and len(err.splitlines()) == 1
+    code, _, err = run(capsys, "info", inputs["broken.png"])
+    assert code == 2 and err.startswith("error: cannot read PNG") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_python_m_nijimi_error_exit_code(model_file, tmp_path):
+    """The installed entry point: a real process exits 2 with one error line on stderr."""
+    result = subprocess.run([sys.executable, "-m", "nijimi", "generate", "a cube", "--model", str(model_file),
+                             "--steps", "0", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: steps=0 must be an integer from 1 to 1000"]
+    assert not (tmp_path / "x.png").exists()
