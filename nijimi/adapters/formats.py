@@ -199,6 +199,7 @@ def kohya_metadata(adapter: Adapter, config: ModelConfig, output_name: str | Non
         if any(w.dora for w in adapter.modules.values()):
             args["dora_wd"] = "True"
     if conv_rank is not None:
+        conv_alpha = conv_alpha if conv_alpha is not None else conv_rank
         args.update(conv_dim=_number(conv_rank), conv_alpha=_number(conv_alpha))
     meta = dict(adapter.metadata)
     meta.update(ss_network_module="networks.lora" if plain else "lycoris.kohya", ss_network_dim=_number(rank),
@@ -242,8 +243,11 @@ def _peft_native(module: str, tables: NameTables) -> str | None:
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """peft's rank/alpha pattern lookup: the first pattern ``p`` with ``module`` matching ``(.*\\.)?(p)$``."""
     for pattern, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?({pattern})", module):
-            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?({pattern})", module):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"peft rank/alpha pattern {pattern!r} is not a regular expression: {e}") from None
     return default
 
 
@@ -262,7 +266,10 @@ def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, di
     configs = {"": config} if config else {}
     raw = metadata.get(DIFFUSERS_METADATA)
     if raw:
-        packed = json.loads(raw)
+        try:
+            packed = json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"header entry {DIFFUSERS_METADATA!r} is not JSON: {e}") from None
         for prefix in (PEFT_UNET, PEFT_TEXT):
             part = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
             if part:

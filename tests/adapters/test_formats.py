@@ -337,3 +337,15 @@ def test_sdxl_keys_are_reported_and_folders_without_weights_refused(small, tmp_p
                 "base_model.model.text_model.encoder.layers.1.mlp.fc2.lora_B.weight": torch.ones(24, 2)},
                tmp_path / "adapter_model.bin")
     assert list(read_adapter(tmp_path, small.model).adapter.modules) == [T + "1.mlp.fc2"]
+
+
+def test_bad_peft_configs_are_named(small) -> None:
+    state = {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 32, 1, 1),
+             "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(32, 4, 1, 1)}
+    with pytest.raises(CheckpointError, match="'lora_adapter_metadata' is not JSON"):
+        adapter_from_state_dict(state, small.model, {"lora_adapter_metadata": "{r: 4"})
+    with pytest.raises(CheckpointError, match=r"pattern 'proj_\(in' is not a regular expression"):
+        adapter_from_state_dict(state, small.model, peft_config={"r": 4, "rank_pattern": {"proj_(in": 2}})
+    patterned = adapter_from_state_dict(state, small.model, peft_config={"r": 8, "lora_alpha": 8,
+                                                                         "alpha_pattern": {"proj_in": 2}})
+    assert patterned.adapter.modules[U + "input_blocks.1.1.proj_in"].effective_scale == 0.25  # alpha 2 / r 8
