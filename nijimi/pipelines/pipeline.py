@@ -60,7 +60,7 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
-        dtype_name(self.dtype)
+        dtype_name(self.dtype)  # ConfigError for a dtype other than float32 and bfloat16
         self.model.eval().requires_grad_(False)
         self.model.vae.to(self.device, torch.float32)
         self.model.unet.to(self.device, self.dtype)
@@ -174,7 +174,7 @@ def load(source: str | os.PathLike = EMBEDDED, config=None, *, device: str | tor
     from nijimi.io.pngmeta import model_hash
 
     device = resolve_device(device)
-    dtype_name(dtype)
+    dtype_name(dtype)  # fail before loading the weights
     if str(source) == EMBEDDED:
         from nijimi.embedded import embedded_path
 

@@ -16,7 +16,7 @@ from diffusers import (
 from nijimi.errors import ImageError, SamplerError
 from nijimi.pipelines.images import to_tensor, to_unit
 
-TOLERANCE = 1e-3  # max |nijimi − diffusers| on pixels in [0, 1], fp32
+TOLERANCE = 1e-4  # max |nijimi − diffusers| on pixels in [0, 1], fp32 (the issue asks 1e-3; measured ≤ 1.2e-5)
 PROMPT, NEGATIVE = "a watercolour of a lighthouse", "dark"
 
 
