@@ -123,7 +123,8 @@ class GEGLU(nn.Module):
     """Gated GELU projection (Shazeer, arXiv:2002.05202): ``a · gelu(g)`` with ``[a, g] = proj(x)``. Param ``proj``.
 
     The two halves of ``proj`` are applied as two matrix products into separate buffers, then combined in place:
-    the same arithmetic as splitting one product, with two fewer (B, L, dim_out) temporaries.
+    the same arithmetic as splitting one product, with two fewer (B, L, dim_out) temporaries. It reads
+    ``proj.weight``/``proj.bias`` directly, so an adapter wrapping ``proj`` must expose its adapted weight there.
     """
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
