@@ -3,14 +3,14 @@ its weight never copied) and stacks any number of named :class:`LayerAdapter` s 
 
 The effective weight is ``W + Σᵢ mᵢ · ΔWᵢ(W)`` (each ΔW computed on the unmodified base weight, so the stack is
 order-free) and the effective bias ``b + Σᵢ mᵢ · Δbᵢ``. They are also exposed as the wrapper's ``weight`` and
-``bias`` attributes, so code that reads a layer's weight directly (the 1×1 ``proj_in``/``proj_out`` of
-:class:`~nijimi.models.layers.SpatialTransformer`) sees the adapted weight as well.
+``bias`` attributes, so code that reads a layer's weight directly (the ``proj_in``/``proj_out`` of
+:class:`~nijimi.models.layers.SpatialTransformer`, GEGLU's ``proj``) sees the adapted weight as well.
 
-Two ways to compute the same output: through the effective weight (one matrix product per call: the cheap path for
-inference), or, while gradients are recorded and every active adapter is a plain LoRA, through the low-rank path
-``base(x) + m·s·up(down(x))`` (LoRA paper, arXiv 2106.09685, §4.1), which trains without forming a full-size weight
-gradient. Merging adds the update into the base weight in place; unmerging subtracts it again (for kinds whose ΔW
-depends on W — DoRA, IA³, GLoRA, OFT — the update added is kept for that).
+Two ways to compute the same output: the base layer's own forward run with the effective weight (one product per
+call: the cheap path for inference), or, while gradients are recorded and every active adapter is a plain LoRA,
+the low-rank path ``base(x) + m·s·up(down(x))`` (LoRA paper, arXiv 2106.09685, §4.1), which trains without forming
+a full-size weight gradient. Merging adds the update into the base weight in place; unmerging subtracts it again
+(for kinds whose ΔW depends on W — DoRA, IA³, GLoRA, OFT — the update added is kept for that).
 """
 
 from __future__ import annotations
@@ -142,12 +142,8 @@ class AdaptedLayer(nn.Module):
                 out = out + adapter.multiplier * adapter.lowrank_output(x, self.base)
             return out
         weight, bias = self.weight, self.bias
-        if isinstance(self.base, nn.Linear):
-            return F.linear(x, weight, bias)
-        if isinstance(self.base, nn.Conv2d):
-            return F.conv2d(x, weight, bias, self.base.stride, self.base.padding, self.base.dilation)
         params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-        return torch.func.functional_call(self.base, params, (x,))
+        return torch.func.functional_call(self.base, params, (x,))  # the base's own forward (e.g. its im2col path)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
