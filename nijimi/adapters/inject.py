@@ -38,7 +38,10 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def _check_name(name: str) -> None:
+def _check_name(model: nn.Module, name: str) -> None:
+    """A new adapter's name: not empty, no dots, not a ModuleDict attribute, not on the model yet."""
+    if name in adapter_names(model):
+        raise ConfigError(f"the model already has an adapter named {name!r}; remove it or choose another name")
     if not name or "." in name:
         raise ConfigError(f"adapter name must be non-empty and without dots, got {name!r}")
     if hasattr(nn.ModuleDict, name):
@@ -62,8 +65,6 @@ def _attach(model: nn.Module, path: str, name: str, adapter: LayerAdapter) -> No
     if not isinstance(layer, AdaptedLayer):
         layer = AdaptedLayer(layer)
         setattr(parent, child, layer)
-    if name in layer.adapters:
-        raise ConfigError(f"{path} already has an adapter named {name!r}")
     weight = layer.base.weight
     layer.adapters[name] = adapter.to(weight.device)
 
@@ -103,7 +104,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default",
     Returns the adapted module paths. The adapter starts as the identity (see :mod:`nijimi.adapters.targets`); its
     parameters are :func:`adapter_parameters`; base weights are never modified by training.
     """
-    _check_name(name)
+    _check_name(model, name)
     paths = select_targets(model, spec.targets, spec.parts)
     if not paths:
         raise ConfigError(f"no layer of the model matches the targets {spec.targets!r} in parts {spec.parts}")
@@ -124,7 +125,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", mul
     Modules the model lacks, or that do not fit their layer, raise :class:`CheckpointError` naming them before
     anything changes; with ``strict=False`` they are left out instead. Returns the modules left out → why.
     """
-    _check_name(name)
+    _check_name(model, name)
     skipped = {p: why for p, w in adapter.modules.items() if (why := _misfit(w, _layer(model, p))) is not None}
     if strict and skipped:
         listed = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:5])

@@ -152,7 +152,7 @@ def test_errors_name_the_module(model, random_weights) -> None:
         apply_adapter(model, Adapter({q: norm}))
     ok = Adapter({q: random_weights("lora", model.get_submodule(q))})
     apply_adapter(model, ok, "x")
-    with pytest.raises(ConfigError, match="already has an adapter named 'x'"):
+    with pytest.raises(ConfigError, match="the model already has an adapter named 'x'"):
         apply_adapter(model, ok, "x")
     with pytest.raises(ConfigError, match="without dots"):
         apply_adapter(model, ok, "my.lora")
