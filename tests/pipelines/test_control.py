@@ -21,15 +21,8 @@ from nijimi.io.keys import (
 )
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig, UNetModel
-from nijimi.pipelines.control import (
-    ControlSpec,
-    ControlUnit,
-    control_residuals,
-    load_control_unit,
-    parse_control_spec,
-    prepare_control_map,
-    step_fraction,
-)
+from nijimi.pipelines.control import ControlUnit, control_residuals, load_control_unit, step_fraction
+from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec, prepare_control_map
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4,
                   context_dim=32, norm_groups=16)
@@ -95,6 +88,12 @@ def test_canny_is_opencv_canny_of_the_resized_image() -> None:
     assert quiet.max() == 0
 
 
+def test_resize_none_keeps_the_pixels() -> None:
+    image = gradient_image(40, 24, seed=4)
+    want = torch.from_numpy(np.asarray(image).astype(np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(prepare_control_map(image, 40, 24, resize="none")[0], want)
+
+
 def test_invert_and_map() -> None:
     image = gradient_image(40, 24, seed=3)
     plain = prepare_control_map(image, 40, 24)
@@ -115,6 +114,8 @@ def test_map_errors_name_the_problem(tmp_path) -> None:
         prepare_control_map(image, 64, 64, pre="depth")
     with pytest.raises(ConfigError, match="unknown control resize mode 'stretch'"):
         prepare_control_map(image, 64, 64, resize="stretch")
+    with pytest.raises(ImageError, match="control map is 8×8 but the output is 64×64 "):
+        prepare_control_map(image, 64, 64, resize="none")
     with pytest.raises(ConfigError, match="0 <= low <= high, got low=200, high=100"):
         prepare_control_map(image, 64, 64, pre="canny", low=200, high=100)
 
