@@ -131,9 +131,8 @@ def _scatter(residual: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Te
 
 @dataclass(frozen=True, eq=False)
 class ControlStep:
-    """The ControlNets at one sampling step; the pipeline's U-Net call runs ``step(x, t, context, is_cond)`` →
-    :func:`control_residuals`. It rides in the conditioning dicts, the same object in the conditional and the
-    unconditional one, so ``batch_conditions`` passes it once."""
+    """The ControlNets at one sampling step: ``step(x, t, context, is_cond)`` → :func:`control_residuals`. The same
+    object rides in the conditional and the unconditional inputs, so ``batch_conditions`` passes it once."""
 
     units: tuple[ControlUnit, ...]
     fraction: tuple[float, float]
@@ -152,30 +151,33 @@ class ControlRun:
     steps: int
 
     def inputs(self, step: int, batch: int, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-        """Extra U-Net inputs at sampling step ``step`` for the conditional and the unconditional branch: the same
-        :class:`ControlStep`, and ``is_cond`` (batch,) bool, True in the conditional inputs and False in the other.
-        Batched by the guidance ``[uncond; cond]`` they become guess mode's row mask; called apart, each branch
-        knows which it is."""
+        """Extra U-Net inputs at sampling step ``step`` for the conditional and the unconditional branch (empty
+        without units): the same :class:`ControlStep`, and ``is_cond`` (batch,) bool, True in the conditional ones.
+        Batched ``[uncond; cond]`` by the guidance they are guess mode's row mask; called apart, each branch knows."""
+        if not self.units:
+            return {}, {}
         control = ControlStep(self.units, step_fraction(step - self.first, self.steps - self.first))
         cond, uncond = (torch.full((batch,), v, dtype=torch.bool, device=device) for v in (True, False))
         return {"control": control, "is_cond": cond}, {"control": control, "is_cond": uncond}
 
+    def settings(self) -> dict:
+        """``{"control": [{"scale", "start", "end", "guess_mode"} per unit]}``, or {} without units."""
+        keys = ("scale", "start", "end", "guess_mode")
+        return {"control": [{k: getattr(u, k) for k in keys} for u in self.units]} if self.units else {}
+
 
 def prepare_control(units: Sequence[ControlUnit] | None, config: ModelConfig, width: int, height: int, first: int,
                     steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    ) -> ControlRun | None:
+                    ) -> ControlRun:
     """Check ``units`` against the model (``config``) and the ``width × height`` output and move their ControlNets
-    to ``device`` and ``dtype`` (in place); None without units. Raises ``ConfigError`` for a ControlNet that does
-    not fit the U-Net or the VAE's scale, ``ImageError`` for a map of another size than the output."""
-    if not units:
-        return None
-    f = config.vae.downscale_factor
-    for i, unit in enumerate(units):
+    to ``device`` and ``dtype`` (in place). Raises ``ConfigError`` for a ControlNet that does not fit the U-Net or
+    the VAE's scale, ``ImageError`` for a map of another size than the output."""
+    f, z = config.vae.downscale_factor, config.vae.z_channels
+    for i, unit in enumerate(units or ()):
         cfg = unit.model.config
         cfg.check_fits(config.unet)
-        if cfg.unet.in_channels != config.vae.z_channels:
-            raise ConfigError(f"ControlNet {i} reads {cfg.unet.in_channels}-channel latents, the model's VAE makes "
-                              f"{config.vae.z_channels}")
+        if cfg.unet.in_channels != z:
+            raise ConfigError(f"ControlNet {i} reads {cfg.unet.in_channels}-channel latents, the VAE makes {z}")
         if cfg.hint_downscale != f:
             raise ConfigError(f"ControlNet {i} reads maps {cfg.hint_downscale}× the latent size, but this model's "
                               f"latents are 1/{f} of the image: a ControlNet made for another VAE")
@@ -183,7 +185,7 @@ def prepare_control(units: Sequence[ControlUnit] | None, config: ModelConfig, wi
             raise ImageError(f"control map {i} is {unit.image.shape[3]}×{unit.image.shape[2]}, the output is "
                              f"{width}×{height}; prepare maps at the output size")
         unit.model.to(device, dtype)
-    return ControlRun(tuple(units), first, steps)
+    return ControlRun(tuple(units or ()), first, steps)
 
 
 def load_control_unit(spec: ControlSpec, width: int, height: int, unet: UNetConfig | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from nijimi.errors import ConfigError, PromptError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
 from nijimi.pipelines.conditioning import Conditioner, StepConditioning
+from nijimi.pipelines.control import ControlRun, ControlStep, ControlUnit, prepare_control
 from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 
@@ -78,6 +79,7 @@ class Pipeline:
                  batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
                  guidance_rescale: float = 0.0, vae_tile: int | None = None, attention_slice: int | None = None,
+                 control: Sequence[ControlUnit] | None = None,
                  callback: Callable[[StepInfo], None] | None = None) -> Generation:
         """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
 
@@ -86,6 +88,7 @@ class Pipeline:
         ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed + i))`` — the convention
         diffusers and A1111 share — so a seed means the same picture across tools. ``vae_tile`` (pixels) and
         ``attention_slice`` (query rows) bound memory; None chooses from the free memory, 0 switches them off.
+        ``control``: ControlNets and their maps at the output size (moved to the pipeline's device and dtype).
         """
         if not prompt and cfg != 1.0 and not negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
@@ -107,10 +110,11 @@ class Pipeline:
                                                  batch * (1 + (cfg != 1.0)))
         self.model.unet.set_attention_slice(attention_slice)
         start = edit.prepare(self.model, source, strength, sigmas, generators, sampler, shape, vae_tile)
+        run = prepare_control(control, self.model.config, width, height, start.index, steps, self.device, self.dtype)
         conds = self.conditioner.step_conditioning(prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
         guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
         denoiser = Denoiser(guided, self.model.config.schedule, quantize=_quantized(sampler))
-        model = _per_step(denoiser, conds, sigmas, batch, {} if start.extra is None else {"extra": start.extra})
+        model = _per_step(denoiser, conds, sigmas, batch, {} if start.extra is None else {"extra": start.extra}, run)
         with torch.inference_mode():
             x = fn(model, start.latent, sigmas, generator=generators, start=start.index, callback=callback,
                    blend=start.blend)
@@ -119,7 +123,7 @@ class Pipeline:
                     "sampler": canonical_name(sampler), "cfg": cfg, "seed": seed, "width": width, "height": height,
                     "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale,
                     "vae_tile": vae_tile or 0, "attention_slice": attention_slice or 0,
-                    "dtype": dtype_name(self.dtype), **source.settings(strength)}
+                    "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings()}
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings)
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -139,12 +143,14 @@ class Pipeline:
         check_size(w, h, cfg.vae.downscale_factor * 2 ** (len(cfg.unet.channel_mult) - 1))
         return w, h
 
-    def _network(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                 extra: torch.Tensor | None = None) -> torch.Tensor:
+    def _network(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, extra: torch.Tensor | None = None,
+                 control: ControlStep | None = None, is_cond: torch.Tensor | None = None) -> torch.Tensor:
         """The U-Net call in the pipeline's dtype, returning float32; ``extra`` holds the inpainting U-Net's
-        additional input channels (mask, masked image)."""
-        x = x if extra is None else torch.cat([x, extra], dim=1)
-        return self.model.unet(x.to(self.dtype), t, context.to(self.dtype)).float()
+        additional input channels (mask, masked image); ``control`` adds ControlNet residuals (see ControlRun)."""
+        x, context = x.to(self.dtype), context.to(self.dtype)
+        down, mid = (None, None) if control is None else control(x, t, context, is_cond)
+        x = x if extra is None else torch.cat([x, extra.to(self.dtype)], dim=1)
+        return self.model.unet(x, t, context, down_residuals=down, mid_residual=mid).float()
 
 
 def _quantized(sampler: str) -> bool:
@@ -153,15 +159,18 @@ def _quantized(sampler: str) -> bool:
     return name.startswith(("dpm++", "unipc")) and name.endswith(("-karras", "-exponential"))
 
 
-def _per_step(denoiser: Denoiser, conds: StepConditioning, sigmas: torch.Tensor, batch: int, extra: dict):
+def _per_step(denoiser: Denoiser, conds: StepConditioning, sigmas: torch.Tensor, batch: int, extra: dict,
+              control: ControlRun):
     """A denoiser ``D(x, σ)`` that gives the U-Net the conditioning of the current step (prompt editing picks the
-    text per step; step i runs at ``sigmas[i]``, so the step is the number of later σ's at or above σ)."""
+    text per step, ControlNets act in a window; step i runs at ``sigmas[i]``: the number of later σ's ≥ σ)."""
     levels = sigmas.tolist()[1:]
 
     def model(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         s = float(torch.as_tensor(sigma).reshape(-1)[0]) * (1 - 1e-6)
-        cond, uncond = conds.at(sum(level >= s for level in levels), batch)
-        return denoiser(x, sigma, cond={**cond, **extra}, uncond=None if uncond is None else {**uncond, **extra})
+        cond, uncond = conds.at(step := sum(level >= s for level in levels), batch)
+        c_extra, u_extra = control.inputs(step, batch, x.device)
+        return denoiser(x, sigma, cond={**cond, **extra, **c_extra},
+                        uncond=None if uncond is None else {**uncond, **extra, **u_extra})
 
     return model
 
