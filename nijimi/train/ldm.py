@@ -6,7 +6,8 @@
 - :class:`DiffusionObjective`: the U-Net stage — noise an image's latent at a random step with q(x_t|x_0), have the
   U-Net predict ε or v (2202.00512), minimise the optionally Min-SNR-γ weighted MSE (2303.09556). The text encoder
   is trained jointly by the same loss (or frozen, for fine-tuning); captions are dropped to "" with probability
-  ``caption_dropout`` so classifier-free guidance has an unconditional model (2207.12598).
+  ``caption_dropout`` so classifier-free guidance has an unconditional model (2207.12598). With ``mask_loss``, an
+  image's mask (:class:`~nijimi.train.data.Sample`) weights the loss per latent pixel (:func:`masked_diffusion_loss`).
 
 Every forward takes ``(indices, generator, part)`` as the trainer defines: random numbers are drawn for the whole
 global batch, then the rank's ``part`` is used.
@@ -18,14 +19,17 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nijimi.diffusion.forward import diffusion_loss, q_sample, training_target
+from nijimi.diffusion.forward import diffusion_loss, min_snr_weights, q_sample, training_target
 from nijimi.diffusion.schedules import NoiseSchedule
+from nijimi.errors import ConfigError
 from nijimi.models.text_encoder import TextEncoder
 from nijimi.models.unet import UNetModel
 from nijimi.models.vae import VAE
 from nijimi.text.tokenizer import ClipTokenizer
+from nijimi.train.data import collate
 
 
 class CaptionedImages(Protocol):
@@ -75,12 +79,38 @@ def measure_scaling_factor(vae: VAE, data: CaptionedImages, count: int = 512, ba
     return float(1.0 / torch.cat(latents).float().std())
 
 
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) in [0, 1] averaged over each latent cell's pixels → (B, 1, h, w) (area resampling)."""
+    return F.interpolate(mask.float(), size=size, mode="area")
+
+
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule,
+                          weights: torch.Tensor, *, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The diffusion MSE with per-latent-pixel ``weights`` (B, 1, h, w) ≥ 0: each sample's loss is the weighted mean
+    ``Σ w·(pred − target)² / (C·Σ w)`` (a binary mask gives the plain MSE over the kept pixels only; a sample whose
+    weights are all 0 contributes 0), times its Min-SNR-γ weight (2303.09556) when given; returns the batch mean.
+    pred, target (B, C, h, w), t (B,). Computed in float32."""
+    if weights.shape != (pred.shape[0], 1, *pred.shape[2:]):
+        raise ConfigError(f"loss weights of shape {tuple(weights.shape)} do not fit predictions {tuple(pred.shape)}")
+    w = weights.float()
+    squared = (pred.float() - target.float()).pow(2) * w
+    total = (w.sum(dim=(1, 2, 3)) * pred.shape[1]).clamp(min=torch.finfo(torch.float32).tiny)
+    per_sample = squared.sum(dim=(1, 2, 3)) / total
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(t, schedule, min_snr_gamma).to(per_sample.device)
+    return per_sample.mean()
+
+
 class DiffusionObjective(nn.Module):
-    """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too."""
+    """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too.
+
+    ``mask_loss``: weight the loss by the images' masks (mask 1 = learn, 0 = ignore; samples without one weigh 1).
+    """
 
     def __init__(self, unet: UNetModel, text_encoder: TextEncoder, vae: VAE, tokenizer: ClipTokenizer,
                  schedule: NoiseSchedule, data: CaptionedImages, *, caption_dropout: float = 0.1,
-                 min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True) -> None:
+                 min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True,
+                 mask_loss: bool = False) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
@@ -91,6 +121,7 @@ class DiffusionObjective(nn.Module):
         self.data = data
         self.caption_dropout = caption_dropout
         self.min_snr_gamma = min_snr_gamma
+        self.mask_loss = mask_loss
 
     def train(self, mode: bool = True) -> DiffusionObjective:
         super().train(mode)
@@ -98,7 +129,7 @@ class DiffusionObjective(nn.Module):
         return self
 
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
-        images, captions = load_batch(self.data, indices[part])
+        images, captions, masks = collate([self.data[i] for i in indices[part]])
         n = len(indices)
         with torch.no_grad():
             posterior = self.vae.encode(images)
@@ -112,6 +143,9 @@ class DiffusionObjective(nn.Module):
         context = self.text_encoder(self.tokenizer(captions))
         x_t = q_sample(x0, t, noise, self.schedule)
         pred = self.unet(x_t, t, context)
-        loss, _ = diffusion_loss(pred, training_target(x0, noise, t, self.schedule), t, self.schedule,
-                                 min_snr_gamma=self.min_snr_gamma)
+        target = training_target(x0, noise, t, self.schedule)
+        if self.mask_loss and masks is not None:
+            return masked_diffusion_loss(pred, target, t, self.schedule, latent_mask(masks, pred.shape[2:]),
+                                         min_snr_gamma=self.min_snr_gamma)
+        loss, _ = diffusion_loss(pred, target, t, self.schedule, min_snr_gamma=self.min_snr_gamma)
         return loss

@@ -294,14 +294,18 @@ def _coverage(obj: Shape, size: int) -> tuple[slice, slice, np.ndarray]:
     return slice(y0, y1), slice(x0, x1), alpha
 
 
-def render(scene: Scene, size: int = 64) -> np.ndarray:
-    """Draw ``scene`` with 4×4 supersampled edges → uint8 (size, size, 3)."""
+def render(scene: Scene, size: int = 64, colours: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Draw ``scene`` with 4×4 supersampled edges → uint8 (size, size, 3).
+
+    ``colours`` (default ``COLOURS``) maps colour names to RGB: adapter training passes a palette with a colour the
+    world lacks (``nijimi.train.adapter.ConceptShapes``)."""
     if size < 8:
         raise ConfigError(f"shapes image size must be at least 8 pixels, got {size}")
+    palette = COLOURS if colours is None else colours
     image = np.full((size, size, 3), 255.0)
     for obj in scene.objects:
         rows, cols, alpha = _coverage(obj, size)
-        colour = np.array(COLOURS[obj.colour], dtype=np.float64)
+        colour = np.array(palette[obj.colour], dtype=np.float64)
         patch = image[rows, cols]
         image[rows, cols] = patch + alpha[..., None] * (colour - patch)
     return np.rint(image).astype(np.uint8)

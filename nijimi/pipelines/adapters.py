@@ -1,0 +1,237 @@
+"""Adapters at generation time, and the file operations behind ``nijimi lora``.
+
+A generation with LoRAs (``--lora FILE[:W[:UNET_W]]`` options and A1111 ``<lora:NAME:W>`` tags in the prompt):
+:func:`apply_loras` reads each adapter, puts them all on the model with their multipliers, merges them into the
+weights in one pass (each update computed on the original weights, so the order does not matter) and takes the
+wrappers off again, so sampling runs at the base model's speed. It returns the prompt without its tags and an
+``undo`` that copies the saved original weights back — bit for bit, in any dtype (subtracting the update again would
+round). A1111 keeps the same backup of each changed weight.
+
+How a pipeline uses it (``Pipeline.generate``)::
+
+    applied = apply_loras(self, loras, prompt, lora_dir)   # clears self.conditioner.cache if the text encoder changed
+    try:
+        ... generate from applied.prompt ...
+    finally:
+        applied.undo()                                     # and clears the cache again
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from nijimi.adapters.formats import LoadedAdapter, read_adapter, save_adapter
+from nijimi.adapters.inject import adapted_layers, apply_adapter, merge_adapters, remove_adapter
+from nijimi.adapters.modules import AdaptedLayer
+from nijimi.adapters.names import part_of
+from nijimi.adapters.tags import parse_lora_option, parse_lora_tags, resolve_lora
+from nijimi.adapters.tools import extract_lora, resize_lora
+from nijimi.adapters.weights import Adapter
+from nijimi.embedded import embedded_path
+from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.checkpoint import load_model
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.train.adapter import load_base
+
+
+class LoraRequest(NamedTuple):
+    """One adapter to apply: its file and A1111's text-encoder and U-Net multipliers."""
+
+    path: Path
+    te_multiplier: float = 1.0
+    unet_multiplier: float = 1.0
+
+
+def lora_requests(options: Sequence[str], lora_dir: str | os.PathLike | None = None) -> list[LoraRequest]:
+    """``--lora`` options (``FILE[:WEIGHT[:UNET_WEIGHT]]``) → requests. A FILE that is not an existing path is looked
+    up by name in ``lora_dir`` (:func:`~nijimi.adapters.tags.resolve_lora`); without one it is an error."""
+    requests = []
+    for option in options:
+        path, te, unet = parse_lora_option(option)
+        if not path.exists():
+            if lora_dir is None:
+                raise ConfigError(f"--lora {option!r}: no file {path} (give a path, or a name with --lora-dir)")
+            path = resolve_lora(str(path), lora_dir)
+        requests.append(LoraRequest(path, te, unet))
+    return requests
+
+
+@dataclass
+class AppliedLoras:
+    """What :func:`apply_loras` did: the ``prompt`` without its tags, the adapters applied (zero multipliers left
+    out), whether the text encoder's weights changed, each file's keys/modules left out (path → key → why), and
+    ``undo`` (call once; later calls do nothing)."""
+
+    prompt: str
+    applied: list[LoraRequest]
+    text_encoder_changed: bool
+    unmatched: dict[Path, dict[str, str]] = field(default_factory=dict)
+    undo: Callable[[], None] = lambda: None
+
+
+def _model_and_cache(target) -> tuple[LatentDiffusion, dict | None]:
+    """A pipeline's model and prompt cache (``pipe.conditioner.cache``), or a bare model and None."""
+    if isinstance(target, LatentDiffusion):
+        return target, None
+    return target.model, target.conditioner.cache
+
+
+def _active(adapter: Adapter, te: float, unet: float) -> Adapter:
+    """The modules whose multiplier is not 0 (so a zero multiplier changes no weight at all)."""
+    keep = {path: w for path, w in adapter.modules.items() if {"text": te, "unet": unet}.get(part_of(path), 1.0)}
+    return Adapter(keep, dict(adapter.metadata))
+
+
+def _base_layer(model: nn.Module, path: str) -> nn.Module:
+    layer = model.get_submodule(path)
+    return layer.base if isinstance(layer, AdaptedLayer) else layer
+
+
+def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[str], list[LoraRequest], dict, bool]:
+    """Read and attach every request as adapter ``nijimi_lora_<i>`` (not merged): (names, applied, unmatched,
+    text changed). Files are all read before anything is attached; on any error the model is left as it was."""
+    loaded: list[tuple[LoraRequest, LoadedAdapter, Adapter]] = []
+    for request in requests:
+        file = read_adapter(request.path, model.config)
+        loaded.append((request, file, _active(file.adapter, request.te_multiplier, request.unet_multiplier)))
+    names, applied, unmatched, text = [], [], {}, False
+    for i, (request, file, adapter) in enumerate(loaded):
+        unmatched[request.path] = dict(file.unmatched)
+        if not adapter.modules:
+            continue
+        name = f"nijimi_lora_{i}"
+        try:
+            skipped = apply_adapter(model, adapter, name, 1.0, request.unet_multiplier, request.te_multiplier,
+                                    strict=False)
+        except CheckpointError as e:  # no module of this file fits: take the earlier ones off again
+            for earlier in names:
+                remove_adapter(model, earlier)
+            raise CheckpointError(f"{request.path}: {e}") from None
+        unmatched[request.path].update(skipped)
+        text = text or any(part_of(p) == "text" for p in adapter.modules if p not in skipped)
+        names.append(name)
+        applied.append(request)
+    return names, applied, unmatched, text
+
+
+def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str = "",
+                lora_dir: str | os.PathLike | None = None) -> AppliedLoras:
+    """Merge the ``loras`` and the prompt's ``<lora:NAME:W>`` tags (NAME looked up in ``lora_dir``) into the weights
+    of ``target`` — a :class:`~nijimi.pipelines.pipeline.Pipeline` or a :class:`LatentDiffusion`; see the module
+    docstring. ``loras``: :class:`LoraRequest` s or ``(path, te_multiplier, unet_multiplier)`` tuples. A
+    pipeline's prompt cache is cleared when the text encoder changes, and again by ``undo``."""
+    model, cache = _model_and_cache(target)
+    text, tags = parse_lora_tags(prompt)
+    if tags and lora_dir is None:
+        raise ConfigError(f"the prompt names LoRAs {[t.name for t in tags]} but no LoRA folder is given "
+                          "(--lora-dir DIR)")
+    requests = [LoraRequest(Path(p), float(te), float(unet)) for p, te, unet in loras]
+    requests += [LoraRequest(resolve_lora(t.name, lora_dir), t.te_multiplier, t.unet_multiplier) for t in tags]
+    names, applied, unmatched, text_changed = _put_on(model, requests)
+    if not names:
+        return AppliedLoras(text, [], False, unmatched)
+    chosen = set(names)
+    with torch.no_grad():
+        saved = {path: (layer.base.weight.detach().clone(),
+                        None if layer.base.bias is None else layer.base.bias.detach().clone())
+                 for path, layer in adapted_layers(model) if chosen & set(layer.adapters)}
+    merge_adapters(model, names)
+    for name in names:
+        remove_adapter(model, name)
+    if text_changed and cache is not None:
+        cache.clear()
+
+    def undo() -> None:
+        with torch.no_grad():
+            for path, (weight, bias) in saved.items():
+                layer = _base_layer(model, path)
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+        saved.clear()
+        if text_changed and cache is not None:
+            cache.clear()
+
+    return AppliedLoras(text, applied, text_changed, unmatched, undo)
+
+
+# ---- nijimi lora extract | resize | info --------------------------------------------------------------------------
+
+def _float_dtype(loaded: LoadedAdapter) -> torch.dtype:
+    """The dtype of an adapter's stored tensors (float32 when mixed)."""
+    dtypes = {t.dtype for w in loaded.adapter.modules.values() for t in w.tensors.values() if t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _candidate_configs() -> list[ModelConfig]:
+    """Models an adapter file may be for, when none is named: the embedded model (if built), SD 1.x, SD 2.x."""
+    configs = [ModelConfig.sd15(), ModelConfig.sd21()]
+    try:
+        path = embedded_path()
+    except CheckpointError:
+        return configs
+    return [load_model(path)[0].config, *configs]
+
+
+def adapter_model_config(path: str | os.PathLike, base: str | None = None) -> tuple[ModelConfig, LoadedAdapter]:
+    """The config of the model an adapter file is for — ``base``'s (a model file, folder or ``"embedded"``), else the
+    first of the embedded model, SD 1.x and SD 2.x that every module of the file fits by name and shape — and the
+    adapter read for it."""
+    if base is not None:
+        config = load_base(base).config
+        return config, read_adapter(path, config)
+    for config in _candidate_configs():
+        try:
+            loaded = read_adapter(path, config, strict=True)
+            with torch.device("meta"):
+                apply_adapter(LatentDiffusion(config), loaded.adapter, strict=True)
+        except CheckpointError:
+            continue
+        return config, loaded
+    raise ConfigError(f"{path}: cannot tell which model this adapter is for (not the embedded model, SD 1.x or "
+                      "SD 2.x); name it with --base MODEL")
+
+
+def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; use --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def extract_adapter_file(base: str, tuned: str, out: str | os.PathLike, rank: int, conv_rank: int | None = None,
+                         targets: str | Sequence[str] = "attn+ff", text_encoder: bool = True, format: str = "kohya",
+                         min_diff: float = 0.0, overwrite: bool = False) -> Adapter:
+    """``nijimi lora extract``: a rank-``rank`` LoRA of ``tuned − base`` (:func:`~nijimi.adapters.tools.extract_lora`)
+    written to ``out``; layers that do not differ (by more than ``min_diff``) are left out. Models of different
+    architectures raise :class:`CheckpointError` naming the first layer that differs."""
+    out = _check_out(out, overwrite)
+    base_model, tuned_model = load_base(base), load_base(tuned)
+    parts = ("unet", "text") if text_encoder else ("unet",)
+    adapter = extract_lora(base_model, tuned_model, rank, targets, conv_rank, parts, min_diff)
+    if not adapter.modules:
+        raise ConfigError(f"{tuned} does not differ from {base} in the targeted layers ({targets}); nothing to extract")
+    comment = f"extracted by nijimi from {Path(tuned).name} - {Path(base).name}, rank {rank}"
+    save_adapter(adapter, out, base_model.config, format, metadata={"ss_training_comment": comment})
+    return adapter
+
+
+def resize_adapter_file(path: str | os.PathLike, rank: int, out: str | os.PathLike, base: str | None = None,
+                        format: str | None = None, overwrite: bool = False) -> Adapter:
+    """``nijimi lora resize``: every module of the file cut to at most ``rank`` by SVD
+    (:func:`~nijimi.adapters.tools.resize_lora`), saved to ``out`` in ``format`` (default: the file's) and the file's
+    float dtype, its metadata kept."""
+    out = _check_out(out, overwrite)
+    config, loaded = adapter_model_config(path, base)
+    resized = resize_lora(loaded.adapter, rank, config)
+    save_adapter(resized, out, config, format or loaded.format, dtype=_float_dtype(loaded))
+    return resized
+

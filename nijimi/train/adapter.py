@@ -1,0 +1,300 @@
+"""``nijimi train-adapter``: teach a frozen model something new through a small adapter, with the shared trainer.
+
+1. Load the base model (a checkpoint file, a diffusers folder or ``"embedded"``) and freeze it.
+2. Inject a new adapter (:func:`nijimi.adapters.inject.inject`) of one of :data:`ADAPTER_TYPES` — LoRA (arXiv
+   2106.09685), LoCon (LoRA on convolutions too), LoHa and LoKr (LyCORIS, 2309.14859), DoRA (2402.09353) — on the
+   chosen layers of the U-Net, and of the text encoder with ``text_encoder``. It starts as the identity.
+3. Train only its parameters on the diffusion loss (:class:`~nijimi.train.ldm.DiffusionObjective`; masked by the
+   images' masks with ``mask_loss``) with :class:`~nijimi.train.trainer.Trainer`: the same progress callback,
+   atomic checkpoints and bit-exact resume, loss curve and sample grids as ``nijimi train``. Checkpoints hold the
+   adapter alone (:class:`AdapterObjective`), not the base model.
+4. Save the adapter (its EMA weights when ``ema_decay`` > 0) as a kohya file with ``ss_*`` training metadata or a
+   diffusers/peft file, atomically.
+
+The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is :class:`ConceptShapes`, 64 scenes whose
+first object is pink, a colour the base world never shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nijimi import __version__
+from nijimi.adapters.formats import FORMATS, save_adapter
+from nijimi.adapters.inject import adapted_layers, get_adapter, inject
+from nijimi.adapters.targets import PRESETS, AdapterSpec
+from nijimi.embedded import embedded_path
+from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.checkpoint import load_model
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.train.data import ImageFolder
+from nijimi.train.ldm import DiffusionObjective
+from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.shapes import COLOURS, Scene, ShapesDataset, describe, render, to_tensor
+from nijimi.train.trainer import LoopConfig, Trainer
+
+EMBEDDED = "embedded"
+ADAPTER_NAME = "default"
+ADAPTER_TYPES: dict[str, dict] = {
+    "lora": {"kind": "lora"},
+    "locon": {"kind": "lora"},
+    "loha": {"kind": "loha"},
+    "lokr": {"kind": "lokr"},
+    "dora": {"kind": "lora", "dora": True},
+}
+"""``--type`` → :class:`AdapterSpec` fields. LoCon is a LoRA whose default targets include the convolutions."""
+DEFAULT_TARGETS = {"locon": "all"}
+"""Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
+CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (240, 96, 176)}
+"""Colours the shapes world lacks, for ``data = "shapes-<colour>"``."""
+
+OnStep = Callable[[Trainer, float, float], None]
+# sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
+SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
+
+
+@dataclass
+class AdapterTrainConfig(LoopConfig):
+    """Every setting of an adapter run (``--key=value`` overrides name these fields), on top of :class:`LoopConfig`.
+
+    ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha`` 0 mean ``rank``/``alpha``. ``targets``:
+    a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated glob patterns over native module paths;
+    empty means the type's default. ``size`` 0 means the model's native size. ``work``: folder for the checkpoint,
+    loss curve and sample grids (default: ``out`` without its ending + ``-train``). ``min_snr_gamma`` 0 switches
+    Min-SNR weighting off. ``sample_prompts`` empty: the first four captions of the data. ``half``: save float16.
+    """
+
+    out: str = "adapter.safetensors"
+    work: str = ""
+    base: str = EMBEDDED
+    data: str = "shapes"
+    data_count: int = 64
+    size: int = 0
+    type: str = "lora"
+    rank: int = 4
+    alpha: float = 0.0
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
+    targets: str = ""
+    factor: int = -1
+    text_encoder: bool = False
+    mask_loss: bool = False
+    format: str = "kohya"
+    half: bool = False
+    caption_dropout: float = 0.0
+    min_snr_gamma: float = 5.0
+    sample_every: int = 100
+    sample_steps: int = 20
+    sample_prompts: tuple = ()
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    ema_decay: float = 0.0
+    save_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.type not in ADAPTER_TYPES:
+            raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown adapter format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.rank < 1 or self.conv_rank < 0:
+            raise ConfigError(f"rank must be ≥ 1 and conv_rank ≥ 0, got rank={self.rank}, conv_rank={self.conv_rank}")
+        if self.alpha < 0 or self.conv_alpha < 0:
+            raise ConfigError(f"alpha must be ≥ 0 (0: = rank), got alpha={self.alpha}, conv_alpha={self.conv_alpha}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out)
+        return Path(self.work) if self.work else out.with_name(out.stem + "-train")
+
+    def spec(self) -> AdapterSpec:
+        """The adapter to inject."""
+        targets = self.targets or DEFAULT_TARGETS.get(self.type, "attn+ff")
+        if targets not in PRESETS:
+            targets = tuple(p.strip() for p in targets.split(",") if p.strip())
+        return AdapterSpec(rank=self.rank, alpha=self.alpha or None, targets=targets,
+                           parts=("unet", "text") if self.text_encoder else ("unet",),
+                           conv_rank=self.conv_rank or None, conv_alpha=self.conv_alpha or None, factor=self.factor,
+                           **ADAPTER_TYPES[self.type])
+
+
+class ConceptShapes:
+    """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
+    first object recoloured to ``concept`` (a key of :data:`CONCEPT_COLOURS`) and captioned accordingly, e.g.
+    ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
+
+    def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
+        if concept not in CONCEPT_COLOURS:
+            raise ConfigError(f"unknown shapes concept {concept!r}; choose one of {', '.join(CONCEPT_COLOURS)}")
+        self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
+        self.palette = {**COLOURS, **CONCEPT_COLOURS}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def scene(self, index: int) -> Scene:
+        objects = self.base.scene(index).objects
+        return Scene((dataclasses.replace(objects[0], colour=self.concept), *objects[1:]))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
+        scene = self.scene(index)
+        caption = describe(scene, torch.Generator().manual_seed(self.base.seed * 1_000_003 + index))
+        return to_tensor(render(scene, self.base.size, self.palette)), caption
+
+
+def load_base(source: str) -> LatentDiffusion:
+    """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
+    model, _ = load_model(embedded_path() if source == EMBEDDED else source)
+    return model
+
+
+def open_adapter_data(cfg: AdapterTrainConfig, config) -> ShapesDataset | ConceptShapes | ImageFolder:
+    """The training images at ``cfg.size`` (default: the native size of a model of ``config``)."""
+    multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
+    size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
+    if size % multiple:
+        raise ConfigError(f"image size {size} must be a multiple of {multiple} for this model")
+    if cfg.data == "shapes":
+        return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
+    if cfg.data.startswith("shapes-"):
+        return ConceptShapes(cfg.data.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
+    return ImageFolder(cfg.data, size, seed=cfg.seed)
+
+
+class AdapterObjective(nn.Module):
+    """What the trainer trains: the injected adapter's per-layer modules are this module's only sub-modules (keys
+    ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone; the frozen
+    model's :class:`DiffusionObjective` computes the loss and stays outside the module tree."""
+
+    def __init__(self, objective: DiffusionObjective, model: LatentDiffusion, name: str = ADAPTER_NAME) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
+                                     for path, layer in adapted_layers(model) if name in layer.adapters})
+        object.__setattr__(self, "objective", objective)  # a plain attribute: not part of state_dict()
+
+    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
+        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`)."""
+        return self.objective(indices, generator, part)
+
+    def train(self, mode: bool = True) -> AdapterObjective:
+        super().train(mode)
+        self.objective.train(mode)
+        return self
+
+
+@dataclass
+class AdapterTraining:
+    """A prepared run: the model with the adapter injected, the data, and the trainer of :class:`AdapterObjective`."""
+
+    cfg: AdapterTrainConfig
+    model: LatentDiffusion
+    data: object
+    trainer: Trainer
+    paths: list[str]
+
+
+def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = None, data=None,
+                     resume: bool = False) -> AdapterTraining:
+    """Load (or take) the base model and data, inject the adapter, build the trainer; with ``resume``, continue
+    from ``work_dir/checkpoint.pt`` when it exists."""
+    model = load_base(cfg.base) if model is None else model
+    data = open_adapter_data(cfg, model.config) if data is None else data
+    objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
+                                   model.config.schedule, data, caption_dropout=cfg.caption_dropout,
+                                   min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
+                                   mask_loss=cfg.mask_loss)
+    paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
+    trainer = Trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir)
+    if resume and trainer.checkpoint_path.is_file():
+        try:
+            trainer.resume()
+        except (RuntimeError, KeyError) as e:  # the checkpoint's adapter has other modules or shapes
+            raise CheckpointError(f"{trainer.checkpoint_path} was made for another adapter (type, rank or "
+                                  f"targets differ); start without --resume or use another work folder: "
+                                  f"{str(e).splitlines()[0]}") from None
+    return AdapterTraining(cfg, model, data, trainer, paths)
+
+
+def _prompts(cfg: AdapterTrainConfig, data) -> list[str]:
+    return list(cfg.sample_prompts) or [data[i][1] for i in range(min(4, len(data)))]
+
+
+def write_samples(run: AdapterTraining, sample_fn: SampleFn) -> Path:
+    """A sample grid with the adapter's EMA weights at the current step; the live weights, their ``requires_grad``
+    (a pipeline freezes the model it is given) and training mode are restored afterwards."""
+    trainer = run.trainer
+    live = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    trainer.ema.copy_to(trainer.module)
+    run.model.eval()
+    try:
+        images = sample_fn(run.model, _prompts(run.cfg, run.data), run.cfg.sample_steps, run.cfg.seed)
+        return write_grid(images, run.cfg.work_dir / f"samples-{trainer.step:06d}.png")
+    finally:
+        trainer.module.load_state_dict(live)
+        for p in trainer.params:
+            p.requires_grad_(True)
+        trainer.module.train()
+
+
+def training_metadata(run: AdapterTraining) -> dict[str, str]:
+    """kohya sd-scripts' ``ss_*`` training entries (the network ones come from :func:`save_adapter`)."""
+    cfg = run.cfg
+    size = run.data[0][0].shape[-1]
+    return {"ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr), "ss_unet_lr": repr(cfg.lr),
+            "ss_text_encoder_lr": repr(cfg.lr if cfg.text_encoder else 0.0), "ss_max_train_steps": str(cfg.steps),
+            "ss_steps": str(run.trainer.step), "ss_batch_size_per_device": str(cfg.batch_size),
+            "ss_num_train_images": str(len(run.data)), "ss_resolution": f"({size}, {size})",
+            "ss_seed": str(cfg.seed), "ss_lr_scheduler": "cosine_with_warmup",
+            "ss_lr_warmup_steps": str(cfg.warmup_steps), "ss_min_snr_gamma": repr(cfg.min_snr_gamma or None),
+            "ss_caption_dropout_rate": repr(cfg.caption_dropout), "ss_masked_loss": str(cfg.mask_loss),
+            "ss_mixed_precision": "no", "ss_optimizer": "torch.optim.AdamW",
+            "ss_training_comment": f"nijimi {__version__} train-adapter --type {cfg.type} --data {cfg.data}"}
+
+
+def save_trained(run: AdapterTraining) -> Path:
+    """Write the adapter (EMA weights) to ``cfg.out`` atomically in ``cfg.format``."""
+    run.trainer.ema.copy_to(run.trainer.module)
+    out = Path(run.cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter(get_adapter(run.model, ADAPTER_NAME), out, run.model.config, run.cfg.format,
+                 dtype=torch.float16 if run.cfg.half else None, metadata=training_metadata(run))
+    return out
+
+
+def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: bool = False,
+                  on_step: OnStep | None = None, sample_fn: SampleFn | None = None,
+                  model: LatentDiffusion | None = None, data=None) -> AdapterTraining:
+    """Run the whole recipe (see the module docstring); returns the finished run (``cfg.out`` written).
+
+    ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. An existing ``cfg.out`` is refused before any
+    work unless ``overwrite``. Sample grids (with ``sample_fn``) are made at step 0 — the base model — and every
+    ``sample_every`` steps.
+    """
+    if Path(cfg.out).exists() and not overwrite:
+        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
+    run = prepare_training(cfg, model, data, resume)
+    if sample_fn is not None and cfg.sample_every and run.trainer.step == 0:
+        write_samples(run, sample_fn)
+
+    def step(trainer: Trainer, loss: float, seconds: float) -> None:
+        if on_step is not None:
+            on_step(trainer, loss, seconds)
+        if cfg.sample_every and (trainer.step % cfg.sample_every == 0 or trainer.step == cfg.steps):
+            write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "adapter")
+            if sample_fn is not None:
+                write_samples(run, sample_fn)
+
+    run.trainer.run(on_step=step)
+    save_trained(run)
+    return run

@@ -1,0 +1,151 @@
+"""``nijimi train-adapter`` and ``nijimi lora extract | resize | info``: the CLI side of adapters; plus the
+``--lora``/``--lora-dir`` options ``nijimi generate`` takes (:func:`add_lora_arguments`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from nijimi.adapters.formats import FORMATS
+from nijimi.adapters.tools import describe_adapter
+from nijimi.adapters.weights import Adapter
+from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
+from nijimi.train.adapter import ADAPTER_TYPES, EMBEDDED, AdapterTrainConfig, load_base, train_adapter
+from nijimi.train.config import build_config
+from nijimi.ui.progress import ProgressBar
+from nijimi.ui.train import sample_images
+
+_SETTINGS = tuple(f.name for f in dataclasses.fields(AdapterTrainConfig))
+_FLAGGED = ("type", "base", "data", "out", "rank", "alpha", "targets", "steps", "batch_size", "lr", "format", "work",
+            "text_encoder", "mask_loss")
+"""Settings with a flag of their own; the others get a generic ``--key=value`` (:func:`_add_settings`)."""
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+    values = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)}
+    cfg = build_config(AdapterTrainConfig, values)
+    bars: list[ProgressBar] = []
+
+    def on_step(trainer, loss: float, seconds: float) -> None:
+        if args.quiet:
+            return
+        if not bars:
+            bars.append(ProgressBar(trainer.cfg.steps, label=f"train {cfg.type}"))
+            bars[0].resume_at(trainer.step)
+        bars[0].update(trainer.step, loss=loss)
+
+    try:
+        train_adapter(cfg, resume=args.resume, overwrite=args.overwrite, on_step=on_step,
+                      sample_fn=None if args.no_samples else sample_images)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(cfg.out)
+    return 0
+
+
+def _summary(adapter: Adapter, out: str) -> str:
+    kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(adapter.kinds().items()))
+    ranks = ", ".join(f"{r} ×{n}" for r, n in sorted(adapter.ranks().items(), key=lambda kv: str(kv[0])))
+    return f"{out}: {len(adapter.modules)} modules ({kinds}; ranks {ranks})"
+
+
+def cmd_lora_extract(args: argparse.Namespace) -> int:
+    adapter = extract_adapter_file(args.base, args.tuned, args.out, args.rank, args.conv_rank, args.targets,
+                                   not args.unet_only, args.format, args.min_diff, args.overwrite)
+    print(_summary(adapter, args.out))
+    return 0
+
+
+def cmd_lora_resize(args: argparse.Namespace) -> int:
+    adapter = resize_adapter_file(args.file, args.rank, args.out, args.base, args.format, args.overwrite)
+    print(_summary(adapter, args.out))
+    return 0
+
+
+def cmd_lora_info(args: argparse.Namespace) -> int:
+    print(describe_adapter(args.file, None if args.base is None else load_base(args.base).config))
+    return 0
+
+
+def _add_train_adapter_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-adapter", help="train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model")
+    p.add_argument("--type", choices=tuple(ADAPTER_TYPES), help="adapter kind (default lora)")
+    p.add_argument("--base", help=f"model to adapt: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
+    p.add_argument("--data", help="folder of captioned images, shapes, or shapes-pink (default shapes)")
+    p.add_argument("--out", required=True, help="the adapter file to write (.safetensors)")
+    p.add_argument("--rank", type=int, help="rank (default 4)")
+    p.add_argument("--alpha", type=float, help="alpha; scale = alpha / rank (default: = rank)")
+    p.add_argument("--targets", help="attn, attn+ff, all-linear, all, or comma-separated module patterns "
+                                     "(default attn+ff; all for locon)")
+    p.add_argument("--steps", type=int, help="training steps (default 500)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 4)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    p.add_argument("--format", choices=FORMATS, help="kohya (A1111, ComfyUI; default) or peft (diffusers)")
+    p.add_argument("--work", help="folder for the checkpoint, loss curve and sample grids (default OUT-train/)")
+    p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder")
+    p.add_argument("--mask-loss", action="store_true", help="weight the loss by each image's mask (learn where 1)")
+    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_settings(p)
+    p.set_defaults(func=cmd_train_adapter)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """``--key=value`` for every other :class:`AdapterTrainConfig` field (typed and checked by ``build_config``)."""
+    group = p.add_argument_group("run settings", "every other setting as --key=value, e.g. --warmup-steps=50 "
+                                                 "--conv-rank=8 --half=true --sample-every=0")
+    defaults = AdapterTrainConfig()
+    for name in _SETTINGS:
+        if name not in _FLAGGED:
+            flags = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
+            group.add_argument(*flags, dest=name, metavar="VALUE", help=f"default {getattr(defaults, name)!r}")
+
+
+def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lora", help="LoRA files: extract one from two models, resize one, describe one")
+    what = p.add_subparsers(dest="what", required=True, metavar="ACTION")
+    q = what.add_parser("extract", help="a LoRA approximating the difference of a fine-tuned model and its base")
+    q.add_argument("--base", required=True, help=f"the original model (file, folder or {EMBEDDED})")
+    q.add_argument("--tuned", required=True, help="the fine-tuned model")
+    q.add_argument("--rank", type=int, required=True, help="rank of the LoRA")
+    q.add_argument("--conv-rank", type=int, help="rank for 3×3 convolutions (with --targets all)")
+    q.add_argument("--targets", default="attn+ff", help="attn, attn+ff (default), all-linear or all")
+    q.add_argument("--unet-only", action="store_true", help="leave the text encoder out")
+    q.add_argument("--min-diff", type=float, default=0.0, help="skip layers that differ by at most this")
+    q.add_argument("--format", choices=FORMATS, default="kohya")
+    q.add_argument("--out", required=True, help="the LoRA file to write")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    q.set_defaults(func=cmd_lora_extract)
+
+    q = what.add_parser("resize", help="reduce a LoRA/LoHa/LoKr file to a lower rank (SVD)")
+    q.add_argument("file", help="the adapter file")
+    q.add_argument("--rank", type=int, required=True, help="the new (maximum) rank")
+    q.add_argument("--out", required=True, help="the resized file to write")
+    q.add_argument("--base", help="the model it is for (default: recognised among embedded, SD 1.x, SD 2.x)")
+    q.add_argument("--format", choices=FORMATS, help="output format (default: the input's)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    q.set_defaults(func=cmd_lora_resize)
+
+    q = what.add_parser("info", help="format, modules, ranks and metadata of an adapter file")
+    q.add_argument("file", help="the adapter file (or peft folder)")
+    q.add_argument("--base", help="also check how it fits this model")
+    q.set_defaults(func=cmd_lora_info)
+
+
+def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
+    _add_train_adapter_parser(sub)
+    _add_lora_parsers(sub)
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """``--lora FILE[:W[:UNET_W]]`` (repeatable) and ``--lora-dir DIR`` for ``nijimi generate``; turn them into
+    requests with :func:`nijimi.pipelines.adapters.lora_requests` and hand those to ``apply_loras``."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET_W]]",
+                   help="apply a LoRA/LyCORIS/peft adapter with text-encoder weight W (default 1) and U-Net weight "
+                        "UNET_W (default W); repeatable; FILE may be a name in --lora-dir")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="folder searched for <lora:NAME:W> prompt tags and --lora names")
