@@ -6,8 +6,7 @@ sampling steps inside its ``[start, end]`` fraction of the run (diffusers' ``con
 guess mode (and for "shuffle"-style ControlNets with ``global_pool``) a unit steers only the conditional half of a
 classifier-free-guidance batch, the unconditional half gets zero residuals, and its residuals are scaled up
 geometrically from the shallowest skip to the middle block (:func:`nijimi.models.controlnet.residual_scales`).
-The pipeline hands the step to its U-Net call in the conditioning (:meth:`ControlRun.inputs`); maps are made by
-:mod:`nijimi.pipelines.control_maps`.
+The pipeline hands the step to its U-Net call in the conditioning (:meth:`ControlRun.inputs`).
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from nijimi.pipelines.control_maps import ControlSpec
 class ControlUnit:
     """One ControlNet steering a generation.
 
-    ``model``: the ControlNet; ``image``: its control map (1, hint_channels, H, W) in [0, 1] at the output size;
-    ``scale``: multiplier of its residuals (diffusers' ``controlnet_conditioning_scale``); ``start``/``end``: the
-    fraction of the sampling steps it is active on; ``guess_mode``: see the module docstring.
+    ``model``: the ControlNet; ``image``: its control map (1, hint_channels, H, W) in [0, 1] at the output size
+    (:mod:`nijimi.pipelines.control_maps`); ``scale``: multiplier of its residuals (diffusers'
+    ``controlnet_conditioning_scale``); ``start``/``end``: the fraction of the sampling steps it is active on.
     """
 
     model: ControlNetModel
@@ -66,6 +65,10 @@ class ControlUnit:
         return self.guess_mode or self.model.config.global_pool
 
 
+ControlInput = ControlUnit | ControlSpec
+"""What ``Pipeline.generate(control=…)`` takes: a unit, or a ``--control`` spec loaded at the output size."""
+
+
 def step_fraction(step: int, steps: int) -> tuple[float, float]:
     """The part of the run sampling step ``step`` (0-based) of ``steps`` covers: ``(step/steps, (step+1)/steps)``."""
     if not 0 <= step < steps:
@@ -86,26 +89,22 @@ def control_residuals(units: Sequence[ControlUnit], x: torch.Tensor, t: torch.Te
     Returns (down residuals, one per U-Net skip; mid residual) for ``UNetModel.forward``.
     """
     begin, finish = (step_fraction, step_fraction) if isinstance(step_fraction, int | float) else step_fraction
+    cond_rows = None
+    if cond_only_mask is not None:
+        if cond_only_mask.dtype != torch.bool or cond_only_mask.shape != (x.shape[0],):
+            raise ConfigError(f"cond_only_mask must be a ({x.shape[0]},) bool tensor, got "
+                              f"{tuple(cond_only_mask.shape)} {cond_only_mask.dtype}")
+        cond_rows = cond_only_mask.nonzero().squeeze(1)
     down_sum: list[torch.Tensor] | None = None
     mid_sum: torch.Tensor | None = None
     for unit in units:
-        if not unit.active(begin, finish):
+        rows = cond_rows if unit.cond_only else None
+        if not unit.active(begin, finish) or (rows is not None and rows.numel() == 0):
             continue
-        rows = None
-        if unit.cond_only and cond_only_mask is not None:
-            rows = _mask_rows(cond_only_mask, x.shape[0])
-            if rows.numel() == 0:
-                continue
         down, mid = _unit_residuals(unit, x, t, context, rows)
         down_sum = down if down_sum is None else [a + b for a, b in zip(down_sum, down, strict=True)]
         mid_sum = mid if mid_sum is None else mid_sum + mid
     return down_sum, mid_sum
-
-
-def _mask_rows(mask: torch.Tensor, batch: int) -> torch.Tensor:
-    if mask.dtype != torch.bool or mask.shape != (batch,):
-        raise ConfigError(f"cond_only_mask must be a ({batch},) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    return mask.nonzero().squeeze(1)
 
 
 def _unit_residuals(unit: ControlUnit, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -123,7 +122,6 @@ def _unit_residuals(unit: ControlUnit, x: torch.Tensor, t: torch.Tensor, context
 
 
 def _scatter(residual: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """(len(rows), …) → (batch, …) with the values at ``rows`` and zeros elsewhere."""
     out = residual.new_zeros((batch, *residual.shape[1:]))
     out[rows] = residual
     return out
@@ -166,14 +164,16 @@ class ControlRun:
         return {"control": [{k: getattr(u, k) for k in keys} for u in self.units]} if self.units else {}
 
 
-def prepare_control(units: Sequence[ControlUnit] | None, config: ModelConfig, width: int, height: int, first: int,
-                    steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig, width: int, height: int,
+                    first: int, steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     ) -> ControlRun:
-    """Check ``units`` against the model (``config``) and the ``width × height`` output and move their ControlNets
-    to ``device`` and ``dtype`` (in place). Raises ``ConfigError`` for a ControlNet that does not fit the U-Net or
-    the VAE's scale, ``ImageError`` for a map of another size than the output."""
+    """Load specs (:func:`load_control_unit`), check every unit against the model (``config``) and the ``width ×
+    height`` output and move its ControlNet to ``device`` and ``dtype`` (in place). Raises ``ConfigError`` for a
+    ControlNet that does not fit the U-Net or the VAE's scale, ``ImageError`` for a map not at the output size."""
+    units = [load_control_unit(c, width, height, config.unet, dtype) if isinstance(c, ControlSpec) else c
+             for c in control or ()]
     f, z = config.vae.downscale_factor, config.vae.z_channels
-    for i, unit in enumerate(units or ()):
+    for i, unit in enumerate(units):
         cfg = unit.model.config
         cfg.check_fits(config.unet)
         if cfg.unet.in_channels != z:
@@ -185,7 +185,7 @@ def prepare_control(units: Sequence[ControlUnit] | None, config: ModelConfig, wi
             raise ImageError(f"control map {i} is {unit.image.shape[3]}×{unit.image.shape[2]}, the output is "
                              f"{width}×{height}; prepare maps at the output size")
         unit.model.to(device, dtype)
-    return ControlRun(tuple(units or ()), first, steps)
+    return ControlRun(tuple(units), first, steps)
 
 
 def load_control_unit(spec: ControlSpec, width: int, height: int, unet: UNetConfig | None = None,

@@ -24,7 +24,7 @@ from nijimi.errors import ConfigError, PromptError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
 from nijimi.pipelines.conditioning import Conditioner, StepConditioning
-from nijimi.pipelines.control import ControlRun, ControlStep, ControlUnit, prepare_control
+from nijimi.pipelines.control import ControlInput, ControlRun, ControlStep, prepare_control
 from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 
@@ -79,7 +79,7 @@ class Pipeline:
                  batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
                  guidance_rescale: float = 0.0, vae_tile: int | None = None, attention_slice: int | None = None,
-                 control: Sequence[ControlUnit] | None = None,
+                 control: Sequence[ControlInput] | None = None,
                  callback: Callable[[StepInfo], None] | None = None) -> Generation:
         """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
 
@@ -88,7 +88,7 @@ class Pipeline:
         ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed + i))`` — the convention
         diffusers and A1111 share — so a seed means the same picture across tools. ``vae_tile`` (pixels) and
         ``attention_slice`` (query rows) bound memory; None chooses from the free memory, 0 switches them off.
-        ``control``: ControlNets and their maps at the output size (moved to the pipeline's device and dtype).
+        ``control``: ControlNets (units, moved to the pipeline's device and dtype, or ``--control`` specs).
         """
         if not prompt and cfg != 1.0 and not negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
