@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -23,6 +23,8 @@ from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import ModelConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.pipelines.control_maps import ControlSpec
+
+_SHOWN = ("scale", "start", "end", "guess_mode")
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +149,7 @@ class ControlRun:
     units: tuple[ControlUnit, ...]
     first: int
     steps: int
+    settings: dict  # {"control": [each spec's fields, or a unit's scale, start, end, guess_mode]}; {} without units
 
     def inputs(self, step: int, batch: int, device: torch.device | str = "cpu") -> tuple[dict, dict]:
         """Extra U-Net inputs at sampling step ``step`` for the conditional and the unconditional branch (empty
@@ -158,11 +161,6 @@ class ControlRun:
         cond, uncond = (torch.full((batch,), v, dtype=torch.bool, device=device) for v in (True, False))
         return {"control": control, "is_cond": cond}, {"control": control, "is_cond": uncond}
 
-    def settings(self) -> dict:
-        """``{"control": [{"scale", "start", "end", "guess_mode"} per unit]}``, or {} without units."""
-        keys = ("scale", "start", "end", "guess_mode")
-        return {"control": [{k: getattr(u, k) for k in keys} for u in self.units]} if self.units else {}
-
 
 def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig, width: int, height: int,
                     first: int, steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -172,6 +170,7 @@ def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig,
     ControlNet that does not fit the U-Net or the VAE's scale, ``ImageError`` for a map not at the output size."""
     units = [load_control_unit(c, width, height, config.unet, dtype) if isinstance(c, ControlSpec) else c
              for c in control or ()]
+    described = [asdict(c) if isinstance(c, ControlSpec) else {k: getattr(c, k) for k in _SHOWN} for c in control or ()]
     f, z = config.vae.downscale_factor, config.vae.z_channels
     for i, unit in enumerate(units):
         cfg = unit.model.config
@@ -185,7 +184,7 @@ def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig,
             raise ImageError(f"control map {i} is {unit.image.shape[3]}×{unit.image.shape[2]}, the output is "
                              f"{width}×{height}; prepare maps at the output size")
         unit.model.to(device, dtype)
-    return ControlRun(tuple(units), first, steps)
+    return ControlRun(tuple(units), first, steps, {"control": described} if described else {})
 
 
 def load_control_unit(spec: ControlSpec, width: int, height: int, unet: UNetConfig | None = None,

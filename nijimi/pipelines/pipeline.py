@@ -123,7 +123,7 @@ class Pipeline:
                     "sampler": canonical_name(sampler), "cfg": cfg, "seed": seed, "width": width, "height": height,
                     "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale,
                     "vae_tile": vae_tile or 0, "attention_slice": attention_slice or 0,
-                    "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings()}
+                    "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings}
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings)
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:

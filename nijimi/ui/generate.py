@@ -16,6 +16,7 @@ from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
 from nijimi.pipelines.pipeline import EMBEDDED, Generation, Pipeline, load
 from nijimi.pipelines.runtime import DTYPES
+from nijimi.ui.control import add_control_argument, control_infotext, control_specs, specs_from_recipe
 from nijimi.ui.progress import ProgressBar
 
 
@@ -56,7 +57,8 @@ def _recipe(pipe: Pipeline, gen: Generation, seed: int) -> dict:
 
 def _a1111_text(pipe: Pipeline, gen: Generation, seed: int) -> str:
     s = gen.settings
-    extra = {"Denoising strength": s.get("strength"), "Clip skip": s.get("clip_skip")}
+    extra = {"Denoising strength": s.get("strength"), "Clip skip": s.get("clip_skip"),
+             **control_infotext(s.get("control"))}
     fields = generation_settings(steps=s["steps"], sampler=display_name(s["sampler"]), cfg_scale=s["cfg"], seed=seed,
                                  width=s["width"], height=s["height"], model_hash=pipe.model_hash, model=pipe.name,
                                  extra=extra)
@@ -99,7 +101,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps, "sampler": args.sampler,
                 "cfg": args.cfg, "seed": args.seed, "width": width, "height": height, "batch": args.batch,
                 "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip,
-                "vae_tile": args.vae_tile, "attention_slice": args.attention_slice}
+                "vae_tile": args.vae_tile, "attention_slice": args.attention_slice,
+                "control": control_specs(args.control)}
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
@@ -125,6 +128,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if recipe["model"]["hash"] and pipe.model_hash and pipe.model_hash != recipe["model"]["hash"]:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recipe['model']['hash']}")
     settings = {k: recipe[k] for k in _REPLAYED if k in recipe}
+    settings["control"] = specs_from_recipe(recipe.get("control"), str(args.image))
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
@@ -156,6 +160,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode (and encode) in N-pixel tiles; 0 = never (default: when memory is short)")
     p.add_argument("--attention-slice", type=int, metavar="N",
                    help="compute attention N query rows at a time; 0 = never (default: when memory is short)")
+    add_control_argument(p)
     add_output_arguments(p)
 
 
