@@ -195,21 +195,29 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) → (B, C, 2H, 2W)."""
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) → (B, C, 2H, 2W), or to ``size`` (the skip's) when a side was odd before downsampling."""
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class TimestepSequential(nn.Sequential):
     """A U-Net block: its sub-modules in order, each fed what it takes (ResBlock: emb, SpatialTransformer: context)."""
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """h: (B, C, H, W), emb: (B, time_embed_dim), context: (B, M, context_dim) → (B, C', H', W')."""
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                upsample_size: torch.Size | None = None) -> torch.Tensor:
+        """h: (B, C, H, W), emb: (B, time_embed_dim), context: (B, M, context_dim) → (B, C', H', W').
+
+        ``upsample_size``: the spatial size an ``Upsample`` must produce (the next skip's), for latents whose sides
+        are not multiples of 2^(levels-1) — e.g. 520 px with SD's 8× VAE."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, SpatialTransformer):
                 h = layer(h, context)
+            elif isinstance(layer, Upsample):
+                h = layer(h, upsample_size)
             else:
                 h = layer(h)
         return h
@@ -326,7 +334,8 @@ class UNetModel(nn.Module):
                 mid_residual: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the network target for noisy latents ``x`` at timesteps ``t`` given text ``context``.
 
-        x: (B, in_channels, H, W) with H, W multiples of 2^(levels-1); t: (B,) or () int/float timesteps;
+        x: (B, in_channels, H, W), any H, W (an odd side is upsampled back to its skip's size, as diffusers does);
+        t: (B,) or () int/float timesteps;
         context: (B, M, context_dim). ``down_residuals`` (one per input block, each shaped like its skip) and
         ``mid_residual`` (shaped like the middle block output) are ControlNet outputs (arXiv:2302.05543): added to
         the skips before the decoder concatenates them, and to the middle block output.
@@ -345,15 +354,14 @@ class UNetModel(nn.Module):
         if down_residuals is not None:
             skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, down_residuals: list | None) -> None:
         cfg = self.config
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ConfigError(f"U-Net input must be (B, {cfg.in_channels}, H, W) with H, W multiples of {factor}, "
-                              f"got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ConfigError(f"U-Net input must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
             raise ConfigError(f"U-Net context must be ({x.shape[0]}, M, {cfg.context_dim}), got {tuple(context.shape)}")
         if down_residuals is not None and len(down_residuals) != len(self.input_blocks):

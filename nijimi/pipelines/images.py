@@ -13,8 +13,8 @@ from PIL import Image, UnidentifiedImageError
 from nijimi.errors import ConfigError, ImageError
 
 SIZE_MULTIPLE = 8
-"""Widths and heights must be multiples of 8 pixels, the SD VAE's downscale factor (and of more when the model's
-VAE and U-Net together downscale more, see :func:`check_size`)."""
+"""Widths and heights must be multiples of 8 pixels, the SD VAE's downscale factor (or of a model's larger VAE
+factor, see :func:`check_size`); the U-Net takes any latent size."""
 
 
 def check_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> None:

@@ -140,7 +140,7 @@ class Pipeline:
             w = self.native_size if width is None else width
             h = self.native_size if height is None else height
         cfg = self.model.config
-        check_size(w, h, cfg.vae.downscale_factor * 2 ** (len(cfg.unet.channel_mult) - 1))
+        check_size(w, h, cfg.vae.downscale_factor)
         return w, h
 
     def _network(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, extra: torch.Tensor | None = None,

@@ -164,8 +164,8 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 
 ERROR_CASES = {
-    "size-not-multiple-of-8": (["a red cube", "--size", "60x64"], "width 60 must be a positive multiple of 16 pixels"),
-    "size-not-multiple-of-16": (["a red cube", "--size", "72x64"], "width 72 must be a positive multiple of 16"),
+    "size-not-multiple-of-8": (["a red cube", "--size", "60x64"], "width 60 must be a positive multiple of 8 pixels"),
+    "size-negative": (["a red cube", "--size", "64x-8"], "--size '64x-8' is not WIDTHxHEIGHT"),
     "size-not-a-size": (["a red cube", "--size", "big"], "--size 'big' is not WIDTHxHEIGHT"),
     "missing-model": (["a red cube", "--model", "{tmp}/nope.safetensors"], "no such file or folder"),
     "corrupt-model": (["a red cube", "--model", "{inputs}/corrupt.safetensors"], "corrupt.safetensors"),
