@@ -1,4 +1,8 @@
-"""The CLI side of ControlNet: ``generate --control …``, ``nijimi train-controlnet`` and ``nijimi eval control``."""
+"""The CLI side of ControlNet: ``generate --control …``, ``nijimi train-controlnet`` and ``nijimi eval control``.
+
+``cli.build_parser`` adds the commands with :func:`add_control_parsers` (``train-controlnet``) and
+:func:`add_eval_control_parser` (``control`` under ``nijimi eval``); ``generate`` takes :func:`add_control_argument`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,29 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from nijimi.errors import NijimiError
-from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
+import torch
+from PIL import Image
+
+from nijimi.errors import ConfigError, NijimiError
+from nijimi.io.controlnet import load_controlnet
+from nijimi.models.controlnet import ControlNetModel
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.pipelines.control import ControlUnit
+from nijimi.pipelines.control_maps import PREPROCESSORS, ControlSpec, parse_control_spec, preprocess
+from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
+from nijimi.train.config import build_config, read_toml
+from nijimi.train.controlnet import (
+    MASK,
+    ControlNetTrainConfig,
+    ControlPairs,
+    Preprocess,
+    evaluate_control,
+    format_control_table,
+    train_controlnet,
+)
+from nijimi.train.report import write_grid
+from nijimi.train.shapes import ShapesDataset
+from nijimi.ui.progress import ProgressBar
 
 CONTROL_HELP = ("steer with a ControlNet: model=PATH,image=IMG[,scale=1][,pre=map|invert|canny][,low=100,high=200]"
                 "[,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; repeat for several")
@@ -55,3 +80,138 @@ def control_infotext(entries: list[dict] | None) -> dict[str, str]:
 
 def _number(value: object) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+# ---- train-controlnet ---------------------------------------------------------------------------------------------
+
+CONDITIONS = (MASK, *PREPROCESSORS)
+_SETTINGS = tuple(f.name for f in dataclasses.fields(ControlNetTrainConfig))
+_FLAGGED = ("base", "data", "condition", "out", "steps", "batch_size", "lr", "work")
+"""Settings with a flag of their own; the others get a generic ``--key=value``."""
+
+
+def condition_preprocess(condition: str, low: float = 100, high: float = 200) -> Preprocess | None:
+    """The map maker of a training ``condition``: None for ``mask`` (built into the training data), else the
+    preprocessor of that name (canny with thresholds ``low``/``high``, checked here, before any work)."""
+    if condition not in CONDITIONS:
+        raise ConfigError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
+    if condition == MASK:
+        return None
+    preprocess(Image.new("RGB", (8, 8)), condition, low, high)
+    return lambda image: preprocess(image, condition, low, high)
+
+
+def sample_control_images(base: LatentDiffusion, controlnet: ControlNetModel, prompts: list[str],
+                          maps: list[torch.Tensor], steps: int, seed: int) -> list:
+    """One image per prompt and map (seeds seed, seed+1, …), default sampler: the sample grids of a training run."""
+    pipe = Pipeline(base)
+    return [pipe.generate(p, steps=steps, seed=seed + i, width=m.shape[3], height=m.shape[2],
+                          control=[ControlUnit(controlnet, m)]).images[0]
+            for i, (p, m) in enumerate(zip(prompts, maps, strict=True))]
+
+
+def cmd_train_controlnet(args: argparse.Namespace) -> int:
+    values = read_toml(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)})
+    cfg = build_config(ControlNetTrainConfig, values)
+    maker = condition_preprocess(cfg.condition, cfg.low, cfg.high)
+    bars: list[ProgressBar] = []
+
+    def on_step(trainer, loss: float, seconds: float) -> None:
+        if args.quiet:
+            return
+        if not bars:
+            bars.append(ProgressBar(trainer.cfg.steps, label=f"train controlnet ({cfg.condition})"))
+            bars[0].resume_at(trainer.step)
+        bars[0].update(trainer.step, loss=loss)
+
+    try:
+        train_controlnet(cfg, preprocess=maker, resume=args.resume, overwrite=args.overwrite, on_step=on_step,
+                         sample_fn=None if args.no_samples else sample_control_images)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(cfg.out)
+    return 0
+
+
+def add_control_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train-controlnet`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
+    p = sub.add_parser("train-controlnet", help="train a ControlNet that steers a locked model with condition maps")
+    p.add_argument("--config", help="a TOML recipe of the settings below (e.g. configs/controlnet-shapes.toml); "
+                                    "flags override it")
+    p.add_argument("--base", help=f"model to steer: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
+    p.add_argument("--data", help="shapes (the default) or a folder of captioned images")
+    p.add_argument("--condition", help=f"condition maps: {', '.join(CONDITIONS)} (default {MASK})")
+    p.add_argument("--out", help="the ControlNet file to write (.safetensors, original layout)")
+    p.add_argument("--steps", type=int, help="training steps (default 2000)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 8)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
+    p.add_argument("--work", help="folder for the checkpoint, loss curve and sample grids (default OUT-train/)")
+    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = p.add_argument_group("run settings", "every other setting as --key=value, e.g. --low=50 --high=150 "
+                                                 "--caption-dropout=0.3 --sample-every=0 --half=true")
+    defaults = ControlNetTrainConfig()
+    for name in _SETTINGS:
+        if name not in _FLAGGED:
+            flags = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
+            group.add_argument(*flags, dest=name, metavar="VALUE", help=f"default {getattr(defaults, name)!r}")
+    p.set_defaults(func=cmd_train_controlnet)
+
+
+# ---- eval control -------------------------------------------------------------------------------------------------
+
+def cmd_eval_control(args: argparse.Namespace) -> int:
+    pipe = load(args.model or EMBEDDED)
+    controlnet, _ = load_controlnet(args.controlnet)
+    size = args.size or pipe.native_size
+    pairs = ControlPairs(ShapesDataset(size, args.seed, args.split, args.n), args.condition,
+                         condition_preprocess(args.condition, args.low, args.high))
+    bar = None if args.quiet else ProgressBar(len(pairs), label="eval control")
+    made: list = []
+
+    def generate(captions: list[str], maps: list[torch.Tensor], seeds: list[int]) -> list:
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, width=size,
+                                height=size, control=[ControlUnit(controlnet, m, args.scale)]).images[0]
+                  for c, m, s in zip(captions, maps, seeds, strict=True)]
+        made.extend(zip(maps, images, strict=True))
+        if bar is not None:
+            bar.update(len(made))
+        return images
+
+    try:
+        result = evaluate_control(generate, pairs, seeds=[args.seed + i for i in range(len(pairs))])
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.grid:
+        shown = made[:8]
+        maps = [Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for m, _ in shown]
+        write_grid(maps + [image for _, image in shown], Path(args.grid), cols=len(shown))
+    print(format_control_table(result))
+    return 0
+
+
+def add_eval_control_parser(what: argparse._SubParsersAction) -> None:
+    """Add ``control`` under ``nijimi eval`` (``what``: the eval command's sub-parsers)."""
+    q = what.add_parser("control", help="generate with a ControlNet from held-out shapes scenes; mean IoU of the "
+                                        "objects vs the control masks, and the detector's prompt adherence")
+    q.add_argument("--controlnet", required=True, help="the ControlNet file or folder")
+    q.add_argument("--model", help="the model it steers (default: the embedded model)")
+    q.add_argument("--condition", default=MASK, help=f"the maps it was trained on: {', '.join(CONDITIONS)}")
+    q.add_argument("--low", type=float, default=100.0, help="canny's low threshold (default 100)")
+    q.add_argument("--high", type=float, default=200.0, help="canny's high threshold (default 200)")
+    q.add_argument("--scale", type=float, default=1.0, help="ControlNet weight (default 1)")
+    q.add_argument("--n", type=int, default=50, help="number of scenes (default 50)")
+    q.add_argument("--size", type=int, help="image side (default: the model's native size)")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--sampler", default="dpm++2m-karras")
+    q.add_argument("--cfg", type=float, default=7.0)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="scene split (default heldout)")
+    q.add_argument("--grid", help="also write a PNG of the first 8 maps (top) and images (bottom)")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_eval_control)
