@@ -34,9 +34,11 @@ from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, keys, safetensors
 from nijimi.io.detect import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, LatentDiffusion, ModelConfig
-from nijimi.text.tokenizer import BOS_TOKEN, EOS_TOKEN, VOCAB_FILE
+from nijimi.text.tokenizer import BOS_TOKEN, EOS_TOKEN, VOCAB_FILE, byte_symbols
 
 NIJIMI_CONFIG_KEY = "_nijimi_config"
+DIFFUSERS_LAYOUT_VERSION = "0.30.0"
+"""The diffusers release whose folder layout ``model_index.json`` says it follows (its pipelines require the key)."""
 TEXT_EXTRA_FILE = "nijimi_text_extra.safetensors"
 _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _CLIP_VOCAB_SIZE = 49408
@@ -213,7 +215,8 @@ def _write_contents(model: LatentDiffusion, folder: Path, half: bool) -> None:
 
 def _model_index(cfg: ModelConfig) -> dict:
     return {
-        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_LAYOUT_VERSION,
+        "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -226,9 +229,7 @@ def clip_vocabulary() -> tuple[list[str], list[str]]:
     256 byte symbols, the same with ``</w>``, one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>``."""
     with importlib.resources.files("nijimi").joinpath("data", VOCAB_FILE).open("rb") as raw:
         lines = gzip.decompress(raw.read()).decode("utf-8").split("\n")
-    # GPT-2's byte-to-unicode table: printable Latin-1 bytes stand for themselves, the other 68 for U+0100…U+0143.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    symbols = [symbol for _, symbol in byte_symbols()]
     merges = lines[1 : _CLIP_VOCAB_SIZE - 2 * len(symbols) - _N_SPECIAL + 1]
     tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return tokens, merges

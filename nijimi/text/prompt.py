@@ -468,9 +468,13 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """
     if weights.shape != z.shape[:2]:
         raise PromptError(f"emphasis weights of shape {tuple(weights.shape)} do not fit hidden states {tuple(z.shape)}")
+    if bool((weights == 1).all()):
+        return z  # A1111's rescale is then exactly 1 (and 0/0 when the states have zero mean, e.g. untrained)
     original_mean = z.mean()
     weighted = z * weights.to(device=z.device, dtype=torch.float32).unsqueeze(-1)
     new_mean = weighted.mean()
+    if new_mean == 0:
+        return weighted.to(z.dtype)
     return (weighted * (original_mean / new_mean)).to(z.dtype)
 
 

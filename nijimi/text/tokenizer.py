@@ -58,7 +58,7 @@ _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205
 _SPECIAL_SPLIT = re.compile(f"({re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)})")
 
 
-def _byte_symbols() -> list[tuple[int, str]]:
+def byte_symbols() -> list[tuple[int, str]]:
     """(byte, printable stand-in) for bytes 0..255, in vocabulary order (GPT-2's byte-to-unicode table).
 
     Printable Latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) stand for themselves and come first; the other
@@ -114,7 +114,7 @@ def _vocabulary() -> _Vocabulary:
     with importlib.resources.files("nijimi").joinpath("data", VOCAB_FILE).open("rb") as raw:
         lines = gzip.decompress(raw.read()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
-    pairs = _byte_symbols()
+    pairs = byte_symbols()
     symbols = [s for _, s in pairs]
     decoder = symbols + [s + _END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     return _Vocabulary(

@@ -142,9 +142,6 @@ def test_cache_keeps_the_most_recent_prompts(pipe, monkeypatch):
     assert [key[0] for key in pipe.conditioner.cache] == ["one", "three"]
 
 
-@pytest.mark.xfail(strict=True, reason="nijimi/text/prompt.py apply_emphasis rescales by mean(z)/mean(z·w): 0/0 = NaN "
-                                      "when the hidden states' mean is exactly 0, as a fresh text encoder's final "
-                                      "LayerNorm (weight 1, bias 0) makes it, even for a prompt without weights")
 def test_fresh_text_encoder_gives_finite_conditioning(config):
     with torch.random.fork_rng():
         torch.manual_seed(0)

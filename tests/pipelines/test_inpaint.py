@@ -118,9 +118,6 @@ def test_inpainting_unet_gets_mask_and_masked_image(inpaint_nijimi, picture, mas
     assert ours.latents.masked_select(~keep).abs().max() <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="nijimi/io/diffusers_folder.py writes model_index.json "
-                                                        "without _diffusers_version, which diffusers' inpainting "
-                                                        "from_pretrained reads")
 def test_inpainting_folder_loads_with_the_inpainting_pipeline_class(inpaint_folder):
     StableDiffusionInpaintPipeline.from_pretrained(inpaint_folder, safety_checker=None)
 
