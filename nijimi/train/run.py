@@ -12,6 +12,7 @@ A stage whose output file exists is done; ``--resume`` continues an interrupted 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,9 +181,20 @@ def _report(run: RunConfig, trainer: Trainer, model: LatentDiffusion, out: Path,
         trainer.module.train()
 
 
+def init_distributed() -> int:
+    """Join the process group when started by ``torchrun`` (gloo on CPU, nccl on GPUs); returns this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def run_training(config_path: str | Path, overrides: dict[str, str] | None = None, resume: bool = False,
                  on_step: OnStep | None = None, sample_fn: SampleFn | None = None) -> Path:
-    """Run every stage of the recipe in ``config_path``; returns the exported single-file model."""
+    """Run every stage of the recipe in ``config_path``; returns the exported single-file model.
+
+    Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone writes files."""
+    if init_distributed() != 0:
+        on_step, sample_fn = None, None
     values = read_toml(config_path)
     values.update(overrides or {})
     run, vae_stage, unet_stage, arch = parse_config(values)
@@ -190,6 +202,7 @@ def run_training(config_path: str | Path, overrides: dict[str, str] | None = Non
     vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)
     model = train_unet(run, unet_stage, arch, data, vae_path, resume, on_step, sample_fn)
     target = Path(run.export) if run.export else Path(run.out) / "model.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_single(model, target, half=run.half)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_single(model, target, half=run.half)
     return target
