@@ -20,10 +20,10 @@ from diffusers import (
 from PIL import Image, ImageDraw
 
 from nijimi.errors import ConfigError, ImageError
-from nijimi.io.controlnet import save_diffusers
+from nijimi.io.controlnet import save_diffusers, save_original
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.pipelines.control import ControlUnit
-from nijimi.pipelines.control_maps import prepare_control_map
+from nijimi.pipelines.control_maps import parse_control_spec, prepare_control_map
 
 TOLERANCE = 1e-4  # max |nijimi − diffusers| on pixels in [0, 1], fp32 (the issue asks 1e-3; measured ≤ 6e-6)
 PROMPT, NEGATIVE = "a red cube on a blue sphere", "blurry"
@@ -133,6 +133,22 @@ def test_fresh_controlnet_leaves_the_image_bit_identical(sd_nijimi):
         steered = sd_nijimi.generate(PROMPT, NEGATIVE, control=[ControlUnit(fresh, hint, 1.0, guess_mode=guess)],
                                      **kwargs)
         assert torch.equal(plain.pixels, steered.pixels)
+
+
+def test_a_spec_is_loaded_with_its_map_at_the_output_size(sd_nijimi, controlnets, tmp_path):
+    """``generate(control=[spec])`` loads the file and makes the map at the output size (64×48 here): the same pixels
+    as a unit made by hand, and the spec's fields in the settings."""
+    save_original(controlnets[1][0], tmp_path / "cn.safetensors")
+    control_picture(2).save(tmp_path / "map.png")
+    spec = parse_control_spec(f"model={tmp_path / 'cn.safetensors'},image={tmp_path / 'map.png'},pre=canny,"
+                              "low=40,high=120,resize=crop,scale=0.7,guess=true")
+    kwargs = {"steps": 3, "sampler": "euler", "cfg": 4.0, "seed": 1, "width": 64, "height": 48}
+    by_spec = sd_nijimi.generate(PROMPT, NEGATIVE, control=[spec], **kwargs)
+    hint = prepare_control_map(control_picture(2), 64, 48, resize="crop", pre="canny", low=40, high=120)
+    by_hand = sd_nijimi.generate(PROMPT, NEGATIVE, control=[ControlUnit(controlnets[1][0], hint, 0.7,
+                                                                        guess_mode=True)], **kwargs)
+    assert torch.equal(by_spec.pixels, by_hand.pixels) and by_spec.pixels.shape == (1, 3, 48, 64)
+    assert by_spec.settings["control"] == [dataclasses.asdict(spec)]
 
 
 def test_control_errors_name_the_mismatch(sd_nijimi, controlnets):

@@ -5,6 +5,7 @@ from scene geometry, image masks, thresholds and canny; the IoU evaluation again
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +20,7 @@ from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.control_maps import canny
+from nijimi.train.config import build_config, read_toml
 from nijimi.train.controlnet import (
     ControlNetTrainConfig,
     ControlPairs,
@@ -100,6 +102,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     for (name, a), b, live in zip(saved_full.state_dict().items(), saved_resumed.state_dict().values(),
                                   full.controlnet.state_dict().values(), strict=True):
         assert torch.equal(a, b) and torch.equal(a, live), name
+
+
+def test_the_demo_recipe_is_a_valid_config():
+    cfg = build_config(ControlNetTrainConfig, read_toml(Path(__file__).parents[2] / "configs/controlnet-shapes.toml"))
+    assert (cfg.base, cfg.data, cfg.condition, cfg.caption_dropout) == ("embedded", "shapes", "mask", 0.5)
+    assert cfg.out.endswith(".safetensors") and cfg.steps >= 1000
 
 
 def test_training_refuses_bad_settings(tmp_path):
