@@ -22,7 +22,7 @@ _FLAGGED = ("type", "base", "data", "out", "rank", "alpha", "targets", "steps", 
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    values = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)}
+    values = {k: v for k in _SETTINGS if (v := getattr(args, k, None)) is not None and v is not False}
     cfg = build_config(AdapterTrainConfig, values)
     bars: list[ProgressBar] = []
 

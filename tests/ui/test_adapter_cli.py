@@ -1,0 +1,227 @@
+"""``nijimi train-adapter`` and ``nijimi lora extract | resize | info`` through ``nijimi.cli.main`` on a tiny model
+file: each command's happy path (files, metadata, numbers against references) and every user error as exit 2 with
+one ``error:`` line and no file."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from nijimi import cli
+from nijimi.adapters.formats import read_adapter
+from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
+from nijimi.io.checkpoint import load_model, save_single
+from nijimi.io.safetensors import read_metadata
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
+from nijimi.ui.adapters import add_adapter_parsers
+
+# 16×16 images through an f=2 VAE: 8×8 latents, a 2-level U-Net; a few training steps take a fraction of a second.
+CONFIG = ModelConfig(
+    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+               context_dim=32, sample_size=8),
+    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
+    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+TO_K = "input_blocks.3.1.transformer_blocks.0.attn2.to_k"
+FC1 = "text_model.encoder.layers.0.mlp.fc1"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_model() -> LatentDiffusion:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LatentDiffusion(CONFIG)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(base file, tuned file): the tuned model is the base plus rank-1 changes of one U-Net and one text-encoder
+    layer, so a rank ≥ 1 LoRA reproduces it exactly."""
+    folder = tmp_path_factory.mktemp("models")
+    model = random_model()
+    save_single(model, folder / "base.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (model.unet.get_submodule(TO_K), model.text_encoder.get_submodule(FC1)):
+            out, inp = layer.weight.shape
+            layer.weight.add_(0.2 * torch.randn(out, 1, generator=gen) @ torch.randn(1, inp, generator=gen))
+    save_single(model, folder / "tuned.safetensors")
+    return folder / "base.safetensors", folder / "tuned.safetensors"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+@pytest.fixture
+def nijimi(monkeypatch, capsys):
+    """``nijimi ARGV`` through ``cli.main`` → (exit code, stdout, stderr); the adapter commands are added to the
+    parser when ``cli.build_parser`` does not have them yet."""
+    build = cli.build_parser
+
+    def with_adapters() -> argparse.ArgumentParser:
+        parser = build()
+        if "train-adapter" not in _subcommands(parser).choices:
+            add_adapter_parsers(_subcommands(parser))
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", with_adapters)
+
+    def run(*argv) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def assert_user_error(result, message: str) -> None:
+    code, out, err = result
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+TRAIN = ["--data", "shapes-pink", "--data-count=4", "--steps", "2", "--batch-size", "2", "--rank", "2", "--lr",
+         "1e-3", "--warmup-steps=1", "--sample-every=2", "--sample-steps=2"]
+
+
+def test_train_adapter_writes_the_adapter_grids_and_resumes(nijimi, models, tmp_path):
+    out = tmp_path / "pink.safetensors"
+    code, stdout, stderr = nijimi("train-adapter", "--base", models[0], "--out", out, "--text-encoder", *TRAIN)
+    assert code == 0 and stdout.strip() == str(out)
+    assert "train lora" in stderr and "2/2" in stderr  # the progress bar
+    work = tmp_path / "pink-train"
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "loss.png", "samples-000000.png",
+                                                      "samples-000002.png"]
+    meta = read_metadata(out)
+    assert (meta["ss_network_dim"], meta["ss_steps"], meta["ss_sd_model_name"]) == ("2", "2", "base.safetensors")
+    modules = read_adapter(out, CONFIG, strict=True).adapter.modules
+    assert {p.split(".")[0] for p in modules} == {"model", "cond_stage_model"}
+
+    code, _, _ = nijimi("train-adapter", "--base", models[0], "--out", out, "--text-encoder", *TRAIN, "--steps", "3",
+                        "--resume", "--overwrite", "--quiet")
+    assert code == 0
+    assert read_metadata(out)["ss_steps"] == "3"
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_train_adapter_peft_dora_without_samples(nijimi, models, tmp_path):
+    out = tmp_path / "dora.safetensors"
+    code, _, _ = nijimi("train-adapter", "--base", models[0], "--out", out, *TRAIN, "--type", "dora", "--format",
+                        "peft", "--targets", "*attn2.to_k,*attn2.to_v", "--no-samples", "--quiet")
+    assert code == 0
+    loaded = read_adapter(out, CONFIG, strict=True)
+    assert loaded.format == "peft" and loaded.adapter.kinds() == {"lora+dora": 8}
+    assert not list((tmp_path / "dora-train").glob("samples-*.png"))
+
+
+def test_train_adapter_user_errors(nijimi, models, tmp_path):
+    out = tmp_path / "a.safetensors"
+    base = ["train-adapter", "--base", models[0], "--out", out, "--quiet", "--no-samples"]
+    assert_user_error(nijimi(*base, "--rank", "0"), "rank must be ≥ 1")
+    assert_user_error(nijimi(*base, "--warmup-steps=many"), "'warmup_steps': cannot read 'many' as int")
+    assert_user_error(nijimi(*base, "--data", tmp_path / "nowhere"), "does not exist")
+    assert_user_error(nijimi(*base, "--data", "shapes-teal"), "unknown shapes concept 'teal'")
+    assert_user_error(nijimi(*base[:2], tmp_path / "none.safetensors", *base[3:]), "no such file")
+    assert not out.exists()
+    out.write_bytes(b"")
+    assert_user_error(nijimi(*base), "exists; use --overwrite")
+    with pytest.raises(SystemExit) as exit_info:
+        nijimi(*base, "--type", "lycoris")
+    assert exit_info.value.code == 2
+
+
+def test_lora_extract_reproduces_the_tuned_model(nijimi, models, tmp_path):
+    out = tmp_path / "diff.safetensors"
+    code, stdout, _ = nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "2", "--out",
+                             out)
+    assert code == 0 and stdout.strip() == f"{out}: 2 modules (lora ×2; ranks 2 ×2)"
+    adapter = read_adapter(out, CONFIG, strict=True).adapter
+    base, tuned = load_model(models[0])[0], load_model(models[1])[0]
+    for native in (UNET_PREFIX + TO_K, TEXT_PREFIX + FC1):
+        w = base.get_submodule(native).weight.detach()
+        target = tuned.get_submodule(native).weight.detach()
+        rebuilt = w + adapter.modules[native].delta(w)
+        assert ((rebuilt - target).abs().max() / (target - w).abs().max()).item() < 1e-5
+
+    unet_only = tmp_path / "unet.safetensors"
+    code, stdout, _ = nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "1",
+                             "--unet-only", "--format", "peft", "--out", unet_only)
+    assert code == 0 and list(read_adapter(unet_only, CONFIG).adapter.modules) == [UNET_PREFIX + TO_K]
+
+
+def test_lora_extract_user_errors(nijimi, models, tmp_path):
+    out = tmp_path / "x.safetensors"
+    extract = ["lora", "extract", "--base", models[0], "--out", out]
+    assert_user_error(nijimi(*extract, "--tuned", models[0], "--rank", "2"), "does not differ")
+    assert_user_error(nijimi(*extract, "--tuned", models[1], "--rank", "0"), "rank must be ≥ 1")
+    assert_user_error(nijimi(*extract, "--tuned", tmp_path / "no.safetensors", "--rank", "2"), "no such file")
+    other = LatentDiffusion(ModelConfig(CONFIG.unet, CONFIG.vae, TextEncoderConfig(
+        width=32, num_layers=2, num_heads=2, mlp_width=48), "sd1", 49407))
+    save_single(other, tmp_path / "other.safetensors")
+    assert_user_error(nijimi(*extract, "--tuned", tmp_path / "other.safetensors", "--rank", "2"), "mlp.fc1")
+    assert not out.exists()
+
+
+def test_lora_resize_is_the_truncated_svd(nijimi, models, tmp_path):
+    full = tmp_path / "full.safetensors"
+    assert nijimi("train-adapter", "--base", models[0], "--out", full, *TRAIN, "--rank", "4", "--alpha", "2",
+                  "--steps", "3", "--lr", "1e-2", "--no-samples", "--quiet")[0] == 0
+    small = tmp_path / "small.safetensors"
+    code, stdout, _ = nijimi("lora", "resize", full, "--rank", "1", "--base", models[0], "--out", small)
+    assert code == 0 and stdout.startswith(f"{small}: ") and "ranks 1 ×" in stdout
+    before, after = read_adapter(full, CONFIG).adapter, read_adapter(small, CONFIG).adapter
+    assert before.modules.keys() == after.modules.keys()
+    for path, weights in before.modules.items():
+        shape = (weights.tensors["lora_up"].shape[0], *weights.tensors["lora_down"].shape[1:])
+        delta = weights.delta(torch.zeros(shape)).reshape(shape[0], -1).double().numpy()
+        u, s, vh = np.linalg.svd(delta)
+        best = s[0] * np.outer(u[:, 0], vh[0])  # Eckart–Young: the best rank-1 approximation
+        resized = after.modules[path].delta(torch.zeros(shape)).reshape(shape[0], -1).double().numpy()
+        assert np.abs(resized - best).max() <= 1e-5 * np.abs(best).max()
+        assert after.modules[path].effective_scale == weights.effective_scale == 0.5
+    assert read_metadata(small)["ss_network_dim"] == "1"
+
+
+def test_lora_resize_and_info_user_errors(nijimi, models, tmp_path):
+    lora = tmp_path / "diff.safetensors"
+    nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "2", "--out", lora)
+    out = tmp_path / "small.safetensors"
+    assert_user_error(nijimi("lora", "resize", lora, "--rank", "1", "--out", out), "--base MODEL")
+    assert_user_error(nijimi("lora", "resize", lora, "--rank", "0", "--base", models[0], "--out", out),
+                      "resize rank must be ≥ 1")
+    assert_user_error(nijimi("lora", "resize", tmp_path / "none.safetensors", "--rank", "1", "--base", models[0],
+                             "--out", out), "none.safetensors")
+    assert_user_error(nijimi("lora", "resize", lora, "--rank", "1", "--base", models[0], "--out", lora), "exists")
+    assert not out.exists()
+    assert_user_error(nijimi("lora", "info", tmp_path / "none.safetensors"), "none.safetensors")
+    assert_user_error(nijimi("lora", "info", models[0]), "not a LoRA/LyCORIS/peft adapter")
+
+
+def test_lora_info_describes_the_file(nijimi, models, tmp_path):
+    lora = tmp_path / "diff.safetensors"
+    nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "2", "--out", lora)
+    code, stdout, _ = nijimi("lora", "info", lora, "--base", models[0])
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[1:6] == ["format: kohya (networks.lora)", "modules: 2 (U-Net ×1, text encoder ×1)",
+                          "kinds: lora ×2", "ranks: 2 ×2", "alphas: 2.0 ×2"]
+    assert "fits the model: 2 modules, 0 keys unmatched" in lines
+    assert "  ss_network_dim: 2" in lines
