@@ -165,25 +165,25 @@ class ControlRun:
 def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig, width: int, height: int,
                     first: int, steps: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     ) -> ControlRun:
-    """Load specs (:func:`load_control_unit`), check every unit against the model (``config``) and the ``width ×
-    height`` output and move its ControlNet to ``device`` and ``dtype`` (in place). Raises ``ConfigError`` for a
-    ControlNet that does not fit the U-Net or the VAE's scale, ``ImageError`` for a map not at the output size."""
+    """Load specs (in ``dtype``), check every unit against the model (``config``), the ``width × height`` output and
+    ``dtype``, and move its ControlNet to ``device`` (in place). Raises ``ConfigError`` for a ControlNet that does not
+    fit the U-Net, the VAE's scale or the dtype, ``ImageError`` for a map not at the output size."""
     units = [load_control_unit(c, width, height, config.unet, dtype) if isinstance(c, ControlSpec) else c
              for c in control or ()]
     described = [asdict(c) if isinstance(c, ControlSpec) else {k: getattr(c, k) for k in _SHOWN} for c in control or ()]
-    f, z = config.vae.downscale_factor, config.vae.z_channels
+    f = config.vae.downscale_factor
     for i, unit in enumerate(units):
         cfg = unit.model.config
         cfg.check_fits(config.unet)
-        if cfg.unet.in_channels != z:
-            raise ConfigError(f"ControlNet {i} reads {cfg.unet.in_channels}-channel latents, the VAE makes {z}")
         if cfg.hint_downscale != f:
             raise ConfigError(f"ControlNet {i} reads maps {cfg.hint_downscale}× the latent size, but this model's "
                               f"latents are 1/{f} of the image: a ControlNet made for another VAE")
         if tuple(unit.image.shape[2:]) != (height, width):
             raise ImageError(f"control map {i} is {unit.image.shape[3]}×{unit.image.shape[2]}, the output is "
                              f"{width}×{height}; prepare maps at the output size")
-        unit.model.to(device, dtype)
+        if (held := next(unit.model.parameters()).dtype) != dtype:
+            raise ConfigError(f"ControlNet {i} holds {held} weights, the pipeline runs {dtype}: load it in that dtype")
+        unit.model.to(device)
     return ControlRun(tuple(units), first, steps, {"control": described} if described else {})
 
 

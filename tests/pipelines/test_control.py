@@ -11,6 +11,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from nijimi.diffusion.guidance import GuidedNetwork
 from nijimi.errors import ConfigError, ImageError
 from nijimi.io.controlnet import save_original
 from nijimi.io.keys import (
@@ -21,7 +22,7 @@ from nijimi.io.keys import (
 )
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig, UNetModel
-from nijimi.pipelines.control import ControlUnit, control_residuals, load_control_unit, step_fraction
+from nijimi.pipelines.control import ControlRun, ControlUnit, control_residuals, load_control_unit, step_fraction
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec, prepare_control_map
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4,
@@ -244,6 +245,34 @@ def test_guess_mode_steers_the_conditional_half_like_diffusers(models) -> None:
     assert rel_err(got, want) <= TOLERANCE
     everywhere, _ = control_residuals([unit], x, t, context, 0.0)  # no guidance batch: every row is steered
     assert all(torch.count_nonzero(r[0]) > 0 for r in everywhere)
+
+
+def test_run_marks_the_conditional_rows_batched_and_apart(models) -> None:
+    """The pipeline's per-step inputs: one ControlStep shared by both branches and ``is_cond`` markers that make
+    guess mode's mask when GuidedNetwork batches [uncond; cond] and still tell the branches apart when it cannot."""
+    unet, _, nets = models
+    x, t, context, maps = batch_inputs(seed=7)
+    run = ControlRun((ControlUnit(nets[0][0], maps[0], 0.8, guess_mode=True),), first=2, steps=6, settings={})
+    cond, uncond = run.inputs(3, batch=1)
+    assert cond["control"] is uncond["control"] and cond["control"].fraction == (0.25, 0.5)
+    assert (cond["is_cond"].tolist(), uncond["is_cond"].tolist()) == ([True], [False])
+    seen = []
+
+    def net(x, t, context, control=None, is_cond=None):
+        seen.append(is_cond.tolist())
+        down, mid = control(x, t, context, is_cond)
+        return unet(x, t, context, down_residuals=down, mid_residual=mid)
+
+    with torch.inference_mode():
+        GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": context[:1], **uncond})
+        short = context[:1, :5]  # another token length: two calls
+        apart = GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": short, **uncond})
+        down, mid = control_residuals(run.units, x[:1], t[:1], context[1:], (0.25, 0.5))
+        p_c = unet(x[:1], t[:1], context[1:], down_residuals=down, mid_residual=mid)
+        p_u = unet(x[:1], t[:1], short)
+    assert seen == [[False, True], [False], [True]]
+    assert torch.equal(apart, p_u + 3.0 * (p_c - p_u))
+    assert ControlRun((), 0, 6, {}).inputs(3, 1) == ({}, {})
 
 
 def test_start_end_follow_diffusers_controlnet_keep(models) -> None:

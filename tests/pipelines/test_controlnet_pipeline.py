@@ -24,6 +24,7 @@ from nijimi.io.controlnet import save_diffusers, save_original
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.pipelines.control import ControlUnit
 from nijimi.pipelines.control_maps import parse_control_spec, prepare_control_map
+from nijimi.pipelines.pipeline import load
 
 TOLERANCE = 1e-4  # max |nijimi − diffusers| on pixels in [0, 1], fp32 (the issue asks 1e-3; measured ≤ 6e-6)
 PROMPT, NEGATIVE = "a red cube on a blue sphere", "blurry"
@@ -149,6 +150,21 @@ def test_a_spec_is_loaded_with_its_map_at_the_output_size(sd_nijimi, controlnets
                                                                         guess_mode=True)], **kwargs)
     assert torch.equal(by_spec.pixels, by_hand.pixels) and by_spec.pixels.shape == (1, 3, 48, 64)
     assert by_spec.settings["control"] == [dataclasses.asdict(spec)]
+
+
+def test_bf16_pipeline_loads_specs_in_bf16_and_refuses_fp32_units(sd_folder, sd_nijimi, controlnets, tmp_path):
+    save_original(controlnets[0][0], tmp_path / "cn.safetensors")
+    control_picture(3).save(tmp_path / "map.png")
+    spec = parse_control_spec(f"model={tmp_path / 'cn.safetensors'},image={tmp_path / 'map.png'}")
+    kwargs = {"steps": 3, "sampler": "euler", "cfg": 4.0, "seed": 4, "width": 64, "height": 64, "control": [spec]}
+    reference = sd_nijimi.generate(PROMPT, NEGATIVE, **kwargs)
+    pipe = load(sd_folder, dtype=torch.bfloat16)
+    error = (pipe.generate(PROMPT, NEGATIVE, **kwargs).pixels - reference.pixels).abs()
+    assert float(error.mean()) < 0.02 and 0 < float(error.max()) < 0.2
+    fp32 = ControlUnit(controlnets[0][0], prepare_control_map(control_picture(3), 64, 64))
+    with pytest.raises(ConfigError, match="ControlNet 0 holds torch.float32 weights, the pipeline runs torch.bfloat16"):
+        pipe.generate(PROMPT, steps=2, width=64, height=64, control=[fp32])
+    assert next(controlnets[0][0].parameters()).dtype == torch.float32  # the unit's model was left alone
 
 
 def test_control_errors_name_the_mismatch(sd_nijimi, controlnets):
