@@ -84,7 +84,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tmp_path):
     run.trainer.run()
     with torch.no_grad():
         after = objective(batch, step_generator(123, 0), slice(None)).item()
-    assert after < 0.9 * before  # measured 1.18 → 0.96
+    assert after < 0.9 * before  # measured 1.31 → 1.04
     assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
     assert not any(p.requires_grad for p in base.parameters())
     assert run.controlnet.middle_block_out[0].weight.abs().max() > 0  # the zero convolutions left zero
