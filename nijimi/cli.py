@@ -11,6 +11,7 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
+from nijimi.ui.control import add_control_parsers
 from nijimi.ui.demo import run_demo
 from nijimi.ui.generate import add_generate_arguments, add_output_arguments, cmd_generate, cmd_info, cmd_reproduce
 from nijimi.ui.train import add_train_parsers
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_generation_parsers(sub)
     add_train_parsers(sub)
+    add_control_parsers(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")

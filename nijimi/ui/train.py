@@ -10,6 +10,7 @@ from nijimi.train.config import parse_overrides
 from nijimi.train.detect import evaluate, format_table
 from nijimi.train.run import run_training
 from nijimi.train.shapes import sample_captions, write_shapes_dataset
+from nijimi.ui.control import add_eval_control_parser
 from nijimi.ui.progress import ProgressBar
 
 
@@ -99,3 +100,4 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="caption split (default heldout)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_eval)
+    add_eval_control_parser(what)
