@@ -239,10 +239,8 @@ class ControlNetModel(nn.Module):
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor, hint: torch.Tensor) -> None:
         cfg = self.config
-        factor = 2 ** (len(cfg.unet.channel_mult) - 1)
-        if x.ndim != 4 or x.shape[1] != cfg.unet.in_channels or x.shape[2] % factor or x.shape[3] % factor:
-            raise ConfigError(f"ControlNet input must be (B, {cfg.unet.in_channels}, H, W) with H, W multiples of "
-                              f"{factor}, got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != cfg.unet.in_channels:
+            raise ConfigError(f"ControlNet input must be (B, {cfg.unet.in_channels}, H, W), got {tuple(x.shape)}")
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.unet.context_dim:
             raise ConfigError(f"ControlNet context must be ({x.shape[0]}, M, {cfg.unet.context_dim}), "
                               f"got {tuple(context.shape)}")

@@ -24,3 +24,28 @@ def test_odd_latent_sizes_match_diffusers(size):
         a, b = ours(x, t, c), ref(x, t, c).sample
     assert a.shape == x.shape
     assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4
+
+
+def test_controlnet_on_odd_latent_sizes_matches_diffusers():
+    from diffusers import ControlNetModel as ReferenceControlNet
+
+    from nijimi.io.keys import controlnet_config_to_diffusers, controlnet_to_diffusers
+    from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
+
+    torch.manual_seed(0)
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                      num_heads=2, context_dim=32)
+    cfg = ControlNetConfig(unet=unet)
+    ours = ControlNetModel(cfg).eval()
+    for p in ours.parameters():
+        p.data.normal_(0, 0.05)
+    config = {k: v for k, v in controlnet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    ref = ReferenceControlNet(**config).eval()
+    ref.load_state_dict(controlnet_to_diffusers(ours.state_dict(), cfg))
+    x, t, c = torch.randn(1, 4, 9, 13), torch.tensor([300.0]), torch.randn(1, 7, 32)
+    hint = torch.rand(1, 3, 72, 104)
+    with torch.no_grad():
+        down, mid = ours(x, t, c, hint)
+        ref_down, ref_mid = ref(x, t, c, controlnet_cond=hint, return_dict=False)
+    for a, b in zip([*down, mid], [*ref_down, ref_mid], strict=True):
+        assert ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() < 1e-4
