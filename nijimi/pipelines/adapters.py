@@ -110,10 +110,10 @@ def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[s
         try:
             skipped = apply_adapter(model, adapter, name, 1.0, request.unet_multiplier, request.te_multiplier,
                                     strict=False)
-        except CheckpointError as e:  # no module of this file fits: take the earlier ones off again
+        except (CheckpointError, ConfigError) as e:  # nothing fits, or the name is taken: take the others off
             for earlier in names:
                 remove_adapter(model, earlier)
-            raise CheckpointError(f"{request.path}: {e}") from None
+            raise type(e)(f"{request.path}: {e}") from None
         unmatched[request.path].update(skipped)
         text = text or any(part_of(p) == "text" for p in adapter.modules if p not in skipped)
         names.append(name)

@@ -32,7 +32,7 @@ from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.embedded import embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model
-from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.report import write_grid, write_loss_curve
@@ -159,7 +159,7 @@ def load_base(source: str) -> LatentDiffusion:
     return model
 
 
-def open_adapter_data(cfg: AdapterTrainConfig, config) -> ShapesDataset | ConceptShapes | ImageFolder:
+def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig) -> ShapesDataset | ConceptShapes | ImageFolder:
     """The training images at ``cfg.size`` (default: the native size of a model of ``config``)."""
     multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
     size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
