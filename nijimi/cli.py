@@ -12,6 +12,7 @@ from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.embedded import WEIGHTS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
+from nijimi.ui.adapters import add_adapter_parsers
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.demo import run_demo
 from nijimi.ui.generate import add_generate_arguments, add_output_arguments, cmd_generate, cmd_info, cmd_reproduce
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_parsers(sub)
     add_train_parsers(sub)
     add_control_parsers(sub)
+    add_adapter_parsers(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
@@ -101,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides"):  # `nijimi train CONFIG --unet.steps=100`: recipe overrides
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except NijimiError as exc:

@@ -23,6 +23,7 @@ from nijimi.diffusion.schedules import sampling_sigmas
 from nijimi.errors import ConfigError, PromptError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
+from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.conditioning import Conditioner, StepConditioning
 from nijimi.pipelines.control import ControlInput, ControlRun, ControlStep, prepare_control
 from nijimi.pipelines.images import check_size, to_pil, to_unit
@@ -79,7 +80,7 @@ class Pipeline:
                  batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
                  guidance_rescale: float = 0.0, vae_tile: int | None = None, attention_slice: int | None = None,
-                 control: Sequence[ControlInput] | None = None,
+                 control: Sequence[ControlInput] | None = None, loras: Sequence = (), lora_dir: str | None = None,
                  callback: Callable[[StepInfo], None] | None = None) -> Generation:
         """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
 
@@ -89,6 +90,8 @@ class Pipeline:
         diffusers and A1111 share — so a seed means the same picture across tools. ``vae_tile`` (pixels) and
         ``attention_slice`` (query rows) bound memory; None chooses from the free memory, 0 switches them off.
         ``control``: ControlNets (units, moved to the pipeline's device and dtype, or ``--control`` specs).
+        ``loras``: adapters ``(path, te_weight, unet_weight)`` merged for this call, with the prompt's A1111 tags
+        ``<lora:NAME:W>`` (NAME looked up in ``lora_dir``); the weights are restored exactly afterwards.
         """
         if not prompt and cfg != 1.0 and not negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
@@ -111,19 +114,24 @@ class Pipeline:
         self.model.unet.set_attention_slice(attention_slice)
         start = edit.prepare(self.model, source, strength, sigmas, generators, sampler, shape, vae_tile)
         run = prepare_control(control, self.model.config, width, height, start.index, steps, self.device, self.dtype)
-        conds = self.conditioner.step_conditioning(prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
-        guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
-        denoiser = Denoiser(guided, self.model.config.schedule, quantize=_quantized(sampler))
-        model = _per_step(denoiser, conds, sigmas, batch, {} if start.extra is None else {"extra": start.extra}, run)
-        with torch.inference_mode():
-            x = fn(model, start.latent, sigmas, generator=generators, start=start.index, callback=callback,
-                   blend=start.blend)
-            pixels = self.decode(x, vae_tile)
+        applied = apply_loras(self, loras, prompt, lora_dir)
+        try:
+            conds = self.conditioner.step_conditioning(applied.prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
+            guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
+            denoiser = Denoiser(guided, self.model.config.schedule, quantize=_quantized(sampler))
+            extra = {} if start.extra is None else {"extra": start.extra}
+            with torch.inference_mode():
+                x = fn(_per_step(denoiser, conds, sigmas, batch, extra, run), start.latent, sigmas,
+                       generator=generators, start=start.index, callback=callback, blend=start.blend)
+        finally:
+            applied.undo()
+        pixels = self.decode(x, vae_tile)
         settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
                     "sampler": canonical_name(sampler), "cfg": cfg, "seed": seed, "width": width, "height": height,
                     "batch": batch, "clip_skip": clip_skip, "guidance_rescale": guidance_rescale,
                     "vae_tile": vae_tile or 0, "attention_slice": attention_slice or 0,
-                    "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings}
+                    "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings,
+                    **_lora_settings(loras, lora_dir)}
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings)
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -151,6 +159,12 @@ class Pipeline:
         down, mid = (None, None) if control is None else control(x, t, context, is_cond)
         x = x if extra is None else torch.cat([x, extra.to(self.dtype)], dim=1)
         return self.model.unet(x, t, context, down_residuals=down, mid_residual=mid).float()
+
+
+def _lora_settings(loras: Sequence, lora_dir: str | None) -> dict:
+    """The adapters asked for (absolute paths, so ``reproduce`` finds them from anywhere); tags stay in the prompt."""
+    out = {"loras": [[str(Path(p).resolve()), float(te), float(unet)] for p, te, unet in loras]} if loras else {}
+    return {**out, "lora_dir": str(Path(lora_dir).resolve())} if lora_dir else out
 
 
 def _quantized(sampler: str) -> bool:

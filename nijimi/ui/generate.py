@@ -14,8 +14,10 @@ from nijimi import __version__
 from nijimi.diffusion.samplers import StepInfo, canonical_name, display_name
 from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
+from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.pipeline import EMBEDDED, Generation, Pipeline, load
 from nijimi.pipelines.runtime import DTYPES
+from nijimi.ui.adapters import add_lora_arguments
 from nijimi.ui.control import add_control_argument, control_infotext, control_specs, specs_from_recipe
 from nijimi.ui.progress import ProgressBar
 
@@ -102,14 +104,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "cfg": args.cfg, "seed": args.seed, "width": width, "height": height, "batch": args.batch,
                 "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip,
                 "vae_tile": args.vae_tile, "attention_slice": args.attention_slice,
-                "control": control_specs(args.control)}
+                "control": control_specs(args.control), "loras": lora_requests(args.lora, args.lora_dir),
+                "lora_dir": args.lora_dir}
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
 
 
 _REPLAYED = ("prompt", "negative_prompt", "steps", "sampler", "cfg", "seed", "width", "height", "strength",
-             "clip_skip", "guidance_rescale", "vae_tile", "attention_slice")
+             "clip_skip", "guidance_rescale", "vae_tile", "attention_slice", "loras", "lora_dir")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -140,7 +143,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK …)")
+    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)")
+    add_lora_arguments(p)
     p.add_argument("-n", "--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
     p.add_argument("--config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")

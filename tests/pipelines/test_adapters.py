@@ -191,3 +191,17 @@ def test_the_model_an_adapter_is_for_is_recognised(tmp_path, config, lora_dir):
         assert found.unet.context_dim == preset.unet.context_dim and list(loaded.adapter.modules) == [path]
     with pytest.raises(ConfigError, match="--base"):
         adapter_model_config(lora_dir / "other.safetensors")
+
+
+def test_generate_applies_tags_and_options_then_restores(pipe, lora_dir):
+    """``generate`` itself merges ``loras=`` and the prompt's tags for one call only; the settings record them."""
+    before = weights(pipe)
+    plain = pipe.generate(PROMPT, **FAST)
+    tagged = pipe.generate(f"{PROMPT} <lora:other:0.8>", lora_dir=str(lora_dir), **FAST)
+    assert (tagged.pixels - plain.pixels).abs().max() > 1e-3
+    assert_same_weights(pipe, before)
+    by_option = pipe.generate(PROMPT, loras=[(lora_dir / "other.safetensors", 0.8, 0.8)], **FAST)
+    assert torch.equal(by_option.pixels, tagged.pixels)
+    assert by_option.settings["loras"] == [[str((lora_dir / "other.safetensors").resolve()), 0.8, 0.8]]
+    assert tagged.settings["prompt"] == f"{PROMPT} <lora:other:0.8>"
+    assert torch.equal(pipe.generate(PROMPT, **FAST).pixels, plain.pixels)
