@@ -231,20 +231,11 @@ def _prompts(cfg: AdapterTrainConfig, data) -> list[str]:
 
 
 def write_samples(run: AdapterTraining, sample_fn: SampleFn) -> Path:
-    """A sample grid with the adapter's EMA weights at the current step; the live weights, their ``requires_grad``
-    (a pipeline freezes the model it is given) and training mode are restored afterwards."""
-    trainer = run.trainer
-    live = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-    trainer.ema.copy_to(trainer.module)
-    run.model.eval()
-    try:
+    """A sample grid with the adapter's EMA weights at the current step (live weights restored afterwards)."""
+    with run.trainer.averaged_weights():
+        run.model.eval()
         images = sample_fn(run.model, _prompts(run.cfg, run.data), run.cfg.sample_steps, run.cfg.seed)
-        return write_grid(images, run.cfg.work_dir / f"samples-{trainer.step:06d}.png")
-    finally:
-        trainer.module.load_state_dict(live)
-        for p in trainer.params:
-            p.requires_grad_(True)
-        trainer.module.train()
+    return write_grid(images, run.cfg.work_dir / f"samples-{run.trainer.step:06d}.png")
 
 
 def training_metadata(run: AdapterTraining) -> dict[str, str]:
@@ -287,14 +278,11 @@ def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: b
     if sample_fn is not None and cfg.sample_every and run.trainer.step == 0:
         write_samples(run, sample_fn)
 
-    def step(trainer: Trainer, loss: float, seconds: float) -> None:
-        if on_step is not None:
-            on_step(trainer, loss, seconds)
-        if cfg.sample_every and (trainer.step % cfg.sample_every == 0 or trainer.step == cfg.steps):
-            write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "adapter")
-            if sample_fn is not None:
-                write_samples(run, sample_fn)
+    def report(trainer: Trainer) -> None:
+        write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "adapter")
+        if sample_fn is not None:
+            write_samples(run, sample_fn)
 
-    run.trainer.run(on_step=step)
+    run.trainer.run_reporting(cfg.sample_every, report, on_step)
     save_trained(run)
     return run

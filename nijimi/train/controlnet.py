@@ -285,18 +285,10 @@ def write_samples(run: ControlNetTraining, sample_fn: SampleFn) -> Path:
     trainer, cfg = run.trainer, run.cfg
     count = min(cfg.sample_count, len(run.samples))
     triples = [run.samples[i] for i in range(count)]
-    live = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-    if cfg.ema_decay > 0:
-        trainer.ema.copy_to(trainer.module)
-    run.controlnet.eval()
-    try:
+    with trainer.averaged_weights():
+        run.controlnet.eval()
         images = sample_fn(run.base, run.controlnet, [c for _, c, _ in triples], [h[None] for _, _, h in triples],
                            cfg.sample_steps, cfg.seed)
-    finally:
-        trainer.module.load_state_dict(live)
-        for p in trainer.params:
-            p.requires_grad_(True)
-        trainer.module.train()
     maps = [Image.fromarray((h.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for _, _, h in triples]
     return write_grid(maps + list(images), cfg.work_dir / f"samples-{trainer.step:06d}.png", cols=count)
 
@@ -326,15 +318,12 @@ def train_controlnet(cfg: ControlNetTrainConfig, *, preprocess: Preprocess | Non
     if sample_fn is not None and cfg.sample_every and run.trainer.step == 0:
         write_samples(run, sample_fn)
 
-    def step(trainer: Trainer, loss: float, seconds: float) -> None:
-        if on_step is not None:
-            on_step(trainer, loss, seconds)
-        if cfg.sample_every and (trainer.step % cfg.sample_every == 0 or trainer.step == cfg.steps):
-            write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "ControlNet")
-            if sample_fn is not None:
-                write_samples(run, sample_fn)
+    def report(trainer: Trainer) -> None:
+        write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "ControlNet")
+        if sample_fn is not None:
+            write_samples(run, sample_fn)
 
-    run.trainer.run(on_step=step)
+    run.trainer.run_reporting(cfg.sample_every, report, on_step)
     save_trained(run)
     return run
 

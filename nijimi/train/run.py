@@ -154,31 +154,19 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
                                    train_text_encoder=stage.train_text_encoder)
     trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
 
-    def step(t: Trainer, loss: float, seconds: float) -> None:
-        if on_step is not None:
-            on_step("unet", t, loss, seconds)
-        if run.sample_every and (t.step % run.sample_every == 0 or t.step == stage.steps):
-            _report(run, t, model, out, sample_fn)
-
-    trainer.run(on_step=step)
+    stage_step = None if on_step is None else lambda t, loss, s: on_step("unet", t, loss, s)
+    trainer.run_reporting(run.sample_every, lambda t: _report(run, t, model, out, sample_fn), stage_step)
     trainer.ema.copy_to(trainer.module)
     return model
 
 
 def _report(run: RunConfig, trainer: Trainer, model: LatentDiffusion, out: Path, sample_fn: SampleFn | None) -> None:
-    """Loss curve and a sample grid made with the EMA weights (the live weights are restored afterwards)."""
+    """Loss curve and a sample grid made with the EMA weights."""
     write_loss_curve(trainer.losses, out / "loss.png", "U-Net")
-    if sample_fn is None:
-        return
-    live = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-    trainer.ema.copy_to(trainer.module)
-    model.eval()
-    try:
-        images = sample_fn(model, list(run.sample_prompts), run.sample_steps, run.seed)
+    if sample_fn is not None:
+        with trainer.averaged_weights():
+            images = sample_fn(model, list(run.sample_prompts), run.sample_steps, run.seed)
         write_grid(images, out / f"samples-{trainer.step:06d}.png")
-    finally:
-        trainer.module.load_state_dict(live)
-        trainer.module.train()
 
 
 def init_distributed() -> int:

@@ -9,9 +9,10 @@ gradients, so K ranks make the update one rank makes with the combined batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +146,34 @@ class Trainer:
                 on_step(self, loss, time.perf_counter() - start)
             if self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == until):
                 self.save()
+
+    def run_reporting(self, every: int, report: Callable[[Trainer], None],
+                      on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
+        """:meth:`run` to ``cfg.steps``, calling ``report(self)`` (loss curves, sample grids) every ``every`` steps
+        and after the last one (``every`` 0: never)."""
+
+        def step(trainer: Trainer, loss: float, seconds: float) -> None:
+            if on_step is not None:
+                on_step(trainer, loss, seconds)
+            if every and (trainer.step % every == 0 or trainer.step == self.cfg.steps):
+                report(trainer)
+
+        self.run(on_step=step)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[nn.Module]:
+        """The module with its EMA weights, in eval mode, for the block (sampling previews); the live weights,
+        their ``requires_grad`` (a pipeline freezes what it is given) and training mode come back afterwards."""
+        live = {k: v.clone() for k, v in self.module.state_dict().items()}
+        self.ema.copy_to(self.module)
+        self.module.eval()
+        try:
+            yield self.module
+        finally:
+            self.module.load_state_dict(live)
+            for p in self.params:
+                p.requires_grad_(True)
+            self.module.train()
 
     def state_dict(self) -> dict:
         return {

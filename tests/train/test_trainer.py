@@ -111,3 +111,24 @@ def test_batch_not_divisible_by_world_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("nijimi.train.trainer._world", lambda: (0, 3))
     with pytest.raises(ConfigError, match="batch_size 8"):
         make_trainer(tmp_path)
+
+
+def test_averaged_weights_swap_in_the_ema_and_back(tmp_path):
+    t = make_trainer(tmp_path, steps=5)
+    t.run()
+    live = {k: v.clone() for k, v in t.module.state_dict().items()}
+    assert any(not torch.equal(live[k], v) for k, v in t.ema.shadow.items())
+    with t.averaged_weights() as module:
+        assert not module.training
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, t.ema.shadow[k])
+        module.requires_grad_(False)
+    assert t.module.training and all(p.requires_grad for p in t.params)
+    for k, v in t.module.state_dict().items():
+        assert torch.equal(v, live[k])
+
+
+def test_run_reporting_reports_every_n_steps_and_at_the_end(tmp_path):
+    seen = []
+    make_trainer(tmp_path, steps=7).run_reporting(3, lambda t: seen.append(t.step))
+    assert seen == [3, 6, 7]
