@@ -12,7 +12,7 @@ from nijimi.adapters.weights import Adapter
 from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
 from nijimi.train.adapter import ADAPTER_TYPES, EMBEDDED, AdapterTrainConfig, load_base, train_adapter
 from nijimi.train.config import build_config
-from nijimi.ui.progress import ProgressBar
+from nijimi.ui.progress import TrainingProgress
 from nijimi.ui.train import sample_images
 
 _SETTINGS = tuple(f.name for f in dataclasses.fields(AdapterTrainConfig))
@@ -24,22 +24,9 @@ _FLAGGED = ("type", "base", "data", "out", "rank", "alpha", "targets", "steps", 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     values = {k: v for k in _SETTINGS if (v := getattr(args, k, None)) is not None and v is not False}
     cfg = build_config(AdapterTrainConfig, values)
-    bars: list[ProgressBar] = []
-
-    def on_step(trainer, loss: float, seconds: float) -> None:
-        if args.quiet:
-            return
-        if not bars:
-            bars.append(ProgressBar(trainer.cfg.steps, label=f"train {cfg.type}"))
-            bars[0].resume_at(trainer.step)
-        bars[0].update(trainer.step, loss=loss)
-
-    try:
-        train_adapter(cfg, resume=args.resume, overwrite=args.overwrite, on_step=on_step,
+    with TrainingProgress(args.quiet) as progress:
+        train_adapter(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage(f"train {cfg.type}"),
                       sample_fn=None if args.no_samples else sample_images)
-    finally:
-        for bar in bars:
-            bar.close()
     print(cfg.out)
     return 0
 

@@ -32,7 +32,7 @@ from nijimi.train.controlnet import (
 )
 from nijimi.train.report import write_grid
 from nijimi.train.shapes import ShapesDataset
-from nijimi.ui.progress import ProgressBar
+from nijimi.ui.progress import ProgressBar, TrainingProgress
 
 CONTROL_HELP = ("steer with a ControlNet: model=PATH,image=IMG[,scale=1][,pre=map|invert|canny][,low=100,high=200]"
                 "[,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; repeat for several")
@@ -115,22 +115,10 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
     values.update({k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)})
     cfg = build_config(ControlNetTrainConfig, values)
     maker = condition_preprocess(cfg.condition, cfg.low, cfg.high)
-    bars: list[ProgressBar] = []
-
-    def on_step(trainer, loss: float, seconds: float) -> None:
-        if args.quiet:
-            return
-        if not bars:
-            bars.append(ProgressBar(trainer.cfg.steps, label=f"train controlnet ({cfg.condition})"))
-            bars[0].resume_at(trainer.step)
-        bars[0].update(trainer.step, loss=loss)
-
-    try:
-        train_controlnet(cfg, preprocess=maker, resume=args.resume, overwrite=args.overwrite, on_step=on_step,
+    with TrainingProgress(args.quiet) as progress:
+        train_controlnet(cfg, preprocess=maker, resume=args.resume, overwrite=args.overwrite,
+                         on_step=progress.stage(f"train controlnet ({cfg.condition})"),
                          sample_fn=None if args.no_samples else sample_control_images)
-    finally:
-        for bar in bars:
-            bar.close()
     print(cfg.out)
     return 0
 

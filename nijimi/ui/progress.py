@@ -40,3 +40,31 @@ class ProgressBar:
     def close(self) -> None:
         self.stream.write("\n")
         self.stream.flush()
+
+
+class TrainingProgress:
+    """A training run's ``on_step`` callback: one bar per stage label, each counting speed from the first step it
+    sees (so a resumed run shows its own it/s); ``quiet`` draws nothing. Use as a context manager to end the lines."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bars: dict[str, ProgressBar] = {}
+
+    def __call__(self, label: str, trainer, loss: float, seconds: float) -> None:
+        if self.quiet:
+            return
+        if label not in self.bars:
+            self.bars[label] = ProgressBar(trainer.cfg.steps, label=label)
+            self.bars[label].resume_at(trainer.step)
+        self.bars[label].update(trainer.step, loss=loss)
+
+    def stage(self, label: str):
+        """The ``on_step(trainer, loss, seconds)`` of a one-stage run."""
+        return lambda trainer, loss, seconds: self(label, trainer, loss, seconds)
+
+    def __enter__(self) -> TrainingProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in self.bars.values():
+            bar.close()

@@ -11,7 +11,7 @@ from nijimi.train.detect import evaluate, format_table
 from nijimi.train.run import run_training
 from nijimi.train.shapes import sample_captions, write_shapes_dataset
 from nijimi.ui.control import add_eval_control_parser
-from nijimi.ui.progress import ProgressBar
+from nijimi.ui.progress import ProgressBar, TrainingProgress
 
 
 def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int) -> list:
@@ -24,21 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     if args.init:
         overrides["init"] = args.init
-    bars: dict[str, ProgressBar] = {}
-
-    def on_step(stage: str, trainer, loss: float, seconds: float) -> None:
-        if args.quiet:
-            return
-        if stage not in bars:
-            bars[stage] = ProgressBar(trainer.cfg.steps, label=stage)
-            bars[stage].resume_at(trainer.step)
-        bars[stage].update(trainer.step, loss=loss)
-
-    try:
-        path = run_training(args.config_file, overrides, resume=args.resume, on_step=on_step, sample_fn=sample_images)
-    finally:
-        for bar in bars.values():
-            bar.close()
+    with TrainingProgress(args.quiet) as progress:
+        path = run_training(args.config_file, overrides, resume=args.resume, on_step=progress, sample_fn=sample_images)
     print(path)
     return 0
 
