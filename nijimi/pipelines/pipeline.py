@@ -20,7 +20,10 @@ from nijimi.diffusion.denoiser import Denoiser
 from nijimi.diffusion.guidance import GuidedNetwork
 from nijimi.diffusion.samplers import StepInfo, canonical_name, parse_sampler
 from nijimi.diffusion.schedules import sampling_sigmas
+from nijimi.embedded import embedded_path
 from nijimi.errors import ConfigError, PromptError, SamplerError
+from nijimi.io.checkpoint import LoadReport, load_model
+from nijimi.io.pngmeta import model_hash
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
 from nijimi.pipelines.adapters import apply_loras
@@ -59,6 +62,7 @@ class Pipeline:
     model_hash: str | None = None
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
+    report: LoadReport | None = None
 
     def __post_init__(self) -> None:
         self.device = resolve_device(self.device)
@@ -193,14 +197,9 @@ def load(source: str | os.PathLike = EMBEDDED, config=None, *, device: str | tor
          dtype: torch.dtype = torch.float32) -> Pipeline:
     """Load ``"embedded"`` (the shipped tiny model), a single checkpoint file or a diffusers folder, to run on
     ``device`` with the U-Net and text encoder in ``dtype`` (see :class:`Pipeline`)."""
-    from nijimi.io.checkpoint import load_model
-    from nijimi.io.pngmeta import model_hash
-
     device = resolve_device(device)
     dtype_name(dtype)  # fail before loading the weights
     if str(source) == EMBEDDED:
-        from nijimi.embedded import embedded_path
-
         path = embedded_path()
         name = EMBEDDED
     else:
@@ -208,6 +207,4 @@ def load(source: str | os.PathLike = EMBEDDED, config=None, *, device: str | tor
         name = path.stem if path.is_file() else path.name
     model, report = load_model(path, config=config)
     digest = model_hash(path) if path.is_file() else None
-    pipe = Pipeline(model, name=name, source=str(path), model_hash=digest, device=device, dtype=dtype)
-    pipe.report = report
-    return pipe
+    return Pipeline(model, name=name, source=str(path), model_hash=digest, device=device, dtype=dtype, report=report)
