@@ -7,6 +7,7 @@ import dataclasses
 import diffusers
 import pytest
 import torch
+from helpers import randomize, rel_err
 
 from nijimi.errors import ConfigError
 from nijimi.io.keys import controlnet_config_to_diffusers, controlnet_to_diffusers
@@ -35,20 +36,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded noise in every parameter (weights ~ 1/√fan_in, norm gains ~ 1, biases ~ 0.1): no zero convs left."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight") and "zero_convs" not in name and "block_out" not in name:
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def make_pair(cfg: ControlNetConfig, seed: int = 0) -> tuple[ControlNetModel, diffusers.ControlNetModel]:
     """A random nijimi ControlNet and the diffusers one holding the same weights, moved by nijimi's key table."""
     ours = ControlNetModel(cfg).eval()
@@ -66,10 +53,6 @@ def inputs(cfg: ControlNetConfig, batch: int = 2, size: int = 16, seed: int = 1)
     side = size * cfg.hint_downscale
     hint = torch.rand(batch, cfg.hint_channels, side, side, generator=gen)
     return x, torch.tensor([999.0, 321.5, 17.0][:batch]), context, hint
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("guess_mode", [False, True], ids=["plain", "guess"])

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import randomize, rel_err
 
 from nijimi.errors import ConfigError
 from nijimi.io.keys import unet_config_to_diffusers, unet_key_table, unet_to_diffusers
@@ -34,20 +35,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter with seeded noise (weights ~ 1/√fan_in, norm gains ~ 1, biases ~ 0.1) so nothing is zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
 def make_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditionModel]:
     """A random nijimi U-Net and the diffusers U-Net holding the same weights, moved over by nijimi's key table."""
     ours = UNetModel(cfg).eval()
@@ -63,10 +50,6 @@ def inputs(cfg: UNetConfig, batch: int = 2, size: int = 16, seed: int = 1) -> tu
     context = torch.randn(batch, 7, cfg.context_dim, generator=gen)
     t = torch.tensor([999.0, 0.5, 321.0, 17.0][:batch])
     return x, t, context
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))

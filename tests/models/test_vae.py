@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from helpers import randomize, rel_err
 
 from nijimi.errors import CheckpointError, ConfigError, ImageError, NijimiError
 from nijimi.io.keys import (
@@ -26,24 +27,6 @@ from nijimi.models.vae import VAE, DiagonalGaussian, VAEConfig, _tiled
 SMALL = VAEConfig(channels=16, channel_mult=(1, 2, 2), num_res_blocks=2, norm_groups=8)
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers|, fp32
 SD_VAE_PARAMETERS = 83_653_863  # kl-f8 autoencoder of SD 1.x/2.x
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Fill every parameter with seeded noise (weights ~ 1/√fan_in, norm gains ~ 1, biases ~ 0.1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def make_pair(cfg: VAEConfig = SMALL, seed: int = 0) -> tuple[VAE, AutoencoderKL]:
