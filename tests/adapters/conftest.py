@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import randomize, rel_err
 
 from nijimi.adapters.deltas import factorization
 from nijimi.adapters.weights import ModuleWeights
@@ -34,24 +35,8 @@ def one_thread():
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded noise in every parameter (weights ~ 1/√fan_in, norm gains ~ 1, biases ~ 0.1, embeddings ~ 0.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "embedding" in name:
-                p.copy_(0.5 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.1 * noise)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a − b| / max |b|."""
-    return ((a - b).abs().max() / b.abs().max()).item()
+    """Seeded noise in every parameter (:func:`helpers.randomize`, embeddings ~ 0.5)."""
+    randomize(model, seed, embedding_std=0.5)
 
 
 def _unet_inputs(cfg: UNetConfig, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,14 +55,14 @@ def _token_ids(cfg: TextEncoderConfig, seed: int = 1) -> torch.Tensor:
     return ids
 
 
-@pytest.fixture(scope="session")
-def randomize():
+@pytest.fixture(scope="session", name="randomize")
+def randomize_fixture():
     return _randomize
 
 
-@pytest.fixture(scope="session")
-def rel_err():
-    return _rel_err
+@pytest.fixture(scope="session", name="rel_err")
+def rel_err_fixture():
+    return rel_err
 
 
 @pytest.fixture(scope="session")
