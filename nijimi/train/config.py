@@ -71,10 +71,15 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 
 def build_config(cls: type[T], values: dict[str, Any]) -> T:
     """Fill dataclass ``cls`` from flat ``values``; unknown keys and wrong types raise ConfigError naming them."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    return replace_config(cls(), values)
+
+
+def replace_config(config: T, values: dict[str, Any]) -> T:
+    """``dataclasses.replace(config, **values)`` with each value read as the type of the field's current value
+    (so ``--arch.unet.model_channels=32`` from the command line is an int); unknown keys raise ConfigError."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
-    defaults = cls()
-    kwargs = {k: _coerce(k, v, getattr(defaults, k)) for k, v in values.items()}
-    return dataclasses.replace(defaults, **kwargs)
+    kwargs = {k: _coerce(k, v, getattr(config, k)) for k, v in values.items()}
+    return dataclasses.replace(config, **kwargs)

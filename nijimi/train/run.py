@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
-from nijimi.train.config import build_config, read_toml
+from nijimi.train.config import build_config, read_toml, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import write_grid, write_loss_curve
@@ -88,12 +87,9 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
 def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | None = None) -> ModelConfig:
     """The preset ``run.model`` with ``arch`` field overrides, the run's schedule and the measured scaling factor."""
     base = ModelConfig.preset(run.model)
-    try:
-        unet = dataclasses.replace(base.unet, **arch["unet"])
-        vae = dataclasses.replace(base.vae, **arch["vae"])
-        text = dataclasses.replace(base.text, **arch["text"])
-    except TypeError as exc:
-        raise ConfigError(f"bad architecture key: {exc}") from None
+    unet = replace_config(base.unet, arch["unet"])
+    vae = replace_config(base.vae, arch["vae"])
+    text = replace_config(base.text, arch["text"])
     if scaling_factor is not None:
         vae = dataclasses.replace(vae, scaling_factor=scaling_factor)
     schedule = NoiseSchedule(beta_schedule=run.beta_schedule, prediction_type=run.prediction_type)

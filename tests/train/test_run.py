@@ -1,0 +1,23 @@
+import pytest
+
+from nijimi.errors import ConfigError
+from nijimi.train.config import parse_overrides
+from nijimi.train.run import model_config, parse_config
+
+
+def test_command_line_architecture_overrides_are_typed():
+    values = parse_overrides(["--arch.unet.model_channels=32", "--arch.unet.channel_mult=1,2",
+                              "--arch.unet.attention_levels=1", "--arch.text.width=64", "--unet.steps=7",
+                              "--prediction_type=v_prediction"])
+    run, vae, unet, arch = parse_config(values)
+    cfg = model_config(run, arch, scaling_factor=0.5)
+    assert cfg.unet.model_channels == 32 and cfg.unet.channel_mult == (1, 2) and cfg.unet.attention_levels == (1,)
+    assert cfg.text.width == 64 and cfg.unet.context_dim == 64  # the U-Net follows the text encoder's width
+    assert cfg.vae.scaling_factor == 0.5 and cfg.prediction_type == "v_prediction"
+    assert unet.steps == 7 and vae.steps == 1000
+
+
+def test_unknown_architecture_key_is_named():
+    run, _, _, arch = parse_config(parse_overrides(["--arch.unet.channels=32"]))
+    with pytest.raises(ConfigError, match="channels"):
+        model_config(run, arch)
