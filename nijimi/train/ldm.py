@@ -70,8 +70,9 @@ class AutoencoderObjective(nn.Module):
 
 @torch.no_grad()
 def measure_scaling_factor(vae: VAE, data: CaptionedImages, count: int = 512, batch: int = 64) -> float:
-    """``1 / std`` of the posterior-mean latents over ``count`` images, so scaled latents have unit variance (LDM
-    appendix: SD's 0.18215 was measured the same way on its data)."""
+    """``1 / std`` of the posterior-mean latents over ``count`` images (at most the data set), so scaled latents
+    have unit variance (LDM appendix: SD's 0.18215 was measured the same way on its data)."""
+    count = min(count, len(data))
     was_training = vae.training
     vae.eval()
     latents = [vae.encode(load_batch(data, range(i, min(i + batch, count)))[0]).mean for i in range(0, count, batch)]
