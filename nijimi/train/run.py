@@ -176,8 +176,11 @@ def run_training(config_path: str | Path, overrides: dict[str, str] | None = Non
                  on_step: OnStep | None = None, sample_fn: SampleFn | None = None) -> Path:
     """Run every stage of the recipe in ``config_path``; returns the exported single-file model.
 
-    Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone writes files."""
-    if init_distributed() != 0:
+    Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone shows progress, makes sample
+    grids and writes checkpoints and the export (the stage files, identical on every rank, are written atomically).
+    """
+    rank = init_distributed()
+    if rank != 0:
         on_step, sample_fn = None, None
     values = read_toml(config_path)
     values.update(overrides or {})
@@ -186,7 +189,7 @@ def run_training(config_path: str | Path, overrides: dict[str, str] | None = Non
     vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)
     model = train_unet(run, unet_stage, arch, data, vae_path, resume, on_step, sample_fn)
     target = Path(run.export) if run.export else Path(run.out) / "model.safetensors"
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_single(model, target, half=run.half)
     return target
