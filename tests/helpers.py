@@ -2,6 +2,25 @@
 
 import torch
 
+from nijimi.models.ldm import ModelConfig
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
+
+# Small models of the real SD 1.x and SD 2.x architectures (SD2: linear projections, 64-wide heads, GELU text
+# encoder used at its penultimate layer, OpenCLIP projection), for checkpoint layout tests.
+SD1 = ModelConfig(
+    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=8,
+               context_dim=64),
+    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
+    TextEncoderConfig(width=64, num_layers=2, num_heads=1, mlp_width=128), "sd1", 49407)
+SD2 = ModelConfig(
+    UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=None,
+               head_dim=64, context_dim=128, linear_proj=True, upcast_attention=True),
+    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
+    TextEncoderConfig(width=128, num_layers=3, num_heads=2, mlp_width=256, activation="gelu", clip_skip=2,
+                      projection_dim=96), "sd2", 0)
+
 
 def randomize(model: torch.nn.Module, seed: int, embedding_std: float | None = None) -> None:
     """Fill every parameter with seeded noise so nothing is zero (zero convs included): weights ~ 1/√fan_in, norm

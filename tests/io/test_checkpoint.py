@@ -17,6 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from helpers import SD1, SD2
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from nijimi.errors import CheckpointError, ConfigError
@@ -27,17 +28,6 @@ from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 
-SD1 = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=8,
-               context_dim=64),
-    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
-    TextEncoderConfig(width=64, num_layers=2, num_heads=1, mlp_width=128), "sd1", 49407)
-SD2 = ModelConfig(
-    UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=None,
-               head_dim=64, context_dim=128, linear_proj=True, upcast_attention=True),
-    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
-    TextEncoderConfig(width=128, num_layers=3, num_heads=2, mlp_width=256, activation="gelu", clip_skip=2,
-                      projection_dim=96), "sd2", 0)
 TOLERANCE = 1e-4
 # No "!": a transformers CLIPTokenizer whose pad token is "!" (SD 2.x folders, real ones too) splits every "!" off as
 # the special pad token, while SD 2.x was trained with OpenCLIP's tokenizer, which (like nijimi) merges "!!" by BPE.
