@@ -17,7 +17,6 @@ first object is pink, a colour the base world never shows.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,16 @@ from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.report import write_grid, write_loss_curve
-from nijimi.train.shapes import COLOURS, Scene, ShapesDataset, describe, render, to_tensor
+from nijimi.train.shapes import (
+    COLOURS,
+    CONCEPT_COLOURS,
+    Scene,
+    ShapesDataset,
+    describe,
+    render,
+    to_tensor,
+    with_concept,
+)
 from nijimi.train.trainer import LoopConfig, Trainer
 
 EMBEDDED = "embedded"
@@ -51,8 +59,6 @@ ADAPTER_TYPES: dict[str, dict] = {
 """``--type`` → :class:`AdapterSpec` fields. LoCon is a LoRA whose default targets include the convolutions."""
 DEFAULT_TARGETS = {"locon": "all"}
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
-CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (240, 96, 176)}
-"""Colours the shapes world lacks, for ``data = "shapes-<colour>"``."""
 
 OnStep = Callable[[Trainer, float, float], None]
 # sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
@@ -129,21 +135,19 @@ class AdapterTrainConfig(LoopConfig):
 
 class ConceptShapes:
     """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
-    first object recoloured to ``concept`` (a key of :data:`CONCEPT_COLOURS`) and captioned accordingly, e.g.
-    ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
+    first object recoloured to ``concept`` (:func:`~nijimi.train.shapes.with_concept`) and captioned accordingly,
+    e.g. ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
 
     def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
-        if concept not in CONCEPT_COLOURS:
-            raise ConfigError(f"unknown shapes concept {concept!r}; choose one of {', '.join(CONCEPT_COLOURS)}")
         self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
         self.palette = {**COLOURS, **CONCEPT_COLOURS}
+        self.scene(0)  # an unknown concept fails here
 
     def __len__(self) -> int:
         return len(self.base)
 
     def scene(self, index: int) -> Scene:
-        objects = self.base.scene(index).objects
-        return Scene((dataclasses.replace(objects[0], colour=self.concept), *objects[1:]))
+        return with_concept(self.base.scene(index), self.concept)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         if not 0 <= index < len(self):

@@ -35,7 +35,6 @@ from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER, ShapeSpec
 
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "count")
 
-_CHROMA = {name: float(max(rgb) - min(rgb)) for name, rgb in COLOURS.items()}
 _AREA_FACTOR = {
     "circle": math.pi,
     "square": 2.0,
@@ -59,7 +58,14 @@ def _hue(rgb: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360.0
 
 
-_HUES = {name: float(_hue(np.array(rgb, dtype=np.float64))) for name, rgb in COLOURS.items()}
+Palette = dict[str, tuple[int, int, int]]
+"""Colour names → RGB the detector chooses among (default the world's ``COLOURS``; an adapter demo adds its own)."""
+
+
+def _palette_table(palette: Palette) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Names, hues (degrees) and chromas of a palette's colours."""
+    rgb = np.array(list(palette.values()), dtype=np.float64)
+    return list(palette), _hue(rgb), rgb.max(axis=1) - rgb.min(axis=1)
 
 
 @dataclass(frozen=True)
@@ -204,23 +210,25 @@ def _grow(mask: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
 
 
-def _single_colour_parts(core: np.ndarray, nearest: np.ndarray, chroma: np.ndarray,
-                         min_pixels: float) -> list[tuple[np.ndarray, int]]:
+def _single_colour_parts(core: np.ndarray, nearest: np.ndarray, chroma: np.ndarray, min_pixels: float,
+                         colours: int) -> list[tuple[np.ndarray, int]]:
     """Split one foreground component (H, W) bool into (part, colour index): itself with its chroma-weighted majority
     colour, unless it holds two or more single-colour connected parts of ``min_pixels`` each (touching objects)."""
-    pixels = np.bincount(nearest[core], minlength=len(COLOURS))
+    pixels = np.bincount(nearest[core], minlength=colours)
     parts = []
     for colour in np.nonzero(pixels >= min_pixels)[0] if np.sum(pixels >= min_pixels) >= 2 else []:
         labels, count = _components(core & (nearest == colour))
         parts += [(labels == k, int(colour)) for k in range(count) if np.sum(labels == k) >= min_pixels]
     if len(parts) >= 2:
         return parts
-    votes = np.bincount(nearest[core], weights=chroma[core], minlength=len(COLOURS))
+    votes = np.bincount(nearest[core], weights=chroma[core], minlength=colours)
     return [(core, int(votes.argmax()))]
 
 
-def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.006) -> list[Detection]:
-    """Objects in a shapes image, largest first; ``min_area`` is the smallest object as a fraction of the image area.
+def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.006,
+           palette: Palette = COLOURS) -> list[Detection]:
+    """Objects in a shapes image, largest first; ``min_area`` is the smallest object as a fraction of the image area;
+    each object's colour is the nearest hue of ``palette``.
 
     ``image``: anything ``as_rgb`` takes (H, W, 3) / (3, H, W). The median chroma (the background's: objects cover
     under a third of a shapes image) is taken as zero coverage, which cancels the chroma that noise adds.
@@ -229,14 +237,14 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
     floor = float(np.median(chroma))
     hue = _hue(rgb)
-    nearest = np.stack([np.abs((hue - h + 180.0) % 360.0 - 180.0) for h in _HUES.values()]).argmin(axis=0)
-    full = np.maximum(np.array(list(_CHROMA.values())) - floor, 1.0) + floor
+    names, hues, chromas = _palette_table(palette)
+    nearest = np.stack([np.abs((hue - h + 180.0) % 360.0 - 180.0) for h in hues]).argmin(axis=0)
+    full = np.maximum(chromas - floor, 1.0) + floor
     coverage = np.clip((chroma - floor) / (full[nearest] - floor), 0.0, 1.0)
     labels, count = _components(coverage >= 0.5)
-    names = list(COLOURS)
     found = []
     for label in range(count):
-        parts = _single_colour_parts(labels == label, nearest, chroma, min_area * chroma.size)
+        parts = _single_colour_parts(labels == label, nearest, chroma, min_area * chroma.size, len(names))
         for core, colour in parts:
             ys, xs = np.nonzero(core)
             if len(ys) < min_area * chroma.size / 4:
@@ -281,10 +289,12 @@ def _assignments(n_specs: int, n_found: int) -> list[tuple[int | None, ...]]:
     return [(i, j) for i in options for j in options if i is None or i != j]
 
 
-def score(image: Image.Image | np.ndarray | torch.Tensor, caption: str, min_area: float = 0.006) -> Score:
-    """Judge ``image`` against a shapes ``caption``: each attribute right for every object, and the whole caption."""
+def score(image: Image.Image | np.ndarray | torch.Tensor, caption: str, min_area: float = 0.006,
+          palette: Palette = COLOURS) -> Score:
+    """Judge ``image`` against a shapes ``caption``: each attribute right for every object, and the whole caption
+    (colours read with ``palette``)."""
     specs = parse_caption(caption)
-    found = detect(image, min_area)
+    found = detect(image, min_area, palette)
     rows = _best_match(specs, found)
     verdict: dict[str, bool | None] = {}
     for attribute in ("colour", "shape", "position"):
@@ -310,8 +320,9 @@ GenerateFn = Callable[[list[str], list[int]], Sequence[Image.Image | np.ndarray 
 
 
 def evaluate(generate_fn: GenerateFn, captions: Sequence[str], seeds: Sequence[int] | None = None,
-             batch_size: int = 8, min_area: float = 0.006) -> EvalTable:
-    """Generate an image per caption with ``generate_fn(captions, seeds) → images`` in batches and score them.
+             batch_size: int = 8, min_area: float = 0.006, palette: Palette = COLOURS) -> EvalTable:
+    """Generate an image per caption with ``generate_fn(captions, seeds) → images`` in batches and score them
+    (:func:`score` with ``palette``).
 
     ``seeds`` default to 0, 1, 2, …; the function never sees a pipeline, only captions and seeds.
     """
@@ -326,7 +337,7 @@ def evaluate(generate_fn: GenerateFn, captions: Sequence[str], seeds: Sequence[i
         images = generate_fn(batch, seeds[start : start + batch_size])
         if len(images) != len(batch):
             raise ConfigError(f"generate_fn returned {len(images)} images for {len(batch)} captions")
-        scores += [score(image, c, min_area) for c, image in zip(batch, images, strict=True)]
+        scores += [score(image, c, min_area, palette) for c, image in zip(batch, images, strict=True)]
     groups = {"one object": [s for n, s in zip(counts, scores, strict=True) if n == 1],
               "two objects": [s for n, s in zip(counts, scores, strict=True) if n == 2], "all": scores}
     return EvalTable({g: _accuracies(s) for g, s in groups.items()}, {g: len(s) for g, s in groups.items()})

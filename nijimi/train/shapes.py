@@ -23,6 +23,7 @@ splits are disjoint whatever the phrasing; every colour×shape and every colour/
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,6 +45,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (48, 80, 224),
     "purple": (144, 64, 192),
 }
+CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (240, 96, 176)}
+"""Colours the world never shows: new concepts for adapter demos (``shapes-pink``), named in captions all the same."""
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 SIZES: dict[str, float] = {"small": 0.13, "large": 0.22}
 POSITIONS: dict[str, tuple[float, float]] = {
@@ -202,7 +205,7 @@ def describe(scene: Scene, generator: torch.Generator) -> str:
 
 
 _OBJECT = r"(?:a|an|one) (?:({size}) )?({colour}) ({shape})".format(
-    size="|".join(SIZES), colour="|".join(COLOURS), shape="|".join(SHAPES)
+    size="|".join(SIZES), colour="|".join([*COLOURS, *CONCEPT_COLOURS]), shape="|".join(SHAPES)
 )
 _PLACE_OF = {phrase: place for place, phrases in _PLACE_PHRASES.items() for phrase in phrases}
 _PLACE = "(" + "|".join(sorted(_PLACE_OF, key=len, reverse=True)) + ")"
@@ -357,11 +360,21 @@ class ShapesDataset:
         return to_tensor(image), caption
 
 
-def sample_captions(count: int, seed: int = 0, split: str = "heldout") -> list[str]:
-    """``count`` captions of ``split`` (half one-object, half two-object), e.g. for evaluation."""
+def with_concept(scene: Scene, concept: str) -> Scene:
+    """``scene`` with its first object recoloured to ``concept`` (a key of :data:`CONCEPT_COLOURS`)."""
+    if concept not in CONCEPT_COLOURS:
+        raise ConfigError(f"unknown shapes concept {concept!r}; choose one of {', '.join(CONCEPT_COLOURS)}")
+    first, *rest = scene.objects
+    return Scene((dataclasses.replace(first, colour=concept), *rest))
+
+
+def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None) -> list[str]:
+    """``count`` captions of ``split`` (half one-object, half two-object), e.g. for evaluation; with ``concept``
+    the first object of each is that new colour (:func:`with_concept`)."""
     captions = []
     for index in range(count):
         scene = sample_scene(_index_generator(seed, split, index, "eval"), split, objects=1 + index % 2)
+        scene = with_concept(scene, concept) if concept else scene
         captions.append(describe(scene, _index_generator(seed, split, index, "caption")))
     return captions
 

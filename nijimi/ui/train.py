@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 from nijimi.models.ldm import LatentDiffusion
+from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.train.config import parse_overrides
 from nijimi.train.detect import evaluate, format_table
 from nijimi.train.run import run_training
-from nijimi.train.shapes import sample_captions, write_shapes_dataset
+from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, sample_captions, write_shapes_dataset
 from nijimi.ui.control import add_eval_control_parser
 from nijimi.ui.progress import ProgressBar, TrainingProgress
 
@@ -37,20 +38,22 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     pipe = load(args.model or EMBEDDED)
-    captions = sample_captions(args.n, seed=args.seed, split=args.split)
+    loras = lora_requests(args.lora)
+    captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
+    palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
     bar = None if args.quiet else ProgressBar(len(captions), label="eval")
     done = 0
 
     def generate(batch: list[str], seeds: list[int]) -> list:
         nonlocal done
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s).images[0]
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, loras=loras).images[0]
                   for c, s in zip(batch, seeds, strict=True)]
         done += len(batch)
         if bar is not None:
             bar.update(done)
         return images
 
-    table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))])
+    table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
     if bar is not None:
         bar.close()
     print(format_table(table))
@@ -85,6 +88,10 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--cfg", type=float, default=7.0)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="caption split (default heldout)")
+    q.add_argument("--concept", choices=sorted(CONCEPT_COLOURS),
+                   help="make each caption's first object this new colour (to measure an adapter that teaches it)")
+    q.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply an adapter while generating (repeatable)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_eval)
     add_eval_control_parser(what)

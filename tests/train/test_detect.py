@@ -9,6 +9,7 @@ from nijimi.errors import ConfigError, ImageError, PromptError
 from nijimi.train.detect import detect, evaluate, format_table, score
 from nijimi.train.shapes import (
     COLOURS,
+    CONCEPT_COLOURS,
     PAIRS,
     POSITIONS,
     SHAPES,
@@ -219,3 +220,20 @@ def test_evaluate_rejects_bad_arguments() -> None:
         evaluate(lambda c, s: [], ["a small red circle in the center"])
     with pytest.raises(PromptError, match="a dog"):
         evaluate(lambda c, s: [], ["a dog"])
+
+
+def test_concept_colour_is_read_with_its_palette() -> None:
+    palette = {**COLOURS, **CONCEPT_COLOURS}
+    captions = sample_captions(40, seed=5, concept="pink")
+    assert all(parse_caption(c)[0].colour == "pink" for c in captions)
+    assert all(s.colour != "pink" for c in captions for s in parse_caption(c)[1:])
+    scene = Scene((Shape("pink", "star", "large", "left", 0.25, 0.5, 0.22),
+                   Shape("blue", "circle", "small", "right", 0.75, 0.5, 0.13)))
+    image = render(scene, colours=palette)
+    caption = "a large pink star on the left and a small blue circle on the right"
+    assert score(image, caption, palette=palette).correct
+    plain = score(image, caption)  # the world's palette has no pink: the star reads as red or purple
+    assert not plain.colour and plain.shape
+    assert {d.colour for d in plain.detections} <= {"red", "purple", "blue"}
+    with pytest.raises(ConfigError, match="unknown shapes concept 'teal'"):
+        sample_captions(2, concept="teal")

@@ -225,3 +225,32 @@ def test_lora_info_describes_the_file(nijimi, models, tmp_path):
                           "kinds: lora ×2", "ranks: 2 ×2", "alphas: 2.0 ×2"]
     assert "fits the model: 2 modules, 0 keys unmatched" in lines
     assert "  ss_network_dim: 2" in lines
+
+
+def test_eval_shapes_measures_a_concept_through_an_adapter(nijimi, models, tmp_path, monkeypatch):
+    """``eval shapes --concept pink --lora FILE``: pink captions, pink in the detector's palette, the adapter applied
+    (the tuned model's images, not the base's)."""
+    from nijimi.ui import train as train_ui
+
+    lora = tmp_path / "delta.safetensors"
+    assert nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "1", "--out", lora)[0] == 0
+    runs, evaluate = [], train_ui.evaluate
+
+    def recording(generate_fn, captions, seeds, palette):
+        runs.append((captions, palette, generate_fn(captions[:1], seeds[:1])[0]))
+        return evaluate(generate_fn, captions, seeds=seeds, palette=palette)
+
+    monkeypatch.setattr(train_ui, "evaluate", recording)
+    common = ["eval", "shapes", "--n", "2", "--steps", "2", "--quiet"]
+    for model, extra in ((models[0], ["--lora", lora]), (models[1], []), (models[0], [])):
+        code, stdout, _ = nijimi(*common, "--model", model, "--concept", "pink", *extra)
+        assert code == 0 and stdout.splitlines()[0].split()[:2] == ["prompts", "n"]
+    (captions, palette, with_lora), (_, _, tuned), (_, plain_palette, base) = runs
+    assert all(" pink " in c for c in captions) and palette["pink"] == (240, 96, 176)
+    assert plain_palette == palette
+    assert np.abs(np.asarray(with_lora, float) - np.asarray(tuned, float)).max() <= 1
+    assert np.abs(np.asarray(with_lora, float) - np.asarray(base, float)).max() > 1
+
+    monkeypatch.setattr(train_ui, "evaluate", lambda *a, **k: pytest.fail("no evaluation after a user error"))
+    assert_user_error(nijimi(*common, "--model", models[0], "--lora", tmp_path / "none.safetensors"),
+                      "none.safetensors")
