@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from nijimi import __version__
 from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
-from nijimi.embedded import WEIGHTS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
 from nijimi.ui.adapters import add_adapter_parsers
@@ -33,10 +32,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if not WEIGHTS.is_file():  # a build without the trained weights: say so, the installation itself is fine
-        print(f"nijimi is installed, but this build does not carry the embedded model yet ({WEIGHTS} is missing);\n"
-              "`make train-embedded` trains it (configs/embedded.toml), or use `nijimi generate --model FILE`.")
-        return 0
     for path in run_demo(args.out):
         print(path)
     return 0

@@ -97,8 +97,9 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("nothing to train: no parameter requires grad")
+        # foreach: one multi-tensor update; on CPU PyTorch would otherwise loop over the tensors one by one.
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.cfg.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay
+            self.params, lr=self.cfg.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay, foreach=True
         )
         self.ema = EMA(self.module, self.cfg.ema_decay)
         self.ddp = self.module
