@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from helpers import SD1
 
 from nijimi.errors import CheckpointError
 from nijimi.io.checkpoint import single_file_state_dict
@@ -29,12 +30,9 @@ from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.models.vae import VAEConfig
 
 # Small configs that follow the real families' conventions (SD1: 8 heads; SD2: 64-wide heads, linear proj; text
-# encoders: 64-wide heads; 32 norm groups), so a foreign file of these sizes is detected exactly.
-SD1_SMALL = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=8,
-               context_dim=64),
-    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
-    TextEncoderConfig(width=64, num_layers=2, num_heads=1, mlp_width=128), "sd1", 49407)
+# encoders: 64-wide heads; 32 norm groups), so a foreign file of these sizes is detected exactly. SD1 is the shared
+# small SD1 config; SD2 here has attention at both levels, unlike the shared one.
+SD1_SMALL = SD1
 SD2_SMALL = ModelConfig(
     UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=None,
                head_dim=64, context_dim=128, linear_proj=True, upcast_attention=True),
