@@ -28,7 +28,7 @@ from nijimi.train.config import build_config, read_toml, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import write_grid, write_loss_curve
-from nijimi.train.shapes import ShapesDataset
+from nijimi.train.shapes import AnyColourShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, Trainer
 
 OnStep = Callable[[str, Trainer, float, float], None]
@@ -50,6 +50,8 @@ class RunConfig:
     init: str = ""
     prediction_type: str = "epsilon"
     beta_schedule: str = "scaled_linear"
+    rescale_zero_terminal_snr: bool = False
+    timestep_spacing: str = "leading"
     sample_every: int = 500
     sample_steps: int = 20
     sample_prompts: tuple = ("a red circle on the left", "a large blue square in the center",
@@ -61,6 +63,7 @@ class RunConfig:
 @dataclass
 class VAEStage(LoopConfig):
     kl_weight: float = 1e-6
+    any_colour: float = 0.0  # shapes data: chance an object is drawn in a random colour (AnyColourShapes)
 
 
 @dataclass
@@ -92,7 +95,9 @@ def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | 
     text = replace_config(base.text, arch["text"])
     if scaling_factor is not None:
         vae = dataclasses.replace(vae, scaling_factor=scaling_factor)
-    schedule = NoiseSchedule(beta_schedule=run.beta_schedule, prediction_type=run.prediction_type)
+    schedule = NoiseSchedule(beta_schedule=run.beta_schedule, prediction_type=run.prediction_type,
+                             rescale_zero_terminal_snr=run.rescale_zero_terminal_snr,
+                             timestep_spacing=run.timestep_spacing)
     return dataclasses.replace(base, unet=dataclasses.replace(unet, context_dim=text.width), vae=vae, text=text,
                                schedule=schedule)
 
@@ -119,7 +124,8 @@ def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, o
         return path
     torch.manual_seed(run.seed)
     vae = VAE(model_config(run, arch).vae)
-    trainer = _stage_trainer(AutoencoderObjective(vae, data, stage.kl_weight), data, stage, out / "vae", resume)
+    images = AnyColourShapes(data, stage.any_colour) if stage.any_colour and run.data == "shapes" else data
+    trainer = _stage_trainer(AutoencoderObjective(vae, images, stage.kl_weight), images, stage, out / "vae", resume)
     trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
     trainer.ema.copy_to(trainer.module)
     scale = measure_scaling_factor(vae, data)

@@ -360,6 +360,36 @@ class ShapesDataset:
         return to_tensor(image), caption
 
 
+class AnyColourShapes:
+    """The images of ``shapes`` with each object, with probability ``p``, in a uniformly random RGB colour instead of
+    its palette colour: autoencoder training data, so the VAE reconstructs colours in general rather than the
+    palette's six (an adapter can then teach the model a colour it has never drawn). ``dataset[i]`` →
+    (image (3, size, size) in [-1, 1], ""): the captions would name the wrong colours, so there are none."""
+
+    def __init__(self, shapes: ShapesDataset, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"any-colour probability must be in [0, 1], got {p}")
+        self.shapes, self.p = shapes, p
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
+        base = self.shapes
+        scene = base.scene(index)
+        draws = _index_generator(base.seed, base.split, index, "colour")
+        palette, objects = dict(COLOURS), []
+        for k, obj in enumerate(scene.objects):
+            recolour, rgb = torch.rand(1, generator=draws).item() < self.p, torch.randint(0, 256, (3,), generator=draws)
+            if recolour:
+                palette[f"any{k}"] = tuple(rgb.tolist())
+                obj = dataclasses.replace(obj, colour=f"any{k}")
+            objects.append(obj)
+        return to_tensor(render(Scene(tuple(objects)), base.size, palette)), ""
+
+
 def with_concept(scene: Scene, concept: str) -> Scene:
     """``scene`` with its first object recoloured to ``concept`` (a key of :data:`CONCEPT_COLOURS`)."""
     if concept not in CONCEPT_COLOURS:

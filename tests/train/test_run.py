@@ -8,13 +8,16 @@ from nijimi.train.run import model_config, parse_config
 def test_command_line_architecture_overrides_are_typed():
     values = parse_overrides(["--arch.unet.model_channels=32", "--arch.unet.channel_mult=1,2",
                               "--arch.unet.attention_levels=1", "--arch.text.width=64", "--unet.steps=7",
-                              "--prediction_type=v_prediction"])
+                              "--prediction_type=v_prediction", "--rescale_zero_terminal_snr=true",
+                              "--timestep_spacing=trailing", "--vae.any_colour=0.5"])
     run, vae, unet, arch = parse_config(values)
     cfg = model_config(run, arch, scaling_factor=0.5)
     assert cfg.unet.model_channels == 32 and cfg.unet.channel_mult == (1, 2) and cfg.unet.attention_levels == (1,)
     assert cfg.text.width == 64 and cfg.unet.context_dim == 64  # the U-Net follows the text encoder's width
     assert cfg.vae.scaling_factor == 0.5 and cfg.prediction_type == "v_prediction"
-    assert unet.steps == 7 and vae.steps == 1000
+    assert cfg.schedule.rescale_zero_terminal_snr and cfg.schedule.timestep_spacing == "trailing"
+    assert cfg.schedule.alphas_cumprod[-1] < 1e-6  # what the exported model samples with
+    assert unet.steps == 7 and vae.steps == 1000 and vae.any_colour == 0.5
 
 
 def test_unknown_architecture_key_is_named():

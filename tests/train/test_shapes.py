@@ -10,6 +10,7 @@ import torch
 from nijimi.errors import ConfigError, PromptError
 from nijimi.train.shapes import (
     COLOURS,
+    AnyColourShapes,
     GAP,
     PAIRS,
     POSITIONS,
@@ -220,3 +221,22 @@ def test_write_shapes_dataset_is_deterministic(tmp_path) -> None:
     for name in ["captions.jsonl"] + [f"{i:05d}.png" for i in range(12)]:
         digest = [hashlib.sha256((folder / name).read_bytes()).hexdigest() for folder in (first, second)]
         assert digest[0] == digest[1]
+
+
+def test_any_colour_shapes_recolour_objects_and_keep_the_geometry() -> None:
+    shapes = ShapesDataset(size=32, seed=3, count=40)
+    assert all(torch.equal(AnyColourShapes(shapes, 0.0)[i][0], shapes[i][0]) for i in range(5))
+    recoloured = AnyColourShapes(shapes, 1.0)
+    palette = {tuple(c) for c in COLOURS.values()}
+    for i in range(10):
+        image, caption = recoloured[i]
+        assert caption == ""  # the scene's caption would name the palette colour
+        assert torch.equal(image == 1.0, shapes[i][0] == 1.0)  # same background pixels: same shapes, same places
+        pixels = {tuple(p) for p in ((image + 1) * 127.5).round().int().reshape(3, -1).T.tolist()}
+        assert not pixels & palette
+    assert torch.equal(recoloured[7][0], AnyColourShapes(shapes, 1.0)[7][0])  # deterministic per index
+    half = AnyColourShapes(shapes, 0.5)
+    same = sum(torch.equal(half[i][0], shapes[i][0]) for i in range(len(shapes)))
+    assert 0 < same < len(shapes)
+    with pytest.raises(ConfigError, match="probability"):
+        AnyColourShapes(shapes, 1.5)
