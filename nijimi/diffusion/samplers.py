@@ -314,6 +314,13 @@ def _split_name(name: str) -> tuple[str, str]:
     return base, spacing
 
 
+def default_sampler(schedule: NoiseSchedule) -> str:
+    """The sampler used when none is named: DPM++ 2M Karras, A1111's usual choice; but DPM++ 2M on the model's own
+    timesteps for a zero-terminal-SNR schedule, whose σ_max ≈ 4096 would put 14 of 20 Karras steps above σ = 14,
+    where the image has no structure yet (2305.08891 samples such models on "trailing" timesteps)."""
+    return "dpm++2m" if schedule.rescale_zero_terminal_snr else "dpm++2m-karras"
+
+
 def parse_sampler(name: str) -> tuple[Callable[..., torch.Tensor], str]:
     """The sampler function and σ spacing ("model", "karras" or "exponential") for a sampler name, e.g.
     ``"dpm++2m-karras"``, ``"DPM++ 2M Karras"``, ``"Euler a"``, ``"euler"``."""

@@ -18,7 +18,7 @@ from PIL import Image
 
 from nijimi.diffusion.denoiser import Denoiser
 from nijimi.diffusion.guidance import GuidedNetwork
-from nijimi.diffusion.samplers import StepInfo, canonical_name, parse_sampler
+from nijimi.diffusion.samplers import StepInfo, canonical_name, default_sampler, parse_sampler
 from nijimi.diffusion.schedules import sampling_sigmas
 from nijimi.embedded import embedded_path
 from nijimi.errors import ConfigError, PromptError, SamplerError
@@ -79,7 +79,7 @@ class Pipeline:
         cfg = self.model.config
         return cfg.unet.sample_size * cfg.vae.downscale_factor
 
-    def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20, sampler: str = "dpm++2m-karras",
+    def generate(self, prompt: str, negative_prompt: str = "", *, steps: int = 20, sampler: str | None = None,
                  cfg: float = 7.0, seed: int | None = None, width: int | None = None, height: int | None = None,
                  batch: int = 1, init_image: Image.Image | str | os.PathLike | None = None, strength: float = 0.75,
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
@@ -93,6 +93,7 @@ class Pipeline:
         ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed + i))`` — the convention
         diffusers and A1111 share — so a seed means the same picture across tools. ``vae_tile`` (pixels) and
         ``attention_slice`` (query rows) bound memory; None chooses from the free memory, 0 switches them off.
+        ``sampler`` None: the model's :func:`~nijimi.diffusion.samplers.default_sampler`.
         ``control``: ControlNets (units, moved to the pipeline's device and dtype, or ``--control`` specs).
         ``loras``: adapters ``(path, te_weight, unet_weight)`` merged for this call, with the prompt's A1111 tags
         ``<lora:NAME:W>`` (NAME looked up in ``lora_dir``); the weights are restored exactly afterwards.
@@ -103,6 +104,7 @@ class Pipeline:
             raise ConfigError(f"batch {batch!r} must be an integer >= 1")
         if not 0.0 <= strength <= 1.0:
             raise SamplerError(f"strength={strength!r} must be within [0, 1]")
+        sampler = sampler or default_sampler(self.model.config.schedule)
         fn, spacing = parse_sampler(sampler)
         sigmas = sampling_sigmas(self.model.config.schedule, steps, spacing)
         seed = secrets.randbelow(2**32) if seed is None else int(seed)

@@ -148,7 +148,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--negative", default="", help="negative prompt")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
     p.add_argument("--config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
-    p.add_argument("--sampler", default="dpm++2m-karras", help="sampler name (`nijimi samplers` lists them)")
+    p.add_argument("--sampler", help="sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or "
+                   "dpm++2m on the model's own timesteps for a zero-terminal-SNR model)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
     p.add_argument("--seed", type=int, help="seed (default: random); image i of a batch uses seed+i")

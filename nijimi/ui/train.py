@@ -84,7 +84,7 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", help="model to evaluate (default: the embedded model)")
     q.add_argument("--n", type=int, default=200, help="number of captions (half one-object, half two-object)")
     q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--sampler", default="dpm++2m-karras")
+    q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
     q.add_argument("--cfg", type=float, default=7.0)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="caption split (default heldout)")

@@ -22,6 +22,7 @@ from nijimi.diffusion.samplers import (
     SPACINGS,
     StepInfo,
     canonical_name,
+    default_sampler,
     display_name,
     img2img_start,
     initial_latent,
@@ -345,3 +346,14 @@ def test_bad_strength_steps_and_options_raise():
         sample_ddim(lambda x, s: x, torch.zeros(1, 2), sigmas, eta=2)
     with pytest.raises(NijimiError, match="'euler-a'.*generator"):
         SAMPLERS["euler-a"](lambda x, s: x, torch.zeros(1, 2), sigmas)
+
+
+def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():
+    assert default_sampler(NoiseSchedule.sd()) == "dpm++2m-karras"
+    zero = NoiseSchedule(prediction_type="v_prediction", rescale_zero_terminal_snr=True, timestep_spacing="trailing")
+    name = default_sampler(zero)
+    assert name == "dpm++2m"
+    karras = sampling_sigmas(zero, 20, "karras")
+    chosen = sampling_sigmas(zero, 20, parse_sampler(name)[1])
+    assert (karras[:-1] > 14).sum() >= 14  # σ_max ≈ 4096: most Karras steps are spent where nothing is formed yet
+    assert (chosen[:-1] > 14).sum() == 3 and chosen[1] < 50
