@@ -7,6 +7,10 @@ from pathlib import Path
 from nijimi.errors import CheckpointError
 
 WEIGHTS = Path(__file__).with_name("model.safetensors")
+ADAPTERS = Path(__file__).with_name("adapters")
+"""The demo adapters trained on the embedded model: the default folder for ``--lora NAME`` and ``<lora:NAME:W>``."""
+CONTROLNET = Path(__file__).with_name("controlnet-mask.safetensors")
+"""The demo ControlNet of the embedded model (object silhouettes): ``--control model=embedded,…``."""
 
 
 def embedded_path() -> Path:

@@ -34,7 +34,7 @@ from nijimi.adapters.names import part_of
 from nijimi.adapters.tags import parse_lora_option, parse_lora_tags, resolve_lora
 from nijimi.adapters.tools import extract_lora, resize_lora
 from nijimi.adapters.weights import Adapter
-from nijimi.embedded import embedded_path
+from nijimi.embedded import ADAPTERS, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
@@ -51,14 +51,13 @@ class LoraRequest(NamedTuple):
 
 def lora_requests(options: Sequence[str], lora_dir: str | os.PathLike | None = None) -> list[LoraRequest]:
     """``--lora`` options (``FILE[:WEIGHT[:UNET_WEIGHT]]``) → requests. A FILE that is not an existing path is looked
-    up by name in ``lora_dir`` (:func:`~nijimi.adapters.tags.resolve_lora`); without one it is an error."""
+    up by name in ``lora_dir`` (:func:`~nijimi.adapters.tags.resolve_lora`), by default the embedded model's demo
+    adapters (:data:`nijimi.embedded.ADAPTERS`)."""
     requests = []
     for option in options:
         path, te, unet = parse_lora_option(option)
         if not path.exists():
-            if lora_dir is None:
-                raise ConfigError(f"--lora {option!r}: no file {path} (give a path, or a name with --lora-dir)")
-            path = resolve_lora(str(path), lora_dir)
+            path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
         requests.append(LoraRequest(path, te, unet))
     return requests
 
@@ -123,15 +122,14 @@ def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[s
 
 def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str = "",
                 lora_dir: str | os.PathLike | None = None) -> AppliedLoras:
-    """Merge the ``loras`` and the prompt's ``<lora:NAME:W>`` tags (NAME looked up in ``lora_dir``) into the weights
+    """Merge the ``loras`` and the prompt's ``<lora:NAME:W>`` tags (NAME looked up in ``lora_dir``, by default the
+    embedded model's demo adapters) into the weights
     of ``target`` — a :class:`~nijimi.pipelines.pipeline.Pipeline` or a :class:`LatentDiffusion`; see the module
     docstring. ``loras``: :class:`LoraRequest` s or ``(path, te_multiplier, unet_multiplier)`` tuples. A
     pipeline's prompt cache is cleared when the text encoder changes, and again by ``undo``."""
     model, cache = _model_and_cache(target)
     text, tags = parse_lora_tags(prompt)
-    if tags and lora_dir is None:
-        raise ConfigError(f"the prompt names LoRAs {[t.name for t in tags]} but no LoRA folder is given "
-                          "(--lora-dir DIR)")
+    lora_dir = ADAPTERS if lora_dir is None else lora_dir
     requests = [LoraRequest(Path(p), float(te), float(unet)) for p, te, unet in loras]
     requests += [LoraRequest(resolve_lora(t.name, lora_dir), t.te_multiplier, t.unet_multiplier) for t in tags]
     names, applied, unmatched, text_changed = _put_on(model, requests)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
@@ -34,8 +35,9 @@ from nijimi.train.report import write_grid
 from nijimi.train.shapes import ShapesDataset
 from nijimi.ui.progress import ProgressBar, TrainingProgress
 
-CONTROL_HELP = ("steer with a ControlNet: model=PATH,image=IMG[,scale=1][,pre=map|invert|canny][,low=100,high=200]"
-                "[,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; repeat for several")
+CONTROL_HELP = ("steer with a ControlNet: model=PATH|embedded,image=IMG[,scale=1][,pre=map|invert|canny]"
+                "[,low=100,high=200][,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; "
+                "repeat for several")
 _MODULES = {"map": "none", "invert": "invert", "canny": "canny"}
 _RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill", "none": "None"}
 
@@ -45,11 +47,17 @@ def add_control_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control", action="append", default=[], metavar="SPEC", help=CONTROL_HELP)
 
 
+def controlnet_source(model: str) -> str:
+    """A ControlNet file or folder named on the command line, as an absolute path; ``embedded`` is the embedded
+    model's demo ControlNet (:data:`nijimi.embedded.CONTROLNET`)."""
+    return str(CONTROLNET if model == EMBEDDED else Path(model).absolute())
+
+
 def control_specs(texts: list[str] | None) -> list[ControlSpec]:
     """Parse each ``--control`` flag (:func:`parse_control_spec`); file paths are made absolute so that the recipe
     stored in the PNG names them from anywhere."""
     specs = [parse_control_spec(text) for text in texts or ()]
-    return [dataclasses.replace(s, model=str(Path(s.model).absolute()), image=str(Path(s.image).absolute()))
+    return [dataclasses.replace(s, model=controlnet_source(s.model), image=str(Path(s.image).absolute()))
             for s in specs]
 
 
@@ -154,7 +162,7 @@ def add_control_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval_control(args: argparse.Namespace) -> int:
     pipe = load(args.model or EMBEDDED)
-    controlnet, _ = load_controlnet(args.controlnet)
+    controlnet, _ = load_controlnet(controlnet_source(args.controlnet))
     size = args.size or pipe.native_size
     pairs = ControlPairs(ShapesDataset(size, args.seed, args.split, args.n), args.condition,
                          condition_preprocess(args.condition, args.low, args.high))
@@ -187,7 +195,8 @@ def add_eval_control_parser(what: argparse._SubParsersAction) -> None:
     """Add ``control`` under ``nijimi eval`` (``what``: the eval command's sub-parsers)."""
     q = what.add_parser("control", help="generate with a ControlNet from held-out shapes scenes; mean IoU of the "
                                         "objects vs the control masks, and the detector's prompt adherence")
-    q.add_argument("--controlnet", required=True, help="the ControlNet file or folder")
+    q.add_argument("--controlnet", default=EMBEDDED,
+                   help="the ControlNet file or folder (default: embedded, the embedded model's demo ControlNet)")
     q.add_argument("--model", help="the model it steers (default: the embedded model)")
     q.add_argument("--condition", default=MASK, help=f"the maps it was trained on: {', '.join(CONDITIONS)}")
     q.add_argument("--low", type=float, default=100.0, help="canny's low threshold (default 100)")
@@ -196,7 +205,7 @@ def add_eval_control_parser(what: argparse._SubParsersAction) -> None:
     q.add_argument("--n", type=int, default=50, help="number of scenes (default 50)")
     q.add_argument("--size", type=int, help="image side (default: the model's native size)")
     q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--sampler", default="dpm++2m-karras")
+    q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
     q.add_argument("--cfg", type=float, default=7.0)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="scene split (default heldout)")

@@ -17,6 +17,7 @@ from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.adapters.targets import AdapterSpec
 from nijimi.adapters.tools import lora_from_delta, module_shapes
 from nijimi.adapters.weights import Adapter
+from nijimi.embedded import ADAPTERS
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.models.ldm import ModelConfig
 from nijimi.pipelines.adapters import LoraRequest, adapter_model_config, apply_loras, lora_requests
@@ -150,8 +151,8 @@ def test_tags_are_resolved_in_the_lora_folder(pipe, lora_dir):
     assert applied.applied == [LoraRequest(lora_dir / "styles" / "ink.safetensors", 0.5, 0.5),
                                LoraRequest(lora_dir / "other.safetensors", 0.25, 0.75)]
     applied.undo()
-    with pytest.raises(ConfigError, match="no LoRA folder"):
-        apply_loras(pipe, [], "a cat <lora:ink:0.5>")
+    with pytest.raises(ConfigError, match="no LoRA named 'ink' in .*embedded.*adapters.*available: .*'pink'"):
+        apply_loras(pipe, [], "a cat <lora:ink:0.5>")  # the default folder: the embedded model's demo adapters
     with pytest.raises(ConfigError, match="no LoRA named 'nope'"):
         apply_loras(pipe, [], "a cat <lora:nope>", lora_dir)
 
@@ -160,10 +161,11 @@ def test_lora_options_become_requests(lora_dir, tmp_path):
     ink = lora_dir / "styles" / "ink.safetensors"
     assert lora_requests([f"{ink}:0.5:0.7", str(ink), "ink:0.3", "styles/ink"], lora_dir) == [
         LoraRequest(ink, 0.5, 0.7), LoraRequest(ink, 1.0, 1.0), LoraRequest(ink, 0.3, 0.3), LoraRequest(ink, 1, 1)]
-    with pytest.raises(ConfigError, match="no file"):
-        lora_requests([str(tmp_path / "missing.safetensors")])
     with pytest.raises(ConfigError, match="no LoRA named"):
         lora_requests(["missing"], lora_dir)
+    with pytest.raises(ConfigError, match=r"no LoRA named '.*missing\.safetensors' in .*embedded"):
+        lora_requests([str(tmp_path / "missing.safetensors")])
+    assert lora_requests(["pink:0.5"]) == [LoraRequest(ADAPTERS / "pink.safetensors", 0.5, 0.5)]
 
 
 def test_a_file_for_another_model_changes_nothing(pipe, config, lora_dir, tmp_path):

@@ -10,13 +10,13 @@ import torch
 from nijimi.errors import ConfigError, PromptError
 from nijimi.train.shapes import (
     COLOURS,
-    AnyColourShapes,
     GAP,
     PAIRS,
     POSITIONS,
     SHAPES,
     SIZES,
     STAR_INNER,
+    AnyColourShapes,
     Scene,
     Shape,
     ShapesDataset,
