@@ -135,4 +135,5 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
                    help="apply a LoRA/LyCORIS/peft adapter with text-encoder weight W (default 1) and U-Net weight "
                         "UNET_W (default W); repeatable; FILE may be a name in --lora-dir")
     p.add_argument("--lora-dir", metavar="DIR",
-                   help="folder searched for <lora:NAME:W> prompt tags and --lora names")
+                   help="folder searched for <lora:NAME:W> prompt tags and --lora names (default: the embedded "
+                        "model's demo adapters, e.g. pink)")
