@@ -32,7 +32,6 @@ from nijimi.models.vae import VAEConfig
 # Small configs that follow the real families' conventions (SD1: 8 heads; SD2: 64-wide heads, linear proj; text
 # encoders: 64-wide heads; 32 norm groups), so a foreign file of these sizes is detected exactly. SD1 is the shared
 # small SD1 config; SD2 here has attention at both levels, unlike the shared one.
-SD1_SMALL = SD1
 SD2_SMALL = ModelConfig(
     UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1), num_heads=None,
                head_dim=64, context_dim=128, linear_proj=True, upcast_attention=True),
@@ -72,7 +71,7 @@ def test_detection_reads_family_channels_and_context() -> None:
     assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in sd21
 
 
-@pytest.mark.parametrize("config", [SD1_SMALL, SD2_SMALL], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("config", [SD1, SD2_SMALL], ids=["sd1", "sd2"])
 def test_small_custom_sizes_are_detected(config: ModelConfig) -> None:
     assert detect_single_file(_shapes(config)).config == config
 
@@ -98,14 +97,14 @@ def test_openclip_tower_without_projection_is_used_at_its_last_layer() -> None:
     ("first_stage_model.encoder.conv_in", "encoder.conv_in.weight"),
 ])
 def test_unknown_architecture(drop: str, message: str) -> None:
-    shapes = {k: v for k, v in _shapes(SD1_SMALL).items() if not k.startswith(drop)}
+    shapes = {k: v for k, v in _shapes(SD1).items() if not k.startswith(drop)}
     with pytest.raises(CheckpointError, match="unknown architecture") as info:
         detect_single_file(shapes, "x.safetensors")
     assert message in str(info.value) and "x.safetensors" in str(info.value)
 
 
 def test_shapes_that_fit_no_config() -> None:
-    shapes = _shapes(SD1_SMALL)
+    shapes = _shapes(SD1)
     shapes["model.diffusion_model.input_blocks.0.0.weight"] = (30, 4, 3, 3)  # 30 channels: not 8-head divisible
     with pytest.raises(CheckpointError, match="unknown architecture"):
         detect_single_file(shapes)
@@ -164,7 +163,7 @@ def test_sidecar_yaml_unknown_parameterization(tmp_path) -> None:
 
 
 def test_with_v_prediction_changes_only_the_target() -> None:
-    v = with_v_prediction(SD1_SMALL)
-    assert v.prediction_type == "v_prediction" and v.schedule == dataclasses.replace(SD1_SMALL.schedule,
+    v = with_v_prediction(SD1)
+    assert v.prediction_type == "v_prediction" and v.schedule == dataclasses.replace(SD1.schedule,
                                                                                      prediction_type="v_prediction")
-    assert (v.unet, v.vae, v.text) == (SD1_SMALL.unet, SD1_SMALL.vae, SD1_SMALL.text)
+    assert (v.unet, v.vae, v.text) == (SD1.unet, SD1.vae, SD1.text)
