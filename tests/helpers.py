@@ -1,4 +1,9 @@
-"""Helpers shared by the parity tests (importable because pytest puts ``tests/`` on the path, see pyproject)."""
+"""Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject)."""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -42,3 +47,25 @@ def randomize(model: torch.nn.Module, seed: int, embedding_std: float | None = N
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max absolute error relative to the reference's largest magnitude."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _gloo_rank(rank: int, world: int, store: Path, work: Callable, args: tuple) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        work(rank, *args)
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    # Leave without running C++ static destructors: after gloo's teardown one of them intermittently calls
+    # std::terminate at interpreter exit (SIGABRT, "terminate called without an active exception", ~1 run in 8 on
+    # 2 cores), when the work is already done. An exception above still fails the caller through spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_gloo_ranks(work: Callable, world: int, tmp_path: Path, *args) -> None:
+    """Run ``work(rank, *args)`` in ``world`` spawned processes joined in one gloo process group (a file-store
+    rendezvous under ``tmp_path``: no port to pick); ``work`` must be a module-level function."""
+    torch.multiprocessing.spawn(_gloo_rank, args=(world, tmp_path / "gloo-store", work, args), nprocs=world,
+                                join=True)

@@ -5,12 +5,11 @@ every adapter type's saved file reproduces the trained model, and a zero mask me
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_gloo_ranks
 from PIL import Image
 
 from nijimi.adapters.formats import read_adapter
@@ -122,25 +121,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def _ddp_worker(rank: int, world: int, port: int, tmp_path, result) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        run = train_adapter(config(tmp_path / f"rank{rank}", steps=3, batch_size=4, text_encoder=True),
-                            model=base_model())
-        if rank == 0:
-            torch.save(run.trainer.module.state_dict(), result)
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank: int, tmp_path, result) -> None:
+    torch.set_num_threads(1)
+    run = train_adapter(config(tmp_path / f"rank{rank}", steps=3, batch_size=4, text_encoder=True), model=base_model())
+    if rank == 0:
+        torch.save(run.trainer.module.state_dict(), result)
 
 
 @pytest.mark.slow  # two spawned processes: ~20 s on 2 shared cores
 def test_two_ddp_ranks_train_the_adapter_as_one_rank_with_their_combined_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, tmp_path, tmp_path / "ddp.pt"), nprocs=2, join=True)
+    run_gloo_ranks(_ddp_worker, 2, tmp_path, tmp_path, tmp_path / "ddp.pt")
     single = train_adapter(config(tmp_path / "single", steps=3, batch_size=4, text_encoder=True), model=base_model())
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert ddp.keys() == single.trainer.module.state_dict().keys()

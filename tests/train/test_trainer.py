@@ -1,8 +1,6 @@
-import os
-import sys
-
 import pytest
 import torch
+from helpers import run_gloo_ranks
 from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError
@@ -82,29 +80,16 @@ def test_config_overrides_are_typed_and_checked():
         build_config(LoopConfig, parse_overrides(["--steps=many"]))
 
 
-def _ddp_worker(rank, world, store, tmp, result_path):
-    # A file store rendezvous: no free port to pick (and lose to another process) as a TCP store needs.
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        t = make_trainer(tmp, steps=6)
-        t.run()
-        if rank == 0:
-            torch.save(t.module.state_dict(), result_path)
-        torch.distributed.barrier()
-    finally:
-        torch.distributed.destroy_process_group()
-    # Leave without running C++ static destructors: after gloo's teardown one of them intermittently calls
-    # std::terminate at interpreter exit (SIGABRT, "terminate called without an active exception"), after the
-    # work is done and saved. An exception above still fails the test through spawn.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def _ddp_worker(rank, tmp, result_path):
+    t = make_trainer(tmp, steps=6)
+    t.run()
+    if rank == 0:
+        torch.save(t.module.state_dict(), result_path)
 
 
 def test_ddp_two_ranks_equal_one_rank_with_combined_batch(tmp_path):
     result = tmp_path / "ddp.pt"
-    store = tmp_path / "store"
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, store, tmp_path / "ddp", result), nprocs=2, join=True)
+    run_gloo_ranks(_ddp_worker, 2, tmp_path, tmp_path / "ddp", result)
     single = make_trainer(tmp_path / "single", steps=6)
     single.run()
     ddp_state = torch.load(result, weights_only=True)
