@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
+from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
@@ -83,8 +84,11 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
         prefix = next((p for p in (*_ARCH_KEYS, "vae.", "unet.") if key.startswith(p)), "")
         groups[prefix][key.removeprefix(prefix)] = value
     arch = {k.split(".")[1]: groups[k] for k in _ARCH_KEYS}
-    return (build_config(RunConfig, groups[""]), build_config(VAEStage, groups["vae."]),
-            build_config(UNetStage, groups["unet."]), arch)
+    run, vae = build_config(RunConfig, groups[""]), build_config(VAEStage, groups["vae."])
+    if vae.any_colour and run.data != "shapes":
+        raise ConfigError(f"vae.any_colour = {vae.any_colour} recolours shapes scenes; data {run.data!r} is a folder "
+                          "of images (set it to 0)")
+    return run, vae, build_config(UNetStage, groups["unet."]), arch
 
 
 def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | None = None) -> ModelConfig:
@@ -124,7 +128,7 @@ def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, o
         return path
     torch.manual_seed(run.seed)
     vae = VAE(model_config(run, arch).vae)
-    images = AnyColourShapes(data, stage.any_colour) if stage.any_colour and run.data == "shapes" else data
+    images = AnyColourShapes(data, stage.any_colour) if stage.any_colour else data
     trainer = _stage_trainer(AutoencoderObjective(vae, images, stage.kl_weight), images, stage, out / "vae", resume)
     trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
     trainer.ema.copy_to(trainer.module)

@@ -24,3 +24,8 @@ def test_unknown_architecture_key_is_named():
     run, _, _, arch = parse_config(parse_overrides(["--arch.unet.channels=32"]))
     with pytest.raises(ConfigError, match="channels"):
         model_config(run, arch)
+
+
+def test_any_colour_on_a_folder_of_images_is_refused():
+    with pytest.raises(ConfigError, match=r"vae.any_colour = 0.5 recolours shapes scenes; data 'photos'"):
+        parse_config(parse_overrides(["--data=photos", "--vae.any_colour=0.5"]))
