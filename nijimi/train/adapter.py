@@ -13,6 +13,10 @@
 
 The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is :class:`ConceptShapes`, 64 scenes whose
 first object is pink, a colour the base world never shows.
+
+``reg_data`` adds regularization images (kohya's ``reg_data_dir``; DreamBooth's prior preservation, 2208.12242 §4.1
+— with data of the base world standing in for images the base model made): one regularization image follows each
+training image (:class:`WithRegularization`), so the adapter also learns to leave what the base already draws alone.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class AdapterTrainConfig(LoopConfig):
     empty means the type's default. ``size`` 0 means the model's native size. ``work``: folder for the checkpoint,
     loss curve and sample grids (default: ``out`` without its ending + ``-train``). ``min_snr_gamma`` 0 switches
     Min-SNR weighting off. ``sample_prompts`` empty: the first four captions of the data. ``half``: save float16.
+    ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after each training image.
     """
 
     out: str = "adapter.safetensors"
@@ -81,6 +86,7 @@ class AdapterTrainConfig(LoopConfig):
     base: str = EMBEDDED
     data: str = "shapes"
     data_count: int = 64
+    reg_data: str = ""
     size: int = 0
     type: str = "lora"
     rank: int = 4
@@ -163,17 +169,39 @@ def load_base(source: str) -> LatentDiffusion:
     return model
 
 
-def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig) -> ShapesDataset | ConceptShapes | ImageFolder:
-    """The training images at ``cfg.size`` (default: the native size of a model of ``config``)."""
+class WithRegularization:
+    """Training images interleaved with regularization images: ``dataset[2i]`` is ``data[i]`` and ``dataset[2i + 1]``
+    is ``reg[i mod len(reg)]`` (kohya repeats its regularization images to as many as there are training images)."""
+
+    def __init__(self, data, reg) -> None:
+        self.data, self.reg = data, reg
+
+    def __len__(self) -> int:
+        return 2 * len(self.data)
+
+    def __getitem__(self, index: int) -> tuple:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range [0, {len(self)})")
+        return self.data[index // 2] if index % 2 == 0 else self.reg[index // 2 % len(self.reg)]
+
+
+def _open_images(source: str, cfg: AdapterTrainConfig, size: int) -> ShapesDataset | ConceptShapes | ImageFolder:
+    if source == "shapes":
+        return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
+    if source.startswith("shapes-"):
+        return ConceptShapes(source.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
+    return ImageFolder(source, size, seed=cfg.seed)
+
+
+def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
+    """The training images at ``cfg.size`` (default: the native size of a model of ``config``), followed one by one
+    by the regularization images of ``cfg.reg_data`` when it is given."""
     multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
     size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
     if size % multiple:
         raise ConfigError(f"image size {size} must be a multiple of {multiple} for this model")
-    if cfg.data == "shapes":
-        return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
-    if cfg.data.startswith("shapes-"):
-        return ConceptShapes(cfg.data.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
-    return ImageFolder(cfg.data, size, seed=cfg.seed)
+    data = _open_images(cfg.data, cfg, size)
+    return WithRegularization(data, _open_images(cfg.reg_data, cfg, size)) if cfg.reg_data else data
 
 
 class AdapterObjective(nn.Module):
@@ -246,15 +274,19 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
     """kohya sd-scripts' ``ss_*`` training entries (the network ones come from :func:`save_adapter`)."""
     cfg = run.cfg
     size = run.data[0][0].shape[-1]
+    reg = isinstance(run.data, WithRegularization)
     return {"ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr), "ss_unet_lr": repr(cfg.lr),
             "ss_text_encoder_lr": repr(cfg.lr if cfg.text_encoder else 0.0), "ss_max_train_steps": str(cfg.steps),
             "ss_steps": str(run.trainer.step), "ss_batch_size_per_device": str(cfg.batch_size),
-            "ss_num_train_images": str(len(run.data)), "ss_resolution": f"({size}, {size})",
+            "ss_num_train_images": str(len(run.data.data if reg else run.data)),
+            "ss_num_reg_images": str(len(run.data.reg) if reg else 0),
+            "ss_resolution": f"({size}, {size})",
             "ss_seed": str(cfg.seed), "ss_lr_scheduler": "cosine_with_warmup",
             "ss_lr_warmup_steps": str(cfg.warmup_steps), "ss_min_snr_gamma": repr(cfg.min_snr_gamma or None),
             "ss_caption_dropout_rate": repr(cfg.caption_dropout), "ss_masked_loss": str(cfg.mask_loss),
             "ss_mixed_precision": "no", "ss_optimizer": "torch.optim.AdamW",
-            "ss_training_comment": f"nijimi {__version__} train-adapter --type {cfg.type} --data {cfg.data}"}
+            "ss_training_comment": f"nijimi {__version__} train-adapter --type {cfg.type} --data {cfg.data}"
+                                   + (f" --reg-data {cfg.reg_data}" if cfg.reg_data else "")}
 
 
 def save_trained(run: AdapterTraining) -> Path:

@@ -16,8 +16,8 @@ from nijimi.ui.progress import TrainingProgress
 from nijimi.ui.train import sample_images
 
 _SETTINGS = tuple(f.name for f in dataclasses.fields(AdapterTrainConfig))
-_FLAGGED = ("type", "base", "data", "out", "rank", "alpha", "targets", "steps", "batch_size", "lr", "format", "work",
-            "text_encoder", "mask_loss")
+_FLAGGED = ("type", "base", "data", "reg_data", "out", "rank", "alpha", "targets", "steps", "batch_size", "lr",
+            "format", "work", "text_encoder", "mask_loss")
 """Settings with a flag of their own; the others get a generic ``--key=value`` (:func:`_add_settings`)."""
 
 
@@ -60,6 +60,8 @@ def _add_train_adapter_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=tuple(ADAPTER_TYPES), help="adapter kind (default lora)")
     p.add_argument("--base", help=f"model to adapt: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
     p.add_argument("--data", help="folder of captioned images, shapes, or shapes-pink (default shapes)")
+    p.add_argument("--reg-data", help="regularization images (a folder, shapes, …), one after each training image, "
+                                      "so the adapter keeps what the base model draws (default none)")
     p.add_argument("--out", required=True, help="the adapter file to write (.safetensors)")
     p.add_argument("--rank", type=int, help="rank (default 4)")
     p.add_argument("--alpha", type=float, help="alpha; scale = alpha / rank (default: = rank)")

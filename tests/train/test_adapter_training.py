@@ -31,7 +31,7 @@ from nijimi.train.adapter import (
 )
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import DiffusionObjective, latent_mask, masked_diffusion_loss
-from nijimi.train.shapes import CONCEPT_COLOURS
+from nijimi.train.shapes import CONCEPT_COLOURS, ShapesDataset
 from nijimi.train.trainer import step_generator
 
 # SD's architecture at toy size: 16×16 images, an f=2 VAE (8×8 latents), a 2-level U-Net, a 2-layer text encoder.
@@ -244,6 +244,22 @@ def test_concept_shapes_show_pink_objects_with_pink_captions():
         ConceptShapes("teal")
     with pytest.raises(IndexError):
         data[64]
+
+
+def test_regularization_images_follow_each_training_image(tmp_path):
+    run = prepare_training(config(tmp_path, reg_data="shapes", data_count=4, size=16), base_model())
+    data = run.data
+    assert len(data) == 8 and run.trainer.dataset_size == 8
+    concept, base = ConceptShapes("pink", size=16, count=4), ShapesDataset(size=16, count=4)
+    for i in range(4):
+        assert data[2 * i][1] == concept[i][1] and "pink" in data[2 * i][1]
+        assert data[2 * i + 1][1] == base[i][1] and torch.equal(data[2 * i + 1][0], base[i][0])
+    with pytest.raises(IndexError):
+        data[8]
+    run = train_adapter(config(tmp_path / "reg", reg_data="shapes", steps=1), model=base_model())
+    meta = read_metadata(run.cfg.out)
+    assert (meta["ss_num_train_images"], meta["ss_num_reg_images"]) == ("8", "8")
+    assert meta["ss_training_comment"].endswith("--data shapes-pink --reg-data shapes")
 
 
 # ---- masked loss ----------------------------------------------------------------------------------------------------
