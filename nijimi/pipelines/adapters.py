@@ -123,10 +123,10 @@ def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[s
 def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str = "",
                 lora_dir: str | os.PathLike | None = None) -> AppliedLoras:
     """Merge the ``loras`` and the prompt's ``<lora:NAME:W>`` tags (NAME looked up in ``lora_dir``, by default the
-    embedded model's demo adapters) into the weights
-    of ``target`` — a :class:`~nijimi.pipelines.pipeline.Pipeline` or a :class:`LatentDiffusion`; see the module
-    docstring. ``loras``: :class:`LoraRequest` s or ``(path, te_multiplier, unet_multiplier)`` tuples. A
-    pipeline's prompt cache is cleared when the text encoder changes, and again by ``undo``."""
+    embedded model's demo adapters) into the weights of ``target`` — a :class:`~nijimi.pipelines.pipeline.Pipeline`
+    or a :class:`LatentDiffusion`; see the module docstring. ``loras``: :class:`LoraRequest` s or
+    ``(path, te_multiplier, unet_multiplier)`` tuples. A pipeline's prompt cache is cleared when the text encoder
+    changes, and again by ``undo``."""
     model, cache = _model_and_cache(target)
     text, tags = parse_lora_tags(prompt)
     lora_dir = ADAPTERS if lora_dir is None else lora_dir
