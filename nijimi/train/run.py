@@ -45,6 +45,7 @@ class RunConfig:
     out: str = "runs/train"
     data: str = "shapes"
     data_count: int = 100_000
+    two_objects: float = 0.5  # shapes data: fraction of scenes with two objects (the rest have one)
     size: int = 64
     seed: int = 0
     model: str = "tiny"
@@ -88,6 +89,9 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if vae.any_colour and run.data != "shapes":
         raise ConfigError(f"vae.any_colour = {vae.any_colour} recolours shapes scenes; data {run.data!r} is a folder "
                           "of images (set it to 0)")
+    if run.two_objects != 0.5 and run.data != "shapes":
+        raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
+                          "folder of images (remove it)")
     return run, vae, build_config(UNetStage, groups["unet."]), arch
 
 
@@ -109,7 +113,8 @@ def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | 
 def open_data(run: RunConfig):
     """The training set: the procedural shapes world, or a folder of captioned images."""
     if run.data == "shapes":
-        return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count)
+        return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count,
+                             two_objects=run.two_objects)
     return ImageFolder(run.data, run.size, seed=run.seed)
 
 

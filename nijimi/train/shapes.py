@@ -162,12 +162,13 @@ def _random_objects(draws: _Draws, positions: tuple[str, ...]) -> tuple[Shape, .
             return objects
 
 
-def sample_scene(generator: torch.Generator, split: str = "train", objects: int | None = None) -> Scene:
-    """Draw a scene of the given split (one or two objects, half each when ``objects`` is None)."""
+def sample_scene(generator: torch.Generator, split: str = "train", objects: int | None = None,
+                 two_objects: float = 0.5) -> Scene:
+    """Draw a scene of the given split: ``objects`` objects, or when None two with probability ``two_objects``."""
     if split not in SPLITS:
         raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
     draws = _Draws(generator)
-    count = objects if objects is not None else 1 + int(draws.uniform() < 0.5)
+    count = objects if objects is not None else 1 + int(draws.uniform() < two_objects)
     if count not in (1, 2):
         raise ConfigError(f"a shapes scene has 1 or 2 objects, got {count}")
     while True:
@@ -327,22 +328,26 @@ def _index_generator(seed: int, split: str, index: int, purpose: str) -> torch.G
 class ShapesDataset:
     """In-memory shapes images: ``dataset[i]`` → (image (3, size, size) float32 in [-1, 1], caption).
 
-    Index ``i`` alone (with ``seed`` and ``split``) fixes the scene and caption, so any index regenerates exactly.
-    Half the scenes have one object, half two.
+    Index ``i`` alone (with ``seed``, ``split`` and ``two_objects``) fixes the scene and caption, so any index
+    regenerates exactly. A scene has two objects with probability ``two_objects`` (default half), else one.
     """
 
-    def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000) -> None:
+    def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000,
+                 two_objects: float = 0.5) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if count < 1:
             raise ConfigError(f"shapes dataset count must be positive, got {count}")
-        self.size, self.seed, self.split, self.count = size, seed, split, count
+        if not 0.0 <= two_objects <= 1.0:
+            raise ConfigError(f"shapes two-object fraction must be in [0, 1], got {two_objects}")
+        self.size, self.seed, self.split, self.count, self.two_objects = size, seed, split, count, two_objects
 
     def __len__(self) -> int:
         return self.count
 
     def scene(self, index: int) -> Scene:
-        return sample_scene(_index_generator(self.seed, self.split, index, "scene"), self.split)
+        return sample_scene(_index_generator(self.seed, self.split, index, "scene"), self.split,
+                            two_objects=self.two_objects)
 
     def caption(self, index: int) -> str:
         return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"))

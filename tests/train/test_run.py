@@ -2,7 +2,7 @@ import pytest
 
 from nijimi.errors import ConfigError
 from nijimi.train.config import parse_overrides
-from nijimi.train.run import model_config, parse_config
+from nijimi.train.run import model_config, open_data, parse_config
 
 
 def test_command_line_architecture_overrides_are_typed():
@@ -24,6 +24,14 @@ def test_unknown_architecture_key_is_named():
     run, _, _, arch = parse_config(parse_overrides(["--arch.unet.channels=32"]))
     with pytest.raises(ConfigError, match="channels"):
         model_config(run, arch)
+
+
+def test_two_objects_reaches_the_shapes_data_and_is_refused_for_a_folder():
+    run, *_ = parse_config(parse_overrides(["--two_objects=0.75", "--data_count=400"]))
+    scenes = open_data(run)
+    assert scenes.two_objects == 0.75 and 250 < sum(len(scenes.scene(i).objects) == 2 for i in range(400)) < 350
+    with pytest.raises(ConfigError, match=r"two_objects = 0.75 sets the shapes world's scenes; data 'photos'"):
+        parse_config(parse_overrides(["--data=photos", "--two_objects=0.75"]))
 
 
 def test_any_colour_on_a_folder_of_images_is_refused():

@@ -129,6 +129,17 @@ def test_one_and_two_object_scenes_are_balanced() -> None:
     assert 430 < counts.count(1) < 570
 
 
+def test_two_object_fraction_sets_the_mix_and_keeps_the_default_scenes() -> None:
+    default, half, three_quarters = ShapesDataset(seed=2), ShapesDataset(seed=2, two_objects=0.5), \
+        ShapesDataset(seed=2, two_objects=0.75)
+    assert [half.caption(i) for i in range(20)] == [default.caption(i) for i in range(20)]
+    counts = [len(three_quarters.scene(i).objects) for i in range(1000)]
+    assert 700 < counts.count(2) < 800
+    assert {len(ShapesDataset(seed=2, two_objects=1.0).scene(i).objects) for i in range(50)} == {2}
+    with pytest.raises(ConfigError, match=r"two-object fraction must be in \[0, 1\], got 1.5"):
+        ShapesDataset(two_objects=1.5)
+
+
 @pytest.mark.parametrize("template", range(4))
 def test_every_one_object_caption_parses_back(template: int) -> None:
     for colour, shape, size, position in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS):
