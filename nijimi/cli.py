@@ -11,6 +11,7 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
+from nijimi.train.run import finish_distributed
 from nijimi.ui.adapters import add_adapter_parsers
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.demo import run_demo
@@ -105,10 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        code = args.func(args)
     except NijimiError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    finish_distributed(code)  # under torchrun: exits here
+    return code

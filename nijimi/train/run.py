@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,23 @@ def init_distributed() -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def finish_distributed(code: int) -> None:
+    """End a ``torchrun`` process whose work is done: leave the process group and exit at once with ``code``.
+
+    After gloo's teardown one of its C++ static destructors intermittently calls ``std::terminate`` at interpreter
+    exit (SIGABRT, "terminate called without an active exception"), which torchrun reports as a failed rank though
+    every output was written; ``os._exit`` skips those destructors. Does nothing outside a process group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if code == 0:
+        torch.distributed.barrier()  # no rank leaves while another still writes
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_training(config_path: str | Path, overrides: dict[str, str] | None = None, resume: bool = False,

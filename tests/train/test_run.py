@@ -1,8 +1,11 @@
+import subprocess
+import sys
+
 import pytest
 
 from nijimi.errors import ConfigError
 from nijimi.train.config import parse_overrides
-from nijimi.train.run import model_config, open_data, parse_config
+from nijimi.train.run import finish_distributed, model_config, open_data, parse_config
 
 
 def test_command_line_architecture_overrides_are_typed():
@@ -37,3 +40,16 @@ def test_two_objects_reaches_the_shapes_data_and_is_refused_for_a_folder():
 def test_any_colour_on_a_folder_of_images_is_refused():
     with pytest.raises(ConfigError, match=r"vae.any_colour = 0.5 recolours shapes scenes; data 'photos'"):
         parse_config(parse_overrides(["--data=photos", "--vae.any_colour=0.5"]))
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_finish_distributed_leaves_the_group_and_exits_with_the_code(tmp_path, code):
+    script = (f"import torch; from nijimi.train.run import finish_distributed\n"
+              f"torch.distributed.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, "
+              f"world_size=1)\nprint('written', flush=False)\nfinish_distributed({code})\nprint('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (code, "written\n"), done.stderr
+
+
+def test_finish_distributed_outside_a_process_group_returns():
+    assert finish_distributed(0) is None
