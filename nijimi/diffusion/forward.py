@@ -79,6 +79,38 @@ def min_snr_weights(t: torch.Tensor, schedule: NoiseSchedule, gamma: float) -> t
     return clipped
 
 
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
+def timestep_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> torch.Tensor | None:
+    """Probabilities (T,) for drawing training timesteps with one part favoured, or None for ``"none"`` (uniform).
+
+    The options of diffusers' training scripts (``--timestep_bias_strategy`` …): the weights of the chosen timesteps
+    are ``multiplier`` times the others' — ``"later"``: the last ``portion`` of them (high noise, where the layout of
+    an image is decided), ``"earlier"``: the first ``portion`` (low noise, details), ``"range"``: ``[begin, end)``.
+    """
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ConfigError(f"unknown timestep bias strategy {strategy!r}; choose one of "
+                          f"{', '.join(TIMESTEP_BIAS_STRATEGIES)}")
+    if strategy == "none":
+        return None
+    if not multiplier > 0:
+        raise ConfigError(f"timestep bias multiplier must be > 0, got {multiplier}")
+    if strategy == "range":
+        if not 0 <= begin < end <= num_timesteps:
+            raise ConfigError(f"timestep bias range [{begin}, {end}) is not inside [0, {num_timesteps})")
+        chosen = slice(begin, end)
+    else:
+        if not 0 < portion <= 1:
+            raise ConfigError(f"timestep bias portion must be in (0, 1], got {portion}")
+        count = max(1, round(portion * num_timesteps))
+        chosen = slice(num_timesteps - count, None) if strategy == "later" else slice(0, count)
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    weights[chosen] *= multiplier
+    return weights / weights.sum()
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, *,
                    min_snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-squared error between prediction and target, optionally Min-SNR-γ weighted.

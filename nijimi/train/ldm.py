@@ -111,7 +111,7 @@ class DiffusionObjective(nn.Module):
     def __init__(self, unet: UNetModel, text_encoder: TextEncoder, vae: VAE, tokenizer: ClipTokenizer,
                  schedule: NoiseSchedule, data: CaptionedImages, *, caption_dropout: float = 0.1,
                  min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True,
-                 mask_loss: bool = False) -> None:
+                 mask_loss: bool = False, timestep_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
@@ -123,6 +123,7 @@ class DiffusionObjective(nn.Module):
         self.caption_dropout = caption_dropout
         self.min_snr_gamma = min_snr_gamma
         self.mask_loss = mask_loss
+        self.timestep_weights = timestep_weights
 
     def train(self, mode: bool = True) -> DiffusionObjective:
         super().train(mode)
@@ -136,7 +137,10 @@ class DiffusionObjective(nn.Module):
             posterior = self.vae.encode(images)
         x0_shape = (n, *posterior.mean.shape[1:])
         z_eps = torch.randn(x0_shape, generator=generator)[part]
-        t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator)[part]
+        if self.timestep_weights is None:
+            t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator)[part]
+        else:
+            t = torch.multinomial(self.timestep_weights, n, replacement=True, generator=generator)[part]
         noise = torch.randn(x0_shape, generator=generator)[part]
         drop = (torch.rand(n, generator=generator) < self.caption_dropout)[part]
         x0 = (posterior.mean + posterior.std * z_eps) * self.vae.config.scaling_factor

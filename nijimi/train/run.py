@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nijimi.diffusion.forward import timestep_weights
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model, save_single
@@ -74,6 +75,19 @@ class UNetStage(LoopConfig):
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = True
+    # diffusers' --timestep_bias_* options (nijimi.diffusion.forward.timestep_weights)
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
+
+    def __post_init__(self) -> None:
+        self.timestep_weights(1000)  # a bad bias setting fails when the config is read, not after the VAE stage
+
+    def timestep_weights(self, num_timesteps: int) -> torch.Tensor | None:
+        return timestep_weights(num_timesteps, self.timestep_bias_strategy, self.timestep_bias_multiplier,
+                                self.timestep_bias_portion, self.timestep_bias_begin, self.timestep_bias_end)
 
 
 _ARCH_KEYS = ("arch.unet.", "arch.vae.", "arch.text.")
@@ -163,7 +177,8 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
     objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
                                    model.config.schedule, data, caption_dropout=stage.caption_dropout,
                                    min_snr_gamma=stage.min_snr_gamma or None,
-                                   train_text_encoder=stage.train_text_encoder)
+                                   train_text_encoder=stage.train_text_encoder,
+                                   timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))
     trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
 
     stage_step = None if on_step is None else lambda t, loss, s: on_step("unet", t, loss, s)

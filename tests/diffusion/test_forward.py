@@ -10,6 +10,7 @@ from nijimi.diffusion.forward import (
     diffusion_loss,
     min_snr_weights,
     q_sample,
+    timestep_weights,
     training_target,
 )
 from nijimi.diffusion.schedules import PREDICTION_TYPES, NoiseSchedule
@@ -131,3 +132,25 @@ def test_bad_timesteps_raise(batch):
         q_sample(x0, torch.zeros(3), noise, NoiseSchedule.sd())
     with pytest.raises(ConfigError, match="min_snr_gamma=0"):
         min_snr_weights(torch.zeros(2), NoiseSchedule.sd(), 0)
+
+
+def test_timestep_weights_favour_the_chosen_part():
+    assert timestep_weights(1000) is None
+    later = timestep_weights(1000, "later", multiplier=2.0, portion=0.4)
+    assert later.sum().item() == pytest.approx(1.0)
+    assert later[600:].sum().item() == pytest.approx(0.8 / 1.4) and later[599].item() == pytest.approx(later[600] / 2)
+    earlier = timestep_weights(1000, "earlier", multiplier=3.0, portion=0.1)
+    assert earlier[:100].sum().item() == pytest.approx(0.3 / 1.2) and earlier[100] == earlier[999]
+    ranged = timestep_weights(1000, "range", multiplier=0.5, begin=200, end=300)
+    assert ranged[200:300].sum().item() == pytest.approx(0.05 / 0.95) and ranged[199] == ranged[300]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"strategy": "late"}, "unknown timestep bias strategy 'late'; choose one of none, earlier, later, range"),
+    ({"strategy": "later", "multiplier": 0.0}, "timestep bias multiplier must be > 0, got 0.0"),
+    ({"strategy": "earlier", "portion": 1.5}, r"timestep bias portion must be in \(0, 1\], got 1.5"),
+    ({"strategy": "range", "begin": 900, "end": 1200}, r"timestep bias range \[900, 1200\) is not inside"),
+])
+def test_timestep_weights_name_a_bad_setting(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        timestep_weights(1000, **kwargs)

@@ -1,5 +1,6 @@
 import torch
 
+from nijimi.diffusion.forward import timestep_weights
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
@@ -57,3 +58,19 @@ def test_frozen_text_encoder_is_not_trained(tmp_path):
     Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path).run()
     for k, v in te.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_timestep_weights_decide_which_timesteps_are_trained():
+    torch.manual_seed(0)
+    unet = UNetModel(UNET_CFG)
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    weights = timestep_weights(1000, "range", multiplier=1e12, begin=990, end=1000)
+    objective = DiffusionObjective(unet, TextEncoder(TEXT_CFG), VAE(VAE_CFG), ClipTokenizer.sd1(), NoiseSchedule.sd(),
+                                   DATA, timestep_weights=weights)
+    objective(list(range(16)), torch.Generator().manual_seed(0), slice(0, 16))
+    objective.timestep_weights = None
+    objective(list(range(16)), torch.Generator().manual_seed(0), slice(0, 16))
+    biased, uniform = seen
+    assert biased.min() >= 990 and len(set(biased.tolist())) > 3
+    assert uniform.min() < 900

@@ -53,3 +53,11 @@ def test_finish_distributed_leaves_the_group_and_exits_with_the_code(tmp_path, c
 
 def test_finish_distributed_outside_a_process_group_returns():
     assert finish_distributed(0) is None
+
+
+def test_timestep_bias_is_read_and_checked_with_the_config():
+    _, _, unet, _ = parse_config(parse_overrides(["--unet.timestep_bias_strategy=later",
+                                                  "--unet.timestep_bias_portion=0.4"]))
+    assert unet.timestep_weights(1000)[600:].sum().item() == pytest.approx(0.4)  # multiplier 1: still uniform
+    with pytest.raises(ConfigError, match="unknown timestep bias strategy 'last'"):
+        parse_config(parse_overrides(["--unet.timestep_bias_strategy=last"]))
