@@ -31,7 +31,7 @@ from nijimi.train.config import build_config, read_toml, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import write_grid, write_loss_curve
-from nijimi.train.shapes import AnyColourShapes, ShapesDataset
+from nijimi.train.shapes import TWO_OBJECTS, AnyColourShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, Trainer
 
 OnStep = Callable[[str, Trainer, float, float], None]
@@ -47,7 +47,7 @@ class RunConfig:
     out: str = "runs/train"
     data: str = "shapes"
     data_count: int = 100_000
-    two_objects: float = 0.5  # shapes data: fraction of scenes with two objects (the rest have one)
+    two_objects: float = TWO_OBJECTS  # shapes data: fraction of scenes with two objects (the rest have one)
     size: int = 64
     seed: int = 0
     model: str = "tiny"
@@ -80,10 +80,11 @@ class UNetStage(LoopConfig):
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
-    timestep_bias_end: int = 1000
+    timestep_bias_end: int = NoiseSchedule.num_train_timesteps
 
     def __post_init__(self) -> None:
-        self.timestep_weights(1000)  # a bad bias setting fails when the config is read, not after the VAE stage
+        # a bad bias setting fails when the config is read, not after the VAE stage
+        self.timestep_weights(NoiseSchedule.num_train_timesteps)
 
     def timestep_weights(self, num_timesteps: int) -> torch.Tensor | None:
         return timestep_weights(num_timesteps, self.timestep_bias_strategy, self.timestep_bias_multiplier,
@@ -104,7 +105,7 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if vae.any_colour and run.data != "shapes":
         raise ConfigError(f"vae.any_colour = {vae.any_colour} recolours shapes scenes; data {run.data!r} is a folder "
                           "of images (set it to 0)")
-    if run.two_objects != 0.5 and run.data != "shapes":
+    if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
     return run, vae, build_config(UNetStage, groups["unet."]), arch

@@ -162,8 +162,12 @@ def _random_objects(draws: _Draws, positions: tuple[str, ...]) -> tuple[Shape, .
             return objects
 
 
+TWO_OBJECTS = 0.5
+"""The world's share of two-object scenes (the rest have one) unless a data set asks for another."""
+
+
 def sample_scene(generator: torch.Generator, split: str = "train", objects: int | None = None,
-                 two_objects: float = 0.5) -> Scene:
+                 two_objects: float = TWO_OBJECTS) -> Scene:
     """Draw a scene of the given split: ``objects`` objects, or when None two with probability ``two_objects``."""
     if split not in SPLITS:
         raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -333,7 +337,7 @@ class ShapesDataset:
     """
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000,
-                 two_objects: float = 0.5) -> None:
+                 two_objects: float = TWO_OBJECTS) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if count < 1:
