@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from PIL import Image
 
@@ -46,15 +48,20 @@ def test_load_by_name_generates_at_the_native_size():
 
 
 def test_demo_adapter_teaches_pink():
-    """The shipped LoRA (`--lora pink`, trained on 64 pink scenes) draws a colour the base model has never seen."""
+    """The shipped LoCon (`--lora pink`, trained on 64 pink scenes) draws a colour the base model has never seen, and
+    at the CFG the README advises, the whole caption."""
     pipe = nijimi.load("embedded")
     caption, palette = "a large pink circle in the center", {**COLOURS, **CONCEPT_COLOURS}
     metadata = read_metadata(ADAPTERS / "pink.safetensors")
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_num_train_images"] == "64"
+    assert json.loads(metadata["ss_network_args"])["conv_dim"] == "4"
     plain = pipe.generate(caption, seed=PINK_SEED).images[0]
     tuned = pipe.generate(caption, seed=PINK_SEED, loras=lora_requests(["pink"])).images[0]
     assert not score(plain, caption, palette=palette).colour
     assert score(tuned, caption, palette=palette).colour
+    star = "a large pink star on the left"
+    drawn = pipe.generate(star, cfg=4, seed=0, loras=lora_requests(["pink"])).images[0]
+    assert score(drawn, star, palette=palette).correct
 
 
 def test_demo_controlnet_places_objects_on_the_mask(tmp_path):
