@@ -65,8 +65,8 @@ def lora_requests(options: Sequence[str], lora_dir: str | os.PathLike | None = N
 @dataclass
 class AppliedLoras:
     """What :func:`apply_loras` did: the ``prompt`` without its tags, the adapters applied (zero multipliers left
-    out), whether the text encoder's weights changed, each file's keys/modules left out (path → key → why), and
-    ``undo`` (call once; later calls do nothing)."""
+    out), whether the text encoder's weights changed, the keys/modules left out of each file that had any (path →
+    key → why), and ``undo`` (call once; later calls do nothing)."""
 
     prompt: str
     applied: list[LoraRequest]
@@ -93,12 +93,14 @@ def _base_layer(model: nn.Module, path: str) -> nn.Module:
     return layer.base if isinstance(layer, AdaptedLayer) else layer
 
 
-def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[str], list[LoraRequest], dict, bool]:
+def _put_on(model: LatentDiffusion, requests: list[LoraRequest],
+            strict: bool) -> tuple[list[str], list[LoraRequest], dict, bool]:
     """Read and attach every request as adapter ``nijimi_lora_<i>`` (not merged): (names, applied, unmatched,
-    text changed). Files are all read before anything is attached; on any error the model is left as it was."""
+    text changed). Files are all read before anything is attached; on any error the model is left as it was. With
+    ``strict``, a key or module that fits no layer is an error."""
     loaded: list[tuple[LoraRequest, LoadedAdapter, Adapter]] = []
     for request in requests:
-        file = read_adapter(request.path, model.config)
+        file = read_adapter(request.path, model.config, strict=strict)
         loaded.append((request, file, _active(file.adapter, request.te_multiplier, request.unet_multiplier)))
     names, applied, unmatched, text = [], [], {}, False
     for i, (request, file, adapter) in enumerate(loaded):
@@ -108,7 +110,7 @@ def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[s
         name = f"nijimi_lora_{i}"
         try:
             skipped = apply_adapter(model, adapter, name, 1.0, request.unet_multiplier, request.te_multiplier,
-                                    strict=False)
+                                    strict=strict)
         except (CheckpointError, ConfigError) as e:  # nothing fits, or the name is taken: take the others off
             for earlier in names:
                 remove_adapter(model, earlier)
@@ -117,22 +119,23 @@ def _put_on(model: LatentDiffusion, requests: list[LoraRequest]) -> tuple[list[s
         text = text or any(part_of(p) == "text" for p in adapter.modules if p not in skipped)
         names.append(name)
         applied.append(request)
-    return names, applied, unmatched, text
+    return names, applied, {path: keys for path, keys in unmatched.items() if keys}, text
 
 
 def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str = "",
-                lora_dir: str | os.PathLike | None = None) -> AppliedLoras:
+                lora_dir: str | os.PathLike | None = None, strict: bool = False) -> AppliedLoras:
     """Merge the ``loras`` and the prompt's ``<lora:NAME:W>`` tags (NAME looked up in ``lora_dir``, by default the
     embedded model's demo adapters) into the weights of ``target`` — a :class:`~nijimi.pipelines.pipeline.Pipeline`
     or a :class:`LatentDiffusion`; see the module docstring. ``loras``: :class:`LoraRequest` s or
     ``(path, te_multiplier, unet_multiplier)`` tuples. A pipeline's prompt cache is cleared when the text encoder
-    changes, and again by ``undo``."""
+    changes, and again by ``undo``. Keys of a file that fit no module of the model are left out and listed in
+    ``unmatched``; with ``strict`` they raise :class:`CheckpointError` instead, before any weight changes."""
     model, cache = _model_and_cache(target)
     text, tags = parse_lora_tags(prompt)
     lora_dir = ADAPTERS if lora_dir is None else lora_dir
     requests = [LoraRequest(Path(p), float(te), float(unet)) for p, te, unet in loras]
     requests += [LoraRequest(resolve_lora(t.name, lora_dir), t.te_multiplier, t.unet_multiplier) for t in tags]
-    names, applied, unmatched, text_changed = _put_on(model, requests)
+    names, applied, unmatched, text_changed = _put_on(model, requests, strict)
     if not names:
         return AppliedLoras(text, [], False, unmatched)
     chosen = set(names)

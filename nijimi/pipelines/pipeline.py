@@ -38,13 +38,15 @@ EMBEDDED = "embedded"
 @dataclass
 class Generation:
     """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents (B, C, h, w), the decoded
-    ``pixels`` (B, 3, H, W) float32 in [0, 1] the images were rounded from, and every setting used."""
+    ``pixels`` (B, 3, H, W) float32 in [0, 1] the images were rounded from, every setting used, and the keys of
+    adapter files that fit no module of the model and were left out (file → key → why; only files that had any)."""
 
     images: list[Image.Image]
     seeds: list[int]
     latents: torch.Tensor
     pixels: torch.Tensor
     settings: dict = field(default_factory=dict)
+    lora_unmatched: dict[Path, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +87,7 @@ class Pipeline:
                  mask: Image.Image | str | os.PathLike | None = None, clip_skip: int | None = None,
                  guidance_rescale: float = 0.0, vae_tile: int | None = None, attention_slice: int | None = None,
                  control: Sequence[ControlInput] | None = None, loras: Sequence = (), lora_dir: str | None = None,
-                 callback: Callable[[StepInfo], None] | None = None) -> Generation:
+                 strict_loras: bool = False, callback: Callable[[StepInfo], None] | None = None) -> Generation:
         """Generate ``batch`` images; image i uses seed ``seed + i`` (a random seed when ``seed`` is None).
 
         ``init_image`` (+ ``strength``) makes it img2img; with ``mask`` (white = repaint) it is inpainting. Sizes
@@ -96,7 +98,8 @@ class Pipeline:
         ``sampler`` None: the model's :func:`~nijimi.diffusion.samplers.default_sampler`.
         ``control``: ControlNets (units, moved to the pipeline's device and dtype, or ``--control`` specs).
         ``loras``: adapters ``(path, te_weight, unet_weight)`` merged for this call, with the prompt's A1111 tags
-        ``<lora:NAME:W>`` (NAME looked up in ``lora_dir``); the weights are restored exactly afterwards.
+        ``<lora:NAME:W>`` (NAME looked up in ``lora_dir``); the weights are restored exactly afterwards. Their keys
+        that fit no module are left out (``Generation.lora_unmatched``), or refused with ``strict_loras``.
         """
         if not prompt and cfg != 1.0 and not negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --cfg 1 for unconditional samples)")
@@ -120,7 +123,7 @@ class Pipeline:
         self.model.unet.set_attention_slice(attention_slice)
         start = edit.prepare(self.model, source, strength, sigmas, generators, sampler, shape, vae_tile)
         run = prepare_control(control, self.model.config, width, height, start.index, steps, self.device, self.dtype)
-        applied = apply_loras(self, loras, prompt, lora_dir)
+        applied = apply_loras(self, loras, prompt, lora_dir, strict_loras)
         try:
             conds = self.conditioner.step_conditioning(applied.prompt, negative_prompt, steps, clip_skip, cfg != 1.0)
             guided = GuidedNetwork(self._network, cfg * conds.guidance_weight, guidance_rescale)
@@ -138,7 +141,7 @@ class Pipeline:
                     "vae_tile": vae_tile or 0, "attention_slice": attention_slice or 0,
                     "dtype": dtype_name(self.dtype), **source.settings(strength), **run.settings,
                     **_lora_settings(loras, lora_dir)}
-        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings)
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, settings, applied.unmatched)
 
     def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Scaled latents (B, C, h, w) → pixels (B, 3, H, W) float32 in [0, 1] on the CPU; ``tile`` (pixels) tiles

@@ -1,10 +1,13 @@
 """``nijimi train-adapter`` and ``nijimi lora extract | resize | info``: the CLI side of adapters; plus the
-``--lora``/``--lora-dir`` options ``nijimi generate`` takes (:func:`add_lora_arguments`)."""
+``--lora``/``--strict``/``--lora-dir`` options ``nijimi generate`` takes (:func:`add_lora_arguments`) and the
+warning for the keys of a file it left out (:func:`report_unmatched`)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 from nijimi.adapters.formats import FORMATS
 from nijimi.adapters.tools import describe_adapter
@@ -131,11 +134,26 @@ def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def add_lora_arguments(p: argparse.ArgumentParser) -> None:
-    """``--lora FILE[:W[:UNET_W]]`` (repeatable) and ``--lora-dir DIR`` for ``nijimi generate``; turn them into
-    requests with :func:`nijimi.pipelines.adapters.lora_requests` and hand those to ``apply_loras``."""
+    """``--lora FILE[:W[:UNET_W]]`` (repeatable), ``--strict`` and ``--lora-dir DIR`` for ``nijimi generate``; turn
+    them into requests with :func:`nijimi.pipelines.adapters.lora_requests` and hand those to ``apply_loras``."""
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET_W]]",
                    help="apply a LoRA/LyCORIS/peft adapter with text-encoder weight W (default 1) and U-Net weight "
                         "UNET_W (default W); repeatable; FILE may be a name in --lora-dir")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a LoRA file with keys that fit no module of the model (default: leave them out "
+                        "and name them on stderr)")
     p.add_argument("--lora-dir", metavar="DIR",
                    help="folder searched for <lora:NAME:W> prompt tags and --lora names (default: the embedded "
                         "model's demo adapters, e.g. pink)")
+
+
+def report_unmatched(unmatched: dict[Path, dict[str, str]], shown: int = 10) -> None:
+    """Name on stderr the keys of each LoRA file that were left out (at most ``shown`` per file, then a count)."""
+    for path, keys in unmatched.items():
+        print(f"warning: {path}: {len(keys)} keys fit no module of this model and were left out "
+              f"(--strict refuses such a file):", file=sys.stderr)
+        for key, why in list(keys.items())[:shown]:
+            print(f"  {key}: {why}", file=sys.stderr)
+        if len(keys) > shown:
+            print(f"  … and {len(keys) - shown} more (nijimi lora info {path} --base MODEL lists them all)",
+                  file=sys.stderr)

@@ -17,7 +17,7 @@ from nijimi.io.pngmeta import format_info, format_parameters, generation_setting
 from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.pipeline import EMBEDDED, Generation, Pipeline, load
 from nijimi.pipelines.runtime import DTYPES
-from nijimi.ui.adapters import add_lora_arguments
+from nijimi.ui.adapters import add_lora_arguments, report_unmatched
 from nijimi.ui.control import add_control_argument, control_infotext, control_specs, specs_from_recipe
 from nijimi.ui.progress import ProgressBar
 
@@ -90,6 +90,7 @@ def run_generation(pipe: Pipeline, settings: dict, out: str | None, overwrite: b
     finally:
         for bar in bars:
             bar.close()
+    report_unmatched(gen.lora_unmatched)
     paths = output_paths(out, len(gen.images), gen.seeds, overwrite)
     for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip,
                 "vae_tile": args.vae_tile, "attention_slice": args.attention_slice,
                 "control": control_specs(args.control), "loras": lora_requests(args.lora, args.lora_dir),
-                "lora_dir": args.lora_dir}
+                "lora_dir": args.lora_dir, "strict_loras": args.strict}
     for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
         print(path)
     return 0

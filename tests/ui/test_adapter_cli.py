@@ -9,6 +9,8 @@ import argparse
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from nijimi import cli
 from nijimi.adapters.formats import read_adapter
@@ -254,3 +256,33 @@ def test_eval_shapes_measures_a_concept_through_an_adapter(nijimi, models, tmp_p
     monkeypatch.setattr(train_ui, "evaluate", lambda *a, **k: pytest.fail("no evaluation after a user error"))
     assert_user_error(nijimi(*common, "--model", models[0], "--lora", tmp_path / "none.safetensors"),
                       "none.safetensors")
+
+
+def test_generate_names_the_keys_it_leaves_out_and_strict_refuses(nijimi, models, tmp_path):
+    """A LoRA file with a module the model lacks (an SDXL second-text-encoder layer): ``generate`` applies the rest —
+    the same image as the file without it — and names the left-out keys on stderr; ``--strict`` refuses the file.
+    A file none of whose keys fits is refused either way."""
+    clean, mixed, alien = (tmp_path / f"{name}.safetensors" for name in ("clean", "mixed", "alien"))
+    assert nijimi("lora", "extract", "--base", models[0], "--tuned", models[1], "--rank", "1", "--out", clean)[0] == 0
+    stray = {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(1, 1280),
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(5120, 1),
+             "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
+    save_file({**load_file(clean), **stray}, mixed)
+    save_file(stray, alien)
+    generate = ["generate", "a red circle", "--model", models[0], "--steps", "2", "--seed", "1", "--quiet"]
+
+    code, out, err = nijimi(*generate, "--lora", mixed, "--out", tmp_path / "mixed.png")
+    assert code == 0 and out.strip() == str(tmp_path / "mixed.png")
+    lines = err.splitlines()
+    assert lines[0] == (f"warning: {mixed}: 3 keys fit no module of this model and were left out (--strict refuses "
+                        "such a file):")
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == sorted(stray)
+    assert nijimi(*generate, "--lora", clean, "--out", tmp_path / "clean.png")[0] == 0
+    drawn = [np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("mixed", "clean")]
+    assert np.array_equal(*drawn)
+
+    refused = tmp_path / "refused.png"
+    assert_user_error(nijimi(*generate, "--lora", mixed, "--strict", "--out", refused),
+                      f"{mixed}: 3 keys do not fit the model (lora_te2_text_model_encoder_layers_0_mlp_fc1.")
+    assert_user_error(nijimi(*generate, "--lora", alien, "--out", refused), f"{alien}: no tensor fits the model")
+    assert not refused.exists()
