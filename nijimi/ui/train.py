@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.train.config import parse_overrides
 from nijimi.train.detect import evaluate, format_table
+from nijimi.train.report import write_grid
 from nijimi.train.run import run_training
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, sample_captions, write_shapes_dataset
 from nijimi.ui.control import add_eval_control_parser
@@ -42,20 +44,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
     palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
     bar = None if args.quiet else ProgressBar(len(captions), label="eval")
-    done = 0
+    made: list = []
 
     def generate(batch: list[str], seeds: list[int]) -> list:
-        nonlocal done
         images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, loras=loras).images[0]
                   for c, s in zip(batch, seeds, strict=True)]
-        done += len(batch)
+        made.extend(images)
         if bar is not None:
-            bar.update(done)
+            bar.update(len(made))
         return images
 
     table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
     if bar is not None:
         bar.close()
+    if args.grid:
+        write_grid(made[:16], Path(args.grid), cols=min(8, len(made)))
     print(format_table(table))
     return 0
 
@@ -92,6 +95,7 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
                    help="make each caption's first object this new colour (to measure an adapter that teaches it)")
     q.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply an adapter while generating (repeatable)")
+    q.add_argument("--grid", help="also write a PNG of the first 16 images (rows of 8, in caption order)")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_eval)
     add_eval_control_parser(what)

@@ -231,7 +231,7 @@ def test_lora_info_describes_the_file(nijimi, models, tmp_path):
 
 def test_eval_shapes_measures_a_concept_through_an_adapter(nijimi, models, tmp_path, monkeypatch):
     """``eval shapes --concept pink --lora FILE``: pink captions, pink in the detector's palette, the adapter applied
-    (the tuned model's images, not the base's)."""
+    (the tuned model's images, not the base's); ``--grid`` writes the images it scored."""
     from nijimi.ui import train as train_ui
 
     lora = tmp_path / "delta.safetensors"
@@ -244,7 +244,8 @@ def test_eval_shapes_measures_a_concept_through_an_adapter(nijimi, models, tmp_p
 
     monkeypatch.setattr(train_ui, "evaluate", recording)
     common = ["eval", "shapes", "--n", "2", "--steps", "2", "--quiet"]
-    for model, extra in ((models[0], ["--lora", lora]), (models[1], []), (models[0], [])):
+    grid = tmp_path / "grid.png"
+    for model, extra in ((models[0], ["--lora", lora, "--grid", grid]), (models[1], []), (models[0], [])):
         code, stdout, _ = nijimi(*common, "--model", model, "--concept", "pink", *extra)
         assert code == 0 and stdout.splitlines()[0].split()[:2] == ["prompts", "n"]
     (captions, palette, with_lora), (_, _, tuned), (_, plain_palette, base) = runs
@@ -252,6 +253,9 @@ def test_eval_shapes_measures_a_concept_through_an_adapter(nijimi, models, tmp_p
     assert plain_palette == palette
     assert np.abs(np.asarray(with_lora, float) - np.asarray(tuned, float)).max() <= 1
     assert np.abs(np.asarray(with_lora, float) - np.asarray(base, float)).max() > 1
+    sheet = Image.open(grid)
+    assert sheet.size == (3 * with_lora.width, with_lora.height)  # the recorded first image and both scored ones
+    assert np.array_equal(np.asarray(sheet.convert("RGB").crop((0, 0, *with_lora.size))), np.asarray(with_lora))
 
     monkeypatch.setattr(train_ui, "evaluate", lambda *a, **k: pytest.fail("no evaluation after a user error"))
     assert_user_error(nijimi(*common, "--model", models[0], "--lora", tmp_path / "none.safetensors"),
