@@ -100,13 +100,15 @@ def glora_delta(weight: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor, b1: to
                 b2: torch.Tensor) -> torch.Tensor:
     """GLoRA (Chavan et al., arXiv 2306.07967) in LyCORIS's form: ``ΔW = b2 · b1 + W · a2 · a1``.
 
-    weight: (out, in) (a 1×1 convolution counts as its matrix); a1, b1: (r, in); a2: (in, r); b2: (out, r).
+    weight: (out, in[, kh, kw]); a1: (r, in), a2: (in, r), b2: (out, r) (1×1 convolution factors count as their
+    matrices); b1: (r, in[, kh, kw]). On a k×k convolution ``W · a2 · a1`` mixes the input channels of every tap.
     """
-    if weight[0].numel() != _matrix(a2).shape[0]:
-        raise CheckpointError(f"GLoRA needs a Linear or 1×1 convolution weight, got shape {tuple(weight.shape)}")
-    w = _matrix(weight)
-    delta = _matrix(b2) @ _matrix(b1) + (w @ _matrix(a2)) @ _matrix(a1)
-    return delta.reshape(weight.shape)
+    a1, a2, b2 = _matrix(a1), _matrix(a2), _matrix(b2)
+    if weight.shape[1] != a2.shape[0] or b1[0].numel() != weight[0].numel():
+        raise CheckpointError(f"GLoRA factors a2 {tuple(a2.shape)}, b1 {tuple(b1.shape)} do not fit a weight of "
+                              f"shape {tuple(weight.shape)}")
+    mixed = torch.einsum("o i ..., i r, r j -> o j ...", weight, a2, a1)
+    return (b2 @ _matrix(b1)).reshape(weight.shape) + mixed
 
 
 def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:

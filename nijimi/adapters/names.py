@@ -5,7 +5,8 @@ tree: ``model.diffusion_model.<U-Net path>`` and ``cond_stage_model.transformer.
 
 - kohya sd-scripts / LyCORIS: ``lora_unet_`` + the *diffusers* U-Net path with dots as underscores
   (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``), ``lora_te_`` + the transformers
-  text-encoder path (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, for SD 2.x too);
+  text-encoder path (``lora_te_text_model_encoder_layers_0_self_attn_q_proj``, for SD 2.x too; trainers running
+  transformers 5, whose ``CLIPTextModel`` lost the ``text_model`` level, write ``lora_te_encoder_layers_0_…``);
 - A1111's CompVis names ``lora_unet_`` + the native path (``lora_unet_input_blocks_1_1_proj_in``) and OpenCLIP names
   ``lora_te_model_transformer_resblocks_0_attn_in_proj`` — the fused q|k|v projection, one row block per native
   q/k/v module (a :class:`Slot` with ``parts = 3``), ``…_mlp_c_fc`` and so on;
@@ -102,6 +103,7 @@ def name_tables(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> NameTables
         path = TEXT_PREFIX + native
         kohya_of[path] = KOHYA_TEXT + native.replace(".", "_")
         kohya[kohya_of[path]] = (Slot(path),)
+        kohya[KOHYA_TEXT + native.removeprefix("text_model.").replace(".", "_")] = (Slot(path),)
         peft_of[path] = PEFT_TEXT + native
         peft[peft_of[path]] = path
     for module, natives in openclip_modules(text_cfg).items():

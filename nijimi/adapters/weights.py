@@ -57,6 +57,18 @@ def kind_of(names: set[str]) -> str | None:
     return None
 
 
+def _glora_a1111_layout(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GLoRA tensors in the layout A1111 reads and :func:`~nijimi.adapters.deltas.glora_delta` takes — ``a1``, ``b1``:
+    (r, in), ``a2``: (in, r), ``b2``: (out, r), ``ΔW = b2·b1 + W·a2·a1`` — from either that layout (LyCORIS before 3)
+    or the current LyCORIS one, which names the same factors the other way round: ``a1``: (in, r), ``a2``, ``b2``:
+    (r, in), ``b1``: (out, r), ``ΔW = W·a1·a2 + b1·b2`` (on a k×k convolution the b factor with input channels is
+    k×k). In the old layout ``a1`` and ``b1`` always share their first two sides, in the new one ``a2`` and ``b2``;
+    for a square weight, where both pairs do, the rank is the smaller side."""
+    a1, a2, b1, b2 = (t[k].shape[:2] for k in ("a1", "a2", "b1", "b2"))
+    new = a2 == b2 and (a1 != b1 or a1[0] > a1[1])
+    return {**t, "a1": t["a2"], "a2": t["a1"], "b1": t["b2"], "b2": t["b1"]} if new else t
+
+
 @dataclass
 class ModuleWeights:
     """One adapter's tensors on one module. ``alpha``: the file's alpha (scale = alpha / rank); ``scale``: an explicit
@@ -124,6 +136,10 @@ class ModuleWeights:
         """The inverse of :meth:`flat`; ``where`` names the module in the error when the names make no known kind."""
         scalars = {k: float(entries[k].float().item()) for k in SCALARS if k in entries}
         tensors = {k: v for k, v in entries.items() if k not in SCALARS}
+        if "on_input" in tensors:  # LyCORIS saves this flag in the file's float dtype
+            tensors["on_input"] = tensors["on_input"].reshape(()).bool()
+        if {"a1", "a2", "b1", "b2"} <= set(tensors):
+            tensors = _glora_a1111_layout(tensors)
         kind = kind_of(set(tensors))
         if kind is None:
             raise CheckpointError(f"{where}: tensors {sorted(tensors)} make no known adapter kind")

@@ -73,11 +73,15 @@ def test_ia3_scales_rows_or_columns() -> None:
     assert torch.allclose(deltas.ia3_delta(w, gains_in, on_input=True), w * gains_in[None, :, None, None])
 
 
-def test_glora_formula_and_refusal_of_kxk_convolutions() -> None:
+def test_glora_formula_on_linear_and_kxk_weights() -> None:
     w, a1, a2, b1, b2 = randn(6, 5), randn(2, 5, seed=1), randn(5, 2, seed=2), randn(2, 5, seed=3), randn(6, 2, seed=4)
     assert torch.allclose(deltas.glora_delta(w, a1, a2, b1, b2), b2 @ b1 + w @ a2 @ a1)
-    with pytest.raises(CheckpointError, match="GLoRA"):
-        deltas.glora_delta(randn(6, 5, 3, 3), a1, a2, b1, b2)
+    conv, b1_conv = randn(6, 5, 3, 3, seed=5), randn(2, 5, 3, 3, seed=6)
+    got = deltas.glora_delta(conv, a1, a2, b1_conv, b2)
+    for y, x in ((0, 0), (1, 2)):  # every tap: its own W·a2·a1, plus its slice of b2·b1
+        assert torch.allclose(got[..., y, x], b2 @ b1_conv[..., y, x] + conv[..., y, x] @ a2 @ a1, atol=1e-5)
+    with pytest.raises(CheckpointError, match="GLoRA factors"):
+        deltas.glora_delta(conv, a1, a2, b1, b2)  # a Linear's b1 on a 3×3 weight
 
 
 def test_cayley_blocks_are_orthogonal_and_constrained() -> None:

@@ -37,6 +37,8 @@ def test_kohya_names_of_known_sd15_modules() -> None:
         assert tables.kohya["lora_unet_" + native.replace(".", "_")] == (Slot(UNET_PREFIX + native),)
     te = "text_model.encoder.layers.11.mlp.fc2"
     assert tables.kohya["lora_te_text_model_encoder_layers_11_mlp_fc2"] == (Slot(TEXT_PREFIX + te),)
+    # What kohya / LyCORIS write when they run transformers 5, whose CLIPTextModel has no text_model level.
+    assert tables.kohya["lora_te_encoder_layers_11_mlp_fc2"] == (Slot(TEXT_PREFIX + te),)
     assert tables.peft["unet.down_blocks.0.attentions.0.proj_in"] == UNET_PREFIX + "input_blocks.1.1.proj_in"
     assert tables.peft_of[TEXT_PREFIX + te] == "text_encoder." + te
 

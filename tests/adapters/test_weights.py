@@ -73,3 +73,27 @@ def test_state_dict_round_trip_and_prefixes() -> None:
     assert list(adapter.prefixed("x.").under("x.").modules) == ["a.b", "c"]
     assert list(adapter.under("a.").modules) == ["b"]
     assert adapter.kinds() == {"lora": 1, "full": 1} and adapter.ranks() == {2: 1, None: 1}
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (5, 5), (6, 5, 3, 3)])
+def test_glora_of_current_lycoris_is_read_into_the_a1111_layout(shape) -> None:
+    """LyCORIS ≥ 3 names GLoRA's factors the other way round (``ΔW = W·a1·a2 + b1·b2``); both layouts give one ΔW,
+    on square weights too, and the rank alpha is divided by is r either way."""
+    gen = torch.Generator().manual_seed(0)
+    out, inp, taps = shape[0], shape[1], shape[2:]
+    w, r = torch.randn(shape, generator=gen), 2
+    a1, a2 = torch.randn(inp, r, generator=gen), torch.randn(r, inp, generator=gen)
+    b1, b2 = torch.randn(out, r, generator=gen), torch.randn(r, inp, *taps, generator=gen)
+    read = ModuleWeights.from_flat({"a1": a1, "a2": a2, "b1": b1, "b2": b2, "alpha": torch.tensor(1.0)}, "m")
+    mixed = torch.einsum("o i ..., i r, r j -> o j ...", w, a1, a2)
+    assert torch.allclose(read.delta(w), 0.5 * (mixed + (b1 @ b2.reshape(r, -1)).reshape(shape)), atol=1e-5)
+    assert read.rank == r
+    old = ModuleWeights.from_flat({"a1": a2, "a2": a1, "b1": b2, "b2": b1}, "m")  # A1111's layout is kept as it is
+    assert torch.equal(old.tensors["a1"], a2) and torch.equal(old.tensors["b2"], b1)
+
+
+def test_lycoris_float_on_input_flag_is_read_as_a_flag() -> None:
+    """LyCORIS saves IA³'s ``on_input`` in the file's dtype (1.0 in fp16): it still scales the input columns."""
+    w, gains = torch.randn(4, 3), torch.randn(3)
+    read = ModuleWeights.from_flat({"weight": gains, "on_input": torch.tensor(1.0, dtype=torch.float16)}, "m")
+    assert read.tensors["on_input"].dtype == torch.bool and torch.allclose(read.delta(w), w * gains)
