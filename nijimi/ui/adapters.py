@@ -150,7 +150,7 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
 def report_unmatched(unmatched: dict[Path, dict[str, str]], shown: int = 10) -> None:
     """Name on stderr the keys of each LoRA file that were left out (at most ``shown`` per file, then a count)."""
     for path, keys in unmatched.items():
-        print(f"warning: {path}: {len(keys)} keys fit no module of this model and were left out "
+        print(f"warning: {path}: {len(keys)} keys or modules fit no layer of this model and were left out "
               f"(--strict refuses such a file):", file=sys.stderr)
         for key, why in list(keys.items())[:shown]:
             print(f"  {key}: {why}", file=sys.stderr)

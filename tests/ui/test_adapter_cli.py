@@ -278,8 +278,8 @@ def test_generate_names_the_keys_it_leaves_out_and_strict_refuses(nijimi, models
     code, out, err = nijimi(*generate, "--lora", mixed, "--out", tmp_path / "mixed.png")
     assert code == 0 and out.strip() == str(tmp_path / "mixed.png")
     lines = err.splitlines()
-    assert lines[0] == (f"warning: {mixed}: 3 keys fit no module of this model and were left out (--strict refuses "
-                        "such a file):")
+    assert lines[0] == (f"warning: {mixed}: 3 keys or modules fit no layer of this model and were left out "
+                        "(--strict refuses such a file):")
     assert sorted(line.split(":")[0].strip() for line in lines[1:]) == sorted(stray)
     assert nijimi(*generate, "--lora", clean, "--out", tmp_path / "clean.png")[0] == 0
     drawn = [np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("mixed", "clean")]
