@@ -38,7 +38,7 @@ from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import DiffusionObjective
-from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.report import run_with_reports, write_grid
 from nijimi.train.shapes import (
     COLOURS,
     CONCEPT_COLOURS,
@@ -311,14 +311,7 @@ def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: b
     if Path(cfg.out).exists() and not overwrite:
         raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
     run = prepare_training(cfg, model, data, resume)
-    if sample_fn is not None and cfg.sample_every and run.trainer.step == 0:
-        write_samples(run, sample_fn)
-
-    def report(trainer: Trainer) -> None:
-        write_loss_curve(trainer.losses, cfg.work_dir / "loss.png", "adapter")
-        if sample_fn is not None:
-            write_samples(run, sample_fn)
-
-    run.trainer.run_reporting(cfg.sample_every, report, on_step)
+    samples = None if sample_fn is None else lambda: write_samples(run, sample_fn)
+    run_with_reports(run.trainer, cfg.sample_every, "adapter", samples, on_step)
     save_trained(run)
     return run
