@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from nijimi import __version__
 from nijimi.diffusion.explain import explain_schedules
-from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
+from nijimi.diffusion.sampler_names import SPACINGS
+from nijimi.diffusion.samplers import SAMPLERS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
 from nijimi.train.run import finish_distributed
@@ -39,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.config)
+    report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.model_config)
     print(report.summary())
     print(args.dst)
     return 0
@@ -65,7 +66,7 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output .safetensors file or folder")
     p.add_argument("--to", choices=("single", "diffusers"), help="output layout (default: from DST's name)")
     p.add_argument("--half", action="store_true", help="store float16")
-    p.add_argument("--config", help="override detection: preset name or LDM .yaml")
+    p.add_argument("--model-config", help="override detection: preset name or LDM .yaml")
     p.set_defaults(func=_cmd_convert)
 
 

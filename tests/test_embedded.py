@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 import nijimi
@@ -47,6 +48,12 @@ def test_load_by_name_generates_at_the_native_size():
     assert image.size == (64, 64) and verdict.correct  # colour, shape, size, place and count
 
 
+def test_load_passes_device_and_dtype():
+    pipe = nijimi.load("embedded", device="cpu", dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16 and next(pipe.model.unet.parameters()).dtype == torch.bfloat16
+    assert next(pipe.model.vae.parameters()).dtype == torch.float32 and pipe.device == torch.device("cpu")
+
+
 def test_demo_adapter_teaches_pink():
     """The shipped LoCon (`--lora pink`, trained on 64 pink scenes) draws a colour the base model has never seen, and
     at the CFG the README advises, the whole caption."""
@@ -60,7 +67,7 @@ def test_demo_adapter_teaches_pink():
     assert not score(plain, caption, palette=palette).colour
     assert score(tuned, caption, palette=palette).colour
     star = "a large pink star on the left"
-    drawn = pipe.generate(star, cfg=4, seed=0, loras=lora_requests(["pink"])).images[0]
+    drawn = pipe.generate(star, guidance=4, seed=0, loras=lora_requests(["pink"])).images[0]
     assert score(drawn, star, palette=palette).correct
 
 

@@ -22,7 +22,8 @@ class GuidedNetwork:
     ``p_u + scale·(p_c - p_u)`` on the raw prediction (ε or v, as diffusers does), then, when ``rescale`` φ > 0,
     :func:`rescale_guidance`. When the two cannot be batched (a prompt and a negative prompt of different token
     lengths) ``net`` is called once for each, as A1111 does.
-    With ``uncond=None`` or ``scale == 1`` it is a single unguided call on ``cond``.
+    With ``uncond=None`` or ``scale == 1`` it is a single unguided call on ``cond``. Keyword arguments other than
+    ``cond``/``uncond`` (the sampling ``step``) are passed to every call of ``net`` as they are.
 
     Use it under the denoiser: ``Denoiser(GuidedNetwork(unet, 7.5), schedule)`` called with
     ``extra_args={"cond": {"context": c}, "uncond": {"context": u}}``.
@@ -38,14 +39,14 @@ class GuidedNetwork:
             raise ConfigError(f"guidance rescale {self.rescale} must be within [0, 1]")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any],
-                 uncond: Mapping[str, Any] | None = None) -> torch.Tensor:
+                 uncond: Mapping[str, Any] | None = None, **shared: Any) -> torch.Tensor:
         if uncond is None or self.scale == 1.0:
-            return self.net(x, t, **cond)
+            return self.net(x, t, **cond, **shared)
         if _layout(uncond) == _layout(cond):
-            both = self.net(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(uncond, cond))
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), **batch_conditions(uncond, cond), **shared)
             pred_uncond, pred_cond = both.chunk(2)
         else:  # e.g. prompt and negative prompt of different lengths: two calls, as A1111 makes them
-            pred_uncond, pred_cond = self.net(x, t, **uncond), self.net(x, t, **cond)
+            pred_uncond, pred_cond = self.net(x, t, **uncond, **shared), self.net(x, t, **cond, **shared)
         guided = pred_uncond + self.scale * (pred_cond - pred_uncond)
         if self.rescale > 0:
             guided = rescale_guidance(guided, pred_cond, self.rescale)
@@ -77,7 +78,7 @@ def batch_conditions(uncond: Any, cond: Any, key: str = "cond") -> Any:
     """Stack the unconditional and conditional inputs into one batch, ``[uncond; cond]``.
 
     Tensors are concatenated along dim 0; dicts, lists and tuples are walked item by item; anything else (a flag,
-    a callable that produces ControlNet residuals, ``None``) must be the same object in both and is passed once.
+    ``None``) must be the same object in both and is passed once.
     """
     if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor):
         if uncond.shape[1:] != cond.shape[1:]:

@@ -31,6 +31,17 @@ def gaussian_like(x: torch.Tensor, generator: Generators | None, sampler: str) -
     return noise.to(x.device)
 
 
+def gaussian_noise(x: torch.Tensor, generator: Generators | None, sampler: str):
+    """A sampler's noise source ``noise(σ, σ_next)`` that draws fresh per-step Gaussian noise like ``x`` from
+    ``generator`` (:func:`gaussian_like`) on every call."""
+    _generators(generator, x.shape[0], sampler)  # fail before sampling starts
+
+    def noise(sigma: float, sigma_next: float) -> torch.Tensor:
+        return gaussian_like(x, generator, sampler)
+
+    return noise
+
+
 def draw_seeds(generator: Generators | None, batch: int, sampler: str) -> list[int]:
     """Seeds for Brownian paths: one for the whole batch from a shared generator, or one per batch element, each
     from that element's own generator. Each seed is a 62-bit draw."""

@@ -8,6 +8,7 @@ a second generation with the same prompt, steps and clip skip runs no text-encod
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,24 @@ class StepConditioning:
         return self.cond.weight
 
     def at(self, step: int, batch: int) -> tuple[dict, dict | None]:
-        """The U-Net inputs for sampling step ``step`` (0-based), repeated for ``batch`` images."""
-        c = {"context": self.cond.at_step(step).expand(batch, -1, -1)}
+        """The U-Net inputs for sampling step ``step`` (0-based), repeated for ``batch`` images: the text ``context``
+        and ``is_cond`` (batch,) bool, True in the conditional branch (guided batches keep telling the rows apart)."""
+        context = self.cond.at_step(step).expand(batch, -1, -1)
+        c = {"context": context, "is_cond": torch.ones(batch, dtype=torch.bool, device=context.device)}
         if self.uncond is None:
             return c, None
-        return c, {"context": self.uncond.at_step(step).expand(batch, -1, -1)}
+        return c, {"context": self.uncond.at_step(step).expand(batch, -1, -1), "is_cond": ~c["is_cond"]}
+
+    def per_step(self, denoiser: Callable[..., torch.Tensor], first: int, batch: int) -> Callable[..., torch.Tensor]:
+        """The top of the model stack, what the sampler calls: ``model(x, σ, step=i)`` gives ``denoiser`` the
+        conditioning of sampling step ``first + i`` (prompt editing picks the text per step; img2img samplers start
+        at step ``first``) and that step index."""
+
+        def model(x: torch.Tensor, sigma: torch.Tensor, *, step: int) -> torch.Tensor:
+            cond, uncond = self.at(first + step, batch)
+            return denoiser(x, sigma, cond=cond, uncond=uncond, step=first + step)
+
+        return model
 
 
 class Conditioner:

@@ -6,14 +6,14 @@ sampling steps inside its ``[start, end]`` fraction of the run (diffusers' ``con
 guess mode (and for "shuffle"-style ControlNets with ``global_pool``) a unit steers only the conditional half of a
 classifier-free-guidance batch, the unconditional half gets zero residuals, and its residuals are scaled up
 geometrically from the shallowest skip to the middle block (:func:`nijimi.models.controlnet.residual_scales`).
-The pipeline hands the step to its U-Net call in the conditioning (:meth:`ControlRun.inputs`).
+The pipeline adds this to its model stack with :func:`with_controlnets`, which receives the sampling step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +23,6 @@ from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import ModelConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.pipelines.control_maps import ControlSpec
-
-_SHOWN = ("scale", "start", "end", "guess_mode")
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,18 +128,6 @@ def _scatter(residual: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Te
 
 
 @dataclass(frozen=True, eq=False)
-class ControlStep:
-    """The ControlNets at one sampling step: ``step(x, t, context, is_cond)`` → :func:`control_residuals`. The same
-    object rides in the conditional and the unconditional inputs, so ``batch_conditions`` passes it once."""
-
-    units: tuple[ControlUnit, ...]
-    fraction: tuple[float, float]
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, is_cond: torch.Tensor | None = None):
-        return control_residuals(self.units, x, t, context, self.fraction, is_cond)
-
-
-@dataclass(frozen=True, eq=False)
 class ControlRun:
     """The ControlNets steering one generation whose sampling runs steps ``first … steps-1``; start/end fractions
     count the steps that run (img2img: those after the strength cut, as in diffusers' ControlNet img2img)."""
@@ -149,17 +135,20 @@ class ControlRun:
     units: tuple[ControlUnit, ...]
     first: int
     steps: int
-    settings: dict  # {"control": [each spec's fields, or a unit's scale, start, end, guess_mode]}; {} without units
 
-    def inputs(self, step: int, batch: int, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-        """Extra U-Net inputs at sampling step ``step`` for the conditional and the unconditional branch (empty
-        without units): the same :class:`ControlStep`, and ``is_cond`` (batch,) bool, True in the conditional ones.
-        Batched ``[uncond; cond]`` by the guidance they are guess mode's row mask; called apart, each branch knows."""
-        if not self.units:
-            return {}, {}
-        control = ControlStep(self.units, step_fraction(step - self.first, self.steps - self.first))
-        cond, uncond = (torch.full((batch,), v, dtype=torch.bool, device=device) for v in (True, False))
-        return {"control": control, "is_cond": cond}, {"control": control, "is_cond": uncond}
+
+def with_controlnets(net: Callable[..., torch.Tensor], run: ControlRun) -> Callable[..., torch.Tensor]:
+    """A model-stack layer that adds the residuals of the units active at the current sampling step to the U-Net
+    call: ``net(x, t, context, step=…, is_cond=…, down_residuals=…, mid_residual=…)``. ``is_cond`` (B,) marks the
+    conditional rows of a guided batch, which guess-mode units steer alone."""
+
+    def controlled(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *, step: int,
+                   is_cond: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        fraction = step_fraction(step - run.first, run.steps - run.first)
+        down, mid = control_residuals(run.units, x, t, context, fraction, is_cond)
+        return net(x, t, context, step=step, is_cond=is_cond, down_residuals=down, mid_residual=mid, **kwargs)
+
+    return controlled
 
 
 def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig, width: int, height: int,
@@ -170,7 +159,6 @@ def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig,
     fit the U-Net, the VAE's scale or the dtype, ``ImageError`` for a map not at the output size."""
     units = [load_control_unit(c, width, height, config.unet, dtype) if isinstance(c, ControlSpec) else c
              for c in control or ()]
-    described = [asdict(c) if isinstance(c, ControlSpec) else {k: getattr(c, k) for k in _SHOWN} for c in control or ()]
     f = config.vae.downscale_factor
     for i, unit in enumerate(units):
         cfg = unit.model.config
@@ -184,7 +172,7 @@ def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig,
         if (held := next(unit.model.parameters()).dtype) != dtype:
             raise ConfigError(f"ControlNet {i} holds {held} weights, the pipeline runs {dtype}: load it in that dtype")
         unit.model.to(device)
-    return ControlRun(tuple(units), first, steps, {"control": described} if described else {})
+    return ControlRun(tuple(units), first, steps)
 
 
 def load_control_unit(spec: ControlSpec, width: int, height: int, unet: UNetConfig | None = None,

@@ -7,22 +7,25 @@ image uses its own, so image i of a batch equals a single generation with seed i
 
 - img2img: encode the init image, noise it to ``sigmas[start]`` with ``start`` from the strength, denoise from there.
 - inpainting with a 9-channel U-Net (SD inpainting checkpoints): the U-Net also sees the mask and the latent of the
-  image with the repaint region blanked, ``[x, mask, masked-image latent]`` along channels.
+  image with the repaint region blanked, ``[x, mask, masked-image latent]`` along channels
+  (:func:`with_inpaint_channels`, a layer of the pipeline's model stack).
 - inpainting with a normal 4-channel U-Net: after every step the known region is replaced by the original latent
-  re-noised to the current σ (:func:`~nijimi.diffusion.samplers.masked_blend`).
+  re-noised to the current σ (:func:`masked_blend`, run by the sampler's step callback, :func:`with_blend`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nijimi.diffusion.samplers import Blend, img2img_start, initial_latent, masked_blend, noised_latent
-from nijimi.errors import ImageError
+from nijimi.diffusion.sampler_names import SamplerChoice
+from nijimi.diffusion.samplers import Callback, StepInfo
+from nijimi.errors import ImageError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.images import mask_tensor, open_image, to_tensor
 
@@ -47,10 +50,8 @@ class Sources:
 
 def load_sources(image: Image.Image | str | os.PathLike | None,
                  mask: Image.Image | str | os.PathLike | None) -> Sources:
-    """Open the init image (RGB) and mask (greyscale), checking that a mask comes with an image of its size."""
+    """Open the init image (RGB) and mask (greyscale), checking that the mask has the image's size."""
     if image is None:
-        if mask is not None:
-            raise ImageError("a mask needs an init image to inpaint")
         return Sources()
     rgb = open_image(image, "RGB")
     grey = None if mask is None else open_image(mask, "L")
@@ -80,6 +81,63 @@ def _noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.T
     return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
 
+Blend = Callable[[torch.Tensor, float], torch.Tensor]
+"""``blend(x, σ) → x``: the latent to continue from, given the sampler's latent ``x`` now at ``σ``."""
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first σ for img2img at ``strength`` in [0, 1] (diffusers: skip ``steps - int(steps·strength)``
+    steps); 0 means start from pure noise level σ₀, ``steps`` means no denoising at all."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise SamplerError(f"steps={steps!r} must be an integer >= 1")
+    if not 0.0 <= strength <= 1.0:
+        raise SamplerError(f"strength={strength!r} must be within [0, 1]")
+    return steps - min(int(steps * strength), steps)
+
+
+def noised_latent(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, start: int) -> torch.Tensor:
+    """The img2img starting latent ``x₀ + noise·sigmas[start]`` (σ-space). x₀, noise (B, ...)."""
+    return x0 + noise * sigmas[start].to(x0.dtype)
+
+
+def masked_blend(known: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> Blend:
+    """Inpainting blend: keep the sampler's latent where ``mask`` is 1 (the region to repaint) and put the known
+    latent re-noised to the current σ, ``known + noise·σ``, where it is 0 (diffusers' SD inpainting with a
+    4-channel U-Net); at σ = 0 the known region becomes the original exactly. known, noise (B, C, H, W); mask
+    (B or 1, 1, H, W) in [0, 1]."""
+
+    def blend(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return mask * x + (1 - mask) * (known + noise * sigma)
+
+    return blend
+
+
+def with_blend(blend: Blend | None, callback: Callable[[StepInfo], None] | None) -> Callback | None:
+    """The sampler's step callback: apply ``blend`` after each step (at the step's ``sigma_next``) and continue from
+    its result; ``callback`` (progress, previews) then sees the blended latent."""
+    if blend is None:
+        return callback
+
+    def step(info: StepInfo) -> torch.Tensor:
+        x = blend(info.x, info.sigma_next)
+        if callback is not None:
+            callback(replace(info, x=x))
+        return x
+
+    return step
+
+
+def with_inpaint_channels(net: Callable[..., torch.Tensor], extra: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A model-stack layer for a 9-channel inpainting U-Net: append ``extra`` (B, 1 + C, h, w) — the mask and the
+    masked image's latent — to the latent channels, repeated for a guided batch (2B rows)."""
+
+    def inpainting(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        rows = extra.to(x.dtype).repeat(x.shape[0] // extra.shape[0], 1, 1, 1)
+        return net(torch.cat([x, rows], dim=1), t, context, **kwargs)
+
+    return inpainting
+
+
 @dataclass(frozen=True)
 class Start:
     """What sampling starts from: the index of the first σ, the latent (B, C, h, w) there, the extra U-Net input
@@ -93,7 +151,8 @@ class Start:
 
 @torch.inference_mode()
 def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: torch.Tensor,
-            generators: list[torch.Generator], sampler: str, shape: tuple[int, ...], tile: int | None = None) -> Start:
+            generators: list[torch.Generator], sampler: SamplerChoice, shape: tuple[int, ...],
+            tile: int | None = None) -> Start:
     """The starting point of a generation of latent ``shape`` (1, C, h, w) per image, on the model's device.
 
     Generator draws per image, as diffusers' pipelines make them: txt2img the noise; img2img the image's posterior
@@ -110,7 +169,7 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     f = model.config.vae.downscale_factor
     width, height = shape[3] * f, shape[2] * f
     if source.image is None:
-        x = initial_latent(_noise(shape, generators).to(device), sigmas, schedule, sampler)
+        x = _noise(shape, generators).to(device) * sampler.start_scale(float(sigmas[0]), schedule)
         if not inpaint_unet:
             return Start(0, x)
         # txt2img with an inpainting model (as A1111 does it): everything masked, the masked image blank (grey).
@@ -123,7 +182,8 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     full_noise = source.mask is not None and strength == 1.0
     known = None if full_noise and inpaint_unet else _encode(model, pixels, generators, tile)
     noise = _noise(shape, generators).to(device)
-    x = initial_latent(noise, sigmas, schedule, sampler) if full_noise else noised_latent(known, noise, sigmas, start)
+    x = noise * sampler.start_scale(float(sigmas[0]), schedule) if full_noise else \
+        noised_latent(known, noise, sigmas, start)
     if source.mask is None:
         return Start(start, x)
     mask = mask_tensor(source.mask, width, height).to(device)

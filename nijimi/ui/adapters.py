@@ -133,20 +133,6 @@ def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     _add_lora_parsers(sub)
 
 
-def add_lora_arguments(p: argparse.ArgumentParser) -> None:
-    """``--lora FILE[:W[:UNET_W]]`` (repeatable), ``--strict`` and ``--lora-dir DIR`` for ``nijimi generate``; turn
-    them into requests with :func:`nijimi.pipelines.adapters.lora_requests` and hand those to ``apply_loras``."""
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET_W]]",
-                   help="apply a LoRA/LyCORIS/peft adapter with text-encoder weight W (default 1) and U-Net weight "
-                        "UNET_W (default W); repeatable; FILE may be a name in --lora-dir")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse a LoRA file with keys that fit no module of the model (default: leave them out "
-                        "and name them on stderr)")
-    p.add_argument("--lora-dir", metavar="DIR",
-                   help="folder searched for <lora:NAME:W> prompt tags and --lora names (default: the embedded "
-                        "model's demo adapters, e.g. pink)")
-
-
 def report_unmatched(unmatched: dict[Path, dict[str, str]], shown: int = 10) -> None:
     """Name on stderr the keys of each LoRA file that were left out (at most ``shown`` per file, then a count)."""
     for path, keys in unmatched.items():

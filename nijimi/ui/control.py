@@ -1,7 +1,8 @@
 """The CLI side of ControlNet: ``generate --control …``, ``nijimi train-controlnet`` and ``nijimi eval control``.
 
 ``cli.build_parser`` adds the commands with :func:`add_control_parsers` (``train-controlnet``) and
-:func:`add_eval_control_parser` (``control`` under ``nijimi eval``); ``generate`` takes :func:`add_control_argument`.
+:func:`add_eval_control_parser` (``control`` under ``nijimi eval``); ``generate``'s ``--control`` comes from the
+generation request (:mod:`nijimi.pipelines.request`), its infotext from :func:`control_infotext`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import torch
 from PIL import Image
 
 from nijimi.embedded import CONTROLNET
-from nijimi.errors import ConfigError, NijimiError
+from nijimi.errors import ConfigError
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control import ControlUnit
-from nijimi.pipelines.control_maps import PREPROCESSORS, ControlSpec, parse_control_spec, preprocess
+from nijimi.pipelines.control_maps import PREPROCESSORS, preprocess
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.train.config import build_config, read_toml
 from nijimi.train.controlnet import (
@@ -35,39 +36,14 @@ from nijimi.train.report import write_grid
 from nijimi.train.shapes import ShapesDataset
 from nijimi.ui.progress import ProgressBar, TrainingProgress
 
-CONTROL_HELP = ("steer with a ControlNet: model=PATH|embedded,image=IMG[,scale=1][,pre=map|invert|canny]"
-                "[,low=100,high=200][,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; "
-                "repeat for several")
 _MODULES = {"map": "none", "invert": "invert", "canny": "canny"}
 _RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill", "none": "None"}
-
-
-def add_control_argument(p: argparse.ArgumentParser) -> None:
-    """``--control SPEC`` (repeatable) on a generating command."""
-    p.add_argument("--control", action="append", default=[], metavar="SPEC", help=CONTROL_HELP)
 
 
 def controlnet_source(model: str) -> str:
     """A ControlNet file or folder named on the command line, as an absolute path; ``embedded`` is the embedded
     model's demo ControlNet (:data:`nijimi.embedded.CONTROLNET`)."""
     return str(CONTROLNET if model == EMBEDDED else Path(model).absolute())
-
-
-def control_specs(texts: list[str] | None) -> list[ControlSpec]:
-    """Parse each ``--control`` flag (:func:`parse_control_spec`); file paths are made absolute so that the recipe
-    stored in the PNG names them from anywhere."""
-    specs = [parse_control_spec(text) for text in texts or ()]
-    return [dataclasses.replace(s, model=controlnet_source(s.model), image=str(Path(s.image).absolute()))
-            for s in specs]
-
-
-def specs_from_recipe(entries: list | None, source: str) -> list[ControlSpec]:
-    """The ``control`` entries of a nijimi recipe back as specs (``reproduce``); anything else raises
-    :class:`NijimiError` naming ``source``."""
-    try:
-        return [ControlSpec(**entry) for entry in entries or ()]
-    except TypeError as exc:
-        raise NijimiError(f"{source}: recipe control entry is not a --control spec ({exc})") from None
 
 
 def control_infotext(entries: list[dict] | None) -> dict[str, str]:
@@ -170,7 +146,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     made: list = []
 
     def generate(captions: list[str], maps: list[torch.Tensor], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, width=size,
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s, width=size,
                                 height=size, control=[ControlUnit(controlnet, m, args.scale)]).images[0]
                   for c, m, s in zip(captions, maps, seeds, strict=True)]
         made.extend(zip(maps, images, strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nijimi.pipelines.pipeline import load
+from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.report import write_grid
 from nijimi.ui.generate import run_generation
 
@@ -24,7 +25,7 @@ def run_demo(out: str | Path, seed: int = 0) -> list[Path]:
     """Write ``demo.png`` (with its generation metadata) and ``grid.png`` to ``out``; returns both paths."""
     out = Path(out)
     pipe = load()
-    settings = {"prompt": DEMO_PROMPT, "seed": seed, "steps": 20}
-    first = run_generation(pipe, settings, str(out / "demo.png"), overwrite=True, quiet=True)
+    first = run_generation(pipe, GenerationRequest(DEMO_PROMPT, seed=seed), str(out / "demo.png"), overwrite=True,
+                           quiet=True)
     images = [pipe.generate(p, seed=seed + i, steps=20).images[0] for i, p in enumerate(GRID_PROMPTS)]
     return [*first, write_grid(images, out / "grid.png", cols=4)]

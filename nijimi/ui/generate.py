@@ -3,81 +3,64 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import re
-import secrets
 from pathlib import Path
 
 import torch
 
 from nijimi import __version__
-from nijimi.diffusion.samplers import StepInfo, canonical_name, display_name
+from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
-from nijimi.pipelines.adapters import lora_requests
-from nijimi.pipelines.pipeline import EMBEDDED, Generation, Pipeline, load
-from nijimi.pipelines.runtime import DTYPES
-from nijimi.ui.adapters import add_lora_arguments, report_unmatched
-from nijimi.ui.control import add_control_argument, control_infotext, control_specs, specs_from_recipe
+from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
+from nijimi.pipelines.request import GenerationRequest
+from nijimi.pipelines.runtime import DTYPES, dtype_name
+from nijimi.ui.adapters import report_unmatched
+from nijimi.ui.control import control_infotext
 from nijimi.ui.progress import ProgressBar
 
 
-def parse_size(text: str | None) -> tuple[int | None, int | None]:
-    """``"512x768"`` → (512, 768); ``"512"`` → (512, 512); None → (None, None)."""
-    if text is None:
-        return None, None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*", text)
-    if not m:
-        raise ConfigError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
-    return int(m.group(1)), int(m.group(2) or m.group(1))
-
-
-def output_paths(out: str | None, count: int, seeds: list[int], overwrite: bool) -> list[Path]:
-    """Where the images go: ``X.png`` (numbered ``X-00.png``… for a batch) or, for a folder, A1111-style
+def output_paths(out: str | None, request: GenerationRequest, overwrite: bool) -> list[Path]:
+    """Where the request's images go: ``X.png`` (numbered ``X-00.png``… for a batch) or, for a folder, A1111-style
     ``NNNNN-SEED.png`` with the next free number. Existing files are an error unless ``overwrite``."""
     target = Path(out or "out")
+    count = request.batch
     if target.suffix.lower() == ".png":
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     else:
         taken = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
         first = max(taken, default=-1) + 1
-        paths = [target / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+        paths = [target / f"{first + i:05d}-{request.seed + i}.png" for i in range(count)]
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise ConfigError(f"{existing[0]} exists; use --overwrite to replace it")
     return paths
 
 
-def _recipe(pipe: Pipeline, gen: Generation, seed: int) -> dict:
-    """Every knob of one image, for the JSON chunk (``reproduce`` reads it back)."""
-    s = gen.settings
-    return {**s, "seed": seed, "batch": 1, "sampler": canonical_name(s["sampler"]),
-            "model": {"name": pipe.name, "source": pipe.source, "hash": pipe.model_hash},
-            "schedule": pipe.model.config.schedule.to_diffusers_config(), "device": str(pipe.device),
+def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
+    """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on."""
+    return {"request": request.to_dict(), "model": {"name": pipe.name, "source": pipe.source, "hash": pipe.model_hash},
+            "dtype": dtype_name(pipe.dtype), "device": str(pipe.device),
+            "schedule": pipe.model.config.schedule.to_diffusers_config(),
             "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
 
-def _a1111_text(pipe: Pipeline, gen: Generation, seed: int) -> str:
-    s = gen.settings
-    extra = {"Denoising strength": s.get("strength"), "Clip skip": s.get("clip_skip"),
-             **control_infotext(s.get("control"))}
-    fields = generation_settings(steps=s["steps"], sampler=display_name(s["sampler"]), cfg_scale=s["cfg"], seed=seed,
-                                 width=s["width"], height=s["height"], model_hash=pipe.model_hash, model=pipe.name,
+def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
+    extra = {"Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
+             "Eta": r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
+                                 width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra=extra)
-    return format_parameters(s["prompt"], s["negative_prompt"], fields)
+    return format_parameters(r.prompt, r.negative_prompt, fields)
 
 
-def run_generation(pipe: Pipeline, settings: dict, out: str | None, overwrite: bool, quiet: bool) -> list[Path]:
-    """Generate with ``settings`` (keyword arguments of :meth:`Pipeline.generate`) and write the PNGs.
-
-    The seed is fixed first (a random one when ``settings`` has none) so that the output files are checked before
-    the work; nothing is written when generation fails.
-    """
-    settings = dict(settings)
-    if settings.get("seed") is None:
-        settings["seed"] = secrets.randbelow(2**32)
-    seed, batch = settings["seed"], settings.get("batch", 1)
-    output_paths(out, batch, [seed + i for i in range(batch)], overwrite)
+def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
+                   quiet: bool) -> list[Path]:
+    """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
+    files are checked before the work; nothing is written when generation fails."""
+    paths = output_paths(out, request, overwrite)
     bars: list[ProgressBar] = []
 
     def callback(info: StepInfo) -> None:
@@ -86,54 +69,69 @@ def run_generation(pipe: Pipeline, settings: dict, out: str | None, overwrite: b
         bars[0].update(info.i + 1)
 
     try:
-        gen = pipe.generate(**settings, callback=None if quiet else callback)
+        gen = pipe.generate(request, callback=None if quiet else callback)
     finally:
         for bar in bars:
             bar.close()
     report_unmatched(gen.lora_unmatched)
-    paths = output_paths(out, len(gen.images), gen.seeds, overwrite)
     for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
+        one = gen.request.replace(seed=seed, batch=1)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(image, path, _a1111_text(pipe, gen, seed), _recipe(pipe, gen, seed))
+        save_png(image, path, _a1111_text(pipe, one), _recipe(pipe, one))
     return paths
 
 
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    """The request the flags of :func:`add_request_arguments` describe."""
+    values = {}
+    for field in dataclasses.fields(GenerationRequest):
+        cli, value = field.metadata.get("cli"), getattr(args, field.name, None)
+        if cli is None or value is None:
+            continue
+        values.update(cli.expand(value) if cli.expand else {field.name: tuple(value) if cli.repeat else value})
+    return GenerationRequest(**values)
+
+
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`GenerationRequest` field that has ``cli`` metadata (the prompt is positional)."""
+    for field in dataclasses.fields(GenerationRequest):
+        cli = field.metadata.get("cli")
+        if cli is None:
+            continue
+        shown = "" if field.default in (None, (), False, "") else f" (default {field.default})"
+        if not cli.flags:
+            p.add_argument(field.name, help=cli.help)
+        elif cli.switch:
+            p.add_argument(*cli.flags, dest=field.name, action="store_true", help=cli.help)
+        else:
+            p.add_argument(*cli.flags, dest=field.name, type=None if cli.expand else cli.parse, metavar=cli.metavar,
+                           action="append" if cli.repeat else "store", help=cli.help + shown)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    width, height = parse_size(args.size)
-    pipe = load(args.model or EMBEDDED, config=args.config, device=args.device, dtype=DTYPES[args.dtype])
-    settings = {"prompt": args.prompt, "negative_prompt": args.negative, "steps": args.steps, "sampler": args.sampler,
-                "cfg": args.cfg, "seed": args.seed, "width": width, "height": height, "batch": args.batch,
-                "init_image": args.init, "strength": args.strength, "mask": args.mask, "clip_skip": args.clip_skip,
-                "vae_tile": args.vae_tile, "attention_slice": args.attention_slice,
-                "control": control_specs(args.control), "loras": lora_requests(args.lora, args.lora_dir),
-                "lora_dir": args.lora_dir, "strict_loras": args.strict}
-    for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
+    request = request_from_args(args)
+    pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=DTYPES[args.dtype])
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
 
 
-_REPLAYED = ("prompt", "negative_prompt", "steps", "sampler", "cfg", "seed", "width", "height", "strength",
-             "clip_skip", "guidance_rescale", "vae_tile", "attention_slice", "loras", "lora_dir")
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    meta = read_png_metadata(args.image)
-    recipe = meta.get("recipe")
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
+    recipe = read_png_metadata(args.image).get("recipe")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
         raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
-    for key in ("init_image", "mask"):
-        if recipe.get(key):
-            raise NijimiError(f"{args.image}: reproducing img2img/inpainting needs the original {key}, not stored")
+    request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
     dtype = recipe.get("dtype", "fp32")
     if dtype not in DTYPES:
         raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = args.model or recipe["model"]["source"]
+    model = args.model or recipe["model"].get("source")
+    if not isinstance(model, str) or not model:
+        raise NijimiError(f"{args.image}: the recipe names no model; give one with --model")
     pipe = load(model, device=args.device, dtype=DTYPES[dtype])
-    if recipe["model"]["hash"] and pipe.model_hash and pipe.model_hash != recipe["model"]["hash"]:
-        raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recipe['model']['hash']}")
-    settings = {k: recipe[k] for k in _REPLAYED if k in recipe}
-    settings["control"] = specs_from_recipe(recipe.get("control"), str(args.image))
-    for path in run_generation(pipe, settings, args.out, args.overwrite, args.quiet):
+    recorded = recipe["model"].get("hash")
+    if recorded and pipe.model_hash and pipe.model_hash != recorded:
+        raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
 
@@ -144,29 +142,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)")
-    add_lora_arguments(p)
-    p.add_argument("-n", "--negative", default="", help="negative prompt")
+    add_request_arguments(p)
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
-    p.add_argument("--config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
-    p.add_argument("--sampler", help="sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or "
-                   "dpm++2m on the model's own timesteps for a zero-terminal-SNR model)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
-    p.add_argument("--seed", type=int, help="seed (default: random); image i of a batch uses seed+i")
-    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the model's native size)")
-    p.add_argument("--batch", type=int, default=1, help="images to generate (default 1)")
-    p.add_argument("--init", help="init image for img2img / inpainting")
-    p.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
-    p.add_argument("--mask", help="inpainting mask (white = repaint), same size as --init")
-    p.add_argument("--clip-skip", type=int, help="text-encoder layer, A1111 numbering (1 = last)")
+    p.add_argument("--model-config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                    help="U-Net and text-encoder weights (default fp32; bf16 halves their memory, the VAE stays fp32)")
-    p.add_argument("--vae-tile", type=int, metavar="N",
-                   help="decode (and encode) in N-pixel tiles; 0 = never (default: when memory is short)")
-    p.add_argument("--attention-slice", type=int, metavar="N",
-                   help="compute attention N query rows at a time; 0 = never (default: when memory is short)")
-    add_control_argument(p)
     add_output_arguments(p)
 
 

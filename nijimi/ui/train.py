@@ -47,8 +47,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     made: list = []
 
     def generate(batch: list[str], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, loras=loras).images[0]
-                  for c, s in zip(batch, seeds, strict=True)]
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s,
+                                loras=loras).images[0] for c, s in zip(batch, seeds, strict=True)]
         made.extend(images)
         if bar is not None:
             bar.update(len(made))

@@ -31,7 +31,7 @@ class TinyNet(nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(max(p[0].numel(), 1)))
 
-    def forward(self, x, t, context=None):
+    def forward(self, x, t, context=None, **_):
         t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         freqs = torch.exp(-math.log(1000.0) * torch.arange(8) / 8)
         emb = self.time(torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], 1))
@@ -80,7 +80,7 @@ class GaussianMixture:
         log_p = self.weights.log()[None] - 0.5 * (diff * solved).sum(-1) - 0.5 * det.log()
         return log_p, solved
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
         log_p, solved = self._log_likelihoods(x, sigma.double()[:, None] ** 2)
         posterior = self.means[None] + torch.einsum("kij,nkj->nki", self.covs, solved)
         return (torch.softmax(log_p, dim=1)[..., None] * posterior).sum(1).to(x.dtype)

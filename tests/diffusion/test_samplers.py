@@ -16,19 +16,11 @@ from diffusers import (
 )
 
 from nijimi.diffusion.denoiser import Denoiser
-from nijimi.diffusion.noise import BrownianNoise
+from nijimi.diffusion.noise import BrownianNoise, gaussian_noise
+from nijimi.diffusion.sampler_names import SPACINGS, SamplerChoice, default_sampler, parse_sampler
 from nijimi.diffusion.samplers import (
     SAMPLERS,
-    SPACINGS,
     StepInfo,
-    canonical_name,
-    default_sampler,
-    display_name,
-    img2img_start,
-    initial_latent,
-    masked_blend,
-    noised_latent,
-    parse_sampler,
     sample_ddim,
     sample_ddpm,
     sample_euler,
@@ -36,6 +28,7 @@ from nijimi.diffusion.samplers import (
 )
 from nijimi.diffusion.schedules import NoiseSchedule, sampling_sigmas
 from nijimi.errors import NijimiError, SamplerError
+from nijimi.pipelines.edit import img2img_start, masked_blend, noised_latent, with_blend
 
 SHAPE = (2, 4, 8, 8)
 OFFSETS = {"leading": 1, "linspace": 0, "trailing": 0}
@@ -72,11 +65,12 @@ def run_diffusers(scheduler, net, steps, **kwargs):
     return diffusers_loop(scheduler, net, start_noise() * scheduler.init_noise_sigma, steps, **kwargs)
 
 
-def run_ours(name, schedule, net, steps, *, quantize=False, **kwargs):
-    fn, spacing = parse_sampler(name)
-    sigmas = sampling_sigmas(schedule, steps, spacing)
-    return fn(Denoiser(net, schedule, quantize=quantize), initial_latent(start_noise(), sigmas, schedule, name),
-              sigmas, **kwargs)
+def run_ours(name, schedule, net, steps, *, quantize=False, generator=None, **kwargs):
+    choice = parse_sampler(name)
+    sigmas = choice.sigmas(schedule, steps)
+    x = start_noise() * choice.start_scale(float(sigmas[0]), schedule)
+    noise = None if generator is None else choice.noise(x, float(sigmas[0]), generator)
+    return choice.fn(Denoiser(net, schedule, quantize=quantize), x, sigmas, noise=noise, **kwargs)
 
 
 # (our sampler, diffusers scheduler, its extra config, timestep spacing, round t like diffusers, sampler kwargs)
@@ -170,7 +164,7 @@ def test_img2img_and_inpainting_equal_diffusers(tiny_net, name, scheduler_cls, s
             ref = diffusers_loop(scheduler, tiny_net, scheduler.add_noise(image, noise, t0), steps, start=start,
                                  blend=blend)
             x = noised_latent(image, noise, sigmas, start)
-            ours = SAMPLERS[name](denoiser, x, sigmas, start=start, blend=ours_blend)
+            ours = SAMPLERS[name](denoiser, x, sigmas[start:], callback=with_blend(ours_blend, None))
             assert max_rel(ours, ref) <= 1e-4
     assert torch.equal(ours * (1 - mask), image * (1 - mask))
 
@@ -183,13 +177,6 @@ def test_img2img_start_matches_diffusers_formula():
     assert img2img_start(10, 1.0) == 0 and img2img_start(10, 0.0) == 10
 
 
-def test_zero_strength_runs_no_step_and_returns_the_input():
-    x = start_noise()
-    calls = []
-    out = sample_euler(lambda x, s: calls.append(s) or x, x, sampling_sigmas(NoiseSchedule.sd(), 10), start=10)
-    assert out is x and calls == []
-
-
 def test_initial_latent_follows_diffusers_init_noise_sigma():
     noise = start_noise()
     for name, spacing, cls in [("euler", "leading", EulerDiscreteScheduler), ("euler", "linspace",
@@ -200,11 +187,12 @@ def test_initial_latent_follows_diffusers_init_noise_sigma():
         schedule = schedule_for("epsilon", spacing)
         scheduler = cls.from_config(schedule.to_diffusers_config(), use_karras_sigmas="karras" in name)
         scheduler.set_timesteps(20)
-        sigmas = sampling_sigmas(schedule, 20, parse_sampler(name)[1])
+        choice = parse_sampler(name)
+        sigmas = choice.sigmas(schedule, 20)
         expected = noise * scheduler.init_noise_sigma
         if scheduler.init_noise_sigma == 1.0:  # a variance-preserving scheduler: x_T = noise ⇔ x = noise·sqrt(σ²+1)
             expected = noise * (sigmas[0] ** 2 + 1) ** 0.5
-        assert torch.allclose(initial_latent(noise, sigmas, schedule, name), expected, rtol=1e-6), name
+        assert torch.allclose(noise * choice.start_scale(float(sigmas[0]), schedule), expected, rtol=1e-6), name
 
 
 # ---- correctness on a 2-D Gaussian mixture whose exact denoiser is known ----
@@ -219,8 +207,9 @@ def mixture_start(mixture, sigmas, n=4000):
 def test_samples_have_the_mixture_mean_covariance_and_mode_weights(mixture, name):
     steps = 50 if name in ("ddpm", "euler-a", "dpm++2m-sde") else 30
     sigmas = sampling_sigmas(NoiseSchedule.sd(), steps, "karras")
-    out = SAMPLERS[name](mixture.denoise, mixture_start(mixture, sigmas), sigmas,
-                         generator=torch.Generator().manual_seed(1)).double()
+    x = mixture_start(mixture, sigmas)
+    noise = SamplerChoice(name).noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
+    out = SAMPLERS[name](mixture.denoise, x, sigmas, noise=noise).double()
     assert (out.mean(0) - mixture.mean()).abs().max() < 0.06
     assert (torch.cov(out.T) - mixture.covariance()).abs().max() < 0.2
     assert (mixture.mode_weights(out) - mixture.weights).abs().max() < 0.03
@@ -248,8 +237,9 @@ def test_ddim_is_euler_ddpm_is_euler_ancestral_and_noiseless_sde_is_dpmpp_2m(tin
     denoiser, x = Denoiser(tiny_net, schedule), start_noise() * 10
     with torch.no_grad():
         assert max_rel(sample_ddim(denoiser, x, sigmas), sample_euler(denoiser, x, sigmas)) < 1e-5
-        a = sample_ddpm(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
-        b = sample_euler_ancestral(denoiser, x, sigmas, generator=torch.Generator().manual_seed(2))
+        a = sample_ddpm(denoiser, x, sigmas, noise=gaussian_noise(x, torch.Generator().manual_seed(2), "ddpm"))
+        b = sample_euler_ancestral(denoiser, x, sigmas,
+                                   noise=gaussian_noise(x, torch.Generator().manual_seed(2), "euler-a"))
         assert max_rel(a, b) < 1e-5
         sde = SAMPLERS["dpm++2m-sde"](denoiser, x, sigmas, eta=0.0)
         assert max_rel(sde, SAMPLERS["dpm++2m"](denoiser, x, sigmas)) < 1e-5
@@ -261,13 +251,17 @@ def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny
     sigmas = sampling_sigmas(schedule, 8)
     denoiser = Denoiser(tiny_net, schedule)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
-    run = SAMPLERS[name]
+    choice = SamplerChoice(name)
+
+    def run(x, generator):
+        return choice.fn(denoiser, x, sigmas, noise=choice.noise(x, float(sigmas[0]), generator))
+
     with torch.no_grad():
-        a = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
-        b = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(4))
-        c = run(denoiser, x, sigmas, generator=torch.Generator().manual_seed(5))
-        batch = run(denoiser, x, sigmas, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
-        alone = run(denoiser, x[2:], sigmas, generator=[torch.Generator().manual_seed(9)])
+        a = run(x, torch.Generator().manual_seed(4))
+        b = run(x, torch.Generator().manual_seed(4))
+        c = run(x, torch.Generator().manual_seed(5))
+        batch = run(x, [torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+        alone = run(x[2:], [torch.Generator().manual_seed(9)])
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-2
     assert max_rel(batch[2:], alone) < 1e-6  # (the conv net itself may round differently per batch size)
@@ -278,9 +272,9 @@ def test_callback_sees_every_step(tiny_net):
     sigmas = sampling_sigmas(schedule, 10)
     seen: list[StepInfo] = []
     with torch.no_grad():
-        out = SAMPLERS["heun"](Denoiser(tiny_net, schedule), start_noise(), sigmas, start=4, callback=seen.append)
-    assert [info.i for info in seen] == list(range(4, 10))
-    assert all(info.steps == 10 and info.denoised.shape == SHAPE for info in seen)
+        out = SAMPLERS["heun"](Denoiser(tiny_net, schedule), start_noise(), sigmas[4:], callback=seen.append)
+    assert [info.i for info in seen] == list(range(6))
+    assert all(info.steps == 6 and info.denoised.shape == SHAPE for info in seen)
     assert [info.sigma for info in seen] == sigmas[4:10].tolist()
     assert seen[-1].sigma_next == 0 and seen[-1].x is out
 
@@ -294,8 +288,8 @@ def test_callback_sees_every_step(tiny_net):
     ("DDIM", ("ddim", "model")), ("  Heun  ", ("heun", "model")), ("ddpm-exponential", ("ddpm", "exponential")),
 ])
 def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
-    fn, spacing = parse_sampler(name)
-    assert (fn, spacing) == (SAMPLERS[expected[0]], expected[1])
+    choice = parse_sampler(name)
+    assert (choice.fn, choice.spacing) == (SAMPLERS[expected[0]], expected[1])
 
 
 def test_every_name_round_trips_through_display_names():
@@ -303,9 +297,9 @@ def test_every_name_round_trips_through_display_names():
     assert SPACINGS == ("karras", "exponential")
     for base in SAMPLERS:
         for name in [base] + [f"{base}-{s}" for s in SPACINGS]:
-            assert canonical_name(display_name(name)) == name
-    assert display_name("dpm++2m-karras") == "DPM++ 2M Karras"
-    assert display_name("euler-a") == "Euler a"
+            assert parse_sampler(parse_sampler(name).display).name == name
+    assert parse_sampler("dpm++2m-karras").display == "DPM++ 2M Karras"
+    assert parse_sampler("euler-a").display == "Euler a"
     assert all(fn.__doc__.strip() for fn in SAMPLERS.values())
 
 
@@ -315,19 +309,25 @@ def test_unknown_sampler_names_raise(name):
         parse_sampler(name)
 
 
-@pytest.mark.parametrize("sigmas,start,message", [
-    ([10.0, 5.0, 5.0, 0.0], 0, r"sigmas\[1\]=5.0 then sigmas\[2\]=5.0"),
-    ([1.0, 2.0, 0.0], 0, r"sigmas\[0\]=1.0 then sigmas\[1\]=2.0"),
-    ([2.0, 1.0, -0.5], 0, "-0.5"),
-    ([3.0], 0, r"\(1,\)"),
-    ([3.0, 1.0, 0.0], 3, "start=3"),
-    ([3.0, 1.0, 0.0], -1, "start=-1"),
+@pytest.mark.parametrize("sigmas,message", [
+    ([10.0, 5.0, 5.0, 0.0], r"sigmas\[1\]=5.0 then sigmas\[2\]=5.0"),
+    ([1.0, 2.0, 0.0], r"sigmas\[0\]=1.0 then sigmas\[1\]=2.0"),
+    ([2.0, 1.0, -0.5], "-0.5"),
+    ([3.0], r"\(1,\)"),
 ])
-def test_bad_sigmas_and_start_raise(sigmas, start, message):
+def test_bad_sigmas_raise(sigmas, message):
     for fn in SAMPLERS.values():
         with pytest.raises(SamplerError, match=message):
-            fn(lambda x, s: x, torch.zeros(1, 2), torch.tensor(sigmas), start=start,
-               generator=torch.Generator())
+            fn(lambda x, s, **_: x, torch.zeros(1, 2), torch.tensor(sigmas), noise=lambda a, b: torch.zeros(1, 2))
+
+
+def test_every_model_call_gets_its_step_index():
+    """Each call names the σ it runs at by index (Heun's second call, at σ_{i+1}, is i + 1); so the pipeline never
+    infers the step from σ."""
+    calls = []
+    sample_euler(lambda x, s, step: calls.append(step) or x, torch.zeros(1, 2), torch.tensor([3.0, 2.0, 1.0, 0.0]))
+    SAMPLERS["heun"](lambda x, s, step: calls.append(step) or x, torch.zeros(1, 2), torch.tensor([3.0, 2.0, 0.0]))
+    assert calls == [0, 1, 2, 0, 1, 1]
 
 
 def test_bad_strength_steps_and_options_raise():
@@ -341,19 +341,19 @@ def test_bad_strength_steps_and_options_raise():
         sampling_sigmas(NoiseSchedule.sd(), 0)
     sigmas = torch.tensor([2.0, 1.0, 0.0])
     with pytest.raises(SamplerError, match="order=4"):
-        SAMPLERS["unipc"](lambda x, s: x, torch.zeros(1, 2), sigmas, order=4)
+        SAMPLERS["unipc"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas, order=4)
     with pytest.raises(SamplerError, match="eta=2"):
-        sample_ddim(lambda x, s: x, torch.zeros(1, 2), sigmas, eta=2)
-    with pytest.raises(NijimiError, match="'euler-a'.*generator"):
-        SAMPLERS["euler-a"](lambda x, s: x, torch.zeros(1, 2), sigmas)
+        sample_ddim(lambda x, s, **_: x, torch.zeros(1, 2), sigmas, eta=2)
+    with pytest.raises(NijimiError, match="'euler-a' draws noise"):
+        SAMPLERS["euler-a"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas)
 
 
 def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():
-    assert default_sampler(NoiseSchedule.sd()) == "dpm++2m-karras"
+    assert default_sampler(NoiseSchedule.sd()).name == "dpm++2m-karras"
     zero = NoiseSchedule(prediction_type="v_prediction", rescale_zero_terminal_snr=True, timestep_spacing="trailing")
-    name = default_sampler(zero)
-    assert name == "dpm++2m"
+    choice = default_sampler(zero)
+    assert choice.name == "dpm++2m"
     karras = sampling_sigmas(zero, 20, "karras")
-    chosen = sampling_sigmas(zero, 20, parse_sampler(name)[1])
+    chosen = choice.sigmas(zero, 20)
     assert (karras[:-1] > 14).sum() >= 14  # σ_max ≈ 4096: most Karras steps are spent where nothing is formed yet
     assert (chosen[:-1] > 14).sum() == 3 and chosen[1] < 50

@@ -25,7 +25,7 @@ from nijimi.pipelines.pipeline import Pipeline, load
 
 TOLERANCE = 1e-4  # max |nijimi − diffusers| on pixels in [0, 1], fp32, as the txt2img parity tests
 PROMPT = "a red cube on a blue sphere"
-FAST = dict(steps=4, sampler="euler", cfg=6.0, seed=3, width=64, height=64)
+FAST = dict(steps=4, sampler="euler", guidance=6.0, seed=3, width=64, height=64)
 
 
 def write_lora(model, path: Path, config: ModelConfig, seed: int = 5, fmt: str = "kohya",
@@ -208,6 +208,6 @@ def test_generate_applies_tags_and_options_then_restores(pipe, lora_dir):
     assert_same_weights(pipe, before)
     by_option = pipe.generate(PROMPT, loras=[(lora_dir / "other.safetensors", 0.8, 0.8)], **FAST)
     assert torch.equal(by_option.pixels, tagged.pixels)
-    assert by_option.settings["loras"] == [[str((lora_dir / "other.safetensors").resolve()), 0.8, 0.8]]
-    assert tagged.settings["prompt"] == f"{PROMPT} <lora:other:0.8>"
+    assert by_option.request.loras == (LoraRequest((lora_dir / "other.safetensors").resolve(), 0.8, 0.8),)
+    assert tagged.request.prompt == f"{PROMPT} <lora:other:0.8>"
     assert torch.equal(pipe.generate(PROMPT, **FAST).pixels, plain.pixels)

@@ -14,12 +14,12 @@ from nijimi.pipelines.pipeline import Pipeline
 
 
 class Recorder:
-    """A fake U-Net call ``(x, t, context, extra=None) → ε = 0`` that records every context it is given."""
+    """A fake U-Net call ``(x, t, context, …) → ε = 0`` that records every context it is given."""
 
     def __init__(self) -> None:
         self.contexts: list[torch.Tensor] = []
 
-    def __call__(self, x, t, context, extra=None):
+    def __call__(self, x, t, context, **_):
         self.contexts.append(context.clone())
         return torch.zeros_like(x)
 
@@ -62,8 +62,9 @@ def test_prompt_editing_switches_at_the_a1111_step(pipe, monkeypatch):
     """``[cat:dog:2]`` over 4 steps: A1111 uses "cat" while the 0-based step is <= 2, then "dog"; the guided batch
     is [negative; prompt] at every step."""
     recorder = Recorder()
-    monkeypatch.setattr(pipe, "_network", recorder)
-    pipe.generate("a [cat:dog:2] in the snow", "bad", steps=4, sampler="euler", cfg=5.0, seed=0, width=64, height=64)
+    monkeypatch.setattr(pipe, "_unet", recorder)
+    pipe.generate("a [cat:dog:2] in the snow", "bad", steps=4, sampler="euler", guidance=5.0, seed=0, width=64,
+                  height=64)
     cat, dog, bad = (encode(pipe, t) for t in ("a cat in the snow", "a dog in the snow", "bad"))
     assert len(recorder.contexts) == 4
     for step, context in enumerate(recorder.contexts):
@@ -79,8 +80,9 @@ def test_alternation_and_editing_in_the_negative_prompt(pipe, monkeypatch):
     0-based step: red, red, blue, red. The negative prompt is scheduled too: ``[ugly::1]`` drops "ugly" after
     step 1."""
     recorder = Recorder()
-    monkeypatch.setattr(pipe, "_network", recorder)
-    pipe.generate("a [red|blue] ball", "[ugly::1]", steps=4, sampler="euler", cfg=5.0, seed=0, width=64, height=64)
+    monkeypatch.setattr(pipe, "_unet", recorder)
+    pipe.generate("a [red|blue] ball", "[ugly::1]", steps=4, sampler="euler", guidance=5.0, seed=0, width=64,
+                  height=64)
     red, blue, ugly, empty = (encode(pipe, t) for t in ("a red ball", "a blue ball", "ugly", ""))
     assert len(recorder.contexts) == 4
     for step, context in enumerate(recorder.contexts):
@@ -91,8 +93,8 @@ def test_alternation_and_editing_in_the_negative_prompt(pipe, monkeypatch):
 def test_heun_second_call_uses_the_next_steps_conditioning(pipe, monkeypatch):
     """Heun evaluates at σ_i and σ_{i+1}; the second call already counts as step i + 1, as A1111 counts calls."""
     recorder = Recorder()
-    monkeypatch.setattr(pipe, "_network", recorder)
-    pipe.generate("[cat:dog:1]", steps=3, sampler="heun", cfg=1.0, seed=0, width=64, height=64)
+    monkeypatch.setattr(pipe, "_unet", recorder)
+    pipe.generate("[cat:dog:1]", steps=3, sampler="heun", guidance=1.0, seed=0, width=64, height=64)
     cat, dog = encode(pipe, "cat"), encode(pipe, "dog")
     used = ["cat" if torch.allclose(c[0], cat, atol=1e-5) else "dog" if torch.allclose(c[0], dog, atol=1e-5)
             else "?" for c in recorder.contexts]
@@ -102,10 +104,10 @@ def test_heun_second_call_uses_the_next_steps_conditioning(pipe, monkeypatch):
 
 def test_guidance_weight_multiplies_the_cfg_scale(pipe):
     """A1111's ``"prompt :1.5"`` guidance weight: the same pixels as the bare prompt at 1.5 × cfg."""
-    weighted = pipe.generate("a red cube :1.5", "blue", steps=3, sampler="euler", cfg=2.0, seed=4, width=64,
+    weighted = pipe.generate("a red cube :1.5", "blue", steps=3, sampler="euler", guidance=2.0, seed=4, width=64,
                              height=64)
-    plain = pipe.generate("a red cube", "blue", steps=3, sampler="euler", cfg=3.0, seed=4, width=64, height=64)
-    other = pipe.generate("a red cube", "blue", steps=3, sampler="euler", cfg=2.0, seed=4, width=64, height=64)
+    plain = pipe.generate("a red cube", "blue", steps=3, sampler="euler", guidance=3.0, seed=4, width=64, height=64)
+    other = pipe.generate("a red cube", "blue", steps=3, sampler="euler", guidance=2.0, seed=4, width=64, height=64)
     assert torch.equal(weighted.pixels, plain.pixels)
     assert float((weighted.pixels - other.pixels).abs().max()) > 1e-3
 
@@ -114,10 +116,10 @@ def test_long_prompt_runs_cond_and_uncond_separately(pipe, monkeypatch):
     """A prompt of more than 75 tokens is two 77-token chunks (154 tokens) while the negative prompt is one: the
     U-Net is called once per branch, as A1111 does without "pad conds"."""
     recorder = Recorder()
-    monkeypatch.setattr(pipe, "_network", recorder)
+    monkeypatch.setattr(pipe, "_unet", recorder)
     long_prompt = "a red cube, " * 30
     assert 75 < len(pipe.conditioner.tokenizer.encode(long_prompt)) <= 150
-    pipe.generate(long_prompt, "bad", steps=2, sampler="euler", cfg=5.0, seed=0, width=64, height=64)
+    pipe.generate(long_prompt, "bad", steps=2, sampler="euler", guidance=5.0, seed=0, width=64, height=64)
     assert [tuple(c.shape) for c in recorder.contexts] == [(1, 77, 32), (1, 154, 32)] * 2
 
 
@@ -153,6 +155,6 @@ def test_fresh_text_encoder_gives_finite_conditioning(config):
 def test_prompt_errors(pipe):
     with pytest.raises(PromptError, match="the prompt is empty"):
         pipe.generate("", steps=2)
-    pipe.generate("", steps=1, cfg=1.0, seed=0, width=64, height=64)  # unconditional is fine
+    pipe.generate("", steps=1, guidance=1.0, seed=0, width=64, height=64)  # unconditional is fine
     with pytest.raises(PromptError, match="AND"):
         pipe.generate("a cat AND a dog", steps=2)

@@ -22,7 +22,14 @@ from nijimi.io.keys import (
 )
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig, UNetModel
-from nijimi.pipelines.control import ControlRun, ControlUnit, control_residuals, load_control_unit, step_fraction
+from nijimi.pipelines.control import (
+    ControlRun,
+    ControlUnit,
+    control_residuals,
+    load_control_unit,
+    step_fraction,
+    with_controlnets,
+)
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec, prepare_control_map
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2), num_heads=4,
@@ -247,32 +254,31 @@ def test_guess_mode_steers_the_conditional_half_like_diffusers(models) -> None:
     assert all(torch.count_nonzero(r[0]) > 0 for r in everywhere)
 
 
-def test_run_marks_the_conditional_rows_batched_and_apart(models) -> None:
-    """The pipeline's per-step inputs: one ControlStep shared by both branches and ``is_cond`` markers that make
-    guess mode's mask when GuidedNetwork batches [uncond; cond] and still tell the branches apart when it cannot."""
+def test_controlnet_layer_marks_the_conditional_rows_batched_and_apart(models) -> None:
+    """The model-stack layer ``with_controlnets``: the step index picks the window, and guess mode steers only the
+    rows ``is_cond`` marks, both when GuidedNetwork batches [uncond; cond] and when it must call each branch."""
     unet, _, nets = models
     x, t, context, maps = batch_inputs(seed=7)
-    run = ControlRun((ControlUnit(nets[0][0], maps[0], 0.8, guess_mode=True),), first=2, steps=6, settings={})
-    cond, uncond = run.inputs(3, batch=1)
-    assert cond["control"] is uncond["control"] and cond["control"].fraction == (0.25, 0.5)
-    assert (cond["is_cond"].tolist(), uncond["is_cond"].tolist()) == ([True], [False])
+    run = ControlRun((ControlUnit(nets[0][0], maps[0], 0.8, guess_mode=True),), first=2, steps=6)
     seen = []
 
-    def net(x, t, context, control=None, is_cond=None):
-        seen.append(is_cond.tolist())
-        down, mid = control(x, t, context, is_cond)
-        return unet(x, t, context, down_residuals=down, mid_residual=mid)
+    def base(x, t, context, *, step, is_cond, **residuals):
+        seen.append((step, is_cond.tolist()))
+        return unet(x, t, context, **residuals)
 
+    net = with_controlnets(base, run)
+    cond, uncond = {"is_cond": torch.tensor([True])}, {"is_cond": torch.tensor([False])}
     with torch.inference_mode():
-        GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": context[:1], **uncond})
+        GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": context[:1], **uncond},
+                                step=3)
         short = context[:1, :5]  # another token length: two calls
-        apart = GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": short, **uncond})
+        apart = GuidedNetwork(net, 3.0)(x[:1], t[:1], {"context": context[1:], **cond}, {"context": short, **uncond},
+                                        step=3)
         down, mid = control_residuals(run.units, x[:1], t[:1], context[1:], (0.25, 0.5))
         p_c = unet(x[:1], t[:1], context[1:], down_residuals=down, mid_residual=mid)
         p_u = unet(x[:1], t[:1], short)
-    assert seen == [[False, True], [False], [True]]
+    assert seen == [(3, [False, True]), (3, [False]), (3, [True])]
     assert torch.equal(apart, p_u + 3.0 * (p_c - p_u))
-    assert ControlRun((), 0, 6, {}).inputs(3, 1) == ({}, {})
 
 
 def test_start_end_follow_diffusers_controlnet_keep(models) -> None:

@@ -96,14 +96,13 @@ def test_controlnet_txt2img_equals_diffusers(sd_nijimi, sd_diffusers, controlnet
         control_guidance_start=starts, control_guidance_end=ends, output_type="np").images
     units = [ControlUnit(model, prepare_control_map(p, 64, 64), s, a, b, guess)
              for (model, _), p, s, a, b in zip(controlnets, pictures, scales, starts, ends, strict=False)]
-    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", cfg=cfg, seed=9, batch=batch,
+    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", guidance=cfg, seed=9, batch=batch,
                               width=64, height=64, control=units)
-    plain = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", cfg=cfg, seed=9, batch=batch,
+    plain = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", guidance=cfg, seed=9, batch=batch,
                                width=64, height=64)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
     assert (ours.pixels - plain.pixels).abs().max() > 0.02  # the control changed the picture
-    assert ours.settings["control"] == [{"scale": s, "start": a, "end": b, "guess_mode": guess}
-                                        for s, a, b in zip(scales, starts, ends, strict=True)]
+    assert ours.request.control == tuple(units)
 
 
 def test_controlnet_img2img_counts_the_window_over_the_steps_run(sd_nijimi, sd_diffusers, controlnets, picture,
@@ -116,9 +115,9 @@ def test_controlnet_img2img_counts_the_window_over_the_steps_run(sd_nijimi, sd_d
                   guidance_scale=5.0, controlnet_conditioning_scale=1.1, control_guidance_end=0.5, height=64,
                   width=64, generator=generators(2, 1), output_type="np").images
     unit = ControlUnit(model, prepare_control_map(control_picture(5), 64, 64), 1.1, end=0.5)
-    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", cfg=5.0, seed=2, init_image=picture,
+    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", guidance=5.0, seed=2, init_image=picture,
                               strength=0.6, control=[unit])
-    plain = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", cfg=5.0, seed=2, init_image=picture,
+    plain = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler="euler", guidance=5.0, seed=2, init_image=picture,
                                strength=0.6)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
     assert (ours.pixels - plain.pixels).abs().max() > 0.02  # counted over all 5 steps, no step would be steered
@@ -129,7 +128,7 @@ def test_fresh_controlnet_leaves_the_image_bit_identical(sd_nijimi):
     fresh = ControlNetModel.from_unet(sd_nijimi.model.unet, generator=torch.Generator().manual_seed(0)).eval()
     hint = prepare_control_map(control_picture(1), 64, 64)
     for cfg, guess in ((6.0, False), (6.0, True), (1.0, False)):
-        kwargs = {"steps": 4, "sampler": "euler-a", "cfg": cfg, "seed": 3, "width": 64, "height": 64}
+        kwargs = {"steps": 4, "sampler": "euler-a", "guidance": cfg, "seed": 3, "width": 64, "height": 64}
         plain = sd_nijimi.generate(PROMPT, NEGATIVE, **kwargs)
         steered = sd_nijimi.generate(PROMPT, NEGATIVE, control=[ControlUnit(fresh, hint, 1.0, guess_mode=guess)],
                                      **kwargs)
@@ -143,20 +142,20 @@ def test_a_spec_is_loaded_with_its_map_at_the_output_size(sd_nijimi, controlnets
     control_picture(2).save(tmp_path / "map.png")
     spec = parse_control_spec(f"model={tmp_path / 'cn.safetensors'},image={tmp_path / 'map.png'},pre=canny,"
                               "low=40,high=120,resize=crop,scale=0.7,guess=true")
-    kwargs = {"steps": 3, "sampler": "euler", "cfg": 4.0, "seed": 1, "width": 64, "height": 48}
+    kwargs = {"steps": 3, "sampler": "euler", "guidance": 4.0, "seed": 1, "width": 64, "height": 48}
     by_spec = sd_nijimi.generate(PROMPT, NEGATIVE, control=[spec], **kwargs)
     hint = prepare_control_map(control_picture(2), 64, 48, resize="crop", pre="canny", low=40, high=120)
     by_hand = sd_nijimi.generate(PROMPT, NEGATIVE, control=[ControlUnit(controlnets[1][0], hint, 0.7,
                                                                         guess_mode=True)], **kwargs)
     assert torch.equal(by_spec.pixels, by_hand.pixels) and by_spec.pixels.shape == (1, 3, 48, 64)
-    assert by_spec.settings["control"] == [dataclasses.asdict(spec)]
+    assert by_spec.request.control == (spec,)
 
 
 def test_bf16_pipeline_loads_specs_in_bf16_and_refuses_fp32_units(sd_folder, sd_nijimi, controlnets, tmp_path):
     save_original(controlnets[0][0], tmp_path / "cn.safetensors")
     control_picture(3).save(tmp_path / "map.png")
     spec = parse_control_spec(f"model={tmp_path / 'cn.safetensors'},image={tmp_path / 'map.png'}")
-    kwargs = {"steps": 3, "sampler": "euler", "cfg": 4.0, "seed": 4, "width": 64, "height": 64, "control": [spec]}
+    kwargs = {"steps": 3, "sampler": "euler", "guidance": 4.0, "seed": 4, "width": 64, "height": 64, "control": [spec]}
     reference = sd_nijimi.generate(PROMPT, NEGATIVE, **kwargs)
     pipe = load(sd_folder, dtype=torch.bfloat16)
     error = (pipe.generate(PROMPT, NEGATIVE, **kwargs).pixels - reference.pixels).abs()

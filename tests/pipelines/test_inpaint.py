@@ -46,7 +46,7 @@ def test_inpainting_unet_equals_diffusers(inpaint_nijimi, inpaint_diffusers, pic
     scheduler = scheduler_cls.from_config(inpaint_diffusers.scheduler.config)
     theirs = run_diffusers(inpaint_diffusers, scheduler, picture, mask, seed=4, strength=strength,
                            num_inference_steps=5, guidance_scale=5.0)
-    ours = inpaint_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, cfg=5.0, seed=4, init_image=picture,
+    ours = inpaint_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, guidance=5.0, seed=4, init_image=picture,
                                    mask=mask, strength=strength)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
@@ -57,7 +57,7 @@ def test_normal_unet_inpainting_equals_diffusers(sd_nijimi, sd_diffusers, pictur
     scheduler = scheduler_cls.from_config(sd_diffusers.scheduler.config)
     theirs = run_diffusers(sd_diffusers, scheduler, picture, mask, seed=6, strength=strength, num_inference_steps=5,
                            guidance_scale=5.0)
-    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, cfg=5.0, seed=6, init_image=picture,
+    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, guidance=5.0, seed=6, init_image=picture,
                               mask=mask, strength=strength)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
@@ -87,13 +87,14 @@ def test_normal_unet_keeps_the_unmasked_latent_exactly(sd_nijimi, picture, mask,
 
 
 class IdealInpainter:
-    """Stands in for a trained 9-channel U-Net: predicts the ε that makes x̂₀ the masked-image latent (the U-Net's
-    extra input channels) outside the mask and 0 inside. Built on the pipeline's own σ ↔ t map."""
+    """Stands in for a trained 9-channel U-Net: predicts the ε that makes x̂₀ the masked-image latent (its channels
+    after the latent's 4) outside the mask and 0 inside. Built on the pipeline's own σ ↔ t map."""
 
     def __init__(self, pipe) -> None:
         self.log_sigmas = pipe.model.config.schedule.sigmas.double().log()
 
-    def __call__(self, x, t, context, extra):
+    def __call__(self, x, t, context, **_):
+        x, extra = x[:, :4], x[:, 4:]
         log_sigma = np.interp(t.double().numpy(), np.arange(len(self.log_sigmas)), self.log_sigmas.numpy())
         sigma = torch.from_numpy(np.exp(log_sigma)).float().view(-1, 1, 1, 1)
         mask, masked_latent = extra[:, :1], extra[:, 1:]
@@ -104,9 +105,9 @@ class IdealInpainter:
 def test_inpainting_unet_gets_mask_and_masked_image(inpaint_nijimi, picture, mask, monkeypatch):
     """With an ideal inpainting network the unmasked latent comes out as the masked image's latent: the mask (1 =
     repaint) and the masked-image latent reach the U-Net where its weights expect them."""
-    monkeypatch.setattr(inpaint_nijimi, "_network", IdealInpainter(inpaint_nijimi))
-    ours = inpaint_nijimi.generate(PROMPT, steps=4, sampler="euler", cfg=1.0, seed=2, init_image=picture, mask=mask,
-                                   strength=1.0)
+    monkeypatch.setattr(inpaint_nijimi, "_unet", IdealInpainter(inpaint_nijimi))
+    ours = inpaint_nijimi.generate(PROMPT, steps=4, sampler="euler", guidance=1.0, seed=2, init_image=picture,
+                                   mask=mask, strength=1.0)
     m = mask_tensor(mask, 64, 64)
     with torch.no_grad():
         posterior = inpaint_nijimi.model.vae.encode(to_tensor(picture, 64, 64) * (m < 0.5))

@@ -11,7 +11,7 @@ from nijimi.errors import ConfigError
 from nijimi.models.layers import Attention
 from nijimi.pipelines import runtime
 from nijimi.pipelines.images import to_unit
-from nijimi.pipelines.pipeline import Pipeline
+from nijimi.pipelines.pipeline import Pipeline, _in_dtype
 
 PROMPT = "a small house by a lake"
 
@@ -43,16 +43,16 @@ def test_batch_images_equal_single_generations(pipe):
 
 
 def test_settings_record_every_knob(pipe):
-    gen = pipe.generate(PROMPT, "dark", steps=2, sampler="Euler a", cfg=4.0, seed=3, width=64, height=64,
+    gen = pipe.generate(PROMPT, "dark", steps=2, sampler="Euler a", guidance=4.0, seed=3, width=64, height=64,
                         clip_skip=2)
-    s = gen.settings
-    assert (s["sampler"], s["cfg"], s["seed"], s["clip_skip"], s["dtype"]) == ("euler-a", 4.0, 3, 2, "fp32")
-    assert (s["vae_tile"], s["attention_slice"]) == (0, 0) and "strength" not in s
+    r = gen.request
+    assert (r.sampler.name, r.guidance, r.seed, r.clip_skip, r.negative_prompt) == ("euler-a", 4.0, 3, 2, "dark")
+    assert (r.vae_tile, r.attention_slice, r.init_image, r.width, r.height) == (0, 0, None, 64, 64)
 
 
 def test_random_seed_is_recorded_and_replays(pipe):
     first = pipe.generate(PROMPT, steps=2, sampler="euler", width=64, height=64)
-    again = pipe.generate(PROMPT, steps=2, sampler="euler", width=64, height=64, seed=first.settings["seed"])
+    again = pipe.generate(PROMPT, steps=2, sampler="euler", width=64, height=64, seed=first.request.seed)
     assert torch.equal(first.pixels, again.pixels)
 
 
@@ -88,9 +88,9 @@ def test_bf16_networks_fp32_sampling(make_model, config):
     finally:
         hook.remove()
     assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
-    assert gen.latents.dtype == gen.pixels.dtype == torch.float32 and gen.settings["dtype"] == "bf16"
+    assert gen.latents.dtype == gen.pixels.dtype == torch.float32 and pipe.dtype == torch.bfloat16
     x = torch.randn(1, 4, 8, 8)
-    assert pipe._network(x, torch.tensor([500.0]), torch.randn(1, 77, 32)).dtype == torch.float32
+    assert _in_dtype(pipe._unet, pipe.dtype)(x, torch.tensor([500.0]), torch.randn(1, 77, 32)).dtype == torch.float32
     error = (gen.pixels - reference.pixels).abs()
     assert float(error.mean()) < 0.02 and 0 < float(error.max()) < 0.2
 
@@ -116,7 +116,7 @@ def test_automatic_attention_slicing_when_memory_is_short(pipe, monkeypatch):
     assert slice_sizes(pipe) == {None}
     monkeypatch.setattr(runtime, "available_memory", lambda: 4096)
     sliced = pipe.generate(PROMPT, "dark", steps=3, sampler="euler", seed=8)
-    assert sliced.settings["attention_slice"] == 4 and slice_sizes(pipe) == {4}
+    assert sliced.request.attention_slice == 4 and slice_sizes(pipe) == {4}
     assert float((sliced.pixels - unsliced.pixels).abs().max()) <= 1e-4  # other SDPA blocking: ~1e-5
     pipe.generate(PROMPT, "dark", steps=1, sampler="euler", seed=8, attention_slice=0)
     assert slice_sizes(pipe) == {None}
@@ -125,7 +125,7 @@ def test_automatic_attention_slicing_when_memory_is_short(pipe, monkeypatch):
 def test_explicit_attention_slice(pipe):
     unsliced = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, attention_slice=0)
     sliced = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, attention_slice=3)
-    assert slice_sizes(pipe) == {3} and sliced.settings["attention_slice"] == 3
+    assert slice_sizes(pipe) == {3} and sliced.request.attention_slice == 3
     assert float((sliced.pixels - unsliced.pixels).abs().max()) <= 1e-4  # other SDPA blocking: ~1e-5
     with pytest.raises(ConfigError, match="attention slice"):
         pipe.generate(PROMPT, steps=2, attention_slice=-1)
@@ -135,7 +135,7 @@ def test_vae_tile(pipe, picture):
     """An explicit tile decodes (and encodes) in tiles; 0 never tiles."""
     whole = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, vae_tile=0)
     tiled = pipe.generate(PROMPT, steps=2, sampler="euler", seed=8, vae_tile=32)
-    assert torch.equal(whole.latents, tiled.latents) and tiled.settings["vae_tile"] == 32
+    assert torch.equal(whole.latents, tiled.latents) and tiled.request.vae_tile == 32
     vae, scale = pipe.model.vae, pipe.model.config.scaling_factor
     with torch.no_grad():
         assert torch.equal(tiled.pixels, to_unit(vae.tiled_decode(tiled.latents / scale, 32)))
@@ -151,5 +151,5 @@ def test_vae_tile(pipe, picture):
 def test_automatic_vae_tile_when_memory_is_short(pipe, monkeypatch):
     monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 20)
     gen = pipe.generate(PROMPT, steps=1, sampler="euler", seed=8)
-    assert gen.settings["vae_tile"] == 512  # larger than the image: decoded whole, same pixels
+    assert gen.request.vae_tile == 512  # larger than the image: decoded whole, same pixels
     assert torch.equal(gen.pixels, pipe.generate(PROMPT, steps=1, sampler="euler", seed=8, vae_tile=0).pixels)

@@ -50,7 +50,7 @@ def test_txt2img_equals_diffusers(sd_nijimi, sd_diffusers, max_abs, sampler, sch
     scheduler = scheduler_cls.from_config(sd_diffusers.scheduler.config)
     theirs = run_diffusers(sd_diffusers, scheduler, seed=7, batch=batch, prompt=PROMPT, negative_prompt=NEGATIVE,
                            num_inference_steps=5, guidance_scale=6.0, guidance_rescale=rescale, height=64, width=64)
-    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, cfg=6.0, seed=7, batch=batch,
+    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=5, sampler=sampler, guidance=6.0, seed=7, batch=batch,
                               guidance_rescale=rescale, width=64, height=64)
     assert ours.pixels.shape == (batch, 3, 64, 64) and ours.seeds == [7 + i for i in range(batch)]
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
@@ -63,7 +63,7 @@ def test_unguided_equals_diffusers(sd_nijimi, sd_diffusers, max_abs):
     scheduler = EulerDiscreteScheduler.from_config(sd_diffusers.scheduler.config)
     theirs = run_diffusers(sd_diffusers, scheduler, seed=3, prompt=PROMPT, num_inference_steps=4, guidance_scale=1.0,
                            height=64, width=64)
-    ours = sd_nijimi.generate(PROMPT, steps=4, sampler="euler", cfg=1.0, seed=3, width=64, height=64)
+    ours = sd_nijimi.generate(PROMPT, steps=4, sampler="euler", guidance=1.0, seed=3, width=64, height=64)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
 
@@ -75,7 +75,7 @@ def test_dpmpp_2m_trailing_equals_diffusers(sd_folder, sd_diffusers, max_abs):
     scheduler = DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config())
     theirs = run_diffusers(sd_diffusers, scheduler, seed=11, prompt=PROMPT, negative_prompt=NEGATIVE,
                            num_inference_steps=6, guidance_scale=5.0, height=64, width=64)
-    ours = Pipeline(model).generate(PROMPT, NEGATIVE, steps=6, sampler="dpm++2m", cfg=5.0, seed=11, width=64,
+    ours = Pipeline(model).generate(PROMPT, NEGATIVE, steps=6, sampler="dpm++2m", guidance=5.0, seed=11, width=64,
                                     height=64)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
@@ -85,7 +85,7 @@ def test_other_seed_gives_other_pixels(sd_nijimi, sd_diffusers, max_abs):
     scheduler = EulerDiscreteScheduler.from_config(sd_diffusers.scheduler.config)
     theirs = run_diffusers(sd_diffusers, scheduler, seed=7, prompt=PROMPT, num_inference_steps=3, guidance_scale=6.0,
                            height=64, width=64)
-    ours = sd_nijimi.generate(PROMPT, steps=3, sampler="euler", cfg=6.0, seed=8, width=64, height=64)
+    ours = sd_nijimi.generate(PROMPT, steps=3, sampler="euler", guidance=6.0, seed=8, width=64, height=64)
     assert max_abs(ours.pixels, theirs) > 100 * TOLERANCE
 
 

@@ -13,13 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
+from nijimi.adapters.formats import save_adapter
+from nijimi.adapters.inject import adapter_parameters, get_adapter, inject
+from nijimi.adapters.targets import AdapterSpec
 from nijimi.cli import main
-from nijimi.io.checkpoint import save_single
+from nijimi.io.checkpoint import load_model, save_single
+from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import model_hash, read_png_metadata
+from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
+from nijimi.pipelines.request import GenerationRequest
 
 CONFIG = ModelConfig(
     UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
@@ -77,12 +83,69 @@ def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_
     assert read_png_metadata(again)["recipe"] == read_png_metadata(first)["recipe"]
 
 
+@pytest.fixture(scope="module")
+def extras(tmp_path_factory, model_file) -> dict[str, Path]:
+    """For ``model_file``: an init image and mask, a LoRA and a ControlNet (random, non-zero) with its map."""
+    folder = tmp_path_factory.mktemp("extras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(folder / "mask.png")
+    model, _ = load_model(model_file)
+    inject(model, AdapterSpec(rank=2, alpha=1.0), "trained", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in adapter_parameters(model, "trained"):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    save_adapter(get_adapter(model, "trained"), folder / "ink.safetensors", model.config, "kohya")
+    controlnet = ControlNetModel.from_unet(load_model(model_file)[0].unet, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_original(controlnet, folder / "cn.safetensors")
+    return {"init": folder / "init.png", "mask": folder / "mask.png", "lora": folder / "ink.safetensors",
+            "controlnet": folder / "cn.safetensors"}
+
+
+REPRODUCED = {
+    "txt2img": ["--sampler", "dpm++2m-sde", "--guidance-rescale", "0.5"],
+    "img2img": ["--init", "{init}", "--strength", "0.6", "--sampler", "ddim", "--eta", "0.5"],
+    "inpaint": ["--init", "{init}", "--mask", "{mask}", "--strength", "0.9", "--sampler", "euler-a"],
+    "lora": ["--lora", "{lora}:0.8", "--sampler", "unipc"],
+    "lora-tag": ["--lora-dir", "{dir}", "--sampler", "heun", "--prompt-suffix", " <lora:ink:0.7>"],
+    "controlnet": ["--control", "model={controlnet},image={init},scale=0.8,end=0.6", "--sampler", "euler"],
+}
+
+
+@pytest.mark.parametrize("flags", REPRODUCED.values(), ids=REPRODUCED.keys())
+def test_reproduce_regenerates_every_kind_of_image(capsys, model_file, extras, tmp_path, flags):
+    """txt2img, img2img, inpainting, LoRA (flag and prompt tag) and ControlNet images: ``reproduce`` reads the
+    request back from the PNG and gives the same pixels; the recipe holds the request, equal after a round trip."""
+    args = [f.format(dir=extras["lora"].parent, **extras) for f in flags]
+    suffix = ""
+    if "--prompt-suffix" in args:
+        at = args.index("--prompt-suffix")
+        suffix, args = args[at + 1], args[:at] + args[at + 2:]
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    assert run(capsys, "generate", "a red cube" + suffix, "--model", model_file, "--seed", 5, *FAST, *args,
+               "--out", first)[0] == 0
+    plain = tmp_path / "plain.png"
+    assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 5, *FAST, "--out", plain)[0] == 0
+    assert (code := run(capsys, "reproduce", first, "--out", again, "--quiet"))[0] == 0, code
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(plain))  # the flags mattered
+    recipe = read_png_metadata(again)["recipe"]["request"]
+    assert recipe == read_png_metadata(first)["recipe"]["request"]
+    assert GenerationRequest.from_dict(recipe).to_dict() == recipe
+
+
 def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_path):
     first = tmp_path / "bf16.png"
     assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, "--dtype", "bf16",
                "--vae-tile", 32, "--attention-slice", 5, "--device", "cpu", *FAST, "--out", first)[0] == 0
     recipe = read_png_metadata(first)["recipe"]
-    assert (recipe["dtype"], recipe["vae_tile"], recipe["attention_slice"], recipe["device"]) == ("bf16", 32, 5, "cpu")
+    request = recipe["request"]
+    assert (recipe["dtype"], recipe["device"]) == ("bf16", "cpu")
+    assert (request["vae_tile"], request["attention_slice"]) == (32, 5)
     assert run(capsys, "reproduce", first, "--out", tmp_path / "again.png", "--quiet")[0] == 0
     assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
     assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, *FAST, "--out", tmp_path / "f.png",
@@ -102,7 +165,8 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
     recipe = meta["recipe"]
     assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
-    assert (recipe["sampler"], recipe["seed"], recipe["batch"], recipe["cfg"]) == ("dpm++2m-karras", 7, 1, 4.5)
+    request = recipe["request"]
+    assert (request["sampler"], request["seed"], request["batch"], request["guidance"]) == ("dpm++2m-karras", 7, 1, 4.5)
     assert recipe["schedule"]["timestep_spacing"] == "leading" and recipe["versions"]["torch"] == torch.__version__
     code, text, err = run(capsys, "info", out)
     assert code == 0 and err == ""
@@ -176,14 +240,16 @@ ERROR_CASES = {
                            "mask size 32x32 does not match the init image size 64x64"),
     "mask-without-image": (["a red cube", "--mask", "{inputs}/mask.png"], "a mask needs an init image"),
     "empty-prompt-with-cfg": ([""], "the prompt is empty"),
-    "steps-zero": (["a red cube", "--steps", "0"], "steps=0 must be an integer from 1 to 1000"),
+    "steps-zero": (["a red cube", "--steps", "0"], "steps 0 must be an integer from 1 to 1000"),
     "strength-above-1": (["a red cube", "--init", "{inputs}/init.png", "--strength", "1.5"],
-                         "strength=1.5 must be within [0, 1]"),
-    "strength-below-0": (["a red cube", "--strength", "-0.5"], "strength=-0.5 must be within [0, 1]"),
-    "batch-zero": (["a red cube", "--batch", "0"], "batch 0 must be an integer >= 1"),
+                         "strength 1.5 must be a number within [0.0, 1.0]"),
+    "strength-below-0": (["a red cube", "--strength", "-0.5"], "strength -0.5 must be a number within [0.0, 1.0]"),
+    "batch-zero": (["a red cube", "--batch", "0"], "batch 0 must be an integer from 1 to 4096"),
+    "guidance-nan": (["a red cube", "--guidance", "nan"], "guidance nan must be a finite number"),
+    "eta-not-for-euler": (["a red cube", "--sampler", "euler", "--eta", "0.5"], "eta applies to ddim, euler-a"),
     "clip-skip-too-deep": (["a red cube", "--clip-skip", "5"], "clip_skip must be in [1, 2], got 5"),
     "vae-tile": (["a red cube", "--vae-tile", "12"], "VAE tile 12 must be a multiple of the VAE factor 8"),
-    "attention-slice": (["a red cube", "--attention-slice", "-2"], "attention slice -2 must be 0 (off)"),
+    "attention-slice": (["a red cube", "--attention-slice", "-2"], "attention slice -2 must be an integer from 0"),
     "unknown-device": (["a red cube", "--device", "abacus"], "unknown device 'abacus'"),
 }
 
@@ -217,8 +283,9 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     made = tmp_path / "inpainted.png"
     assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
                inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
+    inputs["init.png"].unlink()
     code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
-    assert code == 2 and "needs the original init_image" in err and len(err.splitlines()) == 1
+    assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
     code, _, err = run(capsys, "info", inputs["broken.png"])
     assert code == 2 and err.startswith("error: cannot read PNG") and len(err.splitlines()) == 1
     assert not (tmp_path / "r.png").exists()
@@ -229,5 +296,5 @@ def test_python_m_nijimi_error_exit_code(model_file, tmp_path):
     result = subprocess.run([sys.executable, "-m", "nijimi", "generate", "a cube", "--model", str(model_file),
                              "--steps", "0", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == ["error: steps=0 must be an integer from 1 to 1000"]
+    assert result.stderr.splitlines() == ["error: steps 0 must be an integer from 1 to 1000"]
     assert not (tmp_path / "x.png").exists()

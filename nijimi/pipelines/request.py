@@ -1,0 +1,235 @@
+"""One generation request: every knob of an image, declared once.
+
+:class:`GenerationRequest` is checked when it is made. ``nijimi generate``'s flags are derived from its fields (each
+field's ``cli`` metadata: flags, help, and the parser of the flag's text), :meth:`Pipeline.generate
+<nijimi.pipelines.pipeline.Pipeline.generate>` takes it, the PNG recipe is :meth:`~GenerationRequest.to_dict` and
+``nijimi reproduce`` is :meth:`~GenerationRequest.from_dict`. A new knob is one field here plus the code that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from nijimi.adapters.tags import parse_lora_option, resolve_lora
+from nijimi.diffusion.sampler_names import SamplerChoice, parse_sampler
+from nijimi.embedded import ADAPTERS, CONTROLNET
+from nijimi.errors import ConfigError, ImageError
+from nijimi.pipelines.adapters import LoraRequest
+from nijimi.pipelines.control import ControlUnit
+from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
+
+SEED_LIMIT = 2**64
+"""Seeds are what ``torch.Generator.manual_seed`` takes: integers in [0, 2⁶⁴)."""
+
+
+@dataclass(frozen=True)
+class Cli:
+    """How a field appears on ``nijimi generate``: its flags (none: positional), help, and the parser of one
+    flag's text (``parse``, or ``expand`` for a flag that sets several fields); ``repeat`` appends, ``switch`` is a
+    flag without a value."""
+
+    flags: tuple[str, ...] = ()
+    help: str = ""
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    repeat: bool = False
+    switch: bool = False
+    expand: Callable[[str], dict] | None = None
+
+
+def knob(default: Any, cli: Cli | None = None) -> Any:
+    """A request field with its CLI description."""
+    return field(default=default, metadata={"cli": cli} if cli else {})
+
+
+def parse_size(text: str) -> dict[str, int]:
+    """``"512x768"`` → width 512, height 768; ``"512"`` → 512 × 512."""
+    m = re.fullmatch(r"\s*(\d{1,6})\s*(?:[xX×]\s*(\d{1,6}))?\s*", text)
+    if not m:
+        raise ConfigError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+    return {"width": int(m.group(1)), "height": int(m.group(2) or m.group(1))}
+
+
+def _lora(text: str) -> LoraRequest:
+    return LoraRequest(*parse_lora_option(text))
+
+
+ImageSource = Image.Image | str | os.PathLike
+Control = ControlSpec | ControlUnit
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate. ``seed`` None draws a random seed once, here; image i of a batch uses ``seed + i``.
+    ``width``/``height`` None: the init image's size, else the model's native size. ``sampler`` None: the model's
+    default (:func:`~nijimi.diffusion.sampler_names.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
+    ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
+    looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
+    names its files from anywhere."""
+
+    prompt: str = knob("", Cli((), "the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)"))
+    negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
+    steps: int = knob(20, Cli(("--steps",), "denoising steps", int))
+    sampler: SamplerChoice | str | None = knob(None, Cli(
+        ("--sampler",), "sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or dpm++2m on the "
+        "model's own timesteps for a zero-terminal-SNR model)"))
+    eta: float | None = knob(None, Cli(("--eta",), "noise amount η of ddim (default 0), euler-a and dpm++2m-sde "
+                                       "(default 1)", float))
+    guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
+    guidance_rescale: float = knob(0.0, Cli(("--guidance-rescale",), "guidance rescale φ in [0, 1] (2305.08891)",
+                                            float))
+    seed: int | None = knob(None, Cli(("--seed",), "seed (default: random); image i of a batch uses seed+i", int))
+    width: int | None = knob(None, Cli(("--size",), "WIDTHxHEIGHT, multiples of 8 (default: the model's native "
+                                       "size)", metavar="WxH", expand=parse_size))
+    height: int | None = knob(None)
+    batch: int = knob(1, Cli(("--batch",), "images to generate", int))
+    init_image: ImageSource | None = knob(None, Cli(("--init",), "init image for img2img / inpainting"))
+    strength: float = knob(0.75, Cli(("--strength",), "img2img denoising strength in [0, 1]", float))
+    mask: ImageSource | None = knob(None, Cli(("--mask",), "inpainting mask (white = repaint), size of --init"))
+    clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
+    vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
+                                          "(default: when memory is short)", int, "N"))
+    attention_slice: int | None = knob(None, Cli(("--attention-slice",), "compute attention N query rows at a time; "
+                                                 "0 = never (default: when memory is short)", int, "N"))
+    loras: tuple[LoraRequest, ...] = knob((), Cli(
+        ("--lora",), "apply a LoRA/LyCORIS/peft adapter with text-encoder weight W (default 1) and U-Net weight "
+        "UNET_W (default W); repeatable; FILE may be a name in --lora-dir", _lora, "FILE[:W[:UNET_W]]", repeat=True))
+    lora_dir: str | None = knob(None, Cli(("--lora-dir",), "folder searched for <lora:NAME:W> prompt tags and --lora "
+                                          "names (default: the embedded model's demo adapters, e.g. pink)",
+                                          metavar="DIR"))
+    strict_loras: bool = knob(False, Cli(("--strict",), "refuse a LoRA file with keys that fit no module of the "
+                                         "model (default: leave them out and name them on stderr)", switch=True))
+    control: tuple[Control, ...] = knob((), Cli(
+        ("--control",), "steer with a ControlNet: model=PATH|embedded,image=IMG[,scale=1][,pre=map|invert|canny]"
+        "[,low=100,high=200][,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; repeat for several",
+        parse_control_spec, "SPEC", repeat=True))
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise ConfigError("prompt and negative_prompt must be text")
+        _integer("steps", self.steps, 1, 1000)
+        _integer("batch", self.batch, 1, 4096)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value % 8
+                                      or not 8 <= value <= 1 << 20):
+                raise ConfigError(f"{name} {value!r} must be a positive multiple of 8 pixels")
+        _integer("clip_skip", self.clip_skip, 1, 1000, optional=True)
+        for name in ("vae_tile", "attention_slice"):
+            _integer(name, getattr(self, name), 0, 1 << 20, optional=True)
+        _number("guidance", self.guidance)
+        _number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        _number("strength", self.strength, 0.0, 1.0)
+        _number("eta", self.eta, 0.0, 1.0, optional=True)
+        if isinstance(self.sampler, str):
+            set_("sampler", parse_sampler(self.sampler))
+        elif self.sampler is not None and not isinstance(self.sampler, SamplerChoice):
+            raise ConfigError(f"sampler {self.sampler!r} must be a sampler name")
+        if self.eta is not None and self.sampler is not None and not self.sampler.takes_eta:
+            raise ConfigError(f"eta applies to ddim, euler-a and dpm++2m-sde, not {self.sampler.name}")
+        seed = secrets.randbelow(2**32) if self.seed is None else self.seed
+        _integer("seed", seed, 0, SEED_LIMIT - self.batch)
+        set_("seed", seed)
+        if self.mask is not None and self.init_image is None:
+            raise ImageError("a mask needs an init image to inpaint")
+        set_("init_image", _image(self.init_image))
+        set_("mask", _image(self.mask))
+        set_("loras", tuple(_resolve(r, self.lora_dir) for r in self.loras))
+        set_("control", tuple(_absolute(c) for c in self.control))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
+        recorded and raise ConfigError."""
+        return {f.name: _encode(f.name, getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> GenerationRequest:
+        """The request :meth:`to_dict` wrote; a key that is no field, or a value of the wrong kind, raises
+        ConfigError naming ``source`` and the key."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, Mapping) or set(data) - names:
+            unknown = sorted(set(data) - names) if isinstance(data, Mapping) else data
+            raise ConfigError(f"{source}: not a generation request (unknown keys {unknown})")
+        try:
+            values = {k: _decode(k, v) for k, v in data.items()}
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: bad generation request ({exc})") from None
+
+    def replace(self, **changes: Any) -> GenerationRequest:
+        """A copy with ``changes``, checked again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _integer(name: str, value: Any, low: int, high: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be an integer from {low} to {high}")
+
+
+def _number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not low <= value <= high:
+        bounds = "a finite number" if math.isinf(low) else f"a number within [{low}, {high}]"
+        raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be {bounds}")
+
+
+def _image(value: ImageSource | None) -> Image.Image | str | None:
+    if value is None or isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
+    return str(Path(value).absolute())
+
+
+def _resolve(lora: LoraRequest | tuple, lora_dir: str | None) -> LoraRequest:
+    path, te, unet = lora
+    _number("LoRA weight", te)
+    _number("LoRA U-Net weight", unet)
+    path = Path(path)
+    if not path.exists():
+        path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
+    return LoraRequest(path.resolve(), float(te), float(unet))
+
+
+def _absolute(control: Control) -> Control:
+    if not isinstance(control, ControlSpec):
+        if isinstance(control, ControlUnit):
+            return control
+        raise ConfigError(f"control entries must be ControlSpec or ControlUnit, not {type(control).__name__}")
+    model = CONTROLNET if control.model == "embedded" else Path(control.model).absolute()
+    return dataclasses.replace(control, model=str(model), image=str(Path(control.image).absolute()))
+
+
+def _encode(name: str, value: Any) -> Any:
+    if isinstance(value, SamplerChoice):
+        return value.name
+    if isinstance(value, Image.Image) or (name == "control" and any(isinstance(c, ControlUnit) for c in value)):
+        raise ConfigError(f"{name} holds an in-memory object, which a recipe cannot record; pass files instead")
+    if name == "loras":
+        return [[str(r.path), r.te_multiplier, r.unet_multiplier] for r in value]
+    if name == "control":
+        return [dataclasses.asdict(c) for c in value]
+    return value
+
+
+def _decode(name: str, value: Any) -> Any:
+    if name == "loras":
+        return tuple(LoraRequest(Path(p), te, unet) for p, te, unet in value)
+    if name == "control":
+        return tuple(ControlSpec(**entry) for entry in value)
+    return value

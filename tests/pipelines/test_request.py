@@ -1,0 +1,100 @@
+"""The generation request: checked once when made, recorded by ``to_dict`` and read back by ``from_dict`` to an equal
+request for every field, and the source of ``nijimi generate``'s flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from nijimi.cli import build_parser
+from nijimi.errors import ConfigError, ImageError, SamplerError
+from nijimi.pipelines.adapters import LoraRequest
+from nijimi.pipelines.control_maps import ControlSpec
+from nijimi.pipelines.request import GenerationRequest
+from nijimi.ui.generate import request_from_args
+
+
+@pytest.fixture
+def full(tmp_path) -> GenerationRequest:
+    """A request with every field away from its default."""
+    (tmp_path / "ink.safetensors").write_bytes(b"")
+    return GenerationRequest(
+        prompt="a red circle <lora:ink:0.5>", negative_prompt="blurry", steps=12, sampler="DDIM Karras", eta=0.3,
+        guidance=4.5, guidance_rescale=0.7, seed=2**64 - 3, width=96, height=64, batch=2,
+        init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png", clip_skip=2, vae_tile=32,
+        attention_slice=7, loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)], lora_dir=str(tmp_path),
+        strict_loras=True, control=[ControlSpec(str(tmp_path / "cn.safetensors"), str(tmp_path / "map.png"), 0.9,
+                                                "canny", 0.1, 0.8, 50.0, 150.0, "crop", True)])
+
+
+def test_every_field_round_trips_through_json(full):
+    defaults = GenerationRequest(seed=0)
+    for field in dataclasses.fields(GenerationRequest):
+        assert getattr(full, field.name) != getattr(defaults, field.name), field.name
+    recorded = json.loads(json.dumps(full.to_dict()))
+    assert set(recorded) == {f.name for f in dataclasses.fields(GenerationRequest)}
+    assert recorded["sampler"] == "ddim-karras" and recorded["loras"][0][1:] == [0.8, 0.6]
+    assert GenerationRequest.from_dict(recorded) == full
+
+
+def test_values_are_normalised_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")
+    r = GenerationRequest("x", sampler="Euler a", init_image="in.png", loras=[("ink", 1.0, 1.0)],
+                          lora_dir="loras", control=[ControlSpec("embedded", "map.png")])
+    assert r.sampler.name == "euler-a" and r.sampler.display == "Euler a"
+    assert r.init_image == str(tmp_path / "in.png")
+    assert r.loras == (LoraRequest((tmp_path / "loras" / "ink.safetensors").resolve(), 1.0, 1.0),)
+    assert Path(r.control[0].model).name == "controlnet-mask.safetensors" and Path(r.control[0].image).is_absolute()
+    assert 0 <= GenerationRequest("x").seed < 2**32  # drawn once, here
+
+
+@pytest.mark.parametrize(("changes", "error", "message"), [
+    ({"steps": 0}, ConfigError, "steps 0 must be an integer from 1 to 1000"),
+    ({"steps": 2.5}, ConfigError, "steps 2.5"),
+    ({"guidance": float("inf")}, ConfigError, "guidance inf must be a finite number"),
+    ({"guidance_rescale": 1.5}, ConfigError, "guidance rescale 1.5"),
+    ({"seed": 2**64}, ConfigError, "seed"),
+    ({"seed": 2**64 - 2, "batch": 3}, ConfigError, "seed"),
+    ({"width": 60}, ConfigError, "width 60 must be a positive multiple of 8 pixels"),
+    ({"eta": 0.5, "sampler": "dpm++2m"}, ConfigError, "eta applies to ddim, euler-a and dpm++2m-sde, not dpm++2m"),
+    ({"sampler": "warp"}, SamplerError, "unknown sampler 'warp'"),
+    ({"mask": "m.png"}, ImageError, "a mask needs an init image"),
+    ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),
+    ({"loras": [("nowhere", 1.0, 1.0)], "lora_dir": "/no/such/dir"}, ConfigError, "LoRA folder /no/such/dir"),
+    ({"loras": [(".", float("nan"), 1.0)]}, ConfigError, "LoRA weight nan"),
+])
+def test_bad_values_are_refused_by_name(changes, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        GenerationRequest("x", **changes)
+
+
+def test_from_dict_refuses_unknown_keys_and_wrong_kinds():
+    with pytest.raises(ConfigError, match=r"img.png: recipe: not a generation request \(unknown keys \['cfg'\]\)"):
+        GenerationRequest.from_dict({"prompt": "x", "cfg": 7}, "img.png: recipe")
+    with pytest.raises(ConfigError, match="bad generation request"):
+        GenerationRequest.from_dict({"loras": [["a.safetensors"]]})
+    with pytest.raises(ConfigError, match="in-memory"):
+        GenerationRequest("x", init_image=Image.new("RGB", (8, 8))).to_dict()
+
+
+def test_generate_flags_come_from_the_fields(full):
+    """``nijimi generate`` parses to the same request, flag by flag, and has one flag per recorded field."""
+    spec = full.control[0]
+    argv = ["generate", full.prompt, "-n", "blurry", "--steps", "12", "--sampler", "DDIM Karras", "--eta", "0.3",
+            "--cfg", "4.5", "--guidance-rescale", "0.7", "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
+            "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
+            "--vae-tile", "32", "--attention-slice", "7", "--lora", f"{full.loras[0].path}:0.8:0.6", "--lora-dir",
+            full.lora_dir, "--strict", "--control",
+            f"model={spec.model},image={spec.image},scale=0.9,pre=canny,start=0.1,end=0.8,low=50,high=150,"
+            "resize=crop,guess=true"]
+    assert request_from_args(build_parser().parse_args(argv)) == full
+    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config"):
+        assert flag in help_text
