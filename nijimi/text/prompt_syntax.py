@@ -47,8 +47,9 @@ _WHEN = re.compile(rf"\s*({NUMBER}(?:[eE][+-]?\d+)?)\s*")
 _WEIGHT_DIGITS = re.compile(r"\s*([+-]?[.\d]+)\s*")
 _GUIDANCE_WEIGHT = re.compile(rf"\s*:\s*({NUMBER})\s*$")
 _COMPOSABLE_AND = re.compile(r"\bAND\b")
-_CLOSERS = {")": ("(", 1.1), "]": ("[", 1 / 1.1)}
-"""Closing bracket → its opener and the factor it gives the text in between."""
+_OPENERS = {")": "(", "]": "["}
+_FACTORS = {"(": 1.1, "[": 1 / 1.1}
+"""The factor an emphasis bracket pair gives the text between them."""
 
 
 def lex(prompt: str) -> list[str]:
@@ -207,23 +208,15 @@ def _edit_step(when: str, steps: int) -> int:
     return math.trunc(value) if value > -steps else -steps
 
 
-def _children(node: Node) -> list[list[Node]]:
-    if isinstance(node, Edit):
-        return [node.before or [], node.after]
-    if isinstance(node, Alternation):
-        return node.options
-    return [node.nodes] if isinstance(node, Weighted) else []
-
-
 def _switch_steps(nodes: list[Node], steps: int) -> set[int]:
     found: set[int] = set()
     for node in nodes:
         if isinstance(node, Edit):
-            found.add(_edit_step(node.when, steps))
+            found |= {_edit_step(node.when, steps)} | _switch_steps((node.before or []) + node.after, steps)
         elif isinstance(node, Alternation):
-            found.update(range(1, steps + 1))
-        for child in _children(node):
-            found |= _switch_steps(child, steps)
+            found |= set(range(1, steps + 1)).union(*(_switch_steps(option, steps) for option in node.options))
+        elif isinstance(node, Weighted):
+            found |= _switch_steps(node.nodes, steps)
     return found
 
 
@@ -263,18 +256,13 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _weight_digits(tokens: list[str], i: int) -> str | None:
-    """The digits of A1111's weighted close ``:1.3)`` if one starts at token ``i``."""
-    if tokens[i] != ":" or tokens[i + 2 : i + 3] != [")"]:
+def _weighted_close(tokens: list[str], i: int, prompt: str) -> float | None:
+    """The weight of A1111's weighted close ``:1.3)`` if one starts at token ``i``."""
+    if tokens[i] != ":" or tokens[i + 2 : i + 3] != [")"] or not (m := _WEIGHT_DIGITS.fullmatch(tokens[i + 1])):
         return None
-    m = _WEIGHT_DIGITS.fullmatch(tokens[i + 1])
-    return m.group(1) if m else None
-
-
-def _weight(digits: str, prompt: str) -> float:
-    if not re.fullmatch(NUMBER, digits):
-        raise PromptError(f"bad emphasis weight {digits!r} in prompt {prompt!r}")
-    return float(digits)
+    if not re.fullmatch(NUMBER, m[1]):
+        raise PromptError(f"bad emphasis weight {m[1]!r} in prompt {prompt!r}")
+    return float(m[1])
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
@@ -287,29 +275,29 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     pieces: list[list] = []
     opened: dict[str, list[int]] = {"(": [], "[": []}
 
-    def close(bracket: str, factor: float) -> None:
+    def close(bracket: str, factor: float | None = None) -> None:
         for piece in pieces[opened[bracket].pop() :]:
-            piece[1] *= factor
+            piece[1] *= _FACTORS[bracket] if factor is None else factor
 
     i = 0
     while i < len(tokens):
         token = tokens[i]
-        digits = _weight_digits(tokens, i)
-        if digits and opened["("]:
-            close("(", _weight(digits, text))
+        weight = _weighted_close(tokens, i, text) if opened["("] else None
+        if weight is not None:
+            close("(", weight)
             i += 2
         elif token in opened:
             opened[token].append(len(pieces))
-        elif token in _CLOSERS and opened[_CLOSERS[token][0]]:
-            close(*_CLOSERS[token])
+        elif token in _OPENERS and opened[_OPENERS[token]]:
+            close(_OPENERS[token])
         elif token.strip() == "BREAK":
             pieces += [["", 1.0], ["BREAK", BREAK_WEIGHT], ["", 1.0]]
         else:
             pieces.append([token[1:] if token[0] == "\\" else token, 1.0])
         i += 1
-    for bracket, factor in (("(", _CLOSERS[")"][1]), ("[", _CLOSERS["]"][1])):
+    for bracket in ("(", "["):  # A1111 applies the round brackets left open first
         while opened[bracket]:
-            close(bracket, factor)
+            close(bracket)
     return _merge_equal_weights(pieces or [["", 1.0]])
 
 
