@@ -14,7 +14,8 @@ Prompt editing — ``parse``, ``prompt_schedule``
     ``( ) [ ] :`` is text, while a stray ``|`` or a backslash ending a line puts the prompt outside the grammar: it is
     then used unchanged at every step, as A1111 does. Where A1111's grammar is ambiguous — a well-formed group next to
     unbalanced brackets or colons at the top level, e.g. ``(a)[b:3]:`` — its Earley parser (lark 1.1.2, the version
-    A1111 pins) reads the group as text or not depending on the hash seed; nijimi always reads it as a group.
+    A1111 pins) reads the group as text or not depending on the hash seed; nijimi always reads it as a group. Tag-list
+    prompts with emoticons (``:)``, ``>:(``) and stray brackets agree.
 Emphasis — ``parse_attention``
     ``(x)`` ×1.1, ``[x]`` ÷1.1, ``(x:1.3)`` ×1.3. A1111 pairs these brackets with two stacks, one per bracket kind,
     so they may cross (``[a (b] c)``) and the emphasis pass reads the tokens in order rather than the tree: a closer
