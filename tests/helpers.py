@@ -1,5 +1,10 @@
-"""Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject)."""
+"""Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject): named small
+configs, random weights, ``rel_err``, gloo process groups. Fixtures live in ``conftest.py`` files.
 
+One RNG policy: every random tensor comes from an explicit ``torch.Generator`` seeded by the caller; the global RNG
+is never left changed."""
+
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -7,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from nijimi.models.ldm import ModelConfig
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
@@ -26,6 +31,31 @@ SD2 = ModelConfig(
     TextEncoderConfig(width=128, num_layers=3, num_heads=2, mlp_width=256, activation="gelu", clip_skip=2,
                       projection_dim=96), "sd2", 0)
 
+# The adapter tests' models: an SD 1.x-style U-Net with attention at both levels, 1×1 proj_in/out, ResBlock skips,
+# down/up sampling; the same with SD 2.x's linear projections; a 1000-token text encoder.
+UNET_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                        num_heads=2, context_dim=24, norm_groups=8)
+UNET_SMALL_LINEAR = dataclasses.replace(UNET_SMALL, num_heads=None, head_dim=16, linear_proj=True)
+TEXT_SMALL = TextEncoderConfig(vocab_size=1000, width=24, num_layers=2, num_heads=2, mlp_width=48)
+MODEL_SMALL = ModelConfig(UNET_SMALL, VAEConfig.tiny(), TEXT_SMALL, "sd1", pad_token_id=999)
+
+# Toy SD 1.x models for tests that generate or train, named by their VAE factor; each U-Net sees 8×8 latents.
+# TOY_F8: 64×64 images through SD's own 4-level (factor 8) VAE, so diffusers' ``vae_scale_factor`` agrees.
+TOY_F8 = ModelConfig(
+    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+               context_dim=32, sample_size=8),
+    VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
+    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+# TOY_F2: 16×16 images through a factor-2 VAE; a few training steps take a fraction of a second.
+TOY_F2 = dataclasses.replace(TOY_F8, vae=VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1))
+# TOY_F4: 32×32 images through a factor-4 VAE like the embedded model's (a 3-level ControlNet hint encoder); the
+# narrowest: 16 channels, 8 norm groups, one text layer.
+TOY_F4 = ModelConfig(
+    UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+               context_dim=32, sample_size=8, norm_groups=8),
+    VAEConfig(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+    TextEncoderConfig(width=32, num_layers=1, num_heads=2, mlp_width=64), "sd1", 49407)
+
 
 def randomize(model: torch.nn.Module, seed: int, embedding_std: float | None = None) -> None:
     """Fill every parameter with seeded noise so nothing is zero (zero convs included): weights ~ 1/√fan_in, norm
@@ -42,6 +72,27 @@ def randomize(model: torch.nn.Module, seed: int, embedding_std: float | None = N
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(0.1 * noise)
+
+
+def perturb(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Add N(0, std²) noise drawn from ``torch.Generator().manual_seed(seed)`` to every parameter, so zero-initialised
+    layers are not zero (and a fresh text encoder's final LayerNorm does not give hidden states of mean exactly 0);
+    returns ``module``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=gen))
+    return module
+
+
+def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
+    """The same LatentDiffusion for the same seed, in eval mode, the global RNG untouched: the init (``nn.Module``
+    init draws from the global RNG and takes no generator) runs under ``fork_rng`` seeded with ``seed``, then
+    :func:`perturb` adds N(0, 0.05²) from an explicit generator."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LatentDiffusion(config)
+    return perturb(model, seed).eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
