@@ -27,15 +27,6 @@ CONFIGS = {"sd1": ControlNetConfig(SD1_SMALL), "sd2": ControlNetConfig(SD2_SMALL
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers| per residual, fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one thread is faster, and immune to other processes on the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_pair(cfg: ControlNetConfig, seed: int = 0) -> tuple[ControlNetModel, diffusers.ControlNetModel]:
     """A random nijimi ControlNet and the diffusers one holding the same weights, moved by nijimi's key table."""
     ours = ControlNetModel(cfg).eval()

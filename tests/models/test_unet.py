@@ -26,15 +26,6 @@ PARITY_CONFIGS = {"sd1": SD1_SMALL, "sd2": SD2_SMALL, "inpaint9": INPAINT_SMALL,
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers|, fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to other processes on the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditionModel]:
     """A random nijimi U-Net and the diffusers U-Net holding the same weights, moved over by nijimi's key table."""
     ours = UNetModel(cfg).eval()
