@@ -100,6 +100,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def output_errors(model: LatentDiffusion, unet, vae, text, seed: int = 0) -> dict[str, float]:
+    """:func:`rel_err` of nijimi's U-Net, VAE decoder and encoder, and text encoder against diffusers' /
+    transformers' ``unet``, ``vae`` and ``text`` on the same seeded inputs."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
+    t = torch.tensor([10, 900])
+    context = torch.randn(2, 5, cfg.unet.context_dim, generator=g)
+    image = torch.randn(1, 3, 16, 16, generator=g)
+    ids = torch.randint(0, cfg.text.vocab_size, (2, 7), generator=g)
+    with torch.no_grad():
+        return {
+            "unet": rel_err(model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
+            "vae.decode": rel_err(model.vae.decode(x[:1, :4]), vae.decode(x[:1, :4]).sample),
+            "vae.encode": rel_err(model.vae.encode(image).mean, vae.encode(image).latent_dist.mean),
+            "text": rel_err(model.text_encoder(ids), text(ids).last_hidden_state),
+        }
+
+
 def _gloo_rank(rank: int, world: int, store: Path, work: Callable, args: tuple) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
