@@ -5,6 +5,7 @@ one ``error:`` line and no file."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -18,8 +19,7 @@ from nijimi.adapters.formats import read_adapter
 from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.ldm import LatentDiffusion
 from nijimi.ui.adapters import add_adapter_parsers
 
 # 16×16 images through an f=2 VAE: 8×8 latents, a 2-level U-Net; a few training steps take a fraction of a second.
@@ -152,8 +152,7 @@ def test_lora_extract_user_errors(nijimi, models, tmp_path):
     assert_user_error(nijimi(*extract, "--tuned", models[0], "--rank", "2"), "does not differ")
     assert_user_error(nijimi(*extract, "--tuned", models[1], "--rank", "0"), "rank must be ≥ 1")
     assert_user_error(nijimi(*extract, "--tuned", tmp_path / "no.safetensors", "--rank", "2"), "no such file")
-    other = LatentDiffusion(ModelConfig(CONFIG.unet, CONFIG.vae, TextEncoderConfig(
-        width=32, num_layers=2, num_heads=2, mlp_width=48), "sd1", 49407))
+    other = LatentDiffusion(dataclasses.replace(CONFIG, text=dataclasses.replace(CONFIG.text, mlp_width=48)))
     save_single(other, tmp_path / "other.safetensors")
     assert_user_error(nijimi(*extract, "--tuned", tmp_path / "other.safetensors", "--rank", "2"), "mlp.fc1")
     assert not out.exists()
