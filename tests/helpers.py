@@ -31,6 +31,14 @@ SD2 = ModelConfig(
     TextEncoderConfig(width=128, num_layers=3, num_heads=2, mlp_width=256, activation="gelu", clip_skip=2,
                       projection_dim=96), "sd2", 0)
 
+# U-Nets of the real block structure (4 levels, 2 res blocks) with fewer channels, for parity with diffusers: SD 1.x
+# (fixed head count), SD 2.x (per-level head counts from a fixed head width, linear projections) and the tiny preset.
+PARITY_UNET_SD1 = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                             attention_levels=(0, 1, 2), num_heads=4, context_dim=32, norm_groups=16)
+PARITY_UNET_SD2 = dataclasses.replace(PARITY_UNET_SD1, num_heads=None, head_dim=8, context_dim=48, linear_proj=True,
+                                      upcast_attention=True)
+PARITY_UNET_TINY = dataclasses.replace(UNetConfig.tiny(), model_channels=32, norm_groups=16, context_dim=40)
+
 # The adapter tests' models: an SD 1.x-style U-Net with attention at both levels, 1×1 proj_in/out, ResBlock skips,
 # down/up sampling; the same with SD 2.x's linear projections; a 1000-token text encoder.
 UNET_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
