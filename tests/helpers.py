@@ -1,8 +1,8 @@
 """Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject): named small
 configs, random weights, ``rel_err``, gloo process groups. Fixtures live in ``conftest.py`` files.
 
-One RNG policy: every random tensor comes from an explicit ``torch.Generator`` seeded by the caller; the global RNG
-is never left changed."""
+One RNG policy: every random tensor drawn here comes from an explicit ``torch.Generator`` seeded by the caller (module
+inits, which take no generator, run under a forked, seeded global RNG); the global RNG is never left changed."""
 
 import dataclasses
 import os
