@@ -6,32 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import randomize, rel_err
+from helpers import MODEL_SMALL, TEXT_SMALL, UNET_SMALL, UNET_SMALL_LINEAR, randomize, rel_err
 
 from nijimi.adapters.deltas import factorization
 from nijimi.adapters.weights import ModuleWeights
-from nijimi.models.ldm import ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
-
-# A small SD 1.x-style U-Net: two levels with attention at both, 1×1 proj_in/out, ResBlock skips, down/up sampling.
-UNET_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                        num_heads=2, context_dim=24, norm_groups=8)
-# The same with SD 2.x's linear projections.
-UNET_SMALL_LINEAR = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                               num_heads=None, head_dim=16, context_dim=24, norm_groups=8, linear_proj=True)
-TEXT_SMALL = TextEncoderConfig(vocab_size=1000, width=24, num_layers=2, num_heads=2, mlp_width=48)
-MODEL_SMALL = ModelConfig(UNET_SMALL, VAEConfig.tiny(), TEXT_SMALL, "sd1", pad_token_id=999)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to other processes on the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

@@ -3,6 +3,7 @@ SD 2.x's fused q|k|v projection, unmatched keys, ``ss_*`` metadata, diffusers lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -219,7 +220,7 @@ def test_unmatched_keys_are_reported_and_strict_refuses(model, small, random_wei
 def openclip_pair(randomize) -> tuple[TextEncoder, ModelConfig]:
     text = TextEncoderConfig(vocab_size=1000, width=24, num_layers=2, num_heads=2, mlp_width=48, activation="gelu",
                              clip_skip=2, projection_dim=16)
-    unet = ModelConfig.sd21().unet
+    unet = ModelConfig.sd21().unet  # SD 2.x's layout (linear projections, 64-wide heads) shrunk: the shape matters
     config = ModelConfig(unet.__class__(**{**unet.to_dict(), "context_dim": 24, "model_channels": 32,
                                            "channel_mult": (1,), "attention_levels": (0,), "num_res_blocks": 1,
                                            "head_dim": 8, "norm_groups": 8}),
@@ -275,8 +276,7 @@ def test_kohya_metadata(model, small, random_weights, tmp_path) -> None:
     assert meta["ss_v2"] == "False" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_output_name"] == "ink" and meta["ss_training_comment"] == "kept" and meta["note"] == "added"
     loha = Adapter({BLOCK + "attn2.to_v": random_weights("loha", model.get_submodule(BLOCK + "attn2.to_v"))})
-    v_model = ModelConfig(small.model.unet, small.model.vae, small.model.text, "sd2", 999,
-                          ModelConfig.sd21_v().schedule)
+    v_model = dataclasses.replace(small.model, family="sd2", schedule=ModelConfig.sd21_v().schedule)
     save_adapter(loha, tmp_path / "loha.safetensors", v_model)
     meta = read_adapter(tmp_path / "loha.safetensors", v_model).adapter.metadata
     assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"]) == {"algo": "loha"}

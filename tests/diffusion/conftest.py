@@ -7,15 +7,6 @@ import torch
 from torch import nn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     """A fixed random conv net ``net(x, t, context=None)`` that depends non-linearly on x and on t (sinusoidal
     embedding), like a U-Net but small; output magnitude ~1 as an ε/v predictor's."""

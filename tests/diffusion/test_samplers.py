@@ -14,6 +14,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
+from helpers import rel_err as max_rel
 
 from nijimi.diffusion.denoiser import Denoiser
 from nijimi.diffusion.noise import BrownianNoise, gaussian_noise
@@ -41,10 +42,6 @@ def schedule_for(prediction_type: str, timestep_spacing: str) -> NoiseSchedule:
 
 def start_noise(seed: int = 1) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 def diffusers_loop(scheduler, net, latents, steps, *, start=0, step_kwargs=lambda k: {}, blend=None):

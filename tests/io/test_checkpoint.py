@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import SD1, SD2
+from helpers import SD1, SD2, output_errors, perturb, random_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from nijimi.errors import CheckpointError, ConfigError
@@ -32,41 +32,6 @@ TOLERANCE = 1e-4
 # No "!": a transformers CLIPTokenizer whose pad token is "!" (SD 2.x folders, real ones too) splits every "!" off as
 # the special pad token, while SD 2.x was trained with OpenCLIP's tokenizer, which (like nijimi) merges "!!" by BPE.
 PROMPTS = ["a red cube on a blue sphere", "", "Café au lait, 2 cats & 3 dogs?"]
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-
-
-def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
-    model = LatentDiffusion(config)
-    _randomize(model, seed)
-    return model.eval()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def output_errors(model: LatentDiffusion, unet, vae, text, seed: int = 0) -> dict[str, float]:
-    """Relative errors of nijimi's U-Net / VAE / text encoder against diffusers/transformers models."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
-    t = torch.tensor([10, 900])
-    context = torch.randn(2, 5, cfg.unet.context_dim, generator=g)
-    image = torch.randn(1, 3, 16, 16, generator=g)
-    ids = torch.randint(0, cfg.text.vocab_size, (2, 7), generator=g)
-    with torch.no_grad():
-        return {
-            "unet": relative_error(model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
-            "vae.decode": relative_error(model.vae.decode(x[:1, :4]), vae.decode(x[:1, :4]).sample),
-            "vae.encode": relative_error(model.vae.encode(image).mean, vae.encode(image).latent_dist.mean),
-            "text": relative_error(model.text_encoder(ids), text(ids).last_hidden_state),
-        }
 
 
 def same_tensors(a: dict, b: dict) -> bool:
@@ -128,7 +93,7 @@ def diffusers_pipeline(tmp_path, sd2: bool, prediction_type: str) -> StableDiffu
         num_attention_heads=2, hidden_act="gelu" if sd2 else "quick_gelu", vocab_size=49408,
         max_position_embeddings=77))
     for i, module in enumerate((unet, vae, text)):
-        _randomize(module, seed=10 + i)
+        perturb(module, 10 + i)
     folder = tmp_path / "tokenizer_src"
     folder.mkdir()
     for name, content in tokenizer_files(0 if sd2 else 49407, 77).items():
@@ -433,6 +398,7 @@ def _peak_rss_ratio(path) -> float:
     return (int(peak) - int(before)) * 1024 / os.path.getsize(path)
 
 
+# Sized for the memory check (a file over 150 MB), not a toy: the shape matters.
 MEDIUM = ModelConfig(dataclasses.replace(UNetConfig.sd15(), model_channels=64, context_dim=256),
                      VAEConfig(channels=32), TextEncoderConfig(width=256, num_layers=2, num_heads=4), "sd1", 49407)
 

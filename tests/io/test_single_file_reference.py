@@ -24,7 +24,7 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
     create_vae_diffusers_config_from_ldm,
 )
-from helpers import SD1, SD2
+from helpers import SD1, SD2, output_errors, random_model
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.io.checkpoint import load_model, save_single
@@ -32,16 +32,6 @@ from nijimi.models.ldm import LatentDiffusion, ModelConfig
 
 INPAINT = dataclasses.replace(SD1, unet=dataclasses.replace(SD1.unet, in_channels=9))
 TOLERANCE = 1e-4
-
-
-def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
-    """A model whose every parameter (norm scales and biases included) is random."""
-    torch.manual_seed(seed)
-    model = LatentDiffusion(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def ldm_yaml(config: ModelConfig) -> dict:
@@ -84,26 +74,8 @@ def diffusers_reference(ckpt: dict[str, torch.Tensor], config: ModelConfig):
     return unet.eval(), vae.eval(), text.eval()
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def assert_same_outputs(model: LatentDiffusion, reference, seed: int = 0) -> None:
-    unet, vae, text = reference
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=g)
-    t = torch.tensor([10, 900])
-    context = torch.randn(2, 5, cfg.unet.context_dim, generator=g)
-    image = torch.randn(1, 3, 16, 16, generator=g)
-    ids = torch.randint(0, cfg.text.vocab_size, (2, 7), generator=g)
-    with torch.no_grad():
-        errors = {
-            "unet": relative_error(model.unet(x, t, context), unet(x, t, encoder_hidden_states=context).sample),
-            "vae.decode": relative_error(model.vae.decode(x[:1, :4]), vae.decode(x[:1, :4]).sample),
-            "vae.encode": relative_error(model.vae.encode(image).mean, vae.encode(image).latent_dist.mean),
-            "text": relative_error(model.text_encoder(ids), text(ids).last_hidden_state),
-        }
+    errors = output_errors(model, *reference, seed)
     assert max(errors.values()) <= TOLERANCE, errors
 
 

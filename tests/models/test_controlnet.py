@@ -7,33 +7,16 @@ import dataclasses
 import diffusers
 import pytest
 import torch
-from helpers import randomize, rel_err
+from helpers import PARITY_UNET_SD1, PARITY_UNET_SD2, PARITY_UNET_TINY, randomize, rel_err
 
 from nijimi.errors import ConfigError
 from nijimi.io.keys import controlnet_config_to_diffusers, controlnet_to_diffusers
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel, residual_scales
-from nijimi.models.unet import UNetConfig, UNetModel
+from nijimi.models.unet import UNetModel
 
-# Small configs of the real architectures: same block structure (4 levels, 2 res blocks, SD's hint encoder), fewer
-# channels. SD2-style: per-level head counts from a fixed head width, linear projections.
-SD1_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                       num_heads=4, context_dim=32, norm_groups=16)
-SD2_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                       num_heads=None, head_dim=8, context_dim=48, linear_proj=True, upcast_attention=True,
-                       norm_groups=16)
-TINY_SMALL = dataclasses.replace(UNetConfig.tiny(), model_channels=32, norm_groups=16, context_dim=40)
-CONFIGS = {"sd1": ControlNetConfig(SD1_SMALL), "sd2": ControlNetConfig(SD2_SMALL),
-           "tiny": ControlNetConfig(TINY_SMALL, hint_channels=1, hint_widths=(8, 16, 16, 32))}
+CONFIGS = {"sd1": ControlNetConfig(PARITY_UNET_SD1), "sd2": ControlNetConfig(PARITY_UNET_SD2),
+           "tiny": ControlNetConfig(PARITY_UNET_TINY, hint_channels=1, hint_widths=(8, 16, 16, 32))}
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers| per residual, fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models: one thread is faster, and immune to other processes on the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_pair(cfg: ControlNetConfig, seed: int = 0) -> tuple[ControlNetModel, diffusers.ControlNetModel]:
@@ -112,8 +95,8 @@ def test_full_size_matches_diffusers_parameter_layout(preset: str, params: int) 
 
 
 def test_fresh_controlnet_leaves_unet_output_unchanged_exactly() -> None:
-    unet = UNetModel(TINY_SMALL).eval()
-    control = ControlNetModel(ControlNetConfig(TINY_SMALL)).eval()
+    unet = UNetModel(PARITY_UNET_TINY).eval()
+    control = ControlNetModel(ControlNetConfig(PARITY_UNET_TINY)).eval()
     cfg = control.config
     x, t, context, hint = inputs(cfg)
     with torch.inference_mode():
@@ -125,7 +108,7 @@ def test_fresh_controlnet_leaves_unet_output_unchanged_exactly() -> None:
 
 
 def test_from_unet_copies_the_encoder_and_starts_at_zero() -> None:
-    unet = UNetModel(TINY_SMALL).eval()
+    unet = UNetModel(PARITY_UNET_TINY).eval()
     randomize(unet, 2)
     global_state = torch.random.get_rng_state()
     control = ControlNetModel.from_unet(unet, hint_channels=3, generator=torch.Generator().manual_seed(0))
@@ -159,11 +142,11 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ConfigError, match=r"context must be \(2, M, 40\)"):
         control(x, t, context[..., :8], hint)
     with pytest.raises(ConfigError, match="model_channels 32 vs 64; channel_mult"):
-        smaller = dataclasses.replace(TINY_SMALL, model_channels=64, channel_mult=(1, 2), attention_levels=(1,))
+        smaller = dataclasses.replace(PARITY_UNET_TINY, model_channels=64, channel_mult=(1, 2), attention_levels=(1,))
         control.config.check_fits(smaller)
-    control.config.check_fits(dataclasses.replace(TINY_SMALL, out_channels=8, sample_size=96))
+    control.config.check_fits(dataclasses.replace(PARITY_UNET_TINY, out_channels=8, sample_size=96))
     with pytest.raises(ConfigError, match="hint_channels must be ≥ 1, got 0"):
-        ControlNetConfig(TINY_SMALL, hint_channels=0)
+        ControlNetConfig(PARITY_UNET_TINY, hint_channels=0)
     with pytest.raises(ConfigError, match=r"unknown keys \['extra'\]"):
         ControlNetConfig.from_dict({**control.config.to_dict(), "extra": 1})
     assert ControlNetConfig.from_dict(control.config.to_dict()) == control.config

@@ -7,32 +7,15 @@ import dataclasses
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import randomize, rel_err
+from helpers import PARITY_UNET_SD1, PARITY_UNET_SD2, PARITY_UNET_TINY, randomize, rel_err
 
 from nijimi.errors import ConfigError
 from nijimi.io.keys import unet_config_to_diffusers, unet_key_table, unet_to_diffusers
 from nijimi.models.unet import UNetConfig, UNetModel
 
-# Small configs of the real architectures: same block structure, fewer channels.
-SD1_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                       num_heads=4, context_dim=32, norm_groups=16)
-SD2_SMALL = UNetConfig(model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
-                       num_heads=None, head_dim=8, context_dim=48, linear_proj=True, upcast_attention=True,
-                       norm_groups=16)
-INPAINT_SMALL = dataclasses.replace(SD1_SMALL, in_channels=9)
-TINY_SMALL = dataclasses.replace(UNetConfig.tiny(), model_channels=32, norm_groups=16, context_dim=40)
-
-PARITY_CONFIGS = {"sd1": SD1_SMALL, "sd2": SD2_SMALL, "inpaint9": INPAINT_SMALL, "tiny": TINY_SMALL}
+PARITY_CONFIGS = {"sd1": PARITY_UNET_SD1, "sd2": PARITY_UNET_SD2,
+                  "inpaint9": dataclasses.replace(PARITY_UNET_SD1, in_channels=9), "tiny": PARITY_UNET_TINY}
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers|, fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to other processes on the same cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditionModel]:
@@ -66,7 +49,7 @@ def test_parity_with_diffusers(name: str) -> None:
 
 
 def test_parity_controlnet_residuals_and_int_timesteps() -> None:
-    cfg = SD1_SMALL
+    cfg = PARITY_UNET_SD1
     ours, theirs = make_pair(cfg, seed=3)
     x, _, context = inputs(cfg)
     t = torch.tensor([10, 500])
@@ -94,7 +77,7 @@ def skip_shapes(unet: UNetModel, x: torch.Tensor, context: torch.Tensor) -> list
 
 def test_gradients_match_diffusers() -> None:
     """Training goes through the same in-place fast paths: gradients must be diffusers' too."""
-    cfg = TINY_SMALL
+    cfg = PARITY_UNET_TINY
     ours, theirs = make_pair(cfg, seed=9)
     x, t, context = inputs(cfg)
     weights = torch.randn(2, cfg.out_channels, 16, 16, generator=torch.Generator().manual_seed(4))
@@ -109,9 +92,9 @@ def test_gradients_match_diffusers() -> None:
 
 
 def test_attention_slicing_gives_same_result() -> None:
-    ours = UNetModel(TINY_SMALL).eval()
+    ours = UNetModel(PARITY_UNET_TINY).eval()
     randomize(ours, 7)
-    x, t, context = inputs(TINY_SMALL, batch=1)
+    x, t, context = inputs(PARITY_UNET_TINY, batch=1)
     with torch.inference_mode():
         whole = ours(x, t, context)
         ours.set_attention_slice(5)
@@ -120,9 +103,9 @@ def test_attention_slicing_gives_same_result() -> None:
 
 
 def test_half_precision_upcast_attention_stays_close() -> None:
-    ours = UNetModel(SD2_SMALL).eval()
+    ours = UNetModel(PARITY_UNET_SD2).eval()
     randomize(ours, 11)
-    x, t, context = inputs(SD2_SMALL, batch=1)
+    x, t, context = inputs(PARITY_UNET_SD2, batch=1)
     with torch.inference_mode():
         want = ours(x, t, context)
         got = ours.to(torch.bfloat16)(x.bfloat16(), t, context.bfloat16())
@@ -173,7 +156,7 @@ def test_sd21_uses_linear_projections_and_64_channel_heads() -> None:
 def test_presets_and_dict_round_trip() -> None:
     assert UNetConfig.sd21_v() == dataclasses.replace(UNetConfig.sd21(), sample_size=96)
     assert UNetConfig.sd15_pix2pix().in_channels == 8
-    for cfg in (UNetConfig.sd15(), UNetConfig.sd21_v(), UNetConfig.tiny(), SD2_SMALL):
+    for cfg in (UNetConfig.sd15(), UNetConfig.sd21_v(), UNetConfig.tiny(), PARITY_UNET_SD2):
         assert UNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="frobnicate"):
         UNetConfig.from_dict({**UNetConfig.tiny().to_dict(), "frobnicate": 1})
@@ -192,8 +175,8 @@ def test_config_errors_name_the_value(kwargs: dict, message: str) -> None:
 
 
 def test_forward_shape_errors() -> None:
-    unet = UNetModel(TINY_SMALL)
-    x, t, context = inputs(TINY_SMALL, batch=1)
+    unet = UNetModel(PARITY_UNET_TINY)
+    x, t, context = inputs(PARITY_UNET_TINY, batch=1)
     with pytest.raises(ConfigError, match=r"\(1, 5, 16, 16\)"):
         unet(torch.zeros(1, 5, 16, 16), t, context)
     with pytest.raises(ConfigError, match="context"):

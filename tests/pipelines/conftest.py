@@ -16,44 +16,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from helpers import TOY_F8, random_model
 from PIL import Image, ImageDraw
 
 from nijimi.io.checkpoint import save_diffusers
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
+from nijimi.models.ldm import ModelConfig
 from nijimi.pipelines.pipeline import Pipeline, load
 
 SIZE = 64
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=SIZE // 8),
-    VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
-    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+CONFIG = TOY_F8
 INPAINT_CONFIG = dataclasses.replace(CONFIG, unet=dataclasses.replace(CONFIG.unet, in_channels=9))
-
-
-def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
-    """A LatentDiffusion whose weights are the init plus N(0, 0.05²) noise (so zero-init layers are not zero); the
-    same for the same seed (the global RNG, which the init draws from, is restored afterwards)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LatentDiffusion(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model.eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster on a shared machine, and its sums do not depend on the core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from helpers import randomize, rel_err
 from PIL import Image
 
 from nijimi.diffusion.guidance import GuidedNetwork
@@ -36,14 +37,6 @@ UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, a
                   context_dim=32, norm_groups=16)
 CONTROL = ControlNetConfig(UNET)
 TOLERANCE = 1e-4  # max |nijimi − diffusers| / max |diffusers|, fp32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gradient_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -173,15 +166,6 @@ def test_load_control_unit(tmp_path) -> None:
 
 # ---- residuals ----------------------------------------------------------------------------------------------------
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 else
-                    1.0 + 0.1 * noise if name.endswith("weight") and "norm" in name else 0.1 * noise)
-
-
 @pytest.fixture(scope="module")
 def models():
     """A random U-Net and two random ControlNets, each with its diffusers twin (weights moved by nijimi's tables)."""
@@ -206,10 +190,6 @@ def batch_inputs(seed: int = 5) -> tuple[torch.Tensor, ...]:
     context = torch.randn(2, 7, 32, generator=gen)
     maps = [torch.rand(1, 3, 128, 128, generator=gen) for _ in range(2)]
     return x, torch.tensor([641, 641]), context, maps
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("count", [1, 2], ids=["one", "two-summed"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import TOY_F4, TOY_F8, perturb, random_model
 from PIL import Image, ImageDraw
 
 from nijimi import cli
@@ -20,45 +20,19 @@ from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import read_png_metadata
 from nijimi.io.safetensors import read_metadata
 from nijimi.models.controlnet import ControlNetModel
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
 from nijimi.ui.control import add_control_parsers, add_eval_control_parser, control_infotext
 
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8),
-    VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
-    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+CONFIG = TOY_F8
 FAST = ["--steps", "3", "--size", "64x64", "--seed", "5", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def perturbed(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return module
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """A small random model file, a random ControlNet for it, one for a VAE of another scale, and a map picture."""
     folder = tmp_path_factory.mktemp("control_cli")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = perturbed(LatentDiffusion(CONFIG), 0)
+    model = random_model(CONFIG, 0)
     save_single(model, folder / "tiny.safetensors")
-    save_original(perturbed(ControlNetModel.from_unet(model.unet), 1), folder / "cn.safetensors")
+    save_original(perturb(ControlNetModel.from_unet(model.unet), 1), folder / "cn.safetensors")
     save_original(ControlNetModel.from_unet(model.unet, hint_widths=(16, 32, 96)), folder / "cn4.safetensors")
     picture = Image.new("RGB", (80, 48))
     ImageDraw.Draw(picture).rectangle((20, 10, 50, 40), fill=(255, 255, 255))
@@ -130,11 +104,7 @@ def test_infotext_of_a_unit_and_guess_mode():
 
 # ---- train-controlnet and eval control ----------------------------------------------------------------------------
 
-SMALL = ModelConfig(  # 32×32 images, a factor-4 VAE like the embedded model's
-    UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8, norm_groups=8),
-    VAEConfig(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
-    TextEncoderConfig(width=32, num_layers=1, num_heads=2, mlp_width=64), "sd1", 49407)
+SMALL = TOY_F4  # 32×32 images, a factor-4 VAE like the embedded model's
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
@@ -159,9 +129,7 @@ def wired(monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        model = perturbed(LatentDiffusion(SMALL), 1)
+    model = random_model(SMALL, 1)
     path = tmp_path_factory.mktemp("small") / "small.safetensors"
     save_single(model, path)
     return path

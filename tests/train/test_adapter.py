@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import run_gloo_ranks
+from helpers import TOY_F2, random_model, run_gloo_ranks
 from PIL import Image
 
 from nijimi.adapters.formats import read_adapter
@@ -19,10 +19,7 @@ from nijimi.diffusion.forward import diffusion_loss
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
+from nijimi.models.ldm import LatentDiffusion
 from nijimi.train.adapter import (
     AdapterTrainConfig,
     ConceptShapes,
@@ -35,32 +32,13 @@ from nijimi.train.shapes import CONCEPT_COLOURS, ShapesDataset
 from nijimi.train.trainer import step_generator
 
 # SD's architecture at toy size: 16×16 images, an f=2 VAE (8×8 latents), a 2-level U-Net, a 2-layer text encoder.
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8),
-    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
-    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+CONFIG = TOY_F2
 
 
 def base_model(seed: int = 0) -> LatentDiffusion:
     """The same random model for the same seed: the init plus N(0, 0.05²), so zero-initialised output layers pass
-    gradients to the adapters."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LatentDiffusion(CONFIG)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
+    gradients to the adapters (:func:`helpers.random_model`)."""
+    return random_model(CONFIG, seed)
 
 
 def config(tmp_path, **changes) -> AdapterTrainConfig:

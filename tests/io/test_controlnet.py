@@ -10,6 +10,7 @@ import diffusers
 import pytest
 import safetensors.torch
 import torch
+from helpers import randomize, rel_err
 
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.controlnet import (
@@ -61,21 +62,10 @@ SD2_SMALL_JSON = {"_class_name": "ControlNetModel", "in_channels": 4, "condition
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_controlnet(cfg: ControlNetConfig, seed: int) -> ControlNetModel:
     """Every parameter seeded noise (zero convolutions too), so no residual is trivially zero."""
     model = ControlNetModel(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10))
+    randomize(model, seed)
     return model.eval()
 
 
@@ -97,7 +87,7 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert b.abs().max() > 1e-3
-        assert ((a - b).abs().max() / b.abs().max()).item() <= TOLERANCE
+        assert rel_err(a, b) <= TOLERANCE
 
 
 def shapes_of(cfg: ControlNetConfig) -> dict[str, tuple[int, ...]]:

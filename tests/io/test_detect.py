@@ -1,8 +1,4 @@
-"""Architecture detection from single-file keys and shapes (nijimi/io/detect.py).
-
-Named test_model_detect.py, not test_detect.py: tests/train/test_detect.py exists and pytest's default import mode
-needs unique basenames.
-"""
+"""Architecture detection from single-file keys and shapes (nijimi/io/detect.py)."""
 
 from __future__ import annotations
 

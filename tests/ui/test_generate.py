@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TOY_F8, random_model
 from PIL import Image
 
 from nijimi.adapters.formats import save_adapter
@@ -21,38 +22,17 @@ from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import model_hash, read_png_metadata
 from nijimi.models.controlnet import ControlNetModel
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.request import GenerationRequest
 
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8),
-    VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
-    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+CONFIG = TOY_F8
 FAST = ["--steps", "3", "--size", "64x64", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A small random SD-architecture model in a single .safetensors file (the init plus noise: a fresh text
     encoder's final LayerNorm gives hidden states of mean exactly 0, which A1111's emphasis rescaling divides by)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LatentDiffusion(CONFIG)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+    model = random_model(CONFIG, 0)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_single(model, path)
     return path

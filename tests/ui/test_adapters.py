@@ -5,10 +5,12 @@ one ``error:`` line and no file."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from helpers import TOY_F2, random_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -17,38 +19,13 @@ from nijimi.adapters.formats import read_adapter
 from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
+from nijimi.models.ldm import LatentDiffusion
 from nijimi.ui.adapters import add_adapter_parsers
 
 # 16×16 images through an f=2 VAE: 8×8 latents, a 2-level U-Net; a few training steps take a fraction of a second.
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8),
-    VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1),
-    TextEncoderConfig(width=32, num_layers=2, num_heads=2, mlp_width=64), "sd1", 49407)
+CONFIG = TOY_F2
 TO_K = "input_blocks.3.1.transformer_blocks.0.attn2.to_k"
 FC1 = "text_model.encoder.layers.0.mlp.fc1"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_model() -> LatentDiffusion:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LatentDiffusion(CONFIG)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +33,7 @@ def models(tmp_path_factory):
     """(base file, tuned file): the tuned model is the base plus rank-1 changes of one U-Net and one text-encoder
     layer, so a rank ≥ 1 LoRA reproduces it exactly."""
     folder = tmp_path_factory.mktemp("models")
-    model = random_model()
+    model = random_model(CONFIG, 0)
     save_single(model, folder / "base.safetensors")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -175,8 +152,7 @@ def test_lora_extract_user_errors(nijimi, models, tmp_path):
     assert_user_error(nijimi(*extract, "--tuned", models[0], "--rank", "2"), "does not differ")
     assert_user_error(nijimi(*extract, "--tuned", models[1], "--rank", "0"), "rank must be ≥ 1")
     assert_user_error(nijimi(*extract, "--tuned", tmp_path / "no.safetensors", "--rank", "2"), "no such file")
-    other = LatentDiffusion(ModelConfig(CONFIG.unet, CONFIG.vae, TextEncoderConfig(
-        width=32, num_layers=2, num_heads=2, mlp_width=48), "sd1", 49407))
+    other = LatentDiffusion(dataclasses.replace(CONFIG, text=dataclasses.replace(CONFIG.text, mlp_width=48)))
     save_single(other, tmp_path / "other.safetensors")
     assert_user_error(nijimi(*extract, "--tuned", tmp_path / "other.safetensors", "--rank", "2"), "mlp.fc1")
     assert not out.exists()

@@ -11,14 +11,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import TOY_F4, random_model
 from PIL import Image
 
 from nijimi.errors import ConfigError
 from nijimi.io.controlnet import load_controlnet
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.models.text_encoder import TextEncoderConfig
-from nijimi.models.unet import UNetConfig
-from nijimi.models.vae import VAEConfig
+from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control_maps import canny
 from nijimi.train.config import build_config, read_toml
 from nijimi.train.controlnet import (
@@ -39,31 +37,12 @@ from nijimi.train.shapes import COLOURS, Scene, Shape, ShapesDataset, render
 from nijimi.train.trainer import step_generator
 
 # A 32×32-pixel model with a factor-4 VAE (like the embedded model's): 8×8 latents, a 3-level hint encoder.
-CONFIG = ModelConfig(
-    UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
-               context_dim=32, sample_size=8, norm_groups=8),
-    VAEConfig(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
-    TextEncoderConfig(width=32, num_layers=1, num_heads=2, mlp_width=64), "sd1", 49407)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+CONFIG = TOY_F4
 
 
 def make_base() -> LatentDiffusion:
-    """The same random base every call (init plus N(0, 0.05²), without touching the global RNG)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LatentDiffusion(CONFIG)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model
+    """The same random base every call (:func:`helpers.random_model`, the global RNG untouched)."""
+    return random_model(CONFIG, 0)
 
 
 def config(tmp_path, **kwargs) -> ControlNetTrainConfig:
