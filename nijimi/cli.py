@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 from nijimi import __version__
 from nijimi.diffusion.explain import explain_schedules
-from nijimi.diffusion.sampler_names import SPACINGS
-from nijimi.diffusion.samplers import SAMPLERS
+from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
 from nijimi.train.run import finish_distributed

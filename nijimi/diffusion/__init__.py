@@ -1,6 +1,6 @@
-"""The diffusion core: schedules, the forward process and losses, the denoiser wrapper, guidance and samplers.
+"""The diffusion core: schedules, the forward process and losses, the denoiser and guidance, samplers.
 
-schedules.py (β, ᾱ, σ, sampling σ's) → forward.py (noising, targets, loss) → denoiser.py (network → D(x, σ)) →
-guidance.py (classifier-free guidance) → samplers.py (the sampling loops; noise.py supplies their randomness);
-explain.py draws the schedules.
+schedules.py (β, ᾱ, σ, sampling σ's) → forward.py (noising, targets, loss) → guidance.py (network → denoiser
+D(x, σ), classifier-free guidance) → samplers.py (the sampling loops and their names; noise.py supplies their
+randomness); explain.py draws the schedules.
 """

@@ -1,6 +1,8 @@
 """One object that turns requests into images with a loaded model: ``nijimi.load(...)`` → ``pipe.generate(...)``.
 
-The path of a prompt: the text encoder makes the conditioning (:mod:`nijimi.pipelines.conditioning`), the sampler
+The path of a prompt: the text encoder makes the conditioning of every step (A1111's rules, :mod:`nijimi.text.prompt`;
+:class:`Conditioner` caches each prompt's encoding: a second generation with the same prompt, steps and clip skip
+runs no text-encoder pass), the sampler
 walks σ down through a stack of small wrappers around the U-Net (per-step conditioning → denoiser → guidance →
 dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE decodes the
 latent. img2img and inpainting only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
@@ -9,6 +11,7 @@ latent. img2img and inpainting only change the starting latent and add a per-ste
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from nijimi.diffusion.denoiser import Denoiser
-from nijimi.diffusion.guidance import GuidedNetwork
-from nijimi.diffusion.sampler_names import default_sampler
-from nijimi.diffusion.samplers import Callback, StepInfo
+from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
+from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import embedded_path
 from nijimi.errors import PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
@@ -28,13 +29,83 @@ from nijimi.io.pngmeta import model_hash
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines import edit
 from nijimi.pipelines.adapters import apply_loras
-from nijimi.pipelines.conditioning import Conditioner, StepConditioning
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
 from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
+from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
 
 EMBEDDED = "embedded"
+
+
+CACHE_SIZE = 32
+"""Prompt encodings kept per pipeline (an SD 1.x encoding of one text is 77 × 768 floats, 236 kB)."""
+
+
+@dataclass(frozen=True)
+class StepConditioning:
+    """The prompt's and (with guidance) the negative prompt's conditioning over the sampling steps."""
+
+    cond: ScheduledCond
+    uncond: ScheduledCond | None
+
+    @property
+    def guidance_weight(self) -> float:
+        """A1111's prompt weight (``"a cat :1.5"``) multiplies the guidance scale."""
+        return self.cond.weight
+
+    def at(self, step: int, batch: int) -> tuple[dict, dict | None]:
+        """The U-Net inputs for sampling step ``step`` (0-based), repeated for ``batch`` images: the text ``context``
+        and ``is_cond`` (batch,) bool, True in the conditional branch (guided batches keep telling the rows apart)."""
+        context = self.cond.at_step(step).expand(batch, -1, -1)
+        c = {"context": context, "is_cond": torch.ones(batch, dtype=torch.bool, device=context.device)}
+        if self.uncond is None:
+            return c, None
+        return c, {"context": self.uncond.at_step(step).expand(batch, -1, -1), "is_cond": ~c["is_cond"]}
+
+    def per_step(self, denoiser: Callable[..., torch.Tensor], first: int, batch: int) -> Callable[..., torch.Tensor]:
+        """The top of the model stack, what the sampler calls: ``model(x, σ, step=i)`` gives ``denoiser`` the
+        conditioning of sampling step ``first + i`` (prompt editing picks the text per step; img2img samplers start
+        at step ``first``) and that step index."""
+
+        def model(x: torch.Tensor, sigma: torch.Tensor, *, step: int) -> torch.Tensor:
+            cond, uncond = self.at(first + step, batch)
+            return denoiser(x, sigma, cond=cond, uncond=uncond, step=first + step)
+
+        return model
+
+
+class Conditioner:
+    """Encodes prompts with the model's tokenizer and text encoder, caching each prompt's encoding.
+
+    Encodings come in the text encoder's dtype, on its device.
+    """
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        self.model = model
+        self.tokenizer = model.config.tokenizer()
+        self.cache: OrderedDict[tuple, ScheduledCond] = OrderedDict()
+
+    @torch.inference_mode()
+    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool) -> ScheduledCond:
+        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``)."""
+        key = (prompt, steps, clip_skip, negative)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        text_encoder = self.model.text_encoder
+        device = next(text_encoder.parameters()).device
+        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip)  # noqa: E731
+        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
+        return self.cache[key]
+
+    def step_conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int | None,
+                          guided: bool) -> StepConditioning:
+        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch)."""
+        return StepConditioning(self.schedule(prompt, steps, clip_skip, False),
+                                self.schedule(negative, steps, clip_skip, True) if guided else None)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from nijimi.adapters.tags import parse_lora_option, resolve_lora
-from nijimi.diffusion.sampler_names import SamplerChoice, parse_sampler
+from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
 from nijimi.embedded import ADAPTERS, CONTROLNET
 from nijimi.errors import ConfigError, ImageError
 from nijimi.pipelines.adapters import LoraRequest
@@ -72,7 +72,7 @@ Control = ControlSpec | ControlUnit
 class GenerationRequest:
     """What to generate. ``seed`` None draws a random seed once, here; image i of a batch uses ``seed + i``.
     ``width``/``height`` None: the init image's size, else the model's native size. ``sampler`` None: the model's
-    default (:func:`~nijimi.diffusion.sampler_names.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
+    default (:func:`~nijimi.diffusion.samplers.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
     names its files from anywhere."""

@@ -16,12 +16,15 @@ from diffusers import (
 )
 from helpers import rel_err as max_rel
 
-from nijimi.diffusion.denoiser import Denoiser
+from nijimi.diffusion.guidance import Denoiser
 from nijimi.diffusion.noise import BrownianNoise, gaussian_noise
-from nijimi.diffusion.sampler_names import SPACINGS, SamplerChoice, default_sampler, parse_sampler
 from nijimi.diffusion.samplers import (
     SAMPLERS,
+    SPACINGS,
+    SamplerChoice,
     StepInfo,
+    default_sampler,
+    parse_sampler,
     sample_ddim,
     sample_ddpm,
     sample_euler,

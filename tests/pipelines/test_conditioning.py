@@ -9,7 +9,7 @@ import torch
 
 from nijimi.errors import PromptError
 from nijimi.models.ldm import LatentDiffusion
-from nijimi.pipelines import conditioning
+from nijimi.pipelines import pipeline
 from nijimi.pipelines.pipeline import Pipeline
 
 
@@ -138,7 +138,7 @@ def test_same_prompt_twice_runs_the_text_encoder_once(pipe):
 
 
 def test_cache_keeps_the_most_recent_prompts(pipe, monkeypatch):
-    monkeypatch.setattr(conditioning, "CACHE_SIZE", 2)
+    monkeypatch.setattr(pipeline, "CACHE_SIZE", 2)
     for prompt in ("one", "two", "one", "three"):
         pipe.conditioner.schedule(prompt, 4, None, False)
     assert [key[0] for key in pipe.conditioner.cache] == ["one", "three"]
