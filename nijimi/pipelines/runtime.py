@@ -12,7 +12,7 @@ from nijimi.errors import ConfigError
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Weight dtypes of the U-Net and text encoder a pipeline can run in; the VAE and the samplers stay float32."""
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -35,11 +35,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` → ``"bf16"`` (the names of :data:`DTYPES`); ConfigError for any other dtype."""
-    for name, value in DTYPES.items():
+    """``torch.bfloat16`` → ``"bf16"`` (the names of :data:`WEIGHT_DTYPES`); ConfigError for any other dtype."""
+    for name, value in WEIGHT_DTYPES.items():
         if value == dtype:
             return name
-    raise ConfigError(f"dtype {dtype} is not one of {', '.join(map(str, DTYPES.values()))}")
+    raise ConfigError(f"dtype {dtype} is not one of {', '.join(map(str, WEIGHT_DTYPES.values()))}")
 
 
 def available_memory() -> int:

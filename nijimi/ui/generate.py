@@ -16,7 +16,7 @@ from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.pipelines.runtime import DTYPES, dtype_name
+from nijimi.pipelines.runtime import WEIGHT_DTYPES, dtype_name
 from nijimi.ui.adapters import report_unmatched
 from nijimi.ui.control import control_infotext
 from nijimi.ui.progress import ProgressBar
@@ -110,7 +110,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
-    pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=DTYPES[args.dtype])
+    pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
     for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet):
         print(path)
     return 0
@@ -122,12 +122,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
     request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
     dtype = recipe.get("dtype", "fp32")
-    if dtype not in DTYPES:
-        raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     model = args.model or recipe["model"].get("source")
     if not isinstance(model, str) or not model:
         raise NijimiError(f"{args.image}: the recipe names no model; give one with --model")
-    pipe = load(model, device=args.device, dtype=DTYPES[dtype])
+    pipe = load(model, device=args.device, dtype=WEIGHT_DTYPES[dtype])
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
@@ -145,7 +145,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_request_arguments(p)
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
     p.add_argument("--model-config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+    p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32",
                    help="U-Net and text-encoder weights (default fp32; bf16 halves their memory, the VAE stays fp32)")
     add_output_arguments(p)
 

@@ -36,7 +36,7 @@ def test_cuda_without_cuda_is_a_config_error():
 
 def test_dtype_names():
     assert dtype_name(torch.float32) == "fp32" and dtype_name(torch.bfloat16) == "bf16"
-    assert runtime.DTYPES["bf16"] is torch.bfloat16
+    assert runtime.WEIGHT_DTYPES["bf16"] is torch.bfloat16
     with pytest.raises(ConfigError, match="float16"):
         dtype_name(torch.float16)
 
