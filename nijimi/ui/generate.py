@@ -48,8 +48,9 @@ def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
 
 
 def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
+    eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
     extra = {"Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
-             "Eta": r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra=extra)

@@ -116,6 +116,8 @@ def test_reproduce_regenerates_every_kind_of_image(capsys, model_file, extras, t
     recipe = read_png_metadata(again)["recipe"]["request"]
     assert recipe == read_png_metadata(first)["recipe"]["request"]
     assert GenerationRequest.from_dict(recipe).to_dict() == recipe
+    if "--eta" in args:  # A1111 records DDIM's η as "Eta DDIM"
+        assert str(read_png_metadata(first)["settings"]["Eta DDIM"]) == "0.5"
 
 
 def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_path):
