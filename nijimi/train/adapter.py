@@ -21,7 +21,6 @@ training image (:class:`WithRegularization`), so the adapter also learns to leav
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +31,11 @@ from nijimi import __version__
 from nijimi.adapters.formats import FORMATS, save_adapter
 from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
-from nijimi.embedded import embedded_path
-from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io.checkpoint import load_model
+from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
+from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, finetune_trainer, load_base, run_finetune
 from nijimi.train.ldm import DiffusionObjective
-from nijimi.train.report import run_with_reports, write_grid
 from nijimi.train.shapes import (
     COLOURS,
     CONCEPT_COLOURS,
@@ -49,9 +46,8 @@ from nijimi.train.shapes import (
     to_tensor,
     with_concept,
 )
-from nijimi.train.trainer import LoopConfig, Trainer
+from nijimi.train.trainer import OnStep
 
-EMBEDDED = "embedded"
 ADAPTER_NAME = "default"
 ADAPTER_TYPES: dict[str, dict] = {
     "lora": {"kind": "lora"},
@@ -64,30 +60,20 @@ ADAPTER_TYPES: dict[str, dict] = {
 DEFAULT_TARGETS = {"locon": "all"}
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
 
-OnStep = Callable[[Trainer, float, float], None]
-# sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
-SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
-
-
 @dataclass
-class AdapterTrainConfig(LoopConfig):
-    """Every setting of an adapter run (``--key=value`` overrides name these fields), on top of :class:`LoopConfig`.
+class AdapterTrainConfig(FineTuneConfig):
+    """Every setting of an adapter run, on top of :class:`FineTuneConfig`.
 
     ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha`` 0 mean ``rank``/``alpha``. ``targets``:
     a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated glob patterns over native module paths;
-    empty means the type's default. ``size`` 0 means the model's native size. ``work``: folder for the checkpoint,
-    loss curve and sample grids (default: ``out`` without its ending + ``-train``). ``min_snr_gamma`` 0 switches
-    Min-SNR weighting off. ``sample_prompts`` empty: the first four captions of the data. ``half``: save float16.
-    ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after each training image.
+    empty means the type's default. ``data``: also ``shapes-pink`` (:class:`ConceptShapes`). ``sample_prompts``
+    empty: the first four captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none
+    when empty), one after each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight
+    the loss by each image's mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
     """
 
     out: str = "adapter.safetensors"
-    work: str = ""
-    base: str = EMBEDDED
-    data: str = "shapes"
-    data_count: int = 64
     reg_data: str = ""
-    size: int = 0
     type: str = "lora"
     rank: int = 4
     alpha: float = 0.0
@@ -98,20 +84,10 @@ class AdapterTrainConfig(LoopConfig):
     text_encoder: bool = False
     mask_loss: bool = False
     format: str = "kohya"
-    half: bool = False
-    caption_dropout: float = 0.0
-    min_snr_gamma: float = 5.0
-    sample_every: int = 100
-    sample_steps: int = 20
     sample_prompts: tuple = ()
-    steps: int = 500
-    batch_size: int = 4
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    ema_decay: float = 0.0
-    save_every: int = 100
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.type not in ADAPTER_TYPES:
             raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}")
         if self.format not in FORMATS:
@@ -120,13 +96,6 @@ class AdapterTrainConfig(LoopConfig):
             raise ConfigError(f"rank must be ≥ 1 and conv_rank ≥ 0, got rank={self.rank}, conv_rank={self.conv_rank}")
         if self.alpha < 0 or self.conv_alpha < 0:
             raise ConfigError(f"alpha must be ≥ 0 (0: = rank), got alpha={self.alpha}, conv_alpha={self.conv_alpha}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
-
-    @property
-    def work_dir(self) -> Path:
-        out = Path(self.out)
-        return Path(self.work) if self.work else out.with_name(out.stem + "-train")
 
     def spec(self) -> AdapterSpec:
         """The adapter to inject."""
@@ -163,12 +132,6 @@ class ConceptShapes:
         return to_tensor(render(scene, self.base.size, self.palette)), caption
 
 
-def load_base(source: str) -> LatentDiffusion:
-    """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
-    model, _ = load_model(embedded_path() if source == EMBEDDED else source)
-    return model
-
-
 class WithRegularization:
     """Training images interleaved with regularization images: ``dataset[2i]`` is ``data[i]`` and ``dataset[2i + 1]``
     is ``reg[i mod len(reg)]`` (kohya repeats its regularization images to as many as there are training images)."""
@@ -194,12 +157,9 @@ def _open_images(source: str, cfg: AdapterTrainConfig, size: int) -> ShapesDatas
 
 
 def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
-    """The training images at ``cfg.size`` (default: the native size of a model of ``config``), followed one by one
-    by the regularization images of ``cfg.reg_data`` when it is given."""
-    multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
-    size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
-    if size % multiple:
-        raise ConfigError(f"image size {size} must be a multiple of {multiple} for this model")
+    """The training images at ``cfg.image_size`` for a model of ``config``, followed one by one by the
+    regularization images of ``cfg.reg_data`` when it is given."""
+    size = cfg.image_size(config)
     data = _open_images(cfg.data, cfg, size)
     return WithRegularization(data, _open_images(cfg.reg_data, cfg, size)) if cfg.reg_data else data
 
@@ -226,14 +186,25 @@ class AdapterObjective(nn.Module):
 
 
 @dataclass
-class AdapterTraining:
-    """A prepared run: the model with the adapter injected, the data, and the trainer of :class:`AdapterObjective`."""
+class AdapterTraining(FineTuning):
+    """A prepared run: the model with the adapter injected (at ``paths``), the data, and the trainer of
+    :class:`AdapterObjective`."""
 
-    cfg: AdapterTrainConfig
     model: LatentDiffusion
     data: object
-    trainer: Trainer
     paths: list[str]
+
+    title = "adapter"
+
+    def sample_grid(self, sample_fn: SampleFn) -> tuple[list, None]:
+        """The sample prompts (``cfg.sample_prompts`` or the data's first four captions) drawn with the adapter."""
+        prompts = list(self.cfg.sample_prompts) or [self.data[i][1] for i in range(min(4, len(self.data)))]
+        return sample_fn(self.model, prompts, self.cfg.sample_steps, self.cfg.seed), None
+
+    def save(self, out: Path) -> None:
+        """The adapter as a ``cfg.format`` file with kohya's training metadata."""
+        save_adapter(get_adapter(self.model, ADAPTER_NAME), out, self.model.config, self.cfg.format,
+                     dtype=torch.float16 if self.cfg.half else None, metadata=training_metadata(self))
 
 
 def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = None, data=None,
@@ -247,27 +218,9 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
                                    min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
                                    mask_loss=cfg.mask_loss)
     paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
-    trainer = Trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir)
-    if resume and trainer.checkpoint_path.is_file():
-        try:
-            trainer.resume()
-        except (RuntimeError, KeyError) as e:  # the checkpoint's adapter has other modules or shapes
-            raise CheckpointError(f"{trainer.checkpoint_path} was made for another adapter (type, rank or "
-                                  f"targets differ); start without --resume or use another work folder: "
-                                  f"{str(e).splitlines()[0]}") from None
-    return AdapterTraining(cfg, model, data, trainer, paths)
-
-
-def _prompts(cfg: AdapterTrainConfig, data) -> list[str]:
-    return list(cfg.sample_prompts) or [data[i][1] for i in range(min(4, len(data)))]
-
-
-def write_samples(run: AdapterTraining, sample_fn: SampleFn) -> Path:
-    """A sample grid with the adapter's EMA weights at the current step (live weights restored afterwards)."""
-    with run.trainer.averaged_weights():
-        run.model.eval()
-        images = sample_fn(run.model, _prompts(run.cfg, run.data), run.cfg.sample_steps, run.cfg.seed)
-    return write_grid(images, run.cfg.work_dir / f"samples-{run.trainer.step:06d}.png")
+    trainer = finetune_trainer(cfg, AdapterObjective(objective, model), len(data), resume,
+                               "was made for another adapter (type, rank or targets differ)")
+    return AdapterTraining(cfg, trainer, model, data, paths)
 
 
 def training_metadata(run: AdapterTraining) -> dict[str, str]:
@@ -289,29 +242,13 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
                                    + (f" --reg-data {cfg.reg_data}" if cfg.reg_data else "")}
 
 
-def save_trained(run: AdapterTraining) -> Path:
-    """Write the adapter (EMA weights) to ``cfg.out`` atomically in ``cfg.format``."""
-    run.trainer.ema.copy_to(run.trainer.module)
-    out = Path(run.cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_adapter(get_adapter(run.model, ADAPTER_NAME), out, run.model.config, run.cfg.format,
-                 dtype=torch.float16 if run.cfg.half else None, metadata=training_metadata(run))
-    return out
-
-
 def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: bool = False,
                   on_step: OnStep | None = None, sample_fn: SampleFn | None = None,
                   model: LatentDiffusion | None = None, data=None) -> AdapterTraining:
-    """Run the whole recipe (see the module docstring); returns the finished run (``cfg.out`` written).
+    """Run the whole recipe (see the module docstring) with :func:`run_finetune`; returns the finished run.
 
-    ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. An existing ``cfg.out`` is refused before any
-    work unless ``overwrite``. Sample grids (with ``sample_fn``) are made at step 0 — the base model — and every
-    ``sample_every`` steps.
+    ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. Sample grids (with ``sample_fn``) are made at
+    step 0 — the base model — and every ``sample_every`` steps.
     """
-    if Path(cfg.out).exists() and not overwrite:
-        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
-    run = prepare_training(cfg, model, data, resume)
-    samples = None if sample_fn is None else lambda: write_samples(run, sample_fn)
-    run_with_reports(run.trainer, cfg.sample_every, "adapter", samples, on_step)
-    save_trained(run)
-    return run
+    return run_finetune(cfg, lambda: prepare_training(cfg, model, data, resume), overwrite=overwrite,
+                        on_step=on_step, sample_fn=sample_fn)

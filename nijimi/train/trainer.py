@@ -23,9 +23,16 @@ from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.files import atomic_write
 from nijimi.train.ema import EMA
 
+OnStep = Callable[["Trainer", float, float], None]
+"""``on_step(trainer, loss, seconds)``: called after each optimiser step."""
+
 
 @dataclass
 class LoopConfig:
+    """The loop: AdamW (``lr``, ``weight_decay``, ``betas``) with ``warmup_steps`` of linear warm-up, then cosine decay
+    to ``min_lr_ratio``·lr; gradient norm clipped to ``grad_clip`` (0: off); EMA of the weights with ``ema_decay``; a
+    checkpoint every ``save_every`` steps (0: never); ``seed`` fixes data order and every random draw."""
+
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-4
@@ -137,7 +144,7 @@ class Trainer:
         self.losses.append(float(value))
         return float(value)
 
-    def run(self, until: int | None = None, on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
+    def run(self, until: int | None = None, on_step: OnStep | None = None) -> None:
         """Train to step ``until`` (default ``cfg.steps``); ``on_step(trainer, loss, seconds)`` after each step."""
         until = self.cfg.steps if until is None else until
         while self.step < until:
@@ -149,7 +156,7 @@ class Trainer:
                 self.save()
 
     def run_reporting(self, every: int, report: Callable[[Trainer], None],
-                      on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
+                      on_step: OnStep | None = None) -> None:
         """:meth:`run` to ``cfg.steps``, calling ``report(self)`` (loss curves, sample grids) every ``every`` steps
         and after the last one (``every`` 0: never)."""
 

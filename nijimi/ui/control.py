@@ -15,24 +15,18 @@ from PIL import Image
 
 from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError, NijimiError
+from nijimi.eval.adherence import evaluate_control, format_control_table
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control import ControlUnit
 from nijimi.pipelines.control_maps import PREPROCESSORS, ControlSpec, parse_control_spec, preprocess
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
-from nijimi.train.config import build_config, read_toml
-from nijimi.train.controlnet import (
-    MASK,
-    ControlNetTrainConfig,
-    ControlPairs,
-    Preprocess,
-    evaluate_control,
-    format_control_table,
-    train_controlnet,
-)
+from nijimi.train.config import build_config
+from nijimi.train.controlnet import MASK, ControlNetTrainConfig, ControlPairs, Preprocess, map_image, train_controlnet
 from nijimi.train.report import write_grid
 from nijimi.train.shapes import ShapesDataset
+from nijimi.ui.config_flags import add_config_flags, config_values
 from nijimi.ui.progress import ProgressBar, TrainingProgress
 
 CONTROL_HELP = ("steer with a ControlNet: model=PATH|embedded,image=IMG[,scale=1][,pre=map|invert|canny]"
@@ -93,9 +87,6 @@ def _number(value: object) -> str:
 # ---- train-controlnet ---------------------------------------------------------------------------------------------
 
 CONDITIONS = (MASK, *PREPROCESSORS)
-_SETTINGS = tuple(f.name for f in dataclasses.fields(ControlNetTrainConfig))
-_FLAGGED = ("base", "data", "condition", "out", "steps", "batch_size", "lr", "work")
-"""Settings with a flag of their own; the others get a generic ``--key=value``."""
 
 
 def condition_preprocess(condition: str, low: float = 100, high: float = 200) -> Preprocess | None:
@@ -119,9 +110,7 @@ def sample_control_images(base: LatentDiffusion, controlnet: ControlNetModel, pr
 
 
 def cmd_train_controlnet(args: argparse.Namespace) -> int:
-    values = read_toml(args.config) if args.config else {}
-    values.update({k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)})
-    cfg = build_config(ControlNetTrainConfig, values)
+    cfg = build_config(ControlNetTrainConfig, config_values(args))
     maker = condition_preprocess(cfg.condition, cfg.low, cfg.high)
     with TrainingProgress(args.quiet) as progress:
         train_controlnet(cfg, preprocess=maker, resume=args.resume, overwrite=args.overwrite,
@@ -133,28 +122,13 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
 
 def add_control_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-controlnet`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    p = sub.add_parser("train-controlnet", help="train a ControlNet that steers a locked model with condition maps")
-    p.add_argument("--config", help="a TOML recipe of the settings below (e.g. configs/controlnet-shapes.toml); "
-                                    "flags override it")
-    p.add_argument("--base", help=f"model to steer: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
-    p.add_argument("--data", help="shapes (the default) or a folder of captioned images")
-    p.add_argument("--condition", help=f"condition maps: {', '.join(CONDITIONS)} (default {MASK})")
-    p.add_argument("--out", help="the ControlNet file to write (.safetensors, original layout)")
-    p.add_argument("--steps", type=int, help="training steps (default 2000)")
-    p.add_argument("--batch-size", type=int, help="images per step (default 8)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    p.add_argument("--work", help="folder for the checkpoint, loss curve and sample grids (default OUT-train/)")
+    p = sub.add_parser("train-controlnet", allow_abbrev=False,
+                       help="train a ControlNet that steers a locked model with condition maps")
     p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    group = p.add_argument_group("run settings", "every other setting as --key=value, e.g. --low=50 --high=150 "
-                                                 "--caption-dropout=0.3 --sample-every=0 --half=true")
-    defaults = ControlNetTrainConfig()
-    for name in _SETTINGS:
-        if name not in _FLAGGED:
-            flags = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
-            group.add_argument(*flags, dest=name, metavar="VALUE", help=f"default {getattr(defaults, name)!r}")
+    add_config_flags(p, {"": ControlNetTrainConfig})
     p.set_defaults(func=cmd_train_controlnet)
 
 
@@ -185,7 +159,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
             bar.close()
     if args.grid:
         shown = made[:8]
-        maps = [Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for m, _ in shown]
+        maps = [map_image(m[0]) for m, _ in shown]
         write_grid(maps + [image for _, image in shown], Path(args.grid), cols=len(shown))
     print(format_control_table(result))
     return 0

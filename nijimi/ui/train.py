@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nijimi.eval.adherence import evaluate, format_table
 from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
-from nijimi.train.config import parse_overrides
-from nijimi.train.detect import evaluate, format_table
 from nijimi.train.report import write_grid
-from nijimi.train.run import run_training
+from nijimi.train.run import RunConfig, UNetStage, VAEStage, run_training
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, sample_captions, write_shapes_dataset
+from nijimi.ui.config_flags import add_config_flags, config_values
 from nijimi.ui.control import add_eval_control_parser
 from nijimi.ui.progress import ProgressBar, TrainingProgress
 
@@ -24,11 +27,8 @@ def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.overrides)
-    if args.init:
-        overrides["init"] = args.init
     with TrainingProgress(args.quiet) as progress:
-        path = run_training(args.config_file, overrides, resume=args.resume, on_step=progress, sample_fn=sample_images)
+        path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images)
     print(path)
     return 0
 
@@ -64,12 +64,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a latent text-to-image model from a TOML recipe")
-    p.add_argument("config_file", help="recipe, e.g. configs/embedded.toml")
-    p.add_argument("overrides", nargs="*", help="--key=value overrides of the recipe (e.g. --unet.steps=100)")
+    p = sub.add_parser("train", allow_abbrev=False, help="train a latent text-to-image model from a TOML recipe "
+                                                          "(e.g. --config configs/embedded.toml)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its checkpoint")
-    p.add_argument("--init", help="fine-tune this model (checkpoint file or diffusers folder) instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, {"": RunConfig, "vae.": VAEStage, "unet.": UNetStage, "arch.unet.": UNetConfig,
+                         "arch.vae.": VAEConfig, "arch.text.": TextEncoderConfig},
+                     preset=("arch.unet.", "arch.vae.", "arch.text."))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("dataset", help="write a procedural data set")

@@ -1,0 +1,150 @@
+"""One fine-tuning flow for ``train-adapter`` and ``train-controlnet``: what the runs share, written once.
+
+- :class:`FineTuneConfig`: the settings every run has (output, work folder, base model, data, loss, samples, loop).
+- :class:`FineTuning`: a prepared run — its trainer over the objective whose sub-modules are what is trained (an
+  adapter, a ControlNet), with the sample grid and the saving that differ per kind.
+- :func:`run_finetune`: refuse an existing output, prepare (resuming from ``work_dir/checkpoint.pt``), train with the
+  reports — the loss curve and a sample grid every ``sample_every`` steps, and a grid before the first step of a fresh
+  run, to show where it starts — then save the EMA weights atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from nijimi.embedded import embedded_path
+from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.checkpoint import load_model
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.trainer import LoopConfig, OnStep, Trainer
+
+EMBEDDED = "embedded"
+SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
+"""``sample_fn(model, prompts, steps, seed)`` → one image per prompt; given by the caller (pipelines sit above)."""
+
+
+@dataclass
+class FineTuneConfig(LoopConfig):
+    """The settings every fine-tuning run shares, on top of :class:`LoopConfig`; ``--key=value`` flags name them.
+
+    ``out``: the file to write. ``work``: folder for the checkpoint, loss curve and sample grids (default: ``out``
+    without its ending + ``-train``). ``base``: checkpoint file, diffusers folder or ``embedded``. ``data``: ``shapes``
+    or a folder of captioned images. ``size`` 0: the base model's native size. ``min_snr_gamma`` 0: plain MSE.
+    ``half``: save float16. ``ema_decay`` > 0 saves the EMA weights. ``sample_every`` 0: no sample grids.
+    """
+
+    out: str = "out.safetensors"
+    work: str = ""
+    base: str = EMBEDDED
+    data: str = "shapes"
+    data_count: int = 64
+    size: int = 0
+    caption_dropout: float = 0.0
+    min_snr_gamma: float = 5.0
+    half: bool = False
+    sample_every: int = 100
+    sample_steps: int = 20
+    steps: int = 500
+    batch_size: int = 4
+    warmup_steps: int = 20
+    ema_decay: float = 0.0
+    save_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout must be within [0, 1], got {self.caption_dropout}")
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out)
+        return Path(self.work) if self.work else out.with_name(out.stem + "-train")
+
+    def image_size(self, config: ModelConfig) -> int:
+        """The training image side: ``size`` or the native size of a model of ``config``, checked against its
+        downscaling."""
+        multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
+        size = self.size or config.unet.sample_size * config.vae.downscale_factor
+        if size < multiple or size % multiple:
+            raise ConfigError(f"image size {size} must be a positive multiple of {multiple} for this model")
+        return size
+
+
+def load_base(source: str) -> LatentDiffusion:
+    """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
+    model, _ = load_model(embedded_path() if source == EMBEDDED else source)
+    return model
+
+
+def finetune_trainer(cfg: FineTuneConfig, objective: torch.nn.Module, dataset_size: int, resume: bool,
+                     other: str) -> Trainer:
+    """The trainer of ``objective`` on ``cfg.work_dir``; with ``resume``, continued from its checkpoint when one
+    exists. A checkpoint of other modules or shapes is refused as one that ``other`` (e.g. "holds a ControlNet for
+    another base model")."""
+    trainer = Trainer(objective, dataset_size, cfg, cfg.work_dir)
+    if resume and trainer.checkpoint_path.is_file():
+        try:
+            trainer.resume()
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{trainer.checkpoint_path} {other}; start without --resume or use another work "
+                                  f"folder: {str(e).splitlines()[0]}") from None
+    return trainer
+
+
+@dataclass
+class FineTuning:
+    """A prepared run: its settings and trainer; each kind says how its sample grid looks and how it is saved."""
+
+    cfg: FineTuneConfig
+    trainer: Trainer
+
+    title = "fine-tuning"
+    """The loss curve's title."""
+
+    def sample_grid(self, sample_fn: Callable) -> tuple[list[Image.Image], int | None]:
+        """The images of a sample grid made with ``sample_fn`` (the trained weights in place) and its columns."""
+        raise NotImplementedError
+
+    def save(self, out: Path) -> None:
+        """Write what was trained (its weights are the ones to save) to ``out``, atomically."""
+        raise NotImplementedError
+
+    def write_samples(self, sample_fn: Callable) -> Path:
+        """A sample grid with the EMA weights at the current step (live weights and training mode restored)."""
+        with self.trainer.averaged_weights():
+            images, cols = self.sample_grid(sample_fn)
+        return write_grid(images, self.cfg.work_dir / f"samples-{self.trainer.step:06d}.png", cols)
+
+
+def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, overwrite: bool = False,
+                 on_step: OnStep | None = None, sample_fn: Callable | None = None) -> FineTuning:
+    """Run the whole flow (see the module docstring); returns the finished run (``cfg.out`` written).
+
+    An existing ``cfg.out`` is refused before any work unless ``overwrite``; ``prepare()`` builds the run; sample
+    grids are made only with ``sample_fn``.
+    """
+    if Path(cfg.out).exists() and not overwrite:
+        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
+    run = prepare()
+    trainer, every = run.trainer, cfg.sample_every
+
+    def report(t: Trainer) -> None:
+        write_loss_curve(t.losses, t.out_dir / "loss.png", run.title)
+        if sample_fn is not None:
+            run.write_samples(sample_fn)
+
+    if sample_fn is not None and every and trainer.step == 0:
+        run.write_samples(sample_fn)
+    trainer.run_reporting(every, report, on_step)
+    trainer.ema.copy_to(trainer.module)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run.save(out)
+    return run
