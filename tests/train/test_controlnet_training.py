@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from nijimi.errors import ConfigError
+from nijimi.eval.adherence import evaluate_control, format_control_table, mask_iou
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
@@ -24,11 +25,8 @@ from nijimi.train.config import build_config, read_toml
 from nijimi.train.controlnet import (
     ControlNetTrainConfig,
     ControlPairs,
-    evaluate_control,
     foreground,
-    format_control_table,
     hint_widths_for,
-    mask_iou,
     prepare_training,
     scene_mask,
     to_uint8,
