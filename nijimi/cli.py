@@ -80,7 +80,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one ``error: …`` line (exit 2), like the library's errors."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}\n")
 
 
 DESCRIPTION = "nijimi (滲み): latent diffusion (Stable Diffusion) from scratch, fast on an ordinary CPU."

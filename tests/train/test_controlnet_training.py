@@ -33,6 +33,7 @@ from nijimi.train.controlnet import (
     train_controlnet,
 )
 from nijimi.train.data import ImageFolder
+from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.shapes import COLOURS, Scene, Shape, ShapesDataset, render
 from nijimi.train.trainer import step_generator
 
@@ -86,6 +87,21 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tmp_path):
     assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
     assert not any(p.requires_grad for p in base.parameters())
     assert run.controlnet.middle_block_out[0].weight.abs().max() > 0  # the zero convolutions left zero
+
+
+def test_the_controlnet_objective_makes_the_diffusion_objectives_draws():
+    """Both objectives draw through ``draw_diffusion_batch``: the same generator gives the locked U-Net the same
+    x_t, timesteps and (caption-dropped) text conditioning."""
+    base, shapes = make_base(), ShapesDataset(32, seed=0, count=8)
+    seen: list = []
+    base.unet.register_forward_pre_hook(lambda module, args: seen.append([a.clone() for a in args]))
+    controlnet = prepare_training(config(Path("unused")), base=base).trainer.module
+    plain = DiffusionObjective(base.unet, base.text_encoder, base.vae, base.config.tokenizer(), base.config.schedule,
+                               shapes, caption_dropout=0.5, min_snr_gamma=None, train_text_encoder=False)
+    with torch.no_grad():
+        for objective in (controlnet, plain):
+            objective(list(range(8)), step_generator(5, 0), slice(2, 6))
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(*seen, strict=True))
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
