@@ -1,8 +1,5 @@
 """The ``nijimi`` command: argument parsing, progress and error printing only; the work lives in the library.
-
-Errors, the library's and the command line's, are one ``error: …`` line and exit status 2. Under ``torchrun`` the
-process ends here (:func:`finish_distributed`).
-"""
+Errors (the library's and the command line's) are one ``error: …`` line, exit 2; ``torchrun`` ranks end here."""
 
 from __future__ import annotations
 
@@ -22,6 +19,7 @@ from nijimi.io.checkpoint import convert
 from nijimi.ui.adapters import add_adapter_parsers
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.demo import run_demo
+from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.generate import add_generate_arguments, add_output_arguments, cmd_generate, cmd_info, cmd_reproduce
 from nijimi.ui.train import add_train_parsers
 
@@ -105,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_control_parsers(sub)
     add_adapter_parsers(sub)
+    add_eval_parsers(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")

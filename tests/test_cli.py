@@ -8,7 +8,7 @@ from nijimi.train.adapter import AdapterTrainConfig
 from nijimi.train.config import build_config
 from nijimi.train.controlnet import ControlNetTrainConfig
 from nijimi.train.run import parse_config
-from nijimi.ui.config_flags import config_values
+from nijimi.ui.train import config_values
 
 
 def test_unknown_command_exits_nonzero(capsys):

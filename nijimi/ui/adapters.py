@@ -15,9 +15,8 @@ from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
 from nijimi.train.adapter import AdapterTrainConfig, train_adapter
 from nijimi.train.config import build_config
 from nijimi.train.finetune import EMBEDDED, load_base
-from nijimi.ui.config_flags import add_config_flags, config_values
 from nijimi.ui.progress import TrainingProgress
-from nijimi.ui.train import sample_images
+from nijimi.ui.train import add_finetune_parser, config_values, sample_images
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
@@ -54,14 +53,8 @@ def cmd_lora_info(args: argparse.Namespace) -> int:
 
 
 def _add_train_adapter_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-adapter", allow_abbrev=False,
-                       help="train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(p, {"": AdapterTrainConfig})
-    p.set_defaults(func=cmd_train_adapter)
+    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model",
+                        AdapterTrainConfig, cmd_train_adapter)
 
 
 def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
-"""The CLI side of ControlNet: ``generate --control …``, ``nijimi train-controlnet`` and ``nijimi eval control``.
+"""The CLI side of ControlNet: ``generate --control …`` and ``nijimi train-controlnet`` (``eval control``: ui/eval.py).
 
-``cli.build_parser`` adds the commands with :func:`add_control_parsers` (``train-controlnet``) and
-:func:`add_eval_control_parser` (``control`` under ``nijimi eval``); ``generate`` takes :func:`add_control_argument`.
+``cli.build_parser`` adds ``train-controlnet`` with :func:`add_control_parsers`; ``generate`` takes
+:func:`add_control_argument`.
 """
 
 from __future__ import annotations
@@ -15,19 +15,15 @@ from PIL import Image
 
 from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError, NijimiError
-from nijimi.eval.adherence import evaluate_control, format_control_table
-from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control import ControlUnit
 from nijimi.pipelines.control_maps import PREPROCESSORS, ControlSpec, parse_control_spec, preprocess
-from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
+from nijimi.pipelines.pipeline import EMBEDDED, Pipeline
 from nijimi.train.config import build_config
-from nijimi.train.controlnet import MASK, ControlNetTrainConfig, ControlPairs, Preprocess, map_image, train_controlnet
-from nijimi.train.report import write_grid
-from nijimi.train.shapes import ShapesDataset
-from nijimi.ui.config_flags import add_config_flags, config_values
-from nijimi.ui.progress import ProgressBar, TrainingProgress
+from nijimi.train.controlnet import MASK, ControlNetTrainConfig, Preprocess, train_controlnet
+from nijimi.ui.progress import TrainingProgress
+from nijimi.ui.train import add_finetune_parser, config_values
 
 CONTROL_HELP = ("steer with a ControlNet: model=PATH|embedded,image=IMG[,scale=1][,pre=map|invert|canny]"
                 "[,low=100,high=200][,start=0][,end=1][,resize=resize|crop|fill|none][,guess=false]; "
@@ -122,67 +118,5 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
 
 def add_control_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-controlnet`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    p = sub.add_parser("train-controlnet", allow_abbrev=False,
-                       help="train a ControlNet that steers a locked model with condition maps")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(p, {"": ControlNetTrainConfig})
-    p.set_defaults(func=cmd_train_controlnet)
-
-
-# ---- eval control -------------------------------------------------------------------------------------------------
-
-def cmd_eval_control(args: argparse.Namespace) -> int:
-    pipe = load(args.model or EMBEDDED)
-    controlnet, _ = load_controlnet(controlnet_source(args.controlnet))
-    size = args.size or pipe.native_size
-    pairs = ControlPairs(ShapesDataset(size, args.seed, args.split, args.n), args.condition,
-                         condition_preprocess(args.condition, args.low, args.high))
-    bar = None if args.quiet else ProgressBar(len(pairs), label="eval control")
-    made: list = []
-
-    def generate(captions: list[str], maps: list[torch.Tensor], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, width=size,
-                                height=size, control=[ControlUnit(controlnet, m, args.scale)]).images[0]
-                  for c, m, s in zip(captions, maps, seeds, strict=True)]
-        made.extend(zip(maps, images, strict=True))
-        if bar is not None:
-            bar.update(len(made))
-        return images
-
-    try:
-        result = evaluate_control(generate, pairs, seeds=[args.seed + i for i in range(len(pairs))])
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.grid:
-        shown = made[:8]
-        maps = [map_image(m[0]) for m, _ in shown]
-        write_grid(maps + [image for _, image in shown], Path(args.grid), cols=len(shown))
-    print(format_control_table(result))
-    return 0
-
-
-def add_eval_control_parser(what: argparse._SubParsersAction) -> None:
-    """Add ``control`` under ``nijimi eval`` (``what``: the eval command's sub-parsers)."""
-    q = what.add_parser("control", help="generate with a ControlNet from held-out shapes scenes; mean IoU of the "
-                                        "objects vs the control masks, and the detector's prompt adherence")
-    q.add_argument("--controlnet", default=EMBEDDED,
-                   help="the ControlNet file or folder (default: embedded, the embedded model's demo ControlNet)")
-    q.add_argument("--model", help="the model it steers (default: the embedded model)")
-    q.add_argument("--condition", default=MASK, help=f"the maps it was trained on: {', '.join(CONDITIONS)}")
-    q.add_argument("--low", type=float, default=100.0, help="canny's low threshold (default 100)")
-    q.add_argument("--high", type=float, default=200.0, help="canny's high threshold (default 200)")
-    q.add_argument("--scale", type=float, default=1.0, help="ControlNet weight (default 1)")
-    q.add_argument("--n", type=int, default=50, help="number of scenes (default 50)")
-    q.add_argument("--size", type=int, help="image side (default: the model's native size)")
-    q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
-    q.add_argument("--cfg", type=float, default=7.0)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="scene split (default heldout)")
-    q.add_argument("--grid", help="also write a PNG of the first 8 maps (top) and images (bottom)")
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(func=cmd_eval_control)
+    add_finetune_parser(sub, "train-controlnet", "train a ControlNet that steers a locked model with condition maps",
+                        ControlNetTrainConfig, cmd_train_controlnet)

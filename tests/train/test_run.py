@@ -6,7 +6,7 @@ import pytest
 from nijimi.cli import build_parser, finish_distributed
 from nijimi.errors import ConfigError
 from nijimi.train.run import model_config, open_data, parse_config
-from nijimi.ui.config_flags import config_values
+from nijimi.ui.train import config_values
 
 
 def test_command_line_architecture_overrides_are_typed():

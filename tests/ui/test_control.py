@@ -4,7 +4,6 @@ user errors exit 2 with one ``error:`` line and no file. The ``train-controlnet`
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from nijimi import cli
 from nijimi.cli import main
 from nijimi.io.checkpoint import save_single
 from nijimi.io.controlnet import save_original
@@ -24,7 +22,7 @@ from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
-from nijimi.ui.control import add_control_parsers, add_eval_control_parser, control_infotext
+from nijimi.ui.control import control_infotext
 
 CONFIG = ModelConfig(
     UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
@@ -137,26 +135,6 @@ SMALL = ModelConfig(  # 32×32 images, a factor-4 VAE like the embedded model's
     TextEncoderConfig(width=32, num_layers=1, num_heads=2, mlp_width=64), "sd1", 49407)
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
-@pytest.fixture
-def wired(monkeypatch):
-    """``nijimi.cli.main`` with ``train-controlnet`` and ``eval control`` added as ``cli.build_parser`` is to add them
-    (unless it already does)."""
-    if "train-controlnet" in _subcommands(cli.build_parser()).choices:
-        return
-    original = cli.add_train_parsers
-
-    def add(sub: argparse._SubParsersAction) -> None:
-        original(sub)
-        add_control_parsers(sub)
-        add_eval_control_parser(_subcommands(sub.choices["eval"]))
-
-    monkeypatch.setattr(cli, "add_train_parsers", add)
-
-
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
     with torch.random.fork_rng():
@@ -167,7 +145,7 @@ def small_model(tmp_path_factory) -> Path:
     return path
 
 
-def test_train_generate_and_evaluate_through_the_cli(capsys, wired, small_model, tmp_path):
+def test_train_generate_and_evaluate_through_the_cli(capsys, small_model, tmp_path):
     out = tmp_path / "cn.safetensors"
     code, stdout, err = run(capsys, "train-controlnet", "--base", small_model, "--condition", "canny", "--steps", 2,
                             "--batch-size", 2, "--out", out, "--data-count=4", "--sample-every=2", "--sample-steps=2",
@@ -201,7 +179,7 @@ def test_train_generate_and_evaluate_through_the_cli(capsys, wired, small_model,
     (["--out", "cn.pt"], "error: out 'cn.pt': ControlNets are written as .safetensors"),
     (["--base", "nowhere.safetensors"], "error: nowhere.safetensors"),
 ], ids=["condition", "thresholds", "dropout", "suffix", "base"])
-def test_train_controlnet_errors_exit_2_with_one_line(capsys, wired, tmp_path, monkeypatch, flags, message):
+def test_train_controlnet_errors_exit_2_with_one_line(capsys, tmp_path, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, "train-controlnet", "--steps", 1, "--quiet", *flags)
     assert (code, out) == (2, "")
