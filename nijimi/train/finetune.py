@@ -1,11 +1,8 @@
-"""One fine-tuning flow for ``train-adapter`` and ``train-controlnet``: what the runs share, written once.
-
-- :class:`FineTuneConfig`: the settings every run has (output, work folder, base model, data, loss, samples, loop).
-- :class:`FineTuning`: a prepared run — its trainer over the objective whose sub-modules are what is trained (an
-  adapter, a ControlNet), with the sample grid and the saving that differ per kind.
-- :func:`run_finetune`: refuse an existing output, prepare (resuming from ``work_dir/checkpoint.pt``), train with the
-  reports — the loss curve and a sample grid every ``sample_every`` steps, and a grid before the first step of a fresh
-  run, to show where it starts — then save the EMA weights atomically.
+"""One fine-tuning flow for ``train-adapter`` and ``train-controlnet``: the settings every run has
+(:class:`FineTuneConfig`), a prepared run (:class:`FineTuning`: the trainer of the objective whose sub-modules are what
+is trained, an adapter or a ControlNet) and :func:`run_finetune`: refuse an existing output, prepare (resuming from
+``work_dir/checkpoint.pt``), train with the reports — the loss curve and a sample grid every ``sample_every`` steps,
+and a grid before the first step of a fresh run, to show where it starts — then save the EMA weights atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from nijimi.embedded import embedded_path
 from nijimi.errors import CheckpointError, ConfigError
@@ -100,21 +96,11 @@ def finetune_trainer(cfg: FineTuneConfig, objective: torch.nn.Module, dataset_si
 
 @dataclass
 class FineTuning:
-    """A prepared run: its settings and trainer; each kind says how its sample grid looks and how it is saved."""
+    """A prepared run: its settings and trainer. Each kind gives the loss curve's ``title``, its sample grid
+    ``sample_grid(sample_fn) → (images, columns)`` and ``save(out)``, which writes what was trained atomically."""
 
     cfg: FineTuneConfig
     trainer: Trainer
-
-    title = "fine-tuning"
-    """The loss curve's title."""
-
-    def sample_grid(self, sample_fn: Callable) -> tuple[list[Image.Image], int | None]:
-        """The images of a sample grid made with ``sample_fn`` (the trained weights in place) and its columns."""
-        raise NotImplementedError
-
-    def save(self, out: Path) -> None:
-        """Write what was trained (its weights are the ones to save) to ``out``, atomically."""
-        raise NotImplementedError
 
     def write_samples(self, sample_fn: Callable) -> Path:
         """A sample grid with the EMA weights at the current step (live weights and training mode restored)."""
@@ -133,17 +119,16 @@ def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, over
     if Path(cfg.out).exists() and not overwrite:
         raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
     run = prepare()
-    trainer, every = run.trainer, cfg.sample_every
+    samples = (lambda: None) if sample_fn is None else (lambda: run.write_samples(sample_fn))
 
     def report(t: Trainer) -> None:
         write_loss_curve(t.losses, t.out_dir / "loss.png", run.title)
-        if sample_fn is not None:
-            run.write_samples(sample_fn)
+        samples()
 
-    if sample_fn is not None and every and trainer.step == 0:
-        run.write_samples(sample_fn)
-    trainer.run_reporting(every, report, on_step)
-    trainer.ema.copy_to(trainer.module)
+    if cfg.sample_every and run.trainer.step == 0:
+        samples()
+    run.trainer.run(on_step=on_step, every=cfg.sample_every, report=report)
+    run.trainer.ema.copy_to(run.trainer.module)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     run.save(out)

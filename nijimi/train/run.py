@@ -188,7 +188,7 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
     trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
 
     stage_step = None if on_step is None else lambda t, loss, s: on_step("unet", t, loss, s)
-    trainer.run_reporting(run.sample_every, lambda t: _report(run, t, model, out, sample_fn), stage_step)
+    trainer.run(on_step=stage_step, every=run.sample_every, report=lambda t: _report(run, t, model, out, sample_fn))
     trainer.ema.copy_to(trainer.module)
     return model
 

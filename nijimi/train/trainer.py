@@ -144,29 +144,20 @@ class Trainer:
         self.losses.append(float(value))
         return float(value)
 
-    def run(self, until: int | None = None, on_step: OnStep | None = None) -> None:
-        """Train to step ``until`` (default ``cfg.steps``); ``on_step(trainer, loss, seconds)`` after each step."""
+    def run(self, until: int | None = None, on_step: OnStep | None = None, every: int = 0,
+            report: Callable[[Trainer], None] | None = None) -> None:
+        """Train to step ``until`` (default ``cfg.steps``); after each step ``on_step(trainer, loss, seconds)``, and
+        ``report(trainer)`` (loss curves, sample grids) every ``every`` steps and after the last one (0: never)."""
         until = self.cfg.steps if until is None else until
         while self.step < until:
             start = time.perf_counter()
             loss = self.train_step()
             if on_step is not None:
                 on_step(self, loss, time.perf_counter() - start)
+            if report is not None and every and (self.step % every == 0 or self.step == self.cfg.steps):
+                report(self)
             if self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == until):
                 self.save()
-
-    def run_reporting(self, every: int, report: Callable[[Trainer], None],
-                      on_step: OnStep | None = None) -> None:
-        """:meth:`run` to ``cfg.steps``, calling ``report(self)`` (loss curves, sample grids) every ``every`` steps
-        and after the last one (``every`` 0: never)."""
-
-        def step(trainer: Trainer, loss: float, seconds: float) -> None:
-            if on_step is not None:
-                on_step(trainer, loss, seconds)
-            if every and (trainer.step % every == 0 or trainer.step == self.cfg.steps):
-                report(trainer)
-
-        self.run(on_step=step)
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[nn.Module]:

@@ -118,7 +118,7 @@ def test_averaged_weights_swap_in_the_ema_and_back(tmp_path):
         assert torch.equal(v, live[k])
 
 
-def test_run_reporting_reports_every_n_steps_and_at_the_end(tmp_path):
+def test_run_reports_every_n_steps_and_at_the_end(tmp_path):
     seen = []
-    make_trainer(tmp_path, steps=7).run_reporting(3, lambda t: seen.append(t.step))
+    make_trainer(tmp_path, steps=7).run(every=3, report=lambda t: seen.append(t.step))
     assert seen == [3, 6, 7]
