@@ -153,7 +153,7 @@ def _open_images(source: str, cfg: AdapterTrainConfig, size: int) -> ShapesDatas
         return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
     if source.startswith("shapes-"):
         return ConceptShapes(source.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
-    return ImageFolder(source, size, seed=cfg.seed)
+    return ImageFolder(source, size)
 
 
 def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):

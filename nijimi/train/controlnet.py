@@ -189,7 +189,7 @@ def open_pairs(cfg: ControlNetTrainConfig, config: ModelConfig, preprocess: Prep
     if cfg.data == "shapes":
         count = cfg.data_count if split == "train" else cfg.sample_count
         return ControlPairs(ShapesDataset(size, cfg.seed, split, count), cfg.condition, preprocess)
-    return ControlPairs(ImageFolder(cfg.data, size, seed=cfg.seed), cfg.condition, preprocess)
+    return ControlPairs(ImageFolder(cfg.data, size), cfg.condition, preprocess)
 
 
 def map_image(hint: torch.Tensor) -> Image.Image:

@@ -136,7 +136,7 @@ def open_data(run: RunConfig):
     if run.data == "shapes":
         return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count,
                              two_objects=run.two_objects)
-    return ImageFolder(run.data, run.size, seed=run.seed)
+    return ImageFolder(run.data, run.size)
 
 
 def _stage_trainer(module: torch.nn.Module, data, cfg: LoopConfig, out: Path, resume: bool) -> Trainer:

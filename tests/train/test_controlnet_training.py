@@ -176,7 +176,7 @@ def test_folder_masks_come_from_the_mask_file_or_the_foreground(tmp_path):
     Image.fromarray(mask).save(tmp_path / "b.mask.png")
     lines = [json.dumps({"file": f, "caption": "a blue bar"}) for f in ("a.png", "b.png")]
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    pairs = ControlPairs(ImageFolder(tmp_path, 32, shuffle=False), "mask")
+    pairs = ControlPairs(ImageFolder(tmp_path, 32), "mask")
     assert torch.equal(pairs[0][2][0], torch.from_numpy((picture.min(axis=2) <= 159).astype(np.float32)))
     assert torch.equal(pairs[1][2][1], torch.from_numpy(mask / 255.0).float())
 
