@@ -34,7 +34,7 @@ from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
-from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, finetune_trainer, load_base, run_finetune
+from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, run_finetune
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.shapes import (
     COLOURS,
@@ -46,7 +46,7 @@ from nijimi.train.shapes import (
     to_tensor,
     with_concept,
 )
-from nijimi.train.trainer import OnStep
+from nijimi.train.trainer import OnStep, open_trainer
 
 ADAPTER_NAME = "default"
 ADAPTER_TYPES: dict[str, dict] = {
@@ -218,8 +218,8 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
                                    min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
                                    mask_loss=cfg.mask_loss)
     paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
-    trainer = finetune_trainer(cfg, AdapterObjective(objective, model), len(data), resume,
-                               "was made for another adapter (type, rank or targets differ)")
+    trainer = open_trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir, resume,
+                           "was made for another adapter (type, rank or targets differ)")
     return AdapterTraining(cfg, trainer, model, data, paths)
 
 

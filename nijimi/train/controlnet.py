@@ -38,10 +38,10 @@ from nijimi.io.controlnet import save_original
 from nijimi.models.controlnet import HINT_WIDTHS, ControlNetModel
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
-from nijimi.train.finetune import FineTuneConfig, FineTuning, finetune_trainer, load_base, run_finetune
+from nijimi.train.finetune import FineTuneConfig, FineTuning, load_base, run_finetune
 from nijimi.train.ldm import draw_diffusion_batch
 from nijimi.train.shapes import COLOURS, Scene, ShapesDataset, render
-from nijimi.train.trainer import OnStep
+from nijimi.train.trainer import OnStep, open_trainer
 
 MASK = "mask"
 FOREGROUND_LEVEL = 96
@@ -231,7 +231,8 @@ def prepare_training(cfg: ControlNetTrainConfig, preprocess: Preprocess | None =
                                            torch.Generator().manual_seed(cfg.seed))
     objective = ControlNetObjective(controlnet, base, data, caption_dropout=cfg.caption_dropout,
                                     min_snr_gamma=cfg.min_snr_gamma or None)
-    trainer = finetune_trainer(cfg, objective, len(data), resume, "holds a ControlNet for another base model")
+    trainer = open_trainer(objective, len(data), cfg, cfg.work_dir, resume,
+                           "holds a ControlNet for another base model")
     return ControlNetTraining(cfg, trainer, base, controlnet, data, samples)
 
 

@@ -11,10 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nijimi.embedded import embedded_path
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.report import write_grid, write_loss_curve
@@ -77,21 +75,6 @@ def load_base(source: str) -> LatentDiffusion:
     """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
     model, _ = load_model(embedded_path() if source == EMBEDDED else source)
     return model
-
-
-def finetune_trainer(cfg: FineTuneConfig, objective: torch.nn.Module, dataset_size: int, resume: bool,
-                     other: str) -> Trainer:
-    """The trainer of ``objective`` on ``cfg.work_dir``; with ``resume``, continued from its checkpoint when one
-    exists. A checkpoint of other modules or shapes is refused as one that ``other`` (e.g. "holds a ControlNet for
-    another base model")."""
-    trainer = Trainer(objective, dataset_size, cfg, cfg.work_dir)
-    if resume and trainer.checkpoint_path.is_file():
-        try:
-            trainer.resume()
-        except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"{trainer.checkpoint_path} {other}; start without --resume or use another work "
-                                  f"folder: {str(e).splitlines()[0]}") from None
-    return trainer
 
 
 @dataclass

@@ -32,7 +32,7 @@ from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import write_grid, write_loss_curve
 from nijimi.train.shapes import TWO_OBJECTS, AnyColourShapes, ShapesDataset
-from nijimi.train.trainer import LoopConfig, Trainer
+from nijimi.train.trainer import LoopConfig, Trainer, open_trainer
 
 StageStep = Callable[[str, Trainer, float, float], None]
 """``on_step(stage, trainer, loss, seconds)``: :data:`~nijimi.train.trainer.OnStep` with the stage's name."""
@@ -139,13 +139,6 @@ def open_data(run: RunConfig):
     return ImageFolder(run.data, run.size)
 
 
-def _stage_trainer(module: torch.nn.Module, data, cfg: LoopConfig, out: Path, resume: bool) -> Trainer:
-    trainer = Trainer(module, len(data), cfg, out)
-    if resume and trainer.checkpoint_path.is_file():
-        trainer.resume()
-    return trainer
-
-
 def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, on_step: StageStep | None) -> Path:
     """Stage 1; writes ``out/vae.safetensors`` (EMA weights) with the measured scaling factor in its metadata."""
     out = Path(run.out)
@@ -155,7 +148,7 @@ def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, o
     torch.manual_seed(run.seed)
     vae = VAE(model_config(run, arch).vae)
     images = AnyColourShapes(data, stage.any_colour) if stage.any_colour else data
-    trainer = _stage_trainer(AutoencoderObjective(vae, images, stage.kl_weight), images, stage, out / "vae", resume)
+    trainer = open_trainer(AutoencoderObjective(vae, images, stage.kl_weight), len(images), stage, out / "vae", resume)
     trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
     trainer.ema.copy_to(trainer.module)
     scale = measure_scaling_factor(vae, data)
@@ -185,7 +178,7 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
                                    min_snr_gamma=stage.min_snr_gamma or None,
                                    train_text_encoder=stage.train_text_encoder,
                                    timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))
-    trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
+    trainer = open_trainer(objective, len(data), stage, out / "unet", resume)
 
     stage_step = None if on_step is None else lambda t, loss, s: on_step("unet", t, loss, s)
     trainer.run(on_step=stage_step, every=run.sample_every, report=lambda t: _report(run, t, model, out, sample_fn))

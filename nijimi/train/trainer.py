@@ -208,3 +208,17 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.losses = state["losses"].tolist()
+
+
+def open_trainer(module: nn.Module, dataset_size: int, cfg: LoopConfig, out_dir: Path, resume: bool,
+                 other: str = "holds another model") -> Trainer:
+    """A :class:`Trainer`; with ``resume``, continued from ``out_dir/checkpoint.pt`` when it exists. A checkpoint of
+    other modules or shapes is refused as one that ``other`` (e.g. "holds a ControlNet for another base model")."""
+    trainer = Trainer(module, dataset_size, cfg, out_dir)
+    if resume and trainer.checkpoint_path.is_file():
+        try:
+            trainer.resume()
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{trainer.checkpoint_path} {other}; start without --resume or use another work "
+                                  f"folder: {str(e).splitlines()[0]}") from None
+    return trainer

@@ -4,6 +4,8 @@ here; the evaluators see only a function from captions (and maps) and seeds to i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -20,41 +22,27 @@ from nijimi.ui.control import CONDITIONS, condition_preprocess, controlnet_sourc
 from nijimi.ui.progress import ProgressBar
 
 
-class _Made:
-    """The images an evaluation made so far (``items``), counted on a progress bar unless ``quiet``."""
-
-    def __init__(self, total: int, label: str, quiet: bool) -> None:
-        self.items: list = []
-        self.bar = None if quiet else ProgressBar(total, label=label)
-
-    def add(self, items: list) -> None:
-        self.items.extend(items)
-        if self.bar is not None:
-            self.bar.update(len(self.items))
-
-    def __enter__(self) -> _Made:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _bar(total: int, label: str, quiet: bool) -> ProgressBar:
+    return ProgressBar(total, label=label, stream=io.StringIO() if quiet else None)
 
 
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     pipe, loras = load(args.model or EMBEDDED), lora_requests(args.lora)
     captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
     palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
+    made: list = []
 
     def generate(batch: list[str], seeds: list[int]) -> list:
         images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, loras=loras).images[0]
                   for c, s in zip(batch, seeds, strict=True)]
-        made.add(images)
+        made.extend(images)
+        bar.update(len(made))
         return images
 
-    with _Made(len(captions), "eval", args.quiet) as made:
+    with contextlib.closing(_bar(len(captions), "eval", args.quiet)) as bar:
         table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
     if args.grid:
-        write_grid(made.items[:16], Path(args.grid), cols=min(8, len(made.items)))
+        write_grid(made[:16], Path(args.grid), cols=min(8, len(made)))
     print(format_table(table))
     return 0
 
@@ -65,18 +53,20 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     size = args.size or pipe.native_size
     pairs = ControlPairs(ShapesDataset(size, args.seed, args.split, args.n), args.condition,
                          condition_preprocess(args.condition, args.low, args.high))
+    made: list = []
 
     def generate(captions: list[str], maps: list[torch.Tensor], seeds: list[int]) -> list:
         images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, cfg=args.cfg, seed=s, width=size,
                                 height=size, control=[ControlUnit(controlnet, m, args.scale)]).images[0]
                   for c, m, s in zip(captions, maps, seeds, strict=True)]
-        made.add(list(zip(maps, images, strict=True)))
+        made.extend(zip(maps, images, strict=True))
+        bar.update(len(made))
         return images
 
-    with _Made(len(pairs), "eval control", args.quiet) as made:
+    with contextlib.closing(_bar(len(pairs), "eval control", args.quiet)) as bar:
         result = evaluate_control(generate, pairs, seeds=[args.seed + i for i in range(len(pairs))])
     if args.grid:
-        shown = made.items[:8]
+        shown = made[:8]
         write_grid([map_image(m[0]) for m, _ in shown] + [image for _, image in shown], Path(args.grid), len(shown))
     print(format_control_table(result))
     return 0
