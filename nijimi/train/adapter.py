@@ -5,14 +5,12 @@
    2106.09685), LoCon (LoRA on convolutions too), LoHa and LoKr (LyCORIS, 2309.14859), DoRA (2402.09353) — on the
    chosen layers of the U-Net, and of the text encoder with ``text_encoder``. It starts as the identity.
 3. Train only its parameters on the diffusion loss (:class:`~nijimi.train.ldm.DiffusionObjective`; masked by the
-   images' masks with ``mask_loss``) with :class:`~nijimi.train.trainer.Trainer`: the same progress callback,
-   atomic checkpoints and bit-exact resume, loss curve and sample grids as ``nijimi train``. Checkpoints hold the
-   adapter alone (:class:`AdapterObjective`), not the base model.
-4. Save the adapter (its EMA weights when ``ema_decay`` > 0) as a kohya file with ``ss_*`` training metadata or a
-   diffusers/peft file, atomically.
+   images' masks with ``mask_loss``) in the fine-tuning flow (:func:`~nijimi.train.finetune.run_finetune`);
+   checkpoints hold the adapter alone (:class:`AdapterObjective`). 4. Save it (EMA weights) as a kohya file with
+   ``ss_*`` training metadata or a diffusers/peft file.
 
-The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is :class:`ConceptShapes`, 64 scenes whose
-first object is pink, a colour the base world never shows.
+The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is
+:class:`~nijimi.train.shapes.ConceptShapes`, 64 scenes whose first object is pink, a colour the base world never shows.
 
 ``reg_data`` adds regularization images (kohya's ``reg_data_dir``; DreamBooth's prior preservation, 2208.12242 §4.1
 — with data of the base world standing in for images the base model made): one regularization image follows each
@@ -33,19 +31,8 @@ from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.data import ImageFolder
-from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, run_finetune
+from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, open_images, run_finetune
 from nijimi.train.ldm import DiffusionObjective
-from nijimi.train.shapes import (
-    COLOURS,
-    CONCEPT_COLOURS,
-    Scene,
-    ShapesDataset,
-    describe,
-    render,
-    to_tensor,
-    with_concept,
-)
 from nijimi.train.trainer import OnStep, open_trainer
 
 ADAPTER_NAME = "default"
@@ -66,7 +53,7 @@ class AdapterTrainConfig(FineTuneConfig):
 
     ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha`` 0 mean ``rank``/``alpha``. ``targets``:
     a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated glob patterns over native module paths;
-    empty means the type's default. ``data``: also ``shapes-pink`` (:class:`ConceptShapes`). ``sample_prompts``
+    empty means the type's default. ``sample_prompts``
     empty: the first four captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none
     when empty), one after each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight
     the loss by each image's mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
@@ -108,30 +95,6 @@ class AdapterTrainConfig(FineTuneConfig):
                            **ADAPTER_TYPES[self.type])
 
 
-class ConceptShapes:
-    """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
-    first object recoloured to ``concept`` (:func:`~nijimi.train.shapes.with_concept`) and captioned accordingly,
-    e.g. ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
-
-    def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
-        self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
-        self.palette = {**COLOURS, **CONCEPT_COLOURS}
-        self.scene(0)  # an unknown concept fails here
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def scene(self, index: int) -> Scene:
-        return with_concept(self.base.scene(index), self.concept)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
-        scene = self.scene(index)
-        caption = describe(scene, torch.Generator().manual_seed(self.base.seed * 1_000_003 + index))
-        return to_tensor(render(scene, self.base.size, self.palette)), caption
-
-
 class WithRegularization:
     """Training images interleaved with regularization images: ``dataset[2i]`` is ``data[i]`` and ``dataset[2i + 1]``
     is ``reg[i mod len(reg)]`` (kohya repeats its regularization images to as many as there are training images)."""
@@ -148,20 +111,12 @@ class WithRegularization:
         return self.data[index // 2] if index % 2 == 0 else self.reg[index // 2 % len(self.reg)]
 
 
-def _open_images(source: str, cfg: AdapterTrainConfig, size: int) -> ShapesDataset | ConceptShapes | ImageFolder:
-    if source == "shapes":
-        return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
-    if source.startswith("shapes-"):
-        return ConceptShapes(source.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
-    return ImageFolder(source, size)
-
-
 def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
     """The training images at ``cfg.image_size`` for a model of ``config``, followed one by one by the
     regularization images of ``cfg.reg_data`` when it is given."""
     size = cfg.image_size(config)
-    data = _open_images(cfg.data, cfg, size)
-    return WithRegularization(data, _open_images(cfg.reg_data, cfg, size)) if cfg.reg_data else data
+    data = open_images(cfg.data, size, cfg.seed, cfg.data_count)
+    return WithRegularization(data, open_images(cfg.reg_data, size, cfg.seed, cfg.data_count)) if cfg.reg_data else data
 
 
 class AdapterObjective(nn.Module):

@@ -8,9 +8,8 @@
 3. Train it on the diffusion loss through the locked U-Net: noise an image's latent at a random step, run the
    ControlNet on (x_t, t, caption, condition map), add its residuals to the U-Net's skips and minimise the MSE to ε
    (or v). Captions are dropped to "" with probability ``caption_dropout`` (the paper replaces 50 % of the prompts,
-   §3.3, so the ControlNet learns to read the map by itself). The shared :class:`~nijimi.train.trainer.Trainer`
-   gives progress, atomic checkpoints and bit-exact resume; loss curves and sample grids (maps above, samples below)
-   go to the work folder.
+   §3.3, so the ControlNet learns to read the map by itself), in the fine-tuning flow
+   (:func:`~nijimi.train.finetune.run_finetune`; sample grids: maps above, samples below).
 4. Save it in the original layout (``control_model.*`` keys, :func:`nijimi.io.controlnet.save_original`), which
    A1111, ComfyUI, diffusers' ``from_single_file`` and ``nijimi generate --control`` read.
 
@@ -37,8 +36,7 @@ from nijimi.errors import ConfigError
 from nijimi.io.controlnet import save_original
 from nijimi.models.controlnet import HINT_WIDTHS, ControlNetModel
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.data import ImageFolder
-from nijimi.train.finetune import FineTuneConfig, FineTuning, load_base, run_finetune
+from nijimi.train.finetune import FineTuneConfig, FineTuning, load_base, open_images, run_finetune
 from nijimi.train.ldm import draw_diffusion_batch
 from nijimi.train.shapes import COLOURS, Scene, ShapesDataset, render
 from nijimi.train.trainer import OnStep, open_trainer
@@ -185,11 +183,9 @@ class ControlNetTrainConfig(FineTuneConfig):
 def open_pairs(cfg: ControlNetTrainConfig, config: ModelConfig, preprocess: Preprocess | None = None,
                split: str = "train") -> ControlPairs:
     """The training triples (``split`` ``"heldout"``: held-out shapes scenes, for samples and evaluation)."""
-    size = cfg.image_size(config)
-    if cfg.data == "shapes":
-        count = cfg.data_count if split == "train" else cfg.sample_count
-        return ControlPairs(ShapesDataset(size, cfg.seed, split, count), cfg.condition, preprocess)
-    return ControlPairs(ImageFolder(cfg.data, size), cfg.condition, preprocess)
+    images = open_images(cfg.data, cfg.image_size(config), cfg.seed,
+                         cfg.data_count if split == "train" else cfg.sample_count, split)
+    return ControlPairs(images, cfg.condition, preprocess)
 
 
 def map_image(hint: torch.Tensor) -> Image.Image:

@@ -15,7 +15,9 @@ from nijimi.embedded import embedded_path
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.train.data import ImageFolder
 from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.shapes import ConceptShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, OnStep, Trainer
 
 EMBEDDED = "embedded"
@@ -28,9 +30,10 @@ class FineTuneConfig(LoopConfig):
     """The settings every fine-tuning run shares, on top of :class:`LoopConfig`; ``--key=value`` flags name them.
 
     ``out``: the file to write. ``work``: folder for the checkpoint, loss curve and sample grids (default: ``out``
-    without its ending + ``-train``). ``base``: checkpoint file, diffusers folder or ``embedded``. ``data``: ``shapes``
-    or a folder of captioned images. ``size`` 0: the base model's native size. ``min_snr_gamma`` 0: plain MSE.
-    ``half``: save float16. ``ema_decay`` > 0 saves the EMA weights. ``sample_every`` 0: no sample grids.
+    without its ending + ``-train``). ``base``: checkpoint file, diffusers folder or ``embedded``. ``data``: ``shapes``,
+    ``shapes-<colour>`` (e.g. ``shapes-pink``) or a folder of captioned images. ``size`` 0: the base model's native
+    size. ``min_snr_gamma`` 0: plain MSE. ``half``: save float16. ``ema_decay`` > 0 saves the EMA weights.
+    ``sample_every`` 0: no sample grids.
     """
 
     out: str = "out.safetensors"
@@ -69,6 +72,16 @@ class FineTuneConfig(LoopConfig):
         if size < multiple or size % multiple:
             raise ConfigError(f"image size {size} must be a positive multiple of {multiple} for this model")
         return size
+
+
+def open_images(source: str, size: int, seed: int, count: int, split: str = "train"):
+    """Training images at ``size``: ``shapes`` (``count`` scenes of ``split``), ``shapes-<colour>``
+    (:class:`~nijimi.train.shapes.ConceptShapes`) or a folder of captioned images."""
+    if source == "shapes":
+        return ShapesDataset(size, seed, split, count)
+    if source.startswith("shapes-"):
+        return ConceptShapes(source.removeprefix("shapes-"), size, seed, count)
+    return ImageFolder(source, size)
 
 
 def load_base(source: str) -> LatentDiffusion:

@@ -106,8 +106,7 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Ten
 
 @dataclass(frozen=True)
 class DiffusionBatch:
-    """A diffusion step's random draws, applied to this rank's part of the batch: the noised latents x_t and the
-    training target (ε or v), both (b, C, h, w), the timesteps t (b,) and which captions to drop (b booleans)."""
+    """A step's draws for this rank's b samples: x_t, target (ε or v) (b, C, h, w), t (b,), captions to drop."""
 
     x_t: torch.Tensor
     t: torch.Tensor

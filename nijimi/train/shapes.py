@@ -257,7 +257,7 @@ def render(scene: Scene, size: int = 64, colours: dict[str, tuple[int, int, int]
     """Draw ``scene`` with 4×4 supersampled edges → uint8 (size, size, 3).
 
     ``colours`` (default ``COLOURS``) maps colour names to RGB: adapter training passes a palette with a colour the
-    world lacks (``nijimi.train.adapter.ConceptShapes``)."""
+    world lacks (:class:`ConceptShapes`)."""
     if size < 8:
         raise ConfigError(f"shapes image size must be at least 8 pixels, got {size}")
     palette = COLOURS if colours is None else colours
@@ -356,6 +356,30 @@ def with_concept(scene: Scene, concept: str) -> Scene:
         raise ConfigError(f"unknown shapes concept {concept!r}; choose one of {', '.join(CONCEPT_COLOURS)}")
     first, *rest = scene.objects
     return Scene((dataclasses.replace(first, colour=concept), *rest))
+
+
+class ConceptShapes:
+    """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
+    first object recoloured to ``concept`` (:func:`with_concept`) and captioned accordingly,
+    e.g. ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
+
+    def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
+        self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
+        self.palette = {**COLOURS, **CONCEPT_COLOURS}
+        self.scene(0)  # an unknown concept fails here
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def scene(self, index: int) -> Scene:
+        return with_concept(self.base.scene(index), self.concept)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
+        scene = self.scene(index)
+        caption = describe(scene, torch.Generator().manual_seed(self.base.seed * 1_000_003 + index))
+        return to_tensor(render(scene, self.base.size, self.palette)), caption
 
 
 def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None) -> list[str]:
