@@ -47,16 +47,17 @@ ADAPTER_TYPES: dict[str, dict] = {
 DEFAULT_TARGETS = {"locon": "all"}
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
 
+
 @dataclass
 class AdapterTrainConfig(FineTuneConfig):
     """Every setting of an adapter run, on top of :class:`FineTuneConfig`.
 
-    ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha`` 0 mean ``rank``/``alpha``. ``targets``:
-    a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated glob patterns over native module paths;
-    empty means the type's default. ``sample_prompts``
-    empty: the first four captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none
-    when empty), one after each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight
-    the loss by each image's mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
+    ``type``: lora, locon, loha, lokr or dora. ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha``
+    0 mean ``rank``/``alpha``. ``targets``: a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated
+    glob patterns over native module paths; empty means the type's default. ``sample_prompts`` empty: the first four
+    captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after
+    each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight the loss by each image's
+    mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
     """
 
     out: str = "adapter.safetensors"

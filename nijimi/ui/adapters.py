@@ -52,11 +52,6 @@ def cmd_lora_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_adapter_parser(sub: argparse._SubParsersAction) -> None:
-    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model",
-                        AdapterTrainConfig, cmd_train_adapter)
-
-
 def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="LoRA files: extract one from two models, resize one, describe one")
     what = p.add_subparsers(dest="what", required=True, metavar="ACTION")
@@ -90,7 +85,8 @@ def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
 
 def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    _add_train_adapter_parser(sub)
+    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model",
+                        AdapterTrainConfig, cmd_train_adapter)
     _add_lora_parsers(sub)
 
 
