@@ -145,7 +145,7 @@ def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, o
     path = out / "vae.safetensors"
     if path.is_file():
         return path
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the modules' initialisers draw from the global generator
     vae = VAE(model_config(run, arch).vae)
     images = AnyColourShapes(data, stage.any_colour) if stage.any_colour else data
     trainer = open_trainer(AutoencoderObjective(vae, images, stage.kl_weight), len(images), stage, out / "vae", resume)

@@ -125,7 +125,7 @@ class Trainer:
         indices = batch_indices(self.step, cfg.batch_size, self.dataset_size, cfg.seed)
         local = cfg.batch_size // self.world
         part = slice(self.rank * local, (self.rank + 1) * local)
-        torch.manual_seed((cfg.seed * 1_000_003 + self.step) % (2**63))
+        torch.manual_seed((cfg.seed * 1_000_003 + self.step) % (2**63))  # for nn.Dropout, which takes no generator
         self.module.train()
         loss = self.ddp(indices, step_generator(cfg.seed, self.step), part)
         if not torch.isfinite(loss):
