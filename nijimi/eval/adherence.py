@@ -79,7 +79,6 @@ def parse_caption(caption: str) -> tuple[ShapeSpec, ...]:
     raise PromptError(f"not a shapes caption: {caption!r}")
 
 
-
 def shape_coverage(image: np.ndarray) -> np.ndarray:
     """Per pixel of a uint8 RGB shapes image (H, W, 3), the coverage α in [0, 1] of the palette colour that explains
     it best as white mixed with it: least squares over RGB, ``α_c = ⟨255 − p, 255 − c⟩ / |255 − c|²``, for the colour

@@ -83,7 +83,6 @@ class FoundShape:
     solidity: float
 
 
-
 def as_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
     """Any image form the evaluator accepts → float64 (H, W, 3) in 0..255.
 
