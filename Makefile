@@ -35,7 +35,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/unet.py
 
 train-embedded: $(STAMP)
-	$(BIN)/nijimi train configs/embedded.toml --resume
+	$(BIN)/nijimi train --config configs/embedded.toml --resume
 
 clean:
 	rm -rf $(VENV) out

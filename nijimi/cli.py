@@ -1,20 +1,25 @@
-"""The ``nijimi`` command: argument parsing, progress and error printing only; the work lives in the library."""
+"""The ``nijimi`` command: argument parsing, progress and error printing only; the work lives in the library.
+Errors (the library's and the command line's) are one ``error: …`` line, exit 2; ``torchrun`` ranks end here."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
 
 from nijimi import __version__
 from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS
 from nijimi.errors import NijimiError
 from nijimi.io.checkpoint import convert
-from nijimi.train.run import finish_distributed
 from nijimi.ui.adapters import add_adapter_parsers
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.demo import run_demo
+from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.generate import add_generate_arguments, add_output_arguments, cmd_generate, cmd_info, cmd_reproduce
 from nijimi.ui.train import add_train_parsers
 
@@ -69,11 +74,18 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error: …`` line (exit 2), like the library's errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
 DESCRIPTION = "nijimi (滲み): latent diffusion (Stable Diffusion) from scratch, fast on an ordinary CPU."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nijimi", description=DESCRIPTION)
+    parser = _Parser(prog="nijimi", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"nijimi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -91,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parsers(sub)
     add_control_parsers(sub)
     add_adapter_parsers(sub)
+    add_eval_parsers(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
@@ -99,13 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides"):  # `nijimi train CONFIG --unet.steps=100`: recipe overrides
-        args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        args = build_parser().parse_args(argv)  # a flag's parser may raise NijimiError too (e.g. --control)
         code = args.func(args)
     except NijimiError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -113,5 +121,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         code = 130
-    finish_distributed(code)  # under torchrun: exits here
+    finish_distributed(code)
     return code
+
+
+def finish_distributed(code: int) -> None:
+    """End a ``torchrun`` process whose work is done: leave the process group and exit at once with ``code``.
+
+    After gloo's teardown one of its C++ static destructors intermittently calls ``std::terminate`` at interpreter
+    exit (SIGABRT, "terminate called without an active exception"), which torchrun reports as a failed rank though
+    every output was written; ``os._exit`` skips those destructors. Does nothing outside a process group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if code == 0:
+        torch.distributed.barrier()  # no rank leaves while another still writes
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -11,10 +11,10 @@ from PIL import Image
 import nijimi
 from nijimi import cli
 from nijimi.embedded import ADAPTERS, CONTROLNET, WEIGHTS
+from nijimi.eval.adherence import mask_iou, score, shape_coverage
 from nijimi.io.safetensors import read_header, read_metadata
 from nijimi.pipelines.adapters import lora_requests
-from nijimi.train.controlnet import mask_iou, scene_mask, shape_coverage
-from nijimi.train.detect import score
+from nijimi.train.controlnet import scene_mask
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset
 from nijimi.ui.demo import DEMO_PROMPT
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError, ImageError
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
@@ -173,6 +175,12 @@ def prepare_control(control: Sequence[ControlInput] | None, config: ModelConfig,
             raise ConfigError(f"ControlNet {i} holds {held} weights, the pipeline runs {dtype}: load it in that dtype")
         unit.model.to(device)
     return ControlRun(tuple(units), first, steps)
+
+
+def controlnet_source(model: str) -> str:
+    """A ControlNet file or folder as an absolute path; ``embedded`` is the embedded model's demo ControlNet
+    (:data:`nijimi.embedded.CONTROLNET`)."""
+    return str(CONTROLNET if model == "embedded" else Path(model).absolute())
 
 
 def load_control_unit(spec: ControlSpec, width: int, height: int, unet: UNetConfig | None = None,

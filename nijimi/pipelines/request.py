@@ -22,10 +22,10 @@ from PIL import Image
 
 from nijimi.adapters.tags import parse_lora_option, resolve_lora
 from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
-from nijimi.embedded import ADAPTERS, CONTROLNET
+from nijimi.embedded import ADAPTERS
 from nijimi.errors import ConfigError, ImageError
 from nijimi.pipelines.adapters import LoraRequest
-from nijimi.pipelines.control import ControlUnit
+from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
 
 SEED_LIMIT = 2**64
@@ -211,8 +211,8 @@ def _absolute(control: Control) -> Control:
         if isinstance(control, ControlUnit):
             return control
         raise ConfigError(f"control entries must be ControlSpec or ControlUnit, not {type(control).__name__}")
-    model = CONTROLNET if control.model == "embedded" else Path(control.model).absolute()
-    return dataclasses.replace(control, model=str(model), image=str(Path(control.image).absolute()))
+    image = str(Path(control.image).absolute())
+    return dataclasses.replace(control, model=controlnet_source(control.model), image=image)
 
 
 def _encode(name: str, value: Any) -> Any:

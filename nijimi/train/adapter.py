@@ -5,14 +5,12 @@
    2106.09685), LoCon (LoRA on convolutions too), LoHa and LoKr (LyCORIS, 2309.14859), DoRA (2402.09353) — on the
    chosen layers of the U-Net, and of the text encoder with ``text_encoder``. It starts as the identity.
 3. Train only its parameters on the diffusion loss (:class:`~nijimi.train.ldm.DiffusionObjective`; masked by the
-   images' masks with ``mask_loss``) with :class:`~nijimi.train.trainer.Trainer`: the same progress callback,
-   atomic checkpoints and bit-exact resume, loss curve and sample grids as ``nijimi train``. Checkpoints hold the
-   adapter alone (:class:`AdapterObjective`), not the base model.
-4. Save the adapter (its EMA weights when ``ema_decay`` > 0) as a kohya file with ``ss_*`` training metadata or a
-   diffusers/peft file, atomically.
+   images' masks with ``mask_loss``) in the fine-tuning flow (:func:`~nijimi.train.finetune.run_finetune`);
+   checkpoints hold the adapter alone (:class:`AdapterObjective`). 4. Save it (EMA weights) as a kohya file with
+   ``ss_*`` training metadata or a diffusers/peft file.
 
-The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is :class:`ConceptShapes`, 64 scenes whose
-first object is pink, a colour the base world never shows.
+The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is
+:class:`~nijimi.train.shapes.ConceptShapes`, 64 scenes whose first object is pink, a colour the base world never shows.
 
 ``reg_data`` adds regularization images (kohya's ``reg_data_dir``; DreamBooth's prior preservation, 2208.12242 §4.1
 — with data of the base world standing in for images the base model made): one regularization image follows each
@@ -21,7 +19,6 @@ training image (:class:`WithRegularization`), so the adapter also learns to leav
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,26 +29,12 @@ from nijimi import __version__
 from nijimi.adapters.formats import FORMATS, save_adapter
 from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
-from nijimi.embedded import embedded_path
-from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io.checkpoint import load_model
+from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.data import ImageFolder
+from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, open_images, run_finetune
 from nijimi.train.ldm import DiffusionObjective
-from nijimi.train.report import run_with_reports, write_grid
-from nijimi.train.shapes import (
-    COLOURS,
-    CONCEPT_COLOURS,
-    Scene,
-    ShapesDataset,
-    describe,
-    render,
-    to_tensor,
-    with_concept,
-)
-from nijimi.train.trainer import LoopConfig, Trainer
+from nijimi.train.trainer import OnStep, open_trainer
 
-EMBEDDED = "embedded"
 ADAPTER_NAME = "default"
 ADAPTER_TYPES: dict[str, dict] = {
     "lora": {"kind": "lora"},
@@ -64,30 +47,21 @@ ADAPTER_TYPES: dict[str, dict] = {
 DEFAULT_TARGETS = {"locon": "all"}
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
 
-OnStep = Callable[[Trainer, float, float], None]
-# sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
-SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
-
 
 @dataclass
-class AdapterTrainConfig(LoopConfig):
-    """Every setting of an adapter run (``--key=value`` overrides name these fields), on top of :class:`LoopConfig`.
+class AdapterTrainConfig(FineTuneConfig):
+    """Every setting of an adapter run, on top of :class:`FineTuneConfig`.
 
-    ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha`` 0 mean ``rank``/``alpha``. ``targets``:
-    a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated glob patterns over native module paths;
-    empty means the type's default. ``size`` 0 means the model's native size. ``work``: folder for the checkpoint,
-    loss curve and sample grids (default: ``out`` without its ending + ``-train``). ``min_snr_gamma`` 0 switches
-    Min-SNR weighting off. ``sample_prompts`` empty: the first four captions of the data. ``half``: save float16.
-    ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after each training image.
+    ``type``: lora, locon, loha, lokr or dora. ``alpha`` 0 means alpha = rank (scale 1); ``conv_rank``/``conv_alpha``
+    0 mean ``rank``/``alpha``. ``targets``: a preset (:data:`~nijimi.adapters.targets.PRESETS`) or comma-separated
+    glob patterns over native module paths; empty means the type's default. ``sample_prompts`` empty: the first four
+    captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after
+    each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight the loss by each image's
+    mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
     """
 
     out: str = "adapter.safetensors"
-    work: str = ""
-    base: str = EMBEDDED
-    data: str = "shapes"
-    data_count: int = 64
     reg_data: str = ""
-    size: int = 0
     type: str = "lora"
     rank: int = 4
     alpha: float = 0.0
@@ -98,20 +72,10 @@ class AdapterTrainConfig(LoopConfig):
     text_encoder: bool = False
     mask_loss: bool = False
     format: str = "kohya"
-    half: bool = False
-    caption_dropout: float = 0.0
-    min_snr_gamma: float = 5.0
-    sample_every: int = 100
-    sample_steps: int = 20
     sample_prompts: tuple = ()
-    steps: int = 500
-    batch_size: int = 4
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    ema_decay: float = 0.0
-    save_every: int = 100
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.type not in ADAPTER_TYPES:
             raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}")
         if self.format not in FORMATS:
@@ -120,13 +84,6 @@ class AdapterTrainConfig(LoopConfig):
             raise ConfigError(f"rank must be ≥ 1 and conv_rank ≥ 0, got rank={self.rank}, conv_rank={self.conv_rank}")
         if self.alpha < 0 or self.conv_alpha < 0:
             raise ConfigError(f"alpha must be ≥ 0 (0: = rank), got alpha={self.alpha}, conv_alpha={self.conv_alpha}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
-
-    @property
-    def work_dir(self) -> Path:
-        out = Path(self.out)
-        return Path(self.work) if self.work else out.with_name(out.stem + "-train")
 
     def spec(self) -> AdapterSpec:
         """The adapter to inject."""
@@ -137,36 +94,6 @@ class AdapterTrainConfig(LoopConfig):
                            parts=("unet", "text") if self.text_encoder else ("unet",),
                            conv_rank=self.conv_rank or None, conv_alpha=self.conv_alpha or None, factor=self.factor,
                            **ADAPTER_TYPES[self.type])
-
-
-class ConceptShapes:
-    """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
-    first object recoloured to ``concept`` (:func:`~nijimi.train.shapes.with_concept`) and captioned accordingly,
-    e.g. ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
-
-    def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
-        self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
-        self.palette = {**COLOURS, **CONCEPT_COLOURS}
-        self.scene(0)  # an unknown concept fails here
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def scene(self, index: int) -> Scene:
-        return with_concept(self.base.scene(index), self.concept)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
-        scene = self.scene(index)
-        caption = describe(scene, torch.Generator().manual_seed(self.base.seed * 1_000_003 + index))
-        return to_tensor(render(scene, self.base.size, self.palette)), caption
-
-
-def load_base(source: str) -> LatentDiffusion:
-    """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
-    model, _ = load_model(embedded_path() if source == EMBEDDED else source)
-    return model
 
 
 class WithRegularization:
@@ -185,23 +112,12 @@ class WithRegularization:
         return self.data[index // 2] if index % 2 == 0 else self.reg[index // 2 % len(self.reg)]
 
 
-def _open_images(source: str, cfg: AdapterTrainConfig, size: int) -> ShapesDataset | ConceptShapes | ImageFolder:
-    if source == "shapes":
-        return ShapesDataset(size=size, seed=cfg.seed, count=cfg.data_count)
-    if source.startswith("shapes-"):
-        return ConceptShapes(source.removeprefix("shapes-"), size, cfg.seed, cfg.data_count)
-    return ImageFolder(source, size, seed=cfg.seed)
-
-
 def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
-    """The training images at ``cfg.size`` (default: the native size of a model of ``config``), followed one by one
-    by the regularization images of ``cfg.reg_data`` when it is given."""
-    multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
-    size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
-    if size % multiple:
-        raise ConfigError(f"image size {size} must be a multiple of {multiple} for this model")
-    data = _open_images(cfg.data, cfg, size)
-    return WithRegularization(data, _open_images(cfg.reg_data, cfg, size)) if cfg.reg_data else data
+    """The training images at ``cfg.image_size`` for a model of ``config``, followed one by one by the
+    regularization images of ``cfg.reg_data`` when it is given."""
+    size = cfg.image_size(config)
+    data = open_images(cfg.data, size, cfg.seed, cfg.data_count)
+    return WithRegularization(data, open_images(cfg.reg_data, size, cfg.seed, cfg.data_count)) if cfg.reg_data else data
 
 
 class AdapterObjective(nn.Module):
@@ -226,14 +142,25 @@ class AdapterObjective(nn.Module):
 
 
 @dataclass
-class AdapterTraining:
-    """A prepared run: the model with the adapter injected, the data, and the trainer of :class:`AdapterObjective`."""
+class AdapterTraining(FineTuning):
+    """A prepared run: the model with the adapter injected (at ``paths``), the data, and the trainer of
+    :class:`AdapterObjective`."""
 
-    cfg: AdapterTrainConfig
     model: LatentDiffusion
     data: object
-    trainer: Trainer
     paths: list[str]
+
+    title = "adapter"
+
+    def sample_grid(self, sample_fn: SampleFn) -> tuple[list, None]:
+        """The sample prompts (``cfg.sample_prompts`` or the data's first four captions) drawn with the adapter."""
+        prompts = list(self.cfg.sample_prompts) or [self.data[i][1] for i in range(min(4, len(self.data)))]
+        return sample_fn(self.model, prompts, self.cfg.sample_steps, self.cfg.seed), None
+
+    def save(self, out: Path) -> None:
+        """The adapter as a ``cfg.format`` file with kohya's training metadata."""
+        save_adapter(get_adapter(self.model, ADAPTER_NAME), out, self.model.config, self.cfg.format,
+                     dtype=torch.float16 if self.cfg.half else None, metadata=training_metadata(self))
 
 
 def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = None, data=None,
@@ -247,27 +174,9 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
                                    min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
                                    mask_loss=cfg.mask_loss)
     paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
-    trainer = Trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir)
-    if resume and trainer.checkpoint_path.is_file():
-        try:
-            trainer.resume()
-        except (RuntimeError, KeyError) as e:  # the checkpoint's adapter has other modules or shapes
-            raise CheckpointError(f"{trainer.checkpoint_path} was made for another adapter (type, rank or "
-                                  f"targets differ); start without --resume or use another work folder: "
-                                  f"{str(e).splitlines()[0]}") from None
-    return AdapterTraining(cfg, model, data, trainer, paths)
-
-
-def _prompts(cfg: AdapterTrainConfig, data) -> list[str]:
-    return list(cfg.sample_prompts) or [data[i][1] for i in range(min(4, len(data)))]
-
-
-def write_samples(run: AdapterTraining, sample_fn: SampleFn) -> Path:
-    """A sample grid with the adapter's EMA weights at the current step (live weights restored afterwards)."""
-    with run.trainer.averaged_weights():
-        run.model.eval()
-        images = sample_fn(run.model, _prompts(run.cfg, run.data), run.cfg.sample_steps, run.cfg.seed)
-    return write_grid(images, run.cfg.work_dir / f"samples-{run.trainer.step:06d}.png")
+    trainer = open_trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir, resume,
+                           "was made for another adapter (type, rank or targets differ)")
+    return AdapterTraining(cfg, trainer, model, data, paths)
 
 
 def training_metadata(run: AdapterTraining) -> dict[str, str]:
@@ -289,29 +198,13 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
                                    + (f" --reg-data {cfg.reg_data}" if cfg.reg_data else "")}
 
 
-def save_trained(run: AdapterTraining) -> Path:
-    """Write the adapter (EMA weights) to ``cfg.out`` atomically in ``cfg.format``."""
-    run.trainer.ema.copy_to(run.trainer.module)
-    out = Path(run.cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_adapter(get_adapter(run.model, ADAPTER_NAME), out, run.model.config, run.cfg.format,
-                 dtype=torch.float16 if run.cfg.half else None, metadata=training_metadata(run))
-    return out
-
-
 def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: bool = False,
                   on_step: OnStep | None = None, sample_fn: SampleFn | None = None,
                   model: LatentDiffusion | None = None, data=None) -> AdapterTraining:
-    """Run the whole recipe (see the module docstring); returns the finished run (``cfg.out`` written).
+    """Run the whole recipe (see the module docstring) with :func:`run_finetune`; returns the finished run.
 
-    ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. An existing ``cfg.out`` is refused before any
-    work unless ``overwrite``. Sample grids (with ``sample_fn``) are made at step 0 — the base model — and every
-    ``sample_every`` steps.
+    ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. Sample grids (with ``sample_fn``) are made at
+    step 0 — the base model — and every ``sample_every`` steps.
     """
-    if Path(cfg.out).exists() and not overwrite:
-        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
-    run = prepare_training(cfg, model, data, resume)
-    samples = None if sample_fn is None else lambda: write_samples(run, sample_fn)
-    run_with_reports(run.trainer, cfg.sample_every, "adapter", samples, on_step)
-    save_trained(run)
-    return run
+    return run_finetune(cfg, lambda: prepare_training(cfg, model, data, resume), overwrite=overwrite,
+                        on_step=on_step, sample_fn=sample_fn)

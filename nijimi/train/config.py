@@ -1,4 +1,4 @@
-"""Training configuration: a TOML file plus ``--key=value`` overrides, checked against a dataclass of defaults."""
+"""Training configuration: a TOML file plus ``--key=value`` flags, checked against a dataclass of defaults."""
 
 from __future__ import annotations
 
@@ -32,17 +32,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, name + "."))
         else:
             out[name] = value
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """``["--steps=10", "lr=1e-4"]`` → ``{"steps": "10", "lr": "1e-4"}`` (values still strings)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form --key=value")
-        out[key.replace("-", "_")] = value
     return out
 
 

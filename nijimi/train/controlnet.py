@@ -8,9 +8,8 @@
 3. Train it on the diffusion loss through the locked U-Net: noise an image's latent at a random step, run the
    ControlNet on (x_t, t, caption, condition map), add its residuals to the U-Net's skips and minimise the MSE to ε
    (or v). Captions are dropped to "" with probability ``caption_dropout`` (the paper replaces 50 % of the prompts,
-   §3.3, so the ControlNet learns to read the map by itself). The shared :class:`~nijimi.train.trainer.Trainer`
-   gives progress, atomic checkpoints and bit-exact resume; loss curves and sample grids (maps above, samples below)
-   go to the work folder.
+   §3.3, so the ControlNet learns to read the map by itself), in the fine-tuning flow
+   (:func:`~nijimi.train.finetune.run_finetune`; sample grids: maps above, samples below).
 4. Save it in the original layout (``control_model.*`` keys, :func:`nijimi.io.controlnet.save_original`), which
    A1111, ComfyUI, diffusers' ``from_single_file`` and ``nijimi generate --control`` read.
 
@@ -23,7 +22,7 @@ non-white pixels (:func:`foreground`); any other name is a preprocessor run on t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +31,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nijimi.diffusion.forward import diffusion_loss, q_sample, training_target
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.diffusion.forward import diffusion_loss
+from nijimi.errors import ConfigError
 from nijimi.io.controlnet import save_original
 from nijimi.models.controlnet import HINT_WIDTHS, ControlNetModel
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.adapter import EMBEDDED, load_base
-from nijimi.train.data import ImageFolder
-from nijimi.train.detect import ATTRIBUTES, Score, score
-from nijimi.train.report import run_with_reports, write_grid
+from nijimi.train.finetune import FineTuneConfig, FineTuning, load_base, open_images, run_finetune
+from nijimi.train.ldm import draw_diffusion_batch
 from nijimi.train.shapes import COLOURS, Scene, ShapesDataset, render
-from nijimi.train.trainer import LoopConfig, Trainer
+from nijimi.train.trainer import OnStep, open_trainer
 
 MASK = "mask"
 FOREGROUND_LEVEL = 96
@@ -50,10 +47,9 @@ FOREGROUND_LEVEL = 96
 colour (purple, darkest channel 64), so every shape is cut at about half coverage."""
 
 Preprocess = Callable[[Image.Image], Image.Image]
-OnStep = Callable[[Trainer, float, float], None]
-# sample_fn(base, controlnet, prompts, maps (1, 3, S, S) each, steps, seed) -> one image per prompt; given by the
-# caller (the pipeline layer sits above).
-SampleFn = Callable[[LatentDiffusion, ControlNetModel, list[str], list[torch.Tensor], int, int], list]
+ControlSampleFn = Callable[[LatentDiffusion, ControlNetModel, list[str], list[torch.Tensor], int, int], list]
+"""``sample_fn(base, controlnet, prompts, maps (1, 3, S, S) each, steps, seed)`` → one image per prompt; given by the
+caller (the pipeline layer sits above)."""
 
 
 # ---- condition maps -----------------------------------------------------------------------------------------------
@@ -78,27 +74,9 @@ def foreground(image: np.ndarray, level: float = FOREGROUND_LEVEL) -> np.ndarray
     return image.min(axis=2).astype(np.float64) <= 255.0 - level
 
 
-def shape_coverage(image: np.ndarray) -> np.ndarray:
-    """Per pixel of a uint8 RGB shapes image (H, W, 3), the coverage α in [0, 1] of the palette colour that explains
-    it best as white mixed with it: least squares over RGB, ``α_c = ⟨255 − p, 255 − c⟩ / |255 − c|²``, for the colour
-    ``c`` with the smallest residual. Exact on rendered scenes; tolerant of a generated image's colour drift."""
-    depth = 255.0 - image.astype(np.float64)
-    colours = 255.0 - np.array(list(COLOURS.values()), dtype=np.float64)
-    alphas = depth @ colours.T / (colours**2).sum(axis=1)
-    residual = ((depth[..., None, :] - alphas[..., None] * colours) ** 2).sum(axis=-1)
-    best = np.take_along_axis(alphas, residual.argmin(axis=-1)[..., None], axis=-1)[..., 0]
-    return np.clip(best, 0.0, 1.0)
-
-
 def to_uint8(image: torch.Tensor) -> np.ndarray:
     """A training image (3, H, W) in [-1, 1] → uint8 (H, W, 3) (the exact inverse of ``pixel / 127.5 − 1``)."""
     return ((image.detach().float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two bool masks (H, W); 1 when both are empty."""
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 class ControlPairs:
@@ -146,26 +124,19 @@ class ControlNetObjective(nn.Module):
         self.data, self.caption_dropout, self.min_snr_gamma = data, caption_dropout, min_snr_gamma
 
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
-        """The loss over ``indices[part]``; random draws as :class:`~nijimi.train.ldm.DiffusionObjective` makes them
-        (latent sample, timestep, noise, caption dropout), for the whole global batch."""
+        """The loss over ``indices[part]``, with the random draws of :func:`~nijimi.train.ldm.draw_diffusion_batch`
+        (those of :class:`~nijimi.train.ldm.DiffusionObjective`)."""
         items = [self.data[i] for i in indices[part]]
         images, hints = torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items])
-        base, schedule, n = self.base, self.base.config.schedule, len(indices)
+        base, schedule = self.base, self.base.config.schedule
         with torch.no_grad():
-            posterior = base.vae.encode(images)
-            x0_shape = (n, *posterior.mean.shape[1:])
-            z_eps = torch.randn(x0_shape, generator=generator)[part]
-            t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)[part]
-            noise = torch.randn(x0_shape, generator=generator)[part]
-            drop = (torch.rand(n, generator=generator) < self.caption_dropout)[part]
-            x0 = (posterior.mean + posterior.std * z_eps) * base.config.vae.scaling_factor
-            captions = ["" if d else it[1] for d, it in zip(drop.tolist(), items, strict=True)]
+            batch = draw_diffusion_batch(generator, len(indices), part, base.vae.encode(images),
+                                         base.config.vae.scaling_factor, schedule, caption_dropout=self.caption_dropout)
+            captions = ["" if d else it[1] for d, it in zip(batch.drop, items, strict=True)]
             context = base.text_encoder(self.tokenizer(captions))
-            x_t = q_sample(x0, t, noise, schedule)
-        down, mid = self.controlnet(x_t, t, context, hints)
-        pred = base.unet(x_t, t, context, down_residuals=down, mid_residual=mid)
-        loss, _ = diffusion_loss(pred, training_target(x0, noise, t, schedule), t, schedule,
-                                 min_snr_gamma=self.min_snr_gamma)
+        down, mid = self.controlnet(batch.x_t, batch.t, context, hints)
+        pred = base.unet(batch.x_t, batch.t, context, down_residuals=down, mid_residual=mid)
+        loss, _ = diffusion_loss(pred, batch.target, batch.t, schedule, min_snr_gamma=self.min_snr_gamma)
         return loss
 
 
@@ -182,80 +153,67 @@ def hint_widths_for(config: ModelConfig) -> tuple[int, ...]:
 # ---- the run ------------------------------------------------------------------------------------------------------
 
 @dataclass
-class ControlNetTrainConfig(LoopConfig):
-    """Every setting of a ControlNet run (``--key=value`` overrides name these fields), on top of :class:`LoopConfig`.
+class ControlNetTrainConfig(FineTuneConfig):
+    """Every setting of a ControlNet run, on top of :class:`FineTuneConfig`.
 
     ``condition``: ``mask`` or a preprocessor (``canny`` with thresholds ``low``/``high``, ``invert``, ``map``).
-    ``size`` 0: the base model's native size. ``work``: checkpoint, loss curve and sample grids (default: ``out``
-    without its ending + ``-train``). ``min_snr_gamma`` 0: plain MSE. ``sample_count``: maps in a sample grid (held-out
-    shapes scenes, or the first training examples of a folder). ``ema_decay`` > 0 saves the EMA weights.
+    ``sample_count``: maps in a sample grid (held-out shapes scenes, or the first training examples of a folder).
     """
 
     out: str = "controlnet.safetensors"
-    work: str = ""
-    base: str = EMBEDDED
-    data: str = "shapes"
     data_count: int = 100_000
-    size: int = 0
     condition: str = MASK
     low: float = 100.0
     high: float = 200.0
     caption_dropout: float = 0.5
     min_snr_gamma: float = 0.0
-    half: bool = False
     sample_every: int = 250
-    sample_steps: int = 20
     sample_count: int = 4
     steps: int = 2000
     batch_size: int = 8
-    lr: float = 1e-4
     warmup_steps: int = 50
-    ema_decay: float = 0.0
     save_every: int = 250
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ConfigError(f"caption_dropout must be within [0, 1], got {self.caption_dropout}")
+        super().__post_init__()
         if not str(self.out).lower().endswith(".safetensors"):
             raise ConfigError(f"out {self.out!r}: ControlNets are written as .safetensors; choose a name ending in it")
-
-    @property
-    def work_dir(self) -> Path:
-        out = Path(self.out)
-        return Path(self.work) if self.work else out.with_name(out.stem + "-train")
-
-
-def image_size(cfg: ControlNetTrainConfig, config: ModelConfig) -> int:
-    """The training image side: ``cfg.size`` or the model's native size, checked against its downscaling."""
-    multiple = config.vae.downscale_factor * 2 ** (len(config.unet.channel_mult) - 1)
-    size = cfg.size or config.unet.sample_size * config.vae.downscale_factor
-    if size < multiple or size % multiple:
-        raise ConfigError(f"image size {size} must be a positive multiple of {multiple} for this model")
-    return size
 
 
 def open_pairs(cfg: ControlNetTrainConfig, config: ModelConfig, preprocess: Preprocess | None = None,
                split: str = "train") -> ControlPairs:
     """The training triples (``split`` ``"heldout"``: held-out shapes scenes, for samples and evaluation)."""
-    size = image_size(cfg, config)
-    if cfg.data == "shapes":
-        count = cfg.data_count if split == "train" else cfg.sample_count
-        return ControlPairs(ShapesDataset(size, cfg.seed, split, count), cfg.condition, preprocess)
-    return ControlPairs(ImageFolder(cfg.data, size, seed=cfg.seed), cfg.condition, preprocess)
+    images = open_images(cfg.data, cfg.image_size(config), cfg.seed,
+                         cfg.data_count if split == "train" else cfg.sample_count, split)
+    return ControlPairs(images, cfg.condition, preprocess)
+
+
+def map_image(hint: torch.Tensor) -> Image.Image:
+    """A condition map (3, S, S) in [0, 1] as an RGB image, for grids."""
+    return Image.fromarray((hint.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
 @dataclass
-class ControlNetTraining:
+class ControlNetTraining(FineTuning):
     """A prepared run: the locked base, the ControlNet, the training and sample triples, and the trainer."""
 
-    cfg: ControlNetTrainConfig
     base: LatentDiffusion
     controlnet: ControlNetModel
     data: ControlPairs
     samples: ControlPairs
-    trainer: Trainer
+
+    title = "ControlNet"
+
+    def sample_grid(self, sample_fn: ControlSampleFn) -> tuple[list, int]:
+        """The sample maps (top row) and what the model makes of them with their captions (bottom row)."""
+        triples = [self.samples[i] for i in range(min(self.cfg.sample_count, len(self.samples)))]
+        images = sample_fn(self.base, self.controlnet, [c for _, c, _ in triples], [h[None] for _, _, h in triples],
+                           self.cfg.sample_steps, self.cfg.seed)
+        return [map_image(h) for _, _, h in triples] + list(images), len(triples)
+
+    def save(self, out: Path) -> None:
+        """The ControlNet in the original layout (``control_model.*`` keys)."""
+        save_original(self.controlnet, out, half=self.cfg.half)
 
 
 def prepare_training(cfg: ControlNetTrainConfig, preprocess: Preprocess | None = None,
@@ -269,113 +227,19 @@ def prepare_training(cfg: ControlNetTrainConfig, preprocess: Preprocess | None =
                                            torch.Generator().manual_seed(cfg.seed))
     objective = ControlNetObjective(controlnet, base, data, caption_dropout=cfg.caption_dropout,
                                     min_snr_gamma=cfg.min_snr_gamma or None)
-    trainer = Trainer(objective, len(data), cfg, cfg.work_dir)
-    if resume and trainer.checkpoint_path.is_file():
-        try:
-            trainer.resume()
-        except (RuntimeError, KeyError) as e:  # a checkpoint of a ControlNet for another base
-            raise CheckpointError(f"{trainer.checkpoint_path} holds a ControlNet for another base model; start "
-                                  f"without --resume or use another work folder: {str(e).splitlines()[0]}") from None
-    return ControlNetTraining(cfg, base, controlnet, data, samples, trainer)
-
-
-def write_samples(run: ControlNetTraining, sample_fn: SampleFn) -> Path:
-    """A grid of the sample maps (top row) and what the model makes of them with their captions (bottom row), with
-    the weights that will be saved (EMA when ``ema_decay`` > 0); live weights and training mode are restored."""
-    trainer, cfg = run.trainer, run.cfg
-    count = min(cfg.sample_count, len(run.samples))
-    triples = [run.samples[i] for i in range(count)]
-    with trainer.averaged_weights():
-        run.controlnet.eval()
-        images = sample_fn(run.base, run.controlnet, [c for _, c, _ in triples], [h[None] for _, _, h in triples],
-                           cfg.sample_steps, cfg.seed)
-    maps = [Image.fromarray((h.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for _, _, h in triples]
-    return write_grid(maps + list(images), cfg.work_dir / f"samples-{trainer.step:06d}.png", cols=count)
-
-
-def save_trained(run: ControlNetTraining) -> Path:
-    """Write the ControlNet (EMA weights when ``ema_decay`` > 0) to ``cfg.out`` in the original layout, atomically."""
-    if run.cfg.ema_decay > 0:
-        run.trainer.ema.copy_to(run.trainer.module)
-    out = Path(run.cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_original(run.controlnet, out, half=run.cfg.half)
-    return out
+    trainer = open_trainer(objective, len(data), cfg, cfg.work_dir, resume,
+                           "holds a ControlNet for another base model")
+    return ControlNetTraining(cfg, trainer, base, controlnet, data, samples)
 
 
 def train_controlnet(cfg: ControlNetTrainConfig, *, preprocess: Preprocess | None = None, resume: bool = False,
-                     overwrite: bool = False, on_step: OnStep | None = None, sample_fn: SampleFn | None = None,
+                     overwrite: bool = False, on_step: OnStep | None = None, sample_fn: ControlSampleFn | None = None,
                      base: LatentDiffusion | None = None) -> ControlNetTraining:
-    """Run the whole recipe (see the module docstring); returns the finished run (``cfg.out`` written).
+    """Run the whole recipe (see the module docstring) with :func:`run_finetune`; returns the finished run.
 
     ``preprocess`` makes the condition maps for a ``condition`` other than ``mask``; ``base`` replaces loading
-    ``cfg.base``. An existing ``cfg.out`` is refused before any work unless ``overwrite``. Sample grids (with
-    ``sample_fn``) are made at step 0 — where the ControlNet does nothing yet — and every ``sample_every`` steps.
+    ``cfg.base``. Sample grids (with ``sample_fn``) are made at step 0 — where the ControlNet does nothing yet — and
+    every ``sample_every`` steps.
     """
-    if Path(cfg.out).exists() and not overwrite:
-        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
-    run = prepare_training(cfg, preprocess, base, resume)
-    samples = None if sample_fn is None else lambda: write_samples(run, sample_fn)
-    run_with_reports(run.trainer, cfg.sample_every, "ControlNet", samples, on_step)
-    save_trained(run)
-    return run
-
-
-# ---- evaluation ---------------------------------------------------------------------------------------------------
-
-GenerateFn = Callable[[list[str], list[torch.Tensor], list[int]], Sequence[Image.Image]]
-
-
-@dataclass(frozen=True)
-class ControlEval:
-    """How well generated images follow their control masks and captions: per image, the IoU of its objects
-    (:func:`shape_coverage` ≥ ½) with the scene's silhouettes (:func:`scene_mask` ≥ ½), and the detector's verdicts
-    (:func:`nijimi.train.detect.score`: colour, shape, size, position, count, whole caption)."""
-
-    ious: tuple[float, ...]
-    scores: tuple[Score, ...]
-
-    @property
-    def iou(self) -> float:
-        """Mean IoU over the images."""
-        return float(np.mean(self.ious))
-
-    def accuracy(self, attribute: str) -> float | None:
-        """Share of images with ``attribute`` right (``"correct"``: the whole caption); None if none was judged."""
-        judged = [getattr(s, attribute) for s in self.scores if getattr(s, attribute) is not None]
-        return sum(judged) / len(judged) if judged else None
-
-
-def evaluate_control(generate_fn: GenerateFn, pairs: ControlPairs, seeds: Sequence[int] | None = None,
-                     batch_size: int = 8) -> ControlEval:
-    """Generate an image per triple of ``pairs`` (over a :class:`ShapesDataset`, held-out scenes for a fair test)
-    with ``generate_fn(captions, maps (1, 3, S, S), seeds) → images`` in batches, and judge each against its scene.
-
-    ``seeds`` default to 0, 1, 2, …; the function never sees a pipeline, only captions, maps and seeds.
-    """
-    if not isinstance(pairs.data, ShapesDataset):
-        raise ConfigError("evaluate_control needs shapes scenes (their geometry is the reference)")
-    seeds = list(range(len(pairs))) if seeds is None else list(seeds)
-    if len(seeds) != len(pairs) or batch_size < 1:
-        raise ConfigError(f"evaluate_control needs one seed per example and batch_size ≥ 1; got {len(pairs)} "
-                          f"examples, {len(seeds)} seeds, batch_size {batch_size}")
-    ious, scores = [], []
-    for start in range(0, len(pairs), batch_size):
-        indices = range(start, min(start + batch_size, len(pairs)))
-        triples = [pairs[i] for i in indices]
-        images = generate_fn([c for _, c, _ in triples], [h[None] for _, _, h in triples], seeds[start:indices[-1] + 1])
-        if len(images) != len(triples):
-            raise ConfigError(f"generate_fn returned {len(images)} images for {len(triples)} captions")
-        for i, (_, caption, _), image in zip(indices, triples, images, strict=True):
-            target = scene_mask(pairs.data.scene(i), pairs.data.size) >= 0.5
-            ious.append(mask_iou(shape_coverage(np.asarray(image.convert("RGB"))) >= 0.5, target))
-            scores.append(score(image, caption))
-    return ControlEval(tuple(ious), tuple(scores))
-
-
-def format_control_table(result: ControlEval) -> str:
-    """One plain-text table: images, mean IoU, then the detector's accuracies in percent."""
-    columns = (*ATTRIBUTES, "correct")
-    cells = [f"{'-':>8s}" if (a := result.accuracy(c)) is None else f"{100 * a:7.1f}%" for c in columns]
-    header = f"{'n':>5s} {'IoU':>6s} " + " ".join(f"{'caption' if c == 'correct' else c:>8s}" for c in columns)
-    return f"{header}\n{len(result.ious):>5d} {result.iou:6.3f} " + " ".join(cells)
+    return run_finetune(cfg, lambda: prepare_training(cfg, preprocess, base, resume), overwrite=overwrite,
+                        on_step=on_step, sample_fn=sample_fn)

@@ -14,7 +14,7 @@ Each image is resized so its shorter side is the model size and then center-crop
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -174,17 +174,13 @@ def load_example(record: Record, size: int) -> Sample:
 
 
 class ImageFolder:
-    """Captioned images from a data folder as model-sized ``Sample``s.
+    """Captioned images from a data folder as model-sized ``Sample``s: ``dataset[i]`` is the i-th record in the
+    folder's fixed order (the trainer decides the order of training, :func:`nijimi.train.trainer.batch_indices`)."""
 
-    ``dataset[i]`` is the i-th record in the folder's fixed order. For training, ``position`` counts examples from the
-    start of training: it runs through epochs, each a permutation of the records seeded by ``(seed, epoch)`` (or the
-    fixed order when ``shuffle`` is False), so a run resumed at a position reads exactly what it would have read.
-    """
-
-    def __init__(self, root: str | Path, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, root: str | Path, size: int) -> None:
         if size < 8:
             raise ConfigError(f"image size must be at least 8 pixels, got {size}")
-        self.root, self.size, self.seed, self.shuffle = Path(root), size, seed, shuffle
+        self.root, self.size = Path(root), size
         self.records = read_records(root)
 
     def __len__(self) -> int:
@@ -192,29 +188,6 @@ class ImageFolder:
 
     def __getitem__(self, index: int) -> Sample:
         return load_example(self.records[index], self.size)
-
-    def order(self, epoch: int) -> list[int]:
-        """Record indices in the order epoch ``epoch`` reads them."""
-        if not self.shuffle:
-            return list(range(len(self)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self), generator=generator).tolist()
-
-    def index_at(self, position: int) -> int:
-        """Record index read at data ``position`` (0 = the first example of training)."""
-        if position < 0:
-            raise ConfigError(f"data position must be ≥ 0, got {position}")
-        epoch, offset = divmod(position, len(self))
-        return self.order(epoch)[offset]
-
-    def iterate(self, start: int = 0) -> Iterator[tuple[int, Sample]]:
-        """Endless (position, sample) pairs from data position ``start`` on."""
-        position = start
-        while True:
-            epoch, offset = divmod(position, len(self))
-            for index in self.order(epoch)[offset:]:
-                yield position, self[index]
-                position += 1
 
 
 def collate(

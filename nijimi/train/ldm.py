@@ -10,12 +10,14 @@
   image's mask (:class:`~nijimi.train.data.Sample`) weights the loss per latent pixel (:func:`masked_diffusion_loss`).
 
 Every forward takes ``(indices, generator, part)`` as the trainer defines: random numbers are drawn for the whole
-global batch, then the rank's ``part`` is used.
+global batch, then the rank's ``part`` is used. A diffusion step makes its draws in one place,
+:func:`draw_diffusion_batch`, which the ControlNet objective (``nijimi.train.controlnet``) shares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -27,7 +29,7 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
 from nijimi.models.text_encoder import TextEncoder
 from nijimi.models.unet import UNetModel
-from nijimi.models.vae import VAE
+from nijimi.models.vae import VAE, DiagonalGaussian
 from nijimi.text.tokenizer import ClipTokenizer
 from nijimi.train.data import collate
 
@@ -102,6 +104,38 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Ten
     return per_sample.mean()
 
 
+@dataclass(frozen=True)
+class DiffusionBatch:
+    """A step's draws for this rank's b samples: x_t, target (ε or v) (b, C, h, w), t (b,), captions to drop."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    drop: list[bool]
+
+
+def draw_diffusion_batch(generator: torch.Generator, n: int, part: slice, posterior: DiagonalGaussian,
+                         scaling_factor: float, schedule: NoiseSchedule, *, caption_dropout: float = 0.0,
+                         timestep_weights: torch.Tensor | None = None) -> DiffusionBatch:
+    """The one place a diffusion training step draws random numbers. For the global batch of ``n`` it draws, in this
+    order: the latent's posterior sample ε_z, the timesteps t (uniform, or ∝ ``timestep_weights``), the noise ε and
+    the caption-dropout coins (dropped with probability ``caption_dropout``); the rank keeps ``part`` of each.
+
+    ``posterior``: q(z|x) of the rank's images; x0 = (mean + std·ε_z)·``scaling_factor``, x_t = q(x_t|x0) with ε
+    (DDPM 2006.11239 eq. 4), target ε or v (2202.00512) as ``schedule`` predicts.
+    """
+    x0_shape = (n, *posterior.mean.shape[1:])
+    z_eps = torch.randn(x0_shape, generator=generator)[part]
+    if timestep_weights is None:
+        t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=generator)[part]
+    else:
+        t = torch.multinomial(timestep_weights, n, replacement=True, generator=generator)[part]
+    noise = torch.randn(x0_shape, generator=generator)[part]
+    drop = (torch.rand(n, generator=generator) < caption_dropout)[part]
+    x0 = (posterior.mean + posterior.std * z_eps) * scaling_factor
+    return DiffusionBatch(q_sample(x0, t, noise, schedule), t, training_target(x0, noise, t, schedule), drop.tolist())
+
+
 class DiffusionObjective(nn.Module):
     """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too.
 
@@ -132,25 +166,16 @@ class DiffusionObjective(nn.Module):
 
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
         images, captions, masks = collate([self.data[i] for i in indices[part]])
-        n = len(indices)
         with torch.no_grad():
             posterior = self.vae.encode(images)
-        x0_shape = (n, *posterior.mean.shape[1:])
-        z_eps = torch.randn(x0_shape, generator=generator)[part]
-        if self.timestep_weights is None:
-            t = torch.randint(0, self.schedule.num_train_timesteps, (n,), generator=generator)[part]
-        else:
-            t = torch.multinomial(self.timestep_weights, n, replacement=True, generator=generator)[part]
-        noise = torch.randn(x0_shape, generator=generator)[part]
-        drop = (torch.rand(n, generator=generator) < self.caption_dropout)[part]
-        x0 = (posterior.mean + posterior.std * z_eps) * self.vae.config.scaling_factor
-        captions = ["" if d else c for d, c in zip(drop.tolist(), captions, strict=True)]
+        batch = draw_diffusion_batch(generator, len(indices), part, posterior, self.vae.config.scaling_factor,
+                                     self.schedule, caption_dropout=self.caption_dropout,
+                                     timestep_weights=self.timestep_weights)
+        captions = ["" if d else c for d, c in zip(batch.drop, captions, strict=True)]
         context = self.text_encoder(self.tokenizer(captions))
-        x_t = q_sample(x0, t, noise, self.schedule)
-        pred = self.unet(x_t, t, context)
-        target = training_target(x0, noise, t, self.schedule)
+        pred = self.unet(batch.x_t, batch.t, context)
         if self.mask_loss and masks is not None:
-            return masked_diffusion_loss(pred, target, t, self.schedule, latent_mask(masks, pred.shape[2:]),
-                                         min_snr_gamma=self.min_snr_gamma)
-        loss, _ = diffusion_loss(pred, target, t, self.schedule, min_snr_gamma=self.min_snr_gamma)
+            return masked_diffusion_loss(pred, batch.target, batch.t, self.schedule,
+                                         latent_mask(masks, pred.shape[2:]), min_snr_gamma=self.min_snr_gamma)
+        loss, _ = diffusion_loss(pred, batch.target, batch.t, self.schedule, min_snr_gamma=self.min_snr_gamma)
         return loss

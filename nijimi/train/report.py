@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from nijimi.io.files import atomic_write
-
-if TYPE_CHECKING:
-    from nijimi.train.trainer import Trainer
 
 
 def write_loss_curve(losses: list[float], path: Path, title: str) -> Path:
@@ -55,19 +50,3 @@ def write_grid(images: list[Image.Image], path: Path, cols: int | None = None) -
     with atomic_write(path) as f:
         grid(images, cols).save(f, format="PNG")
     return path
-
-
-def run_with_reports(trainer: Trainer, every: int, title: str, samples: Callable[[], object] | None,
-                     on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
-    """Run ``trainer`` to its last step with the reports of a fine-tuning run (an adapter, a ControlNet): every
-    ``every`` steps and after the last, the loss curve ``out_dir/loss.png`` titled ``title`` and, with ``samples``
-    (it writes one grid), a sample grid — also before the first step of a fresh run, to show where it starts."""
-    if samples is not None and every and trainer.step == 0:
-        samples()
-
-    def report(t: Trainer) -> None:
-        write_loss_curve(t.losses, t.out_dir / "loss.png", title)
-        if samples is not None:
-            samples()
-
-    trainer.run_reporting(every, report, on_step)

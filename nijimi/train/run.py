@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,22 +26,23 @@ from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
-from nijimi.train.config import build_config, read_toml, replace_config
+from nijimi.train.config import build_config, replace_config
 from nijimi.train.data import ImageFolder
+from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import write_grid, write_loss_curve
 from nijimi.train.shapes import TWO_OBJECTS, AnyColourShapes, ShapesDataset
-from nijimi.train.trainer import LoopConfig, Trainer
+from nijimi.train.trainer import LoopConfig, Trainer, open_trainer
 
-OnStep = Callable[[str, Trainer, float, float], None]
-# sample_fn(model, prompts, steps, seed) -> one image per prompt; given by the caller (the pipeline layer sits above).
-SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
+StageStep = Callable[[str, Trainer, float, float], None]
+"""``on_step(stage, trainer, loss, seconds)``: :data:`~nijimi.train.trainer.OnStep` with the stage's name."""
 
 
 @dataclass
 class RunConfig:
-    """Top-level keys of a training config (stage tables ``[vae]`` and ``[unet]`` take :class:`LoopConfig` keys plus
-    their objective's: ``kl_weight``; ``caption_dropout``, ``min_snr_gamma``, ``train_text_encoder``)."""
+    """Top-level keys of a training recipe. ``model``: the architecture preset (tables ``[arch.unet]``, ``[arch.vae]``,
+    ``[arch.text]`` change its fields); ``init``: fine-tune this model (checkpoint file or diffusers folder) instead;
+    ``export``: the model file (default ``out/model.safetensors``); ``two_objects``: shapes data only."""
 
     out: str = "runs/train"
     data: str = "shapes"
@@ -66,16 +66,21 @@ class RunConfig:
 
 @dataclass
 class VAEStage(LoopConfig):
+    """Table ``[vae]``: the autoencoder stage's loop and its KL weight; ``any_colour`` (shapes data only): chance an
+    object is drawn in a random colour (:class:`~nijimi.train.shapes.AnyColourShapes`)."""
+
     kl_weight: float = 1e-6
-    any_colour: float = 0.0  # shapes data: chance an object is drawn in a random colour (AnyColourShapes)
+    any_colour: float = 0.0
 
 
 @dataclass
 class UNetStage(LoopConfig):
+    """Table ``[unet]``: the U-Net stage's loop, its loss (``min_snr_gamma`` 0: plain MSE) and whether the text
+    encoder learns too; ``timestep_bias_*``: diffusers' options (:func:`nijimi.diffusion.forward.timestep_weights`)."""
+
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = True
-    # diffusers' --timestep_bias_* options (nijimi.diffusion.forward.timestep_weights)
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -131,26 +136,19 @@ def open_data(run: RunConfig):
     if run.data == "shapes":
         return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count,
                              two_objects=run.two_objects)
-    return ImageFolder(run.data, run.size, seed=run.seed)
+    return ImageFolder(run.data, run.size)
 
 
-def _stage_trainer(module: torch.nn.Module, data, cfg: LoopConfig, out: Path, resume: bool) -> Trainer:
-    trainer = Trainer(module, len(data), cfg, out)
-    if resume and trainer.checkpoint_path.is_file():
-        trainer.resume()
-    return trainer
-
-
-def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, on_step: OnStep | None) -> Path:
+def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, on_step: StageStep | None) -> Path:
     """Stage 1; writes ``out/vae.safetensors`` (EMA weights) with the measured scaling factor in its metadata."""
     out = Path(run.out)
     path = out / "vae.safetensors"
     if path.is_file():
         return path
-    torch.manual_seed(run.seed)
+    torch.manual_seed(run.seed)  # the modules' initialisers draw from the global generator
     vae = VAE(model_config(run, arch).vae)
     images = AnyColourShapes(data, stage.any_colour) if stage.any_colour else data
-    trainer = _stage_trainer(AutoencoderObjective(vae, images, stage.kl_weight), images, stage, out / "vae", resume)
+    trainer = open_trainer(AutoencoderObjective(vae, images, stage.kl_weight), len(images), stage, out / "vae", resume)
     trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
     trainer.ema.copy_to(trainer.module)
     scale = measure_scaling_factor(vae, data)
@@ -171,7 +169,7 @@ def _initial_model(run: RunConfig, arch: dict, vae_path: Path | None) -> LatentD
 
 
 def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Path | None, resume: bool,
-               on_step: OnStep | None, sample_fn: SampleFn | None) -> LatentDiffusion:
+               on_step: StageStep | None, sample_fn: SampleFn | None) -> LatentDiffusion:
     """Stage 2; returns the model with the EMA weights of the U-Net and text encoder."""
     out = Path(run.out)
     model = _initial_model(run, arch, vae_path)
@@ -180,10 +178,10 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
                                    min_snr_gamma=stage.min_snr_gamma or None,
                                    train_text_encoder=stage.train_text_encoder,
                                    timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))
-    trainer = _stage_trainer(objective, data, stage, out / "unet", resume)
+    trainer = open_trainer(objective, len(data), stage, out / "unet", resume)
 
     stage_step = None if on_step is None else lambda t, loss, s: on_step("unet", t, loss, s)
-    trainer.run_reporting(run.sample_every, lambda t: _report(run, t, model, out, sample_fn), stage_step)
+    trainer.run(on_step=stage_step, every=run.sample_every, report=lambda t: _report(run, t, model, out, sample_fn))
     trainer.ema.copy_to(trainer.module)
     return model
 
@@ -204,26 +202,10 @@ def init_distributed() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def finish_distributed(code: int) -> None:
-    """End a ``torchrun`` process whose work is done: leave the process group and exit at once with ``code``.
-
-    After gloo's teardown one of its C++ static destructors intermittently calls ``std::terminate`` at interpreter
-    exit (SIGABRT, "terminate called without an active exception"), which torchrun reports as a failed rank though
-    every output was written; ``os._exit`` skips those destructors. Does nothing outside a process group.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if code == 0:
-        torch.distributed.barrier()  # no rank leaves while another still writes
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def run_training(config_path: str | Path, overrides: dict[str, str] | None = None, resume: bool = False,
-                 on_step: OnStep | None = None, sample_fn: SampleFn | None = None) -> Path:
-    """Run every stage of the recipe in ``config_path``; returns the exported single-file model.
+def run_training(values: dict, resume: bool = False, on_step: StageStep | None = None,
+                 sample_fn: SampleFn | None = None) -> Path:
+    """Run every stage of the recipe ``values`` (flat keys: a TOML file read with
+    :func:`~nijimi.train.config.read_toml`, command-line flags); returns the exported single-file model.
 
     Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone shows progress, makes sample
     grids and writes checkpoints and the export (the stage files, identical on every rank, are written atomically).
@@ -231,8 +213,6 @@ def run_training(config_path: str | Path, overrides: dict[str, str] | None = Non
     rank = init_distributed()
     if rank != 0:
         on_step, sample_fn = None, None
-    values = read_toml(config_path)
-    values.update(overrides or {})
     run, vae_stage, unet_stage, arch = parse_config(values)
     data = open_data(run)
     vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)

@@ -3,7 +3,7 @@
 A tiny, fully known text-to-image world for training and evaluating a small latent diffusion model on a CPU.
 Everything is deterministic from a seed: a scene is drawn from a ``torch.Generator`` seeded by ``(seed, split, index)``,
 so any index can be regenerated exactly (bit-exact training resume), and a caption can be parsed back into what it asks
-for (the evaluator in ``nijimi.train.detect`` checks generated images against it).
+for (the evaluator in ``nijimi.eval.adherence`` checks generated images against it).
 
 World:
     64×64 (any size) RGB, white background; one or two objects that never overlap.
@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nijimi.errors import ConfigError, PromptError
+from nijimi.errors import ConfigError
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (224, 48, 48),
@@ -63,7 +62,7 @@ GAP = 0.04
 STAR_INNER = 0.45
 SUPERSAMPLE = 4
 
-_PLACE_PHRASES: dict[str, tuple[str, ...]] = {
+PLACE_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("on the left", "on the left side"),
     "right": ("on the right", "on the right side"),
     "top": ("at the top", "near the top"),
@@ -77,7 +76,7 @@ _TWO_TEMPLATES = (
     "{a} {before} {b}",
     "{b} {after} {a}",
 )
-_RELATIONS = {("left", "right"): ("to the left of", "to the right of"), ("top", "bottom"): ("above", "below")}
+RELATIONS = {("left", "right"): ("to the left of", "to the right of"), ("top", "bottom"): ("above", "below")}
 
 
 @dataclass(frozen=True)
@@ -189,13 +188,13 @@ def _object_phrase(spec: ShapeSpec) -> str:
 
 def caption_for(specs: tuple[ShapeSpec, ...], template: int = 0, places: tuple[int, ...] = (0, 0)) -> str:
     """Caption in plain English for one or two specs (two: first is left/top); ``template``/``places`` pick phrasing."""
-    phrases = [_PLACE_PHRASES[s.position][places[i] % 2] for i, s in enumerate(specs)]
+    phrases = [PLACE_PHRASES[s.position][places[i] % 2] for i, s in enumerate(specs)]
     if len(specs) == 1:
         return _ONE_TEMPLATES[template % len(_ONE_TEMPLATES)].format(a=_object_phrase(specs[0]), pa=phrases[0])
     if len(specs) != 2 or (specs[0].position, specs[1].position) not in PAIRS:
         raise ConfigError(f"a shapes caption describes one object or two at {PAIRS}, got "
                           f"{[s.position for s in specs]}")
-    before, after = _RELATIONS[(specs[0].position, specs[1].position)]
+    before, after = RELATIONS[(specs[0].position, specs[1].position)]
     fields = {"a": _object_phrase(specs[0]), "b": _object_phrase(specs[1]), "before": before, "after": after}
     return _TWO_TEMPLATES[template % len(_TWO_TEMPLATES)].format(pa=phrases[0], pb=phrases[1], **fields)
 
@@ -207,54 +206,6 @@ def describe(scene: Scene, generator: torch.Generator) -> str:
     template = int(draws.uniform() * len(_ONE_TEMPLATES if len(scene.objects) == 1 else _TWO_TEMPLATES))
     places = (int(draws.uniform() * 2), int(draws.uniform() * 2))
     return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places)
-
-
-_OBJECT = r"(?:a|an|one) (?:({size}) )?({colour}) ({shape})".format(
-    size="|".join(SIZES), colour="|".join([*COLOURS, *CONCEPT_COLOURS]), shape="|".join(SHAPES)
-)
-_PLACE_OF = {phrase: place for place, phrases in _PLACE_PHRASES.items() for phrase in phrases}
-_PLACE = "(" + "|".join(sorted(_PLACE_OF, key=len, reverse=True)) + ")"
-_RELATION_OF = {word: pair for pair, words in _RELATIONS.items() for word in words}
-_ONE_PATTERNS = (
-    re.compile(rf"{_OBJECT} (?:drawn )?{_PLACE}(?: against a white background)?"),
-    re.compile(rf"{_PLACE}, {_OBJECT}"),
-)
-_TWO_PLACES = re.compile(rf"{_OBJECT} {_PLACE} and {_OBJECT} {_PLACE}")
-_TWO_RELATION = re.compile(rf"{_OBJECT} ({'|'.join(_RELATION_OF)}) {_OBJECT}")
-
-
-def _spec(size: str | None, colour: str, shape: str, place: str) -> ShapeSpec:
-    return ShapeSpec(colour, shape, place, size or None)
-
-
-def _ordered(a: ShapeSpec, b: ShapeSpec, caption: str) -> tuple[ShapeSpec, ...]:
-    if (a.position, b.position) in PAIRS:
-        return (a, b)
-    if (b.position, a.position) in PAIRS:
-        return (b, a)
-    raise PromptError(f"caption {caption!r} places two objects at {a.position} and {b.position}; "
-                      f"expected left/right or top/bottom")
-
-
-def parse_caption(caption: str) -> tuple[ShapeSpec, ...]:
-    """What a shapes caption asks for: one spec, or two ordered left→right / top→bottom.
-
-    Accepts every phrasing ``caption_for`` writes (case, surrounding space and a final period are ignored).
-    """
-    text = " ".join(caption.lower().strip().rstrip(".").split())
-    if m := _ONE_PATTERNS[0].fullmatch(text):
-        return (_spec(m[1], m[2], m[3], _PLACE_OF[m[4]]),)
-    if m := _ONE_PATTERNS[1].fullmatch(text):
-        return (_spec(m[2], m[3], m[4], _PLACE_OF[m[1]]),)
-    if m := _TWO_PLACES.fullmatch(text):
-        a = _spec(m[1], m[2], m[3], _PLACE_OF[m[4]])
-        return _ordered(a, _spec(m[5], m[6], m[7], _PLACE_OF[m[8]]), caption)
-    if m := _TWO_RELATION.fullmatch(text):
-        first, second = _RELATION_OF[m[4]]
-        if m[4] in ("to the right of", "below"):
-            first, second = second, first
-        return _ordered(_spec(m[1], m[2], m[3], first), _spec(m[5], m[6], m[7], second), caption)
-    raise PromptError(f"not a shapes caption: {caption!r}")
 
 
 def _convex_inside(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -306,7 +257,7 @@ def render(scene: Scene, size: int = 64, colours: dict[str, tuple[int, int, int]
     """Draw ``scene`` with 4×4 supersampled edges → uint8 (size, size, 3).
 
     ``colours`` (default ``COLOURS``) maps colour names to RGB: adapter training passes a palette with a colour the
-    world lacks (``nijimi.train.adapter.ConceptShapes``)."""
+    world lacks (:class:`ConceptShapes`)."""
     if size < 8:
         raise ConfigError(f"shapes image size must be at least 8 pixels, got {size}")
     palette = COLOURS if colours is None else colours
@@ -405,6 +356,30 @@ def with_concept(scene: Scene, concept: str) -> Scene:
         raise ConfigError(f"unknown shapes concept {concept!r}; choose one of {', '.join(CONCEPT_COLOURS)}")
     first, *rest = scene.objects
     return Scene((dataclasses.replace(first, colour=concept), *rest))
+
+
+class ConceptShapes:
+    """Shapes scenes showing a colour the base world lacks: scene ``i`` of ``ShapesDataset(size, seed)`` with its
+    first object recoloured to ``concept`` (:func:`with_concept`) and captioned accordingly,
+    e.g. ``"a small pink star at the top"``. ``dataset[i]`` → (image (3, size, size) in [-1, 1], caption)."""
+
+    def __init__(self, concept: str = "pink", size: int = 64, seed: int = 0, count: int = 64) -> None:
+        self.concept, self.base = concept, ShapesDataset(size=size, seed=seed, count=count)
+        self.palette = {**COLOURS, **CONCEPT_COLOURS}
+        self.scene(0)  # an unknown concept fails here
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def scene(self, index: int) -> Scene:
+        return with_concept(self.base.scene(index), self.concept)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"shapes index {index} out of range [0, {len(self)})")
+        scene = self.scene(index)
+        caption = describe(scene, torch.Generator().manual_seed(self.base.seed * 1_000_003 + index))
+        return to_tensor(render(scene, self.base.size, self.palette)), caption
 
 
 def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None) -> list[str]:

@@ -23,9 +23,16 @@ from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.files import atomic_write
 from nijimi.train.ema import EMA
 
+OnStep = Callable[["Trainer", float, float], None]
+"""``on_step(trainer, loss, seconds)``: called after each optimiser step."""
+
 
 @dataclass
 class LoopConfig:
+    """The loop: AdamW (``lr``, ``weight_decay``, ``betas``) with ``warmup_steps`` of linear warm-up, then cosine decay
+    to ``min_lr_ratio``·lr; gradient norm clipped to ``grad_clip`` (0: off); EMA of the weights with ``ema_decay``; a
+    checkpoint every ``save_every`` steps (0: never); ``seed`` fixes data order and every random draw."""
+
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-4
@@ -118,7 +125,7 @@ class Trainer:
         indices = batch_indices(self.step, cfg.batch_size, self.dataset_size, cfg.seed)
         local = cfg.batch_size // self.world
         part = slice(self.rank * local, (self.rank + 1) * local)
-        torch.manual_seed((cfg.seed * 1_000_003 + self.step) % (2**63))
+        torch.manual_seed((cfg.seed * 1_000_003 + self.step) % (2**63))  # for nn.Dropout, which takes no generator
         self.module.train()
         loss = self.ddp(indices, step_generator(cfg.seed, self.step), part)
         if not torch.isfinite(loss):
@@ -137,29 +144,20 @@ class Trainer:
         self.losses.append(float(value))
         return float(value)
 
-    def run(self, until: int | None = None, on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
-        """Train to step ``until`` (default ``cfg.steps``); ``on_step(trainer, loss, seconds)`` after each step."""
+    def run(self, until: int | None = None, on_step: OnStep | None = None, every: int = 0,
+            report: Callable[[Trainer], None] | None = None) -> None:
+        """Train to step ``until`` (default ``cfg.steps``); after each step ``on_step(trainer, loss, seconds)``, and
+        ``report(trainer)`` (loss curves, sample grids) every ``every`` steps and after the last one (0: never)."""
         until = self.cfg.steps if until is None else until
         while self.step < until:
             start = time.perf_counter()
             loss = self.train_step()
             if on_step is not None:
                 on_step(self, loss, time.perf_counter() - start)
+            if report is not None and every and (self.step % every == 0 or self.step == self.cfg.steps):
+                report(self)
             if self.cfg.save_every and (self.step % self.cfg.save_every == 0 or self.step == until):
                 self.save()
-
-    def run_reporting(self, every: int, report: Callable[[Trainer], None],
-                      on_step: Callable[[Trainer, float, float], None] | None = None) -> None:
-        """:meth:`run` to ``cfg.steps``, calling ``report(self)`` (loss curves, sample grids) every ``every`` steps
-        and after the last one (``every`` 0: never)."""
-
-        def step(trainer: Trainer, loss: float, seconds: float) -> None:
-            if on_step is not None:
-                on_step(trainer, loss, seconds)
-            if every and (trainer.step % every == 0 or trainer.step == self.cfg.steps):
-                report(trainer)
-
-        self.run(on_step=step)
 
     @contextlib.contextmanager
     def averaged_weights(self) -> Iterator[nn.Module]:
@@ -210,3 +208,17 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.losses = state["losses"].tolist()
+
+
+def open_trainer(module: nn.Module, dataset_size: int, cfg: LoopConfig, out_dir: Path, resume: bool,
+                 other: str = "holds another model") -> Trainer:
+    """A :class:`Trainer`; with ``resume``, continued from ``out_dir/checkpoint.pt`` when it exists. A checkpoint of
+    other modules or shapes is refused as one that ``other`` (e.g. "holds a ControlNet for another base model")."""
+    trainer = Trainer(module, dataset_size, cfg, out_dir)
+    if resume and trainer.checkpoint_path.is_file():
+        try:
+            trainer.resume()
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{trainer.checkpoint_path} {other}; start without --resume or use another work "
+                                  f"folder: {str(e).splitlines()[0]}") from None
+    return trainer

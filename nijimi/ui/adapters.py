@@ -5,7 +5,6 @@ warning for the keys of a file it left out (:func:`report_unmatched`)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -13,20 +12,15 @@ from nijimi.adapters.formats import FORMATS
 from nijimi.adapters.tools import describe_adapter
 from nijimi.adapters.weights import Adapter
 from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
-from nijimi.train.adapter import ADAPTER_TYPES, EMBEDDED, AdapterTrainConfig, load_base, train_adapter
+from nijimi.train.adapter import AdapterTrainConfig, train_adapter
 from nijimi.train.config import build_config
+from nijimi.train.finetune import EMBEDDED, load_base
 from nijimi.ui.progress import TrainingProgress
-from nijimi.ui.train import sample_images
-
-_SETTINGS = tuple(f.name for f in dataclasses.fields(AdapterTrainConfig))
-_FLAGGED = ("type", "base", "data", "reg_data", "out", "rank", "alpha", "targets", "steps", "batch_size", "lr",
-            "format", "work", "text_encoder", "mask_loss")
-"""Settings with a flag of their own; the others get a generic ``--key=value`` (:func:`_add_settings`)."""
+from nijimi.ui.train import add_finetune_parser, config_values, sample_images
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
-    values = {k: v for k in _SETTINGS if (v := getattr(args, k, None)) is not None and v is not False}
-    cfg = build_config(AdapterTrainConfig, values)
+    cfg = build_config(AdapterTrainConfig, config_values(args))
     with TrainingProgress(args.quiet) as progress:
         train_adapter(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage(f"train {cfg.type}"),
                       sample_fn=None if args.no_samples else sample_images)
@@ -56,44 +50,6 @@ def cmd_lora_resize(args: argparse.Namespace) -> int:
 def cmd_lora_info(args: argparse.Namespace) -> int:
     print(describe_adapter(args.file, None if args.base is None else load_base(args.base).config))
     return 0
-
-
-def _add_train_adapter_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-adapter", help="train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model")
-    p.add_argument("--type", choices=tuple(ADAPTER_TYPES), help="adapter kind (default lora)")
-    p.add_argument("--base", help=f"model to adapt: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
-    p.add_argument("--data", help="folder of captioned images, shapes, or shapes-pink (default shapes)")
-    p.add_argument("--reg-data", help="regularization images (a folder, shapes, …), one after each training image, "
-                                      "so the adapter keeps what the base model draws (default none)")
-    p.add_argument("--out", required=True, help="the adapter file to write (.safetensors)")
-    p.add_argument("--rank", type=int, help="rank (default 4)")
-    p.add_argument("--alpha", type=float, help="alpha; scale = alpha / rank (default: = rank)")
-    p.add_argument("--targets", help="attn, attn+ff, all-linear, all, or comma-separated module patterns "
-                                     "(default attn+ff; all for locon)")
-    p.add_argument("--steps", type=int, help="training steps (default 500)")
-    p.add_argument("--batch-size", type=int, help="images per step (default 4)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    p.add_argument("--format", choices=FORMATS, help="kohya (A1111, ComfyUI; default) or peft (diffusers)")
-    p.add_argument("--work", help="folder for the checkpoint, loss curve and sample grids (default OUT-train/)")
-    p.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder")
-    p.add_argument("--mask-loss", action="store_true", help="weight the loss by each image's mask (learn where 1)")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_settings(p)
-    p.set_defaults(func=cmd_train_adapter)
-
-
-def _add_settings(p: argparse.ArgumentParser) -> None:
-    """``--key=value`` for every other :class:`AdapterTrainConfig` field (typed and checked by ``build_config``)."""
-    group = p.add_argument_group("run settings", "every other setting as --key=value, e.g. --warmup-steps=50 "
-                                                 "--conv-rank=8 --half=true --sample-every=0")
-    defaults = AdapterTrainConfig()
-    for name in _SETTINGS:
-        if name not in _FLAGGED:
-            flags = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
-            group.add_argument(*flags, dest=name, metavar="VALUE", help=f"default {getattr(defaults, name)!r}")
 
 
 def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
@@ -129,7 +85,8 @@ def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
 
 def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    _add_train_adapter_parser(sub)
+    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model",
+                        AdapterTrainConfig, cmd_train_adapter)
     _add_lora_parsers(sub)
 
 

@@ -1,49 +1,31 @@
-"""The CLI side of ControlNet: ``generate --control …``, ``nijimi train-controlnet`` and ``nijimi eval control``.
+"""The CLI side of ControlNet: ``nijimi train-controlnet`` and the infotext of ``generate --control …``.
 
-``cli.build_parser`` adds the commands with :func:`add_control_parsers` (``train-controlnet``) and
-:func:`add_eval_control_parser` (``control`` under ``nijimi eval``); ``generate``'s ``--control`` comes from the
-generation request (:mod:`nijimi.pipelines.request`), its infotext from :func:`control_infotext`.
+``cli.build_parser`` adds ``train-controlnet`` with :func:`add_control_parsers`; ``generate``'s ``--control`` comes
+from the generation request (:mod:`nijimi.pipelines.request`), its A1111 infotext from :func:`control_infotext`;
+``eval control`` lives in ui/eval.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError
-from nijimi.io.controlnet import load_controlnet
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control import ControlUnit
 from nijimi.pipelines.control_maps import PREPROCESSORS, preprocess
-from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
-from nijimi.train.config import build_config, read_toml
-from nijimi.train.controlnet import (
-    MASK,
-    ControlNetTrainConfig,
-    ControlPairs,
-    Preprocess,
-    evaluate_control,
-    format_control_table,
-    train_controlnet,
-)
-from nijimi.train.report import write_grid
-from nijimi.train.shapes import ShapesDataset
-from nijimi.ui.progress import ProgressBar, TrainingProgress
+from nijimi.pipelines.pipeline import Pipeline
+from nijimi.train.config import build_config
+from nijimi.train.controlnet import MASK, ControlNetTrainConfig, Preprocess, train_controlnet
+from nijimi.ui.progress import TrainingProgress
+from nijimi.ui.train import add_finetune_parser, config_values
 
 _MODULES = {"map": "none", "invert": "invert", "canny": "canny"}
 _RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill", "none": "None"}
-
-
-def controlnet_source(model: str) -> str:
-    """A ControlNet file or folder named on the command line, as an absolute path; ``embedded`` is the embedded
-    model's demo ControlNet (:data:`nijimi.embedded.CONTROLNET`)."""
-    return str(CONTROLNET if model == EMBEDDED else Path(model).absolute())
 
 
 def control_infotext(entries: list[dict] | None) -> dict[str, str]:
@@ -69,9 +51,6 @@ def _number(value: object) -> str:
 # ---- train-controlnet ---------------------------------------------------------------------------------------------
 
 CONDITIONS = (MASK, *PREPROCESSORS)
-_SETTINGS = tuple(f.name for f in dataclasses.fields(ControlNetTrainConfig))
-_FLAGGED = ("base", "data", "condition", "out", "steps", "batch_size", "lr", "work")
-"""Settings with a flag of their own; the others get a generic ``--key=value``."""
 
 
 def condition_preprocess(condition: str, low: float = 100, high: float = 200) -> Preprocess | None:
@@ -95,9 +74,7 @@ def sample_control_images(base: LatentDiffusion, controlnet: ControlNetModel, pr
 
 
 def cmd_train_controlnet(args: argparse.Namespace) -> int:
-    values = read_toml(args.config) if args.config else {}
-    values.update({k: getattr(args, k) for k in _SETTINGS if getattr(args, k, None) not in (None, False)})
-    cfg = build_config(ControlNetTrainConfig, values)
+    cfg = build_config(ControlNetTrainConfig, config_values(args))
     maker = condition_preprocess(cfg.condition, cfg.low, cfg.high)
     with TrainingProgress(args.quiet) as progress:
         train_controlnet(cfg, preprocess=maker, resume=args.resume, overwrite=args.overwrite,
@@ -109,82 +86,5 @@ def cmd_train_controlnet(args: argparse.Namespace) -> int:
 
 def add_control_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-controlnet`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    p = sub.add_parser("train-controlnet", help="train a ControlNet that steers a locked model with condition maps")
-    p.add_argument("--config", help="a TOML recipe of the settings below (e.g. configs/controlnet-shapes.toml); "
-                                    "flags override it")
-    p.add_argument("--base", help=f"model to steer: checkpoint file, diffusers folder or {EMBEDDED} (the default)")
-    p.add_argument("--data", help="shapes (the default) or a folder of captioned images")
-    p.add_argument("--condition", help=f"condition maps: {', '.join(CONDITIONS)} (default {MASK})")
-    p.add_argument("--out", help="the ControlNet file to write (.safetensors, original layout)")
-    p.add_argument("--steps", type=int, help="training steps (default 2000)")
-    p.add_argument("--batch-size", type=int, help="images per step (default 8)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4)")
-    p.add_argument("--work", help="folder for the checkpoint, loss curve and sample grids (default OUT-train/)")
-    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    group = p.add_argument_group("run settings", "every other setting as --key=value, e.g. --low=50 --high=150 "
-                                                 "--caption-dropout=0.3 --sample-every=0 --half=true")
-    defaults = ControlNetTrainConfig()
-    for name in _SETTINGS:
-        if name not in _FLAGGED:
-            flags = dict.fromkeys((f"--{name.replace('_', '-')}", f"--{name}"))
-            group.add_argument(*flags, dest=name, metavar="VALUE", help=f"default {getattr(defaults, name)!r}")
-    p.set_defaults(func=cmd_train_controlnet)
-
-
-# ---- eval control -------------------------------------------------------------------------------------------------
-
-def cmd_eval_control(args: argparse.Namespace) -> int:
-    pipe = load(args.model or EMBEDDED)
-    controlnet, _ = load_controlnet(controlnet_source(args.controlnet))
-    size = args.size or pipe.native_size
-    pairs = ControlPairs(ShapesDataset(size, args.seed, args.split, args.n), args.condition,
-                         condition_preprocess(args.condition, args.low, args.high))
-    bar = None if args.quiet else ProgressBar(len(pairs), label="eval control")
-    made: list = []
-
-    def generate(captions: list[str], maps: list[torch.Tensor], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s, width=size,
-                                height=size, control=[ControlUnit(controlnet, m, args.scale)]).images[0]
-                  for c, m, s in zip(captions, maps, seeds, strict=True)]
-        made.extend(zip(maps, images, strict=True))
-        if bar is not None:
-            bar.update(len(made))
-        return images
-
-    try:
-        result = evaluate_control(generate, pairs, seeds=[args.seed + i for i in range(len(pairs))])
-    finally:
-        if bar is not None:
-            bar.close()
-    if args.grid:
-        shown = made[:8]
-        maps = [Image.fromarray((m[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")) for m, _ in shown]
-        write_grid(maps + [image for _, image in shown], Path(args.grid), cols=len(shown))
-    print(format_control_table(result))
-    return 0
-
-
-def add_eval_control_parser(what: argparse._SubParsersAction) -> None:
-    """Add ``control`` under ``nijimi eval`` (``what``: the eval command's sub-parsers)."""
-    q = what.add_parser("control", help="generate with a ControlNet from held-out shapes scenes; mean IoU of the "
-                                        "objects vs the control masks, and the detector's prompt adherence")
-    q.add_argument("--controlnet", default=EMBEDDED,
-                   help="the ControlNet file or folder (default: embedded, the embedded model's demo ControlNet)")
-    q.add_argument("--model", help="the model it steers (default: the embedded model)")
-    q.add_argument("--condition", default=MASK, help=f"the maps it was trained on: {', '.join(CONDITIONS)}")
-    q.add_argument("--low", type=float, default=100.0, help="canny's low threshold (default 100)")
-    q.add_argument("--high", type=float, default=200.0, help="canny's high threshold (default 200)")
-    q.add_argument("--scale", type=float, default=1.0, help="ControlNet weight (default 1)")
-    q.add_argument("--n", type=int, default=50, help="number of scenes (default 50)")
-    q.add_argument("--size", type=int, help="image side (default: the model's native size)")
-    q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
-    q.add_argument("--cfg", type=float, default=7.0)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="scene split (default heldout)")
-    q.add_argument("--grid", help="also write a PNG of the first 8 maps (top) and images (bottom)")
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(func=cmd_eval_control)
+    add_finetune_parser(sub, "train-controlnet", "train a ControlNet that steers a locked model with condition maps",
+                        ControlNetTrainConfig, cmd_train_controlnet)

@@ -1,20 +1,72 @@
-"""``nijimi train``, ``dataset shapes`` and ``eval shapes``: the CLI side of training and evaluation."""
+"""``nijimi train`` and ``dataset shapes``; and the one shape of every training command (``train``, ``train-adapter``,
+``train-controlnet``): ``--config TOML`` plus a ``--key=value`` flag for each field of the command's config
+dataclasses (:func:`add_config_flags`), read back with :func:`config_values`. Flags override the file; both are typed
+and checked by the config's own reader (:func:`nijimi.train.config.build_config`)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import dataclasses
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any
 
 from nijimi.models.ldm import LatentDiffusion
-from nijimi.pipelines.adapters import lora_requests
-from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
-from nijimi.train.config import parse_overrides
-from nijimi.train.detect import evaluate, format_table
-from nijimi.train.report import write_grid
-from nijimi.train.run import run_training
-from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, sample_captions, write_shapes_dataset
-from nijimi.ui.control import add_eval_control_parser
-from nijimi.ui.progress import ProgressBar, TrainingProgress
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
+from nijimi.models.vae import VAEConfig
+from nijimi.pipelines.pipeline import Pipeline
+from nijimi.train.config import read_toml
+from nijimi.train.run import RunConfig, UNetStage, VAEStage, run_training
+from nijimi.train.shapes import write_shapes_dataset
+from nijimi.ui.progress import TrainingProgress
+
+_SETTING = "setting:"
+"""Prefix of the argparse destinations of config fields."""
+
+
+def _describe(cls: type) -> str:
+    """The docstrings of a config dataclass and of the config classes it extends, most general first."""
+    own = [c for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c) and c.__dict__.get("__doc__")]
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", " ".join(inspect.getdoc(c) for c in own)).replace("``", "")
+
+
+def add_config_flags(p: argparse.ArgumentParser, sections: dict[str, type], preset: tuple[str, ...] = ()) -> None:
+    """``--config TOML`` and ``--KEY=VALUE`` for every field of each dataclass in ``sections`` (key prefix → class,
+    e.g. ``{"": RunConfig, "unet.": UNetStage}``; a TOML table ``[unet]`` holds the same keys). A boolean's flag
+    alone means true. Help comes from the classes' docstrings and the fields' defaults (the model preset's for the
+    prefixes in ``preset``)."""
+    p.add_argument("--config", metavar="TOML", help="settings from this file; flags override them")
+    for prefix, cls in sections.items():
+        group = p.add_argument_group(f"[{prefix[:-1]}] settings" if prefix else "settings", _describe(cls))
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            flag = f.type in (bool, "bool")
+            default = "the model preset's" if prefix in preset else repr(f.default)
+            group.add_argument(*dict.fromkeys((f"--{key.replace('_', '-')}", f"--{key}")), dest=_SETTING + key,
+                               metavar="VALUE" if f.default is None else type(f.default).__name__.upper(),
+                               nargs="?" if flag else None, const="true" if flag else None, help=f"default {default}")
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a training command was given: its ``--config`` file's keys, then the ``--KEY=VALUE`` flags."""
+    values = read_toml(args.config) if args.config else {}
+    values.update({k.removeprefix(_SETTING): v for k, v in vars(args).items()
+                   if k.startswith(_SETTING) and v is not None})
+    return values
+
+
+def add_finetune_parser(sub: argparse._SubParsersAction, name: str, help: str, config: type,
+                        func: Callable[[argparse.Namespace], int]) -> None:
+    """Add the fine-tuning command ``name`` (settings: the fields of ``config``) that runs ``func(args)``."""
+    p = sub.add_parser(name, allow_abbrev=False, help=help)
+    p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, {"": config})
+    p.set_defaults(func=func)
 
 
 def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int) -> list:
@@ -24,11 +76,8 @@ def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = parse_overrides(args.overrides)
-    if args.init:
-        overrides["init"] = args.init
     with TrainingProgress(args.quiet) as progress:
-        path = run_training(args.config_file, overrides, resume=args.resume, on_step=progress, sample_fn=sample_images)
+        path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images)
     print(path)
     return 0
 
@@ -38,38 +87,14 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    pipe = load(args.model or EMBEDDED)
-    loras = lora_requests(args.lora)
-    captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
-    palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
-    bar = None if args.quiet else ProgressBar(len(captions), label="eval")
-    made: list = []
-
-    def generate(batch: list[str], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s,
-                                loras=loras).images[0] for c, s in zip(batch, seeds, strict=True)]
-        made.extend(images)
-        if bar is not None:
-            bar.update(len(made))
-        return images
-
-    table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
-    if bar is not None:
-        bar.close()
-    if args.grid:
-        write_grid(made[:16], Path(args.grid), cols=min(8, len(made)))
-    print(format_table(table))
-    return 0
-
-
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a latent text-to-image model from a TOML recipe")
-    p.add_argument("config_file", help="recipe, e.g. configs/embedded.toml")
-    p.add_argument("overrides", nargs="*", help="--key=value overrides of the recipe (e.g. --unet.steps=100)")
+    p = sub.add_parser("train", allow_abbrev=False, help="train a latent text-to-image model from a TOML recipe "
+                                                          "(e.g. --config configs/embedded.toml)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its checkpoint")
-    p.add_argument("--init", help="fine-tune this model (checkpoint file or diffusers folder) instead")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p, {"": RunConfig, "vae.": VAEStage, "unet.": UNetStage, "arch.unet.": UNetConfig,
+                         "arch.vae.": VAEConfig, "arch.text.": TextEncoderConfig},
+                     preset=("arch.unet.", "arch.vae.", "arch.text."))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("dataset", help="write a procedural data set")
@@ -80,22 +105,3 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     q.set_defaults(func=cmd_dataset)
-
-    p = sub.add_parser("eval", help="measure prompt adherence")
-    what = p.add_subparsers(dest="what", required=True, metavar="KIND")
-    q = what.add_parser("shapes", help="generate held-out shapes captions and score them with the detector")
-    q.add_argument("--model", help="model to evaluate (default: the embedded model)")
-    q.add_argument("--n", type=int, default=200, help="number of captions (half one-object, half two-object)")
-    q.add_argument("--steps", type=int, default=20)
-    q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
-    q.add_argument("--cfg", type=float, default=7.0)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--split", default="heldout", choices=("heldout", "train"), help="caption split (default heldout)")
-    q.add_argument("--concept", choices=sorted(CONCEPT_COLOURS),
-                   help="make each caption's first object this new colour (to measure an adapter that teaches it)")
-    q.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="apply an adapter while generating (repeatable)")
-    q.add_argument("--grid", help="also write a PNG of the first 16 images (rows of 8, in caption order)")
-    q.add_argument("--quiet", action="store_true")
-    q.set_defaults(func=cmd_eval)
-    add_eval_control_parser(what)

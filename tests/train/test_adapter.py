@@ -22,13 +22,12 @@ from nijimi.io.safetensors import read_metadata
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.train.adapter import (
     AdapterTrainConfig,
-    ConceptShapes,
     prepare_training,
     train_adapter,
 )
 from nijimi.train.data import ImageFolder
 from nijimi.train.ldm import DiffusionObjective, latent_mask, masked_diffusion_loss
-from nijimi.train.shapes import CONCEPT_COLOURS, ShapesDataset
+from nijimi.train.shapes import CONCEPT_COLOURS, ConceptShapes, ShapesDataset
 from nijimi.train.trainer import step_generator
 
 # SD's architecture at toy size: 16×16 images, an f=2 VAE (8×8 latents), a 2-level U-Net, a 2-layer text encoder.

@@ -15,6 +15,7 @@ from helpers import TOY_F4, random_model
 from PIL import Image
 
 from nijimi.errors import ConfigError
+from nijimi.eval.adherence import evaluate_control, format_control_table, mask_iou
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control_maps import canny
@@ -22,17 +23,15 @@ from nijimi.train.config import build_config, read_toml
 from nijimi.train.controlnet import (
     ControlNetTrainConfig,
     ControlPairs,
-    evaluate_control,
     foreground,
-    format_control_table,
     hint_widths_for,
-    mask_iou,
     prepare_training,
     scene_mask,
     to_uint8,
     train_controlnet,
 )
 from nijimi.train.data import ImageFolder
+from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.shapes import COLOURS, Scene, Shape, ShapesDataset, render
 from nijimi.train.trainer import step_generator
 
@@ -67,6 +66,21 @@ def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(tmp_path):
     assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
     assert not any(p.requires_grad for p in base.parameters())
     assert run.controlnet.middle_block_out[0].weight.abs().max() > 0  # the zero convolutions left zero
+
+
+def test_the_controlnet_objective_makes_the_diffusion_objectives_draws():
+    """Both objectives draw through ``draw_diffusion_batch``: the same generator gives the locked U-Net the same
+    x_t, timesteps and (caption-dropped) text conditioning."""
+    base, shapes = make_base(), ShapesDataset(32, seed=0, count=8)
+    seen: list = []
+    base.unet.register_forward_pre_hook(lambda module, args: seen.append([a.clone() for a in args]))
+    controlnet = prepare_training(config(Path("unused")), base=base).trainer.module
+    plain = DiffusionObjective(base.unet, base.text_encoder, base.vae, base.config.tokenizer(), base.config.schedule,
+                               shapes, caption_dropout=0.5, min_snr_gamma=None, train_text_encoder=False)
+    with torch.no_grad():
+        for objective in (controlnet, plain):
+            objective(list(range(8)), step_generator(5, 0), slice(2, 6))
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(*seen, strict=True))
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -141,7 +155,7 @@ def test_folder_masks_come_from_the_mask_file_or_the_foreground(tmp_path):
     Image.fromarray(mask).save(tmp_path / "b.mask.png")
     lines = [json.dumps({"file": f, "caption": "a blue bar"}) for f in ("a.png", "b.png")]
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    pairs = ControlPairs(ImageFolder(tmp_path, 32, shuffle=False), "mask")
+    pairs = ControlPairs(ImageFolder(tmp_path, 32), "mask")
     assert torch.equal(pairs[0][2][0], torch.from_numpy((picture.min(axis=2) <= 159).astype(np.float32)))
     assert torch.equal(pairs[1][2][1], torch.from_numpy(mask / 255.0).float())
 

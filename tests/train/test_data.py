@@ -28,7 +28,7 @@ def _columns(width: int, height: int) -> np.ndarray:
 def test_sidecar_folder_resizes_shorter_side_and_center_crops(tmp_path: Path) -> None:
     _save(tmp_path / "b" / "wide.png", _columns(96, 64), "a wide picture")
     _save(tmp_path / "a.png", np.full((40, 40, 3), (255, 0, 128), dtype=np.uint8), "  solid  ")
-    folder = ImageFolder(tmp_path, size=32, shuffle=False)
+    folder = ImageFolder(tmp_path, size=32)
     assert [r.image.name for r in folder.records] == ["a.png", "wide.png"]
     solid = folder[0]
     assert solid.caption == "solid" and solid.mask is None and solid.image.shape == (3, 32, 32)
@@ -101,25 +101,6 @@ def test_jsonl_with_mask_key_and_collate(tmp_path: Path) -> None:
     assert torch.equal(images[1], shapes[1][0]) and captions[0] == shapes.caption(0) and masks is None
 
 
-def test_order_is_seeded_and_resumable(tmp_path: Path) -> None:
-    write_shapes_dataset(tmp_path, count=7, size=16)
-    a, b = ImageFolder(tmp_path, 16, seed=1), ImageFolder(tmp_path, 16, seed=1)
-    assert a.order(0) == b.order(0) and sorted(a.order(0)) == list(range(7))
-    assert a.order(0) != a.order(1)
-    assert ImageFolder(tmp_path, 16, seed=2).order(0) != a.order(0)
-    assert ImageFolder(tmp_path, 16, shuffle=False).order(5) == list(range(7))
-    positions = [a.index_at(p) for p in range(21)]
-    assert positions[:7] == a.order(0) and positions[7:14] == a.order(1)
-    stream = a.iterate()
-    first = [next(stream) for _ in range(12)]
-    resumed = b.iterate(start=9)
-    for position, sample in first[9:]:
-        again_position, again = next(resumed)
-        assert again_position == position and torch.equal(again.image, sample.image) and again.caption == sample.caption
-    assert [p for p, _ in first] == list(range(12))
-    assert first[8][1].caption == a[a.index_at(8)].caption
-
-
 def _error(root: Path) -> str:
     with pytest.raises(DataError) as info:
         ImageFolder(root, size=16)
@@ -182,7 +163,5 @@ def test_mask_size_mismatch_and_bad_arguments(tmp_path: Path) -> None:
         ImageFolder(tmp_path, size=8)[0]
     with pytest.raises(ConfigError, match="4"):
         ImageFolder(tmp_path, size=4)
-    with pytest.raises(ConfigError, match="-1"):
-        ImageFolder(tmp_path, size=8).index_at(-1)
     with pytest.raises(ConfigError, match="empty batch"):
         collate([])

@@ -1,12 +1,12 @@
 import torch
 
-from nijimi.diffusion.forward import timestep_weights
+from nijimi.diffusion.forward import q_sample, timestep_weights
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.models.vae import VAE, VAEConfig
 from nijimi.text.tokenizer import ClipTokenizer
-from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
+from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, draw_diffusion_batch, measure_scaling_factor
 from nijimi.train.shapes import ShapesDataset
 from nijimi.train.trainer import LoopConfig, Trainer
 
@@ -74,3 +74,22 @@ def test_timestep_weights_decide_which_timesteps_are_trained():
     biased, uniform = seen
     assert biased.min() >= 990 and len(set(biased.tolist())) > 3
     assert uniform.min() < 900
+
+
+def test_draw_diffusion_batch_draws_for_the_global_batch_in_one_fixed_order():
+    """ε_z, t, ε, the caption coins: each for the whole global batch of 4, of which this rank keeps items 2 and 3."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        posterior = VAE(VAE_CFG).encode(torch.stack([DATA[i][0] for i in (2, 3)]))
+    schedule = NoiseSchedule.sd()
+    batch = draw_diffusion_batch(torch.Generator().manual_seed(7), 4, slice(2, 4), posterior, 0.5, schedule,
+                                 caption_dropout=0.5)
+    g = torch.Generator().manual_seed(7)
+    shape = (4, *posterior.mean.shape[1:])
+    z_eps = torch.randn(shape, generator=g)[2:]
+    t = torch.randint(0, 1000, (4,), generator=g)[2:]
+    noise = torch.randn(shape, generator=g)[2:]
+    drop = (torch.rand(4, generator=g) < 0.5)[2:]
+    x0 = (posterior.mean + posterior.std * z_eps) * 0.5
+    assert torch.equal(batch.t, t) and batch.drop == drop.tolist()
+    assert torch.equal(batch.x_t, q_sample(x0, t, noise, schedule)) and torch.equal(batch.target, noise)  # ε-pred

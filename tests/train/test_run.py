@@ -3,16 +3,18 @@ import sys
 
 import pytest
 
+from nijimi.cli import build_parser, finish_distributed
 from nijimi.errors import ConfigError
-from nijimi.train.config import parse_overrides
-from nijimi.train.run import finish_distributed, model_config, open_data, parse_config
+from nijimi.train.run import model_config, open_data, parse_config
+from nijimi.ui.train import config_values
 
 
 def test_command_line_architecture_overrides_are_typed():
-    values = parse_overrides(["--arch.unet.model_channels=32", "--arch.unet.channel_mult=1,2",
-                              "--arch.unet.attention_levels=1", "--arch.text.width=64", "--unet.steps=7",
-                              "--prediction_type=v_prediction", "--rescale_zero_terminal_snr=true",
-                              "--timestep_spacing=trailing", "--vae.any_colour=0.5"])
+    args = build_parser().parse_args(["train", "--arch.unet.model_channels=32", "--arch.unet.channel_mult=1,2",
+                                      "--arch.unet.attention_levels=1", "--arch.text.width=64", "--unet.steps=7",
+                                      "--prediction_type=v_prediction", "--rescale-zero-terminal-snr",
+                                      "--timestep_spacing=trailing", "--vae.any_colour=0.5"])
+    values = config_values(args)
     run, vae, unet, arch = parse_config(values)
     cfg = model_config(run, arch, scaling_factor=0.5)
     assert cfg.unet.model_channels == 32 and cfg.unet.channel_mult == (1, 2) and cfg.unet.attention_levels == (1,)
@@ -24,27 +26,27 @@ def test_command_line_architecture_overrides_are_typed():
 
 
 def test_unknown_architecture_key_is_named():
-    run, _, _, arch = parse_config(parse_overrides(["--arch.unet.channels=32"]))
+    run, _, _, arch = parse_config({"arch.unet.channels": "32"})
     with pytest.raises(ConfigError, match="channels"):
         model_config(run, arch)
 
 
 def test_two_objects_reaches_the_shapes_data_and_is_refused_for_a_folder():
-    run, *_ = parse_config(parse_overrides(["--two_objects=0.75", "--data_count=400"]))
+    run, *_ = parse_config({"two_objects": "0.75", "data_count": "400"})
     scenes = open_data(run)
     assert scenes.two_objects == 0.75 and 250 < sum(len(scenes.scene(i).objects) == 2 for i in range(400)) < 350
     with pytest.raises(ConfigError, match=r"two_objects = 0.75 sets the shapes world's scenes; data 'photos'"):
-        parse_config(parse_overrides(["--data=photos", "--two_objects=0.75"]))
+        parse_config({"data": "photos", "two_objects": "0.75"})
 
 
 def test_any_colour_on_a_folder_of_images_is_refused():
     with pytest.raises(ConfigError, match=r"vae.any_colour = 0.5 recolours shapes scenes; data 'photos'"):
-        parse_config(parse_overrides(["--data=photos", "--vae.any_colour=0.5"]))
+        parse_config({"data": "photos", "vae.any_colour": "0.5"})
 
 
 @pytest.mark.parametrize("code", [0, 3])
 def test_finish_distributed_leaves_the_group_and_exits_with_the_code(tmp_path, code):
-    script = (f"import torch; from nijimi.train.run import finish_distributed\n"
+    script = (f"import torch; from nijimi.cli import finish_distributed\n"
               f"torch.distributed.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, "
               f"world_size=1)\nprint('written', flush=False)\nfinish_distributed({code})\nprint('not reached')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -56,8 +58,7 @@ def test_finish_distributed_outside_a_process_group_returns():
 
 
 def test_timestep_bias_is_read_and_checked_with_the_config():
-    _, _, unet, _ = parse_config(parse_overrides(["--unet.timestep_bias_strategy=later",
-                                                  "--unet.timestep_bias_portion=0.4"]))
+    _, _, unet, _ = parse_config({"unet.timestep_bias_strategy": "later", "unet.timestep_bias_portion": "0.4"})
     assert unet.timestep_weights(1000)[600:].sum().item() == pytest.approx(0.4)  # multiplier 1: still uniform
     with pytest.raises(ConfigError, match="unknown timestep bias strategy 'last'"):
-        parse_config(parse_overrides(["--unet.timestep_bias_strategy=last"]))
+        parse_config({"unet.timestep_bias_strategy": "last"})

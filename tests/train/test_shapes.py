@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nijimi.errors import ConfigError, PromptError
+from nijimi.eval.adherence import parse_caption
 from nijimi.train.shapes import (
     COLOURS,
     GAP,
@@ -23,7 +24,6 @@ from nijimi.train.shapes import (
     ShapeSpec,
     caption_for,
     is_heldout,
-    parse_caption,
     render,
     sample_captions,
     sample_scene,

@@ -4,7 +4,7 @@ from helpers import run_gloo_ranks
 from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.train.config import build_config, parse_overrides
+from nijimi.train.config import build_config
 from nijimi.train.trainer import LoopConfig, Trainer, batch_indices, lr_factor
 
 N = 64
@@ -72,12 +72,12 @@ def test_resume_without_checkpoint_names_file(tmp_path):
 
 
 def test_config_overrides_are_typed_and_checked():
-    cfg = build_config(LoopConfig, {"steps": 5, **parse_overrides(["--lr=0.5", "--batch-size=4"])})
+    cfg = build_config(LoopConfig, {"steps": 5, **{"lr": "0.5", "batch_size": "4"}})
     assert (cfg.steps, cfg.lr, cfg.batch_size) == (5, 0.5, 4)
     with pytest.raises(ConfigError, match="nope"):
         build_config(LoopConfig, {"nope": 1})
     with pytest.raises(ConfigError, match="steps"):
-        build_config(LoopConfig, parse_overrides(["--steps=many"]))
+        build_config(LoopConfig, {"steps": "many"})
 
 
 def _ddp_worker(rank, tmp, result_path):
@@ -118,7 +118,7 @@ def test_averaged_weights_swap_in_the_ema_and_back(tmp_path):
         assert torch.equal(v, live[k])
 
 
-def test_run_reporting_reports_every_n_steps_and_at_the_end(tmp_path):
+def test_run_reports_every_n_steps_and_at_the_end(tmp_path):
     seen = []
-    make_trainer(tmp_path, steps=7).run_reporting(3, lambda t: seen.append(t.step))
+    make_trainer(tmp_path, steps=7).run(every=3, report=lambda t: seen.append(t.step))
     assert seen == [3, 6, 7]

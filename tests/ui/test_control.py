@@ -4,7 +4,6 @@ user errors exit 2 with one ``error:`` line and no file. The ``train-controlnet`
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,14 +12,13 @@ import pytest
 from helpers import TOY_F4, TOY_F8, perturb, random_model
 from PIL import Image, ImageDraw
 
-from nijimi import cli
 from nijimi.cli import main
 from nijimi.io.checkpoint import save_single
 from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import read_png_metadata
 from nijimi.io.safetensors import read_metadata
 from nijimi.models.controlnet import ControlNetModel
-from nijimi.ui.control import add_control_parsers, add_eval_control_parser, control_infotext
+from nijimi.ui.control import control_infotext
 
 CONFIG = TOY_F8
 FAST = ["--steps", "3", "--size", "64x64", "--seed", "5", "--quiet"]
@@ -64,7 +62,7 @@ def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
     assert meta["settings"]["ControlNet 0"] == ("Module: canny, Model: cn, Weight: 0.9, Resize Mode: Just Resize, "
                                                 "Threshold A: 50, Threshold B: 150, Guidance Start: 0, "
                                                 "Guidance End: 0.8, Control Mode: Balanced")
-    assert meta["recipe"]["control"] == [{"model": str(files["cn"]), "image": str(files["map"]), "scale": 0.9,
+    assert meta["recipe"]["request"]["control"] == [{"model": str(files["cn"]), "image": str(files["map"]), "scale": 0.9,
                                           "pre": "canny", "start": 0.0, "end": 0.8, "low": 50.0, "high": 150.0,
                                           "resize": "resize", "guess": False}]
     code, out, err = run(capsys, "reproduce", steered, "--out", again, "--quiet")
@@ -107,26 +105,6 @@ def test_infotext_of_a_unit_and_guess_mode():
 SMALL = TOY_F4  # 32×32 images, a factor-4 VAE like the embedded model's
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
-    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-
-
-@pytest.fixture
-def wired(monkeypatch):
-    """``nijimi.cli.main`` with ``train-controlnet`` and ``eval control`` added as ``cli.build_parser`` is to add them
-    (unless it already does)."""
-    if "train-controlnet" in _subcommands(cli.build_parser()).choices:
-        return
-    original = cli.add_train_parsers
-
-    def add(sub: argparse._SubParsersAction) -> None:
-        original(sub)
-        add_control_parsers(sub)
-        add_eval_control_parser(_subcommands(sub.choices["eval"]))
-
-    monkeypatch.setattr(cli, "add_train_parsers", add)
-
-
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
     model = random_model(SMALL, 1)
@@ -135,7 +113,7 @@ def small_model(tmp_path_factory) -> Path:
     return path
 
 
-def test_train_generate_and_evaluate_through_the_cli(capsys, wired, small_model, tmp_path):
+def test_train_generate_and_evaluate_through_the_cli(capsys, small_model, tmp_path):
     out = tmp_path / "cn.safetensors"
     code, stdout, err = run(capsys, "train-controlnet", "--base", small_model, "--condition", "canny", "--steps", 2,
                             "--batch-size", 2, "--out", out, "--data-count=4", "--sample-every=2", "--sample-steps=2",
@@ -169,7 +147,7 @@ def test_train_generate_and_evaluate_through_the_cli(capsys, wired, small_model,
     (["--out", "cn.pt"], "error: out 'cn.pt': ControlNets are written as .safetensors"),
     (["--base", "nowhere.safetensors"], "error: nowhere.safetensors"),
 ], ids=["condition", "thresholds", "dropout", "suffix", "base"])
-def test_train_controlnet_errors_exit_2_with_one_line(capsys, wired, tmp_path, monkeypatch, flags, message):
+def test_train_controlnet_errors_exit_2_with_one_line(capsys, tmp_path, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, "train-controlnet", "--steps", 1, "--quiet", *flags)
     assert (code, out) == (2, "")

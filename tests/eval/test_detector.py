@@ -6,7 +6,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from nijimi.errors import ConfigError, ImageError, PromptError
-from nijimi.train.detect import detect, evaluate, format_table, score
+from nijimi.eval.adherence import evaluate, format_table, parse_caption, score
+from nijimi.eval.detector import detect
 from nijimi.train.shapes import (
     COLOURS,
     CONCEPT_COLOURS,
@@ -17,7 +18,6 @@ from nijimi.train.shapes import (
     Shape,
     ShapesDataset,
     caption_for,
-    parse_caption,
     render,
     sample_captions,
 )

@@ -1,4 +1,5 @@
-"""A hand-written detector for the shapes world, and the evaluator that scores generated images against captions.
+"""A hand-written detector for the shapes world: the objects in an image (:class:`FoundShape`), for scoring
+images against captions (:mod:`nijimi.eval.adherence`).
 
 No learning: every rule comes from how ``nijimi.train.shapes`` draws its scenes.
 
@@ -23,17 +24,14 @@ No learning: every rule comes from how ``nijimi.train.shapes`` draws its scenes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from nijimi.errors import ConfigError, ImageError
-from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER, ShapeSpec, parse_caption
-
-ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "size", "position", "count")
+from nijimi.errors import ImageError
+from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER
 
 _AREA_FACTOR = {
     "circle": math.pi,
@@ -69,7 +67,7 @@ def _palette_table(palette: Palette) -> tuple[list[str], np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
-class Detection:
+class FoundShape:
     """One object found in an image; ``cx, cy, radius`` are fractions of the image side."""
 
     colour: str
@@ -83,19 +81,6 @@ class Detection:
     box_fill: float
     drop: float
     solidity: float
-
-
-@dataclass(frozen=True)
-class Score:
-    """Per-attribute verdicts for one image against one caption; ``size`` is None when the caption omits sizes."""
-
-    colour: bool
-    shape: bool
-    size: bool | None
-    position: bool
-    count: bool
-    correct: bool
-    detections: tuple[Detection, ...] = field(default=(), repr=False)
 
 
 def as_rgb(image: Image.Image | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -180,7 +165,7 @@ def _classify(*features: float) -> str:
 
 
 def _measure(alpha: np.ndarray, core: np.ndarray, colour: str, origin: tuple[int, int],
-             image_shape: tuple[int, int]) -> Detection:
+             image_shape: tuple[int, int]) -> FoundShape:
     """Describe one object from its soft mask ``alpha`` (h, w) and its α ≥ ½ pixels ``core`` (h, w) bool, both cut
     from an image of ``image_shape`` (H, W) at ``origin`` (row, column)."""
     area = float(alpha.sum())
@@ -200,7 +185,7 @@ def _measure(alpha: np.ndarray, core: np.ndarray, colour: str, origin: tuple[int
     size = "large" if radius > _SIZE_THRESHOLD else "small"
     x, y = cx / image_shape[1], cy / image_shape[0]
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - x) ** 2 + (POSITIONS[p][1] - y) ** 2)
-    return Detection(colour, shape, size, position, x, y, radius, fill, box_fill, drop, solidity)
+    return FoundShape(colour, shape, size, position, x, y, radius, fill, box_fill, drop, solidity)
 
 
 def _grow(mask: np.ndarray) -> np.ndarray:
@@ -226,7 +211,7 @@ def _single_colour_parts(core: np.ndarray, nearest: np.ndarray, chroma: np.ndarr
 
 
 def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.006,
-           palette: Palette = COLOURS) -> list[Detection]:
+           palette: Palette = COLOURS) -> list[FoundShape]:
     """Objects in a shapes image, largest first; ``min_area`` is the smallest object as a fraction of the image area;
     each object's colour is the nearest hue of ``palette``.
 
@@ -257,105 +242,3 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
                 found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape)))
     return [d for _, d in sorted(found, key=lambda t: -t[0])]
 
-
-def _agreement(spec: ShapeSpec, found: Detection) -> dict[str, bool | None]:
-    return {
-        "colour": spec.colour == found.colour,
-        "shape": spec.shape == found.shape,
-        "size": None if spec.size is None else spec.size == found.size,
-        "position": spec.position == found.position,
-    }
-
-
-def _best_match(specs: tuple[ShapeSpec, ...], found: list[Detection]) -> list[dict[str, bool | None]]:
-    """Per spec, its agreement with the detection assigned to it (the assignment agreeing most); misses disagree."""
-    missing: dict[str, bool | None] = {"colour": False, "shape": False, "size": False, "position": False}
-    best: list[dict[str, bool | None]] = []
-    best_hits = -1
-    candidates = found[: len(specs) + 2]
-    for order in _assignments(len(specs), len(candidates)):
-        rows = [missing if i is None else _agreement(s, candidates[i]) for s, i in zip(specs, order, strict=True)]
-        hits = sum(v is True for row in rows for v in row.values())
-        if hits > best_hits:
-            best, best_hits = rows, hits
-    return best
-
-
-def _assignments(n_specs: int, n_found: int) -> list[tuple[int | None, ...]]:
-    """Every injective map of specs to detections, unmatched specs as None (n_specs ≤ 2)."""
-    options: list[int | None] = [*range(n_found), None]
-    if n_specs == 1:
-        return [(i,) for i in options]
-    return [(i, j) for i in options for j in options if i is None or i != j]
-
-
-def score(image: Image.Image | np.ndarray | torch.Tensor, caption: str, min_area: float = 0.006,
-          palette: Palette = COLOURS) -> Score:
-    """Judge ``image`` against a shapes ``caption``: each attribute right for every object, and the whole caption
-    (colours read with ``palette``)."""
-    specs = parse_caption(caption)
-    found = detect(image, min_area, palette)
-    rows = _best_match(specs, found)
-    verdict: dict[str, bool | None] = {}
-    for attribute in ("colour", "shape", "position"):
-        verdict[attribute] = all(row[attribute] for row in rows)
-    sizes = [row["size"] for row in rows if row["size"] is not None]
-    verdict["size"] = all(sizes) if sizes else None
-    verdict["count"] = len(found) == len(specs)
-    correct = all(v is not False for v in verdict.values())
-    return Score(**verdict, correct=correct, detections=tuple(found))
-
-
-@dataclass(frozen=True)
-class EvalTable:
-    """Accuracies in [0, 1]: ``rows[group][attribute]`` for groups "one object", "two objects", "all";
-    attributes ``ATTRIBUTES`` + "caption" (whole caption right). ``counts[group]`` = images judged
-    (a size accuracy counts only captions that name sizes)."""
-
-    rows: dict[str, dict[str, float | None]]
-    counts: dict[str, int]
-
-
-GenerateFn = Callable[[list[str], list[int]], Sequence[Image.Image | np.ndarray | torch.Tensor]]
-
-
-def evaluate(generate_fn: GenerateFn, captions: Sequence[str], seeds: Sequence[int] | None = None,
-             batch_size: int = 8, min_area: float = 0.006, palette: Palette = COLOURS) -> EvalTable:
-    """Generate an image per caption with ``generate_fn(captions, seeds) → images`` in batches and score them
-    (:func:`score` with ``palette``).
-
-    ``seeds`` default to 0, 1, 2, …; the function never sees a pipeline, only captions and seeds.
-    """
-    seeds = list(range(len(captions))) if seeds is None else list(seeds)
-    if len(seeds) != len(captions) or not captions or batch_size < 1:
-        raise ConfigError(f"evaluate needs ≥ 1 caption, one seed per caption and batch_size ≥ 1; got "
-                          f"{len(captions)} captions, {len(seeds)} seeds, batch_size {batch_size}")
-    counts = [len(parse_caption(c)) for c in captions]
-    scores: list[Score] = []
-    for start in range(0, len(captions), batch_size):
-        batch = list(captions[start : start + batch_size])
-        images = generate_fn(batch, seeds[start : start + batch_size])
-        if len(images) != len(batch):
-            raise ConfigError(f"generate_fn returned {len(images)} images for {len(batch)} captions")
-        scores += [score(image, c, min_area, palette) for c, image in zip(batch, images, strict=True)]
-    groups = {"one object": [s for n, s in zip(counts, scores, strict=True) if n == 1],
-              "two objects": [s for n, s in zip(counts, scores, strict=True) if n == 2], "all": scores}
-    return EvalTable({g: _accuracies(s) for g, s in groups.items()}, {g: len(s) for g, s in groups.items()})
-
-
-def _accuracies(scores: list[Score]) -> dict[str, float | None]:
-    row: dict[str, float | None] = {}
-    for attribute in (*ATTRIBUTES, "correct"):
-        judged = [getattr(s, attribute) for s in scores if getattr(s, attribute) is not None]
-        row["caption" if attribute == "correct" else attribute] = sum(judged) / len(judged) if judged else None
-    return row
-
-
-def format_table(table: EvalTable) -> str:
-    """One plain-text table: a row per group, a column per attribute and the whole caption, percentages."""
-    columns = (*ATTRIBUTES, "caption")
-    lines = [f"{'prompts':<12s} {'n':>5s} " + " ".join(f"{c:>8s}" for c in columns)]
-    for group, row in table.rows.items():
-        cells = " ".join(f"{'-':>8s}" if row[c] is None else f"{100 * row[c]:7.1f}%" for c in columns)
-        lines.append(f"{group:<12s} {table.counts[group]:>5d} {cells}")
-    return "\n".join(lines)
