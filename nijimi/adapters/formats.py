@@ -1,7 +1,7 @@
 """Adapter files: kohya sd-scripts / LyCORIS and diffusers / peft layouts, read and written, auto-detected.
 
 - ``kohya``: one safetensors (or torch) file; keys ``<module name>.<tensor>`` with the module names of
-  :mod:`nijimi.adapters.names` (``lora_unet_…``, ``lora_te_…``; kohya's OFT ``oft_unet_…``), tensors
+  :mod:`nijimi.io.keys.adapters` (``lora_unet_…``, ``lora_te_…``; kohya's OFT ``oft_unet_…``), tensors
   ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``, ``hada_w1_a`` …, ``lokr_w1`` …,
   ``diff``/``diff_b``, IA³ ``weight``/``on_input``, ``w_norm``/``b_norm``, GLoRA ``a1.weight`` …, OFT
   ``oft_blocks``/``oft_diag``, ``scale``, ``dora_scale``; training metadata ``ss_*`` in the header.
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from nijimi.adapters.names import KOHYA_UNET, PEFT_TEXT, PEFT_UNET, NameTables, Slot, name_tables
 from nijimi.adapters.weights import SCALARS, TENSOR_NAMES, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, safetensors
+from nijimi.io.keys.adapters import KOHYA_UNET, PEFT_TEXT, PEFT_UNET, NameTables, Slot, name_tables
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")

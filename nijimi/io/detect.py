@@ -26,15 +26,11 @@ import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, ModelConfig
+from nijimi.io.keys.clip import OPENCLIP_PREFIX, clip_native_key
+from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.models.vae import VAEConfig
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
 
 _CLIP_HEAD_WIDTH = 64
 _SD1_HEADS = 8
@@ -65,7 +61,7 @@ def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "check
     layout = text_layout(shapes)
     if layout is None:
         found = sorted({k.split(".", 1)[0] for k in shapes})[:8]
-        raise CheckpointError(f"{name}: unknown architecture: no text encoder under {CLIP_PREFIX!r} or "
+        raise CheckpointError(f"{name}: unknown architecture: no text encoder under {TEXT_PREFIX!r} or "
                               f"{OPENCLIP_PREFIX!r} (top-level key groups: {found})")
     sd2 = layout == "openclip"
     try:
@@ -83,7 +79,7 @@ def text_layout(keys: Mapping[str, object]) -> str | None:
     """``"openclip"`` (SD 2.x), ``"clip"`` (SD 1.x) or None, from which text-encoder prefix the keys use."""
     if any(k.startswith(OPENCLIP_PREFIX + "transformer.") for k in keys):
         return "openclip"
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
+    if any(k.startswith(TEXT_PREFIX) for k in keys):
         return "clip"
     return None
 
@@ -145,15 +141,9 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     )
 
 
-def clip_native_key(key: str) -> str:
-    """A key after ``cond_stage_model.transformer.`` in native form: with the ``text_model.`` level."""
-    top = ("text_model.", "text_projection.", "logit_scale")
-    return key if key.startswith(top) else "text_model." + key
-
-
 def infer_clip_config(shapes: Mapping[str, tuple[int, ...]]) -> TextEncoderConfig:
     """SD 1.x text encoder (OpenAI CLIP, quick-GELU, used at its last layer) from ``cond_stage_model.transformer.*``."""
-    native = {clip_native_key(k[len(CLIP_PREFIX):]): v for k, v in shapes.items() if k.startswith(CLIP_PREFIX)}
+    native = {clip_native_key(k[len(TEXT_PREFIX):]): v for k, v in shapes.items() if k.startswith(TEXT_PREFIX)}
     vocab, width = _shape(native, "text_model.embeddings.token_embedding.weight")
     return TextEncoderConfig(
         vocab_size=vocab, width=width,

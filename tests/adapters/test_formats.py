@@ -13,7 +13,6 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import adapter_from_state_dict, detect_format, read_adapter, save_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.adapters.targets import select_targets
 from nijimi.adapters.weights import Adapter, ModuleWeights
 from nijimi.errors import CheckpointError, ConfigError
@@ -24,7 +23,7 @@ from nijimi.io.keys import (
     unet_config_to_diffusers,
     unet_to_diffusers,
 )
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetModel
 

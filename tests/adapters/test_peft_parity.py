@@ -19,13 +19,13 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import read_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter, remove_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.keys import (
     text_encoder_config_to_transformers,
     text_encoder_to_transformers,
     unet_config_to_diffusers,
     unet_to_diffusers,
 )
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX
 from nijimi.models.text_encoder import TextEncoder
 from nijimi.models.unet import UNetModel
 

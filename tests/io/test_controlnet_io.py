@@ -305,7 +305,7 @@ def test_bad_folders_and_names(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no weights file"):
         load_controlnet(tmp_path / "unet")
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**SD2_SMALL_JSON, "class_embed_type": "timestep"}))
-    with pytest.raises(CheckpointError, match="unsupported diffusers ControlNet: .*class_embed_type='timestep'"):
+    with pytest.raises(CheckpointError, match="unsupported diffusers ControlNetModel: .*class_embed_type='timestep'"):
         load_controlnet(tmp_path / "unet")
     with pytest.raises(ConfigError, match=r"a\.ckpt: ControlNet files are written as \.safetensors"):
         save_original(ControlNetModel(ControlNetConfig.tiny()), tmp_path / "a.ckpt")

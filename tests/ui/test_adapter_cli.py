@@ -14,10 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from nijimi import cli
 from nijimi.adapters.formats import read_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig

@@ -1,4 +1,4 @@
-"""Module names of adapter files, as rename tables built by rule from the model config and ``nijimi.io.keys``.
+"""Module names of adapter files, as rename tables built by rule from the model config and the network tables.
 
 An adapter addresses a *module* (a weight's owner), not a parameter. Native module paths are the single-file key
 tree: ``model.diffusion_model.<U-Net path>`` and ``cond_stage_model.transformer.<text-encoder path>``. Foreign names:
@@ -18,16 +18,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import torch
-
-from nijimi.io.keys import text_encoder_openclip_table, unet_key_table
+from nijimi.io.keys.clip import text_encoder_openclip_table
+from nijimi.io.keys.table import native_keys
+from nijimi.io.keys.unet import unet_key_table
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 
-UNET_PREFIX = "model.diffusion_model."
-"""Where the U-Net sits in the native tree (:class:`~nijimi.models.ldm.LatentDiffusion`)."""
-TEXT_PREFIX = "cond_stage_model.transformer."
-"""Where the text encoder sits in the native tree."""
 KOHYA_UNET, KOHYA_TEXT, KOHYA_OPENCLIP = "lora_unet_", "lora_te_", "lora_te_model_"
 PEFT_UNET, PEFT_TEXT = "unet.", "text_encoder."
 
@@ -69,10 +66,7 @@ def unet_modules(cfg: UNetConfig) -> dict[str, str]:
 
 def text_modules(cfg: TextEncoderConfig) -> list[str]:
     """Native text-encoder module paths (no prefix) that own a weight, in model order."""
-    with torch.device("meta"):
-        encoder = TextEncoder(cfg)
-    return [name for name, module in encoder.named_modules() if isinstance(getattr(module, "weight", None),
-                                                                            torch.nn.Parameter)]
+    return [key.removesuffix(".weight") for key in native_keys(TextEncoder, cfg) if key.endswith(".weight")]
 
 
 def openclip_modules(cfg: TextEncoderConfig) -> dict[str, list[str]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX, Slot, name_tables, part_of, unet_modules
 from nijimi.io.keys import unet_config_to_diffusers
-from nijimi.models.ldm import ModelConfig
+from nijimi.io.keys.adapters import Slot, name_tables, part_of, unet_modules
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, ModelConfig
 
 SD15, SD21 = ModelConfig.sd15(), ModelConfig.sd21()
 
