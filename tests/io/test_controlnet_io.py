@@ -257,6 +257,33 @@ def test_round_trips_are_bit_exact(tmp_path) -> None:
     assert load_controlnet(tmp_path / "tiny")[0].config == ControlNetConfig.tiny()
 
 
+def test_sharded_folder_loads_and_folders_are_written_whole(tmp_path, monkeypatch) -> None:
+    cfg = ControlNetConfig(SD2_SMALL.unet, 1, (8, 16, 16, 32))
+    model = random_controlnet(cfg, 6)
+    save_diffusers(model, tmp_path / "ours")
+    theirs = diffusers.ControlNetModel.from_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    loaded, report = load_controlnet(tmp_path / "sharded")
+    assert report.layout == "diffusers"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("nijimi.io.diffusers_folder._write_json", fail)
+    with pytest.raises(OSError, match="disk full"):  # weights written, config.json not: nothing changes
+        save_diffusers(random_controlnet(cfg, 7), tmp_path / "ours")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "sharded"]  # no temp folder left behind
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        save_diffusers(model, tmp_path / "keep")
+
+
 # ---- malformed files ----------------------------------------------------------------------------------------------
 
 def test_missing_and_misshaped_keys_are_named(tmp_path) -> None:
