@@ -30,7 +30,16 @@ import torch
 from nijimi.adapters.weights import SCALARS, TENSOR_NAMES, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, safetensors
-from nijimi.io.keys.adapters import KOHYA_UNET, PEFT_TEXT, PEFT_UNET, NameTables, Slot, name_tables
+from nijimi.io.keys.adapters import (
+    PEFT_TEXT,
+    PEFT_UNET,
+    NameTables,
+    kohya_key,
+    kohya_split,
+    name_tables,
+    peft_native,
+    peft_split,
+)
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
@@ -40,14 +49,6 @@ PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "oft_unet_", "lora_te1_", "lora_te2_")  # te1/te2: SDXL, reported
 _PEFT_PREFIXES = ("unet.", "text_encoder.", "base_model.model.")
-# kohya tensor names stored with a ".weight" ending (they were nn.Linear/Conv2d weights in the trainer).
-_WEIGHT_SUFFIXED = frozenset({"lora_down", "lora_up", "lora_mid", "a1", "a2", "b1", "b2"})
-_KOHYA_ALIASES = {"lora_A": "lora_down", "lora_B": "lora_up"}
-_PEFT_ENDINGS = {".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up", ".lora_magnitude_vector": "dora_scale",
-                 ".lora_magnitude_vector.weight": "dora_scale", ".lora.down.weight": "lora_down",
-                 ".lora.up.weight": "lora_up", ".lora_linear_layer.down.weight": "lora_down",
-                 ".lora_linear_layer.up.weight": "lora_up", ".alpha": "alpha"}
-_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 
 
@@ -66,30 +67,15 @@ def detect_format(keys: list[str] | dict) -> str:
     keys = list(keys)
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if any(k.startswith(_PEFT_PREFIXES) or _peft_split(k)[1] in TENSOR_NAMES - {"weight"} for k in keys):
+    if any(k.startswith(_PEFT_PREFIXES) or peft_split(k)[1] in TENSOR_NAMES - {"weight"} for k in keys):
         return "peft"
     raise CheckpointError(f"not a LoRA/LyCORIS/peft adapter: tensor names look like {sorted(keys)[:3]}")
 
 
 # ---- kohya / LyCORIS --------------------------------------------------------------------------------------------
 
-def _kohya_split(key: str) -> tuple[str, str]:
-    """``lora_unet_x.lora_down.weight`` → (``lora_unet_x``, ``lora_down``); kohya OFT's ``oft_unet_`` is read as
-    ``lora_unet_``."""
-    module, _, tensor = key.partition(".")
-    if tensor.endswith(".weight"):
-        tensor = tensor[: -len(".weight")]
-    if module.startswith("oft_unet_"):
-        module = KOHYA_UNET + module[len("oft_unet_"):]
-    return module, _KOHYA_ALIASES.get(tensor, tensor)
-
-
-def _kohya_key(module: str, tensor: str) -> str:
-    return f"{module}.{tensor}.weight" if tensor in _WEIGHT_SUFFIXED else f"{module}.{tensor}"
-
-
-def _split_rows(weights: ModuleWeights, slot: Slot) -> ModuleWeights:
-    """The share of one native module in an adapter on a fused projection (rows ``slot.part`` of ``slot.parts``).
+def _split_rows(weights: ModuleWeights, part: int, parts: int) -> ModuleWeights:
+    """The share of one native module in an adapter on a fused projection (rows ``part`` of ``parts`` blocks).
 
     Exact for the kinds whose output rows come from separate tensor rows: LoRA (``up``), LoHa (``w1_a``, ``w2_a``),
     full, IA³ on outputs, and per-row DoRA magnitudes. Other kinds raise :class:`CheckpointError`.
@@ -97,8 +83,8 @@ def _split_rows(weights: ModuleWeights, slot: Slot) -> ModuleWeights:
     t = weights.tensors
 
     def rows(name: str) -> torch.Tensor:
-        n = t[name].shape[0] // slot.parts
-        return t[name][slot.part * n:(slot.part + 1) * n].clone()
+        n = t[name].shape[0] // parts
+        return t[name][part * n:(part + 1) * n].clone()
 
     by_kind = {"lora": ("lora_up",), "loha": ("hada_w1_a", "hada_w2_a"), "full": ("diff", "diff_b"),
                "ia3": ("weight",)}
@@ -142,16 +128,17 @@ def read_kohya(sd: dict[str, torch.Tensor], tables: NameTables) -> tuple[dict[st
     """kohya / LyCORIS tensors → (native path → weights, unmatched key → reason)."""
     modules: dict[str, ModuleWeights] = {}
     unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, _kohya_split).items():
-        slots = tables.kohya.get(name)
-        if slots is None:
+    for name, entries in _group(sd, kohya_split).items():
+        natives = tables.kohya.natives_of.get(name)
+        if natives is None:
             unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
             continue
         weights = _module_weights(entries, name, unmatched)
         if weights is None:
             continue
         try:
-            modules.update({s.path: weights if s.parts == 1 else _split_rows(weights, s) for s in slots})
+            modules.update({path: weights if len(natives) == 1 else _split_rows(weights, i, len(natives))
+                            for i, path in enumerate(natives)})
         except CheckpointError as e:
             unmatched.update({key: f"{name}: {e}" for key, _ in entries.values()})
     return modules, unmatched
@@ -159,10 +146,10 @@ def read_kohya(sd: dict[str, torch.Tensor], tables: NameTables) -> tuple[dict[st
 
 def kohya_state_dict(adapter: Adapter, tables: NameTables) -> dict[str, torch.Tensor]:
     """An adapter (native paths) as kohya / LyCORIS tensors."""
-    unknown = sorted(set(adapter.modules) - set(tables.kohya_of))
+    unknown = sorted(set(adapter.modules) - set(tables.kohya.foreign_of))
     if unknown:
         raise CheckpointError(f"{len(unknown)} adapter modules have no kohya name in this model, e.g. {unknown[:3]}")
-    return {_kohya_key(tables.kohya_of[path], name): t for path, weights in adapter.modules.items()
+    return {kohya_key(tables.kohya.foreign_of[path], name): t for path, weights in adapter.modules.items()
             for name, t in weights.flat().items()}
 
 
@@ -214,31 +201,6 @@ def kohya_metadata(adapter: Adapter, config: ModelConfig, output_name: str | Non
 
 
 # ---- diffusers / peft ---------------------------------------------------------------------------------------------
-
-def _peft_split(key: str) -> tuple[str, str]:
-    """``unet.x.lora_A.weight`` → (``unet.x``, ``lora_down``), older diffusers names included."""
-    key = key.removeprefix("base_model.model.")
-    match = _OLD_PROCESSOR.search(key)
-    if match:
-        module = key[: match.start()] + "." + ("to_out.0" if match[1] == "to_out" else match[1])
-        return module, "lora_" + match[2]
-    for ending, name in _PEFT_ENDINGS.items():
-        if key.endswith(ending):
-            return key[: -len(ending)], name
-    module, _, tensor = key.rpartition(".")
-    return module, tensor
-
-
-def _peft_native(module: str, tables: NameTables) -> str | None:
-    """The native path of a diffusers/peft module name; the text encoder's may lack the ``text_model.`` level (as
-    transformers ≥ 5 names its modules)."""
-    if not module.startswith((PEFT_UNET, PEFT_TEXT)):
-        return _peft_native(PEFT_UNET + module, tables) or _peft_native(PEFT_TEXT + module, tables)
-    found = tables.peft.get(module)
-    if found is None and module.startswith(PEFT_TEXT):
-        found = tables.peft.get(PEFT_TEXT + "text_model." + module[len(PEFT_TEXT):])
-    return found
-
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """peft's rank/alpha pattern lookup: the first pattern ``p`` with ``module`` matching ``(.*\\.)?(p)$``."""
@@ -298,8 +260,8 @@ def read_peft(sd: dict[str, torch.Tensor], tables: NameTables, metadata: dict[st
     configs = _peft_configs(metadata, config)
     modules: dict[str, ModuleWeights] = {}
     unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, _peft_split).items():
-        path = _peft_native(name, tables)
+    for name, entries in _group(sd, peft_split).items():
+        path = peft_native(name, tables)
         if path is None:
             unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
             continue
@@ -342,14 +304,14 @@ def _peft_rank(weights: ModuleWeights) -> int:
 def peft_state_dict(adapter: Adapter, tables: NameTables) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An adapter as diffusers / peft tensors and the ``lora_adapter_metadata`` header entry (one peft config per
     model part: ``r``/alpha of the most common module, ``rank_pattern``/``alpha_pattern`` for the others)."""
-    unknown = sorted(set(adapter.modules) - set(tables.peft_of))
+    unknown = sorted(set(adapter.modules) - set(tables.peft.foreign_of))
     if unknown:
         raise CheckpointError(f"{len(unknown)} adapter modules have no diffusers name in this model, "
                               f"e.g. {unknown[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     per_part: dict[str, dict[str, ModuleWeights]] = {}
     for path, weights in adapter.modules.items():
-        name = tables.peft_of[path]
+        name = tables.peft.foreign_of[path]
         tensors.update(_peft_tensors(name, weights))
         prefix = PEFT_UNET if name.startswith(PEFT_UNET) else PEFT_TEXT
         per_part.setdefault(prefix, {})[name[len(prefix):]] = weights
@@ -416,7 +378,7 @@ def file_modules(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, 
     """The format of a file's tensors and its modules as the file names them (module name → tensor name → tensor),
     without any model: what :func:`~nijimi.adapters.tools.describe_adapter` reports."""
     fmt = detect_format(sd)
-    grouped = _group(sd, _kohya_split if fmt == "kohya" else _peft_split)
+    grouped = _group(sd, kohya_split if fmt == "kohya" else peft_split)
     return fmt, {module: {name: value for name, (_, value) in entries.items()} for module, entries in grouped.items()}
 
 

@@ -7,6 +7,7 @@ Converting checks the whole state dict first: missing and unexpected keys raise 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -44,6 +45,22 @@ class RenameTable:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @functools.cached_property
+    def natives_of(self) -> dict[str, tuple[str, ...]]:
+        """Foreign key → the native keys it holds, in order (several: row blocks of a fused tensor)."""
+        out: dict[str, tuple[str, ...]] = {}
+        for native, foreign in self.pairs:
+            out[foreign] = (*out.get(foreign, ()), native)
+        return out
+
+    @functools.cached_property
+    def foreign_of(self) -> dict[str, str]:
+        """Native key → its foreign key (the first listed, where a table also reads other spellings)."""
+        out: dict[str, str] = {}
+        for native, foreign in self.pairs:
+            out.setdefault(native, foreign)
+        return out
+
     def check(self, sd: Mapping[str, object], native: bool) -> None:
         """Raise :class:`CheckpointError` naming the missing and unexpected keys of ``sd`` (``native`` or foreign)."""
         expected = list(dict.fromkeys(row[0 if native else 1] for row in self.pairs))
@@ -74,11 +91,8 @@ class RenameTable:
         if self.alias is not None:
             sd = {self.alias(k): v for k, v in sd.items()}
         self.check(sd, native=False)
-        natives: dict[str, list[str]] = {}
-        for native, foreign in self.pairs:
-            natives.setdefault(foreign, []).append(native)
         out = {}
-        for foreign, names in natives.items():
+        for foreign, names in self.natives_of.items():
             parts = [sd[foreign]] if len(names) == 1 else [p.clone() for p in sd[foreign].chunk(len(names))]
             out.update({n: self._layout(n, p, False) for n, p in zip(names, parts, strict=True)})
         return out
