@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError, NijimiError
-from nijimi.io import files, keys
+from nijimi.io import files
+from nijimi.io.keys import clip, controlnet, unet, vae
 from nijimi.io.keys.table import RenameTable
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
@@ -48,16 +49,16 @@ class Component:
     weights: str = "diffusion_pytorch_model"
 
 
-UNET = Component("unet", UNetModel, UNetConfig, UNET_PREFIX, keys.unet_key_table, keys.unet_config_to_diffusers,
-                 keys.unet_config_from_diffusers, None, "UNet2DConditionModel")
-AUTOENCODER = Component("vae", VAE, VAEConfig, VAE_PREFIX, keys.vae_key_table, keys.vae_config_to_diffusers,
-                        keys.vae_config_from_diffusers, None, "AutoencoderKL")
+UNET = Component("unet", UNetModel, UNetConfig, UNET_PREFIX, unet.unet_key_table, unet.unet_config_to_diffusers,
+                 unet.unet_config_from_diffusers, None, "UNet2DConditionModel")
+AUTOENCODER = Component("vae", VAE, VAEConfig, VAE_PREFIX, vae.vae_key_table, vae.vae_config_to_diffusers,
+                        vae.vae_config_from_diffusers, None, "AutoencoderKL")
 TEXT_ENCODER = Component("text_encoder", TextEncoder, TextEncoderConfig, TEXT_PREFIX,
-                         keys.clip.text_encoder_transformers_table, keys.text_encoder_config_to_transformers,
-                         keys.text_encoder_config_from_transformers, None, "CLIPTextModel", "model")
-CONTROLNET = Component("controlnet", ControlNetModel, ControlNetConfig, "control_model.", keys.controlnet_key_table,
-                       keys.controlnet_config_to_diffusers, keys.controlnet_config_from_diffusers,
-                       "nijimi_controlnet_config", "ControlNetModel")
+                         clip.text_encoder_transformers_table, clip.text_encoder_config_to_transformers,
+                         clip.text_encoder_config_from_transformers, None, "CLIPTextModel", "model")
+CONTROLNET = Component("controlnet", ControlNetModel, ControlNetConfig, "control_model.",
+                       controlnet.controlnet_key_table, controlnet.controlnet_config_to_diffusers,
+                       controlnet.controlnet_config_from_diffusers, "nijimi_controlnet_config", "ControlNetModel")
 
 
 def config_from_json(config_class: type, data: str | dict, source: str, key: str) -> Any:

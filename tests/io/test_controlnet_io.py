@@ -19,12 +19,10 @@ from nijimi.io.controlnet import (
     save_diffusers,
     save_original,
 )
-from nijimi.io.keys import (
+from nijimi.io.keys.controlnet import (
     controlnet_config_from_diffusers,
     controlnet_config_to_diffusers,
-    controlnet_from_diffusers,
     controlnet_key_table,
-    controlnet_to_diffusers,
 )
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig
@@ -156,10 +154,10 @@ def test_key_table_entries(native: str, foreign: str) -> None:
 
 def test_renames_are_strict() -> None:
     sd = {k: torch.zeros(1) for k in shapes_of(SD2_SMALL)}
-    assert list(controlnet_from_diffusers(controlnet_to_diffusers(sd, SD2_SMALL), SD2_SMALL)) == list(sd)
+    assert list(controlnet_key_table(SD2_SMALL).to_native(controlnet_key_table(SD2_SMALL).to_foreign(sd))) == list(sd)
     del sd["zero_convs.2.0.bias"]
     with pytest.raises(CheckpointError, match=r"native ControlNet .* missing \['zero_convs.2.0.bias'\] \(1\)"):
-        controlnet_to_diffusers({**sd, "extra.weight": torch.zeros(1)}, SD2_SMALL)
+        controlnet_key_table(SD2_SMALL).to_foreign({**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ConfigError, match="controlnet_conditioning_channel_order='bgr' is not supported"):
         controlnet_config_from_diffusers({**SD15_CONFIG_JSON, "controlnet_conditioning_channel_order": "bgr"})
 

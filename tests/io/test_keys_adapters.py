@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from nijimi.io.keys import unet_config_to_diffusers
 from nijimi.io.keys.adapters import name_tables, part_of, peft_native, unet_modules
+from nijimi.io.keys.unet import unet_config_to_diffusers
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, ModelConfig
 
 SD15, SD21 = ModelConfig.sd15(), ModelConfig.sd21()

@@ -23,7 +23,7 @@ from nijimi.io.detect import (
     read_sidecar_yaml,
     with_v_prediction,
 )
-from nijimi.io.keys import unet_config_to_diffusers
+from nijimi.io.keys.unet import unet_config_to_diffusers
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel

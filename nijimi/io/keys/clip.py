@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from nijimi.errors import ConfigError
 from nijimi.io.keys.table import RenameTable, native_keys
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -56,18 +54,6 @@ def text_encoder_transformers_table(cfg: TextEncoderConfig) -> RenameTable:
                        foreign_extra=_CLIP_IGNORED, alias=clip_native_key)
 
 
-def text_encoder_to_transformers(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """Native text-encoder state dict → transformers ``CLIPTextModel`` keys (with the ``text_model.`` level, which
-    every transformers version loads). Layers after the default one and the OpenCLIP projection are dropped."""
-    return text_encoder_transformers_table(cfg).to_foreign(sd)
-
-
-def text_encoder_from_transformers(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """transformers ``CLIPTextModel`` state dict (keys with or without ``text_model.``) → native keys; ``cfg`` is the
-    encoder the folder describes; a stored ``position_ids`` buffer is dropped."""
-    return text_encoder_transformers_table(cfg).to_native(sd)
-
-
 @functools.lru_cache(maxsize=8)
 def text_encoder_openclip_table(cfg: TextEncoderConfig) -> RenameTable:
     """``(native_key, openclip_key)`` for every parameter, OpenCLIP keys as in an SD 2.x single file after
@@ -85,20 +71,8 @@ def text_encoder_openclip_table(cfg: TextEncoderConfig) -> RenameTable:
     return RenameTable("text encoder", "OpenCLIP", tuple(table), transposed=frozenset({"text_projection.weight"}))
 
 
-def text_encoder_to_openclip(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """Native text-encoder state dict → OpenCLIP keys (fusing q/k/v into ``in_proj``, transposing the projection);
-    bit-exact inverse of :func:`text_encoder_from_openclip`."""
-    return text_encoder_openclip_table(cfg).to_foreign(sd)
-
-
-def text_encoder_from_openclip(sd: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
-    """OpenCLIP text-tower state dict (an SD 2.x single file's keys after ``cond_stage_model.model.``) → native keys;
-    each fused ``in_proj`` is split into equal q, k, v row blocks (copies)."""
-    return text_encoder_openclip_table(cfg).to_native(sd)
-
-
 def text_encoder_config_to_transformers(cfg: TextEncoderConfig) -> dict:
-    """The ``config.json`` of the transformers ``CLIPTextModel`` that :func:`text_encoder_to_transformers` fills:
+    """The ``config.json`` of the transformers ``CLIPTextModel`` that :func:`text_encoder_transformers_table` fills:
     ``num_hidden_layers`` counts only the layers up to the default one (23 for OpenCLIP-H, as in diffusers)."""
     return {
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": cfg.vocab_size,

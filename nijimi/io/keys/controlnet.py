@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from nijimi.errors import ConfigError
 from nijimi.io.keys.table import RenameTable, module_table, native_keys
 from nijimi.io.keys.unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_module_pairs
@@ -42,16 +40,6 @@ def controlnet_key_table(cfg: ControlNetConfig) -> RenameTable:
     Native keys are the original file's keys after ``control_model.``.
     """
     return module_table("ControlNet", native_keys(ControlNetModel, cfg), _controlnet_module_pairs(cfg))
-
-
-def controlnet_to_diffusers(sd: dict[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
-    """Native ControlNet state dict (no ``control_model.`` prefix) → diffusers ``ControlNetModel`` keys (strict)."""
-    return controlnet_key_table(cfg).to_foreign(sd)
-
-
-def controlnet_from_diffusers(sd: dict[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
-    """diffusers ``ControlNetModel`` state dict → native keys (no ``control_model.`` prefix) (strict)."""
-    return controlnet_key_table(cfg).to_native(sd)
 
 
 def controlnet_config_to_diffusers(cfg: ControlNetConfig) -> dict:

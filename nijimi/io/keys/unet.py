@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from nijimi.errors import ConfigError
 from nijimi.io.keys.table import RenameTable, module_table, native_keys
 from nijimi.models.unet import UNetConfig, UNetModel
@@ -67,16 +65,6 @@ def unet_ema_table(cfg: UNetConfig) -> RenameTable:
     ``model_ema.diffusion_modelab``."""
     pairs = tuple((k, "model_ema.diffusion_model" + k.replace(".", "")) for k in native_keys(UNetModel, cfg))
     return RenameTable("U-Net", "EMA", pairs)
-
-
-def unet_to_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """Native U-Net state dict (no ``model.diffusion_model.`` prefix) → diffusers ``UNet2DConditionModel`` keys."""
-    return unet_key_table(cfg).to_foreign(sd)
-
-
-def unet_from_diffusers(sd: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """diffusers ``UNet2DConditionModel`` state dict → native U-Net keys (no ``model.diffusion_model.`` prefix)."""
-    return unet_key_table(cfg).to_native(sd)
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import math
 
-import torch
-
 from nijimi.errors import ConfigError
 from nijimi.io.keys.table import RenameTable, module_table, native_keys
 from nijimi.models.vae import VAE, VAEConfig
@@ -61,16 +59,6 @@ def vae_key_table(cfg: VAEConfig) -> RenameTable:
     keys = native_keys(VAE, cfg)
     flat = frozenset(k for k in keys if k.endswith(tuple(f".mid.attn_1.{c}.weight" for c in _VAE_ATTN_CONVS)))
     return module_table("VAE", keys, _vae_module_pairs(cfg), flattened=flat)
-
-
-def vae_to_diffusers(sd: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    """Native VAE state dict (no ``first_stage_model.`` prefix) → diffusers ``AutoencoderKL`` keys and shapes."""
-    return vae_key_table(cfg).to_foreign(sd)
-
-
-def vae_from_diffusers(sd: dict[str, torch.Tensor], cfg: VAEConfig) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKL`` state dict → native VAE keys and shapes (no ``first_stage_model.`` prefix)."""
-    return vae_key_table(cfg).to_native(sd)
 
 
 def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int = 512) -> dict:
