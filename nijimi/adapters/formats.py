@@ -37,7 +37,7 @@ from nijimi.io.keys.adapters import (
     kohya_key,
     kohya_split,
     name_tables,
-    peft_native,
+    peft_natives,
     peft_split,
 )
 from nijimi.models.ldm import ModelConfig
@@ -124,18 +124,24 @@ def _module_weights(entries: dict[str, tuple[str, torch.Tensor]], where: str,
     return ModuleWeights.from_flat({name: value for name, (_, value) in known.items()}, where)
 
 
-def read_kohya(sd: dict[str, torch.Tensor], tables: NameTables) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
-    """kohya / LyCORIS tensors → (native path → weights, unmatched key → reason)."""
+def _read(sd: dict[str, torch.Tensor], fmt: str, tables: NameTables,
+          peft_configs: dict[str, dict]) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
+    """kohya / LyCORIS or diffusers / peft tensors → (native path → weights, unmatched key → reason)."""
     modules: dict[str, ModuleWeights] = {}
     unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, kohya_split).items():
-        natives = tables.kohya.natives_of.get(name)
+    kohya = fmt == "kohya"
+    for name, entries in _group(sd, kohya_split if kohya else peft_split).items():
+        natives = tables.kohya.natives_of.get(name) if kohya else peft_natives(name, tables)
         if natives is None:
             unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
             continue
         weights = _module_weights(entries, name, unmatched)
         if weights is None:
             continue
+        if not kohya:
+            prefix = next((p for p in (PEFT_UNET, PEFT_TEXT) if name.startswith(p)), "")
+            cfg = peft_configs.get(prefix, peft_configs.get(""))
+            weights = _apply_peft_alpha(weights, None if "alpha" in entries else _peft_alpha(cfg, name[len(prefix):]))
         try:
             modules.update({path: weights if len(natives) == 1 else _split_rows(weights, i, len(natives))
                             for i, path in enumerate(natives)})
@@ -254,27 +260,6 @@ def _apply_peft_alpha(weights: ModuleWeights, alpha: tuple[float, float] | None)
     return weights
 
 
-def read_peft(sd: dict[str, torch.Tensor], tables: NameTables, metadata: dict[str, str],
-              config: dict | None = None) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
-    """diffusers / peft tensors → (native path → weights, unmatched key → reason)."""
-    configs = _peft_configs(metadata, config)
-    modules: dict[str, ModuleWeights] = {}
-    unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, peft_split).items():
-        path = peft_native(name, tables)
-        if path is None:
-            unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
-            continue
-        weights = _module_weights(entries, name, unmatched)
-        if weights is None:
-            continue
-        prefix = next((p for p in (PEFT_UNET, PEFT_TEXT) if name.startswith(p)), "")
-        part_config = configs.get(prefix, configs.get(""))
-        alpha = None if "alpha" in entries else _peft_alpha(part_config, name[len(prefix):])
-        modules[path] = _apply_peft_alpha(weights, alpha)
-    return modules, unmatched
-
-
 def _peft_tensors(name: str, weights: ModuleWeights) -> dict[str, torch.Tensor]:
     t = weights.tensors
     if weights.kind == "lora":
@@ -389,10 +374,7 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, me
     metadata = dict(metadata or {})
     fmt = detect_format(sd)
     tables = name_tables(config.unet, config.text)
-    if fmt == "kohya":
-        modules, unmatched = read_kohya(sd, tables)
-    else:
-        modules, unmatched = read_peft(sd, tables, metadata, peft_config)
+    modules, unmatched = _read(sd, fmt, tables, {} if fmt == "kohya" else _peft_configs(metadata, peft_config))
     if strict and unmatched:
         listed = "; ".join(f"{k}: {why}" for k, why in list(unmatched.items())[:5])
         raise CheckpointError(f"{source}: {len(unmatched)} keys do not fit the model ({listed})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from nijimi.io.keys.adapters import name_tables, part_of, peft_native, unet_modules
+from nijimi.io.keys.adapters import name_tables, part_of, peft_natives, unet_modules
 from nijimi.io.keys.unet import unet_config_to_diffusers
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, ModelConfig
 
@@ -45,9 +45,9 @@ def test_kohya_names_of_known_sd15_modules() -> None:
     assert tables.peft.natives_of["unet.down_blocks.0.attentions.0.proj_in"] == (proj_in,)
     assert tables.peft.foreign_of[TEXT_PREFIX + te] == "text_encoder." + te
     for name in ("text_encoder." + te, "text_encoder.encoder.layers.11.mlp.fc2", te):
-        assert peft_native(name, tables) == TEXT_PREFIX + te
-    assert peft_native("down_blocks.0.attentions.0.proj_in", tables) == proj_in
-    assert peft_native("text_encoder.no_such.module", tables) is None
+        assert peft_natives(name, tables) == (TEXT_PREFIX + te,)
+    assert peft_natives("down_blocks.0.attentions.0.proj_in", tables) == (proj_in,)
+    assert peft_natives("text_encoder.no_such.module", tables) is None
 
 
 def test_unet_modules_cover_every_diffusers_module_with_a_weight() -> None:

@@ -125,12 +125,11 @@ def peft_split(key: str) -> tuple[str, str]:
     return module, tensor
 
 
-def peft_native(module: str, tables: NameTables) -> str | None:
-    """The native path of a diffusers/peft module name (a bare name is looked up under ``unet.`` and
+def peft_natives(module: str, tables: NameTables) -> tuple[str, ...] | None:
+    """The native path (a 1-tuple) of a diffusers/peft module name (a bare name is looked up under ``unet.`` and
     ``text_encoder.``), None when the model has no such module."""
     natives = tables.peft.natives_of
-    found = next((natives[m] for m in (module, PEFT_UNET + module, PEFT_TEXT + module) if m in natives), None)
-    return found[0] if found else None
+    return next((natives[m] for m in (module, PEFT_UNET + module, PEFT_TEXT + module) if m in natives), None)
 
 
 def part_of(path: str) -> str | None:
