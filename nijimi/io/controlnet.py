@@ -30,8 +30,6 @@ from nijimi.io.detect import infer_unet_config
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.ldm import UNET_PREFIX
 
-CONTROL_PREFIX = CONTROLNET.prefix
-
 
 @dataclass(frozen=True)
 class ControlNetLoadReport:
@@ -61,7 +59,7 @@ class ControlNetLoadReport:
         parts = [f"{self.path}: {self.layout} {self.family} ControlNet ({self.config.hint_channels}-channel maps)",
                  f"config from {self.config_source}", f"stored {'/'.join(self.stored_dtypes)}"]
         if self.ignored:
-            parts.append(f"{len(self.ignored)} keys outside {CONTROL_PREFIX!r} ignored")
+            parts.append(f"{len(self.ignored)} keys outside {CONTROLNET.prefix!r} ignored")
         return "; ".join(parts)
 
 
@@ -70,9 +68,9 @@ class ControlNetLoadReport:
 def split_original(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> tuple[dict, bool, list[str]]:
     """An original file's tensors → (ControlNet state dict without ``control_model.``, whether the keys had that
     prefix, the other keys). Raises :class:`CheckpointError` when the file holds no original-layout ControlNet."""
-    if any(k.startswith(CONTROL_PREFIX) for k in sd):
-        native = {k[len(CONTROL_PREFIX):]: v for k, v in sd.items() if k.startswith(CONTROL_PREFIX)}
-        return native, True, [k for k in sd if not k.startswith(CONTROL_PREFIX)]
+    if any(k.startswith(CONTROLNET.prefix) for k in sd):
+        native = {k[len(CONTROLNET.prefix):]: v for k, v in sd.items() if k.startswith(CONTROLNET.prefix)}
+        return native, True, [k for k in sd if not k.startswith(CONTROLNET.prefix)]
     if "input_hint_block.0.weight" in sd:
         return dict(sd), False, []
     if "difference" in sd:
@@ -82,8 +80,8 @@ def split_original(sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -
         raise CheckpointError(f"{source}: holds diffusers ControlNetModel keys; load its folder (with "
                               "config.json) instead of the weights file")
     groups = sorted({k.split(".", 1)[0] for k in sd})[:8]
-    raise CheckpointError(f"{source}: not a ControlNet: no {CONTROL_PREFIX!r} keys and no 'input_hint_block.0.weight' "
-                          f"(top-level key groups: {groups})")
+    raise CheckpointError(f"{source}: not a ControlNet: no {CONTROLNET.prefix!r} keys and no "
+                          f"'input_hint_block.0.weight' (top-level key groups: {groups})")
 
 
 def detect_controlnet(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ControlNetConfig:
@@ -148,7 +146,7 @@ def save_original(model: ControlNetModel, path: str | os.PathLike, half: bool = 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ConfigError(f"{path}: ControlNet files are written as .safetensors; choose a name ending in it")
-    tensors = {CONTROL_PREFIX + k: v.half() if half and v.is_floating_point() else v
+    tensors = {CONTROLNET.prefix + k: v.half() if half and v.is_floating_point() else v
                for k, v in model.state_dict().items()}
     meta = {"format": "pt", CONTROLNET.metadata_key: json.dumps(model.config.to_dict(), sort_keys=True)}
     safetensors.save_file(tensors, path, meta)

@@ -176,16 +176,13 @@ def read_config(folder: Path) -> tuple[ModelConfig, str]:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     try:
         schedule = NoiseSchedule.from_diffusers_config(_read_json(scheduler)) if scheduler.exists() else None
-    except ConfigError as e:
-        raise CheckpointError(f"{folder}: unsupported diffusers model: {e}") from None
-    if NIJIMI_CONFIG_KEY in index:
-        config = config_from_json(ModelConfig, index[NIJIMI_CONFIG_KEY], str(folder / "model_index.json"),
-                                  NIJIMI_CONFIG_KEY)
-        return dataclasses.replace(config, schedule=schedule or config.schedule), "metadata"
-    unet, vae, text = (component_config(folder / c.name, c)[0] for c in (UNET, AUTOENCODER, TEXT_ENCODER))
-    family = "sd2" if text.activation == "gelu" else "sd1"
-    pad = _pad_token_id(folder / "tokenizer", SD2_PAD_TOKEN_ID if family == "sd2" else SD1_PAD_TOKEN_ID)
-    try:
+        if NIJIMI_CONFIG_KEY in index:
+            config = config_from_json(ModelConfig, index[NIJIMI_CONFIG_KEY], str(folder / "model_index.json"),
+                                      NIJIMI_CONFIG_KEY)
+            return dataclasses.replace(config, schedule=schedule or config.schedule), "metadata"
+        unet, vae, text = (component_config(folder / c.name, c)[0] for c in (UNET, AUTOENCODER, TEXT_ENCODER))
+        family = "sd2" if text.activation == "gelu" else "sd1"
+        pad = _pad_token_id(folder / "tokenizer", SD2_PAD_TOKEN_ID if family == "sd2" else SD1_PAD_TOKEN_ID)
         return ModelConfig(unet, vae, text, family, pad, schedule or NoiseSchedule.sd()), "diffusers"
     except ConfigError as e:
         raise CheckpointError(f"{folder}: unsupported diffusers model: {e}") from None

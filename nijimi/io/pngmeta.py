@@ -163,15 +163,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nijimi"
 
 
-def _read_hash_cache(path: Path) -> dict:
-    """The hash cache (absolute path → ``[size, mtime_ns, hash]``); a missing or corrupt file reads as empty."""
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return cache if isinstance(cache, dict) else {}
-
-
 def model_hash(path: str | os.PathLike) -> str:
     """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks.
 
@@ -181,8 +172,12 @@ def model_hash(path: str | os.PathLike) -> str:
     path = Path(path).absolute()
     cache_file = cache_dir() / _HASH_CACHE
     try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}  # no cache yet, or a corrupt one: start afresh
+    cache = cache if isinstance(cache, dict) else {}
+    try:
         stat = path.stat()
-        cache = _read_hash_cache(cache_file)
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = cache.get(str(path))
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str):
