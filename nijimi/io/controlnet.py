@@ -121,7 +121,7 @@ def load_controlnet(path: str | os.PathLike, config: ControlNetConfig | None = N
     if path.is_dir():
         config, source = diffusers_folder.component_config(path, CONTROLNET, config)
         stored, native = diffusers_folder.read_component(path, CONTROLNET, config)
-        model = build_strict(ControlNetModel, config, native, dtype, str(path))
+        model = build_strict(CONTROLNET.module, config, native, dtype, str(path))
         return model, ControlNetLoadReport(str(path), "diffusers", config, source, dtype_names(stored.values()))
     sd, metadata = files.load_state_dict(path)
     native, prefixed, ignored = split_original(sd, str(path))
@@ -132,7 +132,7 @@ def load_controlnet(path: str | os.PathLike, config: ControlNetConfig | None = N
         config, source = config_from_json(ControlNetConfig, metadata[key], str(path), f"{key} metadata"), "metadata"
     else:
         config, source = detect_controlnet({k: tuple(v.shape) for k, v in native.items()}, str(path)), "detected"
-    model = build_strict(ControlNetModel, config, native, dtype, str(path))
+    model = build_strict(CONTROLNET.module, config, native, dtype, str(path))
     report = ControlNetLoadReport(str(path), "original", config, source, dtype_names(native.values()), prefixed,
                                   tuple(ignored))
     return model, report

@@ -27,7 +27,10 @@ class RenameTable:
     order (OpenCLIP's fused q|k|v). ``transposed``: native keys stored transposed; ``flattened``: native 1×1
     convolution weights stored as Linear ``(out, in)`` matrices. ``native_extra`` / ``foreign_extra``: keys dropped
     without complaint when converting from that side (layers a format has no place for, stored buffers).
-    ``alias`` maps an accepted variant of a foreign key onto the table's form before converting to native.
+    ``alias`` maps an accepted variant of a foreign key onto the table's form before converting to native. A native
+    key may also be listed with several foreign names (the adapter tables' other spellings): lookups
+    (:attr:`natives_of`, :attr:`foreign_of`) read them all and write the first; state-dict conversions are for tables
+    of one spelling.
     """
 
     what: str
