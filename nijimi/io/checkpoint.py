@@ -2,11 +2,13 @@
 
 Single files (``.safetensors``, or ``.ckpt`` read by the weights-only unpickler) use the original CompVis key tree,
 which *is* our module tree (``nijimi.models.ldm``); SD 2.x files keep their text encoder in OpenCLIP's layout and are
-renamed by ``nijimi.io.keys``. What model a foreign file holds is read from its keys and shapes before any tensor data
-(``nijimi.io.detect``); nijimi's own files carry their :class:`ModelConfig` as JSON in the safetensors metadata.
+renamed by ``nijimi.io.keys``. A load opens the file and parses its header once; what model a foreign file holds is
+read from its keys and shapes before any tensor byte is touched (``nijimi.io.detect``); nijimi's own files carry their
+:class:`ModelConfig` as JSON in the safetensors metadata.
 
-Diffusers folders (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) are renamed
-component by component with the same tables; the schedule comes from ``scheduler/scheduler_config.json``.
+Diffusers folders (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) are read component
+by component (``nijimi.io.diffusers_folder``, from the ``nijimi.io.components`` descriptors); the schedule comes from
+``scheduler/scheduler_config.json``.
 
 Loading never holds two copies of the weights: the model is built on the ``meta`` device and the tensors of the
 memory-mapped file are assigned into it (``load_state_dict(assign=True)``); only dtype conversions and OpenCLIP's
