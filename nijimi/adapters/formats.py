@@ -141,7 +141,7 @@ def _read(sd: dict[str, torch.Tensor], fmt: str, tables: NameTables,
         if not kohya:
             prefix = next((p for p in (PEFT_UNET, PEFT_TEXT) if name.startswith(p)), "")
             cfg = peft_configs.get(prefix, peft_configs.get(""))
-            weights = _apply_peft_alpha(weights, None if "alpha" in entries else _peft_alpha(cfg, name[len(prefix):]))
+            weights = _apply_peft_alpha(weights, None if "alpha" in entries else cfg, name[len(prefix):])
         try:
             modules.update({path: weights if len(natives) == 1 else _split_rows(weights, i, len(natives))
                             for i, path in enumerate(natives)})
@@ -219,16 +219,6 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def _peft_alpha(config: dict | None, module: str) -> tuple[float, float] | None:
-    """(alpha, divisor) of one module (path relative to the model part) from a peft config: the divisor is ``r``, or
-    ``√r`` with ``use_rslora``; None without a config."""
-    if not config or "r" not in config:
-        return None
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", config.get("alpha", r)))
-    return alpha, (math.sqrt(r) if config.get("use_rslora") else r)
-
-
 def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, dict]:
     """Model part prefix (``"unet."``, ``"text_encoder."``, ``""``) → its peft config dict."""
     configs = {"": config} if config else {}
@@ -245,18 +235,22 @@ def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, di
     return configs
 
 
-def _apply_peft_alpha(weights: ModuleWeights, alpha: tuple[float, float] | None) -> ModuleWeights:
-    """Turn peft's ``alpha / r`` into alpha over the tensors' rank (or an explicit scale for a rank-less LoKr), and
-    its DoRA magnitude ((out,) or (1, out, 1, 1)) into the (out, 1, …) layout."""
+def _apply_peft_alpha(weights: ModuleWeights, config: dict | None, module: str) -> ModuleWeights:
+    """Turn peft's DoRA magnitude ((out,) or (1, out, 1, 1)) into the (out, 1, …) layout, and the module's ``alpha / r``
+    from a peft ``config`` (``rank_pattern``/``alpha_pattern`` for ``module``, its path within the model part; ``√r``
+    with ``use_rslora``) into alpha over the tensors' rank (or an explicit scale for a rank-less LoKr)."""
     if weights.kind == "lora" and weights.dora:
         ndim = weights.tensors["lora_down"].ndim
         weights.tensors["dora_scale"] = weights.tensors["dora_scale"].reshape(-1, *[1] * (ndim - 1))
-    if alpha is not None:
-        value, divisor = alpha
+    if config and "r" in config:
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
+                               config.get("lora_alpha", config.get("alpha", r)))
+        divisor = math.sqrt(r) if config.get("use_rslora") else r
         if weights.rank is None:
-            weights.scale = value / divisor
+            weights.scale = alpha / divisor
         else:
-            weights.alpha = value if divisor == weights.rank else value / divisor * weights.rank
+            weights.alpha = alpha if divisor == weights.rank else alpha / divisor * weights.rank
     return weights
 
 

@@ -70,16 +70,6 @@ def text_modules(cfg: TextEncoderConfig) -> list[str]:
     return [key.removesuffix(".weight") for key in native_keys(TextEncoder, cfg) if key.endswith(".weight")]
 
 
-def openclip_modules(cfg: TextEncoderConfig) -> dict[str, list[str]]:
-    """OpenCLIP module path → the native module paths it holds (three for a fused ``attn.in_proj``: q, k, v)."""
-    out: dict[str, list[str]] = {}
-    for native, foreign in text_encoder_openclip_table(cfg):
-        module, native_module = _module(foreign), _module(native)
-        if module is not None and native_module is not None and native.endswith(".weight"):
-            out.setdefault(module, []).append(native_module)
-    return out
-
-
 @functools.lru_cache(maxsize=8)
 def name_tables(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> NameTables:
     """Every foreign module name of a model with these parts (see the module docstring)."""
@@ -93,8 +83,9 @@ def name_tables(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> NameTables
         path, short = TEXT_PREFIX + native, native.removeprefix("text_model.")
         kohya += [(path, KOHYA_TEXT + native.replace(".", "_")), (path, KOHYA_TEXT + short.replace(".", "_"))]
         peft += [(path, PEFT_TEXT + native), (path, PEFT_TEXT + short)]
-    for module, natives in openclip_modules(text_cfg).items():
-        kohya += [(TEXT_PREFIX + n, KOHYA_OPENCLIP + module.replace(".", "_")) for n in natives]
+    for foreign, natives in text_encoder_openclip_table(text_cfg).natives_of.items():  # fused q|k|v: three natives
+        if _module(foreign) is not None and natives[0].endswith(".weight"):
+            kohya += [(TEXT_PREFIX + _module(n), KOHYA_OPENCLIP + _module(foreign).replace(".", "_")) for n in natives]
     return NameTables(RenameTable("adapter", "kohya", tuple(dict.fromkeys(kohya))),
                       RenameTable("adapter", "peft", tuple(dict.fromkeys(peft))))
 
