@@ -167,7 +167,8 @@ def model_hash(path: str | os.PathLike) -> str:
     """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks.
 
     The hash is cached per (absolute path, size, mtime) in ``model_hashes.json`` of :func:`cache_dir`, written
-    atomically, so a model is read once until it changes; a cache that cannot be read or written is ignored.
+    atomically (files that are gone are dropped from it), so a model is read once until it changes; a cache that
+    cannot be read or written is ignored.
     """
     path = Path(path).absolute()
     cache_file = cache_dir() / _HASH_CACHE
@@ -188,6 +189,7 @@ def model_hash(path: str | os.PathLike) -> str:
                 digest.update(block)
     except OSError as e:
         raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
+    cache = {p: entry for p, entry in cache.items() if os.path.exists(p)}  # forget files that are gone
     cache[str(path)] = [*stamp, digest.hexdigest()[:10]]
     with contextlib.suppress(OSError, NijimiError):
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -226,6 +226,14 @@ def test_model_hash_is_cached_per_path_size_and_mtime(tmp_path, monkeypatch):
     assert model_hash(model) == "ba7816bf8f"
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert model_hash(model) == hashlib.sha256(b"abd").hexdigest()[:10]
+    gone, other = tmp_path / "gone.bin", tmp_path / "other.bin"
+    gone.write_bytes(b"x")
+    other.write_bytes(b"y")
+    model_hash(gone)
+    gone.unlink()
+    model_hash(other)
+    cache = json.loads((tmp_path / "cache" / "model_hashes.json").read_text())
+    assert sorted(cache) == sorted(str(p.absolute()) for p in (model, other))  # entries of deleted files dropped
 
 
 def test_model_hash_ignores_a_corrupt_cache_and_uses_the_xdg_folder(tmp_path, monkeypatch):
