@@ -83,9 +83,11 @@ def name_tables(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> NameTables
         path, short = TEXT_PREFIX + native, native.removeprefix("text_model.")
         kohya += [(path, KOHYA_TEXT + native.replace(".", "_")), (path, KOHYA_TEXT + short.replace(".", "_"))]
         peft += [(path, PEFT_TEXT + native), (path, PEFT_TEXT + short)]
-    for foreign, natives in text_encoder_openclip_table(text_cfg).natives_of.items():  # fused q|k|v: three natives
-        if _module(foreign) is not None and natives[0].endswith(".weight"):
-            kohya += [(TEXT_PREFIX + _module(n), KOHYA_OPENCLIP + _module(foreign).replace(".", "_")) for n in natives]
+    for foreign, natives in text_encoder_openclip_table(text_cfg).natives_of.items():
+        module = _module(foreign)  # the fused q|k|v projection has one name for three native modules
+        if module is not None and natives[0].endswith(".weight"):
+            name = KOHYA_OPENCLIP + module.replace(".", "_")
+            kohya += [(TEXT_PREFIX + n.removesuffix(".weight"), name) for n in natives]
     return NameTables(RenameTable("adapter", "kohya", tuple(dict.fromkeys(kohya))),
                       RenameTable("adapter", "peft", tuple(dict.fromkeys(peft))))
 
@@ -94,7 +96,8 @@ def kohya_split(key: str) -> tuple[str, str]:
     """``lora_unet_x.lora_down.weight`` → (``lora_unet_x``, ``lora_down``); peft's ``lora_A``/``lora_B`` read as
     ``lora_down``/``lora_up``."""
     module, _, tensor = key.partition(".")
-    return module, _KOHYA_ALIASES.get(tensor.removesuffix(".weight"), tensor.removesuffix(".weight"))
+    tensor = tensor.removesuffix(".weight")
+    return module, _KOHYA_ALIASES.get(tensor, tensor)
 
 
 def kohya_key(module: str, tensor: str) -> str:
