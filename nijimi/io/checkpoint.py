@@ -137,7 +137,7 @@ def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: 
         config = config_from_json(ModelConfig, metadata[key], str(path), f"{key} metadata")
         source, prediction_source = "metadata", "metadata"
     else:
-        config = detect_single_file(shapes, str(path)).config
+        config = detect_single_file(shapes, str(path))
         probe = config.family == "sd2" and config.unet.in_channels == 4
         source, prediction_source = "detected", "probe" if probe else "default"
     yaml = Path(override) if override is not None else sidecar_yaml(path)

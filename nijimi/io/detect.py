@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,18 +41,9 @@ _PROBE_THRESHOLD = -1.0
 _SIDECAR_PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction"}
 
 
-@dataclass(frozen=True)
-class Detection:
-    """What the keys say: the model config (ε-prediction until a probe or side-car says otherwise) and the text
-    encoder layout found (``"clip"``: ``cond_stage_model.transformer.*``, ``"openclip"``: ``cond_stage_model.model.*``).
-    """
-
-    config: ModelConfig
-    text_layout: str
-
-
-def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> Detection:
-    """Infer the :class:`ModelConfig` of a single-file checkpoint from ``{key: shape}``.
+def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ModelConfig:
+    """Infer the :class:`ModelConfig` of a single-file checkpoint from ``{key: shape}`` (ε-prediction until a probe
+    or side-car says otherwise; the text-encoder layout is :func:`text_layout`).
 
     ``name`` (the file) appears in errors. Raises :class:`CheckpointError` "unknown architecture" when the keys are
     not those of an SD-style latent diffusion model or the shapes fit no configuration.
@@ -68,15 +58,15 @@ def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "check
         unet = infer_unet_config(shapes, sd2)
         vae = infer_vae_config(shapes)
         text = infer_openclip_config(shapes) if sd2 else infer_clip_config(shapes)
-        config = ModelConfig(unet, vae, text, "sd2" if sd2 else "sd1", SD2_PAD_TOKEN_ID if sd2 else SD1_PAD_TOKEN_ID,
-                             NoiseSchedule.sd())
+        return ModelConfig(unet, vae, text, "sd2" if sd2 else "sd1", SD2_PAD_TOKEN_ID if sd2 else SD1_PAD_TOKEN_ID,
+                           NoiseSchedule.sd())
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{name}: unknown architecture: {e}") from None
-    return Detection(config, layout)
 
 
 def text_layout(keys: Mapping[str, object]) -> str | None:
-    """``"openclip"`` (SD 2.x), ``"clip"`` (SD 1.x) or None, from which text-encoder prefix the keys use."""
+    """``"openclip"`` (SD 2.x: ``cond_stage_model.model.*``), ``"clip"`` (SD 1.x: ``cond_stage_model.transformer.*``)
+    or None, from which text-encoder prefix the keys use."""
     if any(k.startswith(OPENCLIP_PREFIX + "transformer.") for k in keys):
         return "openclip"
     if any(k.startswith(TEXT_PREFIX) for k in keys):
