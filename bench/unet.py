@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nijimi.io.keys import unet_config_to_diffusers, unet_to_diffusers
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
 from nijimi.models.unet import UNetConfig, UNetModel
 
 
@@ -51,7 +51,7 @@ def build_models(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DCondi
     torch.manual_seed(seed)
     ours = UNetModel(cfg).eval()
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True, assign=True)
+    theirs.load_state_dict(unet_key_table(cfg).to_foreign(ours.state_dict()), strict=True, assign=True)
     return ours, theirs
 
 

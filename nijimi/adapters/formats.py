@@ -1,7 +1,7 @@
 """Adapter files: kohya sd-scripts / LyCORIS and diffusers / peft layouts, read and written, auto-detected.
 
 - ``kohya``: one safetensors (or torch) file; keys ``<module name>.<tensor>`` with the module names of
-  :mod:`nijimi.adapters.names` (``lora_unet_…``, ``lora_te_…``; kohya's OFT ``oft_unet_…``), tensors
+  :mod:`nijimi.io.keys.adapters` (``lora_unet_…``, ``lora_te_…``; kohya's OFT ``oft_unet_…``), tensors
   ``lora_down.weight``, ``lora_up.weight``, ``lora_mid.weight``, ``alpha``, ``hada_w1_a`` …, ``lokr_w1`` …,
   ``diff``/``diff_b``, IA³ ``weight``/``on_input``, ``w_norm``/``b_norm``, GLoRA ``a1.weight`` …, OFT
   ``oft_blocks``/``oft_diag``, ``scale``, ``dora_scale``; training metadata ``ss_*`` in the header.
@@ -27,10 +27,19 @@ from pathlib import Path
 
 import torch
 
-from nijimi.adapters.names import KOHYA_UNET, PEFT_TEXT, PEFT_UNET, NameTables, Slot, name_tables
 from nijimi.adapters.weights import SCALARS, TENSOR_NAMES, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, safetensors
+from nijimi.io.keys.adapters import (
+    PEFT_TEXT,
+    PEFT_UNET,
+    NameTables,
+    kohya_key,
+    kohya_split,
+    name_tables,
+    peft_natives,
+    peft_split,
+)
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
@@ -40,14 +49,6 @@ PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA = "lora_adapter_metadata"
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "oft_unet_", "lora_te1_", "lora_te2_")  # te1/te2: SDXL, reported
 _PEFT_PREFIXES = ("unet.", "text_encoder.", "base_model.model.")
-# kohya tensor names stored with a ".weight" ending (they were nn.Linear/Conv2d weights in the trainer).
-_WEIGHT_SUFFIXED = frozenset({"lora_down", "lora_up", "lora_mid", "a1", "a2", "b1", "b2"})
-_KOHYA_ALIASES = {"lora_A": "lora_down", "lora_B": "lora_up"}
-_PEFT_ENDINGS = {".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up", ".lora_magnitude_vector": "dora_scale",
-                 ".lora_magnitude_vector.weight": "dora_scale", ".lora.down.weight": "lora_down",
-                 ".lora.up.weight": "lora_up", ".lora_linear_layer.down.weight": "lora_down",
-                 ".lora_linear_layer.up.weight": "lora_up", ".alpha": "alpha"}
-_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 
 
@@ -66,30 +67,15 @@ def detect_format(keys: list[str] | dict) -> str:
     keys = list(keys)
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if any(k.startswith(_PEFT_PREFIXES) or _peft_split(k)[1] in TENSOR_NAMES - {"weight"} for k in keys):
+    if any(k.startswith(_PEFT_PREFIXES) or peft_split(k)[1] in TENSOR_NAMES - {"weight"} for k in keys):
         return "peft"
     raise CheckpointError(f"not a LoRA/LyCORIS/peft adapter: tensor names look like {sorted(keys)[:3]}")
 
 
 # ---- kohya / LyCORIS --------------------------------------------------------------------------------------------
 
-def _kohya_split(key: str) -> tuple[str, str]:
-    """``lora_unet_x.lora_down.weight`` → (``lora_unet_x``, ``lora_down``); kohya OFT's ``oft_unet_`` is read as
-    ``lora_unet_``."""
-    module, _, tensor = key.partition(".")
-    if tensor.endswith(".weight"):
-        tensor = tensor[: -len(".weight")]
-    if module.startswith("oft_unet_"):
-        module = KOHYA_UNET + module[len("oft_unet_"):]
-    return module, _KOHYA_ALIASES.get(tensor, tensor)
-
-
-def _kohya_key(module: str, tensor: str) -> str:
-    return f"{module}.{tensor}.weight" if tensor in _WEIGHT_SUFFIXED else f"{module}.{tensor}"
-
-
-def _split_rows(weights: ModuleWeights, slot: Slot) -> ModuleWeights:
-    """The share of one native module in an adapter on a fused projection (rows ``slot.part`` of ``slot.parts``).
+def _split_rows(weights: ModuleWeights, part: int, parts: int) -> ModuleWeights:
+    """The share of one native module in an adapter on a fused projection (rows ``part`` of ``parts`` blocks).
 
     Exact for the kinds whose output rows come from separate tensor rows: LoRA (``up``), LoHa (``w1_a``, ``w2_a``),
     full, IA³ on outputs, and per-row DoRA magnitudes. Other kinds raise :class:`CheckpointError`.
@@ -97,8 +83,8 @@ def _split_rows(weights: ModuleWeights, slot: Slot) -> ModuleWeights:
     t = weights.tensors
 
     def rows(name: str) -> torch.Tensor:
-        n = t[name].shape[0] // slot.parts
-        return t[name][slot.part * n:(slot.part + 1) * n].clone()
+        n = t[name].shape[0] // parts
+        return t[name][part * n:(part + 1) * n].clone()
 
     by_kind = {"lora": ("lora_up",), "loha": ("hada_w1_a", "hada_w2_a"), "full": ("diff", "diff_b"),
                "ia3": ("weight",)}
@@ -138,20 +124,27 @@ def _module_weights(entries: dict[str, tuple[str, torch.Tensor]], where: str,
     return ModuleWeights.from_flat({name: value for name, (_, value) in known.items()}, where)
 
 
-def read_kohya(sd: dict[str, torch.Tensor], tables: NameTables) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
-    """kohya / LyCORIS tensors → (native path → weights, unmatched key → reason)."""
+def _read(sd: dict[str, torch.Tensor], fmt: str, tables: NameTables,
+          peft_configs: dict[str, dict]) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
+    """kohya / LyCORIS or diffusers / peft tensors → (native path → weights, unmatched key → reason)."""
     modules: dict[str, ModuleWeights] = {}
     unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, _kohya_split).items():
-        slots = tables.kohya.get(name)
-        if slots is None:
+    kohya = fmt == "kohya"
+    for name, entries in _group(sd, kohya_split if kohya else peft_split).items():
+        natives = tables.kohya.natives_of.get(name) if kohya else peft_natives(name, tables)
+        if natives is None:
             unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
             continue
         weights = _module_weights(entries, name, unmatched)
         if weights is None:
             continue
+        if not kohya:
+            prefix = next((p for p in (PEFT_UNET, PEFT_TEXT) if name.startswith(p)), "")
+            cfg = peft_configs.get(prefix, peft_configs.get(""))
+            weights = _apply_peft_alpha(weights, None if "alpha" in entries else cfg, name[len(prefix):])
         try:
-            modules.update({s.path: weights if s.parts == 1 else _split_rows(weights, s) for s in slots})
+            modules.update({path: weights if len(natives) == 1 else _split_rows(weights, i, len(natives))
+                            for i, path in enumerate(natives)})
         except CheckpointError as e:
             unmatched.update({key: f"{name}: {e}" for key, _ in entries.values()})
     return modules, unmatched
@@ -159,10 +152,10 @@ def read_kohya(sd: dict[str, torch.Tensor], tables: NameTables) -> tuple[dict[st
 
 def kohya_state_dict(adapter: Adapter, tables: NameTables) -> dict[str, torch.Tensor]:
     """An adapter (native paths) as kohya / LyCORIS tensors."""
-    unknown = sorted(set(adapter.modules) - set(tables.kohya_of))
+    unknown = sorted(set(adapter.modules) - set(tables.kohya.foreign_of))
     if unknown:
         raise CheckpointError(f"{len(unknown)} adapter modules have no kohya name in this model, e.g. {unknown[:3]}")
-    return {_kohya_key(tables.kohya_of[path], name): t for path, weights in adapter.modules.items()
+    return {kohya_key(tables.kohya.foreign_of[path], name): t for path, weights in adapter.modules.items()
             for name, t in weights.flat().items()}
 
 
@@ -215,31 +208,6 @@ def kohya_metadata(adapter: Adapter, config: ModelConfig, output_name: str | Non
 
 # ---- diffusers / peft ---------------------------------------------------------------------------------------------
 
-def _peft_split(key: str) -> tuple[str, str]:
-    """``unet.x.lora_A.weight`` → (``unet.x``, ``lora_down``), older diffusers names included."""
-    key = key.removeprefix("base_model.model.")
-    match = _OLD_PROCESSOR.search(key)
-    if match:
-        module = key[: match.start()] + "." + ("to_out.0" if match[1] == "to_out" else match[1])
-        return module, "lora_" + match[2]
-    for ending, name in _PEFT_ENDINGS.items():
-        if key.endswith(ending):
-            return key[: -len(ending)], name
-    module, _, tensor = key.rpartition(".")
-    return module, tensor
-
-
-def _peft_native(module: str, tables: NameTables) -> str | None:
-    """The native path of a diffusers/peft module name; the text encoder's may lack the ``text_model.`` level (as
-    transformers ≥ 5 names its modules)."""
-    if not module.startswith((PEFT_UNET, PEFT_TEXT)):
-        return _peft_native(PEFT_UNET + module, tables) or _peft_native(PEFT_TEXT + module, tables)
-    found = tables.peft.get(module)
-    if found is None and module.startswith(PEFT_TEXT):
-        found = tables.peft.get(PEFT_TEXT + "text_model." + module[len(PEFT_TEXT):])
-    return found
-
-
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """peft's rank/alpha pattern lookup: the first pattern ``p`` with ``module`` matching ``(.*\\.)?(p)$``."""
     for pattern, value in patterns.items():
@@ -249,16 +217,6 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
         except re.error as e:
             raise CheckpointError(f"peft rank/alpha pattern {pattern!r} is not a regular expression: {e}") from None
     return default
-
-
-def _peft_alpha(config: dict | None, module: str) -> tuple[float, float] | None:
-    """(alpha, divisor) of one module (path relative to the model part) from a peft config: the divisor is ``r``, or
-    ``√r`` with ``use_rslora``; None without a config."""
-    if not config or "r" not in config:
-        return None
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", config.get("alpha", r)))
-    return alpha, (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, dict]:
@@ -277,40 +235,23 @@ def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, di
     return configs
 
 
-def _apply_peft_alpha(weights: ModuleWeights, alpha: tuple[float, float] | None) -> ModuleWeights:
-    """Turn peft's ``alpha / r`` into alpha over the tensors' rank (or an explicit scale for a rank-less LoKr), and
-    its DoRA magnitude ((out,) or (1, out, 1, 1)) into the (out, 1, …) layout."""
+def _apply_peft_alpha(weights: ModuleWeights, config: dict | None, module: str) -> ModuleWeights:
+    """Turn peft's DoRA magnitude ((out,) or (1, out, 1, 1)) into the (out, 1, …) layout, and the module's ``alpha / r``
+    from a peft ``config`` (``rank_pattern``/``alpha_pattern`` for ``module``, its path within the model part; ``√r``
+    with ``use_rslora``) into alpha over the tensors' rank (or an explicit scale for a rank-less LoKr)."""
     if weights.kind == "lora" and weights.dora:
         ndim = weights.tensors["lora_down"].ndim
         weights.tensors["dora_scale"] = weights.tensors["dora_scale"].reshape(-1, *[1] * (ndim - 1))
-    if alpha is not None:
-        value, divisor = alpha
+    if config and "r" in config:
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
+                               config.get("lora_alpha", config.get("alpha", r)))
+        divisor = math.sqrt(r) if config.get("use_rslora") else r
         if weights.rank is None:
-            weights.scale = value / divisor
+            weights.scale = alpha / divisor
         else:
-            weights.alpha = value if divisor == weights.rank else value / divisor * weights.rank
+            weights.alpha = alpha if divisor == weights.rank else alpha / divisor * weights.rank
     return weights
-
-
-def read_peft(sd: dict[str, torch.Tensor], tables: NameTables, metadata: dict[str, str],
-              config: dict | None = None) -> tuple[dict[str, ModuleWeights], dict[str, str]]:
-    """diffusers / peft tensors → (native path → weights, unmatched key → reason)."""
-    configs = _peft_configs(metadata, config)
-    modules: dict[str, ModuleWeights] = {}
-    unmatched: dict[str, str] = {}
-    for name, entries in _group(sd, _peft_split).items():
-        path = _peft_native(name, tables)
-        if path is None:
-            unmatched.update({key: f"module {name!r} is not in the model" for key, _ in entries.values()})
-            continue
-        weights = _module_weights(entries, name, unmatched)
-        if weights is None:
-            continue
-        prefix = next((p for p in (PEFT_UNET, PEFT_TEXT) if name.startswith(p)), "")
-        part_config = configs.get(prefix, configs.get(""))
-        alpha = None if "alpha" in entries else _peft_alpha(part_config, name[len(prefix):])
-        modules[path] = _apply_peft_alpha(weights, alpha)
-    return modules, unmatched
 
 
 def _peft_tensors(name: str, weights: ModuleWeights) -> dict[str, torch.Tensor]:
@@ -342,14 +283,14 @@ def _peft_rank(weights: ModuleWeights) -> int:
 def peft_state_dict(adapter: Adapter, tables: NameTables) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """An adapter as diffusers / peft tensors and the ``lora_adapter_metadata`` header entry (one peft config per
     model part: ``r``/alpha of the most common module, ``rank_pattern``/``alpha_pattern`` for the others)."""
-    unknown = sorted(set(adapter.modules) - set(tables.peft_of))
+    unknown = sorted(set(adapter.modules) - set(tables.peft.foreign_of))
     if unknown:
         raise CheckpointError(f"{len(unknown)} adapter modules have no diffusers name in this model, "
                               f"e.g. {unknown[:3]}")
     tensors: dict[str, torch.Tensor] = {}
     per_part: dict[str, dict[str, ModuleWeights]] = {}
     for path, weights in adapter.modules.items():
-        name = tables.peft_of[path]
+        name = tables.peft.foreign_of[path]
         tensors.update(_peft_tensors(name, weights))
         prefix = PEFT_UNET if name.startswith(PEFT_UNET) else PEFT_TEXT
         per_part.setdefault(prefix, {})[name[len(prefix):]] = weights
@@ -416,7 +357,7 @@ def file_modules(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, 
     """The format of a file's tensors and its modules as the file names them (module name → tensor name → tensor),
     without any model: what :func:`~nijimi.adapters.tools.describe_adapter` reports."""
     fmt = detect_format(sd)
-    grouped = _group(sd, _kohya_split if fmt == "kohya" else _peft_split)
+    grouped = _group(sd, kohya_split if fmt == "kohya" else peft_split)
     return fmt, {module: {name: value for name, (_, value) in entries.items()} for module, entries in grouped.items()}
 
 
@@ -427,10 +368,7 @@ def adapter_from_state_dict(sd: dict[str, torch.Tensor], config: ModelConfig, me
     metadata = dict(metadata or {})
     fmt = detect_format(sd)
     tables = name_tables(config.unet, config.text)
-    if fmt == "kohya":
-        modules, unmatched = read_kohya(sd, tables)
-    else:
-        modules, unmatched = read_peft(sd, tables, metadata, peft_config)
+    modules, unmatched = _read(sd, fmt, tables, {} if fmt == "kohya" else _peft_configs(metadata, peft_config))
     if strict and unmatched:
         listed = "; ".join(f"{k}: {why}" for k, why in list(unmatched.items())[:5])
         raise CheckpointError(f"{source}: {len(unmatched)} keys do not fit the model ({listed})")

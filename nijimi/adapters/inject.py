@@ -17,10 +17,10 @@ from torch import nn
 
 from nijimi.adapters import deltas
 from nijimi.adapters.modules import AdaptedLayer, LayerAdapter
-from nijimi.adapters.names import part_of
 from nijimi.adapters.targets import AdapterSpec, new_weights, norm_or_weight_layer, select_targets
 from nijimi.adapters.weights import Adapter, ModuleWeights
 from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.keys.adapters import part_of
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:

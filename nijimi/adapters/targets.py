@@ -29,9 +29,10 @@ from torch import nn
 
 from nijimi.adapters import deltas
 from nijimi.adapters.modules import NORM_LAYERS, WEIGHT_LAYERS, AdaptedLayer
-from nijimi.adapters.names import part_of
 from nijimi.adapters.weights import ModuleWeights
 from nijimi.errors import ConfigError
+from nijimi.io.keys.adapters import part_of
+from nijimi.models.ldm import VAE_PREFIX
 
 PRESETS = ("attn", "attn+ff", "all-linear", "all")
 TRAINABLE_KINDS = ("lora", "loha", "lokr")
@@ -39,7 +40,6 @@ _ATTN = re.compile(r"(^|\.)(attn[12]\.to_(q|k|v|out\.0)|self_attn\.(q|k|v|out)_p
 _FF = re.compile(r"(^|\.)(ff\.net\.(0\.proj|2)|proj_(in|out)|mlp\.fc[12])$")
 _NOT_LINEAR = re.compile(r"(^|\.)text_projection$")
 _NOT_CONV = re.compile(r"(^|\.)(input_blocks\.0\.0|out\.2)$")
-_VAE = "first_stage_model."
 
 
 def named_layers(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -79,7 +79,7 @@ def select_targets(model: nn.Module, targets: str | Sequence[str], parts: Sequen
     if unknown_parts:
         raise ConfigError(f"unknown model parts {sorted(unknown_parts)}; choose from 'unet', 'text'")
     layers = [(path, layer) for path, layer in named_layers(model) if isinstance(layer, layer_types)
-              and not path.startswith(_VAE) and part_of(path) in (*parts, None)]
+              and not path.startswith(VAE_PREFIX) and part_of(path) in (*parts, None)]
     if isinstance(targets, str):
         if targets not in PRESETS:
             raise ConfigError(f"unknown target preset {targets!r}; choose one of {', '.join(PRESETS)} or give patterns")

@@ -19,11 +19,11 @@ from torch import nn
 
 from nijimi.adapters.formats import LoadedAdapter, file_modules, peft_weights_file, read_adapter
 from nijimi.adapters.inject import apply_adapter
-from nijimi.adapters.names import KOHYA_TEXT, KOHYA_UNET, PEFT_TEXT, PEFT_UNET
 from nijimi.adapters.targets import named_layers, select_targets
 from nijimi.adapters.weights import SCALARS, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files
+from nijimi.io.keys.adapters import KOHYA_OFT, KOHYA_TEXT, KOHYA_UNET, PEFT_TEXT, PEFT_UNET
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 
 _LONG_METADATA = 200  # characters of a metadata value shown before it is cut
@@ -134,7 +134,7 @@ def resize_lora(adapter: Adapter, rank: int, config: ModelConfig | None = None) 
 
 
 def _part(module: str) -> str:
-    if module.startswith((KOHYA_UNET, PEFT_UNET)):
+    if module.startswith((KOHYA_UNET, KOHYA_OFT, PEFT_UNET)):
         return "U-Net"
     if module.startswith((KOHYA_TEXT, PEFT_TEXT)):
         return "text encoder"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from nijimi.errors import CheckpointError
 
+EMBEDDED = "embedded"
+"""The name that stands for the embedded model wherever a model file or folder is asked for."""
 WEIGHTS = Path(__file__).with_name("model.safetensors")
 ADAPTERS = Path(__file__).with_name("adapters")
 """The demo adapters trained on the embedded model: the default folder for ``--lora NAME`` and ``<lora:NAME:W>``."""

@@ -2,11 +2,13 @@
 
 Single files (``.safetensors``, or ``.ckpt`` read by the weights-only unpickler) use the original CompVis key tree,
 which *is* our module tree (``nijimi.models.ldm``); SD 2.x files keep their text encoder in OpenCLIP's layout and are
-renamed by ``nijimi.io.keys``. What model a foreign file holds is read from its keys and shapes before any tensor data
-(``nijimi.io.detect``); nijimi's own files carry their :class:`ModelConfig` as JSON in the safetensors metadata.
+renamed by ``nijimi.io.keys``. A load opens the file and parses its header once; what model a foreign file holds is
+read from its keys and shapes before any tensor byte is touched (``nijimi.io.detect``); nijimi's own files carry their
+:class:`ModelConfig` as JSON in the safetensors metadata.
 
-Diffusers folders (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) are renamed
-component by component with the same tables; the schedule comes from ``scheduler/scheduler_config.json``.
+Diffusers folders (``model_index.json`` with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``) are read component
+by component (``nijimi.io.diffusers_folder``, from the ``nijimi.io.components`` descriptors); the schedule comes from
+``scheduler/scheduler_config.json``.
 
 Loading never holds two copies of the weights: the model is built on the ``meta`` device and the tensors of the
 memory-mapped file are assigned into it (``load_state_dict(assign=True)``); only dtype conversions and OpenCLIP's
@@ -24,13 +26,10 @@ from pathlib import Path
 
 import torch
 
-from nijimi.errors import CheckpointError, ConfigError, NijimiError
-from nijimi.io import diffusers_folder, files, keys, safetensors
+from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io import diffusers_folder, files, safetensors
+from nijimi.io.components import AUTOENCODER, TEXT_ENCODER, UNET, build_strict, config_from_json, dtype_names
 from nijimi.io.detect import (
-    CLIP_PREFIX,
-    OPENCLIP_PREFIX,
-    UNET_PREFIX,
-    clip_native_key,
     detect_single_file,
     probe_v_prediction,
     read_sidecar_yaml,
@@ -38,7 +37,9 @@ from nijimi.io.detect import (
     text_layout,
     with_v_prediction,
 )
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.io.keys.clip import OPENCLIP_PREFIX, clip_native_key, text_encoder_openclip_table
+from nijimi.io.keys.unet import unet_ema_table
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion, ModelConfig
 
 CONFIG_METADATA_KEY = "nijimi_config"
 """safetensors ``__metadata__`` key holding the JSON :meth:`ModelConfig.to_dict` of files nijimi writes."""
@@ -51,7 +52,6 @@ _KNOWN_EXTRAS = re.compile(
     r"sqrt_recip(m1)?_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar|lvlb_weights|"
     r"scale_factor|cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids|first_stage_model\.loss\..*"
 )
-_EMA_PREFIX = "model_ema."
 _SHOWN = 5
 
 
@@ -116,18 +116,6 @@ def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     return _load_single(path, config, dtype, ema)
 
 
-def _peek(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, torch.Tensor] | None]:
-    """Shapes and metadata of a checkpoint; a safetensors file is read header-only (third item None)."""
-    if path.suffix.lower() == ".safetensors" or safetensors.looks_like_safetensors(path):
-        try:
-            header = safetensors.read_header(path)
-            return {k: v.shape for k, v in header.items()}, safetensors.read_metadata(path), None
-        except CheckpointError:
-            pass  # let the full reader name the problem (a pickle under a .safetensors name, …)
-    sd, metadata = files.load_state_dict(path)
-    return {k: tuple(v.shape) for k, v in sd.items()}, metadata, sd
-
-
 @dataclass(frozen=True)
 class _Choice:
     config: ModelConfig
@@ -145,13 +133,11 @@ def _choose_config(path: Path, shapes: Mapping[str, tuple[int, ...]], metadata: 
     if config is not None:
         return _Choice(config, layout, "override", "override")
     if CONFIG_METADATA_KEY in metadata:
-        try:
-            config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        except (ValueError, ConfigError) as e:
-            raise CheckpointError(f"{path}: invalid {CONFIG_METADATA_KEY} metadata: {e}") from None
+        key = CONFIG_METADATA_KEY
+        config = config_from_json(ModelConfig, metadata[key], str(path), f"{key} metadata")
         source, prediction_source = "metadata", "metadata"
     else:
-        config = detect_single_file(shapes, str(path)).config
+        config = detect_single_file(shapes, str(path))
         probe = config.family == "sd2" and config.unet.in_channels == 4
         source, prediction_source = "detected", "probe" if probe else "default"
     yaml = Path(override) if override is not None else sidecar_yaml(path)
@@ -174,21 +160,15 @@ def _override_config(override: ModelConfig | str | os.PathLike | None) -> ModelC
 
 def _load_single(path: Path, override: ModelConfig | str | os.PathLike | None, dtype: torch.dtype | None,
                  ema: bool) -> tuple[LatentDiffusion, LoadReport]:
-    shapes, metadata, sd = _peek(path)
-    choice = _choose_config(path, shapes, metadata, override)
-    if sd is None:
-        sd, _ = files.load_state_dict(path)
+    sd, metadata = files.load_state_dict(path)  # the one open and header parse of this load (tensors memory-mapped)
+    choice = _choose_config(path, {k: tuple(v.shape) for k, v in sd.items()}, metadata, override)
     native, ignored, unknown = single_to_native(sd, choice.config, choice.layout, str(path), ema)
-    model = build_loaded(native, choice.config, dtype, str(path))
+    model = build_strict(LatentDiffusion, choice.config, native, dtype, str(path))
     if choice.prediction_source == "probe" and probe_v_prediction(model.unet):
         model.set_config(with_v_prediction(model.config))
     report = LoadReport(str(path), "single", model.config, choice.config_source, choice.prediction_source,
-                        _dtype_names(sd.values()), tuple(ignored), tuple(unknown), ema)
+                        dtype_names(sd.values()), tuple(ignored), tuple(unknown), ema)
     return model, report
-
-
-def _dtype_names(tensors) -> tuple[str, ...]:
-    return tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
 
 
 def single_to_native(sd: Mapping[str, torch.Tensor], config: ModelConfig, layout: str, source: str = "checkpoint",
@@ -200,18 +180,18 @@ def single_to_native(sd: Mapping[str, torch.Tensor], config: ModelConfig, layout
     """
     expected = "openclip" if config.family == "sd2" else "clip"
     if layout != expected:
-        prefixes = {"clip": CLIP_PREFIX, "openclip": OPENCLIP_PREFIX}
+        prefixes = {"clip": TEXT_PREFIX, "openclip": OPENCLIP_PREFIX}
         raise CheckpointError(f"{source}: a {config.family} model keeps its text encoder under "
                               f"{prefixes[expected]!r}, but the file has it under {prefixes[layout]!r}")
-    own = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+    own = (UNET.prefix, AUTOENCODER.prefix, TEXT_ENCODER.prefix)
     native, text, ignored, unknown = {}, {}, [], []
     for key, tensor in sd.items():
         if _KNOWN_EXTRAS.fullmatch(key):
             ignored.append(key)
         elif layout == "openclip" and key.startswith(OPENCLIP_PREFIX):
             text[key[len(OPENCLIP_PREFIX):]] = tensor
-        elif key.startswith(CLIP_PREFIX):
-            native[CLIP_PREFIX + clip_native_key(key[len(CLIP_PREFIX):])] = tensor
+        elif key.startswith(TEXT_PREFIX):
+            native[TEXT_PREFIX + clip_native_key(key[len(TEXT_PREFIX):])] = tensor
         elif key.startswith(own):
             native[key] = tensor
         else:
@@ -221,65 +201,23 @@ def single_to_native(sd: Mapping[str, torch.Tensor], config: ModelConfig, layout
             dropped = [k for k in ("text_projection", "logit_scale") if text.pop(k, None) is not None]
             ignored += [OPENCLIP_PREFIX + k for k in dropped]
         try:
-            native.update({CLIP_PREFIX + k: v for k, v in keys.text_encoder_from_openclip(text, config.text).items()})
+            renamed = text_encoder_openclip_table(config.text).to_native(text)
+            native.update({TEXT_PREFIX + k: v for k, v in renamed.items()})
         except CheckpointError as e:
             raise CheckpointError(f"{source}: {e}") from None
     if ema:
-        native.update(_ema_unet(sd, native, source))
+        native.update(_ema_unet(sd, config, source))
     return native, ignored, unknown
 
 
-def _ema_unet(sd: Mapping[str, torch.Tensor], native: Mapping[str, torch.Tensor], source: str) -> dict:
-    """The U-Net's EMA weights: CompVis stores ``model.diffusion_model.a.b`` as ``model_ema.diffusion_modelab``."""
-    out, missing = {}, []
-    for key in native:
-        if key.startswith(UNET_PREFIX):
-            ema_key = _EMA_PREFIX + key.removeprefix("model.").replace(".", "")
-            if ema_key in sd:
-                out[key] = sd[ema_key]
-            else:
-                missing.append(ema_key)
-    if missing:
-        raise CheckpointError(f"{source}: ema=True but {len(missing)} EMA weights are missing, e.g. {missing[:_SHOWN]}")
-    return out
-
-
-def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (a model's state dict): missing and
-    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights.
-    """
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys, e.g. {missing[:_SHOWN]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:_SHOWN]}")
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-              if k in sd and sd[k].shape != v.shape]
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:_SHOWN])}")
-    if problems:
-        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
-    files.require_float(sd, source)
-
-
-def build_loaded(native: Mapping[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype | None,
-                 source: str = "checkpoint") -> LatentDiffusion:
-    """A :class:`LatentDiffusion` holding ``native`` (its full state dict), built without a second copy.
-
-    The model is made on the ``meta`` device and the tensors are assigned into it (converted where ``dtype``
-    differs from the stored one; ``None`` keeps what is stored).
-    """
-    with torch.device("meta"):
-        model = LatentDiffusion(config)
-    check_state_dict(native, model.state_dict(), source)
-    converted = {k: v if dtype is None or v.dtype == dtype else v.to(dtype) for k, v in native.items()}
-    model.load_state_dict(converted, strict=True, assign=True)
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise NijimiError(f"{source}: tensors left unmaterialised after loading: {left[:_SHOWN]}")
-    return model.eval()
+def _ema_unet(sd: Mapping[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """The U-Net's EMA weights (see :func:`~nijimi.io.keys.unet.unet_ema_table`) under native keys."""
+    table = unet_ema_table(config.unet)
+    try:
+        ema = table.to_native({k: sd[k] for _, k in table if k in sd})
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: ema=True but the file's EMA weights do not fit: {e}") from None
+    return {UNET_PREFIX + k: v for k, v in ema.items()}
 
 
 def _load_diffusers(folder: Path, override: ModelConfig | str | os.PathLike | None,
@@ -293,8 +231,8 @@ def _load_diffusers(folder: Path, override: ModelConfig | str | os.PathLike | No
         if prediction is not None:
             config, prediction_source = config.with_prediction_type(prediction), "yaml"
     stored, native = diffusers_folder.read_weights(folder, config)
-    model = build_loaded(native, config, dtype, str(folder))
-    report = LoadReport(str(folder), "diffusers", config, source, prediction_source, _dtype_names(stored))
+    model = build_strict(LatentDiffusion, config, native, dtype, str(folder))
+    report = LoadReport(str(folder), "diffusers", config, source, prediction_source, dtype_names(stored))
     return model, report
 
 
@@ -305,12 +243,13 @@ def single_file_state_dict(model: LatentDiffusion, half: bool = False) -> dict[s
     ``in_proj``). ``half`` stores floating tensors as float16."""
     out, text = {}, {}
     for key, tensor in model.state_dict().items():
-        if model.config.family == "sd2" and key.startswith(CLIP_PREFIX):
-            text[key[len(CLIP_PREFIX):]] = tensor
+        if model.config.family == "sd2" and key.startswith(TEXT_PREFIX):
+            text[key[len(TEXT_PREFIX):]] = tensor
         else:
             out[key] = tensor
     if text:
-        out.update({OPENCLIP_PREFIX + k: v for k, v in keys.text_encoder_to_openclip(text, model.config.text).items()})
+        openclip = text_encoder_openclip_table(model.config.text).to_foreign(text)
+        out.update({OPENCLIP_PREFIX + k: v for k, v in openclip.items()})
     return {k: v.half() if half and v.is_floating_point() else v for k, v in out.items()}
 
 

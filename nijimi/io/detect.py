@@ -19,22 +19,17 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, ModelConfig
+from nijimi.io.keys.clip import OPENCLIP_PREFIX, clip_native_key
+from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.models.vae import VAEConfig
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
 
 _CLIP_HEAD_WIDTH = 64
 _SD1_HEADS = 8
@@ -46,18 +41,9 @@ _PROBE_THRESHOLD = -1.0
 _SIDECAR_PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction"}
 
 
-@dataclass(frozen=True)
-class Detection:
-    """What the keys say: the model config (ε-prediction until a probe or side-car says otherwise) and the text
-    encoder layout found (``"clip"``: ``cond_stage_model.transformer.*``, ``"openclip"``: ``cond_stage_model.model.*``).
-    """
-
-    config: ModelConfig
-    text_layout: str
-
-
-def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> Detection:
-    """Infer the :class:`ModelConfig` of a single-file checkpoint from ``{key: shape}``.
+def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "checkpoint") -> ModelConfig:
+    """Infer the :class:`ModelConfig` of a single-file checkpoint from ``{key: shape}`` (ε-prediction until a probe
+    or side-car says otherwise; the text-encoder layout is :func:`text_layout`).
 
     ``name`` (the file) appears in errors. Raises :class:`CheckpointError` "unknown architecture" when the keys are
     not those of an SD-style latent diffusion model or the shapes fit no configuration.
@@ -65,25 +51,25 @@ def detect_single_file(shapes: Mapping[str, tuple[int, ...]], name: str = "check
     layout = text_layout(shapes)
     if layout is None:
         found = sorted({k.split(".", 1)[0] for k in shapes})[:8]
-        raise CheckpointError(f"{name}: unknown architecture: no text encoder under {CLIP_PREFIX!r} or "
+        raise CheckpointError(f"{name}: unknown architecture: no text encoder under {TEXT_PREFIX!r} or "
                               f"{OPENCLIP_PREFIX!r} (top-level key groups: {found})")
     sd2 = layout == "openclip"
     try:
         unet = infer_unet_config(shapes, sd2)
         vae = infer_vae_config(shapes)
         text = infer_openclip_config(shapes) if sd2 else infer_clip_config(shapes)
-        config = ModelConfig(unet, vae, text, "sd2" if sd2 else "sd1", SD2_PAD_TOKEN_ID if sd2 else SD1_PAD_TOKEN_ID,
-                             NoiseSchedule.sd())
+        return ModelConfig(unet, vae, text, "sd2" if sd2 else "sd1", SD2_PAD_TOKEN_ID if sd2 else SD1_PAD_TOKEN_ID,
+                           NoiseSchedule.sd())
     except (ConfigError, KeyError) as e:
         raise CheckpointError(f"{name}: unknown architecture: {e}") from None
-    return Detection(config, layout)
 
 
 def text_layout(keys: Mapping[str, object]) -> str | None:
-    """``"openclip"`` (SD 2.x), ``"clip"`` (SD 1.x) or None, from which text-encoder prefix the keys use."""
+    """``"openclip"`` (SD 2.x: ``cond_stage_model.model.*``), ``"clip"`` (SD 1.x: ``cond_stage_model.transformer.*``)
+    or None, from which text-encoder prefix the keys use."""
     if any(k.startswith(OPENCLIP_PREFIX + "transformer.") for k in keys):
         return "openclip"
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
+    if any(k.startswith(TEXT_PREFIX) for k in keys):
         return "clip"
     return None
 
@@ -145,15 +131,9 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     )
 
 
-def clip_native_key(key: str) -> str:
-    """A key after ``cond_stage_model.transformer.`` in native form: with the ``text_model.`` level."""
-    top = ("text_model.", "text_projection.", "logit_scale")
-    return key if key.startswith(top) else "text_model." + key
-
-
 def infer_clip_config(shapes: Mapping[str, tuple[int, ...]]) -> TextEncoderConfig:
     """SD 1.x text encoder (OpenAI CLIP, quick-GELU, used at its last layer) from ``cond_stage_model.transformer.*``."""
-    native = {clip_native_key(k[len(CLIP_PREFIX):]): v for k, v in shapes.items() if k.startswith(CLIP_PREFIX)}
+    native = {clip_native_key(k[len(TEXT_PREFIX):]): v for k, v in shapes.items() if k.startswith(TEXT_PREFIX)}
     vocab, width = _shape(native, "text_model.embeddings.token_embedding.weight")
     return TextEncoderConfig(
         vocab_size=vocab, width=width,

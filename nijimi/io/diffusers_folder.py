@@ -1,6 +1,9 @@
-"""diffusers ``StableDiffusionPipeline`` folders: read their config and weights, write them.
+"""diffusers folders: one reader/writer for every :class:`~nijimi.io.components.Component`, and whole SD pipelines.
 
-A folder holds ``model_index.json`` and one sub-folder per component::
+A component folder holds ``config.json`` and its weights (``diffusion_pytorch_model.safetensors``, for a text encoder
+``model.safetensors``), also as ``*.fp16.safetensors`` variants, sharded (``*.safetensors.index.json``) or ``.bin``
+(read only by the weights-only unpickler); keys and config are translated by the component's table and translators.
+A pipeline folder holds ``model_index.json`` and one component folder each::
 
     unet/          config.json, diffusion_pytorch_model.safetensors   (diffusers UNet2DConditionModel)
     vae/           config.json, diffusion_pytorch_model.safetensors   (diffusers AutoencoderKL)
@@ -8,31 +11,32 @@ A folder holds ``model_index.json`` and one sub-folder per component::
     tokenizer/     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
     scheduler/     scheduler_config.json
 
-Weights may also be ``*.fp16.safetensors`` variants, sharded (``*.safetensors.index.json``) or ``.bin`` (read only
-by the weights-only unpickler). Renames come from ``nijimi.io.keys``.
-
-Folders nijimi writes carry two additions the diffusers and transformers loaders ignore: the :class:`ModelConfig`
-as ``"_nijimi_config"`` in ``model_index.json``, and ``text_encoder/nijimi_text_extra.safetensors`` with the text
-encoder's tensors a ``CLIPTextModel`` has no place for (SD 2.x's last OpenCLIP layer, which SD skips, and its
-projection), so single file → folder → single file is lossless.
+Folders are written whole into a hidden temp sibling, then renamed into place (:func:`atomic_folder`). Folders nijimi
+writes carry additions the diffusers and transformers loaders ignore: nijimi's config as ``"_nijimi_config"`` (in
+``model_index.json``, or a lone component's ``config.json``), and ``text_encoder/nijimi_text_extra.safetensors`` with
+the text encoder's tensors a ``CLIPTextModel`` has no place for (SD 2.x's last OpenCLIP layer, which SD skips, and
+its projection), so single file → folder → single file is lossless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import importlib.resources
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io import files, keys, safetensors
-from nijimi.io.detect import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from nijimi.io import files, safetensors
+from nijimi.io.components import AUTOENCODER, TEXT_ENCODER, UNET, Component, config_from_json
 from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, LatentDiffusion, ModelConfig
 from nijimi.text.tokenizer import BOS_TOKEN, EOS_TOKEN, VOCAB_FILE, byte_symbols
 
@@ -40,7 +44,8 @@ NIJIMI_CONFIG_KEY = "_nijimi_config"
 DIFFUSERS_LAYOUT_VERSION = "0.30.0"
 """The diffusers release whose folder layout ``model_index.json`` says it follows (its pipelines require the key)."""
 TEXT_EXTRA_FILE = "nijimi_text_extra.safetensors"
-_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_SUFFIXES = (".safetensors", ".fp16.safetensors", ".safetensors.index.json", ".fp16.safetensors.index.json",
+                    ".bin", ".fp16.bin", ".bin.index.json", ".fp16.bin.index.json")
 _CLIP_VOCAB_SIZE = 49408
 _N_SPECIAL = 2
 _FORMAT_METADATA = {"format": "pt"}
@@ -58,7 +63,110 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-# ---- reading ------------------------------------------------------------------------------------------------------
+# ---- one component -------------------------------------------------------------------------------------------------
+
+def component_config(folder: Path, component: Component, override: Any = None) -> tuple[Any, str]:
+    """The config of a component folder and where it came from: ``override`` (``"override"``), nijimi's own entry in
+    ``config.json`` (``"metadata"``) or the translated ``config.json`` (``"diffusers"``)."""
+    path = folder / "config.json"
+    data = _read_json(path)
+    if data.get("_class_name", component.class_name) != component.class_name:
+        raise CheckpointError(f"{path}: not a {component.class_name} config (_class_name {data['_class_name']!r})")
+    if override is not None:
+        return override, "override"
+    if NIJIMI_CONFIG_KEY in data:
+        return config_from_json(component.config, data[NIJIMI_CONFIG_KEY], str(path), NIJIMI_CONFIG_KEY), "metadata"
+    try:
+        return component.config_from_foreign(data), "diffusers"
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unsupported diffusers {component.class_name}: {e}") from None
+
+
+def _weights(folder: Path, component: Component) -> dict[str, torch.Tensor]:
+    """All tensors of a component folder (full precision first, then fp16; safetensors before .bin), joining the
+    shards an ``*.index.json`` lists."""
+    path = next((folder / (component.weights + s) for s in _WEIGHT_SUFFIXES
+                 if (folder / (component.weights + s)).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"{folder}: no weights file ({component.weights}.safetensors, "
+                              f"{component.weights}.fp16.safetensors or {component.weights}.bin)")
+    if not path.name.endswith(".index.json"):
+        return files.load_state_dict(path)[0]
+    weight_map = _read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: no weight_map")
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        out.update(files.load_state_dict(folder / shard)[0])
+    return out
+
+
+def read_component(folder: Path, component: Component, config: Any) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(stored tensors, native state dict) of a component folder whose architecture is ``config``."""
+    stored = _weights(folder, component)
+    try:
+        return stored, component.table(config).to_native(stored)
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _save(tensors: Mapping[str, torch.Tensor], path: Path, half: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.save_file({k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()},
+                          path, _FORMAT_METADATA)
+
+
+def write_component(folder: Path, component: Component, config: Any, native: Mapping[str, torch.Tensor],
+                    half: bool, extra: Mapping[str, object] | None = None) -> None:
+    """Write ``native`` (the network's state dict) as a component folder: renamed weights (float16 if ``half``) and
+    ``config.json`` with ``extra`` entries added."""
+    _save(component.table(config).to_foreign(native), folder / f"{component.weights}.safetensors", half)
+    _write_json(folder / "config.json", {**component.config_to_foreign(config), **(extra or {})})
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path, marker: str) -> Iterator[Path]:
+    """Yield a hidden temp sibling of ``folder`` to fill; on success it replaces ``folder`` whole, on error it goes.
+
+    An existing ``folder`` is replaced only if it is empty or holds ``marker`` (a folder of the same kind).
+    """
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / marker).is_file())):
+        raise CheckpointError(f"{folder}: exists and is not an empty or diffusers folder; refusing to replace it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.tmp")
+    temp.mkdir()
+    try:
+        yield temp
+        _move_into_place(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(temp: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(temp, folder)
+        return
+    old = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.old")
+    os.replace(folder, old)
+    try:
+        os.replace(temp, folder)
+    except OSError:
+        os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- whole pipelines -----------------------------------------------------------------------------------------------
+
+def _parts(config: ModelConfig) -> tuple[tuple[Component, Any], ...]:
+    return (UNET, config.unet), (AUTOENCODER, config.vae), (TEXT_ENCODER, config.text)
+
 
 def read_config(folder: Path) -> tuple[ModelConfig, str]:
     """The folder's :class:`ModelConfig` and where it came from (``"metadata"``: nijimi's own entry in
@@ -69,11 +177,10 @@ def read_config(folder: Path) -> tuple[ModelConfig, str]:
     try:
         schedule = NoiseSchedule.from_diffusers_config(_read_json(scheduler)) if scheduler.exists() else None
         if NIJIMI_CONFIG_KEY in index:
-            config = ModelConfig.from_dict(index[NIJIMI_CONFIG_KEY])
+            config = config_from_json(ModelConfig, index[NIJIMI_CONFIG_KEY], str(folder / "model_index.json"),
+                                      NIJIMI_CONFIG_KEY)
             return dataclasses.replace(config, schedule=schedule or config.schedule), "metadata"
-        unet = keys.unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"))
-        vae = keys.vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"))
-        text = keys.text_encoder_config_from_transformers(_read_json(folder / "text_encoder" / "config.json"))
+        unet, vae, text = (component_config(folder / c.name, c)[0] for c in (UNET, AUTOENCODER, TEXT_ENCODER))
         family = "sd2" if text.activation == "gelu" else "sd1"
         pad = _pad_token_id(folder / "tokenizer", SD2_PAD_TOKEN_ID if family == "sd2" else SD1_PAD_TOKEN_ID)
         return ModelConfig(unet, vae, text, family, pad, schedule or NoiseSchedule.sd()), "diffusers"
@@ -96,121 +203,38 @@ def _pad_token_id(tokenizer: Path, default: int) -> int:
     return ids[pad]
 
 
-def _weights_file(component: Path) -> Path:
-    """The weights of a component folder: full precision first, then the fp16 variant; safetensors before .bin."""
-    name = _WEIGHT_NAMES[component.name]
-    for suffix in (".safetensors", ".fp16.safetensors", ".safetensors.index.json", ".fp16.safetensors.index.json",
-                   ".bin", ".fp16.bin", ".bin.index.json", ".fp16.bin.index.json"):
-        candidate = component / (name + suffix)
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{component}: no weights file ({name}.safetensors, {name}.fp16.safetensors or {name}.bin)")
-
-
-def _component_weights(component: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a component folder, joining shards listed by an ``*.index.json``."""
-    path = _weights_file(component)
-    if not path.name.endswith(".index.json"):
-        return files.load_state_dict(path)[0]
-    weight_map = _read_json(path).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{path}: no weight_map")
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        out.update(files.load_state_dict(component / shard)[0])
-    return out
-
-
 def read_weights(folder: Path, config: ModelConfig) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """(every stored tensor, the native :class:`LatentDiffusion` state dict) of a diffusers folder."""
-    parts = {name: _component_weights(folder / name) for name in _WEIGHT_NAMES}
-    extra = folder / "text_encoder" / TEXT_EXTRA_FILE
+    extra = folder / TEXT_ENCODER.name / TEXT_EXTRA_FILE
     tail = files.load_state_dict(extra)[0] if extra.is_file() else {}
-    renames = ((UNET_PREFIX, "unet", keys.unet_from_diffusers, config.unet),
-               (VAE_PREFIX, "vae", keys.vae_from_diffusers, config.vae),
-               (CLIP_PREFIX, "text_encoder", keys.text_encoder_from_transformers, config.text))
-    native = {}
-    for prefix, name, rename, cfg in renames:
-        try:
-            native.update({prefix + k: v for k, v in rename(parts[name], cfg).items()})
-        except CheckpointError as e:
-            raise CheckpointError(f"{folder / name}: {e}") from None
-    native.update({CLIP_PREFIX + k: v for k, v in tail.items()})
-    stored = [t for part in parts.values() for t in part.values()] + list(tail.values())
+    native = {TEXT_ENCODER.prefix + k: v for k, v in tail.items()}
+    stored = list(tail.values())
+    for component, part in _parts(config):
+        tensors, renamed = read_component(folder / component.name, component, part)
+        native.update({component.prefix + k: v for k, v in renamed.items()})
+        stored += tensors.values()
     return stored, native
 
 
-# ---- writing ------------------------------------------------------------------------------------------------------
-
 def write(model: LatentDiffusion, folder: Path, half: bool) -> None:
-    """Write ``model`` as a diffusers folder: built in a hidden temp sibling, then renamed over ``folder``.
-
-    An existing ``folder`` is replaced only if it is empty or a diffusers folder (has ``model_index.json``).
-    """
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or
-                                                     (folder / "model_index.json").is_file())):
-        raise CheckpointError(f"{folder}: exists and is not an empty or diffusers folder; refusing to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.tmp")
-    temp.mkdir()
-    try:
-        _write_contents(model, temp, half)
-        _move_into_place(temp, folder)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(temp: Path, folder: Path) -> None:
-    if not folder.exists():
-        os.replace(temp, folder)
-        return
-    old = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.old")
-    os.replace(folder, old)
-    try:
-        os.replace(temp, folder)
-    except OSError:
-        os.replace(old, folder)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _save(tensors: dict[str, torch.Tensor], path: Path, half: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.save_file({k: v.half() if half and v.is_floating_point() else v for k, v in tensors.items()},
-                          path, _FORMAT_METADATA)
-
-
-def _write_contents(model: LatentDiffusion, folder: Path, half: bool) -> None:
-    cfg = model.config
-    sd = model.state_dict()
-    part = {prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            for prefix in (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX)}
-    _save(keys.unet_to_diffusers(part[UNET_PREFIX], cfg.unet), folder / "unet" / "diffusion_pytorch_model.safetensors",
-          half)
-    _write_json(folder / "unet" / "config.json", keys.unet_config_to_diffusers(cfg.unet))
-    _save(keys.vae_to_diffusers(part[VAE_PREFIX], cfg.vae), folder / "vae" / "diffusion_pytorch_model.safetensors",
-          half)
+    """Write ``model`` as a diffusers folder, whole (:func:`atomic_folder`; an existing ``folder`` is replaced only
+    if it is empty or a diffusers folder, with ``model_index.json``)."""
+    cfg, sd = model.config, model.state_dict()
     pixels = cfg.unet.sample_size * cfg.vae.downscale_factor
-    _write_json(folder / "vae" / "config.json", keys.vae_config_to_diffusers(cfg.vae, sample_size=pixels))
-    text = part[CLIP_PREFIX]
-    _save(keys.text_encoder_to_transformers(text, cfg.text), folder / "text_encoder" / "model.safetensors", half)
-    used = {native for native, _ in keys.text_encoder_transformers_table(cfg.text)}
-    tail = {k: v for k, v in text.items() if k not in used}
-    if tail:
-        _save(tail, folder / "text_encoder" / TEXT_EXTRA_FILE, half)
-    _write_json(folder / "text_encoder" / "config.json", keys.text_encoder_config_to_transformers(cfg.text))
-    for name, content in tokenizer_files(cfg.pad_token_id, cfg.text.max_positions, cfg.text.vocab_size).items():
-        (folder / "tokenizer").mkdir(exist_ok=True)
-        (folder / "tokenizer" / name).write_text(content, encoding="utf-8")
-    _write_json(folder / "scheduler" / "scheduler_config.json",
-                {"_class_name": "DDIMScheduler", **cfg.schedule.to_diffusers_config()})
-    _write_json(folder / "model_index.json", _model_index(cfg))
+    with atomic_folder(folder, "model_index.json") as temp:
+        for component, part in _parts(cfg):
+            native = {k[len(component.prefix):]: v for k, v in sd.items() if k.startswith(component.prefix)}
+            extra = {"sample_size": pixels} if component is AUTOENCODER else None
+            write_component(temp / component.name, component, part, native, half, extra)
+            tail = {k: native[k] for k in component.table(part).native_extra if k in native}
+            if tail:
+                _save(tail, temp / component.name / TEXT_EXTRA_FILE, half)
+        for name, content in tokenizer_files(cfg.pad_token_id, cfg.text.max_positions, cfg.text.vocab_size).items():
+            (temp / "tokenizer").mkdir(exist_ok=True)
+            (temp / "tokenizer" / name).write_text(content, encoding="utf-8")
+        _write_json(temp / "scheduler" / "scheduler_config.json",
+                    {"_class_name": "DDIMScheduler", **cfg.schedule.to_diffusers_config()})
+        _write_json(temp / "model_index.json", _model_index(cfg))
 
 
 def _model_index(cfg: ModelConfig) -> dict:

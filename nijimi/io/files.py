@@ -91,36 +91,37 @@ _KINDS = {
 }
 
 
-def _sniff(path: Path) -> tuple[str, bytes]:
-    """What the file holds by its first bytes: safetensors, zip, damaged zip, pickle or unknown; and those bytes."""
-    if safetensors.looks_like_safetensors(path):
-        return "safetensors", b""
-    with open(path, "rb") as file:
-        head = file.read(8)
+def _kind(head: bytes, file: IO) -> str:
+    """What a non-safetensors file holds by its first bytes: zip, damaged zip, pickle or unknown."""
     if head.startswith(b"PK\x03\x04"):
-        return ("zip" if zipfile.is_zipfile(path) else "damaged zip"), head
-    return ("pickle" if head[:1] == b"\x80" else "unknown"), head
+        return "zip" if zipfile.is_zipfile(file) else "damaged zip"
+    return "pickle" if head[:1] == b"\x80" else "unknown"
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` file or a PyTorch zip checkpoint (``.ckpt .pt .pth .bin``).
 
-    Half-precision tensors are returned as stored (see ``to_float32``). Metadata is the safetensors
-    ``__metadata__``; for a ``.ckpt`` with a ``state_dict`` entry, its other scalar entries (``global_step`` …) as
-    strings. Every unreadable, malformed or unsafe file raises ``CheckpointError`` naming the file and the problem.
+    A safetensors file is opened and its header parsed once, its tensors memory-mapped. Half-precision tensors are
+    returned as stored (see ``to_float32``). Metadata is the safetensors ``__metadata__``; for a ``.ckpt`` with a
+    ``state_dict`` entry, its other scalar entries (``global_step`` …) as strings. Every unreadable, malformed or
+    unsafe file raises ``CheckpointError`` naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
-    kind, head = _sniff(path)
     suffix = path.suffix.lower()
-    if kind == "zip" and suffix == ".safetensors":
-        raise CheckpointError(f"{path}: is {_KINDS[kind]}, not safetensors; a .safetensors name must not hold "
-                              "a pickle (rename it to .ckpt if you trust it)")
-    if kind == "safetensors" or suffix == ".safetensors":
-        return safetensors.load_file(path), safetensors.read_metadata(path)
+    with safetensors.open_file(path) as file:
+        head = file.read(8)
+        file.seek(0)
+        kind = "safetensors" if safetensors.looks_like_safetensors(file) else _kind(head, file)
+        if kind == "zip" and suffix == ".safetensors":
+            raise CheckpointError(f"{path}: is {_KINDS[kind]}, not safetensors; a .safetensors name must not hold "
+                                  "a pickle (rename it to .ckpt if you trust it)")
+        if kind == "safetensors" or suffix == ".safetensors":
+            file.seek(0)
+            return safetensors.read_open(path, file)
     if kind == "zip":
         return _load_torch(path)
     described = _KINDS.get(kind, f"unknown content starting {head!r}")

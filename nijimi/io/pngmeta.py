@@ -16,6 +16,7 @@ and its editor graph as ``workflow``, both JSON. Only Pillow is used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from nijimi.errors import CheckpointError, ImageError
+from nijimi.errors import CheckpointError, ImageError, NijimiError
 from nijimi.io.files import atomic_write
 
 PARAMETERS_KEY = "parameters"
@@ -33,6 +34,7 @@ RECIPE_KEY = "nijimi"
 COMFYUI_KEYS = ("prompt", "workflow")
 HASH_BLOCK = 1 << 20
 """Bytes read at a time by ``model_hash``."""
+_HASH_CACHE = "model_hashes.json"
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -154,16 +156,46 @@ def parse_parameters(text: str) -> dict[str, object]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def cache_dir() -> Path:
+    """The user's cache folder: ``$NIJIMI_CACHE_DIR``, else ``$XDG_CACHE_HOME/nijimi``, else ``~/.cache/nijimi``."""
+    if os.environ.get("NIJIMI_CACHE_DIR"):
+        return Path(os.environ["NIJIMI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nijimi"
+
+
 def model_hash(path: str | os.PathLike) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks.
+
+    The hash is cached per (absolute path, size, mtime) in ``model_hashes.json`` of :func:`cache_dir`, written
+    atomically (files that are gone are dropped from it), so a model is read once until it changes; a cache that
+    cannot be read or written is ignored.
+    """
+    path = Path(path).absolute()
+    cache_file = cache_dir() / _HASH_CACHE
     try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}  # no cache yet, or a corrupt one: start afresh
+    cache = cache if isinstance(cache, dict) else {}
+    try:
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = cache.get(str(path))
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str):
+            return entry[2]
+        digest = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(HASH_BLOCK):
                 digest.update(block)
     except OSError as e:
         raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
-    return digest.hexdigest()[:10]
+    cache = {p: entry for p, entry in cache.items() if os.path.exists(p)}  # forget files that are gone
+    cache[str(path)] = [*stamp, digest.hexdigest()[:10]]
+    with contextlib.suppress(OSError, NijimiError):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache_file, "w") as out:
+            json.dump(cache, out, indent=0, sort_keys=True)
+    return cache[str(path)][2]
 
 
 def save_png(

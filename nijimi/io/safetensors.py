@@ -171,7 +171,8 @@ def _read_header(path: str | os.PathLike, file: BinaryIO) -> _Header:
     return _Header(tensors, metadata, 8 + length)
 
 
-def _open(path: str | os.PathLike) -> BinaryIO:
+def open_file(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for binary reading; a missing or unreadable file raises :class:`CheckpointError` naming it."""
     try:
         return open(path, "rb")
     except FileNotFoundError as e:
@@ -180,11 +181,12 @@ def _open(path: str | os.PathLike) -> BinaryIO:
         raise CheckpointError(f"{path}: cannot open: {e.strerror}") from e
 
 
-def looks_like_safetensors(path: str | os.PathLike) -> bool:
-    """Cheap content check: a plausible header length followed by ``{`` (after optional JSON white space)."""
-    with _open(path) as file:
-        size = os.fstat(file.fileno()).st_size
-        head = file.read(8 + 64)
+def looks_like_safetensors(file: BinaryIO) -> bool:
+    """Cheap content check of a file open at its start (left there): a plausible header length followed by ``{``
+    (after optional JSON white space)."""
+    size = os.fstat(file.fileno()).st_size
+    head = file.read(8 + 64)
+    file.seek(0)
     if len(head) < 10:
         return False
     (length,) = struct.unpack("<Q", head[:8])
@@ -193,25 +195,26 @@ def looks_like_safetensors(path: str | os.PathLike) -> bool:
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Names, dtypes, shapes and byte ranges of every tensor, without reading tensor data (file order)."""
-    with _open(path) as file:
+    with open_file(path) as file:
         return _read_header(path, file).tensors
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` str → str mapping ({} when absent)."""
-    with _open(path) as file:
+    with open_file(path) as file:
         return _read_header(path, file).metadata
 
 
-def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file, in file order, dtype as stored.
+def read_open(path: str | os.PathLike, file: BinaryIO,
+              device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor (file order, dtype as stored) and the metadata of the safetensors ``file`` open at its start,
+    parsing its header once.
 
     On CPU the tensors are copy-on-write views of a private memory map of the file: pages are read on first touch
     and writing into a tensor never changes the file. A tensor whose offset is not aligned to its dtype is copied.
     """
-    with _open(path) as file:
-        header = _read_header(path, file)
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    header = _read_header(path, file)
+    mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     buffer = torch.frombuffer(mapped, dtype=torch.uint8)  # shares the map and keeps it alive
     out: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
@@ -220,7 +223,13 @@ def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
         if start % info.torch_dtype.itemsize:
             raw = raw.clone()
         out[name] = raw.view(info.torch_dtype).reshape(info.shape).to(device)
-    return out
+    return out, header.metadata
+
+
+def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, in file order, dtype as stored (see :func:`read_open`)."""
+    with open_file(path) as file:
+        return read_open(path, file, device)[0]
 
 
 def _header_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:

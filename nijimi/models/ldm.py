@@ -37,6 +37,13 @@ SD1_PAD_TOKEN_ID = 49407
 SD2_PAD_TOKEN_ID = 0
 """SD 2.x (OpenCLIP) pads prompts with id 0 (``!``)."""
 
+UNET_PREFIX = "model.diffusion_model."
+"""Where the U-Net sits in the key tree (:attr:`LatentDiffusion.unet`); the one place the top-level prefixes live."""
+VAE_PREFIX = "first_stage_model."
+"""Where the autoencoder sits in the key tree (:attr:`LatentDiffusion.vae`)."""
+TEXT_PREFIX = "cond_stage_model.transformer."
+"""Where the text encoder sits in the key tree (:attr:`LatentDiffusion.text_encoder`)."""
+
 _CONFIG_FORMAT = 1
 
 

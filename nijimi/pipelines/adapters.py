@@ -30,15 +30,15 @@ from torch import nn
 from nijimi.adapters.formats import LoadedAdapter, read_adapter, save_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter, merge_adapters, remove_adapter
 from nijimi.adapters.modules import AdaptedLayer
-from nijimi.adapters.names import part_of
 from nijimi.adapters.tags import parse_lora_option, parse_lora_tags, resolve_lora
 from nijimi.adapters.tools import extract_lora, resize_lora
 from nijimi.adapters.weights import Adapter
 from nijimi.embedded import ADAPTERS, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model
+from nijimi.io.keys.adapters import part_of
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.adapter import load_base
+from nijimi.train.finetune import load_base
 
 
 class LoraRequest(NamedTuple):

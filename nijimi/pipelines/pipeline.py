@@ -22,7 +22,7 @@ from PIL import Image
 
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
 from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
-from nijimi.embedded import embedded_path
+from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
 from nijimi.io.pngmeta import model_hash
@@ -34,9 +34,6 @@ from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
-
-EMBEDDED = "embedded"
-
 
 CACHE_SIZE = 32
 """Prompt encodings kept per pipeline (an SD 1.x encoding of one text is 77 × 768 floats, 236 kB)."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nijimi.embedded import embedded_path
+from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
@@ -20,7 +20,6 @@ from nijimi.train.report import write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, OnStep, Trainer
 
-EMBEDDED = "embedded"
 SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
 """``sample_fn(model, prompts, steps, seed)`` → one image per prompt; given by the caller (pipelines sit above)."""
 

@@ -14,18 +14,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import adapter_from_state_dict, detect_format, read_adapter, save_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.adapters.targets import select_targets
 from nijimi.adapters.weights import Adapter, ModuleWeights
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io.keys import (
-    text_encoder_config_to_transformers,
-    text_encoder_from_openclip,
-    text_encoder_to_openclip,
-    unet_config_to_diffusers,
-    unet_to_diffusers,
-)
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.io.keys.clip import text_encoder_config_to_transformers, text_encoder_openclip_table
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetModel
 
@@ -127,7 +121,7 @@ def test_diffusers_loads_what_nijimi_writes(dora, model, small, random_weights, 
     save_adapter(adapter, tmp_path / "lora.safetensors", small.model, format="peft")
     cfg = small.unet
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(unet_to_diffusers(model.unet.state_dict(), cfg))
+    theirs.load_state_dict(unet_key_table(cfg).to_foreign(model.unet.state_dict()))
     theirs.load_lora_adapter(str(tmp_path), weight_name="lora.safetensors", prefix="unet")
     x, t, context = unet_inputs(cfg)
     apply_adapter(model, adapter)
@@ -233,12 +227,12 @@ def openclip_pair(randomize) -> tuple[TextEncoder, ModelConfig]:
 def folded(encoder: TextEncoder, updates: dict[int, torch.Tensor]) -> TextEncoder:
     """The encoder with a fused (3w, w) update added to OpenCLIP's ``in_proj_weight`` of each layer, converted back."""
     cfg = encoder.config
-    openclip = text_encoder_to_openclip(encoder.state_dict(), cfg)
+    openclip = text_encoder_openclip_table(cfg).to_foreign(encoder.state_dict())
     for layer, update in updates.items():
         key = f"transformer.resblocks.{layer}.attn.in_proj_weight"
         openclip[key] = openclip[key] + update
     out = TextEncoder(cfg).eval()
-    out.load_state_dict(text_encoder_from_openclip(openclip, cfg))
+    out.load_state_dict(text_encoder_openclip_table(cfg).to_native(openclip))
     return out
 
 

@@ -19,13 +19,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.adapters.formats import read_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter, remove_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
-from nijimi.io.keys import (
-    text_encoder_config_to_transformers,
-    text_encoder_to_transformers,
-    unet_config_to_diffusers,
-    unet_to_diffusers,
-)
+from nijimi.io.keys.clip import text_encoder_config_to_transformers, text_encoder_transformers_table
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX
 from nijimi.models.text_encoder import TextEncoder
 from nijimi.models.unet import UNetModel
 
@@ -86,7 +82,7 @@ def test_unet_matches_peft(name, tmp_path, small, randomize, rel_err, unet_input
     ours = UNetModel(cfg).eval()
     randomize(ours, 0)
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg))
+    theirs.load_state_dict(unet_key_table(cfg).to_foreign(ours.state_dict()))
     config = peft_config(name, UNET_TARGETS)
     inject_adapter_in_model(config, theirs)
     assert randomize_adapter(theirs, 2) > 0
@@ -115,7 +111,7 @@ def clip_pair(cfg, randomize) -> tuple[TextEncoder, CLIPTextModel]:
     ours = TextEncoder(cfg).eval()
     randomize(ours, 0)
     theirs = CLIPTextModel(CLIPTextConfig(**text_encoder_config_to_transformers(cfg))).eval()
-    state = text_encoder_to_transformers(ours.state_dict(), cfg)
+    state = text_encoder_transformers_table(cfg).to_foreign(ours.state_dict())
     theirs.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items()})  # transformers 5's names
     return ours, theirs
 

@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import convert, load_model, save_diffusers, save_single
 from nijimi.io.diffusers_folder import tokenizer_files
-from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
@@ -39,6 +39,13 @@ def same_tensors(a: dict, b: dict) -> bool:
 
 
 # ---- the model bundle (nijimi/models/ldm.py; tests/models/test_ldm.py would clash with tests/train/test_ldm.py) --
+
+def test_top_level_prefixes_are_the_model_tree() -> None:
+    with torch.device("meta"):
+        model = LatentDiffusion(ModelConfig.tiny())
+    parts = {UNET_PREFIX: model.unet, VAE_PREFIX: model.vae, TEXT_PREFIX: model.text_encoder}
+    assert all(model.get_submodule(prefix.removesuffix(".")) is part for prefix, part in parts.items())
+
 
 @pytest.mark.parametrize("name", ["sd15", "sd15_inpaint", "sd15_pix2pix", "sd21", "sd21_v", "tiny"])
 def test_model_config_json_round_trip(name: str) -> None:
@@ -182,6 +189,22 @@ def test_save_diffusers_replaces_only_diffusers_folders(tmp_path) -> None:
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match=".safetensors"):
         save_single(model, tmp_path / "model.ckpt")
+
+
+def test_a_load_opens_the_file_and_parses_its_header_once(tmp_path, monkeypatch) -> None:
+    import builtins
+
+    from nijimi.io import safetensors as ours
+
+    path = tmp_path / "model.safetensors"
+    save_single(random_model(SD1, seed=0), path)
+    opens, parses = [], []
+    real_open, real_parse = builtins.open, ours._read_header
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: opens.append(file) or real_open(file, *a, **k))
+    monkeypatch.setattr(ours, "_read_header", lambda *a: parses.append(a[0]) or real_parse(*a))
+    load_model(path)
+    assert [os.fspath(f) for f in opens if os.fspath(f) == os.fspath(path)] == [os.fspath(path)]
+    assert len(parses) == 1
 
 
 # ---- prediction type: probe, side-car yaml, override -------------------------------------------------------------
@@ -379,7 +402,7 @@ def test_diffusers_folder_errors(tmp_path) -> None:
 _RSS_SCRIPT = textwrap.dedent("""
     import sys, torch
     from nijimi.io.checkpoint import load_model
-    from nijimi.models.ldm import LatentDiffusion, ModelConfig
+    from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, LatentDiffusion, ModelConfig
     def kib(field):
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
     with torch.device("meta"):  # the first meta-device model pulls in ~75 MB of lazy torch imports: not data

@@ -20,12 +20,10 @@ from nijimi.io.controlnet import (
     save_diffusers,
     save_original,
 )
-from nijimi.io.keys import (
+from nijimi.io.keys.controlnet import (
     controlnet_config_from_diffusers,
     controlnet_config_to_diffusers,
-    controlnet_from_diffusers,
     controlnet_key_table,
-    controlnet_to_diffusers,
 )
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig
@@ -146,10 +144,10 @@ def test_key_table_entries(native: str, foreign: str) -> None:
 
 def test_renames_are_strict() -> None:
     sd = {k: torch.zeros(1) for k in shapes_of(SD2_SMALL)}
-    assert list(controlnet_from_diffusers(controlnet_to_diffusers(sd, SD2_SMALL), SD2_SMALL)) == list(sd)
+    assert list(controlnet_key_table(SD2_SMALL).to_native(controlnet_key_table(SD2_SMALL).to_foreign(sd))) == list(sd)
     del sd["zero_convs.2.0.bias"]
     with pytest.raises(CheckpointError, match=r"native ControlNet .* missing \['zero_convs.2.0.bias'\] \(1\)"):
-        controlnet_to_diffusers({**sd, "extra.weight": torch.zeros(1)}, SD2_SMALL)
+        controlnet_key_table(SD2_SMALL).to_foreign({**sd, "extra.weight": torch.zeros(1)})
     with pytest.raises(ConfigError, match="controlnet_conditioning_channel_order='bgr' is not supported"):
         controlnet_config_from_diffusers({**SD15_CONFIG_JSON, "controlnet_conditioning_channel_order": "bgr"})
 
@@ -247,6 +245,33 @@ def test_round_trips_are_bit_exact(tmp_path) -> None:
     assert load_controlnet(tmp_path / "tiny")[0].config == ControlNetConfig.tiny()
 
 
+def test_sharded_folder_loads_and_folders_are_written_whole(tmp_path, monkeypatch) -> None:
+    cfg = ControlNetConfig(SD2_SMALL.unet, 1, (8, 16, 16, 32))
+    model = random_controlnet(cfg, 6)
+    save_diffusers(model, tmp_path / "ours")
+    theirs = diffusers.ControlNetModel.from_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    loaded, report = load_controlnet(tmp_path / "sharded")
+    assert report.layout == "diffusers"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("nijimi.io.diffusers_folder._write_json", fail)
+    with pytest.raises(OSError, match="disk full"):  # weights written, config.json not: nothing changes
+        save_diffusers(random_controlnet(cfg, 7), tmp_path / "ours")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "sharded"]  # no temp folder left behind
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        save_diffusers(model, tmp_path / "keep")
+
+
 # ---- malformed files ----------------------------------------------------------------------------------------------
 
 def test_missing_and_misshaped_keys_are_named(tmp_path) -> None:
@@ -295,7 +320,7 @@ def test_bad_folders_and_names(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no weights file"):
         load_controlnet(tmp_path / "unet")
     (tmp_path / "unet" / "config.json").write_text(json.dumps({**SD2_SMALL_JSON, "class_embed_type": "timestep"}))
-    with pytest.raises(CheckpointError, match="unsupported diffusers ControlNet: .*class_embed_type='timestep'"):
+    with pytest.raises(CheckpointError, match="unsupported diffusers ControlNetModel: .*class_embed_type='timestep'"):
         load_controlnet(tmp_path / "unet")
     with pytest.raises(ConfigError, match=r"a\.ckpt: ControlNet files are written as \.safetensors"):
         save_original(ControlNetModel(ControlNetConfig.tiny()), tmp_path / "a.ckpt")

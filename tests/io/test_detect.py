@@ -17,9 +17,10 @@ from nijimi.io.detect import (
     probe_v_prediction,
     probe_value,
     read_sidecar_yaml,
+    text_layout,
     with_v_prediction,
 )
-from nijimi.io.keys import unet_config_to_diffusers
+from nijimi.io.keys.unet import unet_config_to_diffusers
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
@@ -44,13 +45,13 @@ def _shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("name", ["sd15", "sd15_inpaint", "sd15_pix2pix", "sd21"])
 def test_full_size_presets_are_detected(name: str) -> None:
-    detection = detect_single_file(_shapes(ModelConfig.preset(name)))
-    assert detection.config == ModelConfig.preset(name)
-    assert detection.text_layout == ("openclip" if name == "sd21" else "clip")
+    shapes = _shapes(ModelConfig.preset(name))
+    assert detect_single_file(shapes) == ModelConfig.preset(name)
+    assert text_layout(shapes) == ("openclip" if name == "sd21" else "clip")
 
 
 def test_v_model_is_sd21_until_the_probe_speaks() -> None:
-    detected = detect_single_file(_shapes(ModelConfig.sd21_v())).config
+    detected = detect_single_file(_shapes(ModelConfig.sd21_v()))
     assert detected == ModelConfig.sd21()
     assert with_v_prediction(detected) == ModelConfig.sd21_v()
     assert with_v_prediction(SD2_SMALL).unet == SD2_SMALL.unet  # custom sizes keep their sample size
@@ -69,20 +70,20 @@ def test_detection_reads_family_channels_and_context() -> None:
 
 @pytest.mark.parametrize("config", [SD1, SD2_SMALL], ids=["sd1", "sd2"])
 def test_small_custom_sizes_are_detected(config: ModelConfig) -> None:
-    assert detect_single_file(_shapes(config)).config == config
+    assert detect_single_file(_shapes(config)) == config
 
 
 def test_sd1_text_encoder_without_text_model_level() -> None:
     shapes = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
               for k, v in _shapes(ModelConfig.sd15()).items()}
     assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in shapes
-    assert detect_single_file(shapes).config == ModelConfig.sd15()
+    assert detect_single_file(shapes) == ModelConfig.sd15()
 
 
 def test_openclip_tower_without_projection_is_used_at_its_last_layer() -> None:
     shapes = {k: v for k, v in _shapes(SD2_SMALL).items()
               if not k.endswith(("text_projection", "logit_scale")) and ".resblocks.2." not in k}
-    text = detect_single_file(shapes).config.text
+    text = detect_single_file(shapes).text
     assert (text.num_layers, text.clip_skip, text.projection_dim) == (2, 1, None)
 
 

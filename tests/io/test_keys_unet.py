@@ -7,13 +7,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io.keys import (
-    unet_config_from_diffusers,
-    unet_config_to_diffusers,
-    unet_from_diffusers,
-    unet_key_table,
-    unet_to_diffusers,
-)
+from nijimi.io.keys.unet import unet_config_from_diffusers, unet_config_to_diffusers, unet_key_table
 from nijimi.models.unet import UNetConfig, UNetModel
 
 _DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
@@ -80,7 +74,7 @@ def test_table_agrees_with_diffusers_single_file_converter(cfg: UNetConfig) -> N
         sd = UNetModel(cfg).state_dict()
     theirs = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v for k, v in sd.items()},
                                          unet_config_to_diffusers(cfg))
-    ours = unet_to_diffusers(sd, cfg)
+    ours = unet_key_table(cfg).to_foreign(sd)
     assert set(ours) == set(theirs)
     assert all(ours[k] is theirs[k] for k in theirs)
 
@@ -92,7 +86,7 @@ def test_state_dict_round_trip_is_exact() -> None:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     sd = model.state_dict()
-    back = unet_from_diffusers(unet_to_diffusers(sd, SMALL), SMALL)
+    back = unet_key_table(SMALL).to_native(unet_key_table(SMALL).to_foreign(sd))
     assert list(back) == list(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     table = unet_key_table(SMALL)
@@ -102,9 +96,9 @@ def test_state_dict_round_trip_is_exact() -> None:
 def test_unknown_keys_are_named() -> None:
     sd = {"input_blocks.0.0.weight": torch.zeros(1), "input_blocks.99.0.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match=r"input_blocks\.99\.0\.weight"):
-        unet_to_diffusers(sd, SMALL)
+        unet_key_table(SMALL).to_foreign(sd)
     with pytest.raises(CheckpointError, match=r"bogus\.weight"):
-        unet_from_diffusers({"conv_in.weight": torch.zeros(1), "bogus.weight": torch.zeros(1)}, SMALL)
+        unet_key_table(SMALL).to_native({"conv_in.weight": torch.zeros(1), "bogus.weight": torch.zeros(1)})
 
 
 @pytest.mark.parametrize(("change", "message"), [

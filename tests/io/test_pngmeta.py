@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -198,6 +199,7 @@ def test_failed_save_leaves_no_file(tmp_path):
 
 
 def test_model_hash_is_a1111_sha256_prefix(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIJIMI_CACHE_DIR", str(tmp_path / "cache"))
     empty, abc = tmp_path / "empty.bin", tmp_path / "abc.bin"
     empty.write_bytes(b"")
     abc.write_bytes(b"abc")
@@ -210,3 +212,41 @@ def test_model_hash_is_a1111_sha256_prefix(tmp_path, monkeypatch):
     assert model_hash(big) == hashlib.sha256(data).hexdigest()[:10]
     with pytest.raises(CheckpointError, match="missing.ckpt"):
         model_hash(tmp_path / "missing.ckpt")
+
+
+def test_model_hash_is_cached_per_path_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIJIMI_CACHE_DIR", str(tmp_path / "cache"))
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"abc")
+    assert model_hash(model) == "ba7816bf8f"
+    assert (tmp_path / "cache" / "model_hashes.json").is_file()
+    stat = model.stat()
+    model.write_bytes(b"abd")  # same size; with the old mtime back, only a re-read could notice
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert model_hash(model) == "ba7816bf8f"
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert model_hash(model) == hashlib.sha256(b"abd").hexdigest()[:10]
+    gone, other = tmp_path / "gone.bin", tmp_path / "other.bin"
+    gone.write_bytes(b"x")
+    other.write_bytes(b"y")
+    model_hash(gone)
+    gone.unlink()
+    model_hash(other)
+    cache = json.loads((tmp_path / "cache" / "model_hashes.json").read_text())
+    assert sorted(cache) == sorted(str(p.absolute()) for p in (model, other))  # entries of deleted files dropped
+
+
+def test_model_hash_ignores_a_corrupt_cache_and_uses_the_xdg_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("NIJIMI_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert pngmeta.cache_dir() == tmp_path / "xdg" / "nijimi"
+    (tmp_path / "xdg" / "nijimi").mkdir(parents=True)
+    (tmp_path / "xdg" / "nijimi" / "model_hashes.json").write_text("{not json")
+    model = tmp_path / "abc.bin"
+    model.write_bytes(b"abc")
+    assert model_hash(model) == "ba7816bf8f"
+    cache = json.loads((tmp_path / "xdg" / "nijimi" / "model_hashes.json").read_text())
+    assert cache == {str(model.absolute()): [3, model.stat().st_mtime_ns, "ba7816bf8f"]}
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert pngmeta.cache_dir() == tmp_path / "home" / ".cache" / "nijimi"

@@ -10,7 +10,7 @@ import torch
 from helpers import PARITY_UNET_SD1, PARITY_UNET_SD2, PARITY_UNET_TINY, randomize, rel_err
 
 from nijimi.errors import ConfigError
-from nijimi.io.keys import controlnet_config_to_diffusers, controlnet_to_diffusers
+from nijimi.io.keys.controlnet import controlnet_config_to_diffusers, controlnet_key_table
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel, residual_scales
 from nijimi.models.unet import UNetModel
 
@@ -24,7 +24,7 @@ def make_pair(cfg: ControlNetConfig, seed: int = 0) -> tuple[ControlNetModel, di
     ours = ControlNetModel(cfg).eval()
     randomize(ours, seed)
     theirs = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(controlnet_to_diffusers(ours.state_dict(), cfg), strict=True)
+    theirs.load_state_dict(controlnet_key_table(cfg).to_foreign(ours.state_dict()), strict=True)
     return ours, theirs
 
 
@@ -83,7 +83,7 @@ def test_full_size_matches_diffusers_parameter_layout(preset: str, params: int) 
     with torch.device("meta"):
         ours = ControlNetModel(cfg)
         theirs = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(cfg))
-    ours_shapes = {k: v.shape for k, v in controlnet_to_diffusers(ours.state_dict(), cfg).items()}
+    ours_shapes = {k: v.shape for k, v in controlnet_key_table(cfg).to_foreign(ours.state_dict()).items()}
     assert ours_shapes == {k: v.shape for k, v in theirs.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == params
     assert list(ours.state_dict())[:4] == ["time_embed.0.weight", "time_embed.0.bias", "time_embed.2.weight",
@@ -115,7 +115,7 @@ def test_from_unet_copies_the_encoder_and_starts_at_zero() -> None:
     assert torch.equal(torch.random.get_rng_state(), global_state)  # randomness only from the generator
     again = ControlNetModel.from_unet(unet, hint_channels=3, generator=torch.Generator().manual_seed(0))
     theirs = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(control.config))
-    theirs.load_state_dict(controlnet_to_diffusers(control.state_dict(), control.config))
+    theirs.load_state_dict(controlnet_key_table(control.config).to_foreign(control.state_dict()))
     unet_sd, control_sd = unet.state_dict(), control.state_dict()
     copied = [k for k in control_sd if k.startswith(("time_embed.", "input_blocks.", "middle_block."))]
     assert len(copied) == len([k for k in unet_sd if k.startswith(("time_embed.", "input_blocks.", "middle_block."))])

@@ -13,13 +13,11 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nijimi.errors import CheckpointError, ConfigError, PromptError
-from nijimi.io.keys import (
+from nijimi.io.keys.clip import (
     text_encoder_config_from_transformers,
     text_encoder_config_to_transformers,
-    text_encoder_from_openclip,
-    text_encoder_from_transformers,
-    text_encoder_to_openclip,
-    text_encoder_to_transformers,
+    text_encoder_openclip_table,
+    text_encoder_transformers_table,
 )
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 
@@ -45,7 +43,7 @@ def token_ids(batch: int = 2, length: int = 77, seed: int = 1) -> torch.Tensor:
 def transformers_folder(ours: TextEncoder, tmp_path) -> CLIPTextModel:
     """Write ``ours`` as a transformers/diffusers ``text_encoder`` folder with nijimi's converters and load it."""
     cfg = ours.config
-    save_file(text_encoder_to_transformers(ours.state_dict(), cfg), tmp_path / "model.safetensors")
+    save_file(text_encoder_transformers_table(cfg).to_foreign(ours.state_dict()), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(text_encoder_config_to_transformers(cfg)))
     return CLIPTextModel.from_pretrained(tmp_path).eval()
 
@@ -118,7 +116,7 @@ def test_clip_l_has_the_reference_parameters_and_keys():
         ours, theirs = TextEncoder(cfg), CLIPTextModel(reference)
     assert sum(p.numel() for p in ours.parameters()) == CLIP_L_PARAMETERS
     assert sum(p.numel() for p in theirs.parameters()) == CLIP_L_PARAMETERS
-    converted = text_encoder_to_transformers(ours.state_dict(), cfg)
+    converted = text_encoder_transformers_table(cfg).to_foreign(ours.state_dict())
     expected = {f"text_model.{k}": tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
     assert (reference.hidden_size, reference.num_hidden_layers, reference.num_attention_heads) == (768, 12, 12)
@@ -145,14 +143,14 @@ def test_openclip_h_has_the_reference_layout_and_diffusers_sd2_keys():
     with torch.device("meta"):
         ours = TextEncoder(cfg)
     assert sum(p.numel() for p in ours.parameters()) == OPENCLIP_H_TEXT_PARAMETERS
-    openclip = text_encoder_to_openclip(ours.state_dict(), cfg)
+    openclip = text_encoder_openclip_table(cfg).to_foreign(ours.state_dict())
     assert {k: tuple(v.shape) for k, v in openclip.items()} == openclip_reference_layout(24, 1024, 4096, 49408, 77,
                                                                                          1024)
     diffusers_cfg = CLIPTextConfig(**text_encoder_config_to_transformers(cfg))
     assert (diffusers_cfg.num_hidden_layers, diffusers_cfg.hidden_act, diffusers_cfg.hidden_size) == (23, "gelu", 1024)
     with torch.device("meta"):
         theirs = CLIPTextModel(diffusers_cfg)
-    converted = text_encoder_to_transformers(ours.state_dict(), cfg)
+    converted = text_encoder_transformers_table(cfg).to_foreign(ours.state_dict())
     assert {k: tuple(v.shape) for k, v in converted.items()} == {
         f"text_model.{k}": tuple(v.shape) for k, v in theirs.state_dict().items()
     }
@@ -165,12 +163,12 @@ def test_openclip_conversion_agrees_with_diffusers_single_file_converter():
                             clip_skip=2, projection_dim=16)
     ours = TextEncoder(cfg)
     randomize(ours, 4, embedding_std=0.5)
-    openclip = text_encoder_to_openclip(ours.state_dict(), cfg)
+    openclip = text_encoder_openclip_table(cfg).to_foreign(ours.state_dict())
     single_file = {f"cond_stage_model.model.{k}": v for k, v in openclip.items()}
     with torch.device("meta"):
         model = CLIPTextModel(CLIPTextConfig(**text_encoder_config_to_transformers(cfg)))
     reference = convert_open_clip_checkpoint(model, single_file)
-    converted = text_encoder_to_transformers(ours.state_dict(), cfg)
+    converted = text_encoder_transformers_table(cfg).to_foreign(ours.state_dict())
     assert converted.keys() == reference.keys()
     assert all(torch.equal(converted[k], reference[k]) for k in reference)
 
@@ -182,12 +180,12 @@ def test_openclip_round_trips_are_exact():
     ours = TextEncoder(OPENCLIP_H_SMALL)
     randomize(ours, 5, embedding_std=0.5)
     native = ours.state_dict()
-    openclip = text_encoder_to_openclip(native, OPENCLIP_H_SMALL)
+    openclip = text_encoder_openclip_table(OPENCLIP_H_SMALL).to_foreign(native)
     assert openclip["text_projection"].shape == (64, 48) and openclip["logit_scale"].shape == ()
     assert torch.equal(openclip["text_projection"], native["text_projection.weight"].t())
-    back = text_encoder_from_openclip(openclip, OPENCLIP_H_SMALL)
+    back = text_encoder_openclip_table(OPENCLIP_H_SMALL).to_native(openclip)
     assert list(back) and back.keys() == native.keys() and all(torch.equal(back[k], native[k]) for k in native)
-    again = text_encoder_to_openclip(back, OPENCLIP_H_SMALL)
+    again = text_encoder_openclip_table(OPENCLIP_H_SMALL).to_foreign(back)
     assert again.keys() == openclip.keys() and all(torch.equal(again[k], openclip[k]) for k in openclip)
     q = back["text_model.encoder.layers.1.self_attn.q_proj.weight"]
     assert q.untyped_storage().data_ptr() != openclip["transformer.resblocks.1.attn.in_proj_weight"].data_ptr()
@@ -198,12 +196,12 @@ def test_transformers_round_trip_is_exact_with_or_without_text_model_level():
     ours = TextEncoder(CLIP_L_SMALL)
     randomize(ours, 6, embedding_std=0.5)
     native = ours.state_dict()
-    foreign = text_encoder_to_transformers(native, CLIP_L_SMALL)
+    foreign = text_encoder_transformers_table(CLIP_L_SMALL).to_foreign(native)
     assert all(k.startswith("text_model.") for k in foreign)
     flat = {k.removeprefix("text_model."): v for k, v in foreign.items()}  # what transformers >= 5 saves
     legacy = {**foreign, "text_model.embeddings.position_ids": torch.arange(77)[None]}  # old files carry it
     for stored in (foreign, flat, legacy):
-        back = text_encoder_from_transformers(stored, CLIP_L_SMALL)
+        back = text_encoder_transformers_table(CLIP_L_SMALL).to_native(stored)
         assert back.keys() == native.keys() and all(torch.equal(back[k], native[k]) for k in native)
 
 
@@ -214,7 +212,7 @@ def test_sd2_folder_loads_into_an_equivalent_native_encoder(tmp_path):
     cfg = text_encoder_config_from_transformers(json.loads((tmp_path / "config.json").read_text()))
     assert (cfg.num_layers, cfg.clip_skip, cfg.projection_dim, cfg.activation) == (3, 1, None, "gelu")
     folder = TextEncoder(cfg).eval()
-    folder.load_state_dict(text_encoder_from_transformers(CLIPTextModel.from_pretrained(tmp_path).state_dict(), cfg))
+    folder.load_state_dict(text_encoder_transformers_table(cfg).to_native(CLIPTextModel.from_pretrained(tmp_path).state_dict()))
     ids = token_ids()
     with torch.no_grad():
         assert torch.equal(folder(ids), ours.eval()(ids))
@@ -224,10 +222,10 @@ def test_conversion_reports_missing_and_unexpected_keys():
     native = TextEncoder(CLIP_L_SMALL).state_dict()
     native.pop("text_model.final_layer_norm.bias")
     with pytest.raises(CheckpointError, match=r"text_model\.final_layer_norm\.bias"):
-        text_encoder_to_openclip(native, CLIP_L_SMALL)
-    openclip = text_encoder_to_openclip(TextEncoder(CLIP_L_SMALL).state_dict(), CLIP_L_SMALL)
+        text_encoder_openclip_table(CLIP_L_SMALL).to_foreign(native)
+    openclip = text_encoder_openclip_table(CLIP_L_SMALL).to_foreign(TextEncoder(CLIP_L_SMALL).state_dict())
     with pytest.raises(CheckpointError, match=r"unexpected \['attn_mask'\]"):
-        text_encoder_from_openclip({**openclip, "attn_mask": torch.zeros(77, 77)}, CLIP_L_SMALL)
+        text_encoder_openclip_table(CLIP_L_SMALL).to_native({**openclip, "attn_mask": torch.zeros(77, 77)})
 
 
 def test_configs_round_trip():

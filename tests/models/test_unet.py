@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from helpers import PARITY_UNET_SD1, PARITY_UNET_SD2, PARITY_UNET_TINY, randomize, rel_err
 
 from nijimi.errors import ConfigError
-from nijimi.io.keys import unet_config_to_diffusers, unet_key_table, unet_to_diffusers
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
 from nijimi.models.unet import UNetConfig, UNetModel
 
 PARITY_CONFIGS = {"sd1": PARITY_UNET_SD1, "sd2": PARITY_UNET_SD2,
@@ -23,7 +23,7 @@ def make_pair(cfg: UNetConfig, seed: int = 0) -> tuple[UNetModel, UNet2DConditio
     ours = UNetModel(cfg).eval()
     randomize(ours, seed)
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg), strict=True)
+    theirs.load_state_dict(unet_key_table(cfg).to_foreign(ours.state_dict()), strict=True)
     return ours, theirs
 
 
@@ -125,7 +125,7 @@ def test_full_size_matches_diffusers(preset: str, params: int) -> None:
     ours, theirs = build_on_meta(cfg)
     assert sum(p.numel() for p in ours.parameters()) == params
     assert sum(p.numel() for p in theirs.parameters()) == params
-    converted = {k: v.shape for k, v in unet_to_diffusers(ours.state_dict(), cfg).items()}
+    converted = {k: v.shape for k, v in unet_key_table(cfg).to_foreign(ours.state_dict()).items()}
     assert converted == {k: v.shape for k, v in theirs.state_dict().items()}
 
 

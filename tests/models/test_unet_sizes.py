@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from helpers import rel_err
 
-from nijimi.io.keys import unet_config_to_diffusers, unet_to_diffusers
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
 from nijimi.models.unet import UNetConfig, UNetModel
 
 
@@ -19,7 +19,7 @@ def test_odd_latent_sizes_match_diffusers(size):
         p.data.normal_(0, 0.05)
     config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
     ref = UNet2DConditionModel(**config).eval()
-    ref.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg))
+    ref.load_state_dict(unet_key_table(cfg).to_foreign(ours.state_dict()))
     x, t, c = torch.randn(2, 4, *size), torch.tensor([500.0, 20.0]), torch.randn(2, 7, 32)
     with torch.no_grad():
         a, b = ours(x, t, c), ref(x, t, c).sample
@@ -30,7 +30,7 @@ def test_odd_latent_sizes_match_diffusers(size):
 def test_controlnet_on_odd_latent_sizes_matches_diffusers():
     from diffusers import ControlNetModel as ReferenceControlNet
 
-    from nijimi.io.keys import controlnet_config_to_diffusers, controlnet_to_diffusers
+    from nijimi.io.keys.controlnet import controlnet_config_to_diffusers, controlnet_key_table
     from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_controlnet_on_odd_latent_sizes_matches_diffusers():
         p.data.normal_(0, 0.05)
     config = {k: v for k, v in controlnet_config_to_diffusers(cfg).items() if not k.startswith("_")}
     ref = ReferenceControlNet(**config).eval()
-    ref.load_state_dict(controlnet_to_diffusers(ours.state_dict(), cfg))
+    ref.load_state_dict(controlnet_key_table(cfg).to_foreign(ours.state_dict()))
     x, t, c = torch.randn(1, 4, 9, 13), torch.tensor([300.0]), torch.randn(1, 7, 32)
     hint = torch.rand(1, 3, 72, 104)
     with torch.no_grad():

@@ -13,13 +13,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from helpers import randomize, rel_err
 
 from nijimi.errors import CheckpointError, ConfigError, ImageError, NijimiError
-from nijimi.io.keys import (
-    vae_config_from_diffusers,
-    vae_config_to_diffusers,
-    vae_from_diffusers,
-    vae_key_table,
-    vae_to_diffusers,
-)
+from nijimi.io.keys.vae import vae_config_from_diffusers, vae_config_to_diffusers, vae_key_table
 from nijimi.models.vae import VAE, DiagonalGaussian, VAEConfig, _tiled
 
 # Small config of the real architecture: three levels (so decoder.up is visibly reversed), width changes
@@ -34,7 +28,7 @@ def make_pair(cfg: VAEConfig = SMALL, seed: int = 0) -> tuple[VAE, AutoencoderKL
     ours = VAE(cfg).eval()
     randomize(ours, seed)
     theirs = AutoencoderKL.from_config(vae_config_to_diffusers(cfg)).eval()
-    theirs.load_state_dict(vae_to_diffusers(ours.state_dict(), cfg), strict=True)
+    theirs.load_state_dict(vae_key_table(cfg).to_foreign(ours.state_dict()), strict=True)
     return ours, theirs
 
 
@@ -116,7 +110,7 @@ def test_sd_vae_has_the_reference_parameters_and_keys():
         theirs = AutoencoderKL.from_config(vae_config_to_diffusers(cfg))
     assert sum(p.numel() for p in ours.parameters()) == SD_VAE_PARAMETERS
     assert sum(p.numel() for p in theirs.parameters()) == SD_VAE_PARAMETERS
-    converted = {k: tuple(v.shape) for k, v in vae_to_diffusers(ours.state_dict(), cfg).items()}
+    converted = {k: tuple(v.shape) for k, v in vae_key_table(cfg).to_foreign(ours.state_dict()).items()}
     assert converted == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert cfg.downscale_factor == 8
 
@@ -127,7 +121,7 @@ def test_native_keys_are_the_original_ldm_keys():
     randomize(ours, 4)
     ldm = {f"first_stage_model.{k}": v for k, v in ours.state_dict().items()}
     reference = convert_ldm_vae_checkpoint(ldm, vae_config_to_diffusers(SMALL))
-    converted = vae_to_diffusers(ours.state_dict(), SMALL)
+    converted = vae_key_table(SMALL).to_foreign(ours.state_dict())
     assert converted.keys() == reference.keys()
     assert all(torch.equal(converted[k], reference[k]) for k in reference)
     assert ("decoder.up.2.block.0.conv1.weight", "decoder.up_blocks.0.resnets.0.conv1.weight") in vae_key_table(SMALL)
@@ -137,11 +131,11 @@ def test_round_trips_are_exact():
     ours = VAE(SMALL)
     randomize(ours, 5)
     native = ours.state_dict()
-    diffusers = vae_to_diffusers(native, SMALL)
+    diffusers = vae_key_table(SMALL).to_foreign(native)
     assert diffusers["encoder.mid_block.attentions.0.to_q.weight"].shape == (32, 32)
-    back = vae_from_diffusers(diffusers, SMALL)
+    back = vae_key_table(SMALL).to_native(diffusers)
     assert list(back) == list(native) and all(torch.equal(back[k], native[k]) for k in native)
-    again = vae_to_diffusers(back, SMALL)
+    again = vae_key_table(SMALL).to_foreign(back)
     assert all(torch.equal(again[k], diffusers[k]) for k in diffusers)
 
 
@@ -150,7 +144,7 @@ def test_conversion_reports_missing_and_unexpected_keys():
     native.pop("encoder.conv_in.bias")
     native["encoder.extra.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match=r"encoder\.conv_in\.bias.*encoder\.extra\.weight"):
-        vae_to_diffusers(native, SMALL)
+        vae_key_table(SMALL).to_foreign(native)
 
 
 def test_configs_round_trip():

@@ -13,13 +13,12 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 from nijimi.adapters.formats import read_adapter, save_adapter
 from nijimi.adapters.inject import adapted_layers, adapter_parameters, apply_adapter, get_adapter, inject
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.adapters.targets import AdapterSpec
 from nijimi.adapters.tools import lora_from_delta, module_shapes
 from nijimi.adapters.weights import Adapter
 from nijimi.embedded import ADAPTERS
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.models.ldm import ModelConfig
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, ModelConfig
 from nijimi.pipelines.adapters import LoraRequest, adapter_model_config, apply_loras, lora_requests
 from nijimi.pipelines.pipeline import Pipeline, load
 

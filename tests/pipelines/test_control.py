@@ -15,12 +15,8 @@ from PIL import Image
 from nijimi.diffusion.guidance import GuidedNetwork
 from nijimi.errors import ConfigError, ImageError
 from nijimi.io.controlnet import save_original
-from nijimi.io.keys import (
-    controlnet_config_to_diffusers,
-    controlnet_to_diffusers,
-    unet_config_to_diffusers,
-    unet_to_diffusers,
-)
+from nijimi.io.keys.controlnet import controlnet_config_to_diffusers, controlnet_key_table
+from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.pipelines.control import (
@@ -172,13 +168,13 @@ def models():
     unet = UNetModel(UNET).eval()
     randomize(unet, 0)
     d_unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(UNET)).eval()
-    d_unet.load_state_dict(unet_to_diffusers(unet.state_dict(), UNET), strict=True)
+    d_unet.load_state_dict(unet_key_table(UNET).to_foreign(unet.state_dict()), strict=True)
     nets = []
     for seed in (1, 2):
         control = ControlNetModel(CONTROL).eval()
         randomize(control, seed)
         twin = diffusers.ControlNetModel.from_config(controlnet_config_to_diffusers(CONTROL)).eval()
-        twin.load_state_dict(controlnet_to_diffusers(control.state_dict(), CONTROL), strict=True)
+        twin.load_state_dict(controlnet_key_table(CONTROL).to_foreign(control.state_dict()), strict=True)
         nets.append((control, twin))
     return unet, d_unet, nets
 

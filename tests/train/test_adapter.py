@@ -14,12 +14,11 @@ from PIL import Image
 
 from nijimi.adapters.formats import read_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter, remove_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.diffusion.forward import diffusion_loss
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion
 from nijimi.train.adapter import (
     AdapterTrainConfig,
     prepare_training,

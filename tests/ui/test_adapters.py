@@ -16,10 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from nijimi import cli
 from nijimi.adapters.formats import read_adapter
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.safetensors import read_metadata
-from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, LatentDiffusion
 from nijimi.ui.adapters import add_adapter_parsers
 
 # 16×16 images through an f=2 VAE: 8×8 latents, a 2-level U-Net; a few training steps take a fraction of a second.

@@ -62,9 +62,9 @@ def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
     assert meta["settings"]["ControlNet 0"] == ("Module: canny, Model: cn, Weight: 0.9, Resize Mode: Just Resize, "
                                                 "Threshold A: 50, Threshold B: 150, Guidance Start: 0, "
                                                 "Guidance End: 0.8, Control Mode: Balanced")
-    assert meta["recipe"]["request"]["control"] == [{"model": str(files["cn"]), "image": str(files["map"]), "scale": 0.9,
-                                          "pre": "canny", "start": 0.0, "end": 0.8, "low": 50.0, "high": 150.0,
-                                          "resize": "resize", "guess": False}]
+    assert meta["recipe"]["request"]["control"] == [{
+        "model": str(files["cn"]), "image": str(files["map"]), "scale": 0.9, "pre": "canny", "start": 0.0, "end": 0.8,
+        "low": 50.0, "high": 150.0, "resize": "resize", "guess": False}]
     code, out, err = run(capsys, "reproduce", steered, "--out", again, "--quiet")
     assert (code, err) == (0, "")
     assert np.array_equal(pixels(again), pixels(steered))

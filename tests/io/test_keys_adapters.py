@@ -1,13 +1,14 @@
-"""Module-name tables of adapter files for the full-size SD 1.5 and SD 2.1 configs (built on the meta device)."""
+"""Module-name tables of adapter files for the full-size SD 1.5 and SD 2.1 configs (built on the meta device;
+nijimi/io/keys/adapters.py)."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from nijimi.adapters.names import TEXT_PREFIX, UNET_PREFIX, Slot, name_tables, part_of, unet_modules
-from nijimi.io.keys import unet_config_to_diffusers
-from nijimi.models.ldm import ModelConfig
+from nijimi.io.keys.adapters import name_tables, part_of, peft_natives, unet_modules
+from nijimi.io.keys.unet import unet_config_to_diffusers
+from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, ModelConfig
 
 SD15, SD21 = ModelConfig.sd15(), ModelConfig.sd21()
 
@@ -31,16 +32,22 @@ def test_kohya_names_of_known_sd15_modules() -> None:
         "lora_unet_mid_block_resnets_1_time_emb_proj": "middle_block.2.emb_layers.1",
     }
     for kohya, native in known.items():
-        assert tables.kohya[kohya] == (Slot(UNET_PREFIX + native),)
-        assert tables.kohya_of[UNET_PREFIX + native] == kohya
-        # A1111's CompVis form names the same module by its native path.
-        assert tables.kohya["lora_unet_" + native.replace(".", "_")] == (Slot(UNET_PREFIX + native),)
+        assert tables.kohya.natives_of[kohya] == (UNET_PREFIX + native,)
+        assert tables.kohya.foreign_of[UNET_PREFIX + native] == kohya
+        # A1111's CompVis form names the same module by its native path; kohya's OFT uses its own prefix.
+        assert tables.kohya.natives_of["lora_unet_" + native.replace(".", "_")] == (UNET_PREFIX + native,)
+        assert tables.kohya.natives_of["oft_unet_" + kohya.removeprefix("lora_unet_")] == (UNET_PREFIX + native,)
     te = "text_model.encoder.layers.11.mlp.fc2"
-    assert tables.kohya["lora_te_text_model_encoder_layers_11_mlp_fc2"] == (Slot(TEXT_PREFIX + te),)
+    assert tables.kohya.natives_of["lora_te_text_model_encoder_layers_11_mlp_fc2"] == (TEXT_PREFIX + te,)
     # What kohya / LyCORIS write when they run transformers 5, whose CLIPTextModel has no text_model level.
-    assert tables.kohya["lora_te_encoder_layers_11_mlp_fc2"] == (Slot(TEXT_PREFIX + te),)
-    assert tables.peft["unet.down_blocks.0.attentions.0.proj_in"] == UNET_PREFIX + "input_blocks.1.1.proj_in"
-    assert tables.peft_of[TEXT_PREFIX + te] == "text_encoder." + te
+    assert tables.kohya.natives_of["lora_te_encoder_layers_11_mlp_fc2"] == (TEXT_PREFIX + te,)
+    proj_in = UNET_PREFIX + "input_blocks.1.1.proj_in"
+    assert tables.peft.natives_of["unet.down_blocks.0.attentions.0.proj_in"] == (proj_in,)
+    assert tables.peft.foreign_of[TEXT_PREFIX + te] == "text_encoder." + te
+    for name in ("text_encoder." + te, "text_encoder.encoder.layers.11.mlp.fc2", te):
+        assert peft_natives(name, tables) == (TEXT_PREFIX + te,)
+    assert peft_natives("down_blocks.0.attentions.0.proj_in", tables) == (proj_in,)
+    assert peft_natives("text_encoder.no_such.module", tables) is None
 
 
 def test_unet_modules_cover_every_diffusers_module_with_a_weight() -> None:
@@ -54,22 +61,22 @@ def test_unet_modules_cover_every_diffusers_module_with_a_weight() -> None:
 def test_sd21_openclip_names_split_the_fused_projection() -> None:
     tables = name_tables(SD21.unet, SD21.text)
     layer = TEXT_PREFIX + "text_model.encoder.layers.3."
-    assert tables.kohya["lora_te_model_transformer_resblocks_3_attn_in_proj"] == tuple(
-        Slot(layer + f"self_attn.{p}_proj", i, 3) for i, p in enumerate("qkv"))
-    assert tables.kohya["lora_te_model_transformer_resblocks_3_mlp_c_fc"] == (Slot(layer + "mlp.fc1"),)
-    assert tables.kohya["lora_te_model_transformer_resblocks_23_attn_out_proj"] == (
-        Slot(TEXT_PREFIX + "text_model.encoder.layers.23.self_attn.out_proj"),)
+    assert tables.kohya.natives_of["lora_te_model_transformer_resblocks_3_attn_in_proj"] == tuple(
+        layer + f"self_attn.{p}_proj" for p in "qkv")
+    assert tables.kohya.natives_of["lora_te_model_transformer_resblocks_3_mlp_c_fc"] == (layer + "mlp.fc1",)
+    assert tables.kohya.natives_of["lora_te_model_transformer_resblocks_23_attn_out_proj"] == (
+        TEXT_PREFIX + "text_model.encoder.layers.23.self_attn.out_proj",)
     # SD 2.x kohya files use the transformers names for the text encoder, as for SD 1.x.
-    assert tables.kohya["lora_te_text_model_encoder_layers_3_self_attn_q_proj"] == (Slot(layer + "self_attn.q_proj"),)
+    assert tables.kohya.natives_of["lora_te_text_model_encoder_layers_3_self_attn_q_proj"] == (
+        layer + "self_attn.q_proj",)
 
 
 def test_tables_are_one_to_one_where_they_write() -> None:
     for config in (SD15, SD21):
         tables = name_tables(config.unet, config.text)
-        assert all(tables.kohya[name] == (Slot(path),) for path, name in tables.kohya_of.items())
-        assert all(tables.peft[name] == path for path, name in tables.peft_of.items())
-        assert len(set(tables.kohya_of.values())) == len(tables.kohya_of)
-        assert len(set(tables.peft_of.values())) == len(tables.peft_of)
+        for table in (tables.kohya, tables.peft):
+            assert all(table.natives_of[name] == (path,) for path, name in table.foreign_of.items())
+            assert len(set(table.foreign_of.values())) == len(table.foreign_of)
 
 
 def test_part_of() -> None:
