@@ -277,7 +277,7 @@ def _on_grid(schedule: NoiseSchedule | None, name: str) -> NoiseSchedule:
 def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                callback: Callback | None = None, noise: NoiseSampler | None = None,
                schedule: NoiseSchedule | None = None) -> torch.Tensor:
-    """LCM: multistep consistency sampling, x̂₀ then fresh noise up to the next σ (2310.04378, Alg. 3).
+    """LCM: x̂₀ then fresh noise up to the next σ (2310.04378, §4; multistep consistency sampling, 2303.01469, Alg. 1).
 
     The consistency function applies the boundary-condition scalings at the training timestep t of σ
     (``schedule.sigma_to_t``; timestep scaling 10 and σ_data = 0.5, as diffusers' LCMScheduler):
@@ -298,7 +298,7 @@ def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_arg
 def sample_tcd(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                callback: Callback | None = None, noise: NoiseSampler | None = None, eta: float = 0.3,
                schedule: NoiseSchedule | None = None) -> torch.Tensor:
-    """TCD: trajectory-consistency sampling with strategic stochastic steps, γ = ``eta`` (2402.19159, Alg. 4).
+    """TCD: trajectory-consistency sampling with strategic stochastic steps, γ = ``eta`` (2402.19159).
 
     With ε̂ = (x - x̂₀)/σ, step back along the ODE to the training timestep s = ⌊(1-γ)·t'⌋ below the next one t'
     (``x_s = x̂₀ + σ_s·ε̂``), then add fresh noise up to σ': ``x' = x_s + sqrt(σ'² - σ_s²)·z``. γ = 0 is DDIM.
@@ -386,7 +386,7 @@ class SamplerChoice:
     @property
     def quantize(self) -> bool:
         """diffusers' multistep solvers round the timesteps of Karras/exponential σ's to integers; so do we."""
-        return self.base.startswith(("dpm++", "unipc")) and self.spacing != "model"
+        return self.base.startswith(("dpm++", "unipc")) and self.spacing in ("karras", "exponential")
 
     def sigmas(self, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
         """The (steps+1,) σ's this sampler walks for ``schedule`` (:func:`sampling_sigmas`); lcm and tcd walk LCM's

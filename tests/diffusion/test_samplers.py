@@ -109,6 +109,15 @@ def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type,
     assert max_rel(ours, ref) <= 1e-4
 
 
+def same_generator_error(net, name, schedule, scheduler, steps, kwargs) -> float:
+    """Max relative error of our sampler against diffusers' scheduler, both drawing from generators seeded 5."""
+    step_generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ours = run_ours(name, schedule, net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
+        ref = run_diffusers(scheduler, net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
+    return max_rel(ours, ref)
+
+
 @pytest.mark.parametrize("steps", [10, 30])
 @pytest.mark.parametrize("name,scheduler_cls,extra,kwargs", [
     ("euler-a", EulerAncestralDiscreteScheduler, {}, {}),
@@ -119,11 +128,7 @@ def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, na
                                                                      steps):
     schedule = schedule_for("epsilon", "leading")
     scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
-    step_generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        ours = run_ours(name, schedule, tiny_net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
-        ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
-    assert max_rel(ours, ref) <= 1e-4
+    assert same_generator_error(tiny_net, name, schedule, scheduler, steps, kwargs) <= 1e-4
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
@@ -140,11 +145,7 @@ def test_few_step_samplers_equal_diffusers_with_the_same_generator(tiny_net, nam
     """LCM-LoRA / TCD-LoRA / Hyper-SD sampling on an SD1.5 ("leading") schedule, as their authors run it."""
     schedule = schedule_for(prediction_type, "leading")
     scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
-    step_generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        ours = run_ours(name, schedule, tiny_net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
-        ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
-    assert max_rel(ours, ref) <= 1e-4
+    assert same_generator_error(tiny_net, name, schedule, scheduler, steps, kwargs) <= 1e-4
 
 
 @pytest.mark.parametrize("steps", [10, 30])
