@@ -13,14 +13,16 @@ Every sampler has the signature::
 - ``callback(info)``: called after every step with a :class:`StepInfo` (progress bars, previews). When it returns a
   tensor, sampling continues from that latent instead (inpainting puts the known region back this way).
 - ``noise(sigma, sigma_next)``: unit Gaussian noise like x for the step σ → σ_next
-  (:mod:`nijimi.diffusion.noise`); required by the stochastic samplers (ddpm, euler-a, dpm++2m-sde, ddim with η > 0).
-- ``options``: ``eta`` (ddim, euler-a, dpm++2m-sde), ``order`` (unipc).
+  (:mod:`nijimi.diffusion.noise`); required by the stochastic samplers (ddpm, euler-a, dpm++2m-sde, lcm, ddim with
+  η > 0, tcd with γ > 0).
+- ``options``: ``eta`` (ddim, euler-a, dpm++2m-sde; tcd's γ), ``order`` (unipc), ``schedule`` (lcm and tcd: their
+  formulas live on the model's training timesteps; :meth:`SamplerChoice.options` supplies it).
 
 A sampler name is parsed once into a :class:`SamplerChoice` (:func:`parse_sampler`): the function, its σ spacing
-(the model's own timesteps, ``-karras`` or ``-exponential``; A1111's display names such as "DPM++ 2M Karras" and
-ComfyUI's / diffusers' spellings are accepted), canonical and display names, the scale of its starting noise, whether
-timesteps are rounded, and where its noise comes from; nothing downstream looks at the string again. All samplers run
-in fp32 tensor ops; per-step scalar coefficients are computed once in Python floats.
+(the model's own timesteps — LCM's for lcm/tcd —, ``-karras``, ``-exponential`` or ``-trailing``; A1111's display
+names such as "DPM++ 2M Karras" and ComfyUI's / diffusers' spellings are accepted), canonical and display names, the
+scale of its starting noise, whether timesteps are rounded, and where its noise comes from; nothing downstream looks at
+the string again. All samplers run in fp32 tensor ops; per-step scalar coefficients are computed once in Python floats.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ def _needs(noise: NoiseSampler | None, name: str) -> NoiseSampler:
     return noise
 
 
+def _eta_noise(name: str, eta: float, noise: NoiseSampler | None) -> NoiseSampler | None:
+    """Check η; the noise source when η > 0 draws noise."""
+    if not 0.0 <= eta <= 1.0:
+        raise SamplerError(f"{name}: eta={eta} must be within [0, 1]")
+    return _needs(noise, name) if eta > 0 else None
+
+
 def _after_step(x: torch.Tensor, i: int, s: list[float], denoised: torch.Tensor,
                 callback: Callback | None) -> torch.Tensor:
     if callback is None:
@@ -122,10 +131,7 @@ def _ancestral(name: str, eta: float, model: Model, x: torch.Tensor, sigmas: tor
     ε̂ = (x - x̂₀)/σ,  σ_up = η·σ'·sqrt(1 - σ'²/σ²),  σ_down = sqrt(σ'² - σ_up²),  x' = x̂₀ + σ_down·ε̂ + σ_up·z.
     η = 0 is deterministic DDIM; η = 1 samples the DDPM posterior q(x_{t'} | x_t, x̂₀) exactly.
     """
-    s, extra = _check(sigmas), extra or {}
-    if not 0.0 <= eta <= 1.0:
-        raise SamplerError(f"{name}: eta={eta} must be within [0, 1]")
-    noise = _needs(noise, name) if eta > 0 else None
+    s, extra, noise = _check(sigmas), extra or {}, _eta_noise(name, eta, noise)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         denoised = model(x, _sigma(x, sigma), step=i, **extra)
@@ -188,10 +194,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
     injected noise (0 gives a deterministic exponential integrator). ``noise`` is meant to be a Brownian tree
     (:class:`~nijimi.diffusion.noise.BrownianNoise`), so that the image does not depend on the step count.
     """
-    s, extra = _check(sigmas), extra_args or {}
-    if not 0.0 <= eta <= 1.0:
-        raise SamplerError(f"dpm++2m-sde: eta={eta} must be within [0, 1]")
-    noise = _needs(noise, "dpm++2m-sde") if eta > 0 else None
+    s, extra, noise = _check(sigmas), extra_args or {}, _eta_noise("dpm++2m-sde", eta, noise)
     old_denoised, h_last = None, 0.0
     for i in range(len(s) - 1):
         denoised = model(x, _sigma(x, s[i]), step=i, **extra)
@@ -265,6 +268,59 @@ def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_a
     return x
 
 
+def _on_grid(schedule: NoiseSchedule | None, name: str) -> NoiseSchedule:
+    if schedule is None:
+        raise SamplerError(f"sampler {name!r} works on the training timesteps: pass schedule=… (the model's)")
+    return schedule
+
+
+def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+               callback: Callback | None = None, noise: NoiseSampler | None = None,
+               schedule: NoiseSchedule | None = None) -> torch.Tensor:
+    """LCM: x̂₀ then fresh noise up to the next σ (2310.04378, §4; multistep consistency sampling, 2303.01469, Alg. 1).
+
+    The consistency function applies the boundary-condition scalings at the training timestep t of σ
+    (``schedule.sigma_to_t``; timestep scaling 10 and σ_data = 0.5, as diffusers' LCMScheduler):
+    ``f = c_out·x̂₀ + c_skip·x/sqrt(σ²+1)``, c_skip = σ_data²/((10t)² + σ_data²), c_out = 10t/sqrt((10t)² + σ_data²);
+    then ``x' = f + σ'·z``. Its own σ's are LCM's 50-step skipping schedule (:meth:`SamplerChoice.sigmas`).
+    """
+    s, extra, noise = _check(sigmas), extra_args or {}, _needs(noise, "lcm")
+    scaled = [10 * t for t in _on_grid(schedule, "lcm").sigma_to_t(sigmas).tolist()]
+    for i in range(len(s) - 1):
+        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        c_skip, c_out = 0.25 / (scaled[i] ** 2 + 0.25), scaled[i] / math.sqrt(scaled[i] ** 2 + 0.25)
+        denoised = c_out * denoised + c_skip / math.sqrt(s[i] ** 2 + 1) * x
+        x = denoised + noise(s[i], s[i + 1]) * s[i + 1] if s[i + 1] > 0 else denoised
+        x = _after_step(x, i, s, denoised, callback)
+    return x
+
+
+def sample_tcd(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+               callback: Callback | None = None, noise: NoiseSampler | None = None, eta: float = 0.3,
+               schedule: NoiseSchedule | None = None) -> torch.Tensor:
+    """TCD: trajectory-consistency sampling with strategic stochastic steps, γ = ``eta`` (2402.19159).
+
+    With ε̂ = (x - x̂₀)/σ, step back along the ODE to the training timestep s = ⌊(1-γ)·t'⌋ below the next one t'
+    (``x_s = x̂₀ + σ_s·ε̂``), then add fresh noise up to σ': ``x' = x_s + sqrt(σ'² - σ_s²)·z``. γ = 0 is DDIM.
+    The last step ends at timestep 0 (σ_s ≈ 0.03, not 0) and returns that latent as the network sees it,
+    ``x_s/sqrt(σ_s²+1)``, as diffusers' TCDScheduler does. Its σ's are LCM's skipping schedule.
+    """
+    s, extra, schedule = _check(sigmas), extra_args or {}, _on_grid(schedule, "tcd")
+    noise = _eta_noise("tcd", eta, noise)
+    # ⌊(1-γ)·t'⌋ in float32, as TCDScheduler rounds it (float64 gives 489 for γ = 0.3, t' = 700, float32 490).
+    below = torch.floor((1 - eta) * schedule.sigma_to_t(sigmas[1:])).long()
+    sigmas_s = schedule.sigmas[below].tolist()
+    for i in range(len(s) - 1):
+        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        x = denoised + (x - denoised) * (sigmas_s[i] / s[i])
+        if s[i + 1] == 0:
+            x = x / math.sqrt(sigmas_s[i] ** 2 + 1)
+        elif noise is not None:
+            x = x + noise(s[i], s[i + 1]) * math.sqrt(s[i + 1] ** 2 - sigmas_s[i] ** 2)
+        x = _after_step(x, i, s, denoised, callback)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -274,23 +330,28 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "dpm++2m": sample_dpmpp_2m,
     "dpm++2m-sde": sample_dpmpp_2m_sde,
     "unipc": sample_unipc,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
 
 
 # ---- names: a sampler name parsed once into a SamplerChoice ----
 
-SPACINGS = ("karras", "exponential")
+SPACINGS = ("karras", "exponential", "trailing")
 
 _DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
-                  "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE", "unipc": "UniPC"}
+                  "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD"}
 # Spelling-insensitive keys (lower case, no spaces, "-" or "_"): ours, A1111's, ComfyUI's and diffusers' names.
 _ALIASES = {"ddpm": "ddpm", "ddim": "ddim", "euler": "euler", "eulera": "euler-a", "eulerancestral": "euler-a",
             "heun": "heun", "dpm++2m": "dpm++2m", "dpmpp2m": "dpm++2m", "dpm++2msde": "dpm++2m-sde",
-            "dpmpp2msde": "dpm++2m-sde", "unipc": "unipc"}
+            "dpmpp2msde": "dpm++2m-sde", "unipc": "unipc", "lcm": "lcm", "tcd": "tcd"}
 # Samplers whose diffusers scheduler starts from variance-preserving noise (init_noise_sigma = sqrt(σ₀² + 1)).
-_VP_SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc")
-_ETA_SAMPLERS = ("ddim", "euler-a", "dpm++2m-sde")
-_NOISE = {"ddpm": "gaussian", "ddim": "gaussian", "euler-a": "gaussian", "dpm++2m-sde": "brownian"}
+_VP_SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "lcm", "tcd")
+_ETA_SAMPLERS = ("ddim", "euler-a", "dpm++2m-sde", "tcd")
+_NOISE = {"ddpm": "gaussian", "ddim": "gaussian", "euler-a": "gaussian", "dpm++2m-sde": "brownian", "lcm": "gaussian",
+          "tcd": "gaussian"}
+# Samplers defined on the training timestep grid: they take the schedule, and walk LCM's schedule by default.
+_GRID_SAMPLERS = ("lcm", "tcd")
 
 
 @dataclass(frozen=True)
@@ -325,17 +386,25 @@ class SamplerChoice:
     @property
     def quantize(self) -> bool:
         """diffusers' multistep solvers round the timesteps of Karras/exponential σ's to integers; so do we."""
-        return self.base.startswith(("dpm++", "unipc")) and self.spacing != "model"
+        return self.base.startswith(("dpm++", "unipc")) and self.spacing in ("karras", "exponential")
 
     def sigmas(self, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-        """The (steps+1,) σ's this sampler walks for ``schedule`` (:func:`sampling_sigmas`)."""
-        return sampling_sigmas(schedule, steps, self.spacing)
+        """The (steps+1,) σ's this sampler walks for ``schedule`` (:func:`sampling_sigmas`); lcm and tcd walk LCM's
+        skipping schedule (the timesteps the model was distilled on) unless a spacing is named."""
+        grid = self.base in _GRID_SAMPLERS and self.spacing == "model"
+        return sampling_sigmas(schedule, steps, "lcm" if grid else self.spacing)
+
+    def options(self, schedule: NoiseSchedule, eta: float | None) -> dict:
+        """The keyword options of ``fn`` for a model with ``schedule``: ``eta`` when given, and the ``schedule``
+        itself for the samplers defined on the training timesteps (lcm, tcd)."""
+        return ({} if eta is None else {"eta": eta}) | ({"schedule": schedule} if self.base in _GRID_SAMPLERS else {})
 
     def start_scale(self, sigma_max: float, schedule: NoiseSchedule) -> float:
         """The txt2img starting latent is unit noise times this: diffusers' ``init_noise_sigma`` carried to σ-space,
-        ``sqrt(σ₀²+1)`` (the variance-preserving x_T = z), except the Euler-type samplers (euler, euler-a, heun) with
-        a "linspace" or "trailing" model spacing, which use ``σ₀``."""
-        if self.base in _VP_SAMPLERS or schedule.timestep_spacing == "leading":
+        ``sqrt(σ₀²+1)`` (the variance-preserving x_T = z), except the Euler-type samplers (euler, euler-a, heun) on
+        "linspace" or "trailing" timesteps (the model's, or the ``-trailing`` spacing), which use ``σ₀``."""
+        spacing = "trailing" if self.spacing == "trailing" else schedule.timestep_spacing
+        if self.base in _VP_SAMPLERS or spacing == "leading":
             return (sigma_max**2 + 1) ** 0.5
         return sigma_max
 

@@ -25,7 +25,8 @@ from nijimi.errors import ConfigError, SamplerError
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SIGMA_SPACINGS = ("model", "karras", "exponential")
+SIGMA_SPACINGS = ("model", "karras", "exponential", "trailing", "lcm")
+LCM_ORIGINAL_STEPS = 50
 
 # ᾱ_{T-1} after zero-terminal-SNR rescaling is exactly 0 (σ = ∞); like diffusers we store 2⁻²⁴ so σ_max ≈ 4096.
 _ZERO_SNR_ALPHA_BAR = 2.0**-24
@@ -136,17 +137,26 @@ class NoiseSchedule:
         """Continuous training timestep for each σ by linear interpolation in log σ (same shape, float32)."""
         return sigma_to_t(sigma, self.sigmas.double().log())
 
-    def timesteps(self, steps: int) -> torch.Tensor:
-        """The ``steps`` training timesteps the model's own ``timestep_spacing`` picks, descending, float32 (steps,).
+    def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
+        """The ``steps`` training timesteps that ``spacing`` (default: the model's own ``timestep_spacing``) picks,
+        descending, float32 (steps,).
 
         ``linspace``: evenly from T-1 to 0 (fractional); ``leading``: ``k·(T//steps) + steps_offset``;
-        ``trailing``: ``round(T - k·T/steps) - 1`` (2305.08891, Table 2).
+        ``trailing``: ``round(T - k·T/steps) - 1`` (2305.08891, Table 2); ``lcm``: LCM's skipping schedule
+        (2310.04378, §4.3), the 50 distillation timesteps ``j·(T//50) - 1``, of which ``steps`` are taken evenly by
+        index from the top (diffusers' LCMScheduler / TCDScheduler with ``original_inference_steps=50``).
         """
         _check_steps(steps, self.num_train_timesteps)
-        T = self.num_train_timesteps
-        if self.timestep_spacing == "linspace":
+        T, spacing = self.num_train_timesteps, spacing or self.timestep_spacing
+        if spacing == "lcm":
+            k, n = T // LCM_ORIGINAL_STEPS, LCM_ORIGINAL_STEPS
+            if steps > n or k == 0:
+                raise SamplerError(f"steps={steps}: LCM's schedule has {n} timesteps (of T={T} >= {n})")
+            timesteps = torch.tensor([(n - math.floor(j * (n / steps))) * k - 1 for j in range(steps)],
+                                     dtype=torch.float64)
+        elif spacing == "linspace":
             timesteps = torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0)
-        elif self.timestep_spacing == "leading":
+        elif spacing == "leading":
             timesteps = (torch.arange(steps, dtype=torch.float64) * (T // steps)).flip(0) + self.steps_offset
         else:
             # numpy's arange(T, 0, -T/steps) (which diffusers uses) steps by (T - T/steps) - T; we take exactly
@@ -176,6 +186,8 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "model")
 
     ``spacing``:
       - ``"model"``: σ at the model's own timesteps (``schedule.timesteps``), interpolated linearly in t;
+      - ``"trailing"``, ``"lcm"``: σ at those timesteps instead (:meth:`NoiseSchedule.timesteps`), whatever the
+        model's own spacing (Hyper-SD's and LCM's few-step schedules);
       - ``"karras"``: EDM's ρ=7 spacing (2206.00364, eq. 5) between the σ's of the model's first and last timestep;
       - ``"exponential"``: evenly spaced in log σ over the same range.
 
@@ -186,12 +198,12 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "model")
     if spacing not in SIGMA_SPACINGS:
         raise SamplerError(f"σ spacing {spacing!r} is not one of {', '.join(SIGMA_SPACINGS)}")
     train_sigmas = schedule.sigmas.double()
-    timesteps = schedule.timesteps(steps).double()
+    timesteps = schedule.timesteps(steps, spacing if spacing in ("trailing", "lcm") else None).double()
     low = timesteps.floor().long().clamp(0, len(train_sigmas) - 1)
     high = (low + 1).clamp(max=len(train_sigmas) - 1)
     frac = (timesteps - low).clamp(0, 1)
     sigmas = train_sigmas[low] + frac * (train_sigmas[high] - train_sigmas[low])
-    if spacing != "model":
+    if spacing in ("karras", "exponential"):
         sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
         if spacing == "karras":

@@ -218,7 +218,7 @@ class Pipeline:
         """Run the request's sampler from ``start`` (img2img: the tail of ``sigmas``); strength 0 runs no step."""
         if start.index >= request.steps:
             return start.latent
-        options = {} if request.eta is None else {"eta": request.eta}
+        options = request.sampler.options(self.model.config.schedule, request.eta)
         self.model.unet.set_attention_slice(request.attention_slice or None)
         with torch.inference_mode():
             return request.sampler.fn(model, start.latent, sigmas[start.index:], noise=noise,

@@ -84,7 +84,7 @@ class GenerationRequest:
         ("--sampler",), "sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or dpm++2m on the "
         "model's own timesteps for a zero-terminal-SNR model)"))
     eta: float | None = knob(None, Cli(("--eta",), "noise amount η of ddim (default 0), euler-a and dpm++2m-sde "
-                                       "(default 1)", float))
+                                       "(default 1); tcd's γ (default 0.3)", float))
     guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
     guidance_rescale: float = knob(0.0, Cli(("--guidance-rescale",), "guidance rescale φ in [0, 1] (2305.08891)",
                                             float))
@@ -137,7 +137,7 @@ class GenerationRequest:
         elif self.sampler is not None and not isinstance(self.sampler, SamplerChoice):
             raise ConfigError(f"sampler {self.sampler!r} must be a sampler name")
         if self.eta is not None and self.sampler is not None and not self.sampler.takes_eta:
-            raise ConfigError(f"eta applies to ddim, euler-a and dpm++2m-sde, not {self.sampler.name}")
+            raise ConfigError(f"eta applies to ddim, euler-a, dpm++2m-sde and tcd, not {self.sampler.name}")
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         _integer("seed", seed, 0, SEED_LIMIT - self.batch)
         set_("seed", seed)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -343,3 +344,56 @@ def test_bad_peft_configs_are_named(small) -> None:
     patterned = adapter_from_state_dict(state, small.model, peft_config={"r": 8, "lora_alpha": 8,
                                                                          "alpha_pattern": {"proj_in": 2}})
     assert patterned.adapter.modules[U + "input_blocks.1.1.proj_in"].effective_scale == 0.25  # alpha 2 / r 8
+
+
+# LCM-LoRA's targets in peft names (diffusers' train_lcm_distill_lora_sd_wds.py; TCD-LoRA's trainer reuses them):
+# attention, projections, feed-forward, and the convolutional parts (resnets, down/upsamplers, time embedding).
+FEW_STEP_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def few_step_lora(config: ModelConfig, layout: str, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A U-Net LoRA on :data:`FEW_STEP_TARGETS` with random weights, keyed as the few-step LoRAs are published:
+    ``kohya`` (``lora_unet_`` + diffusers path, ``lora_down``/``lora_up``/``alpha``: latent-consistency/lcm-lora-sdv1-5,
+    Hyper-SD), ``peft`` (``unet.<path>.lora_A``/``lora_B``), ``diffusers`` (``unet.<path>.lora.down``/``lora.up``)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config_to_diffusers(config.unet))
+    gen, state = torch.Generator().manual_seed(0), {}
+    for name, module in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in FEW_STEP_TARGETS):
+            continue
+        out, inp, *kernel = module.weight.shape
+        down = torch.randn(rank, inp, *kernel, generator=gen) * 0.3 / (inp * math.prod(kernel)) ** 0.5
+        up = torch.randn(out, rank, *[1] * len(kernel), generator=gen) * 0.3 / rank**0.5
+        kohya = "lora_unet_" + name.replace(".", "_")
+        state |= {"kohya": {f"{kohya}.lora_down.weight": down, f"{kohya}.lora_up.weight": up,
+                            f"{kohya}.alpha": torch.tensor(8.0)},
+                  "peft": {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up},
+                  "diffusers": {f"unet.{name}.lora.down.weight": down, f"unet.{name}.lora.up.weight": up}}[layout]
+    return state
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft", "diffusers"])
+def test_full_size_few_step_loras_load_with_nothing_unmatched(layout) -> None:
+    """An LCM-/TCD-/Hyper-SD-LoRA for SD 1.5 (278 layers, 3×3 convolutions included) in each published layout."""
+    config = ModelConfig.sd15()
+    loaded = adapter_from_state_dict(few_step_lora(config, layout, rank=1), config, strict=True)
+    assert not loaded.unmatched and len(loaded.adapter.modules) == 278
+    with torch.device("meta"):
+        meta = LatentDiffusion(config)
+    assert apply_adapter(meta, loaded.adapter) == {}  # every tensor fits its layer
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_few_step_lora_equals_diffusers_loading_the_same_file(layout, model, small, rel_err, unet_inputs) -> None:
+    state = few_step_lora(small.model, layout)
+    theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(small.unet)).eval()
+    theirs.load_state_dict(unet_to_diffusers(model.unet.state_dict(), small.unet))
+    converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+    StableDiffusionPipeline.load_lora_into_unet(converted, alphas, theirs)
+    apply_adapter(model, adapter_from_state_dict(state, small.model, strict=True).adapter)
+    x, t, context = unet_inputs(small.unet)
+    with torch.no_grad():
+        want = theirs(x, t, encoder_hidden_states=context).sample
+        got = model.unet(x, t, context)
+    assert rel_err(got, want) <= 1e-5

@@ -12,6 +12,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from helpers import rel_err as max_rel
@@ -70,7 +72,8 @@ def run_ours(name, schedule, net, steps, *, quantize=False, generator=None, **kw
     sigmas = choice.sigmas(schedule, steps)
     x = start_noise() * choice.start_scale(float(sigmas[0]), schedule)
     noise = None if generator is None else choice.noise(x, float(sigmas[0]), generator)
-    return choice.fn(Denoiser(net, schedule, quantize=quantize), x, sigmas, noise=noise, **kwargs)
+    options = choice.options(schedule, None) | kwargs
+    return choice.fn(Denoiser(net, schedule, quantize=quantize), x, sigmas, noise=noise, **options)
 
 
 # (our sampler, diffusers scheduler, its extra config, timestep spacing, round t like diffusers, sampler kwargs)
@@ -79,6 +82,7 @@ DETERMINISTIC = [
     ("euler", EulerDiscreteScheduler, {}, "leading", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "linspace", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "trailing", False, {}),
+    ("euler-trailing", EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, "leading", False, {}),
     ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
     ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "trailing", False, {}),
     ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, "linspace", False, {}),
@@ -105,6 +109,15 @@ def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type,
     assert max_rel(ours, ref) <= 1e-4
 
 
+def same_generator_error(net, name, schedule, scheduler, steps, kwargs) -> float:
+    """Max relative error of our sampler against diffusers' scheduler, both drawing from generators seeded 5."""
+    step_generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        ours = run_ours(name, schedule, net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
+        ref = run_diffusers(scheduler, net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
+    return max_rel(ours, ref)
+
+
 @pytest.mark.parametrize("steps", [10, 30])
 @pytest.mark.parametrize("name,scheduler_cls,extra,kwargs", [
     ("euler-a", EulerAncestralDiscreteScheduler, {}, {}),
@@ -115,11 +128,24 @@ def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, na
                                                                      steps):
     schedule = schedule_for("epsilon", "leading")
     scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
-    step_generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        ours = run_ours(name, schedule, tiny_net, steps, generator=torch.Generator().manual_seed(5), **kwargs)
-        ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"generator": step_generator, **kwargs})
-    assert max_rel(ours, ref) <= 1e-4
+    assert same_generator_error(tiny_net, name, schedule, scheduler, steps, kwargs) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("name,scheduler_cls,extra,kwargs", [
+    ("lcm", LCMScheduler, {}, {}),
+    ("tcd", TCDScheduler, {}, {}),
+    ("tcd", TCDScheduler, {}, {"eta": 0.0}),
+    ("tcd", TCDScheduler, {}, {"eta": 0.7}),
+    ("ddim-trailing", DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}, {}),
+], ids=["lcm", "tcd", "tcd-eta0", "tcd-eta0.7", "ddim-trailing"])
+def test_few_step_samplers_equal_diffusers_with_the_same_generator(tiny_net, name, scheduler_cls, extra, kwargs,
+                                                                   prediction_type, steps):
+    """LCM-LoRA / TCD-LoRA / Hyper-SD sampling on an SD1.5 ("leading") schedule, as their authors run it."""
+    schedule = schedule_for(prediction_type, "leading")
+    scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
+    assert same_generator_error(tiny_net, name, schedule, scheduler, steps, kwargs) <= 1e-4
 
 
 @pytest.mark.parametrize("steps", [10, 30])
@@ -203,16 +229,35 @@ def mixture_start(mixture, sigmas, n=4000):
     return (x0 + sigmas[0].double() * torch.randn(x0.shape, generator=g, dtype=torch.float64)).float()
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+def assert_samples_the_mixture(mixture, out):
+    assert (out.mean(0) - mixture.mean()).abs().max() < 0.06
+    assert (torch.cov(out.T) - mixture.covariance()).abs().max() < 0.2
+    assert (mixture.mode_weights(out) - mixture.weights).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name not in ("lcm", "tcd")])
 def test_samples_have_the_mixture_mean_covariance_and_mode_weights(mixture, name):
     steps = 50 if name in ("ddpm", "euler-a", "dpm++2m-sde") else 30
     sigmas = sampling_sigmas(NoiseSchedule.sd(), steps, "karras")
     x = mixture_start(mixture, sigmas)
     noise = SamplerChoice(name).noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
-    out = SAMPLERS[name](mixture.denoise, x, sigmas, noise=noise).double()
-    assert (out.mean(0) - mixture.mean()).abs().max() < 0.06
-    assert (torch.cov(out.T) - mixture.covariance()).abs().max() < 0.2
-    assert (mixture.mode_weights(out) - mixture.weights).abs().max() < 0.03
+    assert_samples_the_mixture(mixture, SAMPLERS[name](mixture.denoise, x, sigmas, noise=noise).double())
+
+
+@pytest.mark.parametrize("name,eta", [("lcm", None), ("tcd", 1.0)])
+def test_consistency_samplers_sample_the_mixture_with_its_exact_consistency_function(mixture, name, eta):
+    """lcm and tcd sample a consistency model f(x, σ), the end point of the ODE through x (with a diffusion model's
+    E[x₀|x] instead they lose modes); given the exact f (the ODE solved by dpm++2m) 4 steps sample the mixture."""
+    def consistency(x, sigma, **_):
+        ode = torch.cat([torch.exp(torch.linspace(math.log(sigma[0]), math.log(1e-3), 100)), torch.zeros(1)])
+        return SAMPLERS["dpm++2m"](mixture.denoise, x, ode)
+
+    schedule, choice = NoiseSchedule.sd(), parse_sampler(name)
+    sigmas = choice.sigmas(schedule, 4)
+    x = mixture_start(mixture, sigmas)
+    noise = choice.noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
+    assert_samples_the_mixture(mixture, choice.fn(consistency, x, sigmas, noise=noise,
+                                                  **choice.options(schedule, eta)).double())
 
 
 def test_higher_order_samplers_are_closer_to_the_ode_solution_than_euler(mixture):
@@ -245,7 +290,7 @@ def test_ddim_is_euler_ddpm_is_euler_ancestral_and_noiseless_sde_is_dpmpp_2m(tin
         assert max_rel(sde, SAMPLERS["dpm++2m"](denoiser, x, sigmas)) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde"])
+@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde", "lcm", "tcd"])
 def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny_net, name):
     schedule = NoiseSchedule.sd()
     sigmas = sampling_sigmas(schedule, 8)
@@ -254,7 +299,8 @@ def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny
     choice = SamplerChoice(name)
 
     def run(x, generator):
-        return choice.fn(denoiser, x, sigmas, noise=choice.noise(x, float(sigmas[0]), generator))
+        return choice.fn(denoiser, x, sigmas, noise=choice.noise(x, float(sigmas[0]), generator),
+                         **choice.options(schedule, None))
 
     with torch.no_grad():
         a = run(x, torch.Generator().manual_seed(4))
@@ -286,6 +332,7 @@ def test_callback_sees_every_step(tiny_net):
     ("DPM++ 2M Karras", ("dpm++2m", "karras")), ("dpmpp_2m_sde", ("dpm++2m-sde", "model")),
     ("DPM++ 2M SDE Exponential", ("dpm++2m-sde", "exponential")), ("unipc-karras", ("unipc", "karras")),
     ("DDIM", ("ddim", "model")), ("  Heun  ", ("heun", "model")), ("ddpm-exponential", ("ddpm", "exponential")),
+    ("LCM", ("lcm", "model")), ("tcd", ("tcd", "model")), ("ddim_trailing", ("ddim", "trailing")),
 ])
 def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
     choice = parse_sampler(name)
@@ -293,8 +340,9 @@ def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
 
 
 def test_every_name_round_trips_through_display_names():
-    assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-sde", "unipc"]
-    assert SPACINGS == ("karras", "exponential")
+    assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-sde", "unipc", "lcm",
+                              "tcd"]
+    assert SPACINGS == ("karras", "exponential", "trailing")
     for base in SAMPLERS:
         for name in [base] + [f"{base}-{s}" for s in SPACINGS]:
             assert parse_sampler(parse_sampler(name).display).name == name
@@ -346,6 +394,12 @@ def test_bad_strength_steps_and_options_raise():
         sample_ddim(lambda x, s, **_: x, torch.zeros(1, 2), sigmas, eta=2)
     with pytest.raises(NijimiError, match="'euler-a' draws noise"):
         SAMPLERS["euler-a"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas)
+    with pytest.raises(SamplerError, match="'lcm' works on the training timesteps: pass schedule="):
+        SAMPLERS["lcm"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas, noise=lambda a, b: torch.zeros(1, 2))
+    with pytest.raises(SamplerError, match="tcd: eta=1.5"):
+        SAMPLERS["tcd"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas, eta=1.5, schedule=NoiseSchedule.sd())
+    assert parse_sampler("tcd").options(NoiseSchedule.sd(), 0.5) == {"eta": 0.5, "schedule": NoiseSchedule.sd()}
+    assert parse_sampler("ddim").options(NoiseSchedule.sd(), None) == {}
 
 
 def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():

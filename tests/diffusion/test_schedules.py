@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 from nijimi.diffusion.schedules import NoiseSchedule, sampling_sigmas, sigma_to_t
 from nijimi.errors import ConfigError, NijimiError, SamplerError
@@ -90,6 +90,28 @@ def test_trailing_spacing_has_exactly_steps_entries_where_numpy_adds_one():
 def test_sd_leading_timesteps_are_the_known_values():
     assert NoiseSchedule.sd().timesteps(10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert NoiseSchedule.sd().timesteps(4).tolist() == [751, 501, 251, 1]
+
+
+def test_lcm_spacing_is_lcm_and_tcd_schedulers_skipping_schedule():
+    schedule = NoiseSchedule.sd()
+    for cls in (LCMScheduler, TCDScheduler):
+        scheduler = cls.from_config(schedule.to_diffusers_config())
+        for steps in range(1, 51):
+            scheduler.set_timesteps(steps)
+            assert schedule.timesteps(steps, "lcm").tolist() == scheduler.timesteps.tolist(), (cls, steps)
+    assert schedule.timesteps(4, "lcm").tolist() == [999, 759, 499, 259]
+    sigmas = sampling_sigmas(schedule, 4, "lcm")
+    assert sigmas[:-1].tolist() == schedule.sigmas[[999, 759, 499, 259]].tolist() and sigmas[-1] == 0
+    with pytest.raises(SamplerError, match="steps=51: LCM's schedule has 50 timesteps"):
+        schedule.timesteps(51, "lcm")
+
+
+def test_trailing_sigma_spacing_overrides_the_models_leading_timesteps():
+    scheduler = DDIMScheduler.from_config(NoiseSchedule.sd().to_diffusers_config(), timestep_spacing="trailing")
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    assert sampling_sigmas(NoiseSchedule.sd(), 4, "trailing")[:-1].tolist() == \
+        NoiseSchedule.sd().sigmas[[999, 749, 499, 249]].tolist()
 
 
 def test_karras_spacing_follows_rho_7():

@@ -10,6 +10,7 @@ from diffusers import (
     DDIMScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionImg2ImgPipeline,
 )
 
@@ -33,7 +34,8 @@ def run_diffusers(pipe, scheduler, picture, *, seed: int, batch: int = 1, **kwar
     ("ddim", DDIMScheduler, 0.8, 1),
     ("euler-a", EulerAncestralDiscreteScheduler, 0.5, 1),
     ("euler", EulerDiscreteScheduler, 1.0, 1),
-], ids=["euler-0.6-batch2", "ddim-0.8", "euler-a-0.5", "euler-1.0"])
+    ("lcm", LCMScheduler, 0.5, 2),
+], ids=["euler-0.6-batch2", "ddim-0.8", "euler-a-0.5", "euler-1.0", "lcm-0.5-batch2"])
 def test_img2img_equals_diffusers(sd_nijimi, sd_diffusers, picture, max_abs, sampler, scheduler_cls, strength,
                                   batch):
     scheduler = scheduler_cls.from_config(sd_diffusers.scheduler.config)

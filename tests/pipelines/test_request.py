@@ -63,7 +63,7 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     ({"seed": 2**64}, ConfigError, "seed"),
     ({"seed": 2**64 - 2, "batch": 3}, ConfigError, "seed"),
     ({"width": 60}, ConfigError, "width 60 must be a positive multiple of 8 pixels"),
-    ({"eta": 0.5, "sampler": "dpm++2m"}, ConfigError, "eta applies to ddim, euler-a and dpm++2m-sde, not dpm++2m"),
+    ({"eta": 0.5, "sampler": "dpm++2m"}, ConfigError, "eta applies to ddim, euler-a, dpm++2m-sde and tcd, not dpm++2m"),
     ({"sampler": "warp"}, SamplerError, "unknown sampler 'warp'"),
     ({"mask": "m.png"}, ImageError, "a mask needs an init image"),
     ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),

@@ -14,7 +14,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionPipeline,
+    TCDScheduler,
 )
 
 from nijimi.io.checkpoint import load_model
@@ -64,6 +66,18 @@ def test_unguided_equals_diffusers(sd_nijimi, sd_diffusers, max_abs):
     theirs = run_diffusers(sd_diffusers, scheduler, seed=3, prompt=PROMPT, num_inference_steps=4, guidance_scale=1.0,
                            height=64, width=64)
     ours = sd_nijimi.generate(PROMPT, steps=4, sampler="euler", guidance=1.0, seed=3, width=64, height=64)
+    assert max_abs(ours.pixels, theirs) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("sampler", "scheduler_cls", "eta", "batch"),
+                         [("lcm", LCMScheduler, None, 2), ("tcd", TCDScheduler, 0.3, 1), ("tcd", TCDScheduler, 0.0, 1)])
+def test_few_step_samplers_equal_diffusers(sd_nijimi, sd_diffusers, max_abs, sampler, scheduler_cls, eta, batch):
+    """LCM-LoRA / TCD-LoRA sampling as their authors run it (4 steps, cfg 1); the pipeline's ``eta`` is TCD's γ."""
+    scheduler = scheduler_cls.from_config(sd_diffusers.scheduler.config)
+    theirs = run_diffusers(sd_diffusers, scheduler, seed=5, batch=batch, prompt=PROMPT, num_inference_steps=4,
+                           guidance_scale=1.0, eta=eta or 0.0, height=64, width=64)
+    ours = sd_nijimi.generate(PROMPT, steps=4, sampler=sampler, eta=eta, guidance=1.0, seed=5, batch=batch, width=64,
+                              height=64)
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
 
