@@ -18,6 +18,7 @@ How a pipeline uses it (``Pipeline.generate``)::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,16 +51,21 @@ class LoraRequest(NamedTuple):
 
 
 def lora_requests(options: Sequence[str], lora_dir: str | os.PathLike | None = None) -> list[LoraRequest]:
-    """``--lora`` options (``FILE[:WEIGHT[:UNET_WEIGHT]]``) → requests. A FILE that is not an existing path is looked
-    up by name in ``lora_dir`` (:func:`~nijimi.adapters.tags.resolve_lora`), by default the embedded model's demo
-    adapters (:data:`nijimi.embedded.ADAPTERS`)."""
-    requests = []
-    for option in options:
-        path, te, unet = parse_lora_option(option)
-        if not path.exists():
-            path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
-        requests.append(LoraRequest(path, te, unet))
-    return requests
+    """``--lora`` options (``FILE[:WEIGHT[:UNET_WEIGHT]]``) → requests (:func:`resolve_request`)."""
+    return [resolve_request(LoraRequest(*parse_lora_option(option)), lora_dir) for option in options]
+
+
+def resolve_request(request: LoraRequest | tuple, lora_dir: str | os.PathLike | None = None) -> LoraRequest:
+    """The request with its file as an absolute path: a name that is not an existing path is looked up in
+    ``lora_dir`` (:func:`~nijimi.adapters.tags.resolve_lora`), by default the embedded model's demo adapters
+    (:data:`nijimi.embedded.ADAPTERS`). Non-finite multipliers raise ConfigError."""
+    path, te, unet = request
+    if not all(math.isfinite(w) for w in (te, unet)):
+        raise ConfigError(f"LoRA {path}: weights must be finite numbers, got {te}, {unet}")
+    path = Path(path)
+    if not path.exists():
+        path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
+    return LoraRequest(path.resolve(), float(te), float(unet))
 
 
 @dataclass

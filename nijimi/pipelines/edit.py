@@ -35,16 +35,6 @@ class Sources:
 
     image: Image.Image | None = None
     mask: Image.Image | None = None
-    image_name: str | None = None
-
-    def settings(self, strength: float) -> dict:
-        """What the generation settings record about the sources."""
-        if self.image is None:
-            return {}
-        out = {"init_image": self.image_name, "strength": strength}
-        if self.mask is not None:
-            out["mask"] = True
-        return out
 
 
 def load_sources(image: Image.Image | str | os.PathLike | None,
@@ -57,7 +47,7 @@ def load_sources(image: Image.Image | str | os.PathLike | None,
     if grey is not None and grey.size != rgb.size:
         raise ImageError(f"mask size {grey.size[0]}x{grey.size[1]} does not match the init image size "
                          f"{rgb.size[0]}x{rgb.size[1]}")
-    return Sources(rgb, grey, None if isinstance(image, Image.Image) else str(image))
+    return Sources(rgb, grey)
 
 
 def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch.Generator],

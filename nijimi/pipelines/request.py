@@ -20,11 +20,10 @@ from typing import Any
 
 from PIL import Image
 
-from nijimi.adapters.tags import parse_lora_option, resolve_lora
+from nijimi.adapters.tags import parse_lora_option
 from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
-from nijimi.embedded import ADAPTERS
 from nijimi.errors import ConfigError, ImageError
-from nijimi.pipelines.adapters import LoraRequest
+from nijimi.pipelines.adapters import LoraRequest, resolve_request
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
 
@@ -145,7 +144,7 @@ class GenerationRequest:
             raise ImageError("a mask needs an init image to inpaint")
         set_("init_image", _image(self.init_image))
         set_("mask", _image(self.mask))
-        set_("loras", tuple(_resolve(r, self.lora_dir) for r in self.loras))
+        set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,16 +193,6 @@ def _image(value: ImageSource | None) -> Image.Image | str | None:
     if not isinstance(value, str | os.PathLike):
         raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
     return str(Path(value).absolute())
-
-
-def _resolve(lora: LoraRequest | tuple, lora_dir: str | None) -> LoraRequest:
-    path, te, unet = lora
-    _number("LoRA weight", te)
-    _number("LoRA U-Net weight", unet)
-    path = Path(path)
-    if not path.exists():
-        path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
-    return LoraRequest(path.resolve(), float(te), float(unet))
 
 
 def _absolute(control: Control) -> Control:

@@ -388,7 +388,7 @@ def test_full_size_few_step_loras_load_with_nothing_unmatched(layout) -> None:
 def test_few_step_lora_equals_diffusers_loading_the_same_file(layout, model, small, rel_err, unet_inputs) -> None:
     state = few_step_lora(small.model, layout)
     theirs = UNet2DConditionModel.from_config(unet_config_to_diffusers(small.unet)).eval()
-    theirs.load_state_dict(unet_to_diffusers(model.unet.state_dict(), small.unet))
+    theirs.load_state_dict(unet_key_table(small.unet).to_foreign(model.unet.state_dict()))
     converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
     StableDiffusionPipeline.load_lora_into_unet(converted, alphas, theirs)
     apply_adapter(model, adapter_from_state_dict(state, small.model, strict=True).adapter)

@@ -68,7 +68,7 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     ({"mask": "m.png"}, ImageError, "a mask needs an init image"),
     ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),
     ({"loras": [("nowhere", 1.0, 1.0)], "lora_dir": "/no/such/dir"}, ConfigError, "LoRA folder /no/such/dir"),
-    ({"loras": [(".", float("nan"), 1.0)]}, ConfigError, "LoRA weight nan"),
+    ({"loras": [(".", float("nan"), 1.0)]}, ConfigError, "LoRA .: weights must be finite numbers, got nan, 1.0"),
 ])
 def test_bad_values_are_refused_by_name(changes, error, message):
     with pytest.raises(error, match=re.escape(message)):
