@@ -1,15 +1,293 @@
+"""The ``nijimi`` command through the real command line (``nijimi.cli.main``): ``generate`` → ``reproduce`` gives
+the same pixels, metadata round-trips, batches are numbered and never overwritten by accident, every user error exits
+2 with one ``error:`` line, no traceback and no file; the training commands' generated flags."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from helpers import TOY_F8, random_model
+from PIL import Image
 
+from nijimi.adapters.formats import save_adapter
+from nijimi.adapters.inject import adapter_parameters, get_adapter, inject
+from nijimi.adapters.targets import AdapterSpec
 from nijimi.cli import build_parser, main
+from nijimi.io.checkpoint import load_model, save_single
+from nijimi.io.controlnet import save_original
+from nijimi.io.pngmeta import model_hash, read_png_metadata
+from nijimi.models.controlnet import ControlNetModel
+from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.adapter import AdapterTrainConfig
 from nijimi.train.config import build_config
 from nijimi.train.controlnet import ControlNetTrainConfig
 from nijimi.train.run import parse_config
 from nijimi.ui.train import config_values
 
+CONFIG = TOY_F8
+FAST = ["--steps", "3", "--size", "64x64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A small random SD-architecture model in a single .safetensors file (the init plus noise: a fresh text
+    encoder's final LayerNorm gives hidden states of mean exactly 0, which A1111's emphasis rescaling divides by)."""
+    model = random_model(CONFIG, 0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_single(model, path)
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``nijimi ARGV`` in-process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_path):
+    first = tmp_path / "a.png"
+    code, out, err = run(capsys, "generate", "a red cube, (blue:1.2) sky", "-n", "fog", "--model", model_file,
+                         "--seed", 42, "--sampler", "euler-a", "--cfg", 5, *FAST, "--out", first)
+    assert (code, out.strip(), err) == (0, str(first), "")
+    again = tmp_path / "b.png"
+    code, out, err = run(capsys, "reproduce", first, "--out", again, "--quiet")
+    assert (code, out.strip(), err) == (0, str(again), "")
+    assert np.array_equal(pixels(first), pixels(again))
+    assert pixels(first).std() > 5  # a picture, not a flat field
+    assert read_png_metadata(again)["recipe"] == read_png_metadata(first)["recipe"]
+
+
+@pytest.fixture(scope="module")
+def extras(tmp_path_factory, model_file) -> dict[str, Path]:
+    """For ``model_file``: an init image and mask, a LoRA and a ControlNet (random, non-zero) with its map."""
+    folder = tmp_path_factory.mktemp("extras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(folder / "mask.png")
+    model, _ = load_model(model_file)
+    inject(model, AdapterSpec(rank=2, alpha=1.0), "trained", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in adapter_parameters(model, "trained"):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    save_adapter(get_adapter(model, "trained"), folder / "ink.safetensors", model.config, "kohya")
+    controlnet = ControlNetModel.from_unet(load_model(model_file)[0].unet, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_original(controlnet, folder / "cn.safetensors")
+    return {"init": folder / "init.png", "mask": folder / "mask.png", "lora": folder / "ink.safetensors",
+            "controlnet": folder / "cn.safetensors"}
+
+
+REPRODUCED = {
+    "txt2img": ["--sampler", "dpm++2m-sde", "--guidance-rescale", "0.5"],
+    "img2img": ["--init", "{init}", "--strength", "0.6", "--sampler", "ddim", "--eta", "0.5"],
+    "inpaint": ["--init", "{init}", "--mask", "{mask}", "--strength", "0.9", "--sampler", "euler-a"],
+    "lora": ["--lora", "{lora}:0.8", "--sampler", "unipc"],
+    "lora-tag": ["--lora-dir", "{dir}", "--sampler", "heun", "--prompt-suffix", " <lora:ink:0.7>"],
+    "controlnet": ["--control", "model={controlnet},image={init},scale=0.8,end=0.6", "--sampler", "euler"],
+}
+
+
+@pytest.mark.parametrize("flags", REPRODUCED.values(), ids=REPRODUCED.keys())
+def test_reproduce_regenerates_every_kind_of_image(capsys, model_file, extras, tmp_path, flags):
+    """txt2img, img2img, inpainting, LoRA (flag and prompt tag) and ControlNet images: ``reproduce`` reads the
+    request back from the PNG and gives the same pixels; the recipe holds the request, equal after a round trip."""
+    args = [f.format(dir=extras["lora"].parent, **extras) for f in flags]
+    suffix = ""
+    if "--prompt-suffix" in args:
+        at = args.index("--prompt-suffix")
+        suffix, args = args[at + 1], args[:at] + args[at + 2:]
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    assert run(capsys, "generate", "a red cube" + suffix, "--model", model_file, "--seed", 5, *FAST, *args,
+               "--out", first)[0] == 0
+    plain = tmp_path / "plain.png"
+    assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 5, *FAST, "--out", plain)[0] == 0
+    assert (code := run(capsys, "reproduce", first, "--out", again, "--quiet"))[0] == 0, code
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(plain))  # the flags mattered
+    recipe = read_png_metadata(again)["recipe"]["request"]
+    assert recipe == read_png_metadata(first)["recipe"]["request"]
+    assert GenerationRequest.from_dict(recipe).to_dict() == recipe
+    if "--eta" in args:  # A1111 records DDIM's η as "Eta DDIM"
+        assert str(read_png_metadata(first)["settings"]["Eta DDIM"]) == "0.5"
+
+
+def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_path):
+    first = tmp_path / "bf16.png"
+    assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, "--dtype", "bf16",
+               "--vae-tile", 32, "--attention-slice", 5, "--device", "cpu", *FAST, "--out", first)[0] == 0
+    recipe = read_png_metadata(first)["recipe"]
+    request = recipe["request"]
+    assert (recipe["dtype"], recipe["device"]) == ("bf16", "cpu")
+    assert (request["vae_tile"], request["attention_slice"]) == (32, 5)
+    assert run(capsys, "reproduce", first, "--out", tmp_path / "again.png", "--quiet")[0] == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
+    assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, *FAST, "--out", tmp_path / "f.png",
+               "--vae-tile", 0)[0] == 0
+    assert not np.array_equal(pixels(first), pixels(tmp_path / "f.png"))  # fp32, untiled: other pixels
+
+
+def test_metadata_round_trips(capsys, model_file, tmp_path):
+    out = tmp_path / "meta.png"
+    assert run(capsys, "generate", "a cat: on a mat", "-n", "dog", "--model", model_file, "--seed", 7, "--cfg", 4.5,
+               "--sampler", "DPM++ 2M Karras", "--clip-skip", 2, *FAST, "--out", out)[0] == 0
+    meta = read_png_metadata(out)
+    assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
+    settings = meta["settings"]
+    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
+    assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
+    assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
+    recipe = meta["recipe"]
+    assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
+    request = recipe["request"]
+    assert (request["sampler"], request["seed"], request["batch"], request["guidance"]) == ("dpm++2m-karras", 7, 1, 4.5)
+    assert recipe["schedule"]["timestep_spacing"] == "leading" and recipe["versions"]["torch"] == torch.__version__
+    code, text, err = run(capsys, "info", out)
+    assert code == 0 and err == ""
+    lines = text.splitlines()
+    assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
+    assert "Sampler: DPM++ 2M Karras" in lines and "Seed: 7" in lines and "nijimi recipe:" in lines
+
+
+def test_batch_writes_numbered_files_and_never_overwrites(capsys, model_file, tmp_path):
+    target = tmp_path / "shot.png"
+    code, out, err = run(capsys, "generate", "a boat", "--model", model_file, "--seed", 10, "--batch", 3, *FAST,
+                       "--out", target)
+    paths = [tmp_path / f"shot-{i:02d}.png" for i in range(3)]
+    assert code == 0 and out.split() == [str(p) for p in paths], err
+    assert [read_png_metadata(p)["settings"]["Seed"] for p in paths] == [10, 11, 12]
+    single = tmp_path / "single.png"
+    assert run(capsys, "generate", "a boat", "--model", model_file, "--seed", 11, *FAST, "--out", single)[0] == 0
+    difference = np.abs(pixels(paths[1]).astype(int) - pixels(single).astype(int))
+    assert difference.max() <= 1  # batched convolutions round differently (~1e-5), a rare ±1 after uint8 rounding
+    before = [p.read_bytes() for p in paths]
+    code, out, err = run(capsys, "generate", "a ship", "--model", model_file, "--seed", 10, "--batch", 3, *FAST,
+                         "--out", target)
+    assert (code, out) == (2, "") and err == f"error: {paths[0]} exists; use --overwrite to replace it\n"
+    assert [p.read_bytes() for p in paths] == before
+    assert run(capsys, "generate", "a ship", "--model", model_file, "--seed", 10, "--batch", 3, *FAST, "--out",
+               target, "--overwrite")[0] == 0
+    assert [p.read_bytes() for p in paths] != before
+
+
+def test_folder_output_numbers_on(capsys, model_file, tmp_path):
+    folder = tmp_path / "out"
+    assert run(capsys, "generate", "a kite", "--model", model_file, "--seed", 4, "--batch", 2, *FAST, "--out",
+               folder)[0] == 0
+    assert run(capsys, "generate", "a kite", "--model", model_file, "--seed", 4, *FAST, "--out", folder)[0] == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["00000-4.png", "00001-5.png", "00002-4.png"]
+
+
+def test_random_seed_is_written_and_reproducible(capsys, model_file, tmp_path):
+    out = tmp_path / "random.png"
+    assert run(capsys, "generate", "a hill", "--model", model_file, *FAST, "--out", out)[0] == 0
+    seed = read_png_metadata(out)["settings"]["Seed"]
+    assert run(capsys, "generate", "a hill", "--model", model_file, "--seed", seed, *FAST, "--out",
+               tmp_path / "fixed.png")[0] == 0
+    assert np.array_equal(pixels(out), pixels(tmp_path / "fixed.png"))
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    """An init image, a matching mask, a mask of another size, an unreadable image and a corrupt model."""
+    files = {name: tmp_path / "inputs" / name for name in ("init.png", "mask.png", "small_mask.png", "broken.png",
+                                                           "corrupt.safetensors")}
+    files["init.png"].parent.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(files["init.png"])
+    Image.new("L", (64, 64), 255).save(files["mask.png"])
+    Image.new("L", (32, 32), 255).save(files["small_mask.png"])
+    files["broken.png"].write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    files["corrupt.safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    return files
+
+
+ERROR_CASES = {
+    "size-not-multiple-of-8": (["a red cube", "--size", "60x64"], "width 60 must be a positive multiple of 8 pixels"),
+    "size-negative": (["a red cube", "--size", "64x-8"], "--size '64x-8' is not WIDTHxHEIGHT"),
+    "size-not-a-size": (["a red cube", "--size", "big"], "--size 'big' is not WIDTHxHEIGHT"),
+    "missing-model": (["a red cube", "--model", "{tmp}/nope.safetensors"], "no such file or folder"),
+    "corrupt-model": (["a red cube", "--model", "{inputs}/corrupt.safetensors"], "corrupt.safetensors"),
+    "unknown-sampler": (["a red cube", "--sampler", "warp-drive"], "unknown sampler 'warp-drive'"),
+    "unreadable-image": (["a red cube", "--init", "{inputs}/broken.png"], "broken.png: cannot read image"),
+    "missing-image": (["a red cube", "--init", "{inputs}/gone.png"], "gone.png: image file not found"),
+    "mask-size-mismatch": (["a red cube", "--init", "{inputs}/init.png", "--mask", "{inputs}/small_mask.png"],
+                           "mask size 32x32 does not match the init image size 64x64"),
+    "mask-without-image": (["a red cube", "--mask", "{inputs}/mask.png"], "a mask needs an init image"),
+    "empty-prompt-with-cfg": ([""], "the prompt is empty"),
+    "steps-zero": (["a red cube", "--steps", "0"], "steps 0 must be an integer from 1 to 1000"),
+    "strength-above-1": (["a red cube", "--init", "{inputs}/init.png", "--strength", "1.5"],
+                         "strength 1.5 must be a number within [0.0, 1.0]"),
+    "strength-below-0": (["a red cube", "--strength", "-0.5"], "strength -0.5 must be a number within [0.0, 1.0]"),
+    "batch-zero": (["a red cube", "--batch", "0"], "batch 0 must be an integer from 1 to 4096"),
+    "guidance-nan": (["a red cube", "--guidance", "nan"], "guidance nan must be a finite number"),
+    "eta-not-for-euler": (["a red cube", "--sampler", "euler", "--eta", "0.5"], "eta applies to ddim, euler-a"),
+    "clip-skip-too-deep": (["a red cube", "--clip-skip", "5"], "clip_skip must be in [1, 2], got 5"),
+    "vae-tile": (["a red cube", "--vae-tile", "12"], "VAE tile 12 must be a multiple of the VAE factor 8"),
+    "attention-slice": (["a red cube", "--attention-slice", "-2"], "attention slice -2 must be an integer from 0"),
+    "unknown-device": (["a red cube", "--device", "abacus"], "unknown device 'abacus'"),
+}
+
+
+@pytest.mark.parametrize(("argv", "message"), ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_errors_exit_2_with_one_line_and_no_file(capsys, model_file, inputs, tmp_path, argv, message):
+    """``nijimi generate PROMPT …`` with one bad setting (the model downsamples by 16: the sizes it takes are
+    multiples of 16). Run without --quiet, so a progress bar could not hide in the error output either."""
+    prompt, *args = [a.format(tmp=tmp_path, inputs=inputs["init.png"].parent) for a in argv]
+    code, out, err = run(capsys, "generate", prompt, "--model", model_file, "--steps", "2", "--size", "64x64",
+                         "--seed", "1", "--out", tmp_path / "out" / "x.png", *args)
+    assert (code, out) == (2, "")
+    assert err.endswith("\n") and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_exits_2(capsys, model_file, tmp_path):
+    code, _, err = run(capsys, "generate", "x", "--model", model_file, "--device", "cuda", *FAST, "--out",
+                       tmp_path / "x.png")
+    assert code == 2 and err.startswith("error: device cuda: CUDA is not available") and len(err.splitlines()) == 1
+
+
+def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    code, _, err = run(capsys, "reproduce", plain, "--out", tmp_path / "r.png")
+    assert code == 2 and err == f"error: {plain}: no nijimi recipe in this PNG; only images made by nijimi can be " \
+                                "reproduced\n"
+    made = tmp_path / "inpainted.png"
+    assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
+               inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
+    inputs["init.png"].unlink()
+    code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
+    assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
+    code, _, err = run(capsys, "info", inputs["broken.png"])
+    assert code == 2 and err.startswith("error: cannot read PNG") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_python_m_nijimi_error_exit_code(model_file, tmp_path):
+    """The installed entry point: a real process exits 2 with one error line on stderr."""
+    result = subprocess.run([sys.executable, "-m", "nijimi", "generate", "a cube", "--model", str(model_file),
+                             "--steps", "0", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: steps 0 must be an integer from 1 to 1000"]
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---- the command itself and the training flags ----
 
 def test_unknown_command_exits_nonzero(capsys):
     try:

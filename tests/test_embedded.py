@@ -10,13 +10,13 @@ from PIL import Image
 
 import nijimi
 from nijimi import cli
+from nijimi.cli import DEMO_PROMPT
 from nijimi.embedded import ADAPTERS, CONTROLNET, WEIGHTS
 from nijimi.eval.adherence import mask_iou, score, shape_coverage
 from nijimi.io.safetensors import read_header, read_metadata
 from nijimi.pipelines.adapters import lora_requests
 from nijimi.train.controlnet import scene_mask
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset
-from nijimi.ui.demo import DEMO_PROMPT
 
 PINK_SEED = 2
 CONTROL_INDEX = 4

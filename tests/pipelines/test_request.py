@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nijimi.cli import build_parser
+from nijimi.cli import build_parser, request_from_args
 from nijimi.errors import ConfigError, ImageError, SamplerError
 from nijimi.pipelines.adapters import LoraRequest
 from nijimi.pipelines.control_maps import ControlSpec
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.ui.generate import request_from_args
 
 
 @pytest.fixture
