@@ -20,6 +20,13 @@ _MASK63 = (1 << 63) - 1
 _MASK64 = (1 << 64) - 1
 
 
+def initial_noise(shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """``torch.randn(shape, generator=g)`` on the CPU for each image's generator, stacked: (B, C, h, w) for shape
+    (1, C, h, w). Drawn on the CPU (as diffusers' ``randn_tensor`` does for a CPU generator), so that a seed gives the
+    same noise on any device."""
+    return torch.cat([torch.randn(shape, generator=g) for g in generators])
+
+
 def gaussian_like(x: torch.Tensor, generator: Generators | None, sampler: str) -> torch.Tensor:
     """Standard normal noise shaped like ``x`` (B, ...), drawn from ``generator`` (one, or one per batch element)."""
     generators = _generators(generator, x.shape[0], sampler)

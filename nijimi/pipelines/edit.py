@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nijimi.diffusion.noise import initial_noise
 from nijimi.diffusion.samplers import Callback, SamplerChoice, StepInfo
 from nijimi.errors import ImageError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
@@ -54,20 +55,14 @@ def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch
             tile: int | None) -> torch.Tensor:
     """One posterior sample per generator of the single image ``pixels`` (1, 3, H, W) → scaled latents (B, C, h, w).
 
-    The sample's noise is drawn on the CPU from each generator (as diffusers' ``randn_tensor`` does for a CPU
-    generator), so a seed gives the same latent on any device. ``tile`` (pixels) tiles the encoder for big images.
+    The sample's noise is drawn on the CPU from each generator (:func:`initial_noise`), so a seed gives the same
+    latent on any device. ``tile`` (pixels) tiles the encoder for big images.
     """
     vae = model.vae
     big = tile is not None and max(pixels.shape[-2:]) > tile
     posterior = vae.tiled_encode(pixels, tile) if big else vae.encode(pixels)
-    eps = _noise(tuple(posterior.mean.shape), generators).to(posterior.mean.device)
+    eps = initial_noise(tuple(posterior.mean.shape), generators).to(posterior.mean.device)
     return (posterior.mean + posterior.std * eps) * model.config.scaling_factor
-
-
-def _noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """``torch.randn(shape, generator=g)`` on the CPU for each image's generator, stacked: (B, C, h, w) for shape
-    (1, C, h, w)."""
-    return torch.cat([torch.randn(shape, generator=g) for g in generators])
 
 
 Blend = Callable[[torch.Tensor, float], torch.Tensor]
@@ -142,7 +137,8 @@ class Start:
 def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: torch.Tensor,
             generators: list[torch.Generator], sampler: SamplerChoice, shape: tuple[int, ...],
             tile: int | None = None) -> Start:
-    """The starting point of a generation of latent ``shape`` (1, C, h, w) per image, on the model's device.
+    """The starting point of a generation of latent ``shape`` (1, C, h, w) per image, on the model's device, when
+    there is an init image or the U-Net is an inpainting one (plain txt2img starts in ``Pipeline.generate``).
 
     Generator draws per image, as diffusers' pipelines make them: txt2img the noise; img2img the image's posterior
     sample, then the noise; inpainting the posterior sample (skipped by a 9-channel U-Net at strength 1), the noise,
@@ -158,7 +154,7 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     f = model.config.vae.downscale_factor
     width, height = shape[3] * f, shape[2] * f
     if source.image is None:
-        x = _noise(shape, generators).to(device) * sampler.start_scale(float(sigmas[0]), schedule)
+        x = initial_noise(shape, generators).to(device) * sampler.start_scale(float(sigmas[0]), schedule)
         if not inpaint_unet:
             return Start(0, x)
         # txt2img with an inpainting model (as A1111 does it): everything masked, the masked image blank (grey).
@@ -170,7 +166,7 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     pixels = to_tensor(source.image, width, height).to(device)
     full_noise = source.mask is not None and strength == 1.0
     known = None if full_noise and inpaint_unet else _encode(model, pixels, generators, tile)
-    noise = _noise(shape, generators).to(device)
+    noise = initial_noise(shape, generators).to(device)
     x = noise * sampler.start_scale(float(sigmas[0]), schedule) if full_noise else \
         noised_latent(known, noise, sigmas, start)
     if source.mask is None:
@@ -180,5 +176,5 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     if inpaint_unet:
         masked = _encode(model, pixels * (mask < 0.5), generators, tile)
         return Start(start, x, torch.cat([latent_mask.expand(len(generators), -1, -1, -1), masked], dim=1))
-    _noise(shape, generators)  # the draw of the masked image's posterior sample, which only a 9-channel U-Net uses
+    initial_noise(shape, generators)  # the draw of the masked image's posterior sample; only 9-channel U-Nets use it
     return Start(start, x, None, masked_blend(known, noise, latent_mask))

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
+from nijimi.diffusion.noise import initial_noise
 from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import PromptError
@@ -183,7 +184,11 @@ class Pipeline:
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
         request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
                                   attention_slice=attention_slice or 0)
-        start = edit.prepare(self.model, source, request.strength, sigmas, generators, sampler, shape, vae_tile)
+        if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
+            start = edit.Start(0, initial_noise(shape, generators).to(self.device)
+                               * sampler.start_scale(float(sigmas[0]), cfg.schedule))
+        else:  # an init image, or an inpainting U-Net (its extra channels)
+            start = edit.prepare(self.model, source, request.strength, sigmas, generators, sampler, shape, vae_tile)
         run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
                               self.dtype)
         applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
