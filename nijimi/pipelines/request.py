@@ -117,6 +117,9 @@ class GenerationRequest:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise ConfigError("prompt and negative_prompt must be text")
+        if not isinstance(self.strict_loras, bool) or not isinstance(self.lora_dir, str | os.PathLike | None):
+            raise ConfigError(f"strict_loras must be true or false, lora_dir a folder (got {self.strict_loras!r}, "
+                              f"{self.lora_dir!r})")
         _integer("steps", self.steps, 1, 1000)
         _integer("batch", self.batch, 1, 4096)
         for name in ("width", "height"):
@@ -144,6 +147,7 @@ class GenerationRequest:
             raise ImageError("a mask needs an init image to inpaint")
         set_("init_image", _image(self.init_image))
         set_("mask", _image(self.mask))
+        set_("lora_dir", None if self.lora_dir is None else str(Path(self.lora_dir).absolute()))
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
 
