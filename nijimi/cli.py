@@ -241,10 +241,14 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one ``error: …`` line (exit 2), like the library's errors."""
+    """An argument parser whose usage errors are one ``error: …`` line (exit 2), like the library's errors, and that
+    takes no abbreviated flags (``--vae`` must not silently mean ``--vae-tile``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 DESCRIPTION = "nijimi (滲み): latent diffusion (Stable Diffusion) from scratch, fast on an ordinary CPU."

@@ -325,9 +325,18 @@ def test_an_unknown_training_key_is_one_error_line(command, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--no-such-key=1"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: unrecognized arguments: --no-such-key=1\n"
+    assert capsys.readouterr().err == "error: unrecognized arguments: --no-such-key=1 (see `nijimi --help`)\n"
     recipe = tmp_path / "bad.toml"
     recipe.write_text("no_such_key = 1\n")
     assert main([command, "--config", str(recipe), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown config key(s): no_such_key (known: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["generate", "x", "--vae-t", "32"], ["generate", "x", "--steps", "many"]])
+def test_usage_errors_are_one_line_and_flags_are_never_abbreviated(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert argv[2] in err and err.endswith("--help`)\n")
