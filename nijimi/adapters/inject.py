@@ -10,7 +10,7 @@ U-Net and text-encoder multipliers as A1111's ``<lora:name:te:unet>``; a bare U-
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -139,18 +139,6 @@ def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", mul
     return skipped
 
 
-def set_multiplier(model: nn.Module, name: str, multiplier: float, unet_multiplier: float | None = None,
-                   te_multiplier: float | None = None) -> None:
-    """Change the multipliers of adapter ``name`` (not while it is merged: unmerge first)."""
-    found = False
-    for path, layer in adapted_layers(model):
-        if name in layer.adapters:
-            if name in layer.merged:
-                raise ConfigError(f"adapter {name!r} is merged into {path}; unmerge it before changing its multiplier")
-            layer.adapters[name].multiplier = _multiplier(path, multiplier, unet_multiplier, te_multiplier)
-            found = True
-    if not found:
-        raise ConfigError(f"no adapter named {name!r} on the model (have {adapter_names(model)})")
 
 
 def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -198,29 +186,8 @@ def get_adapter(model: nn.Module, name: str = "default") -> Adapter:
                     if name in layer.adapters})
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter ``name`` as a flat state dict (``<module path>.<tensor name>``, plus ``alpha``/``scale`` scalars)."""
-    return get_adapter(model, name).state_dict()
 
 
-def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
-    """Copy values from :func:`adapter_state_dict` into the injected adapter ``name`` (resuming training). Keys must
-    match exactly; a missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming it."""
-    current = adapter_state_dict(model, name)
-    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-    if missing or unexpected:
-        raise CheckpointError(f"adapter state for {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for path, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        for tensor_name, tensor in adapter.tensors().items():
-            value = state[f"{path}.{tensor_name}"]
-            if value.shape != tensor.shape:
-                raise CheckpointError(f"{path}.{tensor_name}: shape {tuple(value.shape)}, expected "
-                                      f"{tuple(tensor.shape)}")
-            with torch.no_grad():
-                tensor.copy_(value)
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -158,28 +158,10 @@ class Adapter:
     modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat ``<module path>.<tensor name>`` keys (nijimi's own layout, e.g. for a training checkpoint)."""
-        return {f"{path}.{name}": t for path, mw in self.modules.items() for name, t in mw.flat().items()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Adapter:
-        """Inverse of :meth:`state_dict`: keys split at their last dot into module path and tensor name."""
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in sd.items():
-            path, _, name = key.rpartition(".")
-            grouped.setdefault(path, {})[name] = value
-        modules = {path: ModuleWeights.from_flat(entries, path) for path, entries in grouped.items()}
-        return cls(modules, dict(metadata or {}))
-
     def under(self, prefix: str) -> Adapter:
         """The modules whose path starts with ``prefix``, with it removed (to apply to a bare U-Net or encoder)."""
         return Adapter({p[len(prefix):]: mw for p, mw in self.modules.items() if p.startswith(prefix)},
                        dict(self.metadata))
-
-    def prefixed(self, prefix: str) -> Adapter:
-        """The inverse of :meth:`under`."""
-        return Adapter({prefix + p: mw for p, mw in self.modules.items()}, dict(self.metadata))
 
     def kinds(self) -> Counter:
         """How many modules of each kind (``"lora"``, ``"loha"`` …; DoRA modules counted as ``"<kind>+dora"``)."""
