@@ -143,7 +143,7 @@ def test_adapter_file_applies_with_a1111_multipliers(model, small, random_weight
     with torch.no_grad():
         base_unet, base_text = model.unet(x, t, context), model.text_encoder(ids)
     loaded = read_adapter(tmp_path / "my.style.safetensors", small.model)
-    apply_adapter(model, loaded.adapter, "my_style", unet_multiplier=0.8, te_multiplier=0.0)
+    apply_adapter(model, loaded.adapter, "my_style", unet_multiplier=0.8, te_multiplier=0.0, strict=False)
     assert adapter_names(model) == ["my_style"] and not loaded.unmatched
     with torch.no_grad():
         assert torch.equal(model.text_encoder(ids), base_text)
@@ -151,7 +151,7 @@ def test_adapter_file_applies_with_a1111_multipliers(model, small, random_weight
     misfit = Adapter({Q: random_weights("lora", model.get_submodule(FC)), FC: adapter.modules[FC]})
     save_adapter(misfit, tmp_path / "misfit.safetensors", small.model)
     partial = read_adapter(tmp_path / "misfit.safetensors", small.model).adapter
-    skipped = apply_adapter(model, partial, "misfit")
+    skipped = apply_adapter(model, partial, "misfit", strict=False)
     assert list(skipped) == [Q] and "does not fit the weight (32, 32)" in skipped[Q]
     with pytest.raises(CheckpointError, match="1 adapter modules do not fit"):
         apply_adapter(model, partial, "strict", strict=True)
