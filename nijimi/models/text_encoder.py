@@ -14,7 +14,7 @@ but carried so a single-file checkpoint round-trips without loss.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError, PromptError
+from nijimi.models.config import StoredConfig
 
 _LN_EPS = 1e-5
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(StoredConfig):
     """Shape of a CLIP text transformer.
 
     ``clip_skip`` is the default layer used (1 = last); ``projection_dim`` is set for encoders that carry
@@ -46,9 +47,7 @@ class TextEncoderConfig:
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_positions", "width", "num_layers", "num_heads", "mlp_width"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TextEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive(("vocab_size", "max_positions", "width", "num_layers", "num_heads", "mlp_width"))
         if self.width % self.num_heads:
             raise ConfigError(f"TextEncoderConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.activation not in _ACTIVATIONS:
@@ -74,18 +73,6 @@ class TextEncoderConfig:
     def tiny(cls) -> TextEncoderConfig:
         """A small encoder over the full CLIP vocabulary, for the embedded model and tests; provisional."""
         return cls(width=256, num_layers=4, num_heads=4, mlp_width=1024)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TextEncoderConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown TextEncoderConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 class TextEncoding(NamedTuple):
