@@ -160,15 +160,3 @@ def save_diffusers(model: ControlNetModel, folder: str | os.PathLike, half: bool
         diffusers_folder.write_component(temp, CONTROLNET, model.config, model.state_dict(), half,
                                          {diffusers_folder.NIJIMI_CONFIG_KEY: model.config.to_dict()})
 
-
-def convert_controlnet(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None,
-                       half: bool = False) -> ControlNetLoadReport:
-    """Load a ControlNet (either layout) and write it to ``dst`` as ``to`` = ``"original"`` (default when ``dst``
-    ends in ``.safetensors``) or ``"diffusers"``. Tensors keep their stored dtype unless ``half``, so original →
-    diffusers → original is bit-exact. Returns the load report."""
-    to = to or ("original" if str(dst).lower().endswith(".safetensors") else "diffusers")
-    if to not in ("original", "diffusers"):
-        raise ConfigError(f"convert ControlNet: to={to!r} must be 'original' or 'diffusers'")
-    model, report = load_controlnet(src, dtype=None)
-    (save_original if to == "original" else save_diffusers)(model, dst, half)
-    return report
