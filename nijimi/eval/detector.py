@@ -234,4 +234,3 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
             if soft.sum() >= min_area * chroma.size:
                 found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape)))
     return [d for _, d in sorted(found, key=lambda t: -t[0])]
-

@@ -159,4 +159,3 @@ def save_diffusers(model: ControlNetModel, folder: str | os.PathLike, half: bool
     with diffusers_folder.atomic_folder(Path(folder), "config.json") as temp:
         diffusers_folder.write_component(temp, CONTROLNET, model.config, model.state_dict(), half,
                                          {diffusers_folder.NIJIMI_CONFIG_KEY: model.config.to_dict()})
-
