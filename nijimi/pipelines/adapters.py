@@ -241,3 +241,4 @@ def resize_adapter_file(path: str | os.PathLike, rank: int, out: str | os.PathLi
     resized = resize_lora(loaded.adapter, rank, config)
     save_adapter(resized, out, config, format or loaded.format, dtype=_float_dtype(loaded))
     return resized
+
