@@ -4,8 +4,7 @@ stack several, merge into the base weights, save what was trained.
 Every adapter has a name (``"default"`` unless given); the layers it sits on are found by module path relative to
 the model passed in. A :class:`~nijimi.models.ldm.LatentDiffusion` takes an :class:`~nijimi.adapters.weights.Adapter`
 read from a file as it is (paths ``model.diffusion_model.…`` / ``cond_stage_model.transformer.…``), with separate
-U-Net and text-encoder multipliers as A1111's ``<lora:name:te:unet>``; a bare U-Net takes
-``adapter.under(UNET_PREFIX)``.
+U-Net and text-encoder multipliers as A1111's ``<lora:name:te:unet>``; a bare U-Net takes paths relative to itself.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ order-free) and the effective bias ``b + Σᵢ mᵢ · Δbᵢ``. They are also e
 Two ways to compute the same output: the base layer's own forward run with the effective weight (one product per
 call: the cheap path for inference), or, while gradients are recorded and every active adapter is a plain LoRA,
 the low-rank path ``base(x) + m·s·up(down(x))`` (LoRA paper, arXiv 2106.09685, §4.1), which trains without forming
-a full-size weight gradient. Merging adds the update into the base weight in place; unmerging subtracts it again
-(for kinds whose ΔW depends on W — DoRA, IA³, GLoRA, OFT — the update added is kept for that).
+a full-size weight gradient. Merging adds the update into the base weight in place.
 """
 
 from __future__ import annotations

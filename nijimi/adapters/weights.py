@@ -158,11 +158,6 @@ class Adapter:
     modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
 
-    def under(self, prefix: str) -> Adapter:
-        """The modules whose path starts with ``prefix``, with it removed (to apply to a bare U-Net or encoder)."""
-        return Adapter({p[len(prefix):]: mw for p, mw in self.modules.items() if p.startswith(prefix)},
-                       dict(self.metadata))
-
     def kinds(self) -> Counter:
         """How many modules of each kind (``"lora"``, ``"loha"`` …; DoRA modules counted as ``"<kind>+dora"``)."""
         return Counter(mw.kind + ("+dora" if mw.dora else "") for mw in self.modules.values())
