@@ -21,29 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from nijimi.errors import PromptError
 from nijimi.text.prompt_syntax import BREAK_WEIGHT, parse_attention, prompt_schedule, split_composable
+from nijimi.text.tokenizer import ClipTokenizer
 
 CHUNK_TOKENS = 75
 """Prompt tokens per chunk; a chunk is [BOS] + 75 + [EOS] = 77 ids, CLIP's context length."""
 COMMA_BACKTRACK = 20
 """A1111's default ``comma_padding_backtrack``: how far back a comma may be to end a full chunk early."""
-
-
-class Tokenizer(Protocol):
-    """What this module needs from a CLIP tokenizer (nijimi.text.tokenizer.ClipTokenizer fits)."""
-
-    bos_token_id: int
-    eos_token_id: int
-    pad_token_id: int
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without BOS/EOS."""
-        ...
 
 
 # ---- Chunking into 77-token windows with per-token weights -----------------------------------------------------------
@@ -86,7 +74,7 @@ def _frame(tokens: list[int], weights: list[float], bos: int, eos: int, pad: int
     return ids, [1.0, *weights] + [1.0] * (n_pad + 1)
 
 
-def chunk_prompt(text: str, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_prompt(text: str, tokenizer: ClipTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and emphasis weights of one prompt, cut into 77-token chunks as A1111 does.
 
     Each piece of ``parse_attention(text)`` is tokenized on its own; ``BREAK`` closes the current chunk. The
@@ -135,7 +123,7 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def encode_weighted(
-    texts: Sequence[str], tokenizer: Tokenizer, encode: Callable[[torch.Tensor], torch.Tensor]
+    texts: Sequence[str], tokenizer: ClipTokenizer, encode: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """Encode prompts with A1111 emphasis and long-prompt chunking: ``(B, 77·n, D)``, n = most chunks of any text.
 
@@ -188,7 +176,7 @@ class ScheduledCond:
 def encode_prompt_schedule(
     prompt: str,
     steps: int,
-    tokenizer: Tokenizer,
+    tokenizer: ClipTokenizer,
     encode: Callable[[torch.Tensor], torch.Tensor],
     *,
     negative: bool = False,
