@@ -81,10 +81,7 @@ def chunk_prompt(text: str, tokenizer: ClipTokenizer) -> tuple[torch.Tensor, tor
     tokenizer's ``pad_token_id`` fills a chunk after its EOS (SD1: the EOS id 49407; SD2: 0, as A1111's OpenCLIP
     path). Returns ``ids: (n_chunks, 77)`` int64 and ``weights: (n_chunks, 77)`` float32.
     """
-    comma = tokenizer.encode(",")
-    if len(comma) != 1:
-        raise PromptError(f"tokenizer encodes ',' as {comma}, expected one token")
-    chunker = _Chunker(comma[0])
+    chunker = _Chunker(tokenizer.encode(",")[0])  # "," is one CLIP token (267)
     for piece, weight in parse_attention(text):
         if piece == "BREAK" and weight == BREAK_WEIGHT:
             chunker.close()
