@@ -138,8 +138,6 @@ def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", mul
     return skipped
 
 
-
-
 def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
     have = adapter_names(model)
     unknown = sorted(set(names or []) - set(have))

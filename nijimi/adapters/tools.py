@@ -27,8 +27,6 @@ from nijimi.models.ldm import LatentDiffusion, ModelConfig
 _LONG_METADATA = 200  # characters of a metadata value shown before it is cut
 
 
-
-
 def _lowrank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up (out, r), down (r, in·…)) of the rank-``rank`` truncated SVD of ``delta`` viewed as a matrix."""
     matrix = delta.reshape(delta.shape[0], -1).float()
