@@ -101,7 +101,7 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default",
     """Add a new trainable adapter to the layers ``spec`` selects; freeze every other parameter of ``model``.
 
     Returns the adapted module paths. The adapter starts as the identity (see :mod:`nijimi.adapters.targets`); its
-    parameters are the only ones left with ``requires_grad``; base weights are never modified by training.
+    parameters are :func:`adapter_parameters`; base weights are never modified by training.
     """
     _check_name(model, name)
     paths = select_targets(model, spec.targets, spec.parts)
@@ -174,3 +174,14 @@ def get_adapter(model: nn.Module, name: str = "default") -> Adapter:
     _selected(model, [name])
     return Adapter({path: layer.adapters[name].weights() for path, layer in adapted_layers(model)
                     if name in layer.adapters})
+
+
+
+
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` (None: of every adapter), for the optimizer."""
+    chosen = set(_selected(model, None if name is None else [name]))
+    return [p for _, layer in adapted_layers(model) for n, adapter in layer.adapters.items() if n in chosen
+            for p in adapter.parameters()]

@@ -8,6 +8,7 @@ import torch
 from nijimi.adapters.inject import (
     adapted_layers,
     adapter_names,
+    adapter_parameters,
     apply_adapter,
     get_adapter,
     inject,
@@ -158,7 +159,7 @@ def test_inject_trains_only_the_adapter(model, unet_inputs, token_ids, rel_err) 
     start = outputs(model, unet_inputs, token_ids)
     # A new adapter changes nothing (up to the rounding of convolutions over a freshly allocated weight).
     assert rel_err(start[0], base[0]) <= 1e-6 and rel_err(start[1], base[1]) <= 1e-6
-    params = [p for _, layer in adapted_layers(model) for p in layer.adapters["trained"].parameters()]
+    params = adapter_parameters(model, "trained")
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
     optimizer = torch.optim.SGD(params, lr=0.1)
     x, t, context = unet_inputs(model.config.unet)

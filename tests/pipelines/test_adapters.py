@@ -12,7 +12,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 from nijimi.adapters.formats import read_adapter, save_adapter
-from nijimi.adapters.inject import adapted_layers, apply_adapter, get_adapter, inject
+from nijimi.adapters.inject import adapted_layers, adapter_parameters, apply_adapter, get_adapter, inject
 from nijimi.adapters.targets import AdapterSpec
 from nijimi.adapters.tools import lora_from_delta, module_shapes
 from nijimi.adapters.weights import Adapter
@@ -33,7 +33,7 @@ def write_lora(model, path: Path, config: ModelConfig, seed: int = 5, fmt: str =
     inject(model, AdapterSpec(rank=2, alpha=1.0, targets=targets), "trained", torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in (p for p in model.parameters() if p.requires_grad):  # inject froze all but the adapter
+        for p in adapter_parameters(model, "trained"):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 / p[0].numel() ** 0.5)
     save_adapter(get_adapter(model, "trained"), path, config, fmt)
     return path
