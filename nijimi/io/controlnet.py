@@ -8,9 +8,8 @@ is read from the shapes: hint channels from ``input_hint_block.0.weight``, the e
 from the attention projections (SD 2.x: linear ``proj_in``, 64-wide heads; SD 1.x: 1×1 convolutions, 8 heads).
 Files nijimi writes carry their :class:`ControlNetConfig` as JSON in the safetensors metadata.
 
-diffusers folders are read and written by :mod:`nijimi.io.diffusers_folder` from the :data:`CONTROLNET` descriptor
-(sharded weights, whole-folder atomic writes); nijimi's own folders add ``"_nijimi_config"`` to ``config.json``
-(diffusers ignores keys starting with ``_``).
+diffusers folders are read and written by :mod:`nijimi.io.diffusers_folder` from the :data:`CONTROLNET` descriptor;
+nijimi's own folders carry their config as ``"_nijimi_config"`` in ``config.json``.
 """
 
 from __future__ import annotations

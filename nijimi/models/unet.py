@@ -40,8 +40,7 @@ class UNetConfig(StoredConfig):
     transformer blocks; the middle block always has one. ``linear_proj``: the transformers' ``proj_in``/``proj_out``
     are Linear layers (SD 2.x) instead of 1×1 convolutions. ``upcast_attention``: attention runs in float32 for
     half-precision inputs (the SD 2.x reference always does; fp16 SD 2.1 overflows otherwise). ``sample_size`` is the
-    latent side the weights were trained at (stored with the weights, not used by the network). SD 2.x 768-v is
-    :meth:`sd21_v`; its architecture is :meth:`sd21`'s.
+    latent side the weights were trained at (stored with the weights, not used by the network).
     """
 
     in_channels: int = 4
