@@ -9,7 +9,6 @@ kind of a module is recognised from its tensor names, the way A1111 recognises t
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -144,11 +143,6 @@ class ModuleWeights:
         if kind is None:
             raise CheckpointError(f"{where}: tensors {sorted(tensors)} make no known adapter kind")
         return cls(kind, tensors, scalars.get("alpha"), scalars.get("scale"))
-
-    def to(self, dtype: torch.dtype) -> ModuleWeights:
-        """A copy with floating-point tensors cast to ``dtype`` (``on_input`` flags untouched)."""
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.tensors.items()}
-        return dataclasses.replace(self, tensors=tensors)
 
 
 @dataclass
