@@ -100,10 +100,10 @@ def _kind(head: bytes, file: IO) -> str:
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` file or a PyTorch zip checkpoint (``.ckpt .pt .pth .bin``).
 
-    A safetensors file is opened and its header parsed once, its tensors memory-mapped. Half-precision tensors are
-    returned as stored. Metadata is the safetensors ``__metadata__``; for a ``.ckpt`` with a
-    ``state_dict`` entry, its other scalar entries (``global_step`` …) as strings. Every unreadable, malformed or
-    unsafe file raises ``CheckpointError`` naming the file and the problem.
+    A safetensors file is opened and its header parsed once, its tensors memory-mapped. Tensors keep their stored
+    dtype. Metadata is the safetensors ``__metadata__``; for a ``.ckpt`` with a ``state_dict`` entry, its other scalar
+    entries (``global_step`` …) as strings. Every unreadable, malformed or unsafe file raises ``CheckpointError``
+    naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():

@@ -11,11 +11,13 @@ exact strings ``<|startoftext|>``/``<|endoftext|>`` become their ids; other text
 per character (a final capital sigma becomes ``σ``, not ``str.lower``'s ``ς``), cut by the CLIP pattern (contractions
 ``'s 't 're 've 'm 'll 'd``, letter runs L*, single digits N*, runs of anything else but Unicode ``White_Space``,
 which separates pieces and is dropped), UTF-8 encoded, mapped byte by byte to printable symbols, marked ``</w>`` at
-the end and merged pair by pair in merge-list order. Like transformers, and unlike the original CLIP code, there is
-no ``ftfy.fix_text``/``html.unescape``: ``&amp;`` stays four pieces and curly quotes, ligatures and full-width
-letters are not folded (plain-text prompts tokenize the same under all three). Letter/number classes come from
+the end and merged pair by pair in merge-list order. Like transformers (its fast tokenizer never ran them), and
+unlike the original CLIP code, there is no ``ftfy.fix_text`` or (twice) ``html.unescape``: ``&amp;`` stays four pieces
+and curly quotes, ligatures and full-width letters are not folded (plain-text prompts tokenize the same under all
+three). Letter/number classes come from
 Python's ``unicodedata``: characters newer than its Unicode version may be classified unlike the Rust reference.
 """
+
 from __future__ import annotations
 
 import functools
