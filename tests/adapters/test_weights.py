@@ -60,7 +60,7 @@ def test_wrong_names_for_the_kind_are_refused() -> None:
         ModuleWeights.from_flat({"lora_down": torch.ones(1, 2)}, "unet_x")
 
 
-def test_flat_round_trip_prefixes_and_counts() -> None:
+def test_flat_round_trip_and_counts() -> None:
     adapter = Adapter({"a.b": lora(2, alpha=1.5), "c": ModuleWeights("full", {"diff": torch.ones(2)}, scale=0.5)},
                       {"k": "v"})
     flat = adapter.modules["a.b"].flat()
