@@ -1,16 +1,15 @@
 """Putting adapters on a model and taking them off: inject new trainable ones, apply loaded ones with multipliers,
-stack several, merge into the base weights and unmerge, save what was trained.
+stack several, merge into the base weights, save what was trained.
 
 Every adapter has a name (``"default"`` unless given); the layers it sits on are found by module path relative to
 the model passed in. A :class:`~nijimi.models.ldm.LatentDiffusion` takes an :class:`~nijimi.adapters.weights.Adapter`
 read from a file as it is (paths ``model.diffusion_model.…`` / ``cond_stage_model.transformer.…``), with separate
-U-Net and text-encoder multipliers as A1111's ``<lora:name:te:unet>``; a bare U-Net takes
-``adapter.under(UNET_PREFIX)``.
+U-Net and text-encoder multipliers as A1111's ``<lora:name:te:unet>``; a bare U-Net takes paths relative to itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -139,20 +138,6 @@ def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", mul
     return skipped
 
 
-def set_multiplier(model: nn.Module, name: str, multiplier: float, unet_multiplier: float | None = None,
-                   te_multiplier: float | None = None) -> None:
-    """Change the multipliers of adapter ``name`` (not while it is merged: unmerge first)."""
-    found = False
-    for path, layer in adapted_layers(model):
-        if name in layer.adapters:
-            if name in layer.merged:
-                raise ConfigError(f"adapter {name!r} is merged into {path}; unmerge it before changing its multiplier")
-            layer.adapters[name].multiplier = _multiplier(path, multiplier, unet_multiplier, te_multiplier)
-            found = True
-    if not found:
-        raise ConfigError(f"no adapter named {name!r} on the model (have {adapter_names(model)})")
-
-
 def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
     have = adapter_names(model)
     unknown = sorted(set(names or []) - set(have))
@@ -163,19 +148,12 @@ def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
 
 def merge_adapters(model: nn.Module, names: list[str] | None = None) -> None:
     """Add the adapters' updates (all, or ``names``) into the base weights in place; they stop costing anything at
-    inference and are undone by :func:`unmerge_adapters`. The updates are computed on the weights before this merge,
+    inference (undo it by restoring saved base weights). The updates are computed on the weights before this merge,
     as the live stack computes them; adapters left unmerged whose ΔW depends on W (DoRA, IA³, GLoRA, OFT) see the
     merged weights from then on."""
     chosen = _selected(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(chosen)
-
-
-def unmerge_adapters(model: nn.Module, names: list[str] | None = None) -> None:
-    """Take merged updates (all, or ``names``) out of the base weights again."""
-    chosen = _selected(model, names)
-    for _, layer in adapted_layers(model):
-        layer.unmerge(chosen)
 
 
 def remove_adapter(model: nn.Module, name: str | None = None) -> None:
@@ -184,7 +162,7 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> None:
     chosen = set(_selected(model, None if name is None else [name]))
     for path, layer in list(adapted_layers(model)):
         for adapter_name in [n for n in layer.adapters if n in chosen]:
-            layer.merged.pop(adapter_name, None)
+            layer.merged.discard(adapter_name)
             del layer.adapters[adapter_name]
         if not layer.adapters:
             parent_path, _, child = path.rpartition(".")
@@ -198,29 +176,8 @@ def get_adapter(model: nn.Module, name: str = "default") -> Adapter:
                     if name in layer.adapters})
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """Adapter ``name`` as a flat state dict (``<module path>.<tensor name>``, plus ``alpha``/``scale`` scalars)."""
-    return get_adapter(model, name).state_dict()
 
 
-def load_adapter_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], name: str = "default") -> None:
-    """Copy values from :func:`adapter_state_dict` into the injected adapter ``name`` (resuming training). Keys must
-    match exactly; a missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming it."""
-    current = adapter_state_dict(model, name)
-    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
-    if missing or unexpected:
-        raise CheckpointError(f"adapter state for {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for path, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        for tensor_name, tensor in adapter.tensors().items():
-            value = state[f"{path}.{tensor_name}"]
-            if value.shape != tensor.shape:
-                raise CheckpointError(f"{path}.{tensor_name}: shape {tuple(value.shape)}, expected "
-                                      f"{tuple(tensor.shape)}")
-            with torch.no_grad():
-                tensor.copy_(value)
 
 
 def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:

@@ -1,5 +1,4 @@
-"""Adapter tools behind ``nijimi lora …``: load a file onto a model, extract a LoRA from two models, resize one,
-describe one.
+"""Adapter tools behind ``nijimi lora …``: extract a LoRA from two models, resize one, describe one.
 
 Extraction and resizing use the truncated SVD, the best rank-r approximation in the Frobenius norm (Eckart–Young):
 ``ΔW ≈ U_r S_r V_rᵀ``, stored as ``up = U_r √S_r``, ``down = √S_r V_rᵀ`` (convolution weights flattened to
@@ -17,8 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nijimi.adapters.formats import LoadedAdapter, file_modules, peft_weights_file, read_adapter
-from nijimi.adapters.inject import apply_adapter
+from nijimi.adapters.formats import file_modules, peft_weights_file, read_adapter
 from nijimi.adapters.targets import named_layers, select_targets
 from nijimi.adapters.weights import SCALARS, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
@@ -27,19 +25,6 @@ from nijimi.io.keys.adapters import KOHYA_OFT, KOHYA_TEXT, KOHYA_UNET, PEFT_TEXT
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 
 _LONG_METADATA = 200  # characters of a metadata value shown before it is cut
-
-
-def load_lora(model: LatentDiffusion, path: str | os.PathLike, te_multiplier: float = 1.0,
-              unet_multiplier: float | None = None, name: str | None = None, strict: bool = False) -> LoadedAdapter:
-    """Read an adapter file and apply it to ``model`` as adapter ``name`` (default: the file's stem), with A1111's
-    multipliers (``unet_multiplier`` defaults to ``te_multiplier``). Returns what was read; its ``unmatched`` lists
-    the file keys and the modules (native paths) left out, with the reasons. ``strict`` refuses any."""
-    loaded = read_adapter(path, model.config, strict=strict)
-    unet = te_multiplier if unet_multiplier is None else unet_multiplier
-    skipped = apply_adapter(model, loaded.adapter, name or Path(path).stem.replace(".", "_"), 1.0, unet,
-                            te_multiplier, strict=strict)
-    loaded.unmatched.update(skipped)
-    return loaded
 
 
 def _lowrank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,6 @@ kind of a module is recognised from its tensor names, the way A1111 recognises t
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -145,11 +144,6 @@ class ModuleWeights:
             raise CheckpointError(f"{where}: tensors {sorted(tensors)} make no known adapter kind")
         return cls(kind, tensors, scalars.get("alpha"), scalars.get("scale"))
 
-    def to(self, dtype: torch.dtype) -> ModuleWeights:
-        """A copy with floating-point tensors cast to ``dtype`` (``on_input`` flags untouched)."""
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.tensors.items()}
-        return dataclasses.replace(self, tensors=tensors)
-
 
 @dataclass
 class Adapter:
@@ -157,29 +151,6 @@ class Adapter:
 
     modules: dict[str, ModuleWeights]
     metadata: dict[str, str] = field(default_factory=dict)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat ``<module path>.<tensor name>`` keys (nijimi's own layout, e.g. for a training checkpoint)."""
-        return {f"{path}.{name}": t for path, mw in self.modules.items() for name, t in mw.flat().items()}
-
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Adapter:
-        """Inverse of :meth:`state_dict`: keys split at their last dot into module path and tensor name."""
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in sd.items():
-            path, _, name = key.rpartition(".")
-            grouped.setdefault(path, {})[name] = value
-        modules = {path: ModuleWeights.from_flat(entries, path) for path, entries in grouped.items()}
-        return cls(modules, dict(metadata or {}))
-
-    def under(self, prefix: str) -> Adapter:
-        """The modules whose path starts with ``prefix``, with it removed (to apply to a bare U-Net or encoder)."""
-        return Adapter({p[len(prefix):]: mw for p, mw in self.modules.items() if p.startswith(prefix)},
-                       dict(self.metadata))
-
-    def prefixed(self, prefix: str) -> Adapter:
-        """The inverse of :meth:`under`."""
-        return Adapter({prefix + p: mw for p, mw in self.modules.items()}, dict(self.metadata))
 
     def kinds(self) -> Counter:
         """How many modules of each kind (``"lora"``, ``"loha"`` …; DoRA modules counted as ``"<kind>+dora"``)."""

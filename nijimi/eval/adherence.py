@@ -239,10 +239,6 @@ class ControlEval:
         """Mean IoU over the images."""
         return float(np.mean(self.ious))
 
-    def accuracy(self, attribute: str) -> float | None:
-        """Share of images with ``attribute`` right (``"correct"``: the whole caption); None if none was judged."""
-        return accuracy(self.scores, attribute)
-
 
 def evaluate_control(generate_fn: ControlGenerateFn, pairs: ControlPairs, seeds: Sequence[int] | None = None,
                      batch_size: int = 8) -> ControlEval:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from nijimi.errors import ImageError
-from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER
+from nijimi.train.shapes import COLOURS, POSITIONS, SIZES, STAR_INNER, Shape
 
 _AREA_FACTOR = {
     "circle": math.pi,
@@ -67,16 +67,9 @@ def _palette_table(palette: Palette) -> tuple[list[str], np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
-class FoundShape:
-    """One object found in an image; ``cx, cy, radius`` are fractions of the image side."""
+class FoundShape(Shape):
+    """A :class:`~nijimi.train.shapes.Shape` found in an image, with the measures that classified it."""
 
-    colour: str
-    shape: str
-    size: str
-    position: str
-    cx: float
-    cy: float
-    radius: float
     fill: float
     box_fill: float
     drop: float
@@ -241,4 +234,3 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
             if soft.sum() >= min_area * chroma.size:
                 found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape)))
     return [d for _, d in sorted(found, key=lambda t: -t[0])]
-

@@ -8,9 +8,8 @@ is read from the shapes: hint channels from ``input_hint_block.0.weight``, the e
 from the attention projections (SD 2.x: linear ``proj_in``, 64-wide heads; SD 1.x: 1×1 convolutions, 8 heads).
 Files nijimi writes carry their :class:`ControlNetConfig` as JSON in the safetensors metadata.
 
-diffusers folders are read and written by :mod:`nijimi.io.diffusers_folder` from the :data:`CONTROLNET` descriptor
-(sharded weights, whole-folder atomic writes); nijimi's own folders add ``"_nijimi_config"`` to ``config.json``
-(diffusers ignores keys starting with ``_``).
+diffusers folders are read and written by :mod:`nijimi.io.diffusers_folder` from the :data:`CONTROLNET` descriptor;
+nijimi's own folders carry their config as ``"_nijimi_config"`` in ``config.json``.
 """
 
 from __future__ import annotations
@@ -159,16 +158,3 @@ def save_diffusers(model: ControlNetModel, folder: str | os.PathLike, half: bool
     with diffusers_folder.atomic_folder(Path(folder), "config.json") as temp:
         diffusers_folder.write_component(temp, CONTROLNET, model.config, model.state_dict(), half,
                                          {diffusers_folder.NIJIMI_CONFIG_KEY: model.config.to_dict()})
-
-
-def convert_controlnet(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None,
-                       half: bool = False) -> ControlNetLoadReport:
-    """Load a ControlNet (either layout) and write it to ``dst`` as ``to`` = ``"original"`` (default when ``dst``
-    ends in ``.safetensors``) or ``"diffusers"``. Tensors keep their stored dtype unless ``half``, so original →
-    diffusers → original is bit-exact. Returns the load report."""
-    to = to or ("original" if str(dst).lower().endswith(".safetensors") else "diffusers")
-    if to not in ("original", "diffusers"):
-        raise ConfigError(f"convert ControlNet: to={to!r} must be 'original' or 'diffusers'")
-    model, report = load_controlnet(src, dtype=None)
-    (save_original if to == "original" else save_diffusers)(model, dst, half)
-    return report

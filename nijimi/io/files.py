@@ -28,7 +28,6 @@ from nijimi.errors import CheckpointError, ConfigError, NijimiError
 from nijimi.io import safetensors  # safetensors.save_file also uses atomic_write from this module
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class _LightningModelCheckpoint:
@@ -101,10 +100,10 @@ def _kind(head: bytes, file: IO) -> str:
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` file or a PyTorch zip checkpoint (``.ckpt .pt .pth .bin``).
 
-    A safetensors file is opened and its header parsed once, its tensors memory-mapped. Half-precision tensors are
-    returned as stored (see ``to_float32``). Metadata is the safetensors ``__metadata__``; for a ``.ckpt`` with a
-    ``state_dict`` entry, its other scalar entries (``global_step`` …) as strings. Every unreadable, malformed or
-    unsafe file raises ``CheckpointError`` naming the file and the problem.
+    A safetensors file is opened and its header parsed once, its tensors memory-mapped. Tensors keep their stored
+    dtype. Metadata is the safetensors ``__metadata__``; for a ``.ckpt`` with a ``state_dict`` entry, its other scalar
+    entries (``global_step`` …) as strings. Every unreadable, malformed or unsafe file raises ``CheckpointError``
+    naming the file and the problem.
     """
     path = Path(path)
     if not path.exists():
@@ -130,11 +129,6 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                               "are not loaded (unpickling them could run code)")
     raise CheckpointError(f"{path}: is {described}; expected a .safetensors file or a PyTorch zip checkpoint "
                           f"({' '.join(TORCH_SUFFIXES)})")
-
-
-def to_float32(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy of ``state_dict`` with fp16/bf16 tensors as float32 (for CPU math); other tensors as they are."""
-    return {k: v.float() if v.dtype in _HALF_DTYPES else v for k, v in state_dict.items()}
 
 
 def require_float(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:

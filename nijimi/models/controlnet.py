@@ -249,4 +249,3 @@ class ControlNetModel(nn.Module):
         if tuple(hint.shape) != want:
             raise ConfigError(f"control map must be {want} ({f}× the latent size {tuple(x.shape[2:])}), "
                               f"got {tuple(hint.shape)}")
-

@@ -14,21 +14,21 @@ but carried so a single-file checkpoint round-trips without loss.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError, PromptError
+from nijimi.models.config import StoredConfig
 
 _LN_EPS = 1e-5
 _ACTIVATIONS = ("quick_gelu", "gelu")
 
 
 @dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(StoredConfig):
     """Shape of a CLIP text transformer.
 
     ``clip_skip`` is the default layer used (1 = last); ``projection_dim`` is set for encoders that carry
@@ -46,9 +46,7 @@ class TextEncoderConfig:
     projection_dim: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_positions", "width", "num_layers", "num_heads", "mlp_width"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TextEncoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive(("vocab_size", "max_positions", "width", "num_layers", "num_heads", "mlp_width"))
         if self.width % self.num_heads:
             raise ConfigError(f"TextEncoderConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.activation not in _ACTIVATIONS:
@@ -74,26 +72,6 @@ class TextEncoderConfig:
     def tiny(cls) -> TextEncoderConfig:
         """A small encoder over the full CLIP vocabulary, for the embedded model and tests; provisional."""
         return cls(width=256, num_layers=4, num_heads=4, mlp_width=1024)
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TextEncoderConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown TextEncoderConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-
-class TextEncoding(NamedTuple):
-    """``hidden``: ``(B, T, width)`` context for the U-Net; ``pooled``: ``(B, width)``, the last layer's final-LN
-    state at the end-of-text token (transformers' ``pooler_output``; not projected)."""
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -217,22 +195,3 @@ class TextEncoder(nn.Module):
         for layer in self.text_model.encoder.layers[: self.config.num_layers - skip + 1]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
-
-    def encode(self, ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
-        """Like :meth:`forward`, also returning the pooled output; runs every layer.
-
-        ``ids: (B, T)`` → ``TextEncoding(hidden (B, T, width), pooled (B, width))``. The pooled state is taken at
-        the highest token id of each row, which is the end-of-text token in CLIP's vocabulary.
-        """
-        skip = self._check(ids, clip_skip)
-        x = self.text_model.embeddings(ids)
-        used = None
-        for i, layer in enumerate(self.text_model.encoder.layers):
-            x = layer(x)
-            if i == self.config.num_layers - skip:
-                used = x
-        ln = self.text_model.final_layer_norm
-        last = ln(x)
-        hidden = last if skip == 1 else ln(used)
-        pooled = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
-        return TextEncoding(hidden, pooled)

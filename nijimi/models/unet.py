@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError
+from nijimi.models.config import StoredConfig
 from nijimi.models.layers import Attention, Conv2d, GroupNorm32, SpatialTransformer, timestep_embedding
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(StoredConfig):
     """Hyper-parameters of the U-Net. Presets are class methods; any other size is a plain constructor call.
 
     Exactly one of ``num_heads`` (same head count at every level, SD 1.x) and ``head_dim`` (heads = channels / head_dim
@@ -39,8 +40,7 @@ class UNetConfig:
     transformer blocks; the middle block always has one. ``linear_proj``: the transformers' ``proj_in``/``proj_out``
     are Linear layers (SD 2.x) instead of 1×1 convolutions. ``upcast_attention``: attention runs in float32 for
     half-precision inputs (the SD 2.x reference always does; fp16 SD 2.1 overflows otherwise). ``sample_size`` is the
-    latent side the weights were trained at (stored with the weights, not used by the network). SD 2.x 768-v is
-    :meth:`sd21_v`; its architecture is :meth:`sd21`'s.
+    latent side the weights were trained at (stored with the weights, not used by the network).
     """
 
     in_channels: int = 4
@@ -64,11 +64,8 @@ class UNetConfig:
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if (self.num_heads is None) == (self.head_dim is None):
             raise ConfigError(f"UNetConfig: set exactly one of num_heads={self.num_heads} and head_dim={self.head_dim}")
-        positive = ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim", "norm_groups",
-                    "transformer_depth")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"UNetConfig.{name} must be ≥ 1, got {getattr(self, name)}")
+        self.require_positive(("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
+                               "norm_groups", "transformer_depth"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -135,19 +132,6 @@ class UNetConfig:
         if channels % self.head_dim:
             raise ConfigError(f"UNetConfig: {channels} channels not divisible by head_dim={self.head_dim}")
         return channels // self.head_dim, self.head_dim
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (tuples as lists) to store next to the weights."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error (they would silently change nothing)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"UNetConfig: unknown keys {unknown}")
-        return cls(**d)
 
 
 class ResBlock(nn.Module):

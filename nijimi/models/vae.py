@@ -3,8 +3,7 @@
 An image ``x ∈ [-1, 1]^(3×H×W)`` is encoded into a diagonal Gaussian over latents ``z`` of shape
 ``(z_channels, H/f, W/f)`` with ``f = 2^(len(channel_mult)-1)`` (8 for Stable Diffusion); the decoder maps ``z`` back
 to an image. The diffusion model works on ``scaling_factor · z`` so the latents have roughly unit variance (LDM §4.3.2,
-appendix D.1); :meth:`VAE.encode_latents` / :meth:`VAE.decode_latents` apply that factor, :meth:`VAE.encode` /
-:meth:`VAE.decode` do not.
+appendix D.1); :meth:`VAE.decode_latents` applies that factor, :meth:`VAE.encode` / :meth:`VAE.decode` do not.
 
 The module tree is the original checkpoint key tree after ``first_stage_model.`` (``encoder.down.1.block.0.norm1``,
 ``decoder.up.3.upsample.conv``, ``encoder.mid.attn_1.q``), so an SD single file loads with one strict
@@ -15,20 +14,21 @@ and runs *last*.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nijimi.errors import ConfigError, ImageError, NijimiError
+from nijimi.models.config import StoredConfig
 
 _NORM_EPS = 1e-6
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(StoredConfig):
     """Shape of an autoencoder; ``channels · channel_mult[i]`` is the width of resolution level ``i``.
 
     ``scaling_factor`` multiplies latents before the diffusion model sees them (0.18215 for SD 1.x/2.x).
@@ -47,9 +47,8 @@ class VAEConfig:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"VAEConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
-        for name in ("in_channels", "out_channels", "channels", "num_res_blocks", "z_channels", "norm_groups"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        self.require_positive(("in_channels", "out_channels", "channels", "num_res_blocks", "z_channels",
+                               "norm_groups"))
         for width in (self.channels * m for m in self.channel_mult):
             if width % self.norm_groups:
                 raise ConfigError(f"VAEConfig: width {width} is not divisible by norm_groups={self.norm_groups}")
@@ -71,19 +70,6 @@ class VAEConfig:
         """Pixels per latent cell along each side: ``2^(levels - 1)``."""
         return 2 ** (len(self.channel_mult) - 1)
 
-    def to_dict(self) -> dict:
-        """A JSON-ready dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> VAEConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown VAEConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
-
 
 class DiagonalGaussian:
     """The posterior ``q(z|x) = N(mean, diag(exp(logvar)))`` produced by the encoder (LDM §3, appendix G).
@@ -101,10 +87,6 @@ class DiagonalGaussian:
         """``mean + std · ε`` with ``ε`` drawn from ``generator``; returns ``(B, C, h, w)``."""
         eps = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + self.std * eps
-
-    def mode(self) -> torch.Tensor:
-        """The mean, ``(B, C, h, w)``."""
-        return self.mean
 
     def kl(self) -> torch.Tensor:
         """``KL(q ‖ N(0, I))`` summed over (C, h, w), shape ``(B,)``."""
@@ -329,19 +311,6 @@ class VAE(nn.Module):
         f = self.config.downscale_factor
         size, stride = _tile_grid(tile // f, overlap)
         return _tiled(lambda t: self.decoder(self.post_quant_conv(t)), z, (size, stride), (size * f, stride * f))
-
-    def encode_latents(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, tile: int | None = None
-    ) -> torch.Tensor:
-        """Images in [-1, 1] ``(B, 3, H, W)`` → scaled latents ``scaling_factor · z``, ``(B, z, H/f, W/f)``.
-
-        ``z`` is a posterior sample drawn from ``generator`` when one is given, else the posterior mean.
-        ``tile`` (pixels) switches to :meth:`tiled_encode` when the image is larger than one tile.
-        """
-        big = tile is not None and max(x.shape[-2:]) > tile
-        posterior = self.tiled_encode(x, tile) if big else self.encode(x)
-        z = posterior.mode() if generator is None else posterior.sample(generator)
-        return z * self.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Scaled latents ``(B, z, h, w)`` → images ``(B, 3, h·f, w·f)`` in about [-1, 1].

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from nijimi.errors import PromptError
 from nijimi.text.prompt_syntax import BREAK_WEIGHT, parse_attention, prompt_schedule, split_composable
+from nijimi.text.tokenizer import ClipTokenizer
 
 CHUNK_TOKENS = 75
 """Prompt tokens per chunk; a chunk is [BOS] + 75 + [EOS] = 77 ids, CLIP's context length."""
@@ -34,21 +34,7 @@ COMMA_BACKTRACK = 20
 """A1111's default ``comma_padding_backtrack``: how far back a comma may be to end a full chunk early."""
 
 
-class Tokenizer(Protocol):
-    """What this module needs from a CLIP tokenizer (nijimi.text.tokenizer.ClipTokenizer fits)."""
-
-    bos_token_id: int
-    eos_token_id: int
-    pad_token_id: int
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` without BOS/EOS."""
-        ...
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Chunking into 77-token windows with per-token weights
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Chunking into 77-token windows with per-token weights -----------------------------------------------------------
 
 
 class _Chunker:
@@ -88,17 +74,14 @@ def _frame(tokens: list[int], weights: list[float], bos: int, eos: int, pad: int
     return ids, [1.0, *weights] + [1.0] * (n_pad + 1)
 
 
-def chunk_prompt(text: str, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_prompt(text: str, tokenizer: ClipTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and emphasis weights of one prompt, cut into 77-token chunks as A1111 does.
 
     Each piece of ``parse_attention(text)`` is tokenized on its own; ``BREAK`` closes the current chunk. The
     tokenizer's ``pad_token_id`` fills a chunk after its EOS (SD1: the EOS id 49407; SD2: 0, as A1111's OpenCLIP
     path). Returns ``ids: (n_chunks, 77)`` int64 and ``weights: (n_chunks, 77)`` float32.
     """
-    comma = tokenizer.encode(",")
-    if len(comma) != 1:
-        raise PromptError(f"tokenizer encodes ',' as {comma}, expected one token")
-    chunker = _Chunker(comma[0])
+    chunker = _Chunker(tokenizer.encode(",")[0])  # "," is one CLIP token (267)
     for piece, weight in parse_attention(text):
         if piece == "BREAK" and weight == BREAK_WEIGHT:
             chunker.close()
@@ -114,9 +97,7 @@ def chunk_prompt(text: str, tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.T
     return ids, weights
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Encoding with emphasis
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Encoding with emphasis ------------------------------------------------------------------------------------------
 
 
 def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -139,7 +120,7 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def encode_weighted(
-    texts: Sequence[str], tokenizer: Tokenizer, encode: Callable[[torch.Tensor], torch.Tensor]
+    texts: Sequence[str], tokenizer: ClipTokenizer, encode: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """Encode prompts with A1111 emphasis and long-prompt chunking: ``(B, 77·n, D)``, n = most chunks of any text.
 
@@ -192,7 +173,7 @@ class ScheduledCond:
 def encode_prompt_schedule(
     prompt: str,
     steps: int,
-    tokenizer: Tokenizer,
+    tokenizer: ClipTokenizer,
     encode: Callable[[torch.Tensor], torch.Tensor],
     *,
     negative: bool = False,

@@ -65,9 +65,7 @@ def lex(prompt: str) -> list[str]:
     return tokens
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The syntax tree: tokens (str) and the three kinds of bracket group
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- The syntax tree: tokens (str) and the three kinds of bracket group ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -196,9 +194,7 @@ def parse(prompt: str) -> list[Node]:
     return tokens if nodes is None else nodes
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Prompt editing: the text at each step
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Prompt editing: the text at each step ---------------------------------------------------------------------------
 
 
 def _edit_step(when: str, steps: int) -> int:
@@ -252,9 +248,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     return [(end, render(nodes, end, steps)) for end in ends]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Emphasis: the weight of each piece of text
-# ---------------------------------------------------------------------------------------------------------------------
+# ---- Emphasis: the weight of each piece of text ----------------------------------------------------------------------
 
 
 def _weighted_close(tokens: list[str], i: int, prompt: str) -> float | None:

@@ -1,29 +1,21 @@
 """The CLIP text tokenizer: byte-level byte-pair encoding (BPE) into 77-token windows.
 
-Byte-pair encoding after Sennrich et al. (arXiv 1508.07909), byte-level as in GPT-2, with the vocabulary and the
-pre-tokenizing pattern of CLIP (Radford et al., arXiv 2103.00020). The merge list ships with nijimi
-(``nijimi/data/bpe_simple_vocab_16e6.txt.gz``, MIT, see ``nijimi/data/THIRD_PARTY_NOTICES``).
+BPE after Sennrich et al. (arXiv 1508.07909), byte-level as in GPT-2, with CLIP's vocabulary and pre-tokenizing
+pattern (Radford et al., arXiv 2103.00020). The merge list ships with nijimi
+(``nijimi/data/bpe_simple_vocab_16e6.txt.gz``, MIT, see ``nijimi/data/THIRD_PARTY_NOTICES``). Vocabulary (49408
+ids): the 256 byte symbols, the same with the end-of-word mark ``</w>``, one id per merge (48894, in file order),
+then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
 
-Vocabulary (49408 ids): the 256 byte symbols, the same 256 with the end-of-word mark ``</w>``, one id per merge
-(48894 merges, in file order), then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
-
-Text cleanup. We match the tokenizer Stable Diffusion pipelines run today, transformers' ``CLIPTokenizer``
-(transformers 5.x, backed by the ``tokenizers`` library), id for id:
-
-1. the exact strings ``<|startoftext|>`` / ``<|endoftext|>`` in the raw text become their special ids;
-2. every other run of text is NFC-normalised and lower-cased character by character (so a final capital sigma
-   becomes ``σ``, not the ``ς`` that ``str.lower`` would give);
-3. it is cut into pieces by the CLIP pattern: the contractions ``'s 't 're 've 'm 'll 'd``, runs of letters
-   (Unicode category L*), single digits (category N*), and runs of anything else that is not white space;
-   Unicode ``White_Space`` characters separate pieces and are dropped;
-4. each piece is UTF-8 encoded, mapped byte by byte to printable symbols, marked ``</w>`` at its end and merged
-   pair by pair in merge-list order.
-
-The original CLIP code also runs ``ftfy.fix_text`` and ``html.unescape`` (twice) before this. transformers does
-neither (its fast tokenizer never did, and ftfy is not installed here), so neither do we: ``&amp;`` stays four
-pieces, curly quotes, ligatures and full-width letters are not folded. Prompts written in plain text tokenize the
-same under all three. Letter/number classes come from Python's ``unicodedata``; characters assigned in a newer
-Unicode version than Python's may be classified differently from the Rust reference.
+Ids equal those of transformers' ``CLIPTokenizer`` (5.x, ``tokenizers``-backed), which SD pipelines run today: the
+exact strings ``<|startoftext|>``/``<|endoftext|>`` become their ids; other text is NFC-normalised and lower-cased
+per character (a final capital sigma becomes ``σ``, not ``str.lower``'s ``ς``), cut by the CLIP pattern (contractions
+``'s 't 're 've 'm 'll 'd``, letter runs L*, single digits N*, runs of anything else but Unicode ``White_Space``,
+which separates pieces and is dropped), UTF-8 encoded, mapped byte by byte to printable symbols, marked ``</w>`` at
+the end and merged pair by pair in merge-list order. Like transformers (its fast tokenizer never ran them), and
+unlike the original CLIP code, there is no ``ftfy.fix_text`` or (twice) ``html.unescape``: ``&amp;`` stays four pieces
+and curly quotes, ligatures and full-width letters are not folded (plain-text prompts tokenize the same under all
+three). Letter/number classes come from
+Python's ``unicodedata``: characters newer than its Unicode version may be classified unlike the Rust reference.
 """
 
 from __future__ import annotations
@@ -105,7 +97,6 @@ class _Vocabulary:
     decoder: list[str]
     ranks: dict[tuple[str, str], int]
     byte_encoder: dict[int, str]
-    byte_decoder: dict[str, int]
 
 
 @functools.cache
@@ -122,7 +113,6 @@ def _vocabulary() -> _Vocabulary:
         decoder=decoder,
         ranks={m: i for i, m in enumerate(merges)},
         byte_encoder=dict(pairs),
-        byte_decoder={s: b for b, s in pairs},
     )
 
 
@@ -163,16 +153,6 @@ class ClipTokenizer:
         self.max_length = max_length
         self._pattern = _piece_pattern()
         self._cache: dict[str, list[int]] = {}
-
-    @classmethod
-    def sd1(cls) -> ClipTokenizer:
-        """Stable Diffusion 1.x: windows padded with ``<|endoftext|>`` (49407)."""
-        return cls(pad_token_id=49407)
-
-    @classmethod
-    def sd2(cls) -> ClipTokenizer:
-        """Stable Diffusion 2.x (OpenCLIP ViT-H): windows padded with id 0 (``!``)."""
-        return cls(pad_token_id=0)
 
     @property
     def bos_token_id(self) -> int:
@@ -219,19 +199,6 @@ class ClipTokenizer:
             self._cache.clear()
         self._cache[piece] = ids
         return ids
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """Text of token ids: bytes re-joined (invalid UTF-8 becomes U+FFFD), ``</w>`` read as a space, stripped.
-
-        Special tokens are kept as ``<|startoftext|>``/``<|endoftext|>``.
-        """
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise PromptError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
-        data = bytes(self._vocab.byte_decoder[c] for i in ids for c in self._vocab.decoder[i])
-        return data.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ").strip()
 
     def __call__(self, texts: str | list[str], truncation: bool = True) -> torch.Tensor:
         """Token windows ``(B, max_length)`` int64: BOS, ids, EOS, then padding.

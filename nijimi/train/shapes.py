@@ -311,9 +311,7 @@ class ShapesDataset:
         """(uint8 image (size, size, 3), caption) for ``index``."""
         if not 0 <= index < self.count:
             raise IndexError(f"shapes index {index} out of range [0, {self.count})")
-        scene = self.scene(index)
-        caption = describe(scene, _index_generator(self.seed, self.split, index, "caption"))
-        return render(scene, self.size), caption
+        return render(self.scene(index), self.size), self.caption(index)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         image, caption = self.item(index)

@@ -9,7 +9,7 @@ import torch
 from helpers import MODEL_SMALL, TEXT_SMALL, UNET_SMALL, UNET_SMALL_LINEAR, randomize, rel_err
 
 from nijimi.adapters.deltas import factorization
-from nijimi.adapters.weights import ModuleWeights
+from nijimi.adapters.weights import Adapter, ModuleWeights
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 
@@ -43,6 +43,13 @@ def randomize_fixture():
 @pytest.fixture(scope="session", name="rel_err")
 def rel_err_fixture():
     return rel_err
+
+
+@pytest.fixture(scope="session")
+def bare():
+    """``bare(adapter, prefix)``: the modules under ``prefix``, paths relative to it (for a bare U-Net or encoder)."""
+    return lambda adapter, prefix: Adapter({p.removeprefix(prefix): w for p, w in adapter.modules.items()
+                                            if p.startswith(prefix)}, dict(adapter.metadata))
 
 
 @pytest.fixture(scope="session")

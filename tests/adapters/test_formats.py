@@ -237,7 +237,7 @@ def folded(encoder: TextEncoder, updates: dict[int, torch.Tensor]) -> TextEncode
     return out
 
 
-def test_sd2_qkv_updates_equal_the_fused_in_proj_update(randomize, rel_err, token_ids) -> None:
+def test_sd2_qkv_updates_equal_the_fused_in_proj_update(bare, randomize, rel_err, token_ids) -> None:
     encoder, config = openclip_pair(randomize)
     ids = token_ids(config.text)
     gen = torch.Generator().manual_seed(0)
@@ -253,7 +253,7 @@ def test_sd2_qkv_updates_equal_the_fused_in_proj_update(randomize, rel_err, toke
     for state in (split, fused):
         adapter = adapter_from_state_dict(state, config, strict=True).adapter
         assert len(adapter.modules) == 3
-        apply_adapter(encoder, adapter.under(TEXT_PREFIX), name=f"a{len(state)}")
+        apply_adapter(encoder, bare(adapter, TEXT_PREFIX), name=f"a{len(state)}")
     with torch.no_grad():
         assert rel_err(encoder(ids), want(ids)) <= 1e-5
         assert rel_err(encoder(ids, clip_skip=1), want(ids, clip_skip=1)) <= 1e-5
@@ -303,7 +303,7 @@ def test_writers_refuse_what_a_format_cannot_hold(model, small, random_weights, 
         read_adapter(tmp_path / "old.pt", small.model)
 
 
-def test_peft_folder_with_base_model_prefix(small, randomize, tmp_path) -> None:
+def test_peft_folder_with_base_model_prefix(bare, small, randomize, tmp_path) -> None:
     """A peft ``save_pretrained`` folder of a U-Net: ``base_model.model.`` keys, rank/alpha in adapter_config.json."""
     state = {"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(4, 32, 1, 1),
              "base_model.model.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(32, 4, 1, 1)}
@@ -314,7 +314,7 @@ def test_peft_folder_with_base_model_prefix(small, randomize, tmp_path) -> None:
     assert weights.alpha == 2 and weights.effective_scale == 0.5
     unet = UNetModel(small.unet)
     randomize(unet, 1)
-    assert apply_adapter(unet, adapter.under(UNET_PREFIX)) == {}
+    assert apply_adapter(unet, bare(adapter, UNET_PREFIX)) == {}
     assert [path for path, _ in adapted_layers(unet)] == ["input_blocks.1.1.proj_in"]
 
 

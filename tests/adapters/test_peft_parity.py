@@ -77,7 +77,7 @@ def peft_folder(model: torch.nn.Module, config, folder) -> None:
 
 @pytest.mark.parametrize("name", ["lora", "lora-rslora-patterns", "dora", "loha", "loha-tucker", "lokr",
                                   "lokr-both-tucker"])
-def test_unet_matches_peft(name, tmp_path, small, randomize, rel_err, unet_inputs) -> None:
+def test_unet_matches_peft(name, tmp_path, bare, small, randomize, rel_err, unet_inputs) -> None:
     cfg = small.unet
     ours = UNetModel(cfg).eval()
     randomize(ours, 0)
@@ -94,7 +94,7 @@ def test_unet_matches_peft(name, tmp_path, small, randomize, rel_err, unet_input
     with torch.no_grad():
         plain = ours(x, t, context)
         want = theirs(x, t, encoder_hidden_states=context).sample
-    assert apply_adapter(ours, loaded.adapter.under(UNET_PREFIX)) == {}
+    assert apply_adapter(ours, bare(loaded.adapter, UNET_PREFIX)) == {}
     assert len(list(adapted_layers(ours))) == sum(isinstance(m, BaseTunerLayer) for m in theirs.modules())
     with torch.no_grad():
         got = ours(x, t, context)
@@ -117,7 +117,7 @@ def clip_pair(cfg, randomize) -> tuple[TextEncoder, CLIPTextModel]:
 
 
 @pytest.mark.parametrize("name", ["lora", "lora-rslora-patterns", "dora", "loha", "lokr"])
-def test_text_encoder_matches_peft(name, tmp_path, small, randomize, rel_err, token_ids) -> None:
+def test_text_encoder_matches_peft(name, tmp_path, bare, small, randomize, rel_err, token_ids) -> None:
     """Written as a diffusers LoRA file: ``text_encoder.`` keys, the peft config in ``lora_adapter_metadata``."""
     ours, theirs = clip_pair(small.text, randomize)
     config = peft_config(name, TEXT_TARGETS)
@@ -133,7 +133,7 @@ def test_text_encoder_matches_peft(name, tmp_path, small, randomize, rel_err, to
     with torch.no_grad():
         plain = ours(ids)
         want = theirs(ids).last_hidden_state
-    assert apply_adapter(ours, loaded.adapter.under(TEXT_PREFIX)) == {}
+    assert apply_adapter(ours, bare(loaded.adapter, TEXT_PREFIX)) == {}
     assert len(list(adapted_layers(ours))) == 12
     with torch.no_grad():
         got = ours(ids)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from nijimi.adapters.formats import save_adapter
+from nijimi.adapters.formats import read_adapter, save_adapter
 from nijimi.adapters.inject import adapter_names, apply_adapter
-from nijimi.adapters.tools import describe_adapter, extract_lora, load_lora, resize_lora
+from nijimi.adapters.tools import describe_adapter, extract_lora, resize_lora
 from nijimi.adapters.weights import Adapter, ModuleWeights
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.models.ldm import LatentDiffusion
@@ -133,8 +133,8 @@ def test_describe_adapter(model, small, random_weights, tmp_path) -> None:
     assert "fits the model" not in describe_adapter(tmp_path / "ink.safetensors")
 
 
-def test_load_lora_with_a1111_multipliers(model, small, random_weights, rel_err, unet_inputs, token_ids,
-                                          tmp_path) -> None:
+def test_adapter_file_applies_with_a1111_multipliers(model, small, random_weights, rel_err, unet_inputs, token_ids,
+                                                      tmp_path) -> None:
     adapter = Adapter({Q: random_weights("lora", model.get_submodule(Q)),
                        FC: random_weights("lora", model.get_submodule(FC))})
     save_adapter(adapter, tmp_path / "my.style.safetensors", small.model)
@@ -142,17 +142,19 @@ def test_load_lora_with_a1111_multipliers(model, small, random_weights, rel_err,
     ids = token_ids(small.text)
     with torch.no_grad():
         base_unet, base_text = model.unet(x, t, context), model.text_encoder(ids)
-    loaded = load_lora(model, tmp_path / "my.style.safetensors", te_multiplier=0.0, unet_multiplier=0.8)
+    loaded = read_adapter(tmp_path / "my.style.safetensors", small.model)
+    apply_adapter(model, loaded.adapter, "my_style", unet_multiplier=0.8, te_multiplier=0.0, strict=False)
     assert adapter_names(model) == ["my_style"] and not loaded.unmatched
     with torch.no_grad():
         assert torch.equal(model.text_encoder(ids), base_text)
         assert rel_err(model.unet(x, t, context), base_unet) > 1e-3
     misfit = Adapter({Q: random_weights("lora", model.get_submodule(FC)), FC: adapter.modules[FC]})
     save_adapter(misfit, tmp_path / "misfit.safetensors", small.model)
-    partial = load_lora(model, tmp_path / "misfit.safetensors")
-    assert list(partial.unmatched) == [Q] and "does not fit the weight (32, 32)" in partial.unmatched[Q]
+    partial = read_adapter(tmp_path / "misfit.safetensors", small.model).adapter
+    skipped = apply_adapter(model, partial, "misfit", strict=False)
+    assert list(skipped) == [Q] and "does not fit the weight (32, 32)" in skipped[Q]
     with pytest.raises(CheckpointError, match="1 adapter modules do not fit"):
-        load_lora(model, tmp_path / "misfit.safetensors", name="strict", strict=True)
+        apply_adapter(model, partial, "strict", strict=True)
     reference = LatentDiffusion(small.model).eval()
     reference.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items()
                                if ".adapters." not in k})

@@ -60,18 +60,16 @@ def test_wrong_names_for_the_kind_are_refused() -> None:
         ModuleWeights.from_flat({"lora_down": torch.ones(1, 2)}, "unet_x")
 
 
-def test_state_dict_round_trip_and_prefixes() -> None:
+def test_flat_round_trip_and_counts() -> None:
     adapter = Adapter({"a.b": lora(2, alpha=1.5), "c": ModuleWeights("full", {"diff": torch.ones(2)}, scale=0.5)},
                       {"k": "v"})
-    sd = adapter.state_dict()
-    assert sorted(sd) == ["a.b.alpha", "a.b.lora_down", "a.b.lora_up", "c.diff", "c.scale"]
-    assert sd["a.b.alpha"].dtype == torch.float32 and sd["a.b.alpha"].item() == 1.5
-    back = Adapter.from_state_dict(sd, adapter.metadata)
-    assert back.modules.keys() == adapter.modules.keys() and back.metadata == {"k": "v"}
-    assert back.modules["a.b"].alpha == 1.5 and back.modules["c"].scale == 0.5
-    assert torch.equal(back.modules["a.b"].tensors["lora_up"], adapter.modules["a.b"].tensors["lora_up"])
-    assert list(adapter.prefixed("x.").under("x.").modules) == ["a.b", "c"]
-    assert list(adapter.under("a.").modules) == ["b"]
+    flat = adapter.modules["a.b"].flat()
+    assert sorted(flat) == ["alpha", "lora_down", "lora_up"]
+    assert flat["alpha"].dtype == torch.float32 and flat["alpha"].item() == 1.5
+    assert sorted(adapter.modules["c"].flat()) == ["diff", "scale"]
+    back = ModuleWeights.from_flat(flat, "a.b")
+    assert back.alpha == 1.5 and ModuleWeights.from_flat(adapter.modules["c"].flat(), "c").scale == 0.5
+    assert torch.equal(back.tensors["lora_up"], adapter.modules["a.b"].tensors["lora_up"])
     assert adapter.kinds() == {"lora": 1, "full": 1} and adapter.ranks() == {2: 1, None: 1}
 
 

@@ -14,7 +14,6 @@ from helpers import randomize, rel_err
 
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.controlnet import (
-    convert_controlnet,
     detect_controlnet,
     load_controlnet,
     save_diffusers,
@@ -229,14 +228,15 @@ def test_diffusers_reads_our_folder_and_we_read_theirs(tmp_path) -> None:
 def test_round_trips_are_bit_exact(tmp_path) -> None:
     model = random_controlnet(SD2_SMALL, 5).half()
     save_original(model, tmp_path / "a.safetensors")
-    convert_controlnet(tmp_path / "a.safetensors", tmp_path / "folder")
-    report = convert_controlnet(tmp_path / "folder", tmp_path / "b.safetensors")
+    save_diffusers(load_controlnet(tmp_path / "a.safetensors", dtype=None)[0], tmp_path / "folder")
+    converted, report = load_controlnet(tmp_path / "folder", dtype=None)
+    save_original(converted, tmp_path / "b.safetensors")
     assert (report.layout, report.config_source, report.stored_dtypes) == ("diffusers", "metadata", ("float16",))
     a = safetensors.torch.load_file(tmp_path / "a.safetensors")
     b = safetensors.torch.load_file(tmp_path / "b.safetensors")
     assert list(a) == list(b) and all(k.startswith("control_model.") for k in a)
     assert all(a[k].dtype == torch.float16 and torch.equal(a[k], b[k]) for k in a)
-    convert_controlnet(tmp_path / "b.safetensors", tmp_path / "folder2", to="diffusers")
+    save_diffusers(load_controlnet(tmp_path / "b.safetensors", dtype=None)[0], tmp_path / "folder2")
     first = safetensors.torch.load_file(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
     second = safetensors.torch.load_file(tmp_path / "folder2" / "diffusion_pytorch_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
@@ -324,5 +324,3 @@ def test_bad_folders_and_names(tmp_path) -> None:
         load_controlnet(tmp_path / "unet")
     with pytest.raises(ConfigError, match=r"a\.ckpt: ControlNet files are written as \.safetensors"):
         save_original(ControlNetModel(ControlNetConfig.tiny()), tmp_path / "a.ckpt")
-    with pytest.raises(ConfigError, match="to='single' must be 'original' or 'diffusers'"):
-        convert_controlnet(tmp_path / "a.safetensors", tmp_path / "b", to="single")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nijimi.errors import CheckpointError, ConfigError, NijimiError
-from nijimi.io.files import atomic_write, load_state_dict, require_float, to_float32
+from nijimi.io.files import atomic_write, load_state_dict, require_float
 from nijimi.io.safetensors import save_file
 
 
@@ -198,17 +198,6 @@ def test_not_a_state_dict(tmp_path, obj, problem):
 
 
 # ---- dtype helpers ---------------------------------------------------------------------------------------------------
-
-
-def test_to_float32_converts_only_half_precision():
-    sd = _state_dict()
-    out = to_float32(sd)
-    assert out["model.diffusion_model.out.2.weight"].dtype == torch.float32
-    assert torch.equal(out["model.diffusion_model.out.2.weight"].half(), sd["model.diffusion_model.out.2.weight"])
-    assert torch.equal(out["bf16"], sd["bf16"].float())
-    for key in ("first_stage_model.encoder.conv_in.bias", "alphas_cumprod",
-                "cond_stage_model.transformer.text_model.embeddings.position_ids"):
-        assert out[key] is sd[key]
 
 
 def test_require_float_names_file_key_and_dtype():

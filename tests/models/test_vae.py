@@ -71,33 +71,19 @@ def test_decode_matches_diffusers(pair):
 @torch.no_grad()
 def test_scaled_latent_helpers(pair):
     ours, _ = pair
-    x, z = images(), latents()
-    assert torch.equal(ours.encode_latents(x), ours.encode(x).mean * 0.18215)
+    z = latents()
     assert rel_err(ours.decode_latents(z * 0.18215), ours.decode(z)) < 1e-5
     assert torch.equal(ours.decode_latents(z, tile=16), ours.tiled_decode(z / 0.18215, tile=16))
     assert torch.equal(ours.decode_latents(z, tile=32), ours.decode(z / 0.18215))
-    assert torch.equal(ours.encode_latents(x, tile=16), ours.tiled_encode(x, tile=16).mean * 0.18215)
 
 
 def test_posterior_matches_diffusers():
     moments = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(3)) * 20  # logvar beyond the clamp
     mine, ref = DiagonalGaussian(moments), DiagonalGaussianDistribution(moments)
     assert torch.equal(mine.logvar, ref.logvar) and mine.logvar.min() == -30 and mine.logvar.max() == 20
-    assert torch.equal(mine.mode(), ref.mode())
+    assert torch.equal(mine.mean, ref.mode()) and torch.equal(mine.std, ref.std)
     assert torch.equal(mine.sample(torch.Generator().manual_seed(7)), ref.sample(torch.Generator().manual_seed(7)))
     assert torch.allclose(mine.kl(), ref.kl(), rtol=1e-6)
-
-
-@torch.no_grad()
-def test_encode_latents_samples_from_the_generator(pair):
-    ours, _ = pair
-    x = images()
-    a = ours.encode_latents(x, torch.Generator().manual_seed(5))
-    b = ours.encode_latents(x, torch.Generator().manual_seed(5))
-    posterior = ours.encode(x)
-    expected = (posterior.mean + posterior.std * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)))
-    assert torch.equal(a, b)
-    assert torch.equal(a, expected * 0.18215)
 
 
 # ---- full-size layout and key tables -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ BOS, EOS, COMMA, A, B = 49406, 49407, 267, 320, 321
 
 @pytest.fixture(scope="module")
 def tok() -> ClipTokenizer:
-    return ClipTokenizer.sd1()
+    return ClipTokenizer()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_chunk_empty_prompt(tok):
 
 
 def test_chunk_sd2_pads_with_zero_after_eos():
-    ids, _ = chunk_prompt("a b", ClipTokenizer.sd2())
+    ids, _ = chunk_prompt("a b", ClipTokenizer(pad_token_id=0))
     assert ids[0].tolist() == [BOS, A, B, EOS] + [0] * 73
 
 

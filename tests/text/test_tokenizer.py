@@ -56,7 +56,7 @@ def reference(hf_folder):
 
 @pytest.fixture(scope="module")
 def ours():
-    return ClipTokenizer.sd1()
+    return ClipTokenizer()
 
 
 WORDS = (
@@ -147,7 +147,7 @@ def test_encode_matches_reference_on_random_codepoints(ours, reference):
 def test_sd1_windows_match_reference(reference):
     prompts = _prompts(150, seed=2)
     expected = reference(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    got = ClipTokenizer.sd1()(prompts)
+    got = ClipTokenizer()(prompts)
     assert got.dtype == torch.long and got.shape == (len(prompts), 77)
     assert torch.equal(got, expected)
     assert got[0].tolist() == [49406, 49407] + [49407] * 75
@@ -158,8 +158,8 @@ def test_sd2_windows_pad_with_zero_after_eos(reference):
     prompts = _prompts(150, seed=2)
     unpadded = reference(prompts, max_length=77, truncation=True).input_ids
     expected = torch.tensor([ids + [0] * (77 - len(ids)) for ids in unpadded])
-    got = ClipTokenizer.sd2()(prompts)
-    assert ClipTokenizer.sd2().pad_token_id == 0
+    got = ClipTokenizer(pad_token_id=0)(prompts)
+    assert ClipTokenizer(pad_token_id=0).pad_token_id == 0
     assert torch.equal(got, expected)
     assert got[0].tolist() == [49406, 49407] + [0] * 75
 
@@ -169,8 +169,7 @@ def test_sd2_exclamation_mark_is_an_ordinary_token(hf_folder):
     which SD 2 was trained with, does not. We follow OpenCLIP."""
     sd2_reference = transformers.CLIPTokenizer.from_pretrained(hf_folder, pad_token="!")
     assert sd2_reference("wow!!", add_special_tokens=False).input_ids == [2781, 0, 0]
-    assert ClipTokenizer.sd2().encode("wow!!") == [2781, 748]
-    assert ClipTokenizer.sd2().decode([2781, 748]) == "wow !!"
+    assert ClipTokenizer(pad_token_id=0).encode("wow!!") == [2781, 748]
 
 
 def test_single_string_and_truncation(ours):
@@ -184,22 +183,9 @@ def test_single_string_and_truncation(ours):
     assert torch.equal(ours("red", truncation=False), ours("red"))
 
 
-def test_decode_matches_reference(ours, reference):
-    for prompt in _prompts(300, seed=3):
-        ids = ours(prompt)[0].tolist()
-        assert ours.decode(ids) == reference.decode(ids)
-    rng = random.Random(4)
-    for _ in range(300):
-        ids = [rng.randrange(49408) for _ in range(rng.randint(0, 20))]
-        assert ours.decode(ids) == reference.decode(ids)
-    assert ours.decode(torch.tensor([[320, 1125]])) == "a photo"
-
-
 def test_errors_name_the_value(ours):
     with pytest.raises(PromptError, match="got int"):
         ours.encode(3)
-    with pytest.raises(PromptError, match=r"\[49408\]"):
-        ours.decode([320, 49408])
     with pytest.raises(ConfigError, match="pad_token_id 50000"):
         ClipTokenizer(pad_token_id=50000)
     with pytest.raises(ConfigError, match="max_length 1"):

@@ -15,7 +15,7 @@ from helpers import TOY_F4, random_model
 from PIL import Image
 
 from nijimi.errors import ConfigError
-from nijimi.eval.adherence import evaluate_control, format_control_table, mask_iou
+from nijimi.eval.adherence import accuracy, evaluate_control, format_control_table, mask_iou
 from nijimi.io.controlnet import load_controlnet
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control_maps import canny
@@ -174,14 +174,14 @@ def test_evaluate_control_scores_perfect_and_blank_images():
 
     result = evaluate_control(perfect, pairs, seeds=range(10, 16), batch_size=4)
     assert seen == [(4, (1, 3, 64, 64), [10, 11, 12, 13]), (2, (1, 3, 64, 64), [14, 15])]
-    assert result.ious == (1.0,) * 6 and result.accuracy("correct") == 1.0
+    assert result.ious == (1.0,) * 6 and accuracy(result.scores, "correct") == 1.0
     rng = np.random.default_rng(0)
     noisy = evaluate_control(lambda c, m, s: [Image.fromarray(np.clip(shapes.item(i)[0] + rng.normal(0, 8, (64, 64, 3)),
                                                                       0, 255).astype(np.uint8)) for i in range(6)],
                              pairs, batch_size=6)
     assert 0.9 < min(noisy.ious) < 1.0  # measured 0.94 … 0.997
     blank = evaluate_control(lambda c, m, s: [Image.new("RGB", (64, 64), "white")] * len(c), pairs)
-    assert blank.iou == 0.0 and blank.accuracy("colour") == 0.0 and blank.accuracy("count") == 0.0
+    assert blank.iou == 0.0 and accuracy(blank.scores, "colour") == 0.0 and accuracy(blank.scores, "count") == 0.0
     table = format_control_table(result).splitlines()
     assert table[0].split() == ["n", "IoU", "colour", "shape", "size", "position", "count", "caption"]
     assert table[1].split()[:2] == ["6", f"{result.iou:.3f}"] and table[1].split()[-1] == "100.0%"

@@ -39,7 +39,7 @@ def test_diffusion_stage_lowers_loss_and_trains_text_encoder(tmp_path):
     unet, te, vae = UNetModel(UNET_CFG), TextEncoder(TEXT_CFG), VAE(VAE_CFG)
     te_before = te.text_model.final_layer_norm.weight.detach().clone()
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
-    objective = DiffusionObjective(unet, te, vae, ClipTokenizer.sd1(), NoiseSchedule.sd(), DATA, min_snr_gamma=5.0)
+    objective = DiffusionObjective(unet, te, vae, ClipTokenizer(), NoiseSchedule.sd(), DATA, min_snr_gamma=5.0)
     cfg = LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup_steps=3, save_every=0)
     trainer = Trainer(objective, len(DATA), cfg, tmp_path)
     trainer.run()
@@ -53,7 +53,7 @@ def test_frozen_text_encoder_is_not_trained(tmp_path):
     torch.manual_seed(0)
     te = TextEncoder(TEXT_CFG)
     before = {k: v.clone() for k, v in te.state_dict().items()}
-    objective = DiffusionObjective(UNetModel(UNET_CFG), te, VAE(VAE_CFG), ClipTokenizer.sd1(), NoiseSchedule.sd(),
+    objective = DiffusionObjective(UNetModel(UNET_CFG), te, VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(),
                                    DATA, train_text_encoder=False)
     Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path).run()
     for k, v in te.state_dict().items():
@@ -66,7 +66,7 @@ def test_timestep_weights_decide_which_timesteps_are_trained():
     seen = []
     unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
     weights = timestep_weights(1000, "range", multiplier=1e12, begin=990, end=1000)
-    objective = DiffusionObjective(unet, TextEncoder(TEXT_CFG), VAE(VAE_CFG), ClipTokenizer.sd1(), NoiseSchedule.sd(),
+    objective = DiffusionObjective(unet, TextEncoder(TEXT_CFG), VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(),
                                    DATA, timestep_weights=weights)
     objective(list(range(16)), torch.Generator().manual_seed(0), slice(0, 16))
     objective.timestep_weights = None
