@@ -1,5 +1,5 @@
 """Putting adapters on a model and taking them off: inject new trainable ones, apply loaded ones with multipliers,
-stack several, merge into the base weights, save what was trained.
+stack several, merge into the base weights and unmerge, save what was trained.
 
 Every adapter has a name (``"default"`` unless given); the layers it sits on are found by module path relative to
 the model passed in. A :class:`~nijimi.models.ldm.LatentDiffusion` takes an :class:`~nijimi.adapters.weights.Adapter`
@@ -148,12 +148,19 @@ def _selected(model: nn.Module, names: list[str] | None) -> list[str]:
 
 def merge_adapters(model: nn.Module, names: list[str] | None = None) -> None:
     """Add the adapters' updates (all, or ``names``) into the base weights in place; they stop costing anything at
-    inference (undo it by restoring saved base weights). The updates are computed on the weights before this merge,
+    inference and are undone by :func:`unmerge_adapters`. The updates are computed on the weights before this merge,
     as the live stack computes them; adapters left unmerged whose ΔW depends on W (DoRA, IA³, GLoRA, OFT) see the
     merged weights from then on."""
     chosen = _selected(model, names)
     for _, layer in adapted_layers(model):
         layer.merge(chosen)
+
+
+def unmerge_adapters(model: nn.Module, names: list[str] | None = None) -> None:
+    """Take merged updates (all, or ``names``) out of the base weights again."""
+    chosen = _selected(model, names)
+    for _, layer in adapted_layers(model):
+        layer.unmerge(chosen)
 
 
 def remove_adapter(model: nn.Module, name: str | None = None) -> None:
@@ -162,7 +169,7 @@ def remove_adapter(model: nn.Module, name: str | None = None) -> None:
     chosen = set(_selected(model, None if name is None else [name]))
     for path, layer in list(adapted_layers(model)):
         for adapter_name in [n for n in layer.adapters if n in chosen]:
-            layer.merged.discard(adapter_name)
+            layer.merged.pop(adapter_name, None)
             del layer.adapters[adapter_name]
         if not layer.adapters:
             parent_path, _, child = path.rpartition(".")

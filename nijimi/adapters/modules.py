@@ -98,8 +98,8 @@ class AdaptedLayer(nn.Module):
             raise ConfigError(f"cannot adapt a Conv2d with groups={base.groups}, padding_mode={base.padding_mode!r}")
         self.base = base
         self.adapters = nn.ModuleDict()
-        self.merged: set[str] = set()
-        """Names of the adapters merged into the base weights."""
+        self.merged: dict[str, tuple[float, torch.Tensor | None]] = {}
+        """Merged adapter name → (multiplier it was merged with, the ΔW added when it must be kept)."""
 
     def active(self) -> list[LayerAdapter]:
         """Adapters that are neither merged nor at multiplier 0, in insertion order."""
@@ -151,11 +151,25 @@ class AdaptedLayer(nn.Module):
         acc = self._acc_weight()  # every update is computed on the weight before this merge, as the forward does
         per_adapter = {n: self.adapters[n].multiplier * self.adapters[n].delta(acc) for n in todo}
         bias_delta = self._bias_deltas([self.adapters[n] for n in todo])
-        for delta in per_adapter.values():
+        for name, delta in per_adapter.items():
             self.base.weight.add_(delta.to(self.base.weight.dtype))
-        self.merged.update(todo)
+            adapter = self.adapters[name]
+            keep = adapter.kind in deltas.WEIGHT_DEPENDENT_KINDS or "dora_scale" in adapter.names
+            self.merged[name] = (adapter.multiplier, delta if keep else None)
         if bias_delta is not None:
             self.base.bias.add_(bias_delta.to(self.base.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, names: list[str]) -> None:
+        """Subtract the named merged adapters' updates again (with the multiplier they were merged with)."""
+        for name in [n for n in names if n in self.merged]:
+            multiplier, kept = self.merged.pop(name)
+            adapter = self.adapters[name]
+            delta = kept if kept is not None else multiplier * adapter.delta(self._acc_weight())
+            self.base.weight.sub_(delta.to(self.base.weight.dtype))
+            bias_delta = adapter.bias_delta()
+            if bias_delta is not None:
+                self.base.bias.sub_((multiplier * bias_delta).to(self.base.bias.dtype))
 
     def _acc_weight(self) -> torch.Tensor:
         w = self.base.weight

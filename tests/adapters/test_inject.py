@@ -1,4 +1,4 @@
-"""Adapters on a whole (small) model: every kind at once, merging, multipliers, stacking, training."""
+"""Adapters on a whole (small) model: every kind at once, merge/unmerge, multipliers, stacking, training."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nijimi.adapters.inject import (
     inject,
     merge_adapters,
     remove_adapter,
+    unmerge_adapters,
 )
 from nijimi.adapters.modules import AdaptedLayer
 from nijimi.adapters.targets import AdapterSpec
@@ -54,7 +55,7 @@ def outputs(model: LatentDiffusion, unet_inputs, token_ids) -> tuple[torch.Tenso
         return model.unet(x, t, context), model.text_encoder(token_ids(model.config.text))
 
 
-def test_merge_changes_only_the_adapted_weights(model, random_weights, rel_err, unet_inputs, token_ids) -> None:
+def test_merge_then_unmerge_restores_the_weights(model, random_weights, rel_err, unet_inputs, token_ids) -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     base = outputs(model, unet_inputs, token_ids)
     assert apply_adapter(model, every_kind(model, random_weights), "all_kinds") == {}
@@ -66,6 +67,11 @@ def test_merge_changes_only_the_adapted_weights(model, random_weights, rel_err, 
     assert len(changed) == len(EVERY_KIND) + 3  # every adapted weight, and the biases of full and two norms
     merged = outputs(model, unet_inputs, token_ids)
     assert rel_err(merged[0], adapted[0]) <= 1e-5 and rel_err(merged[1], adapted[1]) <= 1e-5
+    unmerge_adapters(model)
+    remove_adapter(model)
+    assert model.state_dict().keys() == original.keys()
+    worst = max((v - original[k]).abs().max().item() for k, v in model.state_dict().items())
+    assert worst <= 1e-6
 
 
 def test_multiplier_zero_is_the_base_model(model, random_weights, unet_inputs, token_ids) -> None:

@@ -80,13 +80,14 @@ def test_half_precision_base_keeps_its_dtype(random_weights) -> None:
     assert (out.float() - want).abs().max() < 0.05
 
 
-def test_merged_adapters_are_no_longer_active(random_weights) -> None:
+def test_merge_keeps_the_update_only_when_it_depends_on_the_weight(random_weights) -> None:
     layer = nn.Linear(8, 8)
     wrapper = AdaptedLayer(layer)
     wrapper.adapters["low"] = LayerAdapter(random_weights("lora", layer, 1))
     wrapper.adapters["dora"] = LayerAdapter(random_weights("dora", layer, 2), 0.5)
     wrapper.merge(["low", "dora"])
-    assert wrapper.merged == {"low", "dora"}
+    assert wrapper.merged["low"] == (1.0, None)
+    assert wrapper.merged["dora"][0] == 0.5 and wrapper.merged["dora"][1].shape == (8, 8)
     assert wrapper.active() == []
 
 
