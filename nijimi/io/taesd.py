@@ -108,5 +108,6 @@ def load_taesd(path: str | os.PathLike) -> TAESD:
         try:
             getattr(model, part).load_state_dict(to_float32(sd), strict=True)
         except RuntimeError as exc:
-            raise CheckpointError(f"{path}: the {part} weights do not fit TAESD: {exc}") from None
+            problems = " ".join(str(exc).split())
+            raise CheckpointError(f"{path}: the {part} weights do not fit TAESD: {problems}") from None
     return model.eval()
