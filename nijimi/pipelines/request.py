@@ -99,6 +99,9 @@ class GenerationRequest:
     clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
     vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
                                           "(default: when memory is short)", int, "N"))
+    decoder: str = knob("vae", Cli(("--decoder",), "latents → pixels: vae (the model's), tiny:PATH (a TAESD decoder: "
+                                   "taesd_decoder.safetensors or a diffusers AutoencoderTiny folder) or tiny (the "
+                                   "taesd_decoder.safetensors beside the model's weights)", metavar="vae|tiny[:PATH]"))
     attention_slice: int | None = knob(None, Cli(("--attention-slice",), "compute attention N query rows at a time; "
                                                  "0 = never (default: when memory is short)", int, "N"))
     loras: tuple[LoraRequest, ...] = knob((), Cli(
@@ -147,6 +150,7 @@ class GenerationRequest:
         set_("mask", _image(self.mask))
         set_("loras", tuple(_resolve(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
+        set_("decoder", _decoder(self.decoder))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
@@ -204,6 +208,14 @@ def _resolve(lora: LoraRequest | tuple, lora_dir: str | None) -> LoraRequest:
     if not path.exists():
         path = resolve_lora(str(path), ADAPTERS if lora_dir is None else lora_dir)
     return LoraRequest(path.resolve(), float(te), float(unet))
+
+
+def _decoder(value: Any) -> str:
+    if value in ("vae", "tiny"):
+        return value
+    if isinstance(value, str) and value.startswith("tiny:") and value[5:]:
+        return "tiny:" + str(Path(value[5:]).absolute())
+    raise ConfigError(f"decoder {value!r} must be vae, tiny or tiny:PATH")
 
 
 def _absolute(control: Control) -> Control:
