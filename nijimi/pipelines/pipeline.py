@@ -33,6 +33,7 @@ from nijimi.pipelines import edit
 from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
 from nijimi.pipelines.images import check_size, to_pil, to_unit
+from nijimi.pipelines.preview import LatentRGB, fit_latent_rgb
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
@@ -151,6 +152,7 @@ class Pipeline:
         self.model.text_encoder.to(self.device, self.dtype)
         self.conditioner = Conditioner(self.model)
         self.tiny_decoders: dict[Path, TAESD] = {}
+        self.latent_rgb: LatentRGB | None = None
 
     @property
     def native_size(self) -> int:
@@ -238,6 +240,16 @@ class Pipeline:
             return to_unit(self.model.vae.decode_latents(latents, tile=tile))
         with torch.inference_mode():
             return to_unit(self.tiny_decoder(decoder).decode_latents(latents))
+
+    def preview(self, latents: torch.Tensor, decoder: str = "rgb") -> torch.Tensor:
+        """Quick pixels (B, 3, H, W) float32 in [0, 1] on the CPU of scaled latents, such as a step callback's
+        ``info.denoised`` (x̂₀): ``"rgb"``, a linear latent → RGB map fitted to the VAE on first use
+        (:func:`~nijimi.pipelines.preview.fit_latent_rgb`); other values decode as :meth:`decode` does."""
+        if decoder != "rgb":
+            return self.decode(latents, decoder=decoder)
+        if self.latent_rgb is None:
+            self.latent_rgb = fit_latent_rgb(self.model.vae)
+        return self.latent_rgb(latents)
 
     def tiny_decoder(self, decoder: str) -> TAESD:
         """The TAESD of ``decoder``: ``tiny:PATH``, or ``tiny``, the ``taesd_decoder.safetensors`` beside the model's
