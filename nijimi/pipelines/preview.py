@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from nijimi.io.files import atomic_write
+from nijimi.errors import NijimiError
 from nijimi.models.vae import VAE
 from nijimi.pipelines.images import to_pil, to_unit
 
@@ -49,7 +50,12 @@ def fit_latent_rgb(vae: VAE, count: int = 4, cells: int = 16, seed: int = 0) -> 
 
 
 def save_preview(pixels: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write pixels ``(B, 3, H, W)`` in [0, 1] to the PNG ``path`` as one row of B images, replacing it whole."""
-    image = to_pil(torch.cat(list(pixels), dim=2)[None])[0]
-    with atomic_write(path) as file:
-        image.save(file, format="PNG")
+    """Write pixels ``(B, 3, H, W)`` in [0, 1] to the PNG ``path`` as one row of B images, replacing it whole (a temp
+    file renamed over it, so a viewer never reads half a file; not fsynced, as it is rewritten every step)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.part")
+    try:
+        to_pil(torch.cat(list(pixels), dim=2)[None])[0].save(temp, format="PNG")
+        os.replace(temp, path)
+    except OSError as exc:
+        raise NijimiError(f"{path}: cannot write the preview ({exc.strerror or exc})") from None

@@ -6,15 +6,17 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize
 from PIL import Image
 from safetensors.torch import save_file
 
+from nijimi.errors import NijimiError
 from nijimi.models.taesd import TAESD, TAESDConfig
 from nijimi.pipelines.pipeline import Pipeline, load
-from nijimi.pipelines.preview import fit_latent_rgb
+from nijimi.pipelines.preview import fit_latent_rgb, save_preview
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.ui.generate import run_generation
 
@@ -74,3 +76,8 @@ def test_preview_file_shows_the_batch_in_a_row(make_model, config, tmp_path):
     expected = torch.cat(list(pipe.preview(pipe.generate(request).latents)), dim=2)
     shown = torch.tensor(np.array(Image.open(tmp_path / "preview.png"))).permute(2, 0, 1) / 255
     assert shown.shape == (3, 48, 128) and float((shown - expected).abs().max()) <= 1 / 255
+
+
+def test_unwritable_preview_names_the_file(tmp_path):
+    with pytest.raises(NijimiError, match="missing/preview.png: cannot write the preview"):
+        save_preview(torch.zeros(1, 3, 8, 8), tmp_path / "missing" / "preview.png")
