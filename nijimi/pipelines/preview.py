@@ -3,7 +3,7 @@
 Each latent cell of SD-like autoencoders mostly encodes the mean colour of the ``f × f`` pixels it covers, so
 ``rgb ≈ W · z + b`` (``W``: 3 × C) gives a blurry but faithful picture at the cost of one tiny matrix product — the
 "latent2rgb" preview of A1111 and ComfyUI, whose tables are fitted to SD's VAE. We fit ``W, b`` to any model's VAE by
-least squares on what that VAE decodes random latents to (:func:`fit_latent_rgb`).
+least squares on pictures of flat colour patches encoded by that VAE (:func:`fit_latent_rgb`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nijimi.errors import NijimiError
 from nijimi.models.vae import VAE
-from nijimi.pipelines.images import to_pil, to_unit
+from nijimi.pipelines.images import to_pil
 
 
 @dataclass(frozen=True)
@@ -37,16 +37,21 @@ class LatentRGB:
 
 
 @torch.inference_mode()
-def fit_latent_rgb(vae: VAE, count: int = 4, cells: int = 16, seed: int = 0) -> LatentRGB:
-    """Least squares ``[z, 1] → the mean colour of the f × f pixels vae decodes the cell to``, over ``count``
-    unit-Gaussian latents (the sampler's scale) of ``cells`` cells a side drawn from ``seed``: the latents a
-    preview sees, rather than encoded pictures of some other world."""
-    z = torch.randn(count, vae.config.z_channels, cells, cells, generator=torch.Generator().manual_seed(seed))
-    pictures = to_unit(vae.decode_latents(z.to(next(vae.parameters()).device)))
+def fit_latent_rgb(vae: VAE, count: int = 8, cells: int = 16, seed: int = 0) -> LatentRGB:
+    """Least squares ``[z, 1] → the mean colour of the f × f pixels of a latent cell``, over ``count`` pictures of
+    ``cells`` latent cells a side encoded by ``vae`` (posterior means, on the sampler's scale): 4 × 4 patches of flat
+    colour, random or (half of them) white, drawn from ``seed``. Without white in the mix the background of a typical
+    picture pulls every colour towards grey."""
+    f = vae.config.downscale_factor
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.rand(count, 3, 4, 4, generator=gen)
+    colours = torch.where(torch.rand(count, 1, 4, 4, generator=gen) < 0.5, 1.0, colours)
+    pictures = F.interpolate(colours, size=cells * f)
+    z = vae.encode_latents(pictures.to(next(vae.parameters()).device) * 2 - 1).float().cpu()
     inputs = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), torch.ones(count * cells * cells, 1)], 1)
-    targets = F.avg_pool2d(pictures, vae.config.downscale_factor).permute(0, 2, 3, 1).reshape(-1, 3)
+    targets = F.avg_pool2d(pictures, f).permute(0, 2, 3, 1).reshape(-1, 3)
     solution = torch.linalg.lstsq(inputs.double(), targets.double()).solution.float()
-    return LatentRGB(solution[:-1].T.contiguous(), solution[-1].contiguous(), vae.config.downscale_factor)
+    return LatentRGB(solution[:-1].T.contiguous(), solution[-1].contiguous(), f)
 
 
 def save_preview(pixels: torch.Tensor, path: str | os.PathLike) -> None:
