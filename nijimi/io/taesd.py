@@ -55,25 +55,26 @@ def config_from_weights(sd: Mapping[str, torch.Tensor], part: str, source: str) 
     """The config of one half's weights ``sd`` (our keys, no prefix); CheckpointError naming ``source`` when they are
     not a TAESD ``part``."""
     layers = sorted({int(k.split(".")[0]) for k in sd if k.split(".")[0].isdigit()})
-    runs, run = [], 0
+    runs = [0]  # blocks in a row; a plain conv ends a run
     for i in layers:
         if f"{i}.conv.0.weight" in sd:
-            run += 1
-        elif run:
-            runs, run = [*runs, run], 0
-    first, last = sd.get(f"{1 if part == 'decoder' else 0}.weight"), sd.get(f"{layers[-1]}.weight" if layers else "")
-    if first is None or last is None or first.ndim != 4 or not runs:
-        raise CheckpointError(f"{source}: not a TAESD {part} (no {'1' if part == 'decoder' else '0'}.weight conv and "
-                              "blocks)")
+            runs[-1] += 1
+        elif runs[-1]:
+            runs.append(0)
+    first = sd.get("1.weight" if part == "decoder" else "0.weight")
+    last = sd.get(f"{layers[-1]}.weight") if layers else None
+    if first is None or last is None or first.ndim != 4 or runs == [0]:
+        raise CheckpointError(f"{source}: not a TAESD {part} (no first conv and blocks)")
+    blocks = tuple(n for n in runs if n)
     latent = first.shape[1] if part == "decoder" else last.shape[0]
-    return TAESDConfig(latent, first.shape[0], tuple(runs[::-1] if part == "decoder" else runs))
+    return TAESDConfig(latent, first.shape[0], blocks[::-1] if part == "decoder" else blocks)
 
 
 def _halves(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Each half found at ``path``, in our keys without prefix."""
     if path.is_dir():
         published = [path / f"taesd_{part}{suffix}" for part in PARTS for suffix in (".safetensors", ".pth")]
-        found = {file.stem[len("taesd_"):]: file for file in reversed(published) if file.is_file()}
+        found = {file.stem[len("taesd_"):]: file for file in reversed(published) if file.is_file()}  # .safetensors wins
         if found:
             return {part: load_state_dict(file)[0] for part, file in found.items()}
         weights = [path / name for name in _DIFFUSERS_WEIGHTS if (path / name).is_file()]
