@@ -260,6 +260,8 @@ class Pipeline:
         folder = Path(self.source or "")
         path = Path(decoder[5:]) if decoder.startswith("tiny:") else \
             (folder if folder.is_dir() else folder.parent) / "taesd_decoder.safetensors"
+        if decoder == "tiny" and not path.is_file():
+            raise CheckpointError(f"{path}: the model ships no tiny decoder here; give tiny:PATH")
         if path not in self.tiny_decoders:
             tiny, vae = load_taesd(path), self.model.config.vae
             kind = "a TAESD decoder of factor {} for {} latent channels"
