@@ -24,7 +24,7 @@ from nijimi.errors import CheckpointError
 from nijimi.io.files import load_state_dict, require_float, to_float32
 from nijimi.models.taesd import TAESD, TAESDConfig
 
-PARTS = ("encoder", "decoder")
+_PARTS = ("encoder", "decoder")
 _SHIFT = {"encoder": 0, "decoder": 1}  # our layer index minus diffusers' (DecoderTiny has no clamp layer)
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                       "diffusion_pytorch_model.fp16.safetensors")
@@ -73,7 +73,7 @@ def config_from_weights(sd: Mapping[str, torch.Tensor], part: str, source: str) 
 def _halves(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Each half found at ``path``, in our keys without prefix."""
     if path.is_dir():
-        published = [path / f"taesd_{part}{suffix}" for part in PARTS for suffix in (".safetensors", ".pth")]
+        published = [path / f"taesd_{part}{suffix}" for part in _PARTS for suffix in (".safetensors", ".pth")]
         found = {file.stem[len("taesd_"):]: file for file in reversed(published) if file.is_file()}  # .safetensors wins
         if found:
             return {part: load_state_dict(file)[0] for part, file in found.items()}
@@ -86,7 +86,7 @@ def _halves(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in sd):
         native = from_diffusers(sd)
         return {part: {k[len(part) + 1:]: v for k, v in native.items() if k.startswith(part + ".")}
-                for part in PARTS if any(k.startswith(part + ".") for k in native)}
+                for part in _PARTS if any(k.startswith(part + ".") for k in native)}
     return {"encoder" if "0.weight" in sd else "decoder": sd}
 
 

@@ -2,7 +2,7 @@
 
 A stand-in for the LDM VAE (:mod:`nijimi.models.vae`) distilled onto the same latents: no attention, no norms, only
 3×3 convs, ReLUs and residual :class:`Block` s over ``channels`` (64) features, with ``len(blocks) - 1`` stride-2
-stages (3 for SD: ``f = 8``). About 1.2 M parameters per half, so decoding costs a small fraction of the VAE's.
+stages (3 for SD: ``f = 8``). About 1.2 M parameters per half: a small fraction of the cost of SD's VAE.
 
 Conventions, with how the two published forms differ:
 
@@ -101,8 +101,8 @@ class TinyEncoder(nn.Sequential):
 
 class TinyDecoder(nn.Sequential):
     """Latents ``(B, latent_channels, h, w)`` → image in about [0, 1] ``(B, 3, h·f, w·f)``: clamp, conv, ReLU, then
-    per stage (deepest first) its blocks and, but after the last, a nearest ×2 upsample and a bias-free conv; then a
-    conv to RGB."""
+    per stage (deepest first) its blocks and, except after the last, a nearest ×2 upsample and a bias-free conv;
+    then a conv to RGB."""
 
     def __init__(self, cfg: TAESDConfig) -> None:
         c, counts = cfg.channels, cfg.blocks[::-1]
