@@ -26,6 +26,7 @@ from nijimi.errors import ConfigError, NijimiError
 from nijimi.io.checkpoint import convert
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
+from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import WEIGHT_DTYPES, dtype_name
 from nijimi.train.report import write_grid
@@ -93,19 +94,24 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
-                   quiet: bool) -> list[Path]:
+                   quiet: bool, preview: str | None = None) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
-    files are checked before the work; nothing is written when generation fails."""
+    files are checked before the work; nothing is written when generation fails. ``preview``: a PNG rewritten after
+    every step with a quick picture of x̂₀ (the tiny decoder's when the request decodes with one)."""
     paths = output_paths(out, request, overwrite)
     bars: list[ProgressBar] = []
 
     def callback(info: StepInfo) -> None:
+        if preview is not None:
+            save_preview(pipe.preview(info.denoised, "rgb" if request.decoder == "vae" else request.decoder), preview)
+        if quiet:
+            return
         if not bars:
             bars.append(ProgressBar(info.steps, label="generate"))
         bars[0].update(info.i + 1)
 
     try:
-        gen = pipe.generate(request, callback=None if quiet else callback)
+        gen = pipe.generate(request, callback=None if quiet and preview is None else callback)
     finally:
         for bar in bars:
             bar.close()
@@ -147,7 +153,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet):
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
         print(path)
     return 0
 
@@ -167,7 +173,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet):
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
         print(path)
     return 0
 
@@ -182,6 +188,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output .png file or folder (default: out/)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--preview", metavar="FILE", help="PNG rewritten after every step with a quick preview")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
 
 

@@ -4,8 +4,9 @@ The path of a prompt: the text encoder makes the conditioning of every step (A11
 :class:`Conditioner` caches each prompt's encoding: a second generation with the same prompt, steps and clip skip
 runs no text-encoder pass), the sampler
 walks σ down through a stack of small wrappers around the U-Net (per-step conditioning → denoiser → guidance →
-dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE decodes the
-latent. img2img and inpainting only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
+dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE (or a TAESD tiny
+decoder) decodes the latent. img2img and inpainting only change the starting latent and add a per-step blend
+(:mod:`nijimi.pipelines.edit`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
 from nijimi.diffusion.noise import initial_noise
 from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import EMBEDDED, embedded_path
-from nijimi.errors import PromptError
+from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
 from nijimi.io.pngmeta import model_hash
+from nijimi.io.taesd import load_taesd
 from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.taesd import TAESD
 from nijimi.pipelines import edit
 from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
 from nijimi.pipelines.images import check_size, to_pil, to_unit
+from nijimi.pipelines.preview import LatentRGB, fit_latent_rgb
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
@@ -146,6 +150,8 @@ class Pipeline:
         self.model.unet.to(self.device, self.dtype)
         self.model.text_encoder.to(self.device, self.dtype)
         self.conditioner = Conditioner(self.model)
+        self.tiny_decoders: dict[Path, TAESD] = {}
+        self.latent_rgb: LatentRGB | None = None
 
     @property
     def native_size(self) -> int:
@@ -199,7 +205,7 @@ class Pipeline:
                              sampler.noise(start.latent, float(sigmas[0]), generators), callback)
         finally:
             applied.undo()
-        pixels = self.decode(x, vae_tile)
+        pixels = self.decode(x, vae_tile, request.decoder)
         seeds = [request.seed + i for i in range(request.batch)]
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched)
 
@@ -229,10 +235,45 @@ class Pipeline:
             return request.sampler.fn(model, start.latent, sigmas[start.index:], noise=noise,
                                       callback=edit.with_blend(start.blend, callback), **options)
 
-    def decode(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) → pixels (B, 3, H, W) float32 in [0, 1] on the CPU; ``tile`` (pixels) tiles
-        the VAE decode."""
-        return to_unit(self.model.vae.decode_latents(latents.to(self.device, torch.float32), tile=tile))
+    def decode(self, latents: torch.Tensor, tile: int | None = None, decoder: str = "vae") -> torch.Tensor:
+        """Scaled latents (B, C, h, w) → pixels (B, 3, H, W) float32 in [0, 1] on the CPU, through the VAE (``tile``
+        pixels tiles its decode) or, for ``decoder`` ``tiny[:PATH]``, a TAESD decoder (:meth:`tiny_decoder`)."""
+        latents = latents.to(self.device, torch.float32)
+        if decoder == "vae":
+            return to_unit(self.model.vae.decode_latents(latents, tile=tile))
+        with torch.inference_mode():
+            return to_unit(self.tiny_decoder(decoder).decode_latents(latents))
+
+    def preview(self, latents: torch.Tensor, decoder: str = "rgb") -> torch.Tensor:
+        """Quick pixels (B, 3, H, W) float32 in [0, 1] on the CPU of scaled latents, such as a step callback's
+        ``info.denoised`` (x̂₀): ``"rgb"``, a linear latent → RGB map fitted to the VAE on first use
+        (:func:`~nijimi.pipelines.preview.fit_latent_rgb`); other values decode as :meth:`decode` does."""
+        if decoder != "rgb":
+            return self.decode(latents, decoder=decoder)
+        if self.latent_rgb is None:
+            self.latent_rgb = fit_latent_rgb(self.model.vae)
+        return self.latent_rgb(latents)
+
+    def tiny_decoder(self, decoder: str) -> TAESD:
+        """The TAESD of ``decoder``: ``tiny:PATH``, or ``tiny``, the ``taesd_decoder.safetensors`` beside the model's
+        weights; loaded once, on the pipeline's device. Its factor and latent channels must be the VAE's."""
+        if decoder == "tiny" and self.source is None:
+            raise ConfigError("decoder tiny: this pipeline's model was not loaded from a file; give tiny:PATH")
+        folder = Path(self.source or "")
+        path = Path(decoder[5:]) if decoder.startswith("tiny:") else \
+            (folder if folder.is_dir() else folder.parent) / "taesd_decoder.safetensors"
+        if decoder == "tiny" and not path.is_file():
+            raise CheckpointError(f"{path}: the model ships no tiny decoder here; give tiny:PATH")
+        if path not in self.tiny_decoders:
+            tiny, vae = load_taesd(path), self.model.config.vae
+            kind = "a TAESD decoder of factor {} for {} latent channels"
+            wanted = kind.format(vae.downscale_factor, vae.z_channels)
+            found = kind.format(tiny.config.downscale_factor, tiny.config.latent_channels)
+            found = "no decoder" if tiny.decoder is None else found
+            if found != wanted:
+                raise CheckpointError(f"{path}: holds {found}; this model needs {wanted}")
+            self.tiny_decoders[path] = tiny.requires_grad_(False).to(self.device)
+        return self.tiny_decoders[path]
 
     def _size(self, request: GenerationRequest, source: edit.Sources) -> tuple[int, int]:
         w, h = request.width, request.height

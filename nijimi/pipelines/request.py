@@ -98,6 +98,9 @@ class GenerationRequest:
     clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
     vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
                                           "(default: when memory is short)", int, "N"))
+    decoder: str = knob("vae", Cli(("--decoder",), "latents → pixels: vae (the model's), tiny:PATH (a TAESD decoder: "
+                                   "taesd_decoder.safetensors or a diffusers AutoencoderTiny folder) or tiny (the "
+                                   "taesd_decoder.safetensors beside the model's weights)", metavar="vae|tiny[:PATH]"))
     attention_slice: int | None = knob(None, Cli(("--attention-slice",), "compute attention N query rows at a time; "
                                                  "0 = never (default: when memory is short)", int, "N"))
     loras: tuple[LoraRequest, ...] = knob((), Cli(
@@ -150,6 +153,7 @@ class GenerationRequest:
         set_("lora_dir", None if self.lora_dir is None else str(Path(self.lora_dir).absolute()))
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
+        set_("decoder", _decoder(self.decoder))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
@@ -197,6 +201,14 @@ def _image(value: ImageSource | None) -> Image.Image | str | None:
     if not isinstance(value, str | os.PathLike):
         raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
     return str(Path(value).absolute())
+
+
+def _decoder(value: Any) -> str:
+    if value in ("vae", "tiny"):
+        return value
+    if isinstance(value, str) and value.startswith("tiny:") and value[5:]:
+        return "tiny:" + str(Path(value[5:]).absolute())
+    raise ConfigError(f"decoder {value!r} must be vae, tiny or tiny:PATH")
 
 
 def _absolute(control: Control) -> Control:

@@ -26,9 +26,10 @@ def full(tmp_path) -> GenerationRequest:
         prompt="a red circle <lora:ink:0.5>", negative_prompt="blurry", steps=12, sampler="DDIM Karras", eta=0.3,
         guidance=4.5, guidance_rescale=0.7, seed=2**64 - 3, width=96, height=64, batch=2,
         init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png", clip_skip=2, vae_tile=32,
-        attention_slice=7, loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)], lora_dir=str(tmp_path),
-        strict_loras=True, control=[ControlSpec(str(tmp_path / "cn.safetensors"), str(tmp_path / "map.png"), 0.9,
-                                                "canny", 0.1, 0.8, 50.0, 150.0, "crop", True)])
+        attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
+        lora_dir=str(tmp_path), strict_loras=True,
+        control=[ControlSpec(str(tmp_path / "cn.safetensors"), str(tmp_path / "map.png"), 0.9, "canny", 0.1, 0.8,
+                             50.0, 150.0, "crop", True)])
 
 
 def test_every_field_round_trips_through_json(full):
@@ -46,9 +47,9 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")
     r = GenerationRequest("x", sampler="Euler a", init_image="in.png", loras=[("ink", 1.0, 1.0)],
-                          lora_dir="loras", control=[ControlSpec("embedded", "map.png")])
+                          lora_dir="loras", control=[ControlSpec("embedded", "map.png")], decoder="tiny:taesd")
     assert r.sampler.name == "euler-a" and r.sampler.display == "Euler a"
-    assert r.init_image == str(tmp_path / "in.png")
+    assert r.init_image == str(tmp_path / "in.png") and r.decoder == f"tiny:{tmp_path / 'taesd'}"
     assert r.loras == (LoraRequest((tmp_path / "loras" / "ink.safetensors").resolve(), 1.0, 1.0),)
     assert Path(r.control[0].model).name == "controlnet-mask.safetensors" and Path(r.control[0].image).is_absolute()
     assert 0 <= GenerationRequest("x").seed < 2**32  # drawn once, here
@@ -68,6 +69,8 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),
     ({"loras": [("nowhere", 1.0, 1.0)], "lora_dir": "/no/such/dir"}, ConfigError, "LoRA folder /no/such/dir"),
     ({"loras": [(".", float("nan"), 1.0)]}, ConfigError, "LoRA .: weights must be finite numbers, got nan, 1.0"),
+    ({"decoder": "tiny:"}, ConfigError, "decoder 'tiny:' must be vae, tiny or tiny:PATH"),
+    ({"decoder": "taesd"}, ConfigError, "decoder 'taesd' must be vae, tiny or tiny:PATH"),
 ])
 def test_bad_values_are_refused_by_name(changes, error, message):
     with pytest.raises(error, match=re.escape(message)):
@@ -89,11 +92,11 @@ def test_generate_flags_come_from_the_fields(full):
     argv = ["generate", full.prompt, "-n", "blurry", "--steps", "12", "--sampler", "DDIM Karras", "--eta", "0.3",
             "--cfg", "4.5", "--guidance-rescale", "0.7", "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
-            "--vae-tile", "32", "--attention-slice", "7", "--lora", f"{full.loras[0].path}:0.8:0.6", "--lora-dir",
-            full.lora_dir, "--strict", "--control",
+            "--vae-tile", "32", "--decoder", full.decoder, "--attention-slice", "7", "--lora",
+            f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--control",
             f"model={spec.model},image={spec.image},scale=0.9,pre=canny,start=0.1,end=0.8,low=50,high=150,"
             "resize=crop,guess=true"]
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
-    for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config"):
+    for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder"):
         assert flag in help_text
