@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
@@ -147,3 +149,18 @@ def run_gloo_ranks(work: Callable, world: int, tmp_path: Path, *args) -> None:
     rendezvous under ``tmp_path``: no port to pick); ``work`` must be a module-level function."""
     torch.multiprocessing.spawn(_gloo_rank, args=(world, tmp_path / "gloo-store", work, args), nprocs=world,
                                 join=True)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``nijimi ARGV`` in-process (``nijimi.cli.main``): (exit code, stdout, stderr)."""
+    from nijimi.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    """An image file's RGB pixels as an int array (H, W, 3)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)

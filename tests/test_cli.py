@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import TOY_F8, random_model
+from helpers import png_pixels as pixels
+from helpers import run_cli as run
 from PIL import Image
 
 from nijimi.adapters.formats import save_adapter
@@ -41,18 +43,6 @@ def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_single(model, path)
     return path
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """``nijimi ARGV`` in-process: (exit code, stdout, stderr)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_path):

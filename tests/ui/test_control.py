@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import TOY_F4, TOY_F8, perturb, random_model
+from helpers import png_pixels as pixels
+from helpers import run_cli as run
 from PIL import Image, ImageDraw
 
-from nijimi.cli import main
 from nijimi.io.checkpoint import save_single
 from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import read_png_metadata
@@ -37,17 +38,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     picture.save(folder / "map.png")
     return {"model": folder / "tiny.safetensors", "cn": folder / "cn.safetensors", "cn4": folder / "cn4.safetensors",
             "map": folder / "map.png"}
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB")).astype(int)
 
 
 def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
