@@ -15,6 +15,7 @@ but carried so a single-file checkpoint round-trips without loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,14 @@ class TextEncoderConfig(StoredConfig):
     def tiny(cls) -> TextEncoderConfig:
         """A small encoder over the full CLIP vocabulary, for the embedded model and tests; provisional."""
         return cls(width=256, num_layers=4, num_heads=4, mlp_width=1024)
+
+
+class TextEncoding(NamedTuple):
+    """``hidden``: ``(B, T, width)`` context for the U-Net; ``pooled``: ``(B, width)``, the last layer's final-LN
+    state at the end-of-text token (transformers' ``pooler_output``; not projected)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -195,3 +204,22 @@ class TextEncoder(nn.Module):
         for layer in self.text_model.encoder.layers[: self.config.num_layers - skip + 1]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
+
+    def encode(self, ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+        """Like :meth:`forward`, also returning the pooled output; runs every layer.
+
+        ``ids: (B, T)`` → ``TextEncoding(hidden (B, T, width), pooled (B, width))``. The pooled state is taken at
+        the highest token id of each row, which is the end-of-text token in CLIP's vocabulary.
+        """
+        skip = self._check(ids, clip_skip)
+        x = self.text_model.embeddings(ids)
+        used = None
+        for i, layer in enumerate(self.text_model.encoder.layers):
+            x = layer(x)
+            if i == self.config.num_layers - skip:
+                used = x
+        ln = self.text_model.final_layer_norm
+        last = ln(x)
+        hidden = last if skip == 1 else ln(used)
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return TextEncoding(hidden, pooled)

@@ -65,6 +65,7 @@ def test_clip_l_matches_transformers_at_last_and_penultimate_layer(tmp_path):
     assert rel_err(ours(ids), ref.last_hidden_state) < TOLERANCE
     penultimate = theirs.final_layer_norm(ref.hidden_states[-2])
     assert rel_err(ours(ids, clip_skip=2), penultimate) < TOLERANCE
+    assert rel_err(ours.encode(ids).pooled, ref.pooler_output) < TOLERANCE
     assert ours(ids).shape == (2, 77, 64)
 
 
@@ -78,6 +79,19 @@ def test_openclip_h_matches_diffusers_sd2_text_encoder(tmp_path):
     ref = theirs(ids, output_hidden_states=True)
     assert rel_err(ours(ids), ref.last_hidden_state) < TOLERANCE
     assert rel_err(ours(ids, clip_skip=3), theirs.final_layer_norm(ref.hidden_states[-2])) < TOLERANCE
+    hidden, _ = ours.encode(ids)
+    assert torch.equal(hidden, ours(ids))
+
+
+@torch.no_grad()
+def test_encode_agrees_with_forward_and_pools_at_eot():
+    ours = TextEncoder(CLIP_L_SMALL).eval()
+    randomize(ours, 3, embedding_std=0.5)
+    ids = token_ids(length=20)
+    for skip in (1, 2, 3):
+        hidden, pooled = ours.encode(ids, clip_skip=skip)
+        assert torch.equal(hidden, ours(ids, clip_skip=skip))
+        assert torch.equal(pooled, ours(ids)[[0, 1], [5, 14]])
 
 
 def test_bad_inputs_are_named():
