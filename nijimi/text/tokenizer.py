@@ -97,6 +97,7 @@ class _Vocabulary:
     decoder: list[str]
     ranks: dict[tuple[str, str], int]
     byte_encoder: dict[int, str]
+    byte_decoder: dict[str, int]
 
 
 @functools.cache
@@ -113,6 +114,7 @@ def _vocabulary() -> _Vocabulary:
         decoder=decoder,
         ranks={m: i for i, m in enumerate(merges)},
         byte_encoder=dict(pairs),
+        byte_decoder={s: b for b, s in pairs},
     )
 
 
@@ -199,6 +201,19 @@ class ClipTokenizer:
             self._cache.clear()
         self._cache[piece] = ids
         return ids
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Text of token ids: bytes re-joined (invalid UTF-8 becomes U+FFFD), ``</w>`` read as a space, stripped.
+
+        Special tokens are kept as ``<|startoftext|>``/``<|endoftext|>``.
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(-1).tolist()
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise PromptError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
+        data = bytes(self._vocab.byte_decoder[c] for i in ids for c in self._vocab.decoder[i])
+        return data.decode("utf-8", errors="replace").replace(_END_OF_WORD, " ").strip()
 
     def __call__(self, texts: str | list[str], truncation: bool = True) -> torch.Tensor:
         """Token windows ``(B, max_length)`` int64: BOS, ids, EOS, then padding.

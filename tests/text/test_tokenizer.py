@@ -170,6 +170,7 @@ def test_sd2_exclamation_mark_is_an_ordinary_token(hf_folder):
     sd2_reference = transformers.CLIPTokenizer.from_pretrained(hf_folder, pad_token="!")
     assert sd2_reference("wow!!", add_special_tokens=False).input_ids == [2781, 0, 0]
     assert ClipTokenizer(pad_token_id=0).encode("wow!!") == [2781, 748]
+    assert ClipTokenizer(pad_token_id=0).decode([2781, 748]) == "wow !!"
 
 
 def test_single_string_and_truncation(ours):
@@ -183,9 +184,22 @@ def test_single_string_and_truncation(ours):
     assert torch.equal(ours("red", truncation=False), ours("red"))
 
 
+def test_decode_matches_reference(ours, reference):
+    for prompt in _prompts(300, seed=3):
+        ids = ours(prompt)[0].tolist()
+        assert ours.decode(ids) == reference.decode(ids)
+    rng = random.Random(4)
+    for _ in range(300):
+        ids = [rng.randrange(49408) for _ in range(rng.randint(0, 20))]
+        assert ours.decode(ids) == reference.decode(ids)
+    assert ours.decode(torch.tensor([[320, 1125]])) == "a photo"
+
+
 def test_errors_name_the_value(ours):
     with pytest.raises(PromptError, match="got int"):
         ours.encode(3)
+    with pytest.raises(PromptError, match=r"\[49408\]"):
+        ours.decode([320, 49408])
     with pytest.raises(ConfigError, match="pad_token_id 50000"):
         ClipTokenizer(pad_token_id=50000)
     with pytest.raises(ConfigError, match="max_length 1"):
