@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gzip
 import importlib.resources
 import json
@@ -155,11 +156,13 @@ def atomic_folder(folder: Path, marker: str, overwrite: bool = True) -> Iterator
             _move_into_place(temp, folder)
         else:
             os.replace(temp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
         if not overwrite:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # our claim, unless something was put into it
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputExistsError(f"{folder}: another process wrote into it meanwhile; left as it is") from None
         raise
 
 
