@@ -118,8 +118,9 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
                    quiet: bool, preview: str | None = None) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
-    files are checked before the work; nothing is written when generation fails. ``preview``: a PNG rewritten after
-    every step with a quick picture of x̂₀ (the tiny decoder's when the request decodes with one)."""
+    files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
+    a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
+    picture of x̂₀ (the tiny decoder's when the request decodes with one). Returns the paths written."""
     paths = output_paths(out, request, overwrite)
     bars: list[ProgressBar] = []
 
