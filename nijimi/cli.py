@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from PIL import Image
 
 from nijimi import __version__
 from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
-from nijimi.errors import ConfigError, NijimiError
+from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
 from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
@@ -58,6 +59,12 @@ def run_demo(out: str | Path, seed: int = 0) -> list[Path]:
     return [*first, write_grid(images, out / "grid.png", cols=4)]
 
 
+def _next_number(folder: Path) -> int:
+    """A1111's next output number in ``folder``: one past the highest ``NNNNN-`` PNG there."""
+    taken = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d{5,})-", p.name))]
+    return max(taken, default=-1) + 1
+
+
 def output_paths(out: str | None, request: GenerationRequest, overwrite: bool) -> list[Path]:
     """Where the request's images go: ``X.png`` (numbered ``X-00.png``… for a batch) or, for a folder, A1111-style
     ``NNNNN-SEED.png`` with the next free number. Existing files are an error unless ``overwrite``."""
@@ -66,13 +73,28 @@ def output_paths(out: str | None, request: GenerationRequest, overwrite: bool) -
     if target.suffix.lower() == ".png":
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     else:
-        taken = [int(m.group(1)) for p in target.glob("*.png") if (m := re.match(r"(\d{5})-", p.name))]
-        first = max(taken, default=-1) + 1
+        first = _next_number(target)
         paths = [target / f"{first + i:05d}-{request.seed + i}.png" for i in range(count)]
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
-        raise ConfigError(f"{existing[0]} exists; use --overwrite to replace it")
+        raise OutputExistsError(f"{existing[0]} exists; use --overwrite to replace it")
     return paths
+
+
+def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, parameters: str,
+              recipe: dict) -> Path:
+    """Write one output PNG where it goes, never replacing a file unless ``overwrite``; returns its path. A numbered
+    name (``NNNNN-SEED.png``) another process took meanwhile moves on to the next free number; any other existing
+    name raises ``OutputExistsError``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            save_png(image, path, parameters, recipe, overwrite)
+            return path
+        except OutputExistsError:
+            if not numbered:
+                raise
+            path = path.parent / f"{_next_number(path.parent):05d}-{path.name.split('-', 1)[1]}"
 
 
 def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
@@ -96,8 +118,9 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
                    quiet: bool, preview: str | None = None) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
-    files are checked before the work; nothing is written when generation fails. ``preview``: a PNG rewritten after
-    every step with a quick picture of x̂₀ (the tiny decoder's when the request decodes with one)."""
+    files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
+    a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
+    picture of x̂₀ (the tiny decoder's when the request decodes with one). Returns the paths written."""
     paths = output_paths(out, request, overwrite)
     bars: list[ProgressBar] = []
 
@@ -116,11 +139,17 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
         for bar in bars:
             bar.close()
     report_unmatched(gen.lora_unmatched)
-    for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
-        one = gen.request.replace(seed=seed, batch=1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(image, path, _a1111_text(pipe, one), _recipe(pipe, one))
-    return paths
+    written: list[Path] = []
+    numbered = Path(out or "out").suffix.lower() != ".png"
+    try:
+        for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
+            one = gen.request.replace(seed=seed, batch=1)
+            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one), _recipe(pipe, one)))
+    except OutputExistsError:
+        for path in written:  # a batch is written whole or not at all
+            path.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
@@ -212,7 +241,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.model_config)
+    report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.model_config,
+                     overwrite=args.overwrite)
     print(report.summary())
     print(args.dst)
     return 0
@@ -244,6 +274,7 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=("single", "diffusers"), help="output layout (default: from DST's name)")
     p.add_argument("--half", action="store_true", help="store float16")
     p.add_argument("--model-config", help="override detection: preset name or LDM .yaml")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=_cmd_convert)
 
 

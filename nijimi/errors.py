@@ -12,6 +12,10 @@ class ConfigError(NijimiError):
     """A bad argument, option or configuration value."""
 
 
+class OutputExistsError(ConfigError):
+    """An output file or folder exists and replacing it was not asked for (``--overwrite``)."""
+
+
 class SamplerError(ConfigError):
     """A bad sampler name, step count, strength or σ schedule."""
 

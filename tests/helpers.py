@@ -1,10 +1,11 @@
 """Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject): named small
-configs, random weights, ``rel_err``, gloo process groups. Fixtures live in ``conftest.py`` files.
+configs, random weights, ``rel_err``, gloo process groups, racing processes. Fixtures live in ``conftest.py`` files.
 
 One RNG policy: every random tensor drawn here comes from an explicit ``torch.Generator`` seeded by the caller (module
 inits, which take no generator, run under a forked, seeded global RNG); the global RNG is never left changed."""
 
 import dataclasses
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable
@@ -164,3 +165,25 @@ def png_pixels(path: Path) -> np.ndarray:
     """An image file's RGB pixels as an int array (H, W, 3)."""
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB")).astype(int)
+
+
+def _report(target: Callable, i: int, barrier, results) -> None:
+    try:
+        results.put((i, target(i, barrier)))
+    except Exception as e:  # handed to the test, which checks it
+        results.put((i, e))
+
+
+def in_processes(target: Callable, count: int) -> list:
+    """Run ``target(i, barrier)`` in ``count`` forked processes at once and return what each returned or raised, in
+    order of ``i``. ``barrier`` (a ``multiprocessing.Barrier`` of all of them, 60 s timeout) lines up the step that
+    races, so a test of concurrent writers is deterministic without timing."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(count, timeout=60), ctx.Queue()
+    processes = [ctx.Process(target=_report, args=(target, i, barrier, results)) for i in range(count)]
+    for process in processes:
+        process.start()
+    got = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    return [got[i] for i in range(count)]

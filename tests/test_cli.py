@@ -1,9 +1,11 @@
 """The ``nijimi`` command through the real command line (``nijimi.cli.main``): ``generate`` → ``reproduce`` gives
-the same pixels, metadata round-trips, batches are numbered and never overwritten by accident, every user error exits
-2 with one ``error:`` line, no traceback and no file; the training commands' generated flags."""
+the same pixels, metadata round-trips, batches are numbered and never overwritten by accident (not by concurrent
+processes either), every user error exits 2 with one ``error:`` line, no traceback and no file; the training commands'
+generated flags."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TOY_F8, random_model
+from helpers import TOY_F8, in_processes, random_model
 from helpers import png_pixels as pixels
 from helpers import run_cli as run
 from PIL import Image
@@ -19,10 +21,11 @@ from PIL import Image
 from nijimi.adapters.formats import save_adapter
 from nijimi.adapters.inject import adapter_parameters, get_adapter, inject
 from nijimi.adapters.targets import AdapterSpec
-from nijimi.cli import build_parser, main
+from nijimi.cli import build_parser, main, output_paths, write_png
+from nijimi.errors import OutputExistsError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.controlnet import save_original
-from nijimi.io.pngmeta import model_hash, read_png_metadata
+from nijimi.io.pngmeta import model_hash, read_png_metadata, save_png
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.adapter import AdapterTrainConfig
@@ -179,6 +182,58 @@ def test_folder_output_numbers_on(capsys, model_file, tmp_path):
                folder)[0] == 0
     assert run(capsys, "generate", "a kite", "--model", model_file, "--seed", 4, *FAST, "--out", folder)[0] == 0
     assert sorted(p.name for p in folder.iterdir()) == ["00000-4.png", "00001-5.png", "00002-4.png"]
+
+
+def test_concurrent_writers_take_the_next_number_or_get_one_error(tmp_path):
+    folder, named = tmp_path / "out", tmp_path / "one.png"
+    image = Image.new("RGB", (8, 8))
+
+    def write(i, barrier):
+        [numbered] = output_paths(str(folder), GenerationRequest("x", seed=7), False)
+        [single] = output_paths(str(named), GenerationRequest("x", seed=7), False)
+        barrier.wait()  # every process has checked and chosen its names before any writes
+        path = write_png(image, numbered, True, False, f"p{i}", None)
+        try:
+            return path, write_png(image, single, False, False, f"p{i}", None)
+        except OutputExistsError as e:
+            return path, str(e)
+
+    results = in_processes(write, 4)
+    assert sorted(path for path, _ in results) == [folder / f"{n:05d}-7.png" for n in range(4)]
+    assert all(read_png_metadata(path)["parameters"] == f"p{i}" for i, (path, _) in enumerate(results))
+    [winner] = [i for i, (_, single) in enumerate(results) if single == named]
+    assert read_png_metadata(named)["parameters"] == f"p{winner}"
+    assert [single for _, single in results].count(f"{named} exists; use --overwrite to replace it") == 3
+
+
+def test_generate_that_loses_a_race_for_a_name_writes_nothing_or_numbers_on(capsys, model_file, tmp_path,
+                                                                            monkeypatch):
+    real = save_png
+
+    def racing(image, path, *args):
+        if path.name in ("shot-01.png", "00000-3.png"):
+            path.write_bytes(b"theirs")  # another process got there after this one checked
+        real(image, path, *args)
+
+    monkeypatch.setattr("nijimi.cli.save_png", racing)
+    target = tmp_path / "shot.png"
+    code, out, err = run(capsys, "generate", "a boat", "--model", model_file, "--seed", 3, "--batch", 2, *FAST,
+                         "--out", target)
+    assert (code, out, err) == (2, "", f"error: {tmp_path / 'shot-01.png'} exists; use --overwrite to replace it\n")
+    assert os.listdir(tmp_path) == ["shot-01.png"] and (tmp_path / "shot-01.png").read_bytes() == b"theirs"
+    folder = tmp_path / "out"
+    code, out, err = run(capsys, "generate", "a boat", "--model", model_file, "--seed", 3, *FAST, "--out", folder)
+    assert (code, out) == (0, f"{folder / '00001-3.png'}\n"), err
+    assert read_png_metadata(folder / "00001-3.png")["settings"]["Seed"] == 3
+
+
+def test_convert_never_replaces_without_overwrite(capsys, model_file, tmp_path):
+    dst = tmp_path / "existing.safetensors"
+    dst.write_bytes(b"keep")
+    assert run(capsys, "convert", model_file, dst) == (2, "", f"error: {dst} exists; use --overwrite to replace it\n")
+    assert dst.read_bytes() == b"keep"
+    assert run(capsys, "convert", model_file, dst, "--overwrite")[0] == 0
+    assert dst.read_bytes() == model_file.read_bytes()
 
 
 def test_random_seed_is_written_and_reproducible(capsys, model_file, tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
 from nijimi.io import diffusers_folder, files, safetensors
 from nijimi.io.components import AUTOENCODER, TEXT_ENCODER, UNET, build_strict, config_from_json, dtype_names
 from nijimi.io.detect import (
@@ -254,8 +254,9 @@ def single_file_state_dict(model: LatentDiffusion, half: bool = False) -> dict[s
 
 
 def save_single(model: LatentDiffusion, path: str | os.PathLike, half: bool = False,
-                metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``model`` as one ``.safetensors`` file in the CompVis layout, atomically.
+                metadata: Mapping[str, str] | None = None, overwrite: bool = True) -> None:
+    """Write ``model`` as one ``.safetensors`` file in the CompVis layout, atomically; an existing ``path`` is
+    replaced only if ``overwrite`` (else ``OutputExistsError``).
 
     The :class:`ModelConfig` goes into the metadata (key :data:`CONFIG_METADATA_KEY`) so nijimi reloads the file
     exactly; ``metadata`` (str → str) is added. ``half``: store float16.
@@ -267,18 +268,23 @@ def save_single(model: LatentDiffusion, path: str | os.PathLike, half: bool = Fa
     if CONFIG_METADATA_KEY in extra:
         raise ConfigError(f"metadata key {CONFIG_METADATA_KEY!r} is reserved for the model config")
     meta = {"format": "pt", **extra, CONFIG_METADATA_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
-    safetensors.save_file(single_file_state_dict(model, half), path, meta)
+    safetensors.save_file(single_file_state_dict(model, half), path, meta, overwrite)
 
 
-def save_diffusers(model: LatentDiffusion, folder: str | os.PathLike, half: bool = False) -> None:
+def save_diffusers(model: LatentDiffusion, folder: str | os.PathLike, half: bool = False,
+                   overwrite: bool = True) -> None:
     """Write ``model`` as a diffusers ``StableDiffusionPipeline`` folder, atomically (built in a temp sibling folder,
-    then renamed into place). ``half``: store float16. See :mod:`nijimi.io.diffusers_folder` for the contents."""
-    diffusers_folder.write(model, Path(folder), half)
+    then renamed into place; an existing ``folder`` is replaced only if ``overwrite``, see
+    :func:`~nijimi.io.diffusers_folder.atomic_folder`). ``half``: store float16. See :mod:`nijimi.io.diffusers_folder`
+    for the contents."""
+    diffusers_folder.write(model, Path(folder), half, overwrite)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = None, half: bool = False,
-            config: ModelConfig | str | os.PathLike | None = None) -> LoadReport:
-    """``nijimi convert SRC DST [--to single|diffusers] [--half]``: load ``src`` (either format) and write ``dst``.
+            config: ModelConfig | str | os.PathLike | None = None, overwrite: bool = False) -> LoadReport:
+    """``nijimi convert SRC DST [--to single|diffusers] [--half] [--overwrite]``: load ``src`` (either format) and
+    write ``dst``, which must not exist unless ``overwrite`` (else ``OutputExistsError``, also when another process
+    creates it meanwhile).
 
     ``to`` defaults to ``"single"`` when ``dst`` ends in ``.safetensors``, else ``"diffusers"``. Tensors keep their
     stored dtype unless ``half`` (float16), so single → diffusers → single is bit-exact. Returns the load report.
@@ -286,9 +292,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str | None = Non
     to = to or ("single" if str(dst).lower().endswith(".safetensors") else "diffusers")
     if to not in ("single", "diffusers"):
         raise ConfigError(f"convert: to={to!r} must be 'single' or 'diffusers'")
+    if not overwrite and os.path.lexists(dst):
+        raise OutputExistsError(f"{dst} exists; use --overwrite to replace it")
     model, report = load_model(src, config=config, dtype=None)
     if to == "single":
-        save_single(model, dst, half=half)
+        save_single(model, dst, half=half, overwrite=overwrite)
     else:
-        save_diffusers(model, dst, half=half)
+        save_diffusers(model, dst, half=half, overwrite=overwrite)
     return report

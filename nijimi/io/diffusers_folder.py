@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gzip
 import importlib.resources
 import json
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
 from nijimi.io import files, safetensors
 from nijimi.io.components import AUTOENCODER, TEXT_ENCODER, UNET, Component, config_from_json
 from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, LatentDiffusion, ModelConfig
@@ -130,21 +131,38 @@ def write_component(folder: Path, component: Component, config: Any, native: Map
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: Path, marker: str) -> Iterator[Path]:
+def atomic_folder(folder: Path, marker: str, overwrite: bool = True) -> Iterator[Path]:
     """Yield a hidden temp sibling of ``folder`` to fill; on success it replaces ``folder`` whole, on error it goes.
 
-    An existing ``folder`` is replaced only if it is empty or holds ``marker`` (a folder of the same kind).
+    With ``overwrite`` an existing ``folder`` is replaced only if it is empty or holds ``marker`` (a folder of the
+    same kind). Without, ``folder`` must not exist (``OutputExistsError``): it is claimed first by creating it empty
+    (``mkdir`` fails on an existing name, so of two writers exactly one wins), and the filled temp folder is renamed
+    onto that empty claim, which POSIX ``rename`` replaces atomically and which fails if anything was put into it.
     """
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / marker).is_file())):
+    if overwrite and folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
+                                                                   or (folder / marker).is_file())):
         raise CheckpointError(f"{folder}: exists and is not an empty or diffusers folder; refusing to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            raise OutputExistsError(f"{folder} exists; use --overwrite to replace it") from None
     temp = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}.tmp")
     temp.mkdir()
     try:
         yield temp
-        _move_into_place(temp, folder)
-    except BaseException:
+        if overwrite:
+            _move_into_place(temp, folder)
+        else:
+            os.replace(temp, folder)
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
+        if not overwrite:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # our claim, unless something was put into it
+            if isinstance(e, OSError) and e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise OutputExistsError(f"{folder}: another process wrote into it meanwhile; left as it is") from None
         raise
 
 
@@ -216,12 +234,12 @@ def read_weights(folder: Path, config: ModelConfig) -> tuple[list[torch.Tensor],
     return stored, native
 
 
-def write(model: LatentDiffusion, folder: Path, half: bool) -> None:
-    """Write ``model`` as a diffusers folder, whole (:func:`atomic_folder`; an existing ``folder`` is replaced only
-    if it is empty or a diffusers folder, with ``model_index.json``)."""
+def write(model: LatentDiffusion, folder: Path, half: bool, overwrite: bool = True) -> None:
+    """Write ``model`` as a diffusers folder, whole (:func:`atomic_folder`; with ``overwrite`` an existing ``folder``
+    is replaced only if it is empty or a diffusers folder, with ``model_index.json``; without, it must not exist)."""
     cfg, sd = model.config, model.state_dict()
     pixels = cfg.unet.sample_size * cfg.vae.downscale_factor
-    with atomic_folder(folder, "model_index.json") as temp:
+    with atomic_folder(folder, "model_index.json", overwrite) as temp:
         for component, part in _parts(cfg):
             native = {k[len(component.prefix):]: v for k, v in sd.items() if k.startswith(component.prefix)}
             extra = {"sample_size": pixels} if component is AUTOENCODER else None

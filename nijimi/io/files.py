@@ -1,4 +1,5 @@
-"""Reading a state dict from any tensor file users hold, safely, and writing any file atomically.
+"""Reading a state dict from any tensor file users hold, safely, and writing any file atomically, replacing an
+existing one only when asked to.
 
 Formats, chosen by content first, then by extension:
 
@@ -24,7 +25,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from nijimi.errors import CheckpointError, ConfigError, NijimiError
+from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
 from nijimi.io import safetensors  # safetensors.save_file also uses atomic_write from this module
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -163,10 +164,26 @@ def _fsync_directory(folder: Path) -> None:
             os.close(fd)
 
 
+def _create_from(temp: Path, path: Path) -> None:
+    """Move ``temp`` to ``path`` unless ``path`` exists (``FileExistsError``), even if another process creates it
+    meanwhile: a hard link fails on an existing name, and where the file system has no hard links the name is claimed
+    with ``O_CREAT | O_EXCL`` before ``temp`` is renamed onto the claim."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        os.replace(temp, path)
+        return
+    temp.unlink()
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
     """Write ``path`` all or nothing: yields a file (``"wb"`` binary, ``"w"`` UTF-8 text) on a temp file in the same
-    folder, then fsyncs it and renames it over ``path``.
+    folder, then fsyncs it and renames it over ``path``; with ``overwrite=False`` it never replaces a file, not even
+    one another process creates meanwhile (of two writers exactly one wins), and raises ``OutputExistsError``.
 
     If the block raises, the temp file is removed, ``path`` is untouched and the exception propagates unchanged.
     File-system failures of creating, syncing or renaming raise ``NijimiError`` naming ``path``.
@@ -186,9 +203,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         file.flush()
         os.fsync(file.fileno())
         file.close()
-        os.replace(temp, path)
+        (os.replace if overwrite else _create_from)(temp, path)
     except OSError as e:
         file.close()
         temp.unlink(missing_ok=True)
+        if isinstance(e, FileExistsError):
+            raise OutputExistsError(f"{path} exists; use --overwrite to replace it") from None
         raise NijimiError(f"cannot write {path}: {e.strerror or e}") from e
     _fsync_directory(path.parent)

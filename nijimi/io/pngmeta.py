@@ -8,7 +8,8 @@
 
 Values holding ``,``, ``:`` or a newline are written as JSON strings, as A1111 quotes them. Reading follows A1111's
 ``parse_generation_parameters``: the last line is the settings line only if it holds at least three ``Key: value``
-pairs; the lines before it are the prompt until one starts with ``Negative prompt:``; prompts may span lines.
+pairs; the lines before it are the prompt until one starts with ``Negative prompt:``; prompts may span lines. The
+reader takes time linear in the text (no backtracking) and refuses texts over ``MAX_INFOTEXT``.
 
 ``nijimi`` holds the full recipe as JSON (every knob the pipeline used). ComfyUI writes its API graph as ``prompt``
 and its editor graph as ``workflow``, both JSON. Only Pillow is used.
@@ -36,7 +37,13 @@ HASH_BLOCK = 1 << 20
 """Bytes read at a time by ``model_hash``."""
 _HASH_CACHE = "model_hashes.json"
 
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+MAX_INFOTEXT = 1 << 22
+"""Longest infotext ``parse_parameters`` reads, in characters (A1111's own are a few thousand)."""
+
+_PAIR = re.compile(r'(?<![\w \-/])[ \-/]*+(\w[\w \-/]++):\s*+("(?:\\.|[^\\"])++"(?=,|$)|[^,]*+)(?:,|$)')
+"""A settings line's ``Key: value`` pairs, the ones A1111's pattern finds, in linear time: a key (a word character,
+then word characters, spaces, ``-`` or ``/``) is tried only where a run of such characters starts, and possessively
+(A1111's pattern retries a run without ``:`` from each of its characters, quadratic in the run's length)."""
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
 _INT_KEYS = ("Steps", "Seed", "Clip skip", "Variation seed", "ENSD", "Hires steps")
@@ -125,28 +132,27 @@ def parse_parameters(text: str) -> dict[str, object]:
     """Read an A1111 infotext into ``{"prompt", "negative_prompt", "settings"}`` by A1111's own rules.
 
     ``settings`` maps each key to its value: ``WxH`` values become ``(w, h)``; Steps, Seed, Clip skip and other
-    counts ``int``; CFG scale, Denoising strength and other factors ``float``; everything else ``str``.
+    counts ``int``; CFG scale, Denoising strength and other factors ``float``; everything else ``str``. Texts longer
+    than ``MAX_INFOTEXT`` characters raise ``ImageError``.
     """
+    if len(text) > MAX_INFOTEXT:
+        raise ImageError(f"infotext of {len(text)} characters is longer than the {MAX_INFOTEXT} nijimi reads")
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:
+    pairs = _PAIR.findall(last)
+    if len(pairs) < 3:
         lines.append(last)
-        last = ""
-    prompt = negative = ""
+        pairs = []
+    parts: tuple[list[str], list[str]] = ([], [])  # prompt lines, negative prompt lines
     in_negative = False
     for line in lines:
         line = line.strip()
         if line.startswith(_NEGATIVE):
             in_negative = True
             line = line[len(_NEGATIVE) :].strip()
-        if in_negative:
-            negative += ("\n" if negative else "") + line
-        else:
-            prompt += ("\n" if prompt else "") + line
-    settings: dict[str, object] = {}
-    for key, value in _PARAM.findall(last):
-        if value:
-            settings[key] = _typed(key, _unquote(value))
-    return {"prompt": prompt, "negative_prompt": negative, "settings": settings}
+        parts[in_negative].append(line)
+    prompt, negative = ("\n".join(part).lstrip("\n") for part in parts)  # A1111 drops leading empty lines
+    return {"prompt": prompt, "negative_prompt": negative,
+            "settings": {key: _typed(key, _unquote(value)) for key, value in pairs if value}}
 
 
 # ---- PNG files -------------------------------------------------------------------------------------------------------
@@ -194,20 +200,20 @@ def model_hash(path: str | os.PathLike) -> str:
     return cache[str(path)][2]
 
 
-def save_png(
-    image: Image.Image, path: str | os.PathLike, parameters: str, recipe: Mapping[str, object] | None = None
-) -> None:
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str,
+             recipe: Mapping[str, object] | None = None, overwrite: bool = False) -> None:
     """Write ``image`` as a PNG with A1111 ``parameters`` and the JSON ``recipe`` (key ``nijimi``), atomically.
 
-    The file appears complete or not at all (temp file in the same folder, then rename). Recipe values JSON cannot
-    hold (a dtype, a path) are written as their ``str``.
+    The file appears complete or not at all (temp file in the same folder, then link or rename). An existing ``path``
+    is replaced only if ``overwrite``, else ``OutputExistsError``, also when another process creates it meanwhile
+    (``atomic_write``). Recipe values JSON cannot hold (a dtype, a path) are written as their ``str``.
     """
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
     if recipe is not None:
         info.add_text(RECIPE_KEY, json.dumps(dict(recipe), ensure_ascii=False, default=str))
     try:
-        with atomic_write(path, "wb") as f:
+        with atomic_write(path, "wb", overwrite) as f:
             image.save(f, format="PNG", pnginfo=info)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot write PNG {os.fspath(path)!r} from a {image.mode} image: {e}") from e

@@ -262,9 +262,11 @@ def _checked_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[st
 
 
 def save_file(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Write ``tensors`` (and optional str → str ``metadata``) to ``path`` atomically.
+    """Write ``tensors`` (and optional str → str ``metadata``) to ``path`` atomically; an existing ``path`` is
+    replaced only if ``overwrite`` (else ``OutputExistsError``, see ``files.atomic_write``).
 
     Output bytes equal the reference writer's for the same input (metadata keys are written sorted; the reference
     writes them in hash order, so it matches whenever there is at most one key).
@@ -273,7 +275,7 @@ def save_file(
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{path}: metadata must map str to str, got {dict(metadata)!r:.200}")
     ordered = _checked_tensors(tensors, path)
-    with files.atomic_write(path) as out:
+    with files.atomic_write(path, overwrite=overwrite) as out:
         out.write(_header_bytes(ordered, metadata))
         for tensor in ordered.values():
             if tensor.numel():

@@ -17,12 +17,12 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import SD1, SD2, output_errors, perturb, random_model
+from helpers import SD1, SD2, in_processes, output_errors, perturb, random_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
 from nijimi.io.checkpoint import convert, load_model, save_diffusers, save_single
-from nijimi.io.diffusers_folder import tokenizer_files
+from nijimi.io.diffusers_folder import atomic_folder, tokenizer_files
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, LatentDiffusion, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
@@ -189,6 +189,45 @@ def test_save_diffusers_replaces_only_diffusers_folders(tmp_path) -> None:
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match=".safetensors"):
         save_single(model, tmp_path / "model.ckpt")
+
+
+def test_convert_never_replaces_an_output_unless_asked(tmp_path) -> None:
+    src, existing, empty = tmp_path / "a.safetensors", tmp_path / "existing.safetensors", tmp_path / "empty"
+    save_single(random_model(SD1, seed=0), src)
+    existing.write_bytes(b"keep")
+    empty.mkdir()
+    for dst in (existing, empty):
+        with pytest.raises(OutputExistsError, match=f"^{dst} exists; use --overwrite to replace it$"):
+            convert(src, dst)
+    assert existing.read_bytes() == b"keep" and not any(empty.iterdir())
+    convert(src, existing, overwrite=True)
+    convert(src, empty, overwrite=True)
+    assert existing.read_bytes() == src.read_bytes() and (empty / "model_index.json").is_file()
+
+
+def test_of_concurrent_folder_creators_exactly_one_wins(tmp_path) -> None:
+    target = tmp_path / "out"
+
+    def create(i, barrier):
+        barrier.wait()  # all race to claim the name
+        with atomic_folder(target, "marker", overwrite=False) as temp:
+            (temp / "marker").write_text(str(i))
+        return i
+
+    results = in_processes(create, 4)
+    won = [r for r in results if isinstance(r, int)]
+    assert len(won) == 1 and (target / "marker").read_text() == str(won[0])
+    assert all(isinstance(r, OutputExistsError) for r in results if not isinstance(r, int))
+    assert list(tmp_path.iterdir()) == [target]  # no temp folders left
+
+
+def test_a_folder_claimed_and_written_into_meanwhile_is_left_as_it_is(tmp_path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="another process wrote into it meanwhile"):
+        with atomic_folder(target, "marker", overwrite=False) as temp:
+            (temp / "marker").write_text("ours")
+            (target / "00000-1.png").write_bytes(b"theirs")  # a writer that took the claimed folder as its own
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and os.listdir(target) == ["00000-1.png"]
 
 
 def test_a_load_opens_the_file_and_parses_its_header_once(tmp_path, monkeypatch) -> None:

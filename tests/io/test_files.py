@@ -1,5 +1,7 @@
-"""load_state_dict by content and extension, refusal of unsafe pickles, float helpers, atomic_write."""
+"""load_state_dict by content and extension, refusal of unsafe pickles, float helpers, atomic_write (and that of
+concurrent creators of one name exactly one wins, in real processes)."""
 
+import errno
 import os
 import pickle
 import stat
@@ -10,8 +12,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers import in_processes
 
-from nijimi.errors import CheckpointError, ConfigError, NijimiError
+from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
 from nijimi.io.files import atomic_write, load_state_dict, require_float
 from nijimi.io.safetensors import save_file
 
@@ -256,3 +259,30 @@ def test_atomic_write_errors(tmp_path):
             f.write(b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])
+def test_of_concurrent_creators_exactly_one_wins_and_nothing_is_replaced(tmp_path, monkeypatch, links):
+    def no_links(*args):
+        raise OSError(errno.EPERM, "no hard links here")
+
+    if not links:  # a file system without hard links (FAT, some network shares): the O_EXCL claim
+        monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.bin"
+
+    def create(i, barrier):
+        with atomic_write(target, overwrite=False) as f:
+            f.write(b"%d" % i * 1000)
+            barrier.wait()  # every writer is past any existence check before any publishes
+        return i
+
+    results = in_processes(create, 4)
+    won = [r for r in results if isinstance(r, int)]
+    assert len(won) == 1 and target.read_bytes() == b"%d" % won[0] * 1000
+    lost = [r for r in results if not isinstance(r, int)]
+    assert all(isinstance(e, OutputExistsError) and str(e) == f"{target} exists; use --overwrite to replace it"
+               for e in lost)
+    assert list(tmp_path.iterdir()) == [target]  # no temp file left
+    with atomic_write(target) as f:  # replacing stays possible when asked for
+        f.write(b"new")
+    assert target.read_bytes() == b"new"

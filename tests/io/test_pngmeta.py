@@ -1,14 +1,16 @@
-"""PNG metadata: A1111 infotext written and read by A1111's rules, nijimi recipe, ComfyUI graphs, model hash."""
+"""PNG metadata: A1111 infotext written and read by A1111's rules (in linear time, crafted texts too), nijimi recipe,
+ComfyUI graphs, model hash; save_png never replaces a file unless asked."""
 
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from nijimi.errors import CheckpointError, ImageError
+from nijimi.errors import CheckpointError, ImageError, OutputExistsError
 from nijimi.io import pngmeta
 from nijimi.io.pngmeta import (
     format_info,
@@ -104,11 +106,48 @@ def test_parse_multiline_prompt_and_quoted_values():
         ("a\nNegative prompt: n\nSteps: 3, Sampler: , Seed: 2, Size: 8x16", "a", "n",
          {"Steps": 3, "Seed": 2, "Size": (8, 16)}),
         ("  a cat  \n\n", "a cat", "", {}),
+        ('p\nx y z, Steps: 1, Aa: "q, \\"r\\"", Bb: "u" v, -/ Cc: 2,Dd:"",Ee: "x, A: 1', "p", "",
+         {"Steps": 1, "Aa": 'q, "r"', "Bb": '"u" v', "Cc": "2", "Dd": "", "Ee": '"x'}),
     ],
 )  # fmt: skip
 def test_parse_parameters_follows_a1111_rules(text, prompt, negative, settings):
     parsed = parse_parameters(text)
     assert (parsed["prompt"], parsed["negative_prompt"], parsed["settings"]) == (prompt, negative, settings)
+
+
+CRAFTED = {  # ~1 MB each: the shapes that made A1111's pattern (and nijimi's copy of it) take hours
+    "words without colons": "a" + "word " * 200_000,
+    "key characters without colons": "Key Key-Key/Key " * 62_500,
+    "escaped quotes": 'Steps: 1, Seed: 2, Quoted: "' + '\\"x, ' * 200_000,
+    "quotes": '"' * 1_000_000,
+    "Key: pairs": "p\n" + "Key: v, " * 125_000,
+    "colons": ":" * 1_000_000,
+    "commas": "," * 1_000_000,
+    "spaces then a colon": " " * 1_000_000 + ":",
+}
+
+
+@pytest.mark.parametrize("text", CRAFTED.values(), ids=CRAFTED.keys())
+def test_a_crafted_megabyte_parses_in_under_a_second(text):
+    start = time.process_time()  # this process's CPU time: other processes on the machine do not count
+    parse_parameters(text)
+    assert time.process_time() - start < 1.0
+
+
+def test_an_infotext_over_the_limit_is_refused_naming_it():
+    with pytest.raises(ImageError, match=f"infotext of {pngmeta.MAX_INFOTEXT + 1} characters is longer than the "
+                                         f"{pngmeta.MAX_INFOTEXT} nijimi reads"):
+        parse_parameters("a" * (pngmeta.MAX_INFOTEXT + 1))
+
+
+def test_save_png_replaces_a_file_only_when_asked(tmp_path):
+    path = tmp_path / "out.png"
+    save_png(_image(0), path, "first")
+    with pytest.raises(OutputExistsError, match=f"^{path} exists; use --overwrite to replace it$"):
+        save_png(_image(1), path, "second")
+    assert read_png_metadata(path)["parameters"] == "first"
+    save_png(_image(1), path, "second", overwrite=True)
+    assert read_png_metadata(path)["parameters"] == "second" and os.listdir(tmp_path) == ["out.png"]
 
 
 def _image(seed: int = 0) -> Image.Image:
