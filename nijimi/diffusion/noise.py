@@ -1,9 +1,9 @@
-"""Where stochastic samplers get their noise: per-step Gaussian draws and a seeded Brownian tree.
+"""Where the noise comes from: the starting noise (with A1111's variation seeds), and stochastic samplers' per-step
+Gaussian draws and seeded Brownian tree.
 
-Randomness comes only from explicit ``torch.Generator`` objects (and, for A1111's variation seeds, fresh generators
-seeded from them). A sampler receives either one generator for the
-whole batch, or one generator per batch element; with one per element (each seeded with that image's seed), an image
-comes out the same whatever its position in the batch.
+Randomness comes only from explicit ``torch.Generator`` objects (variation seeds: fresh ones seeded from theirs). A
+sampler receives either one generator for the whole batch, or one generator per batch element; with one per element
+(each seeded with that image's seed), an image comes out the same whatever its position in the batch.
 """
 
 from __future__ import annotations
