@@ -107,7 +107,10 @@ def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
 
 def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
     eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
-    extra = {"Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
+    varied = r.variation_strength > 0
+    extra = {"Variation seed": r.variation_seed if varied else None,
+             "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
+             "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
              eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
@@ -142,8 +145,8 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
     written: list[Path] = []
     numbered = Path(out or "out").suffix.lower() != ".png"
     try:
-        for image, path, seed in zip(gen.images, paths, gen.seeds, strict=True):
-            one = gen.request.replace(seed=seed, batch=1)
+        for i, (image, path) in enumerate(zip(gen.images, paths, strict=True)):
+            one = gen.request.single(i)
             written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one), _recipe(pipe, one)))
     except OutputExistsError:
         for path in written:  # a batch is written whole or not at all

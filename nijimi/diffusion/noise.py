@@ -1,14 +1,16 @@
-"""Where stochastic samplers get their noise: per-step Gaussian draws and a seeded Brownian tree.
+"""Where the noise comes from: the starting noise (with A1111's variation seeds), and stochastic samplers' per-step
+Gaussian draws and seeded Brownian tree.
 
-Randomness comes only from explicit ``torch.Generator`` objects. A sampler receives either one generator for the
-whole batch, or one generator per batch element; with one per element (each seeded with that image's seed), an image
-comes out the same whatever its position in the batch.
+Randomness comes only from explicit ``torch.Generator`` objects (variation seeds: fresh ones seeded from theirs). A
+sampler receives either one generator for the whole batch, or one generator per batch element; with one per element
+(each seeded with that image's seed), an image comes out the same whatever its position in the batch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +27,66 @@ def initial_noise(shape: tuple[int, ...], generators: Sequence[torch.Generator])
     (1, C, h, w). Drawn on the CPU (as diffusers' ``randn_tensor`` does for a CPU generator), so that a seed gives the
     same noise on any device."""
     return torch.cat([torch.randn(shape, generator=g) for g in generators])
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """A batch's starting-noise randomness: one generator per image (image i's seeded ``seed + i``), A1111's
+    variation seed of image 0 (image i uses ``variation_seed + i``) and strength in [0, 1], and ``resize_from``, the
+    latent (h, w) the seed's noise is drawn at ("resize seed from"; None: the target size)."""
+
+    generators: Sequence[torch.Generator]
+    variation_seed: int = 0
+    variation_strength: float = 0.0
+    resize_from: tuple[int, int] | None = None
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical linear interpolation (Shoemake 1985) from ``a`` (t = 0) to ``b`` (t = 1) over the flattened tensors:
+    ``(sin((1-t)ω)·a + sin(tω)·b) / sin ω`` with ``cos ω`` the dot product of the normalised vectors; linear
+    interpolation when they are nearly parallel (|cos ω| > 0.9995). t = 1 gives ``b`` exactly.
+
+    A1111's ``slerp`` normalises along dim 1 of a (C, h, w) tensor (each channel and column apart) and swaps the
+    weights of its linear fallback; this one treats the whole tensor as one vector."""
+    cos = float(torch.dot(torch.nn.functional.normalize(a.flatten().double(), dim=0),
+                          torch.nn.functional.normalize(b.flatten().double(), dim=0)))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    omega = math.acos(cos)
+    return math.sin((1 - t) * omega) / math.sin(omega) * a + math.sin(t * omega) / math.sin(omega) * b
+
+
+def starting_noise(shape: tuple[int, ...], seeds: Seeds) -> torch.Tensor:
+    """The starting noise (B, C, h, w) for shape (1, C, h, w), A1111's "x" noise (``create_random_tensors``):
+    :func:`initial_noise` (bit for bit) unless a variation strength or a different ``resize_from`` is given.
+
+    Image i (generator g, seed s = ``g.initial_seed()``): the seed's noise n is drawn at ``resize_from`` by a fresh
+    generator seeded s (at the target size: ``g``'s own draw); n = ``slerp(strength, n, noise(variation_seed + i))``
+    at that size; at another size, n replaces the centre of ``g``'s draw at the target size, cropped where the target
+    is smaller, with A1111's offsets: per axis d = ⌊(target - from)/2⌋, d ≥ 0 pastes all of n at d, d < 0 pastes
+    n[-d : from + d] at 0 (an odd shrink keeps one last row or column of ``g``'s draw). ``g`` always makes exactly
+    one draw of ``shape``, so the sampler's later draws stay in step."""
+    size = seeds.resize_from or tuple(shape[2:])
+    if not seeds.variation_strength and size == tuple(shape[2:]):
+        return initial_noise(shape, seeds.generators)
+    noises = []
+    for i, g in enumerate(seeds.generators):
+        x = torch.randn(shape, generator=g)
+        n = x if size == x.shape[2:] else \
+            torch.randn((*shape[:2], *size), generator=torch.Generator().manual_seed(g.initial_seed()))
+        if seeds.variation_strength:
+            other = torch.Generator().manual_seed(seeds.variation_seed + i)
+            n = slerp(seeds.variation_strength, n, torch.randn(n.shape, generator=other))
+        (dy, ty, sy), (dx, tx, sx) = (_overlap(t, f) for t, f in zip(shape[2:], size, strict=True))
+        x[..., ty:ty + dy, tx:tx + dx] = n[..., sy:sy + dy, sx:sx + dx]
+        noises.append(x)
+    return torch.cat(noises)
+
+
+def _overlap(target: int, source: int) -> tuple[int, int, int]:
+    """A1111's centring along one axis: (length, offset in the target, offset in the source)."""
+    d = (target - source) // 2
+    return (source if d >= 0 else source + 2 * d), max(d, 0), max(-d, 0)
 
 
 def gaussian_like(x: torch.Tensor, generator: Generators | None, sampler: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nijimi.diffusion.noise import initial_noise
+from nijimi.diffusion.noise import Seeds, initial_noise, starting_noise
 from nijimi.diffusion.samplers import Callback, SamplerChoice, StepInfo
 from nijimi.errors import ImageError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
@@ -135,8 +135,7 @@ class Start:
 
 @torch.inference_mode()
 def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: torch.Tensor,
-            generators: list[torch.Generator], sampler: SamplerChoice, shape: tuple[int, ...],
-            tile: int | None = None) -> Start:
+            seeds: Seeds, sampler: SamplerChoice, shape: tuple[int, ...], tile: int | None = None) -> Start:
     """The starting point of a generation of latent ``shape`` (1, C, h, w) per image, on the model's device, when
     there is an init image or the U-Net is an inpainting one (plain txt2img starts in ``Pipeline.generate``).
 
@@ -144,8 +143,9 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     sample, then the noise; inpainting the posterior sample (skipped by a 9-channel U-Net at strength 1), the noise,
     then the masked image's posterior sample (drawn for a 4-channel U-Net too, which does not use it, so that an
     ancestral sampler's later draws stay in step). At strength 1 inpainting starts from pure noise, img2img from the
-    image noised to σ₀.
+    image noised to σ₀. The noise is ``seeds``' :func:`~nijimi.diffusion.noise.starting_noise` (variation seeds).
     """
+    generators = seeds.generators
     schedule, device = model.config.schedule, next(model.vae.parameters()).device
     in_channels, z = model.config.unet.in_channels, shape[1]
     if in_channels not in (z, 2 * z + 1):
@@ -154,7 +154,7 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     f = model.config.vae.downscale_factor
     width, height = shape[3] * f, shape[2] * f
     if source.image is None:
-        x = initial_noise(shape, generators).to(device) * sampler.start_scale(float(sigmas[0]), schedule)
+        x = starting_noise(shape, seeds).to(device) * sampler.start_scale(float(sigmas[0]), schedule)
         if not inpaint_unet:
             return Start(0, x)
         # txt2img with an inpainting model (as A1111 does it): everything masked, the masked image blank (grey).
@@ -166,7 +166,7 @@ def prepare(model: LatentDiffusion, source: Sources, strength: float, sigmas: to
     pixels = to_tensor(source.image, width, height).to(device)
     full_noise = source.mask is not None and strength == 1.0
     known = None if full_noise and inpaint_unet else _encode(model, pixels, generators, tile)
-    noise = initial_noise(shape, generators).to(device)
+    noise = starting_noise(shape, seeds).to(device)
     x = noise * sampler.start_scale(float(sigmas[0]), schedule) if full_noise else \
         noised_latent(known, noise, sigmas, start)
     if source.mask is None:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
-from nijimi.diffusion.noise import initial_noise
+from nijimi.diffusion.noise import Seeds, starting_noise
 from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
@@ -166,7 +166,8 @@ class Pipeline:
         replace its fields.
 
         The initial latent of image i is ``torch.randn((1, C, H/f, W/f), generator=torch.Generator().manual_seed(seed
-        + i))`` — the convention diffusers and A1111 share — so a seed means the same picture across tools. LoRAs are
+        + i))`` — the convention diffusers and A1111 share — so a seed means the same picture across tools (A1111's
+        variation seed and seed resize change it: :func:`~nijimi.diffusion.noise.starting_noise`). LoRAs are
         merged for this call and the weights restored exactly afterwards; their keys that fit no module are left out
         (``Generation.lora_unmatched``), or refused with ``strict_loras``. ``callback`` sees every sampling step.
         """
@@ -184,17 +185,20 @@ class Pipeline:
         source = edit.load_sources(request.init_image, request.mask)
         width, height = self._size(request, source)
         generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.batch)]
-        shape = (1, cfg.vae.z_channels, height // cfg.vae.downscale_factor, width // cfg.vae.downscale_factor)
+        f = cfg.vae.downscale_factor
+        shape = (1, cfg.vae.z_channels, height // f, width // f)
+        resize = request.seed_resize and (request.seed_resize[1] // f, request.seed_resize[0] // f)
+        seeds = Seeds(generators, request.variation_seed or 0, request.variation_strength, resize)
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
         rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
         request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
                                   attention_slice=attention_slice or 0)
         if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
-            start = edit.Start(0, initial_noise(shape, generators).to(self.device)
+            start = edit.Start(0, starting_noise(shape, seeds).to(self.device)
                                * sampler.start_scale(float(sigmas[0]), cfg.schedule))
         else:  # an init image, or an inpainting U-Net (its extra channels)
-            start = edit.prepare(self.model, source, request.strength, sigmas, generators, sampler, shape, vae_tile)
+            start = edit.prepare(self.model, source, request.strength, sigmas, seeds, sampler, shape, vae_tile)
         run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
                               self.dtype)
         applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)

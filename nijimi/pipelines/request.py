@@ -51,12 +51,16 @@ def knob(default: Any, cli: Cli | None = None) -> Any:
     return field(default=default, metadata={"cli": cli} if cli else {})
 
 
-def parse_size(text: str) -> dict[str, int]:
+def parse_size(text: str, flag: str = "--size") -> dict[str, int]:
     """``"512x768"`` → width 512, height 768; ``"512"`` → 512 × 512."""
     m = re.fullmatch(r"\s*(\d{1,6})\s*(?:[xX×]\s*(\d{1,6}))?\s*", text)
     if not m:
-        raise ConfigError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+        raise ConfigError(f"{flag} {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
     return {"width": int(m.group(1)), "height": int(m.group(2) or m.group(1))}
+
+
+def _seed_resize(text: str) -> tuple[int, int]:
+    return tuple(parse_size(text, "--seed-resize").values())
 
 
 def _lora(text: str) -> LoraRequest:
@@ -74,7 +78,8 @@ class GenerationRequest:
     default (:func:`~nijimi.diffusion.samplers.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
-    names its files from anywhere."""
+    names its files from anywhere. ``variation_seed`` None draws a random one when ``variation_strength`` > 0;
+    ``seed_resize`` is (width, height) in pixels."""
 
     prompt: str = knob("", Cli((), "the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)"))
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
@@ -88,6 +93,13 @@ class GenerationRequest:
     guidance_rescale: float = knob(0.0, Cli(("--guidance-rescale",), "guidance rescale φ in [0, 1] (2305.08891)",
                                             float))
     seed: int | None = knob(None, Cli(("--seed",), "seed (default: random); image i of a batch uses seed+i", int))
+    variation_seed: int | None = knob(None, Cli(("--variation-seed",), "A1111's variation seed, image i uses "
+                                                "variation-seed+i (default: random with --variation-strength)", int))
+    variation_strength: float = knob(0.0, Cli(("--variation-strength",), "slerp of the seed's starting noise "
+                                              "towards the variation seed's: 0 = the seed's, 1 = the other's", float))
+    seed_resize: tuple[int, int] | None = knob(None, Cli(
+        ("--seed-resize",), "A1111's resize seed from: draw the seed's noise at this size, centred in the image's, so "
+        "a seed's composition carries over to another size", _seed_resize, "WxH"))
     width: int | None = knob(None, Cli(("--size",), "WIDTHxHEIGHT, multiples of 8 (default: the model's native "
                                        "size)", metavar="WxH", expand=parse_size))
     height: int | None = knob(None)
@@ -125,8 +137,12 @@ class GenerationRequest:
                               f"{self.lora_dir!r})")
         _integer("steps", self.steps, 1, 1000)
         _integer("batch", self.batch, 1, 4096)
-        for name in ("width", "height"):
-            value = getattr(self, name)
+        resize = self.seed_resize
+        if resize is not None and (not isinstance(resize, tuple | list) or len(resize) != 2):
+            raise ConfigError(f"seed_resize {resize!r} must be (width, height)")
+        set_("seed_resize", resize and tuple(resize))
+        for name, value in zip(("width", "height", "seed_resize width", "seed_resize height"),
+                               (self.width, self.height, *(resize or (None, None))), strict=True):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value % 8
                                       or not 8 <= value <= 1 << 20):
                 raise ConfigError(f"{name} {value!r} must be a positive multiple of 8 pixels")
@@ -136,6 +152,7 @@ class GenerationRequest:
         _number("guidance", self.guidance)
         _number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _number("strength", self.strength, 0.0, 1.0)
+        _number("variation_strength", self.variation_strength, 0.0, 1.0)
         _number("eta", self.eta, 0.0, 1.0, optional=True)
         if isinstance(self.sampler, str):
             set_("sampler", parse_sampler(self.sampler))
@@ -146,6 +163,9 @@ class GenerationRequest:
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         _integer("seed", seed, 0, SEED_LIMIT - self.batch)
         set_("seed", seed)
+        if self.variation_seed is None and self.variation_strength > 0:
+            set_("variation_seed", secrets.randbelow(2**32))
+        _integer("variation_seed", self.variation_seed, 0, SEED_LIMIT - self.batch, optional=True)
         if self.mask is not None and self.init_image is None:
             raise ImageError("a mask needs an init image to inpaint")
         set_("init_image", _image(self.init_image))
@@ -173,6 +193,11 @@ class GenerationRequest:
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: bad generation request ({exc})") from None
+
+    def single(self, i: int) -> GenerationRequest:
+        """Image i of this batch as a request of its own: batch 1, seed (and variation seed) + i."""
+        variation = None if self.variation_seed is None else self.variation_seed + i
+        return self.replace(seed=self.seed + i, variation_seed=variation, batch=1)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with ``changes``, checked again."""

@@ -1,9 +1,19 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from nijimi.diffusion.noise import BrownianNoise, BrownianTree, draw_seeds, gaussian_like
+from nijimi.diffusion.noise import (
+    BrownianNoise,
+    BrownianTree,
+    Seeds,
+    draw_seeds,
+    gaussian_like,
+    initial_noise,
+    slerp,
+    starting_noise,
+)
 from nijimi.errors import SamplerError
 
 
@@ -65,3 +75,66 @@ def test_brownian_noise_with_per_element_generators_is_batch_position_independen
     alone = BrownianNoise(x[:1], 10.0, seeded(3), "sde")(10.0, 4.0)
     assert torch.equal(batch[2], alone[0])
     assert not torch.equal(batch[0], batch[1])
+
+
+def reference_slerp(t, a, b):
+    """Spherical interpolation of the flattened tensors in float64 numpy; linear when nearly (anti)parallel."""
+    u, v = a.double().flatten().numpy(), b.double().flatten().numpy()
+    cos = u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+    if abs(cos) > 0.9995:
+        return (1 - t) * u + t * v
+    omega = np.arccos(cos)
+    return (np.sin((1 - t) * omega) * u + np.sin(t * omega) * v) / np.sin(omega)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.1, 0.5, 0.93, 1.0])
+@pytest.mark.parametrize("kind", ["random", "near-parallel", "antiparallel"])
+def test_slerp_matches_a_reference(t, kind):
+    a, b = torch.randn(2, 1, 4, 6, 5, generator=seeded(3)[0])
+    b = {"random": b, "near-parallel": 2 * a + 1e-3 * b, "antiparallel": -a}[kind]
+    out = slerp(t, a, b)
+    assert out.shape == a.shape and out.dtype == torch.float32
+    np.testing.assert_allclose(out.double().flatten().numpy(), reference_slerp(t, a, b), rtol=1e-5, atol=1e-5)
+    if kind != "random":  # the linear fallback
+        assert torch.allclose(out, (1 - t) * a + t * b)
+    assert torch.equal(slerp(1.0, a, b), b) and torch.equal(slerp(0.0, a, b), a)
+
+
+def test_slerp_keeps_the_norm_of_independent_noises():
+    a, b = torch.randn(2, 4, 32, 32, generator=seeded(0)[0])
+    assert abs(float(slerp(0.5, a, b).std()) - 1) < 0.03  # a lerp would shrink it to ~0.71
+
+
+def test_plain_starting_noise_is_initial_noise_bit_for_bit_and_keeps_the_generators_in_step():
+    shape = (1, 4, 6, 5)
+    for seeds in (Seeds(seeded(4, 5)), Seeds(seeded(4, 5), 99, 0.0, (6, 5))):
+        reference = seeded(4, 5)
+        assert torch.equal(starting_noise(shape, seeds), initial_noise(shape, reference))
+        assert all(torch.equal(torch.randn(3, generator=g), torch.randn(3, generator=r))
+                   for g, r in zip(seeds.generators, reference, strict=True))
+
+
+def test_variation_slerps_towards_the_variation_seed_per_image():
+    shape = (1, 4, 6, 5)
+    plain, other = initial_noise(shape, seeded(4, 5)), initial_noise(shape, seeded(70, 71))
+    assert torch.equal(starting_noise(shape, Seeds(seeded(4, 5), 70, 1.0)), other)
+    varied = starting_noise(shape, Seeds(seeded(4, 5), 70, 0.3))
+    for i in range(2):
+        assert torch.equal(varied[i:i + 1], slerp(0.3, plain[i:i + 1], other[i:i + 1]))
+
+
+def test_seed_resize_centres_the_from_size_noise():
+    shape, small = (1, 4, 8, 10), (1, 4, 4, 6)
+    target, origin = initial_noise(shape, seeded(4)), initial_noise(small, seeded(4))
+    grown = starting_noise(shape, Seeds(seeded(4), resize_from=(4, 6)))
+    assert torch.equal(grown[..., 2:6, 2:8], origin)
+    outside = torch.ones(8, 10, dtype=torch.bool)
+    outside[2:6, 2:8] = False
+    assert torch.equal(grown[..., outside], target[..., outside])
+    shrunk = starting_noise(small, Seeds(seeded(4), resize_from=(8, 10)))
+    assert torch.equal(shrunk, target[..., 2:6, 2:8])
+    odd = starting_noise((1, 4, 4, 6), Seeds(seeded(4), resize_from=(5, 6)))  # A1111: rows 1..3 of 5 at rows 0..2
+    assert torch.equal(odd[..., :3, :], initial_noise((1, 4, 5, 6), seeded(4))[..., 1:4, :])
+    assert torch.equal(odd[..., 3, :], origin[..., 3, :])
+    varied = starting_noise(shape, Seeds(seeded(4), 70, 0.4, (4, 6)))  # the slerp happens at the from-size
+    assert torch.equal(varied[..., 2:6, 2:8], slerp(0.4, origin, initial_noise(small, seeded(70))))

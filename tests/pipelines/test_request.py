@@ -25,6 +25,7 @@ def full(tmp_path) -> GenerationRequest:
     return GenerationRequest(
         prompt="a red circle <lora:ink:0.5>", negative_prompt="blurry", steps=12, sampler="DDIM Karras", eta=0.3,
         guidance=4.5, guidance_rescale=0.7, seed=2**64 - 3, width=96, height=64, batch=2,
+        variation_seed=2**64 - 5, variation_strength=0.25, seed_resize=(48, 80),
         init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png", clip_skip=2, vae_tile=32,
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
         lora_dir=str(tmp_path), strict_loras=True,
@@ -91,6 +92,7 @@ def test_generate_flags_come_from_the_fields(full):
     spec = full.control[0]
     argv = ["generate", full.prompt, "-n", "blurry", "--steps", "12", "--sampler", "DDIM Karras", "--eta", "0.3",
             "--cfg", "4.5", "--guidance-rescale", "0.7", "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
+            "--variation-seed", str(full.variation_seed), "--variation-strength", "0.25", "--seed-resize", "48x80",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
             "--vae-tile", "32", "--decoder", full.decoder, "--attention-slice", "7", "--lora",
             f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--control",
@@ -98,5 +100,6 @@ def test_generate_flags_come_from_the_fields(full):
             "resize=crop,guess=true"]
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
-    for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder"):
+    for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder",
+                 "--variation-seed", "--seed-resize"):
         assert flag in help_text
