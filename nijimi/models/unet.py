@@ -278,6 +278,21 @@ def embed_timesteps(time_embed: nn.Module, t: torch.Tensor, model_channels: int,
     return time_embed(timestep_embedding(t, model_channels).to(dtype))
 
 
+@dataclass
+class FeatureCache:
+    """DeepCache's cached deep feature (Ma et al., arXiv:2312.00858, §3.2): the decoder's input to the skip branch
+    at ``depth``, i.e. what enters ``output_blocks[-depth]`` next to the skip of ``input_blocks[depth - 1]``.
+
+    The shallow branch the cache serves runs ``input_blocks[:depth]``, then ``output_blocks[-depth:]`` on the
+    cached feature and those blocks' own skips, then ``out``. ``depth`` 1 (conv_in and the last output block) is the
+    shallowest branch, the largest saving; the paper's premise (§3.1) is that these deep features change little
+    between neighbouring steps, so refreshing them every few steps keeps the image. ``feature``: (B, C, H, W).
+    """
+
+    depth: int = 1
+    feature: torch.Tensor | None = None
+
+
 class UNetModel(nn.Module):
     """The conditional denoising U-Net ε_θ(x_t, t, c) (or v_θ / x̂₀ depending on the weights).
 
@@ -315,7 +330,7 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
                 down_residuals: list[torch.Tensor] | None = None,
-                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+                mid_residual: torch.Tensor | None = None, cache: FeatureCache | None = None) -> torch.Tensor:
         """Predict the network target for noisy latents ``x`` at timesteps ``t`` given text ``context``.
 
         x: (B, in_channels, H, W), any H, W (an odd side is upsampled back to its skip's size, as diffusers does);
@@ -323,21 +338,32 @@ class UNetModel(nn.Module):
         context: (B, M, context_dim). ``down_residuals`` (one per input block, each shaped like its skip) and
         ``mid_residual`` (shaped like the middle block output) are ControlNet outputs (arXiv:2302.05543): added to
         the skips before the decoder concatenates them, and to the middle block output.
+        ``cache`` (DeepCache, arXiv:2312.00858): an empty one runs the whole network and keeps the deep feature it
+        names; a filled one runs only the shallow branch on it (see :class:`FeatureCache`; there only the first
+        ``cache.depth`` down residuals are added and ``mid_residual`` is part of the cached feature).
         Returns (B, out_channels, H, W).
         """
         self._check_inputs(x, context, down_residuals)
+        if cache is not None and not 1 <= cache.depth <= len(self.input_blocks):
+            raise ConfigError(f"cache depth {cache.depth} must be within 1…{len(self.input_blocks)}")
         emb = embed_timesteps(self.time_embed, t, self.config.model_channels, x.shape[0], x.dtype)
+        shallow = cache is not None and cache.feature is not None
         skips = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks[:cache.depth] if shallow else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        if mid_residual is not None:
-            h = h + mid_residual
+        if shallow:
+            h = cache.feature
+        else:
+            h = self.middle_block(h, emb, context)
+            if mid_residual is not None:
+                h = h + mid_residual
         if down_residuals is not None:
-            skips = [skip + residual for skip, residual in zip(skips, down_residuals, strict=True)]
-        for block in self.output_blocks:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals[:len(skips)], strict=True)]
+        for block in self.output_blocks[len(self.output_blocks) - len(skips):]:
+            if cache is not None and len(skips) == cache.depth:
+                cache.feature = h
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

@@ -38,6 +38,7 @@ from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.preview import LatentRGB, fit_latent_rgb
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
+from nijimi.pipelines.shortcuts import with_deepcache, with_guidance_interval
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
 
 CACHE_SIZE = 32
@@ -216,16 +217,21 @@ class Pipeline:
     def model_stack(self, request: GenerationRequest, conds: StepConditioning, start: edit.Start,
                     run: ControlRun) -> Callable[..., torch.Tensor]:
         """The per-step model the sampler calls, ``model(x, σ, step=i) → x̂₀``, composed of small wrappers: the
-        step's conditioning, the denoiser (σ ↔ t, prediction type), classifier-free guidance, the pipeline's dtype,
-        ControlNet residuals, an inpainting U-Net's extra channels, the U-Net."""
+        step's conditioning, the guidance interval, the denoiser (σ ↔ t, prediction type), classifier-free guidance,
+        the pipeline's dtype, DeepCache, ControlNet residuals, an inpainting U-Net's extra channels, the U-Net."""
         net = self._unet
         if start.extra is not None:
             net = edit.with_inpaint_channels(net, start.extra)
+        shallow = net
         if run.units:
             net = with_controlnets(net, run)
+        if request.deepcache > 1:
+            net = with_deepcache(net, shallow, request.deepcache, start.index)
         guided = GuidedNetwork(_in_dtype(net, self.dtype), request.guidance * conds.guidance_weight,
                                request.guidance_rescale)
         denoiser = Denoiser(guided, self.model.config.schedule, quantize=request.sampler.quantize)
+        if request.guidance_interval is not None:
+            denoiser = with_guidance_interval(denoiser, *request.guidance_interval)
         return conds.per_step(denoiser, start.index, request.batch)
 
     def _sample(self, request: GenerationRequest, sigmas: torch.Tensor, start: edit.Start, model: Callable,
@@ -290,7 +296,8 @@ class Pipeline:
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *, step: int | None = None,
               is_cond: torch.Tensor | None = None, **residuals: Any) -> torch.Tensor:
-        """The bottom of the model stack: the U-Net (``residuals``: ControlNet down/mid residuals)."""
+        """The bottom of the model stack: the U-Net (``residuals``: ControlNet down/mid residuals, DeepCache's
+        ``cache``)."""
         return self.model.unet(x, t, context, **residuals)
 
 

@@ -63,6 +63,15 @@ def _seed_resize(text: str) -> tuple[int, int]:
     return tuple(parse_size(text, "--seed-resize").values())
 
 
+def parse_interval(text: str) -> tuple[float, float]:
+    """``"0.3,5.4"`` → (0.3, 5.4)."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--guidance-interval {text!r} is not LOW,HIGH (two numbers)") from None
+    return low, high
+
+
 def _lora(text: str) -> LoraRequest:
     return LoraRequest(*parse_lora_option(text))
 
@@ -92,6 +101,11 @@ class GenerationRequest:
     guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
     guidance_rescale: float = knob(0.0, Cli(("--guidance-rescale",), "guidance rescale φ in [0, 1] (2305.08891)",
                                             float))
+    guidance_interval: tuple[float, float] | None = knob(None, Cli(
+        ("--guidance-interval",), "guide only at noise levels σ in (LOW, HIGH], one conditional pass elsewhere "
+        "(2404.07724)", parse_interval, "LOW,HIGH"))
+    deepcache: int = knob(0, Cli(("--deepcache",), "DeepCache (2312.00858): the full U-Net every N-th step, the "
+                                 "other steps only its shallow branch on cached deep features; 0 or 1 = off", int, "N"))
     seed: int | None = knob(None, Cli(("--seed",), "seed (default: random); image i of a batch uses seed+i", int))
     variation_seed: int | None = knob(None, Cli(("--variation-seed",), "A1111's variation seed, image i uses "
                                                 "variation-seed+i (default: random with --variation-strength)", int))
@@ -153,6 +167,8 @@ class GenerationRequest:
         _number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _number("strength", self.strength, 0.0, 1.0)
         _number("variation_strength", self.variation_strength, 0.0, 1.0)
+        _integer("deepcache", self.deepcache, 0, 1000)
+        set_("guidance_interval", _interval(self.guidance_interval))
         _number("eta", self.eta, 0.0, 1.0, optional=True)
         if isinstance(self.sampler, str):
             set_("sampler", parse_sampler(self.sampler))
@@ -218,6 +234,18 @@ def _number(name: str, value: Any, low: float = -math.inf, high: float = math.in
             or not low <= value <= high:
         bounds = "a finite number" if math.isinf(low) else f"a number within [{low}, {high}]"
         raise ConfigError(f"{name.replace('_', ' ')} {value!r} must be {bounds}")
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ConfigError(f"guidance interval {value!r} must be two noise levels (LOW, HIGH)")
+    for number in value:
+        _number("guidance interval", number, 0.0)
+    if value[0] >= value[1]:
+        raise ConfigError(f"guidance interval {tuple(value)!r}: LOW must be below HIGH")
+    return float(value[0]), float(value[1])
 
 
 def _image(value: ImageSource | None) -> Image.Image | str | None:

@@ -11,7 +11,7 @@ from helpers import PARITY_UNET_SD1, PARITY_UNET_SD2, PARITY_UNET_TINY, randomiz
 
 from nijimi.errors import ConfigError
 from nijimi.io.keys.unet import unet_config_to_diffusers, unet_key_table
-from nijimi.models.unet import UNetConfig, UNetModel
+from nijimi.models.unet import FeatureCache, UNetConfig, UNetModel, embed_timesteps
 
 PARITY_CONFIGS = {"sd1": PARITY_UNET_SD1, "sd2": PARITY_UNET_SD2,
                   "inpaint9": dataclasses.replace(PARITY_UNET_SD1, in_channels=9), "tiny": PARITY_UNET_TINY}
@@ -100,6 +100,30 @@ def test_attention_slicing_gives_same_result() -> None:
         ours.set_attention_slice(5)
         sliced = ours(x, t, context)
     assert rel_err(sliced, whole) <= 1e-5  # fp32 rounding: chunked SDPA blocks the sums differently
+
+
+@pytest.mark.parametrize("depth", [1, 4])
+def test_deepcache_full_call_is_plain_and_cached_call_runs_the_shallow_branch(depth: int) -> None:
+    unet = UNetModel(PARITY_UNET_SD1).eval()
+    randomize(unet, 5)
+    x, t, context = inputs(PARITY_UNET_SD1)
+    x2, t2, context2 = inputs(PARITY_UNET_SD1, seed=2)
+    cache = FeatureCache(depth)
+    with torch.inference_mode():
+        assert torch.equal(unet(x, t, context, cache=cache), unet(x, t, context))
+        assert cache.feature.shape == ((2, 32, 16, 16) if depth == 1 else (2, 64, 8, 8))
+        got = unet(x2, t2, context2, cache=cache)
+        emb = embed_timesteps(unet.time_embed, t2, unet.config.model_channels, 2, x2.dtype)
+        skips, h = [], x2
+        for block in unet.input_blocks[:depth]:  # conv_in … (depth 4: level 0's res blocks and its downsampling)
+            h = block(h, emb, context2)
+            skips.append(h)
+        h = cache.feature
+        for block in unet.output_blocks[-depth:]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context2, skips[-1].shape[-2:] if skips else None)
+        assert torch.equal(got, unet.out(h))
+    with pytest.raises(ConfigError, match="cache depth 13"):
+        unet(x, t, context, cache=FeatureCache(13))
 
 
 def test_half_precision_upcast_attention_stays_close() -> None:

@@ -26,6 +26,7 @@ def full(tmp_path) -> GenerationRequest:
         prompt="a red circle <lora:ink:0.5>", negative_prompt="blurry", steps=12, sampler="DDIM Karras", eta=0.3,
         guidance=4.5, guidance_rescale=0.7, seed=2**64 - 3, width=96, height=64, batch=2,
         variation_seed=2**64 - 5, variation_strength=0.25, seed_resize=(48, 80),
+        guidance_interval=(0.5, 6.0), deepcache=3,
         init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png", clip_skip=2, vae_tile=32,
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
         lora_dir=str(tmp_path), strict_loras=True,
@@ -91,7 +92,8 @@ def test_generate_flags_come_from_the_fields(full):
     """``nijimi generate`` parses to the same request, flag by flag, and has one flag per recorded field."""
     spec = full.control[0]
     argv = ["generate", full.prompt, "-n", "blurry", "--steps", "12", "--sampler", "DDIM Karras", "--eta", "0.3",
-            "--cfg", "4.5", "--guidance-rescale", "0.7", "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
+            "--cfg", "4.5", "--guidance-rescale", "0.7", "--guidance-interval", "0.5,6", "--deepcache", "3",
+            "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
             "--variation-seed", str(full.variation_seed), "--variation-strength", "0.25", "--seed-resize", "48x80",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
             "--vae-tile", "32", "--decoder", full.decoder, "--attention-slice", "7", "--lora",
