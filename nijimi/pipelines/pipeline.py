@@ -2,12 +2,11 @@
 
 The path of a prompt: the text encoder makes the conditioning of every step (A1111's rules, :mod:`nijimi.text.prompt`;
 :class:`Conditioner` caches each prompt's encoding: a second generation with the same prompt, steps and clip skip
-runs no text-encoder pass), the sampler
-walks σ down through a stack of small wrappers around the U-Net (per-step conditioning → denoiser → guidance →
-dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE (or a TAESD tiny
-decoder) decodes the latent. img2img and inpainting only change the starting latent and add a per-step blend
-(:mod:`nijimi.pipelines.edit`).
-"""
+runs no text-encoder pass), the sampler walks σ down through a stack of small wrappers around the U-Net, built in
+:meth:`Pipeline.model_stack` (per-step conditioning → guidance interval → denoiser → guidance → dtype → DeepCache →
+ControlNet residuals → inpainting channels → U-Net; a layer that is switched off is not in the stack), and the VAE (or
+a TAESD tiny decoder) decodes the latent. img2img and inpainting only change the starting latent and add a per-step
+blend (:mod:`nijimi.pipelines.edit`)."""
 
 from __future__ import annotations
 
