@@ -44,7 +44,7 @@ def load_vae(path: str | os.PathLike, like: VAEConfig) -> VAE:
         try:
             shapes = {AUTOENCODER.prefix + k: tuple(v.shape) for k, v in native.items()}
             config = dataclasses.replace(infer_vae_config(shapes), norm_groups=like.norm_groups)
-        except (KeyError, ConfigError) as e:
+        except (KeyError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{path}: not an SD VAE in the original layout: {e}") from None
     else:
         raise CheckpointError(f"{path}: no such VAE file or folder")
