@@ -290,22 +290,18 @@ class Pipeline:
             self.tiny_decoders[path] = tiny.requires_grad_(False).to(self.device)
         return self.tiny_decoders[path]
 
-    def vae(self, path: str | os.PathLike) -> VAE:
-        """The VAE at ``path`` (:func:`~nijimi.io.vae_file.load_vae`; its latents must be the model's), float32 on the
-        pipeline's device. Only the last one loaded is kept (an SD VAE is 335 MB): a run with one ``--vae`` loads it
-        once."""
-        path = Path(path)
-        if path not in self.vaes:
-            self.vaes = {path: load_vae(path, self.model.config.vae).requires_grad_(False).to(self.device)}
-        return self.vaes[path]
-
     @contextlib.contextmanager
     def vae_swapped(self, path: str | os.PathLike | None) -> Iterator[None]:
-        """While the block runs, the model's VAE is the one at ``path`` (:meth:`vae`; None: the model's own), so the
-        img2img encode and the decode both use it; the model's own is put back afterwards, also on errors."""
+        """While the block runs, the model's VAE is the one at ``path`` (None: its own), so the img2img encode and the
+        decode both use it; the model's own is put back afterwards, also on errors. The VAE is loaded by
+        :func:`~nijimi.io.vae_file.load_vae` (its latents must be the model's), float32 on the pipeline's device; only
+        the last one is kept in ``vaes`` (an SD VAE is 335 MB), so a run with one ``--vae`` loads it once."""
         own = self.model.vae
         if path is not None:
-            self.model.first_stage_model = self.vae(path)
+            path = Path(path)
+            if path not in self.vaes:
+                self.vaes = {path: load_vae(path, self.model.config.vae).requires_grad_(False).to(self.device)}
+            self.model.first_stage_model = self.vaes[path]
         try:
             yield
         finally:
