@@ -4,9 +4,9 @@ The path of a prompt: the text encoder makes the conditioning of every step (A11
 :class:`Conditioner` caches each prompt's encoding: a second generation with the same prompt, steps and clip skip
 runs no text-encoder pass), the sampler
 walks σ down through a stack of small wrappers around the U-Net (per-step conditioning → denoiser → guidance →
-dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE (or a TAESD tiny
-decoder) decodes the latent. img2img and inpainting only change the starting latent and add a per-step blend
-(:mod:`nijimi.pipelines.edit`).
+dtype → ControlNet residuals → inpainting channels, built in :meth:`Pipeline.model_stack`), the VAE (a request's own
+``vae`` swapped in for that call, or a TAESD tiny decoder) decodes the latent. img2img and inpainting only change the
+starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
 """
 
 from __future__ import annotations
