@@ -130,7 +130,8 @@ class GenerationRequest:
                                      "or a diffusers AutoencoderKL folder", metavar="FILE"))
     decoder: str = knob("vae", Cli(("--decoder",), "latents → pixels: vae (the model's or --vae's), tiny:PATH (a TAESD "
                                    "decoder: taesd_decoder.safetensors or a diffusers AutoencoderTiny folder) or tiny "
-                                   "(the taesd_decoder.safetensors beside the model's weights)", metavar="vae|tiny[:PATH]"))
+                                   "(the taesd_decoder.safetensors beside the model's weights)",
+                                   metavar="vae|tiny[:PATH]"))
     attention_slice: int | None = knob(None, Cli(("--attention-slice",), "compute attention N query rows at a time; "
                                                  "0 = never (default: when memory is short)", int, "N"))
     loras: tuple[LoraRequest, ...] = knob((), Cli(
