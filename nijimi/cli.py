@@ -25,7 +25,14 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
-from nijimi.io.pngmeta import format_info, format_parameters, generation_settings, read_png_metadata, save_png
+from nijimi.io.pngmeta import (
+    format_info,
+    format_parameters,
+    generation_settings,
+    model_hash,
+    read_png_metadata,
+    save_png,
+)
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -108,7 +115,9 @@ def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
 def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
     eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
     varied = r.variation_strength > 0
-    extra = {"Variation seed": r.variation_seed if varied else None,
+    vae = r.vae and Path(r.vae)
+    extra = {"VAE hash": model_hash(vae) if vae and vae.is_file() else None, "VAE": vae and vae.name,
+             "Variation seed": r.variation_seed if varied else None,
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
              "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
              eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TOY_F8, in_processes, random_model
+from helpers import TOY_F8, in_processes, random_model, randomize
 from helpers import png_pixels as pixels
 from helpers import run_cli as run
 from PIL import Image
+from safetensors.torch import save_file
 
 from nijimi.adapters.formats import save_adapter
 from nijimi.adapters.inject import adapter_parameters, get_adapter, inject
@@ -27,6 +28,7 @@ from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.controlnet import save_original
 from nijimi.io.pngmeta import model_hash, read_png_metadata, save_png
 from nijimi.models.controlnet import ControlNetModel
+from nijimi.models.vae import VAE
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.adapter import AdapterTrainConfig
 from nijimi.train.config import build_config
@@ -153,6 +155,24 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     lines = text.splitlines()
     assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
     assert "Sampler: DPM++ 2M Karras" in lines and "Seed: 7" in lines and "nijimi recipe:" in lines
+
+
+def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):
+    """``--vae FILE``: A1111's ``VAE hash`` and ``VAE`` after ``Model``; ``reproduce`` decodes with the same file."""
+    vae = VAE(CONFIG.vae)
+    randomize(vae, 4)
+    save_file({"first_stage_model." + k: v for k, v in vae.state_dict().items()}, tmp_path / "my-vae.safetensors")
+    first, plain = tmp_path / "a.png", tmp_path / "plain.png"
+    for out, extra in ((first, ["--vae", tmp_path / "my-vae.safetensors"]), (plain, [])):
+        assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 3, *FAST, *extra,
+                   "--out", out)[0] == 0
+    settings = read_png_metadata(first)["settings"]
+    assert list(settings)[list(settings).index("Model") + 1:][:2] == ["VAE hash", "VAE"]
+    assert settings["VAE hash"] == model_hash(tmp_path / "my-vae.safetensors")
+    assert settings["VAE"] == "my-vae.safetensors" and "VAE" not in read_png_metadata(plain)["settings"]
+    assert run(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet")[0] == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "b.png"))
+    assert not np.array_equal(pixels(first), pixels(plain))
 
 
 def test_batch_writes_numbered_files_and_never_overwrites(capsys, model_file, tmp_path):

@@ -4,15 +4,17 @@ The path of a prompt: the text encoder makes the conditioning of every step (A11
 :class:`Conditioner` caches each prompt's encoding: a second generation with the same prompt, steps and clip skip
 runs no text-encoder pass), the sampler walks σ down through a stack of small wrappers around the U-Net, built in
 :meth:`Pipeline.model_stack` (per-step conditioning → guidance interval → denoiser → guidance → dtype → DeepCache →
-ControlNet residuals → inpainting channels → U-Net; a layer that is switched off is not in the stack), and the VAE (or
-a TAESD tiny decoder) decodes the latent. img2img and inpainting only change the starting latent and add a per-step
-blend (:mod:`nijimi.pipelines.edit`)."""
+ControlNet residuals → inpainting channels → U-Net; a layer that is switched off is not in the stack), and the VAE (a
+request's own ``vae`` swapped in for that call, or a TAESD tiny decoder) decodes the latent. img2img and inpainting
+only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,10 @@ from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
 from nijimi.io.pngmeta import model_hash
 from nijimi.io.taesd import load_taesd
+from nijimi.io.vae_file import load_vae
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.taesd import TAESD
+from nijimi.models.vae import VAE
 from nijimi.pipelines import edit
 from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
@@ -151,6 +155,7 @@ class Pipeline:
         self.model.text_encoder.to(self.device, self.dtype)
         self.conditioner = Conditioner(self.model)
         self.tiny_decoders: dict[Path, TAESD] = {}
+        self.vaes: dict[Path, VAE] = {}
         self.latent_rgb: LatentRGB | None = None
 
     @property
@@ -194,22 +199,23 @@ class Pipeline:
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
         request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
                                   attention_slice=attention_slice or 0)
-        if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
-            start = edit.Start(0, starting_noise(shape, seeds).to(self.device)
-                               * sampler.start_scale(float(sigmas[0]), cfg.schedule))
-        else:  # an init image, or an inpainting U-Net (its extra channels)
-            start = edit.prepare(self.model, source, request.strength, sigmas, seeds, sampler, shape, vae_tile)
-        run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
-                              self.dtype)
-        applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
-        try:
-            conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
-                                                       request.clip_skip, request.guidance != 1.0)
-            x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
-                             sampler.noise(start.latent, float(sigmas[0]), generators), callback)
-        finally:
-            applied.undo()
-        pixels = self.decode(x, vae_tile, request.decoder)
+        with self.vae_swapped(request.vae):
+            if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
+                start = edit.Start(0, starting_noise(shape, seeds).to(self.device)
+                                   * sampler.start_scale(float(sigmas[0]), cfg.schedule))
+            else:  # an init image, or an inpainting U-Net (its extra channels)
+                start = edit.prepare(self.model, source, request.strength, sigmas, seeds, sampler, shape, vae_tile)
+            run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
+                                  self.dtype)
+            applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
+            try:
+                conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
+                                                           request.clip_skip, request.guidance != 1.0)
+                x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
+                                 sampler.noise(start.latent, float(sigmas[0]), generators), callback)
+            finally:
+                applied.undo()
+            pixels = self.decode(x, vae_tile, request.decoder)
         seeds = [request.seed + i for i in range(request.batch)]
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched)
 
@@ -283,6 +289,23 @@ class Pipeline:
                 raise CheckpointError(f"{path}: holds {found}; this model needs {wanted}")
             self.tiny_decoders[path] = tiny.requires_grad_(False).to(self.device)
         return self.tiny_decoders[path]
+
+    @contextlib.contextmanager
+    def vae_swapped(self, path: str | os.PathLike | None) -> Iterator[None]:
+        """While the block runs, the model's VAE is the one at ``path`` (None: its own), so the img2img encode and the
+        decode both use it; the model's own is put back afterwards, also on errors. The VAE is loaded by
+        :func:`~nijimi.io.vae_file.load_vae` (its latents must be the model's), float32 on the pipeline's device; only
+        the last one is kept in ``vaes`` (an SD VAE is 335 MB), so a run with one ``--vae`` loads it once."""
+        own = self.model.vae
+        if path is not None:
+            path = Path(path)
+            if path not in self.vaes:
+                self.vaes = {path: load_vae(path, self.model.config.vae).requires_grad_(False).to(self.device)}
+            self.model.first_stage_model = self.vaes[path]
+        try:
+            yield
+        finally:
+            self.model.first_stage_model = own
 
     def _size(self, request: GenerationRequest, source: edit.Sources) -> tuple[int, int]:
         w, h = request.width, request.height

@@ -88,7 +88,8 @@ class GenerationRequest:
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
     names its files from anywhere. ``variation_seed`` None draws a random one when ``variation_strength`` > 0;
-    ``seed_resize`` is (width, height) in pixels."""
+    ``seed_resize`` is (width, height) in pixels. ``vae``: another VAE for this request's encode and decode
+    (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too."""
 
     prompt: str = knob("", Cli((), "the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)"))
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
@@ -124,9 +125,13 @@ class GenerationRequest:
     clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
     vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
                                           "(default: when memory is short)", int, "N"))
-    decoder: str = knob("vae", Cli(("--decoder",), "latents → pixels: vae (the model's), tiny:PATH (a TAESD decoder: "
-                                   "taesd_decoder.safetensors or a diffusers AutoencoderTiny folder) or tiny (the "
-                                   "taesd_decoder.safetensors beside the model's weights)", metavar="vae|tiny[:PATH]"))
+    vae: str | None = knob(None, Cli(("--vae",), "decode (and encode) with this VAE instead of the model's: a file in "
+                                     "the original layout (encoder./decoder. keys, with or without first_stage_model.) "
+                                     "or a diffusers AutoencoderKL folder", metavar="FILE"))
+    decoder: str = knob("vae", Cli(("--decoder",), "latents → pixels: vae (the model's or --vae's), tiny:PATH (a TAESD "
+                                   "decoder: taesd_decoder.safetensors or a diffusers AutoencoderTiny folder) or tiny "
+                                   "(the taesd_decoder.safetensors beside the model's weights)",
+                                   metavar="vae|tiny[:PATH]"))
     attention_slice: int | None = knob(None, Cli(("--attention-slice",), "compute attention N query rows at a time; "
                                                  "0 = never (default: when memory is short)", int, "N"))
     loras: tuple[LoraRequest, ...] = knob((), Cli(
@@ -146,9 +151,8 @@ class GenerationRequest:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise ConfigError("prompt and negative_prompt must be text")
-        if not isinstance(self.strict_loras, bool) or not isinstance(self.lora_dir, str | os.PathLike | None):
-            raise ConfigError(f"strict_loras must be true or false, lora_dir a folder (got {self.strict_loras!r}, "
-                              f"{self.lora_dir!r})")
+        if not isinstance(self.strict_loras, bool):
+            raise ConfigError(f"strict_loras must be true or false (got {self.strict_loras!r})")
         _integer("steps", self.steps, 1, 1000)
         _integer("batch", self.batch, 1, 4096)
         resize = self.seed_resize
@@ -186,7 +190,8 @@ class GenerationRequest:
             raise ImageError("a mask needs an init image to inpaint")
         set_("init_image", _image(self.init_image))
         set_("mask", _image(self.mask))
-        set_("lora_dir", None if self.lora_dir is None else str(Path(self.lora_dir).absolute()))
+        set_("lora_dir", _path("lora_dir", self.lora_dir))
+        set_("vae", _path("vae", self.vae))
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
         set_("decoder", _decoder(self.decoder))
@@ -253,6 +258,14 @@ def _image(value: ImageSource | None) -> Image.Image | str | None:
         return value
     if not isinstance(value, str | os.PathLike):
         raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
+    return str(Path(value).absolute())
+
+
+def _path(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigError(f"{name} {value!r} must be a file or folder path")
     return str(Path(value).absolute())
 
 

@@ -27,7 +27,8 @@ def full(tmp_path) -> GenerationRequest:
         guidance=4.5, guidance_rescale=0.7, seed=2**64 - 3, width=96, height=64, batch=2,
         variation_seed=2**64 - 5, variation_strength=0.25, seed_resize=(48, 80),
         guidance_interval=(0.5, 6.0), deepcache=3,
-        init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png", clip_skip=2, vae_tile=32,
+        init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png",
+        clip_skip=2, vae_tile=32, vae=tmp_path / "vae",
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
         lora_dir=str(tmp_path), strict_loras=True,
         control=[ControlSpec(str(tmp_path / "cn.safetensors"), str(tmp_path / "map.png"), 0.9, "canny", 0.1, 0.8,
@@ -49,9 +50,10 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "ink.safetensors").write_bytes(b"")
     r = GenerationRequest("x", sampler="Euler a", init_image="in.png", loras=[("ink", 1.0, 1.0)],
-                          lora_dir="loras", control=[ControlSpec("embedded", "map.png")], decoder="tiny:taesd")
+                          lora_dir="loras", control=[ControlSpec("embedded", "map.png")], decoder="tiny:taesd", vae="v")
     assert r.sampler.name == "euler-a" and r.sampler.display == "Euler a"
     assert r.init_image == str(tmp_path / "in.png") and r.decoder == f"tiny:{tmp_path / 'taesd'}"
+    assert r.vae == str(tmp_path / "v")
     assert r.loras == (LoraRequest((tmp_path / "loras" / "ink.safetensors").resolve(), 1.0, 1.0),)
     assert Path(r.control[0].model).name == "controlnet-mask.safetensors" and Path(r.control[0].image).is_absolute()
     assert 0 <= GenerationRequest("x").seed < 2**32  # drawn once, here
@@ -96,12 +98,12 @@ def test_generate_flags_come_from_the_fields(full):
             "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
             "--variation-seed", str(full.variation_seed), "--variation-strength", "0.25", "--seed-resize", "48x80",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
-            "--vae-tile", "32", "--decoder", full.decoder, "--attention-slice", "7", "--lora",
+            "--vae-tile", "32", "--vae", full.vae, "--decoder", full.decoder, "--attention-slice", "7", "--lora",
             f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--control",
             f"model={spec.model},image={spec.image},scale=0.9,pre=canny,start=0.1,end=0.8,low=50,high=150,"
             "resize=crop,guess=true"]
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder",
-                 "--variation-seed", "--seed-resize"):
+                 "--variation-seed", "--seed-resize", "--vae "):
         assert flag in help_text
