@@ -193,7 +193,7 @@ class Pipeline:
         f = cfg.vae.downscale_factor
         shape = (1, cfg.vae.z_channels, height // f, width // f)
         resize = request.seed_resize and (request.seed_resize[1] // f, request.seed_resize[0] // f)
-        seeds = Seeds(generators, request.variation_seed or 0, request.variation_strength, resize)
+        noise_seeds = Seeds(generators, request.variation_seed or 0, request.variation_strength, resize)
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
         rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
@@ -201,10 +201,11 @@ class Pipeline:
                                   attention_slice=attention_slice or 0)
         with self.vae_swapped(request.vae):
             if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
-                start = edit.Start(0, starting_noise(shape, seeds).to(self.device)
+                start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
                                    * sampler.start_scale(float(sigmas[0]), cfg.schedule))
             else:  # an init image, or an inpainting U-Net (its extra channels)
-                start = edit.prepare(self.model, source, request.strength, sigmas, seeds, sampler, shape, vae_tile)
+                start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape,
+                                     vae_tile)
             run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
                                   self.dtype)
             applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
