@@ -36,10 +36,11 @@ from nijimi.io.pngmeta import (
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.pipelines.runtime import WEIGHT_DTYPES, dtype_name
+from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads, dtype_name
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
+from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.progress import ProgressBar
 from nijimi.ui.train import add_train_parsers
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_parsers(sub)
     add_adapter_parsers(sub)
     add_eval_parsers(sub)
+    add_doctor_parser(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
@@ -334,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)  # a flag's parser may raise NijimiError too (e.g. --control)
+        apply_default_threads()
         code = args.func(args)
     except NijimiError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,9 +1,13 @@
-"""Where and how a pipeline runs: the device, the networks' dtype, and what the free memory allows (VAE tiles,
-attention slices). Tiling changes the pixels slightly, slicing does not; a generation records both so that it can
-be replayed exactly."""
+"""Where and how a pipeline runs: the device, the networks' dtype, what the free memory allows (VAE tiles,
+attention slices), and the CPU: its features, its thread count, and whether bf16 is faster on it. Tiling changes the
+pixels slightly, slicing does not; a generation records both so that it can be replayed exactly."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,3 +104,91 @@ def choose_attention_slice(requested: int | None, cfg: UNetConfig, latent: tuple
     level = min(cfg.attention_levels)
     heads, _ = cfg.heads_for(cfg.model_channels * cfg.channel_mult[level])
     return attention_slice_for((latent[0] >> level) * (latent[1] >> level), heads, rows)
+
+
+CPU_FEATURES = {"AVX2": "avx2", "AVX-512": "avx512f", "AVX-512 BF16": "avx512_bf16", "AMX BF16": "amx_bf16",
+                "AMX tile": "amx_tile"}
+"""The CPU features that decide fp32/bf16 speed: label → /proc/cpuinfo flag."""
+THREADS_ENV = "NIJIMI_THREADS"
+"""Environment variable: torch's intra-op threads (default: the physical cores, unless OMP_NUM_THREADS is set)."""
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    """What /proc/cpuinfo says; ``features`` is None when it has no flags (not Linux: unknown)."""
+
+    model: str
+    features: dict[str, bool] | None
+    physical_cores: int
+    logical_cpus: int
+
+
+def cpu_info(text: str | None = None) -> CPUInfo:
+    """Parse ``text`` (default: /proc/cpuinfo). Physical cores are the distinct (physical id, core id) pairs;
+    without them (or the file) the counts fall back to ``os.cpu_count()``."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+    blocks = [dict(_field(line) for line in block.splitlines() if ":" in line)
+              for block in text.split("\n\n") if block.strip()]
+    flags = next((set(b["flags"].split()) for b in blocks if "flags" in b), None)
+    cores = {(b["physical id"], b["core id"]) for b in blocks if "physical id" in b and "core id" in b}
+    logical = sum("processor" in b for b in blocks) or os.cpu_count() or 1
+    return CPUInfo(model=next((b["model name"] for b in blocks if "model name" in b), "unknown"),
+                   features=None if flags is None else {k: f in flags for k, f in CPU_FEATURES.items()},
+                   physical_cores=len(cores) or os.cpu_count() or 1, logical_cpus=logical)
+
+
+def _field(line: str) -> tuple[str, str]:
+    key, _, value = line.partition(":")
+    return key.strip(), value.strip()
+
+
+def default_threads(env: Mapping[str, str], physical_cores: int) -> int | None:
+    """torch's intra-op thread count for a process started with ``env``: ``NIJIMI_THREADS`` when set (a positive
+    integer, else ConfigError), None (leave torch's choice) when ``OMP_NUM_THREADS`` is set, else the physical cores."""
+    value = env.get(THREADS_ENV)
+    if value is None:
+        return None if "OMP_NUM_THREADS" in env else physical_cores
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError(f"{THREADS_ENV}={value!r} must be a positive integer")
+    return int(value)
+
+
+def apply_default_threads() -> None:
+    """Set torch's intra-op threads by :func:`default_threads` for this process's environment."""
+    threads = default_threads(os.environ, cpu_info().physical_cores)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class DtypeTiming:
+    """Best-of-several seconds of one operation in float32 and in bfloat16 on this CPU."""
+
+    op: str
+    fp32: float
+    bf16: float
+
+
+def time_bf16(size: int = 256, repeats: int = 3) -> list[DtypeTiming]:
+    """Time a ``size``² matmul and a 3×3 conv2d (32 → 32 channels on ``size/8``² pixels), the U-Net's two heavy
+    operations, in float32 and bfloat16 on the CPU; each the best of ``repeats`` runs after a warm-up."""
+    pixels = size // 8
+    ops = {"matmul": (torch.matmul, (torch.randn(size, size), torch.randn(size, size))),
+           "conv2d": (torch.nn.functional.conv2d, (torch.randn(1, 32, pixels, pixels), torch.randn(32, 32, 3, 3)))}
+    return [DtypeTiming(name, _best(op, args, torch.float32, repeats), _best(op, args, torch.bfloat16, repeats))
+            for name, (op, args) in ops.items()]
+
+
+def _best(op: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], dtype: torch.dtype, repeats: int) -> float:
+    args = tuple(a.to(dtype) for a in args)
+    op(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        op(*args)
+        times.append(time.perf_counter() - start)
+    return min(times)
