@@ -352,6 +352,21 @@ def test_python_m_nijimi_error_exit_code(model_file, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_doctor_prints_every_line(capsys):
+    """Every fact gets its labelled line; the timings themselves are not asserted."""
+    code, out, _ = run(capsys, "doctor")
+    labels = [line.split(":")[0] for line in out.splitlines()]
+    assert code == 0 and labels == ["CPU", "AVX2", "AVX-512", "AVX-512 BF16", "AMX BF16", "AMX tile", "physical cores",
+                                    "logical CPUs", "torch threads", "torch", "matmul fp32/bf16 time",
+                                    "conv2d fp32/bf16 time", "bf16 faster here"]
+
+
+def test_bad_nijimi_threads_is_one_error_line(capsys, monkeypatch):
+    monkeypatch.setenv("NIJIMI_THREADS", "many")
+    code, _, err = run(capsys, "samplers")
+    assert code == 2 and err.splitlines() == ["error: NIJIMI_THREADS='many' must be a positive integer"]
+
+
 # ---- the command itself and the training flags ----
 
 def test_unknown_command_exits_nonzero(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,8 +15,11 @@ from nijimi.pipelines.runtime import (
     attention_slice_for,
     choose_attention_slice,
     choose_vae_tile,
+    cpu_info,
+    default_threads,
     dtype_name,
     resolve_device,
+    time_bf16,
     vae_tile_for,
 )
 
@@ -77,3 +82,52 @@ def test_choose_attention_slice(monkeypatch):
     assert choose_attention_slice(None, no_attention, (64, 64), 2) is None
     with pytest.raises(ConfigError, match="attention slice"):
         choose_attention_slice(-1, cfg, (64, 64), 2)
+
+
+CPUINFO = """processor\t: 0
+physical id\t: 0
+core id\t\t: 0
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 avx512f amx_tile
+
+processor\t: 1
+physical id\t: 0
+core id\t\t: 0
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 avx512f amx_tile
+
+processor\t: 2
+physical id\t: 0
+core id\t\t: 1
+model name\t: Test CPU 9000
+flags\t\t: fpu sse avx2 avx512f amx_tile
+"""
+
+
+def test_cpu_info_reads_features_and_physical_cores():
+    """Two hyper-threads on core 0 and one on core 1: 2 physical cores, 3 logical CPUs."""
+    cpu = cpu_info(CPUINFO)
+    assert cpu.model == "Test CPU 9000" and (cpu.physical_cores, cpu.logical_cpus) == (2, 3)
+    assert cpu.features == {"AVX2": True, "AVX-512": True, "AVX-512 BF16": False, "AMX BF16": False,
+                            "AMX tile": True}
+
+
+def test_cpu_info_without_cpuinfo_is_unknown():
+    cpu = cpu_info("")
+    assert cpu.model == "unknown" and cpu.features is None
+    assert cpu.physical_cores == cpu.logical_cpus == (os.cpu_count() or 1)
+
+
+def test_default_threads():
+    assert default_threads({}, 4) == 4
+    assert default_threads({"OMP_NUM_THREADS": "1"}, 4) is None
+    assert default_threads({"OMP_NUM_THREADS": "1", "NIJIMI_THREADS": "3"}, 4) == 3
+    for bad in ("0", "-2", "two", ""):
+        with pytest.raises(ConfigError, match=f"NIJIMI_THREADS='{bad}' must be a positive integer"):
+            default_threads({"NIJIMI_THREADS": bad}, 4)
+
+
+def test_time_bf16_times_matmul_and_conv():
+    timings = time_bf16(size=32, repeats=1)
+    assert [t.op for t in timings] == ["matmul", "conv2d"]
+    assert all(t.fp32 > 0 and t.bf16 > 0 for t in timings)
