@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nijimi.errors import optional_import
 from nijimi.io.files import atomic_write
 
 
@@ -36,13 +37,10 @@ def write_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     """Plot the per-step loss (thin) and its moving average (thick) on a log scale; its numbers go to
     ``metrics.csv`` beside it (``<x>-metrics.csv`` for ``<x>-loss.png``), see :func:`write_metrics`."""
     write_metrics(losses, path.with_name(path.stem.removesuffix("loss") + "metrics.csv"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    figure = optional_import("matplotlib.figure", "the loss plot needs matplotlib", "plots")
     values, window, smooth = _smoothed(losses)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = figure.Figure((6, 3.5), dpi=100)
+    ax = fig.add_subplot()
     ax.plot(np.arange(1, len(values) + 1), values, lw=0.5, alpha=0.4, label="loss")
     ax.plot(np.arange(window, len(values) + 1), smooth, lw=2, label=f"mean of {window}")
     ax.set(title=f"{title} training loss", xlabel="step", ylabel="loss", yscale="log")
@@ -51,7 +49,6 @@ def write_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
-    plt.close(fig)
     return path
 
 
