@@ -35,6 +35,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python bench/unet.py
 
 train-embedded: $(STAMP)
+	$(BIN)/pip install -q -e '.[plots]'
 	$(BIN)/nijimi train --config configs/embedded.toml --resume
 
 clean:

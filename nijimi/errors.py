@@ -3,6 +3,9 @@
 Messages name the file, key, shape or value at fault; the CLI prints ``error: <message>`` and exits 2.
 """
 
+import importlib
+from types import ModuleType
+
 
 class NijimiError(Exception):
     """Base class of every error nijimi raises on purpose."""
@@ -34,3 +37,16 @@ class ImageError(NijimiError):
 
 class DataError(NijimiError):
     """A training data folder or caption file that cannot be used."""
+
+
+class MissingExtraError(ConfigError):
+    """A feature whose optional dependency (a ``nijimi[extra]``) is not installed."""
+
+
+def optional_import(module: str, needs: str, extra: str) -> ModuleType:
+    """Import ``module`` at the point of use; when it is missing raise MissingExtraError
+    ``<needs>: pip install 'nijimi[<extra>]'`` (``needs`` says what needs which package: "canny needs OpenCV")."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{needs}: pip install 'nijimi[{extra}]'") from None

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from nijimi.diffusion.forward import q_sample
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.errors import ImageError
+from nijimi.errors import ImageError, optional_import
 
 STRIP_SIZE = 96
 STRIP_TIMESTEPS = 10
@@ -63,8 +62,13 @@ def noising_strip(image: torch.Tensor, schedule: NoiseSchedule, timesteps: torch
     return q_sample(image.expand(n, -1, -1, -1), timesteps, noise.expand(n, -1, -1, -1), schedule)
 
 
+def _figure(width: float, height: float):
+    """A matplotlib Figure (no pyplot state), from the ``nijimi[plots]`` extra."""
+    return optional_import("matplotlib.figure", "explain needs matplotlib", "plots").Figure((width, height), dpi=100)
+
+
 def _curve_plot(path: Path, title: str, ylabel: str, curves: dict[str, torch.Tensor]) -> Path:
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = _figure(6, 4)
     ax = fig.add_subplot()
     for label, values in curves.items():
         ax.plot(values.numpy(), label=label)
@@ -77,7 +81,7 @@ def _curve_plot(path: Path, title: str, ylabel: str, curves: dict[str, torch.Ten
 
 
 def _strip_plot(path: Path, image: torch.Tensor, schedules: dict[str, NoiseSchedule]) -> Path:
-    fig = Figure(figsize=(STRIP_TIMESTEPS * 1.2, len(schedules) * 1.45), dpi=100)
+    fig = _figure(STRIP_TIMESTEPS * 1.2, len(schedules) * 1.45)
     axes = fig.subplots(len(schedules), STRIP_TIMESTEPS, squeeze=False)
     for row, (name, schedule) in enumerate(schedules.items()):
         timesteps = strip_timesteps(schedule)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nijimi.errors import ConfigError, ImageError
+from nijimi.errors import ConfigError, ImageError, optional_import
 from nijimi.pipelines.images import open_image
 
 RESIZE_MODES = ("resize", "crop", "fill", "none")
@@ -74,12 +74,9 @@ def canny(image: Image.Image, low: float = 100, high: float = 200) -> Image.Imag
     """Canny edges (OpenCV, on the RGB image: per pixel the strongest channel gradient) as a white-on-black RGB map.
 
     ``low``/``high``: hysteresis thresholds on the Sobel gradient magnitude (ControlNet's defaults 100 and 200).
-    Needs ``opencv-python-headless``.
+    Needs OpenCV, the ``nijimi[control]`` extra.
     """
-    try:
-        import cv2
-    except ImportError:
-        raise ConfigError("the canny preprocessor needs OpenCV: pip install opencv-python-headless") from None
+    cv2 = optional_import("cv2", "canny needs OpenCV", "control")
     if not 0 <= low <= high:
         raise ConfigError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
     edges = cv2.Canny(np.asarray(image.convert("RGB")), float(low), float(high))

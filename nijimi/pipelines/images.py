@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nijimi.errors import ConfigError, ImageError
 
@@ -26,13 +26,14 @@ def check_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> None:
 
 
 def open_image(image: Image.Image | str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """A PIL image from a path or an image, converted to ``mode``; unreadable files raise ImageError naming them."""
+    """A PIL image from a path or an image, turned upright by its EXIF orientation and converted to ``mode``;
+    unreadable files raise ImageError naming them."""
     if isinstance(image, Image.Image):
-        return image.convert(mode)
+        return ImageOps.exif_transpose(image).convert(mode)
     path = Path(image)
     try:
         with Image.open(path) as im:
-            return im.convert(mode)
+            return ImageOps.exif_transpose(im).convert(mode)
     except FileNotFoundError:
         raise ImageError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from nijimi.errors import ConfigError, DataError
 
@@ -145,10 +145,10 @@ def _fit(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Ima
 
 
 def _open(path: Path) -> Image.Image:
+    """The image at ``path``, loaded and turned upright by its EXIF orientation."""
     try:
         with Image.open(path) as im:
-            im.load()
-            return im
+            return ImageOps.exif_transpose(im)
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"unreadable image {path}: {exc}") from exc
 

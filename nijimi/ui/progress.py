@@ -1,4 +1,5 @@
-"""A one-line progress bar on stderr: steps, it/s, ETA and optional extra fields (loss)."""
+"""A progress bar on stderr: steps, it/s, ETA and optional extra fields (loss). On a terminal one line redrawn with
+``\r``; on a file or pipe one line per tenth of the work (and the last state), so logs stay readable."""
 
 from __future__ import annotations
 
@@ -8,37 +9,55 @@ from typing import TextIO
 
 
 class ProgressBar:
-    """``bar.update(i, loss=0.12)`` redraws ``label  37% |█████     | 37/100 [2.1 it/s, ETA 0:30, loss 0.1200]``."""
+    """``bar.update(i, loss=0.12)`` draws ``label  37% |█████     | 37/100 [2.1 it/s, ETA 0:30, loss 0.1200]``.
+
+    Speed is measured from the first update (or :meth:`resume_at`): no it/s or ETA is shown before it is measured."""
 
     def __init__(self, total: int, label: str = "", stream: TextIO | None = None, width: int = 24) -> None:
         self.total = max(int(total), 1)
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.width = width
-        self.start = time.perf_counter()
-        self.first = 0
+        self.start = 0.0
+        self.first: int | None = None
+        self.shown = -1
+        self.line = self.written = ""
 
     def update(self, done: int, **fields: float) -> None:
+        if self.first is None:
+            self.resume_at(done)
         elapsed = time.perf_counter() - self.start
-        rate = (done - self.first) / elapsed if elapsed > 0 and done > self.first else 0.0
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        filled = int(self.width * done / self.total)
+        parts = [f"{k} {v:.4f}" for k, v in fields.items()]
+        if done > self.first and elapsed > 0:
+            eta = (self.total - done) * elapsed / (done - self.first)
+            parts[:0] = [f"{(done - self.first) / elapsed:.2f} it/s", f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"]
+        filled = int(self.width * min(done, self.total) / self.total)
         bar = "█" * filled + " " * (self.width - filled)
-        extra = "".join(f", {k} {v:.4f}" for k, v in fields.items())
-        line = (
-            f"\r{self.label} {100 * done // self.total:3d}% |{bar}| {done}/{self.total} "
-            f"[{rate:.2f} it/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}{extra}]"
-        )
-        self.stream.write(line)
-        self.stream.flush()
+        self.line = f"{self.label} {100 * done // self.total:3d}% |{bar}| {done}/{self.total}"
+        self.line += f" [{', '.join(parts)}]" if parts else ""
+        if self.tty:
+            self._write(f"\r{self.line}")
+        elif 10 * done // self.total > self.shown:
+            self.shown = 10 * done // self.total
+            self._write(f"{self.line}\n")
+            self.written = self.line
 
-    def resume_at(self, done: int) -> None:
-        """Count speed from ``done`` on (after a resume), so it/s is not inflated by steps done earlier."""
+    def resume_at(self, done: int, elapsed: float = 0.0) -> None:
+        """Count speed from ``done`` on, reached ``elapsed`` seconds ago (after a resume, so it/s is not inflated by
+        steps done earlier)."""
         self.first = done
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() - elapsed
 
     def close(self) -> None:
-        self.stream.write("\n")
+        """End the line on a terminal; elsewhere write the last state unless it was written."""
+        if self.tty and self.line:
+            self._write("\n")
+        elif not self.tty and self.line != self.written:
+            self._write(f"{self.line}\n")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
         self.stream.flush()
 
 
@@ -55,7 +74,7 @@ class TrainingProgress:
             return
         if label not in self.bars:
             self.bars[label] = ProgressBar(trainer.cfg.steps, label=label)
-            self.bars[label].resume_at(trainer.step)
+            self.bars[label].resume_at(trainer.step - 1, seconds)
         self.bars[label].update(trainer.step, loss=loss)
 
     def stage(self, label: str):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from helpers import randomize, rel_err
+from helpers import randomize, rel_err, save_rotated
 from PIL import Image
 
 from nijimi.diffusion.guidance import GuidedNetwork
@@ -98,6 +98,12 @@ def test_invert_and_map() -> None:
     want = torch.from_numpy((255 - np.asarray(image)).astype(np.float32) / 255).permute(2, 0, 1)
     assert torch.equal(inverted[0], want)
     assert torch.allclose(plain + inverted, torch.ones_like(plain), atol=1e-6)
+
+
+def test_map_file_is_turned_upright_by_its_exif_orientation(tmp_path) -> None:
+    image = np.asarray(gradient_image(40, 24, seed=4))
+    path = save_rotated(tmp_path / "map.png", image)
+    assert torch.equal(prepare_control_map(path, 40, 24), prepare_control_map(Image.fromarray(image), 40, 24))
 
 
 def test_map_errors_name_the_problem(tmp_path) -> None:

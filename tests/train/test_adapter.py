@@ -179,6 +179,9 @@ def test_sample_grids_are_written_and_training_goes_on(tmp_path):
     assert calls[0] == [ConceptShapes(size=16, count=8)[i][1] for i in range(4)]
     assert all(p.requires_grad for p in run.trainer.params)
     assert (run_cfg.work_dir / "loss.png").is_file()
+    rows = (run_cfg.work_dir / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "step,loss,mean" and len(rows) == 1 + run_cfg.steps
+    assert [float(row.split(",")[1]) for row in rows[1:]] == run.trainer.losses
     up = [p for name, p in run.trainer.module.named_parameters() if name.endswith("lora_up")]
     assert all(p.abs().max() > 0 for p in up)  # steps after the first grid still trained every adapter
 

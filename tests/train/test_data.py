@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_rotated
 from PIL import Image
 
 from nijimi.errors import ConfigError, DataError
@@ -57,6 +58,17 @@ def test_shapes_dataset_round_trips_bit_exactly(tmp_path: Path) -> None:
         image, caption = dataset[index]
         assert torch.equal(folder[index].image, image) and folder[index].caption == caption
     assert read_records(tmp_path / "captions.jsonl") == folder.records
+
+
+def test_exif_orientation_turns_image_and_mask_upright(tmp_path: Path) -> None:
+    upright = _columns(32, 48)
+    save_rotated(tmp_path / "photo.png", upright)
+    save_rotated(tmp_path / "photo.mask.png", np.repeat(upright[..., 1:2], 3, axis=-1))
+    (tmp_path / "photo.txt").write_text("a photo", encoding="utf-8")
+    sample = ImageFolder(tmp_path, size=32)[0]
+    green = (sample.image[1, :, 10].numpy() + 1) * 127.5
+    assert np.allclose(green, 3 * np.arange(8, 40), atol=1.0)
+    assert sample.mask is not None and np.allclose(sample.mask[0, :, 10].numpy() * 255, green, atol=1.0)
 
 
 def test_alpha_channel_becomes_mask_on_white(tmp_path: Path) -> None:

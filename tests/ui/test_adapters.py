@@ -86,7 +86,7 @@ def test_train_adapter_writes_the_adapter_grids_and_resumes(nijimi, models, tmp_
     assert code == 0 and stdout.strip() == str(out)
     assert "train lora" in stderr and "2/2" in stderr  # the progress bar
     work = tmp_path / "pink-train"
-    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "loss.png", "samples-000000.png",
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.csv", "samples-000000.png",
                                                       "samples-000002.png"]
     meta = read_metadata(out)
     assert (meta["ss_network_dim"], meta["ss_steps"], meta["ss_sd_model_name"]) == ("2", "2", "base.safetensors")

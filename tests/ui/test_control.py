@@ -110,7 +110,7 @@ def test_train_generate_and_evaluate_through_the_cli(capsys, small_model, tmp_pa
                             "--sample-count=2", "--low=50", "--high=150", "--quiet")
     assert (code, stdout.strip(), err) == (0, str(out), "")
     work = tmp_path / "cn-train"
-    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "loss.png", "samples-000000.png",
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoint.pt", "loss.png", "metrics.csv", "samples-000000.png",
                                                       "samples-000002.png"]
     with Image.open(work / "samples-000002.png") as grid:
         assert grid.size == (64, 64)  # two maps above two samples, 32×32 each
