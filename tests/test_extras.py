@@ -37,3 +37,12 @@ def test_loss_plot_without_matplotlib_still_writes_the_metrics(monkeypatch, tmp_
     with pytest.raises(MissingExtraError, match=r"loss plot needs matplotlib: pip install 'nijimi\[plots\]'"):
         write_loss_curve([1.0, 0.5], tmp_path / "loss.png", "U-Net")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_training_without_matplotlib_stops_before_any_work(monkeypatch, capsys, tmp_path: Path) -> None:
+    """The loss plot's extra is checked first: no run is prepared, nothing is written."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "adapter.safetensors"
+    code, _, err = run_cli(capsys, "train-adapter", "--base", "embedded", "--steps", "1", "--out", out, "--quiet")
+    assert code == 2 and err == "error: the loss plot needs matplotlib: pip install 'nijimi[plots]'\n"
+    assert list(tmp_path.iterdir()) == []

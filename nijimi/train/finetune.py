@@ -16,7 +16,7 @@ from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
-from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, OnStep, Trainer
 
@@ -111,6 +111,7 @@ def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, over
     An existing ``cfg.out`` is refused before any work unless ``overwrite``; ``prepare()`` builds the run; sample
     grids are made only with ``sample_fn``.
     """
+    matplotlib_figure()  # the loss plot's extra: checked before any work
     if Path(cfg.out).exists() and not overwrite:
         raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
     run = prepare()

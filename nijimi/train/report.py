@@ -33,11 +33,17 @@ def write_metrics(losses: list[float], path: Path) -> Path:
     return path
 
 
+def matplotlib_figure():
+    """``matplotlib.figure`` for the loss plot; a training run calls it before its first step, so a missing extra
+    stops it at once instead of at the first report."""
+    return optional_import("matplotlib.figure", "the loss plot needs matplotlib", "plots")
+
+
 def write_loss_curve(losses: list[float], path: Path, title: str) -> Path:
     """Plot the per-step loss (thin) and its moving average (thick) on a log scale; its numbers go to
     ``metrics.csv`` beside it (``<x>-metrics.csv`` for ``<x>-loss.png``), see :func:`write_metrics`."""
     write_metrics(losses, path.with_name(path.stem.removesuffix("loss") + "metrics.csv"))
-    figure = optional_import("matplotlib.figure", "the loss plot needs matplotlib", "plots")
+    figure = matplotlib_figure()
     values, window, smooth = _smoothed(losses)
     fig = figure.Figure((6, 3.5), dpi=100)
     ax = fig.add_subplot()

@@ -30,7 +30,7 @@ from nijimi.train.config import build_config, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
-from nijimi.train.report import write_grid, write_loss_curve
+from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import TWO_OBJECTS, AnyColourShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, Trainer, open_trainer
 
@@ -210,6 +210,7 @@ def run_training(values: dict, resume: bool = False, on_step: StageStep | None =
     Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone shows progress, makes sample
     grids and writes checkpoints and the export (the stage files, identical on every rank, are written atomically).
     """
+    matplotlib_figure()  # the loss plot's extra: checked before any work
     rank = init_distributed()
     if rank != 0:
         on_step, sample_fn = None, None
