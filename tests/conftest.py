@@ -20,3 +20,15 @@ def one_thread():
         os.environ.pop("NIJIMI_THREADS")
     else:
         os.environ["NIJIMI_THREADS"] = env
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Model hashes are cached in a folder of this run (``NIJIMI_CACHE_DIR``), not in the user's ``~/.cache``."""
+    before = os.environ.get("NIJIMI_CACHE_DIR")
+    os.environ["NIJIMI_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop("NIJIMI_CACHE_DIR")
+    else:
+        os.environ["NIJIMI_CACHE_DIR"] = before
