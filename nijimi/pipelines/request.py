@@ -188,8 +188,8 @@ class GenerationRequest:
         _integer("variation_seed", self.variation_seed, 0, SEED_LIMIT - self.batch, optional=True)
         if self.mask is not None and self.init_image is None:
             raise ImageError("a mask needs an init image to inpaint")
-        set_("init_image", _image(self.init_image))
-        set_("mask", _image(self.mask))
+        set_("init_image", _image("init_image", self.init_image))
+        set_("mask", _image("mask", self.mask))
         set_("lora_dir", _path("lora_dir", self.lora_dir))
         set_("vae", _path("vae", self.vae))
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
@@ -253,12 +253,12 @@ def _interval(value: Any) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
-def _image(value: ImageSource | None) -> Image.Image | str | None:
-    if value is None or isinstance(value, Image.Image):
+def _image(name: str, value: ImageSource | None) -> Image.Image | str | None:
+    if isinstance(value, Image.Image):
         return value
-    if not isinstance(value, str | os.PathLike):
+    if value is not None and not isinstance(value, str | os.PathLike):
         raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
-    return str(Path(value).absolute())
+    return _path(name, value)
 
 
 def _path(name: str, value: Any) -> str | None:
@@ -273,7 +273,7 @@ def _decoder(value: Any) -> str:
     if value in ("vae", "tiny"):
         return value
     if isinstance(value, str) and value.startswith("tiny:") and value[5:]:
-        return "tiny:" + str(Path(value[5:]).absolute())
+        return "tiny:" + _path("decoder", value[5:])
     raise ConfigError(f"decoder {value!r} must be vae, tiny or tiny:PATH")
 
 
