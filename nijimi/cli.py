@@ -33,6 +33,7 @@ from nijimi.io.pngmeta import (
     read_png_metadata,
     save_png,
 )
+from nijimi.pipelines import hires
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -120,7 +121,8 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
     extra = {"VAE hash": model_hash(vae) if vae and vae.is_file() else None, "VAE": vae and vae.name,
              "Variation seed": r.variation_seed if varied else None,
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
-             "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
+             "Denoising strength": r.strength if r.init_image is not None else
+             r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
              eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
@@ -142,15 +144,17 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
             save_preview(pipe.preview(info.denoised, "rgb" if request.decoder == "vae" else request.decoder), preview)
         if quiet:
             return
-        if not bars:
-            bars.append(ProgressBar(info.steps, label="generate"))
-        bars[0].update(info.i + 1)
+        if info.i == 0:  # a pass begins (the hires fix has two)
+            if bars:
+                bars[-1].close()
+            bars.append(ProgressBar(info.steps, label="hires" if bars else "generate"))
+        bars[-1].update(info.i + 1)
 
     try:
         gen = pipe.generate(request, callback=None if quiet and preview is None else callback)
     finally:
-        for bar in bars:
-            bar.close()
+        if bars:
+            bars[-1].close()
     report_unmatched(gen.lora_unmatched)
     written: list[Path] = []
     numbered = Path(out or "out").suffix.lower() != ".png"

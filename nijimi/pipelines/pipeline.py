@@ -6,7 +6,8 @@ runs no text-encoder pass), the sampler walks σ down through a stack of small w
 :meth:`Pipeline.model_stack` (per-step conditioning → guidance interval → denoiser → guidance → dtype → DeepCache →
 ControlNet residuals → inpainting channels → U-Net; a layer that is switched off is not in the stack), and the VAE (a
 request's own ``vae`` swapped in for that call, or a TAESD tiny decoder) decodes the latent. img2img and inpainting
-only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
+only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`); A1111's hires fix runs a
+second such pass on the upscaled latents of the first (:mod:`nijimi.pipelines.hires`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
-from nijimi.diffusion.noise import Seeds, starting_noise
+from nijimi.diffusion.noise import starting_noise
 from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
@@ -34,7 +35,7 @@ from nijimi.io.vae_file import load_vae
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.taesd import TAESD
 from nijimi.models.vae import VAE
-from nijimi.pipelines import edit
+from nijimi.pipelines import edit, hires
 from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
 from nijimi.pipelines.images import check_size, to_pil, to_unit
@@ -174,7 +175,8 @@ class Pipeline:
         + i))`` — the convention diffusers and A1111 share — so a seed means the same picture across tools (A1111's
         variation seed and seed resize change it: :func:`~nijimi.diffusion.noise.starting_noise`). LoRAs are
         merged for this call and the weights restored exactly afterwards; their keys that fit no module are left out
-        (``Generation.lora_unmatched``), or refused with ``strict_loras``. ``callback`` sees every sampling step.
+        (``Generation.lora_unmatched``), or refused with ``strict_loras``. ``callback`` sees every sampling step (of
+        both passes of the hires fix, ``hires_scale`` or ``hires_size``: :func:`nijimi.pipelines.hires.generate`).
         """
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
@@ -182,6 +184,20 @@ class Pipeline:
             request = GenerationRequest(request, **fields)
         elif fields:
             request = request.replace(**fields)
+        if hires.enabled(request):
+            request, x, pixels, unmatched = hires.generate(self, request, callback)
+        else:
+            with self.vae_swapped(request.vae):
+                request, x, unmatched = self.sample_latents(request, callback)
+                pixels = self.decode(x, request.vae_tile or None, request.decoder)
+        seeds = [request.seed + i for i in range(request.batch)]
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, unmatched)
+
+    def sample_latents(self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
+                       ) -> tuple[GenerationRequest, torch.Tensor, dict[Path, dict[str, str]]]:
+        """The final latents (B, C, h, w) of ``request`` without the hires fix, not decoded, with the request as it
+        ran (seed, size, sampler, VAE tile and attention slice filled in) and the adapter keys left out. An init
+        image is encoded by the current VAE: call it inside :meth:`vae_swapped` of the request's ``vae``."""
         if not request.prompt and request.guidance != 1.0 and not request.negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --guidance 1 for unconditional samples)")
         cfg = self.model.config
@@ -189,36 +205,40 @@ class Pipeline:
         sigmas = sampler.sigmas(cfg.schedule, request.steps)
         source = edit.load_sources(request.init_image, request.mask)
         width, height = self._size(request, source)
-        generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.batch)]
         f = cfg.vae.downscale_factor
         shape = (1, cfg.vae.z_channels, height // f, width // f)
-        resize = request.seed_resize and (request.seed_resize[1] // f, request.seed_resize[0] // f)
-        noise_seeds = Seeds(generators, request.variation_seed or 0, request.variation_strength, resize)
+        noise_seeds = request.noise_seeds(f)
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
         rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
         request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
                                   attention_slice=attention_slice or 0)
-        with self.vae_swapped(request.vae):
-            if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
-                start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
-                                   * sampler.start_scale(float(sigmas[0]), cfg.schedule))
-            else:  # an init image, or an inpainting U-Net (its extra channels)
-                start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape,
-                                     vae_tile)
-            run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
-                                  self.dtype)
-            applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
-            try:
-                conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
-                                                           request.clip_skip, request.guidance != 1.0)
-                x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
-                                 sampler.noise(start.latent, float(sigmas[0]), generators), callback)
-            finally:
-                applied.undo()
-            pixels = self.decode(x, vae_tile, request.decoder)
-        seeds = [request.seed + i for i in range(request.batch)]
-        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched)
+        if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
+            start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
+                               * sampler.start_scale(float(sigmas[0]), cfg.schedule))
+        else:  # an init image, or an inpainting U-Net (its extra channels)
+            start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape, vae_tile)
+        x, unmatched = self.denoise(request, sigmas, start, noise_seeds.generators, callback)
+        return request, x, unmatched
+
+    def denoise(self, request: GenerationRequest, sigmas: torch.Tensor, start: edit.Start,
+                generators: list[torch.Generator], callback: Callable[[StepInfo], None] | None = None
+                ) -> tuple[torch.Tensor, dict[Path, dict[str, str]]]:
+        """Sample ``request`` (size, sampler and attention slice filled in) from ``start`` along ``sigmas`` (the
+        request's whole schedule): its ControlNets prepared for its size, its LoRAs merged for the call, its
+        prompts' conditioning, the model stack; ``generators`` (one per image) feed a stochastic sampler. Returns
+        the latents and the adapter keys left out."""
+        run = prepare_control(request.control, self.model.config, request.width, request.height, start.index,
+                              request.steps, self.device, self.dtype)
+        applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
+        try:
+            conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
+                                                       request.clip_skip, request.guidance != 1.0)
+            x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
+                             request.sampler.noise(start.latent, float(sigmas[0]), generators), callback)
+        finally:
+            applied.undo()
+        return x, applied.unmatched
 
     def model_stack(self, request: GenerationRequest, conds: StepConditioning, start: edit.Start,
                     run: ControlRun) -> Callable[..., torch.Tensor]:

@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from nijimi.adapters.tags import parse_lora_option
+from nijimi.diffusion.noise import Seeds
 from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
 from nijimi.errors import ConfigError, ImageError
 from nijimi.pipelines.adapters import LoraRequest, resolve_request
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
+from nijimi.pipelines.hires import check_hires
 
 SEED_LIMIT = 2**64
 """Seeds are what ``torch.Generator.manual_seed`` takes: integers in [0, 2⁶⁴)."""
@@ -63,6 +66,10 @@ def _seed_resize(text: str) -> tuple[int, int]:
     return tuple(parse_size(text, "--seed-resize").values())
 
 
+def _hires_size(text: str) -> tuple[int, int]:
+    return tuple(parse_size(text, "--hires-size").values())
+
+
 def parse_interval(text: str) -> tuple[float, float]:
     """``"0.3,5.4"`` → (0.3, 5.4)."""
     try:
@@ -89,7 +96,9 @@ class GenerationRequest:
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
     names its files from anywhere. ``variation_seed`` None draws a random one when ``variation_strength`` > 0;
     ``seed_resize`` is (width, height) in pixels. ``vae``: another VAE for this request's encode and decode
-    (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too."""
+    (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too. ``hires_*``: A1111's hires fix
+    (:mod:`~nijimi.pipelines.hires`), on when ``hires_scale`` or ``hires_size`` is given; ``hires_steps`` 0, a None
+    ``hires_sampler`` and empty hires prompts mean the first pass's."""
 
     prompt: str = knob("", Cli((), "the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)"))
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
@@ -122,6 +131,25 @@ class GenerationRequest:
     init_image: ImageSource | None = knob(None, Cli(("--init",), "init image for img2img / inpainting"))
     strength: float = knob(0.75, Cli(("--strength",), "img2img denoising strength in [0, 1]", float))
     mask: ImageSource | None = knob(None, Cli(("--mask",), "inpainting mask (white = repaint), size of --init"))
+    hires_scale: float | None = knob(None, Cli(
+        ("--hires",), "A1111's hires fix: generate at --size, upscale by SCALE (1 to 4) and denoise again at that size",
+        float, "SCALE"))
+    hires_size: tuple[int, int] | None = knob(None, Cli(
+        ("--hires-size",), "hires fix to this size instead of a scale (A1111's resize width/height to): 0 on one side "
+        "keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
+    hires_steps: int = knob(0, Cli(("--hires-steps",), "steps of the hires pass (0: --steps): as A1111, the last N of "
+                                   "int(N / denoise) steps", int, "N"))
+    hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, in (0, 1]",
+                                         float, "S"))
+    hires_upscaler: str = knob("Latent", Cli(
+        ("--hires-upscaler",), "Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent "
+        "(nearest), Latent (nearest-exact): interpolate the latents; Lanczos, Nearest: decode, resize, encode",
+        metavar="NAME"))
+    hires_sampler: SamplerChoice | str | None = knob(None, Cli(("--hires-sampler",), "sampler of the hires pass "
+                                                               "(default: --sampler)"))
+    hires_prompt: str = knob("", Cli(("--hires-prompt",), "prompt of the hires pass (default: the prompt)"))
+    hires_negative_prompt: str = knob("", Cli(("--hires-negative",), "negative prompt of the hires pass (default: "
+                                                                     "the negative prompt)"))
     clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
     vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
                                           "(default: when memory is short)", int, "N"))
@@ -195,6 +223,8 @@ class GenerationRequest:
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
         set_("decoder", _decoder(self.decoder))
+        for name, value in check_hires(self).items():
+            set_(name, value)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
@@ -219,6 +249,13 @@ class GenerationRequest:
         """Image i of this batch as a request of its own: batch 1, seed (and variation seed) + i."""
         variation = None if self.variation_seed is None else self.variation_seed + i
         return self.replace(seed=self.seed + i, variation_seed=variation, batch=1)
+
+    def noise_seeds(self, factor: int) -> Seeds:
+        """The batch's starting-noise randomness for a VAE of downscale ``factor``: fresh generators seeded
+        ``seed + i``, the variation seed and strength, and ``seed_resize`` in latent cells."""
+        generators = [torch.Generator("cpu").manual_seed(self.seed + i) for i in range(self.batch)]
+        resize = self.seed_resize and (self.seed_resize[1] // factor, self.seed_resize[0] // factor)
+        return Seeds(generators, self.variation_seed or 0, self.variation_strength, resize)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with ``changes``, checked again."""
