@@ -81,7 +81,7 @@ def enabled(request: GenerationRequest) -> bool:
 def hires_size(width: int, height: int, scale: float | None, size: tuple[int, int] | None,
                factor: int) -> HiresSize:
     """A1111's hires target for a first pass of ``width`` × ``height`` pixels and a VAE of downscale ``factor``: by
-    ``scale``, or to ``size`` (W, H) when it is given (see the module's docstring). ConfigError when a side of the
+    ``scale``, or to ``size`` (W, H) when it is given, as A1111 does also when both are (see the module's docstring). ConfigError when a side of the
     result is not within [``lcm(8, factor)``, :data:`MAX_SIDE`] pixels."""
     if size is None:
         upscale_to = target = (int(width * scale), int(height * scale))
@@ -130,8 +130,6 @@ def check_hires(request: GenerationRequest) -> dict[str, Any]:
             raise ConfigError(f"hires size {size!r} (--hires-size) must be WIDTHxHEIGHT in multiples of 8 pixels up "
                               f"to {MAX_SIDE}, one of them 0 to keep the aspect ratio")
         size = tuple(size)
-    if scale is not None and size is not None:
-        raise ConfigError("give the hires fix a scale (--hires) or a size (--hires-size), not both")
     steps = request.hires_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
         raise ConfigError(f"hires steps {steps!r} (--hires-steps) must be an integer from 0 to {MAX_STEPS}")
@@ -142,8 +140,6 @@ def check_hires(request: GenerationRequest) -> dict[str, Any]:
         if total > MAX_STEPS:
             raise ConfigError(f"hires steps {steps or request.steps} at denoise {denoise} (--hires-steps, "
                               f"--hires-denoise) need a schedule of {total} steps (N / denoise); at most {MAX_STEPS}")
-        if request.init_image is not None:
-            raise ConfigError("the hires fix (--hires, --hires-size) is for text to image; it takes no --init image")
         if request.width is not None and request.height is not None:
             hires_size(request.width, request.height, scale, size, 8)
     return {"hires_size": size, "hires_upscaler": _upscaler(request.hires_upscaler),
@@ -195,6 +191,8 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: Callable[[Ste
     latents (B, C, h, w), their pixels (B, 3, H, W) in [0, 1] and the adapter keys left out (as
     :meth:`Pipeline.generate <nijimi.pipelines.pipeline.Pipeline.generate>` returns them)."""
     cfg = pipe.model.config
+    if request.init_image is not None:
+        raise ConfigError("the hires fix (--hires, --hires-size) is for text to image; it takes no --init image")
     if cfg.unet.in_channels != cfg.vae.z_channels:
         raise ConfigError(f"the hires fix cannot run an inpainting model ({cfg.unet.in_channels}-channel U-Net)")
     f = cfg.vae.downscale_factor
@@ -241,7 +239,8 @@ def infotext(request: GenerationRequest) -> dict[str, object]:
     return {"Hires sampler": differs(sampler and sampler.display, request.sampler.display),
             "Hires prompt": differs(request.hires_prompt, request.prompt),
             "Hires negative prompt": differs(request.hires_negative_prompt, request.negative_prompt),
-            "Hires upscale": request.hires_scale, "Hires resize": request.hires_size,
+            "Hires upscale": request.hires_scale if request.hires_size is None else None,
+            "Hires resize": request.hires_size,
             "Hires steps": request.hires_steps or None, "Hires upscaler": request.hires_upscaler}
 
 

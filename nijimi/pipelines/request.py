@@ -135,8 +135,8 @@ class GenerationRequest:
         ("--hires",), "A1111's hires fix: generate at --size, upscale by SCALE (1 to 4) and denoise again at that size",
         float, "SCALE"))
     hires_size: tuple[int, int] | None = knob(None, Cli(
-        ("--hires-size",), "hires fix to this size instead of a scale (A1111's resize width/height to): 0 on one side "
-        "keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
+        ("--hires-size",), "hires fix to this size instead of --hires SCALE (A1111's resize width/height to): 0 on one "
+        "side keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
     hires_steps: int = knob(0, Cli(("--hires-steps",), "steps of the hires pass (0: --steps): as A1111, the last N of "
                                    "int(N / denoise) steps", int, "N"))
     hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, in (0, 1]",

@@ -28,6 +28,8 @@ def full(tmp_path) -> GenerationRequest:
         variation_seed=2**64 - 5, variation_strength=0.25, seed_resize=(48, 80),
         guidance_interval=(0.5, 6.0), deepcache=3,
         init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png",
+        hires_scale=1.5, hires_size=(128, 0), hires_steps=5, hires_denoise=0.5, hires_upscaler="lanczos",
+        hires_sampler="Euler", hires_prompt="a red disc", hires_negative_prompt="grey",
         clip_skip=2, vae_tile=32, vae=tmp_path / "vae",
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
         lora_dir=str(tmp_path), strict_loras=True,
@@ -98,6 +100,9 @@ def test_generate_flags_come_from_the_fields(full):
             "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
             "--variation-seed", str(full.variation_seed), "--variation-strength", "0.25", "--seed-resize", "48x80",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
+            "--hires", "1.5", "--hires-size", "128x0", "--hires-steps", "5", "--hires-denoise", "0.5",
+            "--hires-upscaler", "Lanczos", "--hires-sampler", "euler", "--hires-prompt", "a red disc",
+            "--hires-negative", "grey",
             "--vae-tile", "32", "--vae", full.vae, "--decoder", full.decoder, "--attention-slice", "7", "--lora",
             f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--control",
             f"model={spec.model},image={spec.image},scale=0.9,pre=canny,start=0.1,end=0.8,low=50,high=150,"
@@ -105,5 +110,5 @@ def test_generate_flags_come_from_the_fields(full):
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder",
-                 "--variation-seed", "--seed-resize", "--vae "):
+                 "--variation-seed", "--seed-resize", "--vae ", "--hires ", "--hires-upscaler"):
         assert flag in help_text
