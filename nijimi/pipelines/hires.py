@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nijimi.diffusion.noise import starting_noise
-from nijimi.diffusion.samplers import SamplerChoice, StepInfo, default_sampler, parse_sampler
-from nijimi.errors import ConfigError, SamplerError
+from nijimi.diffusion.samplers import StepInfo, default_sampler
+from nijimi.errors import ConfigError
 from nijimi.pipelines import edit
 from nijimi.pipelines.images import to_tensor
 from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile
@@ -58,8 +58,6 @@ MAX_SCALE = 4.0
 """The largest ``hires_scale``: A1111's slider goes from 1 to 4."""
 MAX_SIDE = 8192
 """The largest side of a hires image in pixels (an SD U-Net's activations at 8192² px already take tens of GB)."""
-MAX_STEPS = 1000
-"""The longest schedule the second pass may use, ``int(N / denoise)`` steps (the request's bound on ``steps``)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def enabled(request: GenerationRequest) -> bool:
 def hires_size(width: int, height: int, scale: float | None, size: tuple[int, int] | None,
                factor: int) -> HiresSize:
     """A1111's hires target for a first pass of ``width`` × ``height`` pixels and a VAE of downscale ``factor``: by
-    ``scale``, or to ``size`` (W, H) when it is given, as A1111 does also when both are (see the module's docstring). ConfigError when a side of the
+    ``scale``, or to ``size`` (W, H) when that is given (see the module's docstring). ConfigError when a side of the
     result is not within [``lcm(8, factor)``, :data:`MAX_SIDE`] pixels."""
     if size is None:
         upscale_to = target = (int(width * scale), int(height * scale))
@@ -114,53 +112,6 @@ def hires_schedule(steps: int, denoise: float) -> tuple[int, int]:
     ``steps`` steps."""
     total = int(steps / min(denoise, 0.999))
     return total, total - steps
-
-
-def check_hires(request: GenerationRequest) -> dict[str, Any]:
-    """Check the hires fields of ``request`` (each error names its flag); returns the normalised ones: the size as a
-    tuple, the upscaler's A1111 spelling, the hires sampler parsed."""
-    scale, size, denoise = request.hires_scale, request.hires_size, request.hires_denoise
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)
-                              or not 1.0 <= scale <= MAX_SCALE):
-        raise ConfigError(f"hires scale {scale!r} (--hires) must be a number from 1 to {MAX_SCALE:g}")
-    if size is not None:
-        if not isinstance(size, tuple | list) or len(size) != 2 or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v % 8 == 0 and 0 <= v <= MAX_SIDE for v in size) \
-                or size[0] == size[1] == 0:
-            raise ConfigError(f"hires size {size!r} (--hires-size) must be WIDTHxHEIGHT in multiples of 8 pixels up "
-                              f"to {MAX_SIDE}, one of them 0 to keep the aspect ratio")
-        size = tuple(size)
-    steps = request.hires_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= MAX_STEPS:
-        raise ConfigError(f"hires steps {steps!r} (--hires-steps) must be an integer from 0 to {MAX_STEPS}")
-    if isinstance(denoise, bool) or not isinstance(denoise, int | float) or not 0 < denoise <= 1:
-        raise ConfigError(f"hires denoise {denoise!r} (--hires-denoise) must be a number within (0, 1]")
-    if size is not None or scale is not None:
-        total = hires_schedule(steps or request.steps, denoise)[0]
-        if total > MAX_STEPS:
-            raise ConfigError(f"hires steps {steps or request.steps} at denoise {denoise} (--hires-steps, "
-                              f"--hires-denoise) need a schedule of {total} steps (N / denoise); at most {MAX_STEPS}")
-        if request.width is not None and request.height is not None:
-            hires_size(request.width, request.height, scale, size, 8)
-    return {"hires_size": size, "hires_upscaler": _upscaler(request.hires_upscaler),
-            "hires_sampler": _sampler(request.hires_sampler)}
-
-
-def _upscaler(name: Any) -> str:
-    known = {n.lower(): n for n in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)}
-    if not isinstance(name, str) or name.strip().lower() not in known:
-        raise ConfigError(f"unknown hires upscaler {name!r} (--hires-upscaler); known: {', '.join(known.values())} "
-                          "(upscaler models such as ESRGAN are not supported)")
-    return known[name.strip().lower()]
-
-
-def _sampler(sampler: Any) -> SamplerChoice | None:
-    if sampler is None or isinstance(sampler, SamplerChoice):
-        return sampler
-    try:
-        return parse_sampler(sampler)
-    except SamplerError as exc:
-        raise ConfigError(f"--hires-sampler: {exc}") from None
 
 
 @torch.inference_mode()

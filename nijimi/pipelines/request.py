@@ -24,11 +24,11 @@ from PIL import Image
 from nijimi.adapters.tags import parse_lora_option
 from nijimi.diffusion.noise import Seeds
 from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
-from nijimi.errors import ConfigError, ImageError
+from nijimi.errors import ConfigError, ImageError, SamplerError
 from nijimi.pipelines.adapters import LoraRequest, resolve_request
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
-from nijimi.pipelines.hires import check_hires
+from nijimi.pipelines.hires import LATENT_UPSCALERS, MAX_SCALE, MAX_SIDE, PIXEL_UPSCALERS, hires_schedule, hires_size
 
 SEED_LIMIT = 2**64
 """Seeds are what ``torch.Generator.manual_seed`` takes: integers in [0, 2⁶⁴)."""
@@ -223,8 +223,41 @@ class GenerationRequest:
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
         set_("decoder", _decoder(self.decoder))
-        for name, value in check_hires(self).items():
-            set_(name, value)
+        self._check_hires()
+
+    def _check_hires(self) -> None:
+        """Check and normalise the hires fields; each error names its flag."""
+        size = self.hires_size
+        _number("hires_scale (--hires)", self.hires_scale, 1.0, MAX_SCALE, optional=True)
+        if size is not None and (not isinstance(size, tuple | list) or len(size) != 2 or size[0] == size[1] == 0
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) and v % 8 == 0
+                                            and 0 <= v <= MAX_SIDE for v in size)):
+            raise ConfigError(f"hires size {size!r} (--hires-size) must be WIDTHxHEIGHT in multiples of 8 pixels up "
+                              f"to {MAX_SIDE}, one of them 0 to keep the aspect ratio")
+        object.__setattr__(self, "hires_size", size and tuple(size))
+        _integer("hires_steps (--hires-steps)", self.hires_steps, 0, 1000)
+        _number("hires_denoise (--hires-denoise)", self.hires_denoise, 0.01, 1.0)
+        upscalers = {name.lower(): name for name in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)}
+        name = self.hires_upscaler.strip().lower() if isinstance(self.hires_upscaler, str) else None
+        if name not in upscalers:
+            raise ConfigError(f"unknown hires upscaler {self.hires_upscaler!r} (--hires-upscaler); known: "
+                              f"{', '.join(upscalers.values())} (upscaler models such as ESRGAN are not supported)")
+        object.__setattr__(self, "hires_upscaler", upscalers[name])
+        if isinstance(self.hires_sampler, str):
+            try:
+                object.__setattr__(self, "hires_sampler", parse_sampler(self.hires_sampler))
+            except SamplerError as exc:
+                raise SamplerError(f"hires sampler (--hires-sampler): {exc}") from None
+        elif self.hires_sampler is not None and not isinstance(self.hires_sampler, SamplerChoice):
+            raise ConfigError(f"hires sampler {self.hires_sampler!r} (--hires-sampler) must be a sampler name")
+        if self.hires_scale is not None or size is not None:
+            total = hires_schedule(self.hires_steps or self.steps, self.hires_denoise)[0]
+            if total > 1000:
+                raise ConfigError(f"hires steps {self.hires_steps or self.steps} at denoise {self.hires_denoise} "
+                                  f"(--hires-steps, --hires-denoise) make a schedule of {total} steps (N / denoise); "
+                                  "at most 1000")
+            if self.width is not None and self.height is not None:
+                hires_size(self.width, self.height, self.hires_scale, self.hires_size, 8)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be

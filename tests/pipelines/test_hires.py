@@ -167,19 +167,20 @@ def test_an_a1111_resize_infotext_reads_back():
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"hires_scale": 0.5}, "hires scale 0.5 (--hires) must be a number from 1 to 4"),
-    ({"hires_scale": 4.5}, "hires scale 4.5 (--hires) must be a number from 1 to 4"),
-    ({"hires_scale": True}, "hires scale True (--hires)"),
+    ({"hires_scale": 0.5}, "hires scale (--hires) 0.5 must be a number within [1.0, 4.0]"),
+    ({"hires_scale": 4.5}, "hires scale (--hires) 4.5 must be a number within [1.0, 4.0]"),
+    ({"hires_scale": True}, "hires scale (--hires) True"),
     ({"hires_size": (100, 64)}, "hires size (100, 64) (--hires-size) must be WIDTHxHEIGHT in multiples of 8"),
     ({"hires_size": (0, 0)}, "hires size (0, 0) (--hires-size)"),
     ({"hires_size": (9000, 8)}, "hires size (9000, 8) (--hires-size)"),
-    ({"hires_steps": -1}, "hires steps -1 (--hires-steps) must be an integer from 0 to 1000"),
-    ({"hires_denoise": 0}, "hires denoise 0 (--hires-denoise) must be a number within (0, 1]"),
-    ({"hires_denoise": 1.5}, "hires denoise 1.5 (--hires-denoise)"),
+    ({"hires_steps": -1}, "hires steps (--hires-steps) -1 must be an integer from 0 to 1000"),
+    ({"hires_denoise": 0}, "hires denoise (--hires-denoise) 0 must be a number within [0.01, 1.0]"),
+    ({"hires_denoise": 1.5}, "hires denoise (--hires-denoise) 1.5"),
     ({"hires_upscaler": "R-ESRGAN 4x+"}, "unknown hires upscaler 'R-ESRGAN 4x+' (--hires-upscaler); known: Latent,"),
-    ({"hires_sampler": "warp"}, "--hires-sampler: unknown sampler 'warp'"),
+    ({"hires_sampler": "warp"}, "hires sampler (--hires-sampler): unknown sampler 'warp'"),
+    ({"hires_sampler": 3}, "hires sampler 3 (--hires-sampler) must be a sampler name"),
     ({"hires_scale": 2, "hires_steps": 800, "hires_denoise": 0.5},
-     "hires steps 800 at denoise 0.5 (--hires-steps, --hires-denoise) need a schedule of 1600 steps"),
+     "hires steps 800 at denoise 0.5 (--hires-steps, --hires-denoise) make a schedule of 1600 steps"),
     ({"hires_scale": 4, "width": 4096, "height": 2048},
      "--hires 4 on a 4096x2048 first pass makes a 16384x8192 image; its sides must be from 8 to 8192 pixels"),
 ])
@@ -190,7 +191,7 @@ def test_bad_values_are_refused_naming_the_flag(changes, message):
 
 def test_the_cli_says_one_line(capsys):
     assert main(["generate", "a", "--hires", "0.5"]) == 2
-    assert capsys.readouterr().err == "error: hires scale 0.5 (--hires) must be a number from 1 to 4\n"
+    assert capsys.readouterr().err == "error: hires scale (--hires) 0.5 must be a number within [1.0, 4.0]\n"
 
 
 def test_what_the_hires_fix_cannot_take(sd_nijimi, inpaint_nijimi, picture):
