@@ -34,6 +34,7 @@ from nijimi.io.pngmeta import (
     save_png,
 )
 from nijimi.pipelines import hires
+from nijimi.pipelines.adapters import few_step_notes
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -198,6 +199,8 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    for note in few_step_notes(request.loras, request.prompt, request.lora_dir, request.sampler):
+        print(f"note: {note}", file=sys.stderr)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
     for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
         print(path)
