@@ -139,7 +139,7 @@ class GenerationRequest:
         "side keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
     hires_steps: int = knob(0, Cli(("--hires-steps",), "steps of the hires pass (0: --steps): as A1111, the last N of "
                                    "int(N / denoise) steps", int, "N"))
-    hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, in (0, 1]",
+    hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, 0.01 to 1",
                                          float, "S"))
     hires_upscaler: str = knob("Latent", Cli(
         ("--hires-upscaler",), "Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent "
