@@ -39,6 +39,7 @@ from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads, dtype_name
+from nijimi.pipelines.shortcuts import FAST, fast_settings
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
@@ -199,6 +200,12 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    if args.fast:
+        given = {name for name, value in vars(args).items() if value not in (None, False)}
+        fast = fast_settings(request.loras, request.prompt, request.lora_dir)
+        if "sampler" in given:  # a recipe's η belongs to its sampler
+            fast.pop("eta", None)
+        request = request.replace(**{name: value for name, value in fast.items() if name not in given})
     for note in few_step_notes(request.loras, request.prompt, request.lora_dir, request.sampler):
         print(f"note: {note}", file=sys.stderr)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
@@ -271,6 +278,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text to image (img2img with --init, inpainting with --mask)")
     add_request_arguments(p)
+    p.add_argument("--fast", action="store_true",
+                   help="fewer U-Net passes at about the same adherence: a loaded few-step adapter's recipe (LCM, "
+                        "TCD, Hyper-SD), else " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in FAST.items())
+                        + "; flags you give win")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
     p.add_argument("--model-config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
     p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32",

@@ -32,12 +32,24 @@ _WORD = r"(?<![a-z]){}(?![a-z])"
 
 @dataclass(frozen=True)
 class FewStep:
-    """A recognised few-step adapter: what it is, the sampler its authors use (a nijimi sampler name) and the
-    ``nijimi generate`` flags of their recipe."""
+    """A recognised few-step adapter: what it is, and its authors' recipe as generation-request settings
+    (``sampler``, and ``steps``, ``guidance``, ``eta`` where they give one). ``advice`` adds what a single value
+    cannot say."""
 
     kind: str
-    sampler: str
-    flags: str
+    settings: tuple[tuple[str, object], ...]
+    advice: str = ""
+
+    @property
+    def sampler(self) -> str:
+        """The nijimi sampler name of the recipe."""
+        return dict(self.settings)["sampler"]
+
+    @property
+    def flags(self) -> str:
+        """The recipe as ``nijimi generate`` flags: ``"--sampler lcm --steps 4 --guidance 1"``."""
+        return " ".join(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
+                        for name, value in self.settings) + self.advice
 
 
 def _names(path: Path) -> list[str]:
@@ -57,9 +69,9 @@ def few_step_adapter(path: str | os.PathLike) -> FewStep | None:
         if _HYPER.search(name):
             return _hyper_sd(name)
         if re.search(_WORD.format("tcd"), name, re.I):
-            return FewStep("TCD-LoRA", "tcd", "--sampler tcd --steps 4 --eta 0.3 --guidance 1")
+            return FewStep("TCD-LoRA", (("sampler", "tcd"), ("steps", 4), ("eta", 0.3), ("guidance", 1.0)))
         if re.search(_WORD.format("lcm"), name, re.I):
-            return FewStep("LCM-LoRA", "lcm", "--sampler lcm --steps 4 --guidance 1")
+            return FewStep("LCM-LoRA", (("sampler", "lcm"), ("steps", 4), ("guidance", 1.0)))
     return None
 
 
@@ -67,8 +79,8 @@ def _hyper_sd(name: str) -> FewStep:
     """Hyper-SD's recipe by the step count and CFG mark in a file name such as ``Hyper-SD15-8steps-CFG-lora``."""
     steps = _STEPS.search(name)
     if steps and steps.group(1) == "1":
-        return FewStep("Hyper-SD one-step LoRA", "tcd", "--sampler tcd --eta 1 --guidance 1")
-    flags = "--sampler ddim-trailing" + (f" --steps {steps.group(1)}" if steps else "")
+        return FewStep("Hyper-SD one-step LoRA", (("sampler", "tcd"), ("eta", 1.0), ("guidance", 1.0)))
+    recipe = (("sampler", "ddim-trailing"),) + ((("steps", int(steps.group(1))),) if steps else ())
     if re.search(_WORD.format("cfg"), name, re.I):
-        return FewStep("Hyper-SD CFG-preserving LoRA", "ddim-trailing", f"{flags} and --guidance 5 to 8")
-    return FewStep("Hyper-SD LoRA", "ddim-trailing", f"{flags} --guidance 1")
+        return FewStep("Hyper-SD CFG-preserving LoRA", (*recipe, ("guidance", 6.0)), " (guidance 5 to 8)")
+    return FewStep("Hyper-SD LoRA", (*recipe, ("guidance", 1.0)))
