@@ -183,9 +183,10 @@ class Call:
     parameters: dict = field(default_factory=dict)
 
 
-def parse_call(body: Any, mode: str, limits: Limits) -> Call:
+def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | None = None) -> Call:
     """The :class:`Call` of a txt2img (``mode`` TXT2IMG) or img2img body; ConfigError (and the request's own
-    errors) name the first bad field."""
+    errors) name the first bad field. ``fixed``: request fields the server sets (its LoRA folder), which no
+    client field can change."""
     if not isinstance(body, dict):
         raise ConfigError(f"the body must be a JSON object, not {_kind(body)}")
     values, warnings = {}, []
@@ -201,7 +202,7 @@ def parse_call(body: Any, mode: str, limits: Limits) -> Call:
         values["mask"] = ImageOps.invert(values["mask"].convert("L"))
     sampler = _sampler(body)
     resize = [_integer(k, body.get(k) or -1) for k in ("seed_resize_from_w", "seed_resize_from_h")]
-    overrides = body.get("override_settings") or {}
+    overrides = {} if body.get("override_settings") is None else body["override_settings"]
     if not isinstance(overrides, dict):
         raise ConfigError(f"override_settings must be an object, not {_kind(overrides)}")
     if overrides.get("CLIP_stop_at_last_layers") is not None:
@@ -212,7 +213,7 @@ def parse_call(body: Any, mode: str, limits: Limits) -> Call:
     warnings += [f"override_settings.{k} is not supported by nijimi; ignored" for k in overrides
                  if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers")]
     warnings += _ignored(body)
-    request = GenerationRequest(**values, sampler=sampler,
+    request = GenerationRequest(**{**values, **(fixed or {})}, sampler=sampler,
                                 seed_resize=tuple(resize) if min(resize) > 0 else None)
     iterations = _integer("n_iter", body.get("n_iter") or 1)
     _check_size(request, iterations, limits)

@@ -25,7 +25,7 @@ from nijimi.pipelines.pipeline import Pipeline, load
 from nijimi.server import a1111
 from nijimi.server.a1111 import Limits, Outcome
 from nijimi.server.errors import ApiError, Cancelled
-from nijimi.server.folders import Folders, ModelEntry, list_loras, list_models
+from nijimi.server.folders import Folders, ModelEntry, check_lora_tags, list_loras, list_models
 from nijimi.server.jobs import EventHub, Job, JobQueue, Progress
 from nijimi.server.work import run_call
 
@@ -121,8 +121,9 @@ class Studio:
 
     def generate(self, request: ApiRequest, mode: str) -> dict:
         """txt2img / img2img: parse, queue, wait, answer (an interrupted call answers with what it finished)."""
-        call = a1111.parse_call(request.body, mode, self.limits)
+        call = a1111.parse_call(request.body, mode, self.limits, {"lora_dir": self.folders.loras})
         entry = self.models.find(call.checkpoint) if call.checkpoint else None
+        check_lora_tags(call.request.prompt, self.folders.loras)
 
         def work(job: Job) -> Outcome:
             pipe = self.models.ensure(entry or self.models.selected)

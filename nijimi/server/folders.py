@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from nijimi.adapters.tags import ADAPTER_SUFFIXES
-from nijimi.embedded import ADAPTERS, EMBEDDED, embedded_path
+from nijimi.adapters.tags import ADAPTER_SUFFIXES, parse_lora_tags, resolve_lora
+from nijimi.embedded import ADAPTERS, EMBEDDED
+from nijimi.errors import ConfigError
 from nijimi.server.errors import ApiError
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
@@ -96,6 +97,13 @@ def list_loras(folder: Path) -> list[Path]:
                   if p.suffix.lower() in ADAPTER_SUFFIXES and p.is_file() and inside(folder, p))
 
 
-def embedded_source() -> str:
-    """The embedded weights' path (for hashes and listings)."""
-    return str(embedded_path())
+def check_lora_tags(prompt: str, folder: Path) -> None:
+    """Refuse (ApiError 403) a prompt whose ``<lora:NAME:W>`` tags name a file that resolves outside ``folder``;
+    names that match no file are left to the pipeline's own error."""
+    for tag in parse_lora_tags(prompt)[1]:
+        try:
+            path = resolve_lora(tag.name, folder)
+        except ConfigError:
+            continue
+        if not inside(folder, path):
+            raise ApiError(403, "Forbidden", f"LoRA {tag.name!r} leads outside the LoRA folder")

@@ -232,7 +232,7 @@ class JobQueue:
         except Exception as exc:  # a bug or an unexpected failure: this job fails, the server goes on
             log.exception("job %s failed", job.id)
             self._finish(job, "failed", error=ApiError(500, "InternalError",
-                                                       f"generation failed: {type(exc).__name__}: {exc}"))
+                                                       f"the job failed: {type(exc).__name__}: {exc}"))
         else:
             self._finish(job, "done", result=result)
 

@@ -222,7 +222,9 @@ def test_samplers_schedulers_loras_and_png_info(served):
     assert loras[0]["metadata"]["ss_network_module"] == "networks.lora"
     status, answer = served.call("/sdapi/v1/txt2img", {"prompt": "a pink star <lora:pink:1>", "seed": 4,
                                                        "cfg_scale": 4, **SMALL})
-    assert status == 200
+    want = direct(served, prompt="a pink star <lora:pink:1>", seed=4, guidance=4, lora_dir=served.root / "loras",
+                  **SMALL)
+    assert status == 200 and served.pixels(answer["images"][0]).tolist() == want[0].tolist()
     status, info = served.call("/sdapi/v1/png-info", {"image": "data:image/png;base64," + answer["images"][0]})
     assert info["info"] == json.loads(answer["info"])["infotexts"][0]
     assert info["parameters"]["Prompt"] == "a pink star <lora:pink:1>"
