@@ -151,15 +151,16 @@ IGNORED = {"restore_faces": False, "tiling": False, "styles": [], "alwayson_scri
            "script_args": [], "enable_hr": False, "s_churn": 0, "s_tmin": 0, "s_noise": 1, "mask_blur": 4,
            "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 1, "inpaint_full_res": False,
            "inpaint_full_res_padding": 0, "resize_mode": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1,
-           "refiner_checkpoint": "", "refiner_switch_at": 0, "latent_mask": "", "do_not_save_samples": False,
-           "do_not_save_grid": False, "disable_extra_networks": False, "comments": {}}
+           "refiner_checkpoint": "", "refiner_switch_at": 0, "latent_mask": "", "disable_extra_networks": False,
+           "comments": {}}
 """A1111 fields nijimi does not implement, with the value that leaves the image as nijimi makes it (a mask is
 thresholded, not blurred: ``mask_blur`` 4 is A1111's default and changes little; the masked area starts from the
 init image, A1111's ``inpainting_fill`` 1; images are resized to ``width``×``height``, ``resize_mode`` 0). Another
 value is ignored with a warning."""
 
-SILENT = re.compile(r"(hr_|firstphase_|s_tmax$|sampler_index$|denoising_strength$)")
-"""Fields that only matter with a feature already named when asked for (``enable_hr``), accepted quietly."""
+SILENT = re.compile(r"(hr_|firstphase_|s_tmax$|sampler_index$|denoising_strength$|do_not_save_)")
+"""Fields accepted quietly: those that only matter with a feature named when asked for (``enable_hr``), and A1111's
+own saving switches (here ``save_images`` decides)."""
 
 SCHEDULERS = {"automatic": "model", **{name: name for name in SPACINGS}}
 """A1111 scheduler name → σ spacing of :class:`SamplerChoice` ("automatic": the model's own timesteps)."""
