@@ -58,7 +58,8 @@ def test_ignored_fields_warn_only_when_they_would_matter():
     assert parse_call(quiet, TXT2IMG, Limits()).warnings == ()
     call = parse_call({"prompt": "x", "enable_hr": True, "init_images": ["x"], "styles": ["a"]}, TXT2IMG, Limits())
     assert call.warnings == ("init_images applies to img2img only; ignored",
-                             "enable_hr is not supported by nijimi; ignored", "styles is not supported by nijimi; ignored")
+                             "enable_hr is not supported by nijimi; ignored",
+                             "styles is not supported by nijimi; ignored")
 
 
 def test_img2img_fields_and_the_servers_own_fields(tmp_path):
