@@ -20,6 +20,7 @@ import logging
 import mimetypes
 import queue
 import socket
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -77,18 +78,19 @@ class Handler(BaseHTTPRequestHandler):
             url = urlsplit(self.path)
             query = dict(parse_qsl(url.query))
             self._check_origin()
-            mount = next((p for p in self.server.studio.mounts if url.path.startswith(p)), None)
+            route = ROUTES.get((method, url.path))
+            if route is not None:
+                body = self._body() if method == "POST" else None
+                return self._json(200, route(self.server.studio, ApiRequest(body, query)))
             if method == "GET" and url.path == EVENTS:
                 return self._events(query)
+            mounts = self.server.studio.mounts  # the longest prefix first, so "/" can hold a page
+            mount = max((p for p in mounts if url.path.startswith(p)), key=len, default=None)
             if method == "GET" and mount is not None:
-                return self._file(served_file(self.server.studio.mounts[mount], unquote(url.path[len(mount):])))
-            route = ROUTES.get((method, url.path))
-            if route is None:
-                allowed = any(path == url.path for _, path in ROUTES)
-                raise ApiError(405 if allowed else 404, "Method Not Allowed" if allowed else "Not Found",
-                               f"{method} {url.path} is not an endpoint of this server")
-            body = self._body() if method == "POST" else None
-            self._json(200, route(self.server.studio, ApiRequest(body, query)))
+                return self._file(served_file(mounts[mount], unquote(url.path[len(mount):])))
+            allowed = any(path == url.path for _, path in ROUTES)
+            raise ApiError(405 if allowed else 404, "Method Not Allowed" if allowed else "Not Found",
+                           f"{method} {url.path} is not an endpoint of this server")
         except ApiError as exc:
             self._json(exc.status, {"error": exc.error, "detail": str(exc)})
         except NijimiError as exc:
@@ -188,6 +190,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
         finally:
             studio.hub.unsubscribe(events)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a malformed request line, an unknown method) as JSON too."""
+        self.close_connection = True
+        self._json(code, {"error": HTTPStatus(code).phrase, "detail": message or HTTPStatus(code).description})
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("%s %s", self.address_string(), format % args)

@@ -97,6 +97,7 @@ def test_other_content_types_hosts_and_origins(served):
     assert served.call("/sdapi/v1/interrupt", method="POST", headers={"Origin": f"http://127.0.0.1:{port}"})[0] == 200
     refused(served.call("/sdapi/v1/nothing"), 404, "GET /sdapi/v1/nothing is not an endpoint")
     refused(served.call("/sdapi/v1/txt2img"), 405, "GET /sdapi/v1/txt2img is not an endpoint")
+    refused(raw(served, "PATCH", "/sdapi/v1/options"), 501, "Unsupported method ('PATCH')")
 
 
 @pytest.mark.parametrize("path, status", [
