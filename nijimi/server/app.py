@@ -106,6 +106,9 @@ class Studio:
 
     def __init__(self, options: ServeOptions, loader: Callable[..., Pipeline] = load) -> None:
         self.options, self.folders, self.limits = options, options.folders, options.limits
+        for flag, folder in (("--models-dir", self.folders.models), ("--lora-dir", self.folders.loras)):
+            if folder is not None and not folder.is_dir():
+                raise ConfigError(f"{flag} {folder}: no such folder")
         self.hub = EventHub()
         self.queue = JobQueue(self.hub, self.limits.queue)
         self.models = ModelSlot(options, loader)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -57,8 +58,18 @@ def test_the_command_serves_and_stops_on_ctrl_c(tmp_path):
         process.stderr.close()
 
 
-def test_a_bad_model_is_one_error_line(capsys, tmp_path):
+def test_bad_options_are_one_error_line(capsys, tmp_path):
     code, out, err = run_cli(capsys, "serve", "--model", str(tmp_path / "none.safetensors"))
     assert (code, out) == (2, "")
     assert err == f"error: --model {tmp_path / 'none.safetensors'}: no such file, folder or model in the models " \
                   "folder\n"
+    assert run_cli(capsys, "serve", "--lora-dir", tmp_path / "none")[::2] == (
+        2, f"error: --lora-dir {tmp_path / 'none'}: no such folder\n")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        code, out, err = run_cli(capsys, "serve", "--port", taken.getsockname()[1])
+    finally:
+        taken.close()
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "in use" in err
