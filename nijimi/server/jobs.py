@@ -154,9 +154,9 @@ class Job:
         if self.hub is not None:
             self.hub.publish({"type": kind, "job": self.id, "kind": self.kind, **fields})
 
-    def wait(self, timeout: float | None = None) -> Any:
-        if not self.finished.wait(timeout):
-            raise ApiError(504, "Timeout", f"job {self.id} did not finish in {timeout} s")
+    def wait(self) -> Any:
+        """Block until the job has ended; its result, or its error raised here."""
+        self.finished.wait()
         if self.error is not None:
             raise self.error
         return self.result
@@ -217,8 +217,6 @@ class JobQueue:
                     return
                 job = self.current = self.waiting.popleft()
             self._run(job)
-            with self.condition:
-                self.current = None
 
     def _run(self, job: Job) -> None:
         job.state = "running"
@@ -237,6 +235,10 @@ class JobQueue:
             self._finish(job, "done", result=result)
 
     def _finish(self, job: Job, state: str, result: Any = None, error: BaseException | None = None) -> None:
+        """Record the end of ``job`` (no longer the current one once its waiter wakes) and wake its waiter."""
+        with self.condition:
+            if self.current is job:
+                self.current = None
         job.state, job.result, job.error = state, result, error
         job.publish(state, **({"detail": str(error)} if error is not None else {}))
         job.finished.set()
