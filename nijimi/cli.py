@@ -46,6 +46,7 @@ from nijimi.ui.control import add_control_parsers, control_infotext
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.progress import ProgressBar
+from nijimi.ui.serve import add_serve_parser
 from nijimi.ui.train import add_train_parsers
 
 DEMO_PROMPT = "a red circle on the left and a blue square on the right"
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_parsers(sub)
     add_eval_parsers(sub)
     add_doctor_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
