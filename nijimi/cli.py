@@ -25,14 +25,16 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
     format_parameters,
     generation_settings,
     model_hash,
-    read_png_metadata,
     save_png,
 )
+from nijimi.pipelines.comfyui import from_graph
+from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -42,6 +44,7 @@ from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
+from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
 from nijimi.ui.train import add_train_parsers
 
@@ -121,11 +124,12 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
              "Variation seed": r.variation_seed if varied else None,
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
              "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
-             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+             "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+    prompt, loras = lora_infotext(r)
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
-                                 extra=extra)
-    return format_parameters(r.prompt, r.negative_prompt, fields)
+                                 extra={**extra, **loras})
+    return format_parameters(prompt, r.negative_prompt, fields)
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
@@ -201,9 +205,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    recipe = read_png_metadata(args.image).get("recipe")
+    meta = read_image_metadata(args.image)
+    recipe = meta.get("recipe")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
-        raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
+        imported = import_image(meta, args)  # an A1111 or ComfyUI image
+        pipe = load(imported.model, device=args.device)
+        for path in run_generation(pipe, imported.request, args.out, args.overwrite, args.quiet, args.preview):
+            print(path)
+        return 0
     request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
     dtype = recipe.get("dtype", "fp32")
     if dtype not in WEIGHT_DTYPES:
@@ -221,7 +230,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(format_info(read_png_metadata(args.image)))
+    meta = read_image_metadata(args.image)
+    print(format_info(meta))
+    if meta.get("comfyui_prompt") is not None:
+        print(format_settings(from_graph(meta["comfyui_prompt"])))
     return 0
 
 
@@ -271,13 +283,15 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("reproduce", help="regenerate an image from the recipe in its PNG metadata")
-    p.add_argument("image", help="a PNG written by nijimi")
-    p.add_argument("--model", help="use this model file instead of the one recorded")
+    p = sub.add_parser("reproduce", help="regenerate an image from its metadata: nijimi's recipe, A1111's parameters "
+                       "(PNG, JPEG, WebP) or a ComfyUI graph")
+    p.add_argument("image", help="a PNG written by nijimi, or a PNG/JPEG/WebP written by A1111 or ComfyUI")
+    p.add_argument("--model", help="use this model file (or embedded) instead of the one recorded")
+    add_folder_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("info", help="print the generation metadata of a PNG (nijimi, A1111, ComfyUI)")
+    p = sub.add_parser("info", help="print the generation metadata of a PNG, JPEG or WebP (nijimi, A1111, ComfyUI)")
     p.add_argument("image")
     p.set_defaults(func=cmd_info)
 
