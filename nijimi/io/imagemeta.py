@@ -62,13 +62,8 @@ def _exif_text(image: Image.Image, source: str) -> dict[str, str]:
     ``workflow`` from IFD0."""
     if "exif" not in image.info:
         return {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        exif = image.getexif()
-        comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
-    corrupt = [str(w.message) for w in caught if "EXIF" in str(w.message)]
-    if corrupt:
-        raise ImageError(f"{source}: EXIF data is corrupt ({corrupt[0].strip()})")
+    exif = image.getexif()
+    comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
     text = {}
     for tag in _COMFY_TAGS:
         key, _, value = str(exif.get(tag, "")).partition(":")
@@ -86,14 +81,23 @@ def read_image_metadata(path: str | os.PathLike) -> dict[str, object]:
     :func:`~nijimi.io.pngmeta.read_png_metadata`, plus ``"format"`` (Pillow's name: ``"PNG"``, ``"JPEG"``,
     ``"WEBP"``)."""
     source = os.fspath(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text, kind = _read(Path(path), source)
+    corrupt = [str(w.message).strip() for w in caught if "EXIF" in str(w.message)]
+    if corrupt:
+        raise ImageError(f"{source}: EXIF data is corrupt ({corrupt[0]})")
+    return {**metadata_from_text(text), "format": kind}
+
+
+def _read(path: Path, source: str) -> tuple[dict[str, str], str]:
     try:
-        with Image.open(Path(path)) as image:
+        with Image.open(path) as image:
             text = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
             comment = image.info.get("comment") if image.format == "JPEG" else None
             if isinstance(comment, bytes):
                 text.setdefault(PARAMETERS_KEY, comment.decode("utf-8", "replace"))
             text.update(_exif_text(image, source))
-            kind = image.format
+            return text, image.format
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot read image {source!r}: {e}") from e
-    return {**metadata_from_text(text), "format": kind}

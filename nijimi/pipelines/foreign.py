@@ -202,7 +202,7 @@ def _model(s: ForeignSettings, folders: Folders, model: str | None, warnings: li
         raise ConfigError(f"model {described} is not in {folders.model} (give --model FILE)")
     if not found.exact:
         warnings.append(f"model {found.path.name} has the image's model name {name!r} but not its hash {short}")
-    return str(found.path)
+    return str(found.path.absolute())
 
 
 def _vae(s: ForeignSettings, folders: Folders, warnings: list[str]) -> str | None:
@@ -216,7 +216,7 @@ def _vae(s: ForeignSettings, folders: Folders, warnings: list[str]) -> str | Non
         return None
     if not found.exact:
         warnings.append(f"VAE {found.path.name} has the image's VAE name but not its hash {short}")
-    return str(found.path)
+    return str(found.path.absolute())
 
 
 def _loras(s: ForeignSettings, folders: Folders, warnings: list[str]) -> tuple[LoraRequest, ...]:
