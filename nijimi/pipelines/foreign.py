@@ -263,6 +263,6 @@ def to_request(settings: ForeignSettings, folders: Folders, model: str | None = 
     _embeddings(settings, folders, {f.name for f in dataclasses.fields(GenerationRequest)}, fields, warnings)
     try:
         request = GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ConfigError) as e:
         raise ConfigError(f"{settings.source} settings: {e}") from None
     return Imported(request, checkpoint, tuple(warnings))
