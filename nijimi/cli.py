@@ -231,9 +231,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     meta = read_image_metadata(args.image)
-    print(format_info(meta))
-    if meta.get("comfyui_prompt") is not None:
-        print(format_settings(from_graph(meta["comfyui_prompt"])))
+    graph = meta.get("comfyui_prompt")
+    comfyui = [] if graph is None else [format_settings(from_graph(graph))]  # fails before anything is printed
+    print("\n".join([format_info(meta), *comfyui]))
     return 0
 
 

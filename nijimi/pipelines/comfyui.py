@@ -256,4 +256,4 @@ def from_graph(graph: Any) -> ForeignSettings:
     reader.sampler(sampler, g.nodes[sampler][1])
     values = {k: v for k, v in reader.values.items() if v not in (None, "")}
     return ForeignSettings("ComfyUI", reader.prompt, reader.negative, values, list(reader.loras.values()),
-                           reader.warnings)
+                           list(dict.fromkeys(reader.warnings)))

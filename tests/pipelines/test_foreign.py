@@ -164,7 +164,6 @@ def test_comfyui_nodes_that_change_the_result_are_named():
         "added noise): not reproduced, the whole schedule is run",
         "ComfyUI node 20 (FreeU_V2) is not reproduced",
         "ComfyUI node 21 (ControlNetApplyAdvanced) is not reproduced",
-        "ComfyUI node 21 (ControlNetApplyAdvanced) is not reproduced",
     ]
 
 
