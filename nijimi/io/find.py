@@ -29,7 +29,7 @@ from typing import BinaryIO, NamedTuple
 
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import safetensors
-from nijimi.io.pngmeta import HASH_BLOCK, cached_digest, file_sha256
+from nijimi.io.pngmeta import cached_digest, file_sha256, sha256_rest
 
 KINDS = {
     "model": (".safetensors", ".ckpt", ".pt", ".bin", ".pth"),
@@ -71,12 +71,8 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
 
 
 def _addnet(f: BinaryIO) -> str:
-    header = int.from_bytes(f.read(8), "little")
-    f.seek(8 + header)
-    digest = hashlib.sha256()
-    while block := f.read(HASH_BLOCK):
-        digest.update(block)
-    return digest.hexdigest()
+    f.seek(8 + int.from_bytes(f.read(8), "little"))  # past the header
+    return sha256_rest(f)
 
 
 def addnet_hash(path: str | os.PathLike) -> str:

@@ -199,7 +199,8 @@ def cached_digest(path: str | os.PathLike, cache_name: str, digest: Callable[[Bi
     return value
 
 
-def _sha256(f: BinaryIO) -> str:
+def sha256_rest(f: BinaryIO) -> str:
+    """The SHA-256 (hex) of an open file's bytes from its position to its end, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     while block := f.read(HASH_BLOCK):
         digest.update(block)
@@ -208,7 +209,7 @@ def _sha256(f: BinaryIO) -> str:
 
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of the whole file (64 hex digits), read in 1 MiB blocks and cached (:func:`cached_digest`)."""
-    return cached_digest(path, _HASH_CACHE, _sha256)
+    return cached_digest(path, _HASH_CACHE, sha256_rest)
 
 
 def model_hash(path: str | os.PathLike) -> str:
