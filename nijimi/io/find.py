@@ -67,7 +67,7 @@ def legacy_model_hash(path: str | os.PathLike) -> str:
             f.seek(LEGACY_OFFSET)
             return hashlib.sha256(f.read(LEGACY_SIZE)).hexdigest()[:8]
     except OSError as e:
-        raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot hash file {os.fspath(path)!r}: {e.strerror or e}") from e
 
 
 def _addnet(f: BinaryIO) -> str:

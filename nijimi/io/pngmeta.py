@@ -189,7 +189,7 @@ def cached_digest(path: str | os.PathLike, cache_name: str, digest: Callable[[Bi
         with open(path, "rb") as f:
             value = digest(f)
     except OSError as e:
-        raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot hash file {os.fspath(path)!r}: {e.strerror or e}") from e
     cache = {p: entry for p, entry in cache.items() if os.path.exists(p)}  # forget files that are gone
     cache[str(path)] = [*stamp, value]
     with contextlib.suppress(OSError, NijimiError):

@@ -9,11 +9,10 @@ prompt's own tags. ComfyUI's A1111 importer makes a LoraLoader of each tag.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from nijimi.adapters.tags import parse_lora_tags
+from nijimi.adapters.tags import parse_lora_tags, resolve_lora
+from nijimi.embedded import ADAPTERS
 from nijimi.io.find import lora_hash
-from nijimi.pipelines.adapters import LoraRequest, resolve_request
+from nijimi.pipelines.adapters import LoraRequest
 from nijimi.pipelines.request import GenerationRequest
 
 _SYMBOLS = str.maketrans("", "", ":,")
@@ -28,7 +27,8 @@ def lora_infotext(request: GenerationRequest) -> tuple[str, dict[str, str | None
     """The infotext's prompt (the request's, with a tag for each of ``request.loras``) and its ``Lora hashes``
     setting (None without LoRAs)."""
     _, tags = parse_lora_tags(request.prompt)
-    named = [(t.name, resolve_request(LoraRequest(Path(t.name)), request.lora_dir).path) for t in tags]
+    folder = ADAPTERS if request.lora_dir is None else request.lora_dir
+    named = [(t.name, resolve_lora(t.name, folder)) for t in tags]  # as apply_loras finds them
     named += [(r.path.stem, r.path) for r in request.loras]
     prompt = " ".join([request.prompt, *map(_tag, request.loras)]) if request.loras else request.prompt
     hashes = {name.translate(_SYMBOLS): lora_hash(path)[:12] for name, path in named}
