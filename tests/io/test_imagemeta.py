@@ -17,7 +17,7 @@ from foreign_images import (
     piexif_dump,
     user_comment_unicode,
 )
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from nijimi.errors import ImageError
 from nijimi.io.imagemeta import decode_user_comment, read_image_metadata
@@ -103,3 +103,13 @@ def test_garbled_exif_is_one_error(tmp_path):
     (tmp_path / "junk.webp").write_bytes(b"RIFF\x10\0\0\0WEBPjunkjunk")
     with pytest.raises(ImageError, match="cannot read image"):
         read_image_metadata(tmp_path / "junk.webp")
+
+
+
+def test_json_nested_too_deep_is_kept_as_text(tmp_path):
+    """A crafted ``prompt`` chunk deeper than Python's JSON parser recurses stays text (reproduce refuses it)."""
+    deep = "[" * 200_000
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", deep)
+    Image.new("RGB", (8, 8)).save(tmp_path / "deep.png", pnginfo=info)
+    assert read_image_metadata(tmp_path / "deep.png")["comfyui_prompt"] == deep
