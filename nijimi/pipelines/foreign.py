@@ -143,7 +143,7 @@ def _eta(values: dict[str, Any], sampler: SamplerChoice | None, fields: dict, wa
     if sampler is None or not sampler.takes_eta:
         warnings.append(f"{key} {values[key]}: nijimi's {sampler.name if sampler else 'default'} sampler has no eta")
         return
-    fields["eta"] = float(values[key])
+    fields["eta"] = values[key]  # a value that is no number is refused by the request, naming it
 
 
 def _unknown(values: dict[str, Any], known: set[str]) -> list[str]:
@@ -234,19 +234,13 @@ def _loras(s: ForeignSettings, folders: Folders, warnings: list[str]) -> tuple[L
     return tuple(found_all)
 
 
-def _embeddings(s: ForeignSettings, folders: Folders, names: set[str], fields: dict, warnings: list[str]) -> None:
+def _embeddings(s: ForeignSettings, warnings: list[str]) -> None:
+    """``TI hashes``: textual-inversion embeddings are not applied by nijimi's requests yet (their names are read as
+    words); :func:`~nijimi.io.find.find_file` finds them (kind ``"embedding"``) in ``Folders.embedding``."""
     hashes = _named_hashes(s.values.get("TI hashes"))
-    if not hashes:
-        return
-    if "embeddings_dir" not in names:
+    if hashes:
         warnings.append(f"TI hashes: the embeddings {', '.join(hashes)} are not applied (their names are read as "
                         "words)")
-        return
-    missing = [n for n, h in hashes.items() if not folders.embedding or not find_file(folders.embedding, "embedding",
-                                                                                      n, h)]
-    if missing:
-        warnings.append(f"embeddings {', '.join(missing)} not found (--embeddings-dir DIR)")
-    fields["embeddings_dir"] = folders.embedding and str(folders.embedding)
 
 
 def to_request(settings: ForeignSettings, folders: Folders, model: str | None = None) -> Imported:
@@ -260,7 +254,7 @@ def to_request(settings: ForeignSettings, folders: Folders, model: str | None = 
     fields["loras"] = _loras(settings, folders, warnings)
     if folders.lora is not None:
         fields["lora_dir"] = str(folders.lora)
-    _embeddings(settings, folders, {f.name for f in dataclasses.fields(GenerationRequest)}, fields, warnings)
+    _embeddings(settings, warnings)
     try:
         request = GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
     except (TypeError, ValueError, ConfigError) as e:

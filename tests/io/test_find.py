@@ -63,6 +63,8 @@ def test_lora_hash_is_kohyas_unless_the_file_records_one(tmp_path):
     pt.write_bytes(b"pickle-free bytes")
     assert lora_hash(pt) == hashlib.sha256(b"pickle-free bytes").hexdigest()
     assert find_file(tmp_path, "lora", name="whatever", short_hash=("ab" * 32)[:12]) == (recorded, True)
+    embedding = hashlib.sha256(pt.read_bytes()).hexdigest()[:12]  # TI hashes: 12 digits of the file's SHA-256
+    assert find_file(tmp_path, "embedding", name="easynegative", short_hash=embedding) == (pt, True)
 
 
 def test_digests_are_cached_until_the_file_changes(tmp_path):

@@ -66,7 +66,7 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
         "a cat <lora:missing:1>\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, "
         "Model hash: 0123456789, Model: shapes, Denoising strength: 0.4, ENSD: 31337, Eta: 0.5, "
         "ADetailer model: face_yolov8n.pt, ADetailer confidence: 0.3, ControlNet 0: \"Module: canny\", "
-        "VAE: gone.pt, Emphasis: Original, Version: v1.6.0"
+        'VAE: gone.pt, Emphasis: Original, TI hashes: "easynegative: c74b4e810b03", Version: v1.6.0'
     )
     imported = to_request(from_infotext(parse_parameters(text)), folders)
     r = imported.request
@@ -83,6 +83,7 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
         "model shapes.safetensors has the image's model name 'shapes' but not its hash 0123456789",
         f"VAE 'gone.pt' not found in {folders.vae} (--vae-dir DIR); decoding with the model's own VAE",
         f"LoRA 'missing' not found in {folders.lora} (--lora-dir DIR); left out",
+        "TI hashes: the embeddings easynegative are not applied (their names are read as words)",
     )
 
 
