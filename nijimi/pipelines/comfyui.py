@@ -36,6 +36,10 @@ _SCHEDULES = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponenti
 Link = list
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str | int) \
         and isinstance(value[1], int) and not isinstance(value[1], bool)
@@ -114,7 +118,7 @@ class _Reader:
             self.values["Model"] = self.g.value(nid, inputs, "ckpt_name", self.warnings)
             return None
         if cls in ("LoraLoader", "LoraLoaderModelOnly"):
-            self._lora(nid, inputs).unet = float(self.g.value(nid, inputs, "strength_model", self.warnings) or 0)
+            self._lora(nid, inputs).unet = self._strength(nid, inputs, "strength_model")
             return inputs.get("model")
         return _UNKNOWN
 
@@ -122,7 +126,7 @@ class _Reader:
         if cls.startswith("CheckpointLoader"):
             return None
         if cls == "LoraLoader":
-            self._lora(nid, inputs).te = float(self.g.value(nid, inputs, "strength_clip", self.warnings) or 0)
+            self._lora(nid, inputs).te = self._strength(nid, inputs, "strength_clip")
             return inputs.get("clip")
         if cls == "CLIPSetLastLayer":
             layer = self.g.value(nid, inputs, "stop_at_clip_layer", self.warnings)
@@ -130,6 +134,12 @@ class _Reader:
                 self.values.setdefault("Clip skip", -layer)  # the last one applied (met first going back) counts
             return inputs.get("clip")
         return _UNKNOWN
+
+    def _strength(self, nid: str, inputs: dict, key: str) -> float:
+        value = self.g.value(nid, inputs, key, self.warnings)
+        if not _is_number(value):
+            raise ImageError(f"ComfyUI node {nid} {key}: {str(value)[:40]!r} is not a number")
+        return float(value)
 
     def _lora(self, nid: str, inputs: dict) -> LoraRef:
         if nid not in self.loras:
@@ -163,10 +173,9 @@ class _Reader:
         scheduler = str(v.get("scheduler") or "")
         self.values.update({"Steps": v.get("steps"), "CFG scale": v.get("cfg"), "Seed": v.get(seed), "Sampler": name,
                             "Schedule type": _SCHEDULES.get(scheduler, scheduler)})
-        steps, end = v.get("steps"), v.get("end_at_step")
-        partial = (v.get("add_noise") == "disable" or (v.get("start_at_step") or 0) > 0
-                   or (isinstance(end, int) and isinstance(steps, int) and end < steps)
-                   or (v.get("denoise") is not None and v["denoise"] < 1))
+        steps, start, end, denoise = (v.get(k) for k in ("steps", "start_at_step", "end_at_step", "denoise"))
+        partial = (v.get("add_noise") == "disable" or (_is_number(start) and start > 0)
+                   or (_is_number(end) and _is_number(steps) and end < steps) or (_is_number(denoise) and denoise < 1))
         if partial:
             self.warnings.append(f"ComfyUI node {nid} ({cls}) samples only part of the schedule (denoise, start or "
                                  "end step, or no added noise): not reproduced, the whole schedule is run")
@@ -203,7 +212,7 @@ class _Reader:
 def _output(g: _Graph) -> tuple[str, list[str]]:
     """The output node of the image (SaveImage first, lowest id) and a warning when there are several."""
     outputs = sorted((nid for nid, (cls, _) in g.nodes.items() if cls in _OUTPUTS),
-                     key=lambda nid: (g.nodes[nid][0] != "SaveImage", int(nid) if nid.isdigit() else 0, nid))
+                     key=lambda nid: (g.nodes[nid][0] != "SaveImage", not nid.isdecimal(), len(nid), nid))
     if not outputs:
         raise ImageError("ComfyUI graph has no SaveImage or PreviewImage node to follow back")
     return outputs[0], [f"ComfyUI graph has {len(outputs)} outputs; reading node {outputs[0]}"][: len(outputs) > 1]

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from nijimi.diffusion.samplers import SamplerChoice
 from nijimi.embedded import ADAPTERS, WEIGHTS
-from nijimi.errors import ConfigError, ImageError
+from nijimi.errors import ConfigError, ImageError, NijimiError
 from nijimi.io.find import Folders
 from nijimi.io.pngmeta import model_hash, parse_parameters
 from nijimi.pipelines.adapters import LoraRequest
@@ -191,3 +191,31 @@ def test_bad_comfyui_graphs_are_one_error():
     unsaved = {k: v for k, v in comfyui_graph().items() if k != "9"}
     with pytest.raises(ImageError, match="no SaveImage or PreviewImage node"):
         from_graph(unsaved)
+
+
+@pytest.mark.parametrize("odd", ["abc", None, [], {"x": 1}, ["999", 0], ["3", "0"], True, -1, 1e308])
+def test_any_odd_input_value_is_a_result_or_one_nijimi_error(folders, odd):
+    """Every input of every node replaced in turn: from_graph and to_request return or raise NijimiError (the CLI's
+    one error line), never another exception."""
+    base = comfyui_graph(ckpt="sd15/shapes.safetensors", lora="renamed-pink.safetensors")
+    for nid, node in base.items():
+        for key in node["inputs"]:
+            graph = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in base.items()}
+            graph[nid]["inputs"][key] = odd
+            try:
+                to_request(from_graph(graph), folders)
+            except NijimiError:
+                pass
+
+
+@pytest.mark.parametrize("odd", ["abc", "", "-1", "0x0", "1e400", '"a, b: c"', "99999999999999999999999"])
+def test_any_odd_a1111_value_is_a_result_or_one_nijimi_error(folders, odd):
+    keys = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash",
+            "VAE", "Clip skip", "Variation seed", "Variation seed strength", "Seed resize from", "Eta", "Eta DDIM",
+            "ENSD", "RNG", "Lora hashes", "TI hashes", "Denoising strength", "Hires upscale", "Version")
+    for key in keys:
+        text = f"p <lora:pink:1>\nSteps: 2, Seed: 1, Size: 64x64, Model: shapes, {key}: {odd}"
+        try:
+            to_request(from_infotext(parse_parameters(text)), folders)
+        except NijimiError:
+            pass
