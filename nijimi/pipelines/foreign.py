@@ -234,13 +234,17 @@ def _loras(s: ForeignSettings, folders: Folders, warnings: list[str]) -> tuple[L
     return tuple(found_all)
 
 
-def _embeddings(s: ForeignSettings, warnings: list[str]) -> None:
+def _embeddings(s: ForeignSettings, folders: Folders, warnings: list[str]) -> None:
     """``TI hashes``: textual-inversion embeddings are not applied by nijimi's requests yet (their names are read as
-    words); :func:`~nijimi.io.find.find_file` finds them (kind ``"embedding"``) in ``Folders.embedding``."""
+    words); those ``Folders.embedding`` lacks (by hash or name) are named too."""
     hashes = _named_hashes(s.values.get("TI hashes"))
-    if hashes:
-        warnings.append(f"TI hashes: the embeddings {', '.join(hashes)} are not applied (their names are read as "
-                        "words)")
+    if not hashes:
+        return
+    line = f"TI hashes: the embeddings {', '.join(hashes)} are not applied (their names are read as words)"
+    if folders.embedding is not None:
+        missing = [n for n, h in hashes.items() if find_file(folders.embedding, "embedding", n, h) is None]
+        line += f"; not in {folders.embedding}: {', '.join(missing)}" if missing else ""
+    warnings.append(line)
 
 
 def to_request(settings: ForeignSettings, folders: Folders, model: str | None = None) -> Imported:
@@ -254,7 +258,7 @@ def to_request(settings: ForeignSettings, folders: Folders, model: str | None = 
     fields["loras"] = _loras(settings, folders, warnings)
     if folders.lora is not None:
         fields["lora_dir"] = str(folders.lora)
-    _embeddings(settings, warnings)
+    _embeddings(settings, folders, warnings)
     try:
         request = GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
     except (TypeError, ValueError, ConfigError) as e:

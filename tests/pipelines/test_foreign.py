@@ -85,6 +85,13 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
         f"LoRA 'missing' not found in {folders.lora} (--lora-dir DIR); left out",
         "TI hashes: the embeddings easynegative are not applied (their names are read as words)",
     )
+    (folders.model.parent / "embeddings").mkdir(exist_ok=True)
+    (folders.model.parent / "embeddings" / "easynegative.safetensors").write_bytes(b"{}")
+    text = text.replace('"easynegative: c74b4e810b03"', '"easynegative: c74b4e810b03, badhand: 7dd5ebc7b2ae"')
+    with_dir = Folders(folders.model, folders.lora, folders.vae, folders.model.parent / "embeddings")
+    assert to_request(from_infotext(parse_parameters(text)), with_dir).warnings[-1] == (
+        "TI hashes: the embeddings easynegative, badhand are not applied (their names are read as words); not in "
+        f"{with_dir.embedding}: badhand")
 
 
 @pytest.mark.parametrize(("sampler", "schedule", "version", "expected"), [
