@@ -20,7 +20,8 @@ _SYMBOLS = str.maketrans("", "", ":,")
 
 def _tag(request: LoraRequest) -> str:
     te, unet = request.te_multiplier, request.unet_multiplier
-    return f"<lora:{request.path.stem}:{te:g}>" if te == unet else f"<lora:{request.path.stem}:{te:g}:{unet:g}>"
+    weights = f"{te:.15g}" if te == unet else f"{te:.15g}:{unet:.15g}"
+    return f"<lora:{request.path.stem}:{weights}>"
 
 
 def lora_infotext(request: GenerationRequest) -> tuple[str, dict[str, str | None]]:
