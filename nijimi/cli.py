@@ -25,16 +25,18 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
     format_parameters,
     generation_settings,
     model_hash,
-    read_png_metadata,
     save_png,
 )
 from nijimi.pipelines import hires
 from nijimi.pipelines.adapters import few_step_notes
+from nijimi.pipelines.comfyui import from_graph
+from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -45,6 +47,7 @@ from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
+from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
 from nijimi.ui.serve import add_serve_parser
 from nijimi.ui.train import add_train_parsers
@@ -126,11 +129,12 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
              "Denoising strength": r.strength if r.init_image is not None else
              r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
-             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+             "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+    prompt, loras = lora_infotext(r)
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
-                                 extra=extra)
-    return format_parameters(r.prompt, r.negative_prompt, fields)
+                                 extra={**extra, **loras})
+    return format_parameters(prompt, r.negative_prompt, fields)
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
@@ -216,9 +220,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    recipe = read_png_metadata(args.image).get("recipe")
+    meta = read_image_metadata(args.image)
+    recipe = meta.get("recipe")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
-        raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
+        imported = import_image(meta, args)  # an A1111 or ComfyUI image
+        pipe = load(imported.model, device=args.device)
+        for path in run_generation(pipe, imported.request, args.out, args.overwrite, args.quiet, args.preview):
+            print(path)
+        return 0
     request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
     dtype = recipe.get("dtype", "fp32")
     if dtype not in WEIGHT_DTYPES:
@@ -236,7 +245,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(format_info(read_png_metadata(args.image)))
+    meta = read_image_metadata(args.image)
+    graph = meta.get("comfyui_prompt")
+    comfyui = [] if graph is None else [format_settings(from_graph(graph))]  # fails before anything is printed
+    print("\n".join([format_info(meta), *comfyui]))
     return 0
 
 
@@ -290,13 +302,15 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("reproduce", help="regenerate an image from the recipe in its PNG metadata")
-    p.add_argument("image", help="a PNG written by nijimi")
-    p.add_argument("--model", help="use this model file instead of the one recorded")
+    p = sub.add_parser("reproduce", help="regenerate an image from its metadata: nijimi's recipe, A1111's parameters "
+                       "(PNG, JPEG, WebP) or a ComfyUI graph")
+    p.add_argument("image", help="a PNG written by nijimi, or a PNG/JPEG/WebP written by A1111 or ComfyUI")
+    p.add_argument("--model", help="use this model file (or embedded) instead of the one recorded")
+    add_folder_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("info", help="print the generation metadata of a PNG (nijimi, A1111, ComfyUI)")
+    p = sub.add_parser("info", help="print the generation metadata of a PNG, JPEG or WebP (nijimi, A1111, ComfyUI)")
     p.add_argument("image")
     p.set_defaults(func=cmd_info)
 

@@ -330,8 +330,8 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     code, _, err = run(capsys, "reproduce", plain, "--out", tmp_path / "r.png")
-    assert code == 2 and err == f"error: {plain}: no nijimi recipe in this PNG; only images made by nijimi can be " \
-                                "reproduced\n"
+    assert code == 2 and err == f"error: {plain}: no generation metadata (a nijimi recipe, A1111 parameters or a " \
+                                "ComfyUI graph)\n"
     made = tmp_path / "inpainted.png"
     assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
                inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
@@ -339,7 +339,7 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
     assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
     code, _, err = run(capsys, "info", inputs["broken.png"])
-    assert code == 2 and err.startswith("error: cannot read PNG") and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("error: cannot read image") and len(err.splitlines()) == 1
     assert not (tmp_path / "r.png").exists()
 
 
