@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from nijimi import __version__
+from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS
 from nijimi.diffusion.explain import explain_schedules
-from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
+from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
 from nijimi.io.pngmeta import (
@@ -122,7 +123,8 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
              "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
              eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
-    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
+                                 cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra=extra)
     return format_parameters(r.prompt, r.negative_prompt, fields)
@@ -235,9 +237,10 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
-    for name, fn in SAMPLERS.items():
-        print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    print(f"σ spacings (suffix): {', '.join(SPACINGS)}")
+    for name, spec in SAMPLER_SPECS.items():
+        print(f"{name:12s} {spec.display!r:15s} automatic={spec.automatic:12s} "
+              f"{(spec.fn.__doc__ or '').strip().splitlines()[0]}")
+    print("schedules (--schedule): " + ", ".join(f"{name} ({label!r})" for name, label in SCHEDULE_LABELS.items()))
     return 0
 
 
