@@ -82,7 +82,7 @@ def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str
 
 
 def _with_zero(sigmas: torch.Tensor | list[float] | np.ndarray) -> torch.Tensor:
-    sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    sigmas = torch.as_tensor(np.array(sigmas, dtype=np.float64))
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 
@@ -119,11 +119,8 @@ def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -
     plan = _with_zero(sigmas)
     if family != "multistep" or schedule == "polyexponential":
         return SigmaPlan(plan)
-    if schedule == "karras":
-        how = "none" if noise.beta_schedule == "cosine" else "round"
-    else:
-        how = "trunc"
-    return SigmaPlan(plan, None if how == "none" else _network_timesteps(noise, torch.as_tensor(sigmas), how))
+    how = "round" if schedule == "karras" and noise.beta_schedule != "cosine" else "trunc"  # (an int64 cast)
+    return SigmaPlan(plan, _network_timesteps(noise, torch.as_tensor(sigmas), how))
 
 
 def _network_timesteps(noise: NoiseSchedule, sigmas: torch.Tensor, how: str) -> torch.Tensor:
