@@ -58,11 +58,13 @@ class SigmaPlan:
     sigmas: torch.Tensor
     timesteps: torch.Tensor | None = None
 
-    def timestep_table(self) -> dict[float, float] | None:
-        """{σ: network timestep} for the Denoiser, keyed by the float32 σ values a sampler passes."""
+    def timestep_table(self) -> dict[tuple[int, float], float] | None:
+        """{(step i, σ_i): network timestep} for the Denoiser: the call of step i at ``sigmas[i]`` (a float32 value,
+        as a sampler passes it) uses it; other calls (a second-order sampler's intermediate σ) keep t(σ)."""
         if self.timesteps is None:
             return None
-        return dict(zip(self.sigmas[:-1].tolist(), self.timesteps.tolist(), strict=True))
+        return {(i, sigma): t for i, (sigma, t) in enumerate(zip(self.sigmas[:-1].tolist(), self.timesteps.tolist(),
+                                                                 strict=True))}
 
 
 def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str = "euler") -> SigmaPlan:

@@ -27,7 +27,8 @@ def network_timesteps(schedule, plan):
     """The timesteps the Denoiser feeds the network for each σ of the plan."""
     table = plan.timestep_table() or {}
     t = schedule.sigma_to_t(plan.sigmas[:-1])
-    return torch.tensor([table.get(v, u) for v, u in zip(plan.sigmas[:-1].tolist(), t.tolist(), strict=True)])
+    return torch.tensor([table.get((i, v), u) for i, (v, u) in enumerate(zip(plan.sigmas[:-1].tolist(), t.tolist(),
+                                                                             strict=True))])
 
 
 @pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
