@@ -23,7 +23,8 @@ class Denoiser:
     timesteps, so ``c_in = 1/sqrt(σ²+1)`` and ``t(σ)`` interpolates between the training timesteps in log σ
     (k-diffusion's ``CompVisDenoiser``); ``timesteps`` maps (sampling step, σ) to the timestep to use instead at the
     step's own σ, where diffusers' scheduler rounds or truncates it (:meth:`SamplerChoice.timestep_table
-    <nijimi.diffusion.choice.SamplerChoice.timestep_table>`; the step comes as the ``step`` keyword). By ``schedule.prediction_type`` (EDM table 1, 2206.00364):
+    <nijimi.diffusion.choice.SamplerChoice.timestep_table>`; the step comes as the ``step`` keyword).
+    By ``schedule.prediction_type`` (EDM table 1, 2206.00364):
 
     - ``epsilon``: x̂₀ = x - σ·ε̂;
     - ``v_prediction`` (2202.00512): x̂₀ = x/(σ²+1) - σ/sqrt(σ²+1)·v̂;
