@@ -335,9 +335,10 @@ def _lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
 
 def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                callback: Callback | None = None, noise: NoiseSampler | None = None, order: int = 4) -> torch.Tensor:
-    """LMS: the linear multistep (Adams–Bashforth) method of order ``order`` on dx/dσ = (x - x̂₀)/σ over the
-    non-uniform σ grid: x' = x + Σ_j c_j·d_{i-j}, c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j, ℓ_j the Lagrange basis over the last
-    ``order`` σ's (k-diffusion's ``sample_lms``; diffusers' LMSDiscreteScheduler)."""
+    """LMS: the linear multistep (Adams–Bashforth) method on dx/dσ = (x - x̂₀)/σ, ``order`` past slopes.
+
+    Over the non-uniform σ grid: x' = x + Σ_j c_j·d_{i-j}, c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j, ℓ_j the Lagrange basis over
+    the last ``order`` σ's (k-diffusion's ``sample_lms``; diffusers' LMSDiscreteScheduler)."""
     s, extra = check_sigmas(sigmas), extra_args or {}
     if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
         raise SamplerError(f"lms: order={order!r} must be 1, 2, 3 or 4")
@@ -355,11 +356,12 @@ def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_arg
 def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                         callback: Callback | None = None, noise: NoiseSampler | None = None,
                         eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(3M) SDE: third-order multistep in log-SNR with SDE noise (2211.01095; k-diffusion's
-    ``sample_dpmpp_3m_sde``): with h = log(σ/σ'), h_η = (1+η)h, φ₂ = (e^{-h_η} - 1)/h_η + 1, φ₃ = φ₂/h_η - 1/2,
-    x' = e^{-h_η}·x + (1 - e^{-h_η})·x̂₀ + φ₂·D₁ - φ₃·D₂ with D₁, D₂ the divided differences of the last three x̂₀'s
-    (one past x̂₀: φ₂·D₁ alone; none: first order), plus noise σ'·sqrt(1 - e^{-2ηh})·z. ``eta`` = 0 is the
-    deterministic 3M solver; the noise is meant to be a Brownian tree."""
+    """DPM-Solver++(3M) SDE: third-order multistep in log-SNR with SDE noise, Brownian-tree noise (2211.01095).
+
+    As k-diffusion's ``sample_dpmpp_3m_sde``: with h = log(σ/σ'), h_η = (1+η)h, φ₂ = (e^{-h_η} - 1)/h_η + 1,
+    φ₃ = φ₂/h_η - 1/2, x' = e^{-h_η}·x + (1 - e^{-h_η})·x̂₀ + φ₂·D₁ - φ₃·D₂ with D₁, D₂ the divided differences of
+    the last three x̂₀'s (one past x̂₀: φ₂·D₁ alone; none: first order), plus noise σ'·sqrt(1 - e^{-2ηh})·z.
+    ``eta`` = 0 is the deterministic 3M solver."""
     s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm++3m-sde", eta, noise)
     history: list[tuple[float, torch.Tensor]] = []  # (h, x̂₀) of the previous steps, most recent first
     for i in range(len(s) - 1):

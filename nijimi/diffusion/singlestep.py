@@ -7,6 +7,7 @@ to σ' = 0 is one Euler step (x' = x̂₀).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -43,60 +44,60 @@ def sample_dpm_2(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_a
     return x
 
 
-def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
-                           callback: Callback | None = None, noise: NoiseSampler | None = None,
-                           eta: float = 1.0) -> torch.Tensor:
-    """DPM2 a: a DPM-Solver-2 step down to σ_down, then fresh noise of size σ_up (k-diffusion's
-    ``sample_dpm_2_ancestral``; :func:`~nijimi.diffusion.samplers.ancestral_step`)."""
-    s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm2-a", eta, noise)
-    for i in range(len(s) - 1):
-        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
-        sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        if sigma_down == 0:
-            x = denoised
-        else:
-            x = _dpm2_step(model, x, denoised, s[i], sigma_down, i, extra)
-            if noise is not None and sigma_up > 0:
-                x = x + noise(s[i], s[i + 1]) * sigma_up
-        x = after_step(x, i, s, denoised, callback)
-    return x
-
-
 def _toward(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_to: float) -> torch.Tensor:
     """The first-order DPM-Solver++ step in σ-space from σ to ``sigma_to`` with a fixed x̂₀:
     x̂₀ + (σ_to/σ)·(x - x̂₀) (2211.01095, eq. 8 with λ = -log σ)."""
     return denoised + (x - denoised) * (sigma_to / sigma)
 
 
-def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
-                              callback: Callback | None = None, noise: NoiseSampler | None = None,
-                              eta: float = 1.0) -> torch.Tensor:
-    """DPM++ 2S a: a DPM-Solver++(2S) step (2211.01095, Alg. 1, r = 1/2: x̂₀ re-evaluated at the midpoint in
-    log σ, sqrt(σ·σ_down)) down to σ_down, then fresh noise of size σ_up (k-diffusion's
-    ``sample_dpmpp_2s_ancestral``)."""
-    s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm++2s-a", eta, noise)
+def _ancestral_second_order(name: str, step: Callable[..., torch.Tensor], model: Model, x: torch.Tensor,
+                            sigmas: torch.Tensor, extra: dict | None, callback: Callback | None,
+                            noise: NoiseSampler | None, eta: float) -> torch.Tensor:
+    """The ancestral loop around a second-order ``step(model, x, x̂₀, σ, σ_down, i, extra)``: x̂₀ at σ, the step down
+    to σ_down (x̂₀ itself when σ_down = 0), then fresh noise of size σ_up
+    (:func:`~nijimi.diffusion.samplers.ancestral_step`)."""
+    s, extra, noise = check_sigmas(sigmas), extra or {}, eta_noise(name, eta, noise)
     for i in range(len(s) - 1):
         denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
-        if sigma_down == 0:
-            x = denoised
-        else:
-            sigma_mid = math.sqrt(s[i] * sigma_down)
-            x_mid = _toward(x, denoised, s[i], sigma_mid)
-            x = _toward(x, model(x_mid, sigma_batch(x, sigma_mid), step=i, **extra), s[i], sigma_down)
-        if s[i + 1] > 0 and noise is not None and sigma_up > 0:
+        x = denoised if sigma_down == 0 else step(model, x, denoised, s[i], sigma_down, i, extra)
+        if noise is not None and sigma_up > 0:
             x = x + noise(s[i], s[i + 1]) * sigma_up
         x = after_step(x, i, s, denoised, callback)
     return x
 
 
+def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+                           callback: Callback | None = None, noise: NoiseSampler | None = None,
+                           eta: float = 1.0) -> torch.Tensor:
+    """DPM2 a: a DPM-Solver-2 step down to σ_down, then fresh noise of size σ_up (k-diffusion's DPM2 ancestral)."""
+    return _ancestral_second_order("dpm2-a", _dpm2_step, model, x, sigmas, extra_args, callback, noise, eta)
+
+
+def _dpmpp_2s_step(model: Model, x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_to: float, i: int,
+                   extra: dict) -> torch.Tensor:
+    """DPM-Solver++(2S) from σ to ``sigma_to`` (2211.01095, Alg. 1, r = 1/2): x̂₀ re-evaluated after a first-order
+    step to the midpoint in log σ, sqrt(σ·σ_to), then the full first-order step with it."""
+    sigma_mid = math.sqrt(sigma * sigma_to)
+    x_mid = _toward(x, denoised, sigma, sigma_mid)
+    return _toward(x, model(x_mid, sigma_batch(x, sigma_mid), step=i, **extra), sigma, sigma_to)
+
+
+def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+                              callback: Callback | None = None, noise: NoiseSampler | None = None,
+                              eta: float = 1.0) -> torch.Tensor:
+    """DPM++ 2S a: a DPM-Solver++(2S) step down to σ_down, then fresh noise of size σ_up (k-diffusion's)."""
+    return _ancestral_second_order("dpm++2s-a", _dpmpp_2s_step, model, x, sigmas, extra_args, callback, noise, eta)
+
+
 def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                      callback: Callback | None = None, noise: NoiseSampler | None = None,
                      eta: float = 1.0) -> torch.Tensor:
-    """DPM++ SDE: the stochastic DPM-Solver++ with one intermediate point (2211.01095; k-diffusion's
-    ``sample_dpmpp_sde``, r = 1/2): an ancestral step to the midpoint σ_m = sqrt(σ·σ') (its own noise), x̂₀ there,
-    then an ancestral step from x to σ' with that x̂₀. Both noises come from one Brownian path (increments over
-    [σ_m, σ] and [σ', σ]), so ``noise`` is meant to be a Brownian tree."""
+    """DPM++ SDE: stochastic DPM-Solver++ with one intermediate point, Brownian-tree noise (2211.01095).
+
+    As k-diffusion's ``sample_dpmpp_sde`` with r = 1/2: an ancestral step to the midpoint σ_m = sqrt(σ·σ') (its own
+    noise), x̂₀ there, then an ancestral step from x to σ' with that x̂₀. Both noises come from one Brownian path
+    (increments over [σ_m, σ] and [σ', σ]), so ``noise`` is meant to be a Brownian tree."""
     s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm++sde", eta, noise)
     for i in range(len(s) - 1):
         denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
