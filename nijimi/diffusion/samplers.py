@@ -67,10 +67,12 @@ def check_sigmas(sigmas: torch.Tensor) -> list[float]:
 
 
 def sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """σ as the model's (B,) argument for latents like ``x``."""
     return x.new_full((x.shape[0],), sigma)
 
 
 def needs_noise(noise: NoiseSampler | None, name: str) -> NoiseSampler:
+    """``noise``, which the sampler ``name`` cannot do without."""
     if noise is None:
         raise SamplerError(f"sampler {name!r} draws noise: pass noise=… (see nijimi.diffusion.noise)")
     return noise
@@ -84,7 +86,8 @@ def eta_noise(name: str, eta: float, noise: NoiseSampler | None) -> NoiseSampler
 
 
 def after_step(x: torch.Tensor, i: int, s: list[float], denoised: torch.Tensor,
-                callback: Callback | None) -> torch.Tensor:
+               callback: Callback | None) -> torch.Tensor:
+    """Report step ``i`` to ``callback``; the latent to go on from (the callback's, when it returns one)."""
     if callback is None:
         return x
     replaced = callback(StepInfo(i, len(s) - 1, s[i], s[i + 1], x, denoised))

@@ -136,3 +136,17 @@ def test_empty_negative_prompt_equals_diffusers(sd_nijimi, sd_diffusers):
     _, theirs_negative = sd_diffusers.encode_prompt(PROMPT, "cpu", 1, True, None)
     conds = sd_nijimi.conditioner.step_conditioning(PROMPT, "", 20, None, guided=True)
     assert (conds.uncond.at_step(0) - theirs_negative[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a", "LMS", "DPM++ 3M SDE"])
+def test_new_samplers_run_in_the_pipeline_and_repeat_with_the_seed(sd_nijimi, sampler):
+    """The k-diffusion samplers with their A1111 defaults (schedule, Brownian noise, discarded next-to-last σ) make
+    the same image again from the same seed, and another from another seed."""
+    def run(seed):
+        return sd_nijimi.generate(PROMPT, steps=4, sampler=sampler, schedule="automatic", guidance=3.0, seed=seed,
+                                  width=64, height=64)
+
+    first, again, other = run(3), run(3), run(4)
+    assert first.request.sampler.display == sampler and first.request.schedule != "automatic"
+    assert torch.equal(first.latents, again.latents) and np.isfinite(first.pixels).all()
+    assert (first.latents - other.latents).abs().max() > 1e-2
