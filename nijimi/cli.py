@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from nijimi import __version__
+from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS
 from nijimi.diffusion.explain import explain_schedules
-from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
+from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
 from nijimi.io.imagemeta import read_image_metadata
@@ -131,7 +132,8 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
              r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
              "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
     prompt, loras = lora_infotext(r)
-    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
+                                 cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra={**extra, **loras})
     return format_parameters(prompt, r.negative_prompt, fields)
@@ -262,9 +264,10 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
-    for name, fn in SAMPLERS.items():
-        print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    print(f"σ spacings (suffix): {', '.join(SPACINGS)}")
+    for name, spec in SAMPLER_SPECS.items():
+        print(f"{name:12s} {spec.display!r:15s} automatic={spec.automatic:12s} "
+              f"{(spec.fn.__doc__ or '').strip().splitlines()[0]}")
+    print("schedules (--schedule): " + ", ".join(f"{name} ({label!r})" for name, label in SCHEDULE_LABELS.items()))
     return 0
 
 

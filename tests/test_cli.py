@@ -142,19 +142,22 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     meta = read_png_metadata(out)
     assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
     settings = meta["settings"]
-    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
+    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M" and settings["CFG scale"] == 4.5
+    assert settings["Schedule type"] == "Karras"
     assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
     recipe = meta["recipe"]
     assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
     request = recipe["request"]
-    assert (request["sampler"], request["seed"], request["batch"], request["guidance"]) == ("dpm++2m-karras", 7, 1, 4.5)
+    assert (request["sampler"], request["schedule"], request["seed"]) == ("dpm++2m", "karras", 7)
+    assert (request["batch"], request["guidance"]) == (1, 4.5)
     assert recipe["schedule"]["timestep_spacing"] == "leading" and recipe["versions"]["torch"] == torch.__version__
     code, text, err = run(capsys, "info", out)
     assert code == 0 and err == ""
     lines = text.splitlines()
     assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
-    assert "Sampler: DPM++ 2M Karras" in lines and "Seed: 7" in lines and "nijimi recipe:" in lines
+    assert "Sampler: DPM++ 2M" in lines and "Schedule type: Karras" in lines
+    assert "Seed: 7" in lines and "nijimi recipe:" in lines
 
 
 def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):

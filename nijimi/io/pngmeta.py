@@ -4,7 +4,7 @@
 
     a cat, (masterpiece:1.2)
     Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: sd15
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model: sd15
 
 Values holding ``,``, ``:`` or a newline are written as JSON strings, as A1111 quotes them. Reading follows A1111's
 ``parse_generation_parameters``: the last line is the settings line only if it holds at least three ``Key: value``
@@ -89,14 +89,18 @@ def generation_settings(
     model_hash: str | None = None,
     model: str | None = None,
     extra: Mapping[str, object] | None = None,
+    schedule: str | None = None,
 ) -> dict[str, object]:
-    """The settings line in A1111's order: Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, then ``extra``.
+    """The settings line in A1111's order: Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model,
+    then ``extra``.
 
-    ``sampler`` is A1111's name ("DPM++ 2M Karras", "Euler a"); ``extra`` adds e.g. ``{"Clip skip": 2}``.
+    ``sampler`` is A1111's name ("DPM++ 2M", "Euler a"), ``schedule`` A1111's label of the schedule ("Karras";
+    None: left out, as before A1111 1.9); ``extra`` adds e.g. ``{"Clip skip": 2}``.
     """
     settings: dict[str, object] = {
         "Steps": steps,
         "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": cfg_scale,
         "Seed": seed,
         "Size": (width, height),

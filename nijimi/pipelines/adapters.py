@@ -35,7 +35,7 @@ from nijimi.adapters.modules import AdaptedLayer
 from nijimi.adapters.tags import parse_lora_option, parse_lora_tags, resolve_lora
 from nijimi.adapters.tools import extract_lora, resize_lora
 from nijimi.adapters.weights import Adapter
-from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
+from nijimi.diffusion.choice import SamplerChoice, parse_sampler
 from nijimi.embedded import ADAPTERS, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nijimi.diffusion.choice import SamplerChoice
 from nijimi.diffusion.noise import Seeds, initial_noise, starting_noise
-from nijimi.diffusion.samplers import Callback, SamplerChoice, StepInfo
+from nijimi.diffusion.samplers import Callback, StepInfo
 from nijimi.errors import ImageError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.vae import DiagonalGaussian

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from nijimi.adapters.tags import parse_lora_tags
-from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
+from nijimi.diffusion.choice import SamplerChoice, parse_sampler, split_sampler_name
 from nijimi.embedded import ADAPTERS, EMBEDDED, embedded_path
 from nijimi.errors import ConfigError, SamplerError
 from nijimi.io.find import Folders, find_file, hash_matches
@@ -118,19 +118,18 @@ def _sampler(values: dict[str, Any], warnings: list[str]) -> SamplerChoice | Non
     if not name:
         return None
     try:
-        base = parse_sampler(name)
+        base, carried = split_sampler_name(name)
     except SamplerError:
         warnings.append(f"Sampler {name!r} is not one nijimi has; the model's default sampler is used")
         return None
-    if base.spacing != "model":
-        return base  # a combined name ("DPM++ 2M Karras") names its schedule itself
+    if carried:
+        return SamplerChoice(base, carried)  # a combined name ("DPM++ 2M Karras") names its schedule itself
     schedule = a1111_schedule(name, values.get("Schedule type"), values.get("Version"))
     try:
-        return parse_sampler(f"{name} {schedule}")
+        return parse_sampler(base, schedule)
     except SamplerError:
-        warnings.append(f"Schedule type {schedule!r} is not one nijimi has; {name} runs on the model's own "
-                        f"timestep spacing")
-        return base
+        warnings.append(f"Schedule type {schedule!r} is not one nijimi has; {name} runs on its automatic schedule")
+        return parse_sampler(base)
 
 
 def _eta(values: dict[str, Any], sampler: SamplerChoice | None, fields: dict, warnings: list[str]) -> None:

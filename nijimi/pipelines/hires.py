@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nijimi.diffusion.choice import default_sampler
 from nijimi.diffusion.noise import starting_noise
-from nijimi.diffusion.samplers import StepInfo, default_sampler
+from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import ConfigError
 from nijimi.pipelines import edit
 from nijimi.pipelines.images import to_tensor
@@ -151,7 +152,7 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: Callable[[Ste
     size = hires_size(width, height, request.hires_scale, request.hires_size, f)
     rows = request.batch * (1 + (request.guidance != 1.0))
     request = request.replace(
-        sampler=request.sampler or default_sampler(cfg.schedule), width=width, height=height,
+        sampler=request.sampler or default_sampler(cfg.schedule, request.schedule), width=width, height=height,
         vae_tile=choose_vae_tile(request.vae_tile, cfg.vae, size.width, size.height, request.batch) or 0,
         attention_slice=choose_attention_slice(request.attention_slice, cfg.unet, (size.height // f, size.width // f),
                                                rows) or 0)

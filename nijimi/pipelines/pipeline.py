@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from nijimi.diffusion.choice import default_sampler
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
 from nijimi.diffusion.noise import starting_noise
-from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
+from nijimi.diffusion.samplers import Callback, StepInfo
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
@@ -201,7 +202,7 @@ class Pipeline:
         if not request.prompt and request.guidance != 1.0 and not request.negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --guidance 1 for unconditional samples)")
         cfg = self.model.config
-        sampler = request.sampler or default_sampler(cfg.schedule)
+        sampler = request.sampler or default_sampler(cfg.schedule, request.schedule)
         sigmas = sampler.sigmas(cfg.schedule, request.steps)
         source = edit.load_sources(request.init_image, request.mask)
         width, height = self._size(request, source)
@@ -211,8 +212,8 @@ class Pipeline:
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
         rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
-        request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
-                                  attention_slice=attention_slice or 0)
+        request = request.replace(sampler=sampler, schedule=sampler.schedule, width=width, height=height,
+                                  vae_tile=vae_tile or 0, attention_slice=attention_slice or 0)
         if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
             start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
                                * sampler.start_scale(float(sigmas[0]), cfg.schedule))
@@ -255,7 +256,8 @@ class Pipeline:
             net = with_deepcache(net, shallow, request.deepcache, start.index)
         guided = GuidedNetwork(_in_dtype(net, self.dtype), request.guidance * conds.guidance_weight,
                                request.guidance_rescale)
-        denoiser = Denoiser(guided, self.model.config.schedule, quantize=request.sampler.quantize)
+        schedule = self.model.config.schedule
+        denoiser = Denoiser(guided, schedule, timesteps=request.sampler.timestep_table(schedule, request.steps))
         if request.guidance_interval is not None:
             denoiser = with_guidance_interval(denoiser, *request.guidance_interval)
         return conds.per_step(denoiser, start.index, request.batch)

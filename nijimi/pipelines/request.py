@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from nijimi.adapters.tags import parse_lora_option
+from nijimi.diffusion.choice import SamplerChoice, parse_sampler, parse_schedule, split_sampler_name
 from nijimi.diffusion.noise import Seeds
-from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
 from nijimi.errors import ConfigError, ImageError, SamplerError
 from nijimi.pipelines.adapters import LoraRequest, resolve_request
 from nijimi.pipelines.control import ControlUnit, controlnet_source
@@ -91,7 +91,8 @@ Control = ControlSpec | ControlUnit
 class GenerationRequest:
     """What to generate. ``seed`` None draws a random seed once, here; image i of a batch uses ``seed + i``.
     ``width``/``height`` None: the init image's size, else the model's native size. ``sampler`` None: the model's
-    default (:func:`~nijimi.diffusion.samplers.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
+    default (:func:`~nijimi.diffusion.choice.default_sampler`); a name is parsed, with ``schedule``, into a
+    :class:`SamplerChoice` (``schedule`` then holds the resolved schedule; "automatic": the sampler's A1111 default).
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
     names its files from anywhere. ``variation_seed`` None draws a random one when ``variation_strength`` > 0;
@@ -104,8 +105,12 @@ class GenerationRequest:
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
     steps: int = knob(20, Cli(("--steps",), "denoising steps", int))
     sampler: SamplerChoice | str | None = knob(None, Cli(
-        ("--sampler",), "sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or dpm++2m on the "
-        "model's own timesteps for a zero-terminal-SNR model)"))
+        ("--sampler",), "sampler name, nijimi's, A1111's or ComfyUI's (`nijimi samplers` lists them; default dpm++2m "
+        "with the Karras schedule, or on the model's own timesteps for a zero-terminal-SNR model)"))
+    schedule: str = knob("automatic", Cli(
+        ("--schedule",), "σ schedule: automatic (the sampler's A1111 default), uniform (the model's own timesteps), "
+        "karras, exponential, polyexponential, sgm_uniform, simple, normal, ddim_uniform, beta, kl_optimal, "
+        "align_your_steps, trailing, lcm (A1111 labels such as 'SGM Uniform' too)"))
     eta: float | None = knob(None, Cli(("--eta",), "noise amount η of ddim (default 0), euler-a and dpm++2m-sde "
                                        "(default 1); tcd's γ (default 0.3)", float))
     guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
@@ -202,12 +207,18 @@ class GenerationRequest:
         _integer("deepcache", self.deepcache, 0, 1000)
         set_("guidance_interval", _interval(self.guidance_interval))
         _number("eta", self.eta, 0.0, 1.0, optional=True)
+        set_("schedule", parse_schedule(self.schedule))
         if isinstance(self.sampler, str):
-            set_("sampler", parse_sampler(self.sampler))
+            set_("sampler", parse_sampler(self.sampler, self.schedule))
         elif self.sampler is not None and not isinstance(self.sampler, SamplerChoice):
             raise ConfigError(f"sampler {self.sampler!r} must be a sampler name")
+        elif self.sampler is not None and self.schedule not in ("automatic", self.sampler.schedule):
+            set_("sampler", parse_sampler(self.sampler.base, self.schedule))
+        if self.sampler is not None:
+            set_("schedule", self.sampler.schedule)
         if self.eta is not None and self.sampler is not None and not self.sampler.takes_eta:
-            raise ConfigError(f"eta applies to ddim, euler-a, dpm++2m-sde and tcd, not {self.sampler.name}")
+            raise ConfigError(f"eta applies to ddim, euler-a, tcd and the ancestral and SDE samplers, "
+                              f"not {self.sampler.name}")
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         _integer("seed", seed, 0, SEED_LIMIT - self.batch)
         set_("seed", seed)
@@ -274,6 +285,9 @@ class GenerationRequest:
             raise ConfigError(f"{source}: not a generation request (unknown keys {unknown})")
         try:
             values = {k: _decode(k, v) for k, v in data.items()}
+            if isinstance(values.get("sampler"), str) and "schedule" not in values \
+                    and split_sampler_name(values["sampler"])[1] is None:
+                values["schedule"] = "uniform"  # recipes before schedules: a bare name meant the model's timesteps
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: bad generation request ({exc})") from None

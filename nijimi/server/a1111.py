@@ -27,8 +27,8 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from nijimi import __version__
-from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, SamplerChoice, parse_sampler
-from nijimi.errors import ConfigError, ImageError, SamplerError
+from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS, SamplerChoice, parse_sampler, parse_schedule
+from nijimi.errors import ConfigError, ImageError
 from nijimi.io.pngmeta import parse_parameters
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.server.errors import ApiError
@@ -148,7 +148,7 @@ JOB_FIELDS = ("sampler_name", "sampler_index", "scheduler", "seed_resize_from_w"
 """Fields read by :func:`parse_call` besides :data:`FIELDS`."""
 
 IGNORED = {"restore_faces": False, "tiling": False, "styles": [], "alwayson_scripts": {}, "script_name": "",
-           "script_args": [], "enable_hr": False, "s_churn": 0, "s_tmin": 0, "s_noise": 1, "mask_blur": 4,
+           "script_args": [], "s_churn": 0, "s_tmin": 0, "s_noise": 1, "mask_blur": 4,
            "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 1, "inpaint_full_res": False,
            "inpaint_full_res_padding": 0, "resize_mode": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1,
            "refiner_checkpoint": "", "refiner_switch_at": 0, "latent_mask": "", "disable_extra_networks": False,
@@ -158,12 +158,10 @@ thresholded, not blurred: ``mask_blur`` 4 is A1111's default and changes little;
 init image, A1111's ``inpainting_fill`` 1; images are resized to ``width``×``height``, ``resize_mode`` 0). Another
 value is ignored with a warning."""
 
-SILENT = re.compile(r"(hr_|firstphase_|s_tmax$|sampler_index$|denoising_strength$|do_not_save_)")
-"""Fields accepted quietly: those that only matter with a feature named when asked for (``enable_hr``), and A1111's
-own saving switches (here ``save_images`` decides)."""
+SILENT = re.compile(r"(enable_hr$|hr_|firstphase_|s_tmax$|sampler_index$|denoising_strength$|do_not_save_)")
+"""Fields accepted quietly: the hires fix's (read when ``enable_hr`` is true), and A1111's own saving switches (here
+``save_images`` decides)."""
 
-SCHEDULERS = {"automatic": "model", **{name: name for name in SPACINGS}}
-"""A1111 scheduler name → σ spacing of :class:`SamplerChoice` ("automatic": the model's own timesteps)."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +199,8 @@ def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | 
         warnings.append(f"init_images: only the first of {len(body['init_images'])} is used")
     if body.get("inpainting_mask_invert") and values.get("mask") is not None:
         values["mask"] = ImageOps.invert(values["mask"].convert("L"))
+    if mode == TXT2IMG and _boolean("enable_hr", body.get("enable_hr", False)):
+        values.update(_hires(body, limits))
     sampler = _sampler(body)
     resize = [_integer(k, body.get(k) or -1) for k in ("seed_resize_from_w", "seed_resize_from_h")]
     overrides = {} if body.get("override_settings") is None else body["override_settings"]
@@ -225,22 +225,31 @@ def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | 
 
 
 def _sampler(body: Mapping[str, Any]) -> SamplerChoice | None:
-    """``sampler_name`` (or ``sampler_index``) and ``scheduler`` as one choice; None: the model's default."""
+    """``sampler_name`` (or the old ``sampler_index``) and ``scheduler`` as one choice (A1111's names and labels);
+    None: the model's default sampler on its automatic schedule."""
     name = body.get("sampler_name") or body.get("sampler_index")
     scheduler = body.get("scheduler") or "automatic"
     if name is not None and not isinstance(name, str) or not isinstance(scheduler, str):
         raise ConfigError("sampler_name and scheduler must be strings")
-    spacing = SCHEDULERS.get(scheduler.strip().lower())
-    if spacing is None:
-        raise SamplerError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
     if name is None:
-        return None if spacing == "model" else SamplerChoice("dpm++2m", spacing)  # A1111's default sampler
-    choice = parse_sampler(name)
-    if spacing == "model" or choice.spacing == spacing:
-        return choice
-    if choice.spacing != "model":
-        raise SamplerError(f"sampler_name {name!r} and scheduler {scheduler!r} name different σ spacings")
-    return SamplerChoice(choice.base, spacing)
+        return None if parse_schedule(scheduler) == "automatic" else parse_sampler("DPM++ 2M", scheduler)
+    return parse_sampler(name, scheduler)
+
+
+def _hires(body: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """``enable_hr``'s fields as the hires request fields, with A1111's defaults (scale 2, the Latent upscaler, the
+    first pass's steps and sampler); ``hr_resize_x``/``_y`` win over ``hr_scale`` as in A1111."""
+    get = lambda key, default: default if body.get(key) is None else body[key]  # noqa: E731
+    width, height = (_integer(key, get(key, 0)) for key in ("hr_resize_x", "hr_resize_y"))
+    sampler = get("hr_sampler_name", "Use same sampler")
+    return {"hires_scale": _number("hr_scale", get("hr_scale", 2.0), limits),
+            "hires_size": (width, height) if width or height else None,
+            "hires_steps": _integer("hr_second_pass_steps", get("hr_second_pass_steps", 0)),
+            "hires_upscaler": _text("hr_upscaler", get("hr_upscaler", "Latent"), limits),
+            "hires_denoise": _number("denoising_strength", get("denoising_strength", 0.7), limits),
+            "hires_sampler": None if sampler == "Use same sampler" else _text("hr_sampler_name", sampler, limits),
+            "hires_prompt": _text("hr_prompt", get("hr_prompt", ""), limits),
+            "hires_negative_prompt": _text("hr_negative_prompt", get("hr_negative_prompt", ""), limits)}
 
 
 def _ignored(body: Mapping[str, Any]) -> list[str]:
@@ -316,7 +325,8 @@ def info(call: Call, outcome: Outcome) -> dict:
             "sampler_name": ran[0].sampler.display if ran[0].sampler else None, "cfg_scale": r.guidance,
             "steps": r.steps, "batch_size": r.batch, "restore_faces": False, "sd_model_name": outcome.model,
             "sd_model_hash": outcome.model_hash, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
-            "denoising_strength": r.strength if r.init_image is not None else None, "extra_generation_params": {},
+            "denoising_strength": r.strength if r.init_image is not None else None,
+            "extra_generation_params": {"Schedule type": ran[0].sampler.schedule_label} if ran[0].sampler else {},
             "index_of_first_image": 0, "infotexts": outcome.infotexts, "styles": [],
             "job_timestamp": outcome.timestamp, "clip_skip": r.clip_skip or 1, "version": f"nijimi {__version__}",
             "interrupted": outcome.interrupted, "files": outcome.files}
@@ -346,14 +356,16 @@ def png_info(body: Any, limits: Limits) -> dict:
 
 
 def samplers() -> list[dict]:
-    """``/sdapi/v1/samplers``: A1111's display names; a σ spacing is a scheduler (:func:`schedulers`)."""
-    return [{"name": SamplerChoice(base).display, "aliases": [base], "options": {}} for base in SAMPLERS]
+    """``/sdapi/v1/samplers``: A1111's display names, nijimi's names as aliases; ``scheduler`` is the automatic
+    schedule (:func:`schedulers`)."""
+    return [{"name": spec.display, "aliases": [name, *spec.aliases], "options": {"scheduler": spec.automatic}}
+            for name, spec in SAMPLER_SPECS.items()]
 
 
 def schedulers() -> list[dict]:
-    """``/sdapi/v1/schedulers``: "automatic" (the model's own timesteps) and nijimi's σ spacings."""
-    return [{"name": name, "label": name.capitalize(), "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
-             "need_inner_model": False} for name in SCHEDULERS]
+    """``/sdapi/v1/schedulers``: each schedule by name and A1111 label."""
+    return [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
+             "need_inner_model": False} for name, label in SCHEDULE_LABELS.items()]
 
 
 def required_text(body: Any, key: str) -> str:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from nijimi.adapters.fewstep import FewStep, few_step_adapter
 from nijimi.cli import main
-from nijimi.diffusion.samplers import parse_sampler
+from nijimi.diffusion.choice import parse_sampler
 from nijimi.embedded import ADAPTERS
 from nijimi.io.pngmeta import read_png_metadata
 from nijimi.pipelines.adapters import LoraRequest, few_step_notes

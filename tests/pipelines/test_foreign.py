@@ -10,7 +10,7 @@ import torch
 from foreign_images import comfyui_graph
 from safetensors.torch import save_file
 
-from nijimi.diffusion.samplers import SamplerChoice
+from nijimi.diffusion.choice import SamplerChoice
 from nijimi.embedded import ADAPTERS, WEIGHTS
 from nijimi.errors import ConfigError, ImageError, NijimiError
 from nijimi.io.find import Folders
@@ -70,9 +70,8 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
     )
     imported = to_request(from_infotext(parse_parameters(text)), folders)
     r = imported.request
-    assert (r.sampler, r.eta, r.steps, r.loras) == (SamplerChoice("euler-a"), 0.5, 5, ())
+    assert (r.sampler, r.eta, r.steps, r.loras) == (SamplerChoice("euler-a", "uniform"), 0.5, 5, ())
     assert imported.warnings == (
-        "Schedule type 'Uniform' is not one nijimi has; Euler a runs on the model's own timestep spacing",
         "Denoising strength 0.4: the image was made from another image (img2img), which its metadata does not hold; "
         "generating from noise",
         "RNG GPU: A1111 drew the noise on the GPU; nijimi draws it on the CPU (as A1111 with RNG: CPU), so the "

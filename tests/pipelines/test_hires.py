@@ -140,7 +140,8 @@ def test_the_cli_writes_a1111s_fields_reads_them_back_and_reproduces(capsys, sd_
     meta = read_png_metadata(out)
     assert meta["parameters"].endswith(
         "Size: 64x64, Model: model, Denoising strength: 0.6, Hires sampler: Euler a, "
-        'Hires prompt: "a lighthouse, sharp", Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic)')
+        'Hires prompt: "a lighthouse, sharp", Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic), '
+            "RNG: CPU")
     with Image.open(out) as image:
         assert image.size == (96, 96)
     request = GenerationRequest.from_dict(meta["recipe"]["request"])

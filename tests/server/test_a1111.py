@@ -36,19 +36,33 @@ def test_absent_and_null_fields_take_the_request_defaults():
                                                                                            None)
 
 
-@pytest.mark.parametrize("sampler, scheduler, name", [
-    ("DPM++ 2M", "karras", "dpm++2m-karras"), ("DPM++ 2M Karras", None, "dpm++2m-karras"),
-    ("DPM++ 2M Karras", "karras", "dpm++2m-karras"), ("Euler", "automatic", "euler"), (None, "exponential",
-                                                                                       "dpm++2m-exponential"),
-    ("DDIM", "Trailing", "ddim-trailing"),
+@pytest.mark.parametrize("sampler, scheduler, choice", [
+    ("DPM++ 2M", "karras", ("dpm++2m", "karras")), ("DPM++ 2M Karras", None, ("dpm++2m", "karras")),
+    ("DPM++ 2M Karras", "karras", ("dpm++2m", "karras")), ("Euler", "automatic", ("euler", "uniform")),
+    (None, "exponential", ("dpm++2m", "exponential")), ("DDIM", "Trailing", ("ddim", "trailing")),
+    ("DPM++ SDE", "Align Your Steps", ("dpm++sde", "align_your_steps")), ("LMS", None, ("lms", "uniform")),
 ])
-def test_sampler_and_scheduler_combine(sampler, scheduler, name):
+def test_sampler_and_scheduler_combine(sampler, scheduler, choice):
     body = {"prompt": "x", "sampler_name": sampler, "scheduler": scheduler}
-    assert parse_call(body, TXT2IMG, Limits()).request.sampler.name == name
+    chosen = parse_call(body, TXT2IMG, Limits()).request.sampler
+    assert (chosen.base, chosen.schedule) == choice
+
+
+def test_hires_fields_when_enabled():
+    body = {"prompt": "x", "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (nearest)",
+            "hr_second_pass_steps": 3, "denoising_strength": 0.4, "hr_sampler_name": "Euler", "hr_prompt": "y"}
+    r = parse_call(body, TXT2IMG, Limits()).request
+    assert (r.hires_scale, r.hires_size, r.hires_steps, r.hires_upscaler, r.hires_denoise, r.hires_sampler.base,
+            r.hires_prompt) == (1.5, None, 3, "Latent (nearest)", 0.4, "euler", "y")
+    r = parse_call({**body, "hr_resize_x": 96, "hr_sampler_name": "Use same sampler"}, TXT2IMG, Limits()).request
+    assert (r.hires_size, r.hires_sampler) == ((96, 0), None)
+    assert parse_call({**body, "enable_hr": False}, TXT2IMG, Limits()).request.hires_scale is None
+    with pytest.raises(ConfigError, match="hr_scale must be a number"):
+        parse_call({**body, "hr_scale": "2"}, TXT2IMG, Limits())
 
 
 def test_conflicting_sampler_and_scheduler_are_refused():
-    with pytest.raises(SamplerError, match="name different σ spacings"):
+    with pytest.raises(SamplerError, match="names the schedule 'karras', but the schedule is 'exponential'"):
         parse_call({"prompt": "x", "sampler_name": "Euler Karras", "scheduler": "exponential"}, TXT2IMG, Limits())
 
 
@@ -56,9 +70,9 @@ def test_ignored_fields_warn_only_when_they_would_matter():
     quiet = {"prompt": "x", "restore_faces": False, "tiling": False, "mask_blur": 4, "styles": [], "script_args": [],
              "alwayson_scripts": {}, "hr_scale": 2, "denoising_strength": 0.7, "s_tmax": None, "do_not_save_grid": True}
     assert parse_call(quiet, TXT2IMG, Limits()).warnings == ()
-    call = parse_call({"prompt": "x", "enable_hr": True, "init_images": ["x"], "styles": ["a"]}, TXT2IMG, Limits())
+    call = parse_call({"prompt": "x", "tiling": True, "init_images": ["x"], "styles": ["a"]}, TXT2IMG, Limits())
     assert call.warnings == ("init_images applies to img2img only; ignored",
-                             "enable_hr is not supported by nijimi; ignored",
+                             "tiling is not supported by nijimi; ignored",
                              "styles is not supported by nijimi; ignored")
 
 

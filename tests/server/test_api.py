@@ -32,10 +32,11 @@ def test_txt2img_matches_the_pipeline_and_answers_as_a1111(served):
     assert status == 200 and answer["warnings"] == []
     assert answer["parameters"] == body
     info = json.loads(answer["info"])
-    assert info["all_seeds"] == [11, 12, 13, 14] and info["seed"] == 11 and info["sampler_name"] == "Euler a Karras"
+    assert info["all_seeds"] == [11, 12, 13, 14] and info["seed"] == 11 and info["sampler_name"] == "Euler a"
+    assert info["extra_generation_params"] == {"Schedule type": "Karras"}
     assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (32, 32, 3, 5)
     assert info["sd_model_name"] == "embedded" and info["sd_model_hash"] == served.pipe.model_hash
-    fields = {"prompt": body["prompt"], "negative_prompt": "blue", "guidance": 5, "sampler": "euler-a-karras",
+    fields = {"prompt": body["prompt"], "negative_prompt": "blue", "guidance": 5, "sampler": "euler-a", "schedule": "karras",
               "batch": 2, **SMALL}
     expected = direct(served, seed=11, **fields) + direct(served, seed=13, **fields)  # n_iter: seed + k × batch
     for b64, want, text in zip(answer["images"], expected, info["infotexts"], strict=True):
@@ -213,9 +214,10 @@ def test_models_options_and_switching(served):
 
 def test_samplers_schedulers_loras_and_png_info(served):
     samplers = served.call("/sdapi/v1/samplers")[1]
-    assert {"name": "DPM++ 2M", "aliases": ["dpm++2m"], "options": {}} in samplers and len(samplers) == 10
+    assert {"name": "DPM++ 2M", "aliases": ["dpm++2m"], "options": {"scheduler": "karras"}} in samplers
+    assert len(samplers) == 16
     names = [s["name"] for s in served.call("/sdapi/v1/schedulers")[1]]
-    assert names == ["automatic", "karras", "exponential", "trailing"]
+    assert names[:4] == ["automatic", "uniform", "karras", "exponential"] and "align_your_steps" in names
     loras = served.call("/sdapi/v1/loras")[1]
     assert [(lora["name"], lora["path"]) for lora in loras] == [
         ("pink", str((served.root / "loras" / "pink.safetensors").resolve()))]

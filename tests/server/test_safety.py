@@ -56,7 +56,7 @@ def test_malformed_json_and_bodies_that_are_no_object(served):
     ("width", 12, "width 12 must be a positive multiple of 8 pixels"),
     ("steps", 5000, "steps 5000 must be an integer from 1 to 1000"),
     ("sampler_name", "Euler z", "unknown sampler 'Euler z'"),
-    ("scheduler", "beta", "unknown scheduler 'beta'; known: automatic, karras, exponential, trailing"),
+    ("scheduler", "gamma", "unknown schedule 'gamma'; known: automatic, uniform, karras"),
     ("batch_size", 300, "batch_size 300 × n_iter 1 must be from 1 to 256 images"),
     ("height", 1 << 19, "64x524288 is more than the 16777216 pixels"),
 ])
