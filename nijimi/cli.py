@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from nijimi import __version__
-from nijimi.diffusion.explain import explain_schedules
+from nijimi.diffusion.explain import EXPLAIN_FILES, explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.files import check_output
 from nijimi.io.pngmeta import (
     format_info,
     format_parameters,
@@ -57,14 +58,17 @@ GRID_PROMPTS = (
 )
 
 
-def run_demo(out: str | Path, seed: int = 0) -> list[Path]:
-    """Write ``demo.png`` (with its generation metadata) and ``grid.png`` to ``out``; returns both paths."""
-    out = Path(out)
+def run_demo(out: str | Path, seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """Write ``demo.png`` (with its generation metadata) and ``grid.png`` to ``out``; returns both paths. Existing
+    files of those names are refused before any work unless ``overwrite``."""
+    out = check_output(out, folder=True)
+    grid = check_output(out / "grid.png", overwrite)
+    check_output(out / "demo.png", overwrite)
     pipe = load()
-    first = run_generation(pipe, GenerationRequest(DEMO_PROMPT, seed=seed), str(out / "demo.png"), overwrite=True,
+    first = run_generation(pipe, GenerationRequest(DEMO_PROMPT, seed=seed), str(out / "demo.png"), overwrite=overwrite,
                            quiet=True)
     images = [pipe.generate(p, seed=seed + i, steps=20).images[0] for i, p in enumerate(GRID_PROMPTS)]
-    return [*first, write_grid(images, out / "grid.png", cols=4)]
+    return [*first, write_grid(images, grid, cols=4, overwrite=overwrite)]
 
 
 def _next_number(folder: Path) -> int:
@@ -81,12 +85,9 @@ def output_paths(out: str | None, request: GenerationRequest, overwrite: bool) -
     if target.suffix.lower() == ".png":
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     else:
-        first = _next_number(target)
+        first = _next_number(check_output(target, folder=True))
         paths = [target / f"{first + i:05d}-{request.seed + i}.png" for i in range(count)]
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} exists; use --overwrite to replace it")
-    return paths
+    return [check_output(p, overwrite) for p in paths]
 
 
 def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, parameters: str,
@@ -135,6 +136,8 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
     a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
     picture of x̂₀ (the tiny decoder's when the request decodes with one). Returns the paths written."""
     paths = output_paths(out, request, overwrite)
+    if preview is not None:
+        check_output(preview, overwrite)
     bars: list[ProgressBar] = []
 
     def callback(info: StepInfo) -> None:
@@ -242,18 +245,21 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    for name in EXPLAIN_FILES:
+        check_output(check_output(args.out, folder=True) / name, args.overwrite)
     for path in explain_schedules(args.out, image=args.image):
         print(path)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    for path in run_demo(args.out):
+    for path in run_demo(args.out, overwrite=args.overwrite):
         print(path)
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    check_output(Path(args.dst).parent, folder=True)
     report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.model_config,
                      overwrite=args.overwrite)
     print(report.summary())
@@ -318,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = what.add_parser("schedules", help="ᾱ_t, log-SNR and a noising strip for linear, scaled_linear and cosine")
     q.add_argument("--image", help="image to noise (default: a generated test pattern)")
     q.add_argument("--out", required=True, help="output folder for the PNGs")
+    q.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
     q.set_defaults(func=_cmd_explain)
 
     _add_generation_parsers(sub)
@@ -329,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo.png and grid.png")
     p.set_defaults(func=_cmd_demo)
     return parser
 
