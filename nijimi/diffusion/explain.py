@@ -106,10 +106,10 @@ EXPLAIN_FILES = ("alpha_bar.png", "log_snr.png", "noising.png")
 def explain_schedules(out_dir: str | Path, image: str | Path | None = None) -> list[Path]:
     """Write ``alpha_bar.png`` (ᾱ_t), ``log_snr.png`` and ``noising.png`` (the image at 10 timesteps under each
     schedule) into ``out_dir``; returns their paths. Without ``image`` a generated test pattern is used."""
+    picture = generated_pattern() if image is None else load_image(image)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     schedules = explained_schedules()
-    picture = generated_pattern() if image is None else load_image(image)
     return [
         _curve_plot(out / EXPLAIN_FILES[0], "ᾱ_t: how much signal is left", "ᾱ_t",
                     {name: s.alphas_cumprod for name, s in schedules.items()}),

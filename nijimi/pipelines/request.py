@@ -272,7 +272,8 @@ def _image(name: str, value: ImageSource | None) -> Image.Image | str | None:
     if isinstance(value, Image.Image):
         return value
     if value is not None and not isinstance(value, str | os.PathLike):
-        raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
+        raise ConfigError(f"{name.replace('_', ' ')} {value!r:.100} must be a file path or a PIL image, not "
+                          f"{type(value).__name__}")
     return _path(name, value)
 
 

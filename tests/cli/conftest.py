@@ -19,7 +19,8 @@ from nijimi.io.pngmeta import save_png
 
 @pytest.fixture(scope="session")
 def shared(tmp_path_factory) -> dict[str, Path]:
-    """``model``: a TOY_F8 single file (64×64 images); ``lora``: a kohya LoRA for it; ``png``: a PNG with an infotext."""
+    """``model``: a TOY_F8 single file (64×64 images); ``lora``: a kohya LoRA for it; ``png``: a PNG with an
+    infotext."""
     folder = tmp_path_factory.mktemp("bad-input-shared")
     model = random_model(TOY_F8, 0)
     save_single(model, folder / "tiny.safetensors")

@@ -97,6 +97,8 @@ def recipe_png(name: str, changes: dict | None = None, drop: tuple[str, ...] = (
         body = {"request": _request(**(changes or {})),
                 "model": {"name": "tiny", "hash": model_hash(shared["model"]), "source": str(shared["model"])},
                 "dtype": "fp32", **recipe}
+        if isinstance(body["model"], dict):  # "{model}": the shared model's path
+            body["model"] = {k: v.format(**shared) if isinstance(v, str) else v for k, v in body["model"].items()}
         for key in drop:
             body.pop(key)
         png_text(name, nijimi=json.dumps(body), parameters="a red cube\nSteps: 2, Seed: 1, Size: 64x64")(root, shared)

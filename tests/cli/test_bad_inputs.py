@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from cli.crafted import (
     Fifo,
     bomb,
@@ -79,9 +80,14 @@ BIG = str(2**64)
 NOT_A_DIR = raw("notdir", "a file, not a folder")
 GOOD_IMAGE = image("init.png")
 
+def _other_checkpoint(folder: Path) -> None:
+    folder.mkdir()
+    torch.save({"step": 1, "model": {"w": torch.zeros(2)}}, folder / "checkpoint.pt")
+
+
 GENERATE_ARGUMENTS = {
     "size-huge": gen("--size", "99992x99992", expect="--size 99992x99992"),
-    "size-wide": gen("--size", "1048576x64", expect="--size 1048576x64"),
+    "size-square-memory": gen("--size", "65536x65536", expect="--size 65536x65536"),
     "size-zero": gen("--size", "0x64", expect="width 0"),
     "size-not-multiple-of-8": gen("--size", "60x64", expect="width 60"),
     "size-negative": gen("--size", "64x-8", expect="--size '64x-8'"),
@@ -103,7 +109,8 @@ GENERATE_ARGUMENTS = {
     "steps-fraction": gen("--steps", "1.5", expect="--steps"),
     "cfg-nan": gen("--cfg", "nan", expect="guidance nan"),
     "cfg-inf": gen("--cfg", "inf", expect="guidance inf"),
-    "cfg-minus-inf": gen("--guidance", "-inf", expect="guidance -inf"),
+    "cfg-minus-inf": gen("--guidance=-inf", expect="guidance -inf"),
+    "cfg-minus-inf-as-flag": gen("--cfg", "-inf", expect="--guidance/--cfg: expected one argument"),
     "cfg-text": gen("--cfg", "x", expect="--cfg"),
     "guidance-rescale-above-1": gen("--guidance-rescale", "1.5", expect="guidance rescale 1.5"),
     "guidance-rescale-nan": gen("--guidance-rescale", "nan", expect="guidance rescale nan"),
@@ -207,7 +214,8 @@ GENERATE_FILES = {
                                   "--quiet"), "abc"),
     "control-not-key-value": gen("--control", "nonsense", expect="--control: 'nonsense'"),
     "control-unknown-key": gen("--control", "model=embedded,image=x.png,foo=1", expect="foo"),
-    "control-image-missing": gen("--control", "model=embedded,image={tmp}/gone.png", expect="gone.png"),
+    "control-image-missing": Case(("generate", "a cube", "--steps", "2", "--quiet", "--control",
+                                   "model=embedded,image={tmp}/gone.png"), "gone.png"),
     "control-model-missing": gen("--control", "model={tmp}/cn.safetensors,image={tmp}/init.png", make=GOOD_IMAGE,
                                  expect="cn.safetensors"),
     "control-scale-nan": gen("--control", "model=embedded,image={tmp}/init.png,scale=nan", make=GOOD_IMAGE,
@@ -263,8 +271,9 @@ WRONG_TYPES = {
 OTHER_VALUES = {
     "steps-fraction": ("steps", 1.5), "steps-zero": ("steps", 0), "guidance-nan": ("guidance", float("nan")),
     "guidance-infinite": ("guidance", float("inf")), "strength-above-1": ("strength", 2),
-    "seed-2^64": ("seed", 2**64), "seed-text": ("seed", "1"), "width-63": ("width", 63), "width-negative": ("width", -8),
-    "width-huge": ("width", 99992), "batch-zero": ("batch", 0), "clip-skip-zero": ("clip_skip", 0),
+    "seed-2^64": ("seed", 2**64), "seed-text": ("seed", "1"), "width-63": ("width", 63),
+    "width-negative": ("width", -8),
+    "width-huge": ("width", 1 << 21), "batch-zero": ("batch", 0), "clip-skip-zero": ("clip_skip", 0),
     "sampler-unknown": ("sampler", "warp"), "decoder-tiny-empty": ("decoder", "tiny:"),
     "guidance-interval-one": ("guidance_interval", [1]), "seed-resize-one": ("seed_resize", [64]),
     "loras-short-entry": ("loras", [["ink"]]), "loras-number-path": ("loras", [[1, 1, 1]]),
@@ -273,9 +282,12 @@ OTHER_VALUES = {
     "control-empty-entry": ("control", [{}]), "control-scale-text": ("control", [{"model": "embedded",
                                                                                    "image": "x.png", "scale": "x"}]),
 }
-REPRODUCE.update({f"field-{name}-{type(value).__name__}": rep({name: value}, name) for name, value in
-                  WRONG_TYPES.items()})
-REPRODUCE.update({f"field-{name}": rep({field: value}, field) for name, (field, value) in OTHER_VALUES.items()})
+LABELS = {"loras-nan-weight": "LoRA ink: weights must be finite", "clip-skip-zero": "clip skip 0"}
+"""Expected text where the message names the field other than by its key with spaces for underscores."""
+REPRODUCE.update({f"field-{name}-{type(value).__name__}": rep({name: value}, name.replace("_", " "))
+                  for name, value in WRONG_TYPES.items()})
+REPRODUCE.update({f"field-{name}": rep({field: value}, LABELS.get(name, field.replace("_", " ")))
+                  for name, (field, value) in OTHER_VALUES.items()})
 
 OTHER_COMMANDS = {
     "info-missing": cmd("info", "{tmp}/gone.png", expect="gone.png"),
@@ -378,8 +390,10 @@ OTHER_COMMANDS = {
                                        make=NOT_A_DIR, expect="notdir"),
     "controlnet-base-missing": cmd("train-controlnet", "--out={tmp}/c.safetensors", *FINE,
                                    "--base={tmp}/gone.safetensors", expect="gone.safetensors"),
-    "dataset-count-negative": cmd("dataset", "shapes", "--count", "-1", "--out", "{tmp}/d", expect="count must be positive, got -1"),
-    "dataset-count-zero": cmd("dataset", "shapes", "--count", "0", "--out", "{tmp}/d", expect="count must be positive, got 0"),
+    "dataset-count-negative": cmd("dataset", "shapes", "--count", "-1", "--out", "{tmp}/d",
+                                  expect="count must be positive, got -1"),
+    "dataset-count-zero": cmd("dataset", "shapes", "--count", "0", "--out", "{tmp}/d",
+                              expect="count must be positive, got 0"),
     "dataset-size-zero": cmd("dataset", "shapes", "--count", "2", "--size", "0", "--out", "{tmp}/d",
                              expect="size 0"),
     "dataset-size-negative": cmd("dataset", "shapes", "--count", "2", "--size", "-5", "--out", "{tmp}/d",
@@ -409,7 +423,7 @@ OTHER_COMMANDS = {
                                            expect="gone.safetensors"),
     "eval-control-condition-unknown": cmd(*CONTROL_EVAL, "--condition", "depth", expect="depth"),
     "eval-control-size-odd": cmd(*CONTROL_EVAL, "--size", "7", expect="7"),
-    "eval-control-scale-nan": cmd(*CONTROL_EVAL, "--scale", "nan", expect="scale nan"),
+    "eval-control-scale-nan": cmd(*CONTROL_EVAL, "--scale", "nan", expect="control scale must be finite"),
     "eval-control-grid-exists": cmd(*CONTROL_EVAL, "--grid", "{tmp}/g.png", make=image("g.png"),
                                     expect="g.png exists"),
     "lora-extract-base-missing": cmd("lora", "extract", "--base", "{tmp}/gone.safetensors", "--tuned", "{model}",
@@ -418,7 +432,7 @@ OTHER_COMMANDS = {
                                       "--rank", "2", "--out", "{tmp}/l.safetensors", make=raw("m.safetensors", "junk"),
                                       expect="m.safetensors"),
     "lora-extract-rank-zero": cmd("lora", "extract", "--base", "{model}", "--tuned", "{model}", "--rank", "0",
-                                  "--out", "{tmp}/l.safetensors", expect="rank 0"),
+                                  "--out", "{tmp}/l.safetensors", expect="rank must be ≥ 1, got rank=0"),
     "lora-extract-same-model": cmd("lora", "extract", "--base", "{model}", "--tuned", "{model}", "--rank", "2",
                                    "--out", "{tmp}/l.safetensors", expect="does not differ"),
     "lora-extract-out-exists": cmd("lora", "extract", "--base", "{model}", "--tuned", "{model}", "--rank", "2",
@@ -436,7 +450,7 @@ OTHER_COMMANDS = {
     "lora-resize-pickle-with-code": cmd("lora", "resize", "{tmp}/l.ckpt", "--rank", "1", "--out", "{tmp}/o",
                                         make=evil_zip("l.ckpt"), expect="l.ckpt"),
     "lora-resize-rank-zero": cmd("lora", "resize", "{lora}", "--rank", "0", "--base", "{model}", "--out",
-                                 "{tmp}/o.safetensors", expect="rank 0"),
+                                 "{tmp}/o.safetensors", expect="rank must be ≥ 1, got 0"),
     "lora-resize-out-exists": cmd("lora", "resize", "{lora}", "--rank", "1", "--base", "{model}", "--out",
                                   "{tmp}/o.safetensors", make=raw("o.safetensors", "keep"), expect="o.safetensors"),
     "lora-resize-out-under-a-file": cmd("lora", "resize", "{lora}", "--rank", "1", "--base", "{model}", "--out",
@@ -449,6 +463,13 @@ OTHER_COMMANDS = {
     "lora-action-unknown": cmd("lora", "merge", expect="merge"),
     "doctor-unknown-flag": cmd("doctor", "--fast", expect="--fast"),
     "samplers-unknown-argument": cmd("samplers", "all", expect="all"),
+    "generate-model-fifo": gen("--model", "{tmp}/m.safetensors", make=make_fifo("m.safetensors"),
+                               expect="m.safetensors"),
+    "adapter-resume-empty-checkpoint": cmd("train-adapter", "--out={tmp}/a.safetensors", *FINE, "--resume",
+                                           make=raw("a-train/checkpoint.pt", b""), expect="checkpoint.pt"),
+    "adapter-resume-other-checkpoint": cmd("train-adapter", "--out={tmp}/a.safetensors", *FINE, "--resume",
+                                           make=lambda root, shared: _other_checkpoint(root / "a-train"),
+                                           expect="checkpoint.pt"),
     "command-unknown": cmd("paint", expect="paint"),
     "command-missing": cmd(expect="COMMAND"),
 }
@@ -463,8 +484,6 @@ def _config(key: str, value: object):
 
 
 INPUT_CASES = {
-    "generate-model-fifo": gen("--model", "{tmp}/m.safetensors", make=make_fifo("m.safetensors"),
-                               expect="m.safetensors"),
     "info-fifo": cmd("info", "{tmp}/p.png", make=make_fifo("p.png"), expect="p.png"),
     "info-bomb": cmd("info", "{tmp}/b.png", make=bomb("b.png"), expect="b.png"),
     "generate-init-bomb": gen("--init", "{tmp}/b.png", make=bomb("b.png"), expect="b.png"),
@@ -509,19 +528,7 @@ INPUT_CASES = {
     "adapter-lr-nan": cmd("train-adapter", "--out={tmp}/a.safetensors", *FINE, "--lr=nan", expect="lr"),
     "adapter-config-not-utf8": cmd("train-adapter", "--config={tmp}/c.toml", make=raw("c.toml", b"rank = 1 \xff"),
                                    expect="c.toml"),
-    "adapter-resume-empty-checkpoint": cmd("train-adapter", "--out={tmp}/a.safetensors", *FINE, "--resume",
-                                           make=raw("a-train/checkpoint.pt", b""), expect="checkpoint.pt"),
-    "adapter-resume-other-checkpoint": cmd("train-adapter", "--out={tmp}/a.safetensors", *FINE, "--resume",
-                                           make=lambda root, shared: _other_checkpoint(root / "a-train"),
-                                           expect="checkpoint.pt"),
 }
-
-
-def _other_checkpoint(folder: Path) -> None:
-    import torch
-
-    folder.mkdir()
-    torch.save({"step": 1, "model": {"w": torch.zeros(2)}}, folder / "checkpoint.pt")
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -570,7 +577,6 @@ def _limit_memory() -> None:
 
 SUBPROCESS_CASES = {
     "generate-seed-2^64": (gen("--seed", BIG, expect=f"seed {BIG}"), False),
-    "reproduce-field-steps-text": (rep({"steps": "20"}, "steps"), False),
     "convert-src-pickle-with-code": (OTHER_COMMANDS["convert-src-pickle-with-code"], False),
     "generate-model-config-10^9-channels": (gen("--model", "{tmp}/m.safetensors", expect="model_channels",
                                                 make=model_with_config("m.safetensors",
