@@ -260,7 +260,7 @@ def _recorded_loras(recipe: dict, args: argparse.Namespace) -> dict:
 
 def _found_lora(entry: object, recorded: object, dirs: list[Path]) -> object:
     """A recipe's ``[name, te, unet]`` LoRA entry with the name replaced by the file of that name and hash."""
-    if not (isinstance(entry, list) and entry and isinstance(entry[0], str)) or Path(entry[0]).is_absolute():
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)) or Path(entry[0]).is_absolute():
         return entry
     digest = recorded.get("hash") if isinstance(recorded, dict) else None
     return [str(find_by_name_and_hash(entry[0], digest if isinstance(digest, str) else None, dirs, "LoRA")),

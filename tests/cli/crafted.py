@@ -90,15 +90,25 @@ def _request(**changes: object) -> dict:
     return {**base, **changes}
 
 
+def _formatted(value: object, shared: dict) -> object:
+    """``value`` with ``{model}`` and ``{lora}`` in its texts (at any depth) replaced by the shared files' paths."""
+    if isinstance(value, str):
+        return value.format(**shared) if "{" in value else value
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        done = {k: _formatted(v, shared) for k, v in items}
+        return done if isinstance(value, dict) else list(done.values())
+    return value
+
+
 def recipe_png(name: str, changes: dict | None = None, drop: tuple[str, ...] = (), **recipe: object) -> Make:
     """A PNG with a nijimi recipe for the shared model (by name, hash and path); ``changes`` changes fields of a
     valid request, ``drop`` removes recipe keys, ``recipe`` replaces top-level recipe entries."""
     def make(root: Path, shared: dict) -> None:
-        body = {"request": _request(**(changes or {})),
+        body = {"request": _formatted(_request(**(changes or {})), shared),
                 "model": {"name": "tiny", "hash": model_hash(shared["model"]), "source": str(shared["model"])},
                 "dtype": "fp32", **recipe}
-        if isinstance(body["model"], dict):  # "{model}": the shared model's path
-            body["model"] = {k: v.format(**shared) if isinstance(v, str) else v for k, v in body["model"].items()}
+        body["model"] = _formatted(body["model"], shared)
         for key in drop:
             body.pop(key)
         png_text(name, nijimi=json.dumps(body), parameters="a red cube\nSteps: 2, Seed: 1, Size: 64x64")(root, shared)

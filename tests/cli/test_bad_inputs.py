@@ -277,14 +277,15 @@ OTHER_VALUES = {
     "sampler-unknown": ("sampler", "warp"), "decoder-tiny-empty": ("decoder", "tiny:"),
     "guidance-interval-one": ("guidance_interval", [1]), "seed-resize-one": ("seed_resize", [64]),
     "loras-short-entry": ("loras", [["ink"]]), "loras-number-path": ("loras", [[1, 1, 1]]),
-    "loras-text-weight": ("loras", [["ink", "x", 1]]), "loras-nan-weight": ("loras", [["ink", float("nan"), 1]]),
+    "loras-text-weight": ("loras", [["{lora}", "x", 1]]), "loras-nan-weight": ("loras", [["{lora}", float("nan"), 1]]),
     "loras-entry-not-list": ("loras", [5]), "control-entry-not-dict": ("control", [5]),
     "control-empty-entry": ("control", [{}]), "control-scale-text": ("control", [{"model": "embedded",
                                                                                    "image": "x.png", "scale": "x"}]),
 }
-LABELS = {"loras-nan-weight": "LoRA ink: weights must be finite", "clip-skip-zero": "clip skip 0"}
+LABELS = {"loras-nan-weight": "weights must be finite", "clip-skip-zero": "clip skip 0", "seed_resize": "seed_resize",
+          "lora_dir": "lora_dir", "strict_loras": "strict_loras", "seed-resize-one": "seed_resize"}
 """Expected text where the message names the field other than by its key with spaces for underscores."""
-REPRODUCE.update({f"field-{name}-{type(value).__name__}": rep({name: value}, name.replace("_", " "))
+REPRODUCE.update({f"field-{name}-{type(value).__name__}": rep({name: value}, LABELS.get(name, name.replace("_", " ")))
                   for name, value in WRONG_TYPES.items()})
 REPRODUCE.update({f"field-{name}": rep({field: value}, LABELS.get(name, field.replace("_", " ")))
                   for name, (field, value) in OTHER_VALUES.items()})
