@@ -1,7 +1,9 @@
 """The ``nijimi`` command: argument parsing, progress and error printing; the work lives in the library.
 
 ``generate`` makes a :class:`~nijimi.pipelines.request.GenerationRequest` from its flags (one per request field,
-:func:`add_request_arguments`), runs it and writes PNGs whose recipe is the request (``reproduce`` reads it back).
+:func:`add_request_arguments`), runs it and writes PNGs whose recipe is the request (``reproduce`` reads it back),
+with the model and LoRAs named by name and hash (``reproduce`` finds them again, :mod:`nijimi.io.find`). No output
+replaces a file without ``--overwrite``; outputs are checked before any work (:func:`~nijimi.io.files.check_output`).
 Errors (the library's and the command line's) are one ``error: …`` line, exit 2; ``torchrun`` ranks end here.
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -21,14 +22,11 @@ import torch
 from PIL import Image
 
 from nijimi import __version__
-from nijimi.adapters.tags import parse_lora_tags, resolve_lora
 from nijimi.diffusion.explain import EXPLAIN_FILES, explain_schedules
 from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
-from nijimi.embedded import ADAPTERS
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
 from nijimi.io.files import check_output
-from nijimi.io.find import find_by_name_and_hash
 from nijimi.io.pngmeta import (
     format_info,
     format_parameters,
@@ -40,13 +38,14 @@ from nijimi.io.pngmeta import (
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads, dtype_name
+from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.progress import ProgressBar
+from nijimi.ui.recipe import check_tags, png_recipe, recorded_loras, recorded_model
 from nijimi.ui.train import add_train_parsers
 
 DEMO_PROMPT = "a red circle on the left and a blue square on the right"
@@ -109,28 +108,6 @@ def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, p
             path = path.parent / f"{_next_number(path.parent):05d}-{path.name.split('-', 1)[1]}"
 
 
-def _recipe(pipe: Pipeline, request: GenerationRequest, record_paths: bool = False) -> dict:
-    """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on. The model and the LoRAs
-    (files and prompt tags) are recorded by name and hash, as A1111 records them; ``record_paths`` adds the model's
-    path and keeps the LoRAs' paths and LoRA folder (for private use: they tell where files are on this machine)."""
-    data = request.to_dict()
-    loras = [{"name": Path(path).name, "hash": model_hash(path)} for path, _, _ in data["loras"]]
-    model = {"name": pipe.name, "hash": pipe.model_hash, **({"source": pipe.source} if record_paths else {})}
-    if not record_paths:
-        data["loras"] = [[entry["name"], te, unet] for entry, (_, te, unet) in zip(loras, data["loras"], strict=True)]
-        data["lora_dir"] = None
-    return {"request": data, "model": model, "loras": loras, "lora_tags": _tag_hashes(request),
-            "dtype": dtype_name(pipe.dtype), "device": str(pipe.device),
-            "schedule": pipe.model.config.schedule.to_diffusers_config(),
-            "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}
-
-
-def _tag_hashes(request: GenerationRequest) -> dict[str, str]:
-    """Name → hash of the files the prompt's ``<lora:NAME:…>`` tags name (in the request's LoRA folder)."""
-    folder = request.lora_dir or ADAPTERS
-    return {tag.name: model_hash(resolve_lora(tag.name, folder)) for tag in parse_lora_tags(request.prompt)[1]}
-
-
 def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
     eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
     varied = r.variation_strength > 0
@@ -151,7 +128,8 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
     files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
     a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
-    picture of x̂₀ (the tiny decoder's when the request decodes with one). ``record_paths``: see :func:`_recipe`.
+    picture of x̂₀ (the tiny decoder's when the request decodes with one). ``record_paths``: see
+    :func:`~nijimi.ui.recipe.png_recipe`.
     Returns the paths written."""
     paths = output_paths(out, request, overwrite)
     if preview is not None:
@@ -179,7 +157,7 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
         for i, (image, path) in enumerate(zip(gen.images, paths, strict=True)):
             one = gen.request.single(i)
             written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one),
-                                     _recipe(pipe, one, record_paths)))
+                                     png_recipe(pipe, one, record_paths)))
     except OutputExistsError:
         for path in written:  # a batch is written whole or not at all
             path.unlink(missing_ok=True)
@@ -222,71 +200,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_dirs(given: str | None, image: str, *more: Path) -> list[Path]:
-    """Where ``reproduce`` looks for a file a recipe names: the folder given, the image's folder, the working
-    directory, then ``more``."""
-    return [*([Path(given)] if given else []), Path(image).absolute().parent, Path.cwd(), *more]
-
-
-def _recorded_model(recipe: dict, args: argparse.Namespace) -> str:
-    """The model a recipe names: its recorded path when that exists (``--record-paths``), the embedded model, or
-    the file of its name and hash in ``--models-dir``, the image's folder or the working directory."""
-    entry = recipe["model"]
-    source, name, digest = entry.get("source"), entry.get("name"), entry.get("hash")
-    if isinstance(source, str) and source and Path(source).exists():
-        return source
-    if name == EMBEDDED:
-        return EMBEDDED
-    if not isinstance(name, str) or not name:
-        raise NijimiError(f"{args.image}: the recipe names no model; give one with --model")
-    digest = digest if isinstance(digest, str) else None
-    return str(find_by_name_and_hash(name, digest, _search_dirs(args.models_dir, args.image), "model"))
-
-
-def _recorded_loras(recipe: dict, args: argparse.Namespace) -> dict:
-    """The recipe's request with each LoRA file recorded by name (and hash, in ``recipe["loras"]``) replaced by the
-    file found in ``--lora-dir``, the image's folder, the working directory or the embedded adapters, and
-    ``--lora-dir`` as the folder of its prompt tags."""
-    data = dict(recipe["request"])
-    hashes = recipe.get("loras") if isinstance(recipe.get("loras"), list) else []
-    dirs = _search_dirs(args.lora_dir, args.image, ADAPTERS)
-    if isinstance(data.get("loras"), list):
-        data["loras"] = [_found_lora(entry, hashes[i] if i < len(hashes) else None, dirs)
-                         for i, entry in enumerate(data["loras"])]
-    if args.lora_dir:
-        data["lora_dir"] = args.lora_dir
-    return data
-
-
-def _found_lora(entry: object, recorded: object, dirs: list[Path]) -> object:
-    """A recipe's ``[name, te, unet]`` LoRA entry with the name replaced by the file of that name and hash."""
-    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)) or Path(entry[0]).is_absolute():
-        return entry
-    digest = recorded.get("hash") if isinstance(recorded, dict) else None
-    return [str(find_by_name_and_hash(entry[0], digest if isinstance(digest, str) else None, dirs, "LoRA")),
-            *entry[1:]]
-
-
-def _check_tags(recipe: dict, request: GenerationRequest) -> None:
-    """The files the prompt's LoRA tags name now must be the ones the image was made with (same hash)."""
-    recorded = recipe.get("lora_tags") if isinstance(recipe.get("lora_tags"), dict) else {}
-    for name, found in _tag_hashes(request).items():
-        if recorded.get(name) not in (None, found):
-            raise NijimiError(f"LoRA tag {name!r}: the file in {request.lora_dir or ADAPTERS} has hash {found}, the "
-                              f"image's has {recorded[name]}; give its folder with --lora-dir")
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     recipe = read_png_metadata(args.image).get("recipe")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
         raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
-    data = _recorded_loras(recipe, args) if isinstance(recipe["request"], dict) else recipe["request"]
+    data = recorded_loras(recipe, args) if isinstance(recipe["request"], dict) else recipe["request"]
     request = GenerationRequest.from_dict(data, f"{args.image}: recipe")
-    _check_tags(recipe, request)
+    check_tags(recipe, request)
     dtype = recipe.get("dtype", "fp32")
     if dtype not in WEIGHT_DTYPES:
         raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    model = args.model or _recorded_model(recipe, args)
+    model = args.model or recorded_model(recipe, args)
     pipe = load(model, device=args.device, dtype=WEIGHT_DTYPES[dtype])
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:

@@ -577,7 +577,6 @@ def _limit_memory() -> None:
 
 
 SUBPROCESS_CASES = {
-    "generate-seed-2^64": (gen("--seed", BIG, expect=f"seed {BIG}"), False),
     "convert-src-pickle-with-code": (OTHER_COMMANDS["convert-src-pickle-with-code"], False),
     "generate-model-config-10^9-channels": (gen("--model", "{tmp}/m.safetensors", expect="model_channels",
                                                 make=model_with_config("m.safetensors",
