@@ -31,15 +31,14 @@ def find_by_name_and_hash(name: str, digest: str | None, dirs: Iterable[str | os
     differing = []
     for folder in dirs:
         for candidate in (folder / name, *(folder / f"{name}{s}" for s in SUFFIXES if not name.endswith(s))):
-            if candidate.is_dir() or digest is None:
-                if digest is None and candidate.exists():
-                    return candidate
+            if digest is None and (candidate.is_file() or candidate.is_dir()):
+                return candidate
+            if digest is None or not candidate.is_file():
                 continue
-            if candidate.is_file():
-                found = model_hash(candidate)
-                if found == digest:
-                    return candidate
-                differing.append(f"{candidate} has hash {found}")
+            found = model_hash(candidate)
+            if found == digest:
+                return candidate
+            differing.append(f"{candidate} has hash {found}")
     searched = ", ".join(str(d) for d in dirs)
     mismatch = f"; {'; '.join(differing)}" if differing else ""
     raise CheckpointError(f"{what} {name!r} with hash {digest} not found in {searched}{mismatch}")
