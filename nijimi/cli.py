@@ -1,7 +1,9 @@
 """The ``nijimi`` command: argument parsing, progress and error printing; the work lives in the library.
 
 ``generate`` makes a :class:`~nijimi.pipelines.request.GenerationRequest` from its flags (one per request field,
-:func:`add_request_arguments`), runs it and writes PNGs whose recipe is the request (``reproduce`` reads it back).
+:func:`add_request_arguments`), runs it and writes PNGs whose recipe is the request (``reproduce`` reads it back),
+with the model and LoRAs named by name and hash (``reproduce`` finds them again, :mod:`nijimi.io.find`). No output
+replaces a file without ``--overwrite``; outputs are checked before any work (:func:`~nijimi.io.files.check_output`).
 Errors (the library's and the command line's) are one ``error: …`` line, exit 2; ``torchrun`` ranks end here.
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import re
 import sys
 from collections.abc import Sequence
@@ -22,10 +23,11 @@ from PIL import Image
 
 from nijimi import __version__
 from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS
-from nijimi.diffusion.explain import explain_schedules
+from nijimi.diffusion.explain import EXPLAIN_FILES, explain_schedules
 from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.files import check_output
 from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
@@ -41,7 +43,7 @@ from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads, dtype_name
+from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
@@ -50,6 +52,7 @@ from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
+from nijimi.ui.recipe import check_tags, png_recipe, recorded_loras, recorded_model
 from nijimi.ui.serve import add_serve_parser
 from nijimi.ui.train import add_train_parsers
 
@@ -65,14 +68,17 @@ GRID_PROMPTS = (
 )
 
 
-def run_demo(out: str | Path, seed: int = 0) -> list[Path]:
-    """Write ``demo.png`` (with its generation metadata) and ``grid.png`` to ``out``; returns both paths."""
-    out = Path(out)
+def run_demo(out: str | Path, seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """Write ``demo.png`` (with its generation metadata) and ``grid.png`` to ``out``; returns both paths. Existing
+    files of those names are refused before any work unless ``overwrite``."""
+    out = check_output(out, folder=True)
+    grid = check_output(out / "grid.png", overwrite)
+    check_output(out / "demo.png", overwrite)
     pipe = load()
-    first = run_generation(pipe, GenerationRequest(DEMO_PROMPT, seed=seed), str(out / "demo.png"), overwrite=True,
+    first = run_generation(pipe, GenerationRequest(DEMO_PROMPT, seed=seed), str(out / "demo.png"), overwrite=overwrite,
                            quiet=True)
     images = [pipe.generate(p, seed=seed + i, steps=20).images[0] for i, p in enumerate(GRID_PROMPTS)]
-    return [*first, write_grid(images, out / "grid.png", cols=4)]
+    return [*first, write_grid(images, grid, cols=4, overwrite=overwrite)]
 
 
 def _next_number(folder: Path) -> int:
@@ -89,12 +95,9 @@ def output_paths(out: str | None, request: GenerationRequest, overwrite: bool) -
     if target.suffix.lower() == ".png":
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i:02d}.png") for i in range(count)]
     else:
-        first = _next_number(target)
+        first = _next_number(check_output(target, folder=True))
         paths = [target / f"{first + i:05d}-{request.seed + i}.png" for i in range(count)]
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"{existing[0]} exists; use --overwrite to replace it")
-    return paths
+    return [check_output(p, overwrite) for p in paths]
 
 
 def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, parameters: str,
@@ -111,14 +114,6 @@ def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, p
             if not numbered:
                 raise
             path = path.parent / f"{_next_number(path.parent):05d}-{path.name.split('-', 1)[1]}"
-
-
-def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
-    """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on."""
-    return {"request": request.to_dict(), "model": {"name": pipe.name, "source": pipe.source, "hash": pipe.model_hash},
-            "dtype": dtype_name(pipe.dtype), "device": str(pipe.device),
-            "schedule": pipe.model.config.schedule.to_diffusers_config(),
-            "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
 
 def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
@@ -140,12 +135,16 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
-                   quiet: bool, preview: str | None = None) -> list[Path]:
+                   quiet: bool, preview: str | None = None, record_paths: bool = False) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
     files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
     a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
-    picture of x̂₀ (the tiny decoder's when the request decodes with one). Returns the paths written."""
+    picture of x̂₀ (the tiny decoder's when the request decodes with one). ``record_paths``: see
+    :func:`~nijimi.ui.recipe.png_recipe`.
+    Returns the paths written."""
     paths = output_paths(out, request, overwrite)
+    if preview is not None:
+        check_output(preview, overwrite)
     bars: list[ProgressBar] = []
 
     def callback(info: StepInfo) -> None:
@@ -170,7 +169,8 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
     try:
         for i, (image, path) in enumerate(zip(gen.images, paths, strict=True)):
             one = gen.request.single(i)
-            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one), _recipe(pipe, one)))
+            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one),
+                                     png_recipe(pipe, one, record_paths)))
     except OutputExistsError:
         for path in written:  # a batch is written whole or not at all
             path.unlink(missing_ok=True)
@@ -216,7 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for note in few_step_notes(request.loras, request.prompt, request.lora_dir, request.sampler):
         print(f"note: {note}", file=sys.stderr)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview, args.record_paths):
         print(path)
     return 0
 
@@ -224,24 +224,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     meta = read_image_metadata(args.image)
     recipe = meta.get("recipe")
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
+    if recipe is None:
         imported = import_image(meta, args)  # an A1111 or ComfyUI image
         pipe = load(imported.model, device=args.device)
-        for path in run_generation(pipe, imported.request, args.out, args.overwrite, args.quiet, args.preview):
+        for path in run_generation(pipe, imported.request, args.out, args.overwrite, args.quiet, args.preview,
+                                   args.record_paths):
             print(path)
         return 0
-    request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
+        raise NijimiError(f"{args.image}: no nijimi recipe that can be replayed (its 'nijimi' text lacks the request "
+                          "or the model)")
+    data = recorded_loras(recipe, args) if isinstance(recipe["request"], dict) else recipe["request"]
+    request = GenerationRequest.from_dict(data, f"{args.image}: recipe")
+    check_tags(recipe, request)
     dtype = recipe.get("dtype", "fp32")
     if dtype not in WEIGHT_DTYPES:
         raise NijimiError(f"{args.image}: recipe dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    model = args.model or recipe["model"].get("source")
-    if not isinstance(model, str) or not model:
-        raise NijimiError(f"{args.image}: the recipe names no model; give one with --model")
+    model = args.model or recorded_model(recipe, args)
     pipe = load(model, device=args.device, dtype=WEIGHT_DTYPES[dtype])
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview, args.record_paths):
         print(path)
     return 0
 
@@ -261,6 +265,9 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--preview", metavar="FILE", help="PNG rewritten after every step with a quick preview")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--record-paths", action="store_true",
+                   help="record the model's and LoRAs' absolute paths in the PNG recipe too (private use; by default "
+                        "they are recorded by name and hash, as A1111 does)")
 
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
@@ -272,18 +279,21 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    for name in EXPLAIN_FILES:
+        check_output(check_output(args.out, folder=True) / name, args.overwrite)
     for path in explain_schedules(args.out, image=args.image):
         print(path)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    for path in run_demo(args.out):
+    for path in run_demo(args.out, overwrite=args.overwrite):
         print(path)
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    check_output(Path(args.dst).parent, folder=True)
     report = convert(args.src, args.dst, to=args.to, half=args.half, config=args.model_config,
                      overwrite=args.overwrite)
     print(report.summary())
@@ -354,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = what.add_parser("schedules", help="ᾱ_t, log-SNR and a noising strip for linear, scaled_linear and cosine")
     q.add_argument("--image", help="image to noise (default: a generated test pattern)")
     q.add_argument("--out", required=True, help="output folder for the PNGs")
+    q.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
     q.set_defaults(func=_cmd_explain)
 
     _add_generation_parsers(sub)
@@ -366,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo.png and grid.png")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -56,7 +56,7 @@ def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_
                          "--seed", 42, "--sampler", "euler-a", "--cfg", 5, *FAST, "--out", first)
     assert (code, out.strip(), err) == (0, str(first), "")
     again = tmp_path / "b.png"
-    code, out, err = run(capsys, "reproduce", first, "--out", again, "--quiet")
+    code, out, err = run(capsys, "reproduce", first, "--out", again, "--quiet", "--models-dir", model_file.parent)
     assert (code, out.strip(), err) == (0, str(again), "")
     assert np.array_equal(pixels(first), pixels(again))
     assert pixels(first).std() > 5  # a picture, not a flat field
@@ -110,12 +110,14 @@ def test_reproduce_regenerates_every_kind_of_image(capsys, model_file, extras, t
                "--out", first)[0] == 0
     plain = tmp_path / "plain.png"
     assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 5, *FAST, "--out", plain)[0] == 0
-    assert (code := run(capsys, "reproduce", first, "--out", again, "--quiet"))[0] == 0, code
+    assert (code := run(capsys, "reproduce", first, "--out", again, "--quiet", "--models-dir", model_file.parent,
+                        "--lora-dir", extras["lora"].parent))[0] == 0, code
     assert np.array_equal(pixels(first), pixels(again))
     assert not np.array_equal(pixels(first), pixels(plain))  # the flags mattered
     recipe = read_png_metadata(again)["recipe"]["request"]
     assert recipe == read_png_metadata(first)["recipe"]["request"]
-    assert GenerationRequest.from_dict(recipe).to_dict() == recipe
+    if not recipe["loras"]:  # LoRA files are recorded by name (found again by reproduce), not as a path
+        assert GenerationRequest.from_dict(recipe).to_dict() == recipe
     if "--eta" in args:  # A1111 records DDIM's η as "Eta DDIM"
         assert str(read_png_metadata(first)["settings"]["Eta DDIM"]) == "0.5"
 
@@ -128,7 +130,8 @@ def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_pat
     request = recipe["request"]
     assert (recipe["dtype"], recipe["device"]) == ("bf16", "cpu")
     assert (request["vae_tile"], request["attention_slice"]) == (32, 5)
-    assert run(capsys, "reproduce", first, "--out", tmp_path / "again.png", "--quiet")[0] == 0
+    assert run(capsys, "reproduce", first, "--out", tmp_path / "again.png", "--quiet", "--models-dir",
+               model_file.parent)[0] == 0
     assert np.array_equal(pixels(first), pixels(tmp_path / "again.png"))
     assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, *FAST, "--out", tmp_path / "f.png",
                "--vae-tile", 0)[0] == 0
@@ -147,7 +150,8 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
     recipe = meta["recipe"]
-    assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
+    assert recipe["model"] == {"name": "tiny", "hash": model_hash(model_file)}
+    assert str(model_file.parent) not in read_png_metadata(out)["text"]["nijimi"]  # no path of this machine
     request = recipe["request"]
     assert (request["sampler"], request["schedule"], request["seed"]) == ("dpm++2m", "karras", 7)
     assert (request["batch"], request["guidance"]) == (1, 4.5)
@@ -158,6 +162,35 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
     assert "Sampler: DPM++ 2M" in lines and "Schedule type: Karras" in lines
     assert "Seed: 7" in lines and "nijimi recipe:" in lines
+
+
+def test_reproduce_finds_the_model_and_loras_by_name_and_hash(capsys, model_file, extras, tmp_path):
+    """The recipe names the model and the LoRA (flag and tag) by name and hash; ``reproduce`` finds them in
+    ``--models-dir`` / ``--lora-dir`` or next to the image, refuses a same-named file of another hash naming both
+    hashes, and ``--record-paths`` records the paths too, so the files are found where they were."""
+    made = tmp_path / "made"
+    made.mkdir()
+    first = made / "a.png"
+    assert run(capsys, "generate", "a red cube <lora:ink:0.5>", "--model", model_file, "--lora-dir",
+               extras["lora"].parent, "--lora", f"{extras['lora']}:0.7", "--seed", 5, *FAST, "--out", first)[0] == 0
+    recipe = read_png_metadata(first)["recipe"]
+    digest = model_hash(extras["lora"])
+    assert recipe["loras"] == [{"name": "ink.safetensors", "hash": digest}] and recipe["lora_tags"] == {"ink": digest}
+    assert recipe["request"]["loras"] == [["ink.safetensors", 0.7, 0.7]] and recipe["request"]["lora_dir"] is None
+    for name in ("tiny.safetensors", "ink.safetensors"):  # next to the image
+        (made / name).write_bytes((model_file.parent / name if name == "tiny.safetensors" else extras["lora"])
+                                  .read_bytes())
+    code, _, err = run(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet", "--lora-dir", made)
+    assert code == 0, err
+    assert np.array_equal(pixels(first), pixels(tmp_path / "b.png"))
+    (made / "tiny.safetensors").write_bytes(b"other")
+    code, _, err = run(capsys, "reproduce", first, "--out", tmp_path / "c.png", "--quiet", "--lora-dir", made)
+    assert code == 2 and err.startswith(f"error: model 'tiny' with hash {model_hash(model_file)} not found in {made}")
+    assert f"{made / 'tiny.safetensors'} has hash {model_hash(made / 'tiny.safetensors')}" in err
+    assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 5, *FAST, "--record-paths",
+               "--out", tmp_path / "paths.png")[0] == 0
+    assert read_png_metadata(tmp_path / "paths.png")["recipe"]["model"]["source"] == str(model_file)
+    assert run(capsys, "reproduce", tmp_path / "paths.png", "--out", tmp_path / "d.png", "--quiet")[0] == 0
 
 
 def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):
@@ -173,7 +206,8 @@ def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):
     assert list(settings)[list(settings).index("Model") + 1:][:2] == ["VAE hash", "VAE"]
     assert settings["VAE hash"] == model_hash(tmp_path / "my-vae.safetensors")
     assert settings["VAE"] == "my-vae.safetensors" and "VAE" not in read_png_metadata(plain)["settings"]
-    assert run(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet")[0] == 0
+    assert run(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet", "--models-dir",
+               model_file.parent)[0] == 0
     assert np.array_equal(pixels(first), pixels(tmp_path / "b.png"))
     assert not np.array_equal(pixels(first), pixels(plain))
 
@@ -339,7 +373,7 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
                inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
     inputs["init.png"].unlink()
-    code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
+    code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png", "--models-dir", model_file.parent)
     assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
     code, _, err = run(capsys, "info", inputs["broken.png"])
     assert code == 2 and err.startswith("error: cannot read image") and len(err.splitlines()) == 1

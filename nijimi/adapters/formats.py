@@ -386,10 +386,12 @@ def read_adapter(path: str | os.PathLike, config: ModelConfig, strict: bool = Fa
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, config: ModelConfig, format: str = "kohya",
-                 dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
+                 dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None,
+                 overwrite: bool = True) -> None:
     """Write an adapter as a safetensors file in ``format`` (``kohya`` with ``ss_*`` metadata, or ``peft`` —
     diffusers' ``unet.``/``text_encoder.`` file with its ``lora_adapter_metadata``). ``dtype`` casts the
-    floating-point tensors (e.g. ``torch.float16``); ``metadata`` adds header entries."""
+    floating-point tensors (e.g. ``torch.float16``); ``metadata`` adds header entries. An existing ``path`` is
+    replaced only if ``overwrite`` (else ``OutputExistsError``)."""
     path = Path(path)
     if format not in FORMATS:
         raise ConfigError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -400,4 +402,4 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, config: ModelConfig,
         tensors, header = peft_state_dict(adapter, tables)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    safetensors.save_file(tensors, path, {**header, **(metadata or {})})
+    safetensors.save_file(tensors, path, {**header, **(metadata or {})}, overwrite)

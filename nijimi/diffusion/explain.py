@@ -99,17 +99,21 @@ def _strip_plot(path: Path, image: torch.Tensor, schedules: dict[str, NoiseSched
     return path
 
 
+EXPLAIN_FILES = ("alpha_bar.png", "log_snr.png", "noising.png")
+"""The files :func:`explain_schedules` writes."""
+
+
 def explain_schedules(out_dir: str | Path, image: str | Path | None = None) -> list[Path]:
     """Write ``alpha_bar.png`` (ᾱ_t), ``log_snr.png`` and ``noising.png`` (the image at 10 timesteps under each
     schedule) into ``out_dir``; returns their paths. Without ``image`` a generated test pattern is used."""
+    picture = generated_pattern() if image is None else load_image(image)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     schedules = explained_schedules()
-    picture = generated_pattern() if image is None else load_image(image)
     return [
-        _curve_plot(out / "alpha_bar.png", "ᾱ_t: how much signal is left", "ᾱ_t",
+        _curve_plot(out / EXPLAIN_FILES[0], "ᾱ_t: how much signal is left", "ᾱ_t",
                     {name: s.alphas_cumprod for name, s in schedules.items()}),
-        _curve_plot(out / "log_snr.png", "log-SNR_t = log(ᾱ_t / (1 - ᾱ_t))", "log-SNR",
+        _curve_plot(out / EXPLAIN_FILES[1], "log-SNR_t = log(ᾱ_t / (1 - ᾱ_t))", "log-SNR",
                     {name: s.log_snr for name, s in schedules.items()}),
-        _strip_plot(out / "noising.png", picture, schedules),
+        _strip_plot(out / EXPLAIN_FILES[2], picture, schedules),
     ]

@@ -139,16 +139,18 @@ def load_controlnet(path: str | os.PathLike, config: ControlNetConfig | None = N
 
 # ---- saving -------------------------------------------------------------------------------------------------------
 
-def save_original(model: ControlNetModel, path: str | os.PathLike, half: bool = False) -> None:
+def save_original(model: ControlNetModel, path: str | os.PathLike, half: bool = False,
+                  overwrite: bool = True) -> None:
     """Write ``model`` as one original-layout ``.safetensors`` file (keys under ``control_model.``, which both
-    AUTOMATIC1111 and diffusers' ``from_single_file`` recognise), atomically, with its config in the metadata."""
+    AUTOMATIC1111 and diffusers' ``from_single_file`` recognise), atomically, with its config in the metadata; an
+    existing ``path`` is replaced only if ``overwrite`` (else ``OutputExistsError``)."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ConfigError(f"{path}: ControlNet files are written as .safetensors; choose a name ending in it")
     tensors = {CONTROLNET.prefix + k: v.half() if half and v.is_floating_point() else v
                for k, v in model.state_dict().items()}
     meta = {"format": "pt", CONTROLNET.metadata_key: json.dumps(model.config.to_dict(), sort_keys=True)}
-    safetensors.save_file(tensors, path, meta)
+    safetensors.save_file(tensors, path, meta, overwrite)
 
 
 def save_diffusers(model: ControlNetModel, folder: str | os.PathLike, half: bool = False) -> None:

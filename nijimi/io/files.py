@@ -211,3 +211,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", overwrite: bool = Tr
             raise OutputExistsError(f"{path} exists; use --overwrite to replace it") from None
         raise NijimiError(f"cannot write {path}: {e.strerror or e}") from e
     _fsync_directory(path.parent)
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that could not or must not be written: a file where a folder of the path
+    should be (``ConfigError`` naming it), a folder where the file should be, or (a file, unless ``overwrite``) an
+    existing one (``OutputExistsError``). ``folder``: ``path`` is an output folder, which may exist. Returns
+    ``path`` as a Path; creates nothing (the writer still refuses a name taken meanwhile, see :func:`atomic_write`)."""
+    path = Path(path)
+    above = path if folder else path.parent
+    for parent in (above, *above.parents):
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ConfigError(f"cannot write {path}: {parent} is a file, not a folder")
+            break
+    if not folder and os.path.lexists(path):
+        if path.is_dir():
+            raise ConfigError(f"cannot write {path}: it is a folder")
+        if not overwrite:
+            raise OutputExistsError(f"{path} exists; use --overwrite to replace it")
+    return path

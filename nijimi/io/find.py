@@ -16,20 +16,23 @@ hashes``' names as written in the prompt's tags; ComfyUI names files by their pa
 with ``/`` or ``_`` between folders, or whose stem, equals it. Whole-file digests are cached
 (:func:`~nijimi.io.pngmeta.cached_digest`), so a folder is read once until its files change; a file whose name
 matches is tried before the others are hashed.
+
+nijimi's own recipes name files exactly, by file name and the first 10 hex digits of the file's SHA-256
+(:func:`find_by_name_and_hash`, top level of each folder only).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import safetensors
-from nijimi.io.pngmeta import cached_digest, file_sha256, sha256_rest
+from nijimi.io.pngmeta import cached_digest, file_sha256, model_hash, sha256_rest
 
 KINDS = {
     "model": (".safetensors", ".ckpt", ".pt", ".bin", ".pth"),
@@ -132,3 +135,32 @@ def find_file(folder: str | os.PathLike, kind: str, name: str | None = None,
         if hash_matches(path, kind, short_hash):
             return Found(path, True)
     return Found(named[0], False) if named else None
+
+
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+"""Endings tried after a bare name."""
+
+
+def find_by_name_and_hash(name: str, digest: str | None, dirs: Iterable[str | os.PathLike],
+                          what: str = "model") -> Path:
+    """The first file called ``name`` or ``name + ending`` (:data:`SUFFIXES`) in ``dirs`` whose hash is
+    ``digest``; with ``digest`` None (a diffusers folder has no hash) the first such file or folder. Raises
+    CheckpointError naming ``what``, the name, the hash, the folders searched and any file of that name whose hash
+    differs."""
+    if not name or Path(name).name != name:
+        raise CheckpointError(f"{what} name {name!r} must be a plain file name")
+    dirs = [Path(d) for d in dict.fromkeys(str(d) for d in dirs)]
+    differing = []
+    for folder in dirs:
+        for candidate in (folder / name, *(folder / f"{name}{s}" for s in SUFFIXES if not name.endswith(s))):
+            if digest is None and (candidate.is_file() or candidate.is_dir()):
+                return candidate
+            if digest is None or not candidate.is_file():
+                continue
+            found = model_hash(candidate)
+            if found == digest:
+                return candidate
+            differing.append(f"{candidate} has hash {found}")
+    searched = ", ".join(str(d) for d in dirs)
+    mismatch = f"; {'; '.join(differing)}" if differing else ""
+    raise CheckpointError(f"{what} {name!r} with hash {digest} not found in {searched}{mismatch}")

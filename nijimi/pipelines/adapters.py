@@ -39,6 +39,7 @@ from nijimi.diffusion.choice import SamplerChoice, parse_sampler
 from nijimi.embedded import ADAPTERS, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model
+from nijimi.io.files import check_output
 from nijimi.io.keys.adapters import part_of
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.finetune import load_base
@@ -233,9 +234,7 @@ def adapter_model_config(path: str | os.PathLike, base: str | None = None) -> tu
 
 
 def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; use --overwrite to replace it")
+    out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -253,7 +252,8 @@ def extract_adapter_file(base: str, tuned: str, out: str | os.PathLike, rank: in
     if not adapter.modules:
         raise ConfigError(f"{tuned} does not differ from {base} in the targeted layers ({targets}); nothing to extract")
     comment = f"extracted by nijimi from {Path(tuned).name} - {Path(base).name}, rank {rank}"
-    save_adapter(adapter, out, base_model.config, format, metadata={"ss_training_comment": comment})
+    save_adapter(adapter, out, base_model.config, format, metadata={"ss_training_comment": comment},
+                 overwrite=overwrite)
     return adapter
 
 
@@ -265,6 +265,6 @@ def resize_adapter_file(path: str | os.PathLike, rank: int, out: str | os.PathLi
     out = _check_out(out, overwrite)
     config, loaded = adapter_model_config(path, base)
     resized = resize_lora(loaded.adapter, rank, config)
-    save_adapter(resized, out, config, format or loaded.format, dtype=_float_dtype(loaded))
+    save_adapter(resized, out, config, format or loaded.format, dtype=_float_dtype(loaded), overwrite=overwrite)
     return resized
 

@@ -42,7 +42,13 @@ from nijimi.pipelines.control import ControlRun, prepare_control, with_controlne
 from nijimi.pipelines.images import check_size, to_pil, to_unit
 from nijimi.pipelines.preview import LatentRGB, fit_latent_rgb
 from nijimi.pipelines.request import GenerationRequest
-from nijimi.pipelines.runtime import choose_attention_slice, choose_vae_tile, dtype_name, resolve_device
+from nijimi.pipelines.runtime import (
+    check_generation_memory,
+    choose_attention_slice,
+    choose_vae_tile,
+    dtype_name,
+    resolve_device,
+)
 from nijimi.pipelines.shortcuts import with_deepcache, with_guidance_interval
 from nijimi.text.prompt import ScheduledCond, encode_prompt_schedule
 
@@ -206,11 +212,12 @@ class Pipeline:
         sigmas = sampler.sigmas(cfg.schedule, request.steps)
         source = edit.load_sources(request.init_image, request.mask)
         width, height = self._size(request, source)
+        rows = request.batch * (1 + (request.guidance != 1.0))
+        check_generation_memory(cfg.unet, cfg.vae, width, height, request.batch, rows)
         f = cfg.vae.downscale_factor
         shape = (1, cfg.vae.z_channels, height // f, width // f)
         noise_seeds = request.noise_seeds(f)
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
-        rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
         request = request.replace(sampler=sampler, schedule=sampler.schedule, width=width, height=height,
                                   vae_tile=vae_tile or 0, attention_slice=attention_slice or 0)

@@ -182,8 +182,8 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise ConfigError("prompt and negative_prompt must be text")
+        _text("prompt", self.prompt)
+        _text("negative_prompt", self.negative_prompt)
         if not isinstance(self.strict_loras, bool):
             raise ConfigError(f"strict_loras must be true or false (got {self.strict_loras!r})")
         _integer("steps", self.steps, 1, 1000)
@@ -289,6 +289,8 @@ class GenerationRequest:
                     and split_sampler_name(values["sampler"])[1] is None:
                 values["schedule"] = "uniform"  # recipes before schedules: a bare name meant the model's timesteps
             return cls(**values)
+        except ConfigError as exc:
+            raise type(exc)(f"{source}: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: bad generation request ({exc})") from None
 
@@ -307,6 +309,19 @@ class GenerationRequest:
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with ``changes``, checked again."""
         return dataclasses.replace(self, **changes)
+
+
+def _text(name: str, value: Any) -> None:
+    """A prompt must be text that UTF-8 can hold: a lone surrogate (what Python makes of bytes on the command line
+    that are not UTF-8) is refused rather than replaced, so the recorded prompt is the one that was encoded."""
+    label = name.replace("_", " ")
+    if not isinstance(value, str):
+        raise ConfigError(f"{label} {value!r} must be text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{label} holds {value[exc.start]!r} at character {exc.start}, a lone surrogate, not text "
+                          "(bytes that are not UTF-8 on the command line?)") from None
 
 
 def _integer(name: str, value: Any, low: int, high: int, optional: bool = False) -> None:
@@ -341,7 +356,8 @@ def _image(name: str, value: ImageSource | None) -> Image.Image | str | None:
     if isinstance(value, Image.Image):
         return value
     if value is not None and not isinstance(value, str | os.PathLike):
-        raise ConfigError(f"an init image or mask must be a file path or a PIL image, not {type(value).__name__}")
+        raise ConfigError(f"{name.replace('_', ' ')} {value!r:.100} must be a file path or a PIL image, not "
+                          f"{type(value).__name__}")
     return _path(name, value)
 
 
@@ -384,7 +400,39 @@ def _encode(name: str, value: Any) -> Any:
 
 def _decode(name: str, value: Any) -> Any:
     if name == "loras":
+        if not isinstance(value, list) or not all(_lora_entry(entry) for entry in value):
+            raise ConfigError(f"loras {value!r:.200} must be a list of [file, text-encoder weight, U-Net weight]")
         return tuple(LoraRequest(Path(p), te, unet) for p, te, unet in value)
     if name == "control":
-        return tuple(ControlSpec(**entry) for entry in value)
+        if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+            raise ConfigError(f"control {value!r:.200} must be a list of ControlNet settings (objects)")
+        for entry in value:
+            for key, item in entry.items():
+                _control_value(key, item)
+        try:
+            return tuple(ControlSpec(**entry) for entry in value)
+        except TypeError as exc:
+            raise ConfigError(f"control {value!r:.200}: {exc}") from None
     return value
+
+
+_CONTROL_TEXT = ("model", "image", "pre", "resize")
+
+
+def _control_value(key: str, value: Any) -> None:
+    """A recorded ControlNet setting of the right kind: text, true/false for ``guess``, else a finite number (or
+    null for the canny thresholds ``low``/``high``)."""
+    if key in _CONTROL_TEXT:
+        if not isinstance(value, str):
+            raise ConfigError(f"control {key}={value!r} must be text")
+    elif key == "guess":
+        if not isinstance(value, bool):
+            raise ConfigError(f"control guess={value!r} must be true or false")
+    elif not (value is None and key in ("low", "high")):
+        _number(f"control {key}", value)
+
+
+def _lora_entry(entry: Any) -> bool:
+    """Whether a recipe's LoRA entry is ``[file, te, unet]`` with a file name and two numbers."""
+    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+            and all(isinstance(w, int | float) and not isinstance(w, bool) for w in entry[1:]))

@@ -78,6 +78,39 @@ def attention_slice_for(tokens: int, heads: int, rows: int, memory: int | None =
     return None if per_row * tokens <= budget else max(1, budget // per_row)
 
 
+def generation_memory(unet: UNetConfig, vae: VAEConfig, width: int, height: int, batch: int, rows: int) -> int:
+    """Bytes a generation of ``batch`` images of ``width`` × ``height`` pixels needs at least, estimated from the
+    model's config before anything is allocated (``rows``: the U-Net's batch, doubled by classifier-free guidance).
+
+    Counted, in float32: the U-Net's activations (at each level ``rows · channels · cells``, kept for the skip
+    connections of each res block and the down-sampler, plus four working tensors at full latent size), eight latents
+    per image for the sampler, six of the VAE decoder's widest activations per image (at most a 512 × 512 tile's, as
+    :func:`vae_tile_for` tiles larger decodes) and the decoded pixels twice; plus the 8-bit
+    images. Attention scores are left out (sliced when short, :func:`attention_slice_for`)."""
+    f = vae.downscale_factor
+    cells = (width // f) * (height // f)
+    levels = sum(unet.model_channels * m * (unet.num_res_blocks + 1) * cells // 4**i
+                 for i, m in enumerate(unet.channel_mult))
+    unet_floats = rows * (levels + 4 * unet.model_channels * unet.channel_mult[0] * cells)
+    pixels = width * height
+    widest = max(m / 4**i for i, m in enumerate(vae.channel_mult))  # channels per pixel at the decoder's levels
+    decode = int(6 * vae.channels * widest * min(pixels, 512 * 512))
+    floats = unet_floats + batch * (8 * vae.z_channels * cells + decode + 2 * 3 * pixels)
+    return 4 * floats + batch * 3 * pixels
+
+
+def check_generation_memory(unet: UNetConfig, vae: VAEConfig, width: int, height: int, batch: int, rows: int,
+                            memory: int | None = None) -> None:
+    """ConfigError naming ``--size`` and ``--batch`` when :func:`generation_memory` exceeds the available memory
+    (``memory``, default :func:`available_memory`)."""
+    need = generation_memory(unet, vae, width, height, batch, rows)
+    memory = available_memory() if memory is None else memory
+    if need > memory:
+        raise ConfigError(f"--size {width}x{height} with --batch {batch} needs about {need / 2**30:.1f} GiB for this "
+                          f"model (latents, U-Net activations, decoded pixels); {memory / 2**30:.1f} GiB of memory "
+                          "is available")
+
+
 def _requested(value: int | None, what: str) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ConfigError(f"{what} {value!r} must be 0 (off), a positive integer, or None (automatic)")

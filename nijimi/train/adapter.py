@@ -157,10 +157,12 @@ class AdapterTraining(FineTuning):
         prompts = list(self.cfg.sample_prompts) or [self.data[i][1] for i in range(min(4, len(self.data)))]
         return sample_fn(self.model, prompts, self.cfg.sample_steps, self.cfg.seed), None
 
-    def save(self, out: Path) -> None:
-        """The adapter as a ``cfg.format`` file with kohya's training metadata."""
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        """The adapter as a ``cfg.format`` file with kohya's training metadata; an existing ``out`` is replaced only
+        if ``overwrite``."""
         save_adapter(get_adapter(self.model, ADAPTER_NAME), out, self.model.config, self.cfg.format,
-                     dtype=torch.float16 if self.cfg.half else None, metadata=training_metadata(self))
+                     dtype=torch.float16 if self.cfg.half else None, metadata=training_metadata(self),
+                     overwrite=overwrite)
 
 
 def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = None, data=None,
@@ -206,5 +208,5 @@ def train_adapter(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite: b
     ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. Sample grids (with ``sample_fn``) are made at
     step 0 — the base model — and every ``sample_every`` steps.
     """
-    return run_finetune(cfg, lambda: prepare_training(cfg, model, data, resume), overwrite=overwrite,
+    return run_finetune(cfg, lambda: prepare_training(cfg, model, data, resume), resume=resume, overwrite=overwrite,
                         on_step=on_step, sample_fn=sample_fn)

@@ -211,9 +211,10 @@ class ControlNetTraining(FineTuning):
                            self.cfg.sample_steps, self.cfg.seed)
         return [map_image(h) for _, _, h in triples] + list(images), len(triples)
 
-    def save(self, out: Path) -> None:
-        """The ControlNet in the original layout (``control_model.*`` keys)."""
-        save_original(self.controlnet, out, half=self.cfg.half)
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        """The ControlNet in the original layout (``control_model.*`` keys); an existing ``out`` is replaced only if
+        ``overwrite``."""
+        save_original(self.controlnet, out, half=self.cfg.half, overwrite=overwrite)
 
 
 def prepare_training(cfg: ControlNetTrainConfig, preprocess: Preprocess | None = None,
@@ -241,5 +242,5 @@ def train_controlnet(cfg: ControlNetTrainConfig, *, preprocess: Preprocess | Non
     ``cfg.base``. Sample grids (with ``sample_fn``) are made at step 0 — where the ControlNet does nothing yet — and
     every ``sample_every`` steps.
     """
-    return run_finetune(cfg, lambda: prepare_training(cfg, preprocess, base, resume), overwrite=overwrite,
-                        on_step=on_step, sample_fn=sample_fn)
+    return run_finetune(cfg, lambda: prepare_training(cfg, preprocess, base, resume), resume=resume,
+                        overwrite=overwrite, on_step=on_step, sample_fn=sample_fn)

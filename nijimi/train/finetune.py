@@ -14,11 +14,12 @@ from pathlib import Path
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
+from nijimi.io.files import check_output
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.train.data import ImageFolder
 from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
-from nijimi.train.trainer import LoopConfig, OnStep, Trainer
+from nijimi.train.trainer import LoopConfig, OnStep, Trainer, check_fresh_start
 
 SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
 """``sample_fn(model, prompts, steps, seed)`` → one image per prompt; given by the caller (pipelines sit above)."""
@@ -92,7 +93,8 @@ def load_base(source: str) -> LatentDiffusion:
 @dataclass
 class FineTuning:
     """A prepared run: its settings and trainer. Each kind gives the loss curve's ``title``, its sample grid
-    ``sample_grid(sample_fn) → (images, columns)`` and ``save(out)``, which writes what was trained atomically."""
+    ``sample_grid(sample_fn) → (images, columns)`` and ``save(out, overwrite)``, which writes what was trained
+    atomically, replacing an existing file only if ``overwrite``."""
 
     cfg: FineTuneConfig
     trainer: Trainer
@@ -104,16 +106,19 @@ class FineTuning:
         return write_grid(images, self.cfg.work_dir / f"samples-{self.trainer.step:06d}.png", cols)
 
 
-def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, overwrite: bool = False,
-                 on_step: OnStep | None = None, sample_fn: Callable | None = None) -> FineTuning:
+def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, resume: bool = False,
+                 overwrite: bool = False, on_step: OnStep | None = None,
+                 sample_fn: Callable | None = None) -> FineTuning:
     """Run the whole flow (see the module docstring); returns the finished run (``cfg.out`` written).
 
-    An existing ``cfg.out`` is refused before any work unless ``overwrite``; ``prepare()`` builds the run; sample
-    grids are made only with ``sample_fn``.
+    Refused before any work unless ``overwrite``: an existing ``cfg.out``, and, unless ``resume``, an earlier run's
+    checkpoint in the work folder (:func:`~nijimi.train.trainer.check_fresh_start`); ``prepare()`` builds the run
+    (``resume``: from that checkpoint); sample grids are made only with ``sample_fn``.
     """
     matplotlib_figure()  # the loss plot's extra: checked before any work
-    if Path(cfg.out).exists() and not overwrite:
-        raise ConfigError(f"{cfg.out} exists; use --overwrite to replace it")
+    check_output(cfg.out, overwrite)
+    check_output(cfg.work_dir, folder=True)
+    check_fresh_start(cfg.work_dir, resume, overwrite)
     run = prepare()
     samples = (lambda: None) if sample_fn is None else (lambda: run.write_samples(sample_fn))
 
@@ -127,5 +132,5 @@ def run_finetune(cfg: FineTuneConfig, prepare: Callable[[], FineTuning], *, over
     run.trainer.ema.copy_to(run.trainer.module)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run.save(out)
+    run.save(out, overwrite)
     return run

@@ -69,8 +69,10 @@ def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
     return sheet
 
 
-def write_grid(images: list[Image.Image], path: Path, cols: int | None = None) -> Path:
+def write_grid(images: list[Image.Image], path: Path, cols: int | None = None, overwrite: bool = True) -> Path:
+    """Write :func:`grid` of ``images`` to the PNG ``path`` atomically; an existing one is replaced only if
+    ``overwrite`` (a run's own sample grids are; a file a user named is not, unless asked)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite=overwrite) as f:
         grid(images, cols).save(f, format="PNG")
     return path

@@ -5,7 +5,8 @@
    written every ``sample_every`` steps.
 3. export — one single-file checkpoint (EMA weights) that ``nijimi.load`` reads like any SD file.
 
-A stage whose output file exists is done; ``--resume`` continues an interrupted stage from its checkpoint. With
+A stage whose output file exists is done; ``--resume`` continues an interrupted stage from its checkpoint; without it
+an earlier run's checkpoint, like an existing export, is replaced only with ``--overwrite``. With
 ``init`` (``--init MODEL``) an existing model is fine-tuned: the VAE stage is skipped and its networks are the start.
 """
 
@@ -23,6 +24,7 @@ from nijimi.diffusion.forward import timestep_weights
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model, save_single
+from nijimi.io.files import check_output
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
@@ -32,7 +34,7 @@ from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
 from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import TWO_OBJECTS, AnyColourShapes, ShapesDataset
-from nijimi.train.trainer import LoopConfig, Trainer, open_trainer
+from nijimi.train.trainer import LoopConfig, Trainer, check_fresh_start, open_trainer
 
 StageStep = Callable[[str, Trainer, float, float], None]
 """``on_step(stage, trainer, loss, seconds)``: :data:`~nijimi.train.trainer.OnStep` with the stage's name."""
@@ -106,14 +108,18 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
         prefix = next((p for p in (*_ARCH_KEYS, "vae.", "unet.") if key.startswith(p)), "")
         groups[prefix][key.removeprefix(prefix)] = value
     arch = {k.split(".")[1]: groups[k] for k in _ARCH_KEYS}
-    run, vae = build_config(RunConfig, groups[""]), build_config(VAEStage, groups["vae."])
+    run, vae, unet = (build_config(cls, groups[k]) for cls, k in ((RunConfig, ""), (VAEStage, "vae."),
+                                                                  (UNetStage, "unet.")))
+    for name, stage in (("vae", vae), ("unet", unet)):
+        if stage.steps < 1:
+            raise ConfigError(f"{name}.steps = {stage.steps}: a stage needs at least one step")
     if vae.any_colour and run.data != "shapes":
         raise ConfigError(f"vae.any_colour = {vae.any_colour} recolours shapes scenes; data {run.data!r} is a folder "
                           "of images (set it to 0)")
     if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
-    return run, vae, build_config(UNetStage, groups["unet."]), arch
+    return run, vae, unet, arch
 
 
 def model_config(run: RunConfig, arch: dict[str, dict], scaling_factor: float | None = None) -> ModelConfig:
@@ -152,7 +158,7 @@ def train_vae(run: RunConfig, stage: VAEStage, arch: dict, data, resume: bool, o
     trainer.run(on_step=None if on_step is None else lambda t, loss, s: on_step("vae", t, loss, s))
     trainer.ema.copy_to(trainer.module)
     scale = measure_scaling_factor(vae, data)
-    save_file(vae.state_dict(), path, metadata={"scaling_factor": repr(scale)})
+    save_file(vae.state_dict(), path, metadata={"scaling_factor": repr(scale)}, overwrite=False)
     write_loss_curve(trainer.losses, out / "vae-loss.png", "VAE")
     return path
 
@@ -202,10 +208,22 @@ def init_distributed() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def check_outputs(run: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """The export's path, after refusing before any work what would replace a file (unless ``overwrite``): an
+    existing export, and, unless ``resume``, the checkpoint of an earlier run of a stage that would run again."""
+    out = check_output(run.out, folder=True)
+    target = check_output(Path(run.export) if run.export else out / "model.safetensors", overwrite)
+    if not (run.init or (out / "vae.safetensors").is_file()):
+        check_fresh_start(out / "vae", resume, overwrite)
+    check_fresh_start(out / "unet", resume, overwrite)
+    return target
+
+
 def run_training(values: dict, resume: bool = False, on_step: StageStep | None = None,
-                 sample_fn: SampleFn | None = None) -> Path:
+                 sample_fn: SampleFn | None = None, overwrite: bool = False) -> Path:
     """Run every stage of the recipe ``values`` (flat keys: a TOML file read with
-    :func:`~nijimi.train.config.read_toml`, command-line flags); returns the exported single-file model.
+    :func:`~nijimi.train.config.read_toml`, command-line flags); returns the exported single-file model, which
+    replaces an existing file only if ``overwrite`` (:func:`check_outputs`).
 
     Under ``torchrun`` every rank trains on its slice of each batch; rank 0 alone shows progress, makes sample
     grids and writes checkpoints and the export (the stage files, identical on every rank, are written atomically).
@@ -215,11 +233,11 @@ def run_training(values: dict, resume: bool = False, on_step: StageStep | None =
     if rank != 0:
         on_step, sample_fn = None, None
     run, vae_stage, unet_stage, arch = parse_config(values)
+    target = check_outputs(run, resume, overwrite)
     data = open_data(run)
     vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)
     model = train_unet(run, unet_stage, arch, data, vae_path, resume, on_step, sample_fn)
-    target = Path(run.export) if run.export else Path(run.out) / "model.safetensors"
     if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_single(model, target, half=run.half)
+        save_single(model, target, half=run.half, overwrite=overwrite)
     return target

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from nijimi.errors import ConfigError
+from nijimi.io.files import atomic_write, check_output
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (224, 48, 48),
@@ -391,19 +392,27 @@ def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: 
     return captions
 
 
-def write_shapes_dataset(out_dir: str | Path, count: int, seed: int = 0, size: int = 64, split: str = "train") -> Path:
-    """Write ``NNNNN.png`` images and ``captions.jsonl`` (``{"file": …, "caption": …}`` per line) to ``out_dir``.
+def write_shapes_dataset(out_dir: str | Path, count: int, seed: int = 0, size: int = 64, split: str = "train",
+                         overwrite: bool = False) -> Path:
+    """Write ``NNNNN.png`` images and ``captions.jsonl`` (``{"file": …, "caption": …}`` per line) to ``out_dir``,
+    each file atomically; existing files of those names are refused before any is written unless ``overwrite``.
 
     Image ``i`` is ``ShapesDataset(size, seed, split)[i]``. Returns the folder.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if size < 8:
+        raise ConfigError(f"image size {size} must be at least 8 pixels")
     dataset = ShapesDataset(size, seed, split, count)
+    names = [f"{index:05d}.png" for index in range(count)]
+    out = check_output(out_dir, folder=True)
+    for name in (*names, "captions.jsonl"):
+        check_output(out / name, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for index in range(count):
+    for index, name in enumerate(names):
         image, caption = dataset.item(index)
-        name = f"{index:05d}.png"
-        Image.fromarray(image).save(out / name)
+        with atomic_write(out / name, overwrite=overwrite) as f:
+            Image.fromarray(image).save(f, format="PNG")
         lines.append(json.dumps({"file": name, "caption": caption}))
-    (out / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_write(out / "captions.jsonl", "w", overwrite) as f:
+        f.write("\n".join(lines) + "\n")
     return out

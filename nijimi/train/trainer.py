@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nijimi.errors import CheckpointError, ConfigError
+from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
 from nijimi.io.files import atomic_write
 from nijimi.train.ema import EMA
 
+CHECKPOINT = "checkpoint.pt"
+"""The name of a run's checkpoint in its folder."""
 OnStep = Callable[["Trainer", float, float], None]
 """``on_step(trainer, loss, seconds)``: called after each optimiser step."""
 
@@ -115,7 +118,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
+        return self.out_dir / CHECKPOINT
 
     def train_step(self) -> float:
         """One optimiser step on global batch ``self.step``; returns the loss averaged over ranks."""
@@ -208,6 +211,15 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.losses = state["losses"].tolist()
+
+
+def check_fresh_start(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start afresh over the checkpoint of an earlier run in ``out_dir`` (OutputExistsError) unless it is
+    continued (``resume``) or replacing it was asked for (``overwrite``)."""
+    path = out_dir / CHECKPOINT
+    if not (resume or overwrite) and os.path.lexists(path):
+        raise OutputExistsError(f"{path} exists: continue that run with --resume, or start afresh with --overwrite "
+                                "(which replaces it)")
 
 
 def open_trainer(module: nn.Module, dataset_size: int, cfg: LoopConfig, out_dir: Path, resume: bool,

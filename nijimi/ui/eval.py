@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 
+from nijimi.errors import ConfigError
 from nijimi.eval.adherence import evaluate, evaluate_control, format_control_table, format_table
 from nijimi.io.controlnet import load_controlnet
+from nijimi.io.files import check_output
 from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.pipeline import EMBEDDED, load
+from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.controlnet import MASK, ControlPairs, map_image
 from nijimi.train.report import write_grid
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset, sample_captions
@@ -26,7 +29,18 @@ def _bar(total: int, label: str, quiet: bool) -> ProgressBar:
     return ProgressBar(total, label=label, stream=io.StringIO() if quiet else None)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """What an evaluation is refused for before any work: no captions, or a grid file that exists or cannot be
+    written (unless ``--overwrite``); the generation settings are checked as a request's."""
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n}: evaluate at least one caption")
+    GenerationRequest("x", steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=args.seed)
+    if args.grid:
+        check_output(args.grid, args.overwrite)
+
+
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
+    _check_options(args)
     pipe, loras = load(args.model or EMBEDDED), lora_requests(args.lora)
     captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
     palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
@@ -42,12 +56,13 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     with contextlib.closing(_bar(len(captions), "eval", args.quiet)) as bar:
         table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
     if args.grid:
-        write_grid(made[:16], Path(args.grid), cols=min(8, len(made)))
+        write_grid(made[:16], Path(args.grid), cols=min(8, len(made)), overwrite=args.overwrite)
     print(format_table(table))
     return 0
 
 
 def cmd_eval_control(args: argparse.Namespace) -> int:
+    _check_options(args)
     pipe = load(args.model or EMBEDDED)
     controlnet, _ = load_controlnet(controlnet_source(args.controlnet))
     size = args.size or pipe.native_size
@@ -67,7 +82,8 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
         result = evaluate_control(generate, pairs, seeds=[args.seed + i for i in range(len(pairs))])
     if args.grid:
         shown = made[:8]
-        write_grid([map_image(m[0]) for m, _ in shown] + [image for _, image in shown], Path(args.grid), len(shown))
+        write_grid([map_image(m[0]) for m, _ in shown] + [image for _, image in shown], Path(args.grid), len(shown),
+                   overwrite=args.overwrite)
     print(format_control_table(result))
     return 0
 
@@ -80,6 +96,7 @@ def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str) -> No
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help=f"{what} split (default heldout)")
     q.add_argument("--quiet", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:

@@ -20,11 +20,12 @@ from nijimi.pipelines.foreign import ForeignSettings, Imported, from_infotext, t
 
 
 def add_folder_arguments(p: argparse.ArgumentParser) -> None:
-    """``reproduce``'s folders where the files an A1111 or ComfyUI image names are looked for."""
-    p.add_argument("--models-dir", type=Path, metavar="DIR", help="checkpoints of A1111/ComfyUI images, found by "
-                   "A1111's model hash or by name")
-    p.add_argument("--lora-dir", type=Path, metavar="DIR", help="their LoRAs (default: the embedded model's demo "
-                   "adapters)")
+    """``reproduce``'s folders where the files an image names are looked for (by name and hash for nijimi's recipes,
+    by A1111's hashes or name for A1111 and ComfyUI images)."""
+    p.add_argument("--models-dir", type=Path, metavar="DIR", help="where to find the image's model (also searched "
+                   "for a nijimi recipe: the image's folder, the working directory)")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR", help="where to find its LoRAs and <lora:…> tags (also "
+                   "searched: the image's folder, the working directory, the embedded model's demo adapters)")
     p.add_argument("--vae-dir", type=Path, metavar="DIR", help="their VAEs")
     p.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="their textual-inversion embeddings")
 

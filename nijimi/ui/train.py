@@ -62,7 +62,8 @@ def add_finetune_parser(sub: argparse._SubParsersAction, name: str, help: str, c
     """Add the fine-tuning command ``name`` (settings: the fields of ``config``) that runs ``func(args)``."""
     p = sub.add_parser(name, allow_abbrev=False, help=help)
     p.add_argument("--resume", action="store_true", help="continue from the work folder's checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT, and start afresh over an earlier run's checkpoint in the work folder")
     p.add_argument("--no-samples", action="store_true", help="no sample grids during training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(p, {"": config})
@@ -77,13 +78,14 @@ def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: 
 
 def cmd_train(args: argparse.Namespace) -> int:
     with TrainingProgress(args.quiet) as progress:
-        path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images)
+        path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images,
+                            overwrite=args.overwrite)
     print(path)
     return 0
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:
-    print(write_shapes_dataset(args.out, args.count, seed=args.seed, size=args.size))
+    print(write_shapes_dataset(args.out, args.count, seed=args.seed, size=args.size, overwrite=args.overwrite))
     return 0
 
 
@@ -91,6 +93,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", allow_abbrev=False, help="train a latent text-to-image model from a TOML recipe "
                                                           "(e.g. --config configs/embedded.toml)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted stage from its checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export, and start a stage afresh over an earlier run's checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(p, {"": RunConfig, "vae.": VAEStage, "unet.": UNetStage, "arch.unet.": UNetConfig,
                          "arch.vae.": VAEConfig, "arch.text.": TextEncoderConfig},
@@ -104,4 +108,5 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing images and captions.jsonl")
     q.set_defaults(func=cmd_dataset)

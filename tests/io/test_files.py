@@ -15,7 +15,7 @@ import torch
 from helpers import in_processes
 
 from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
-from nijimi.io.files import atomic_write, load_state_dict, require_float
+from nijimi.io.files import atomic_write, check_output, load_state_dict, require_float
 from nijimi.io.safetensors import save_file
 
 
@@ -286,3 +286,19 @@ def test_of_concurrent_creators_exactly_one_wins_and_nothing_is_replaced(tmp_pat
     with atomic_write(target) as f:  # replacing stays possible when asked for
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+def test_check_output_refuses_a_file_in_the_way_and_an_existing_output_and_creates_nothing(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match=f"^cannot write {tmp_path}/f/a/b.png: {tmp_path}/f is a file, not a folder$"):
+        check_output(tmp_path / "f" / "a" / "b.png")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_output(tmp_path / "f", folder=True)
+    with pytest.raises(OutputExistsError, match=f"^{tmp_path}/f exists; use --overwrite to replace it$"):
+        check_output(tmp_path / "f")
+    with pytest.raises(ConfigError, match="it is a folder"):
+        check_output(tmp_path, overwrite=True)
+    assert check_output(tmp_path / "f", overwrite=True) == tmp_path / "f"
+    assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    assert check_output(str(tmp_path / "new" / "x.png")) == tmp_path / "new" / "x.png"
+    assert sorted(os.listdir(tmp_path)) == ["f"]

@@ -1,7 +1,8 @@
 """Files found by A1111's hashes and by name: AutoV2 (10 hex of the SHA-256), the legacy 8-hex model hash (A1111
 ``modules/sd_models.py``: SHA-256 of the 0x10000 bytes at offset 0x100000), LoRA hashes (``sshs_model_hash`` or the
 SHA-256 after the safetensors header, ``modules/hashes.py`` ``addnet_hash_safetensors``), each computed here from the
-bytes; digests are cached."""
+bytes; digests are cached. ``find_by_name_and_hash``: the file a nijimi recipe names, found by name and checked by
+hash, folder by folder."""
 
 import hashlib
 import json
@@ -10,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nijimi.errors import ConfigError
+from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import pngmeta
-from nijimi.io.find import addnet_hash, find_file, hash_matches, legacy_model_hash, lora_hash
+from nijimi.io.find import addnet_hash, find_by_name_and_hash, find_file, hash_matches, legacy_model_hash, lora_hash
+from nijimi.io.pngmeta import model_hash
 
 
 @pytest.fixture
@@ -77,3 +79,37 @@ def test_digests_are_cached_until_the_file_changes(tmp_path):
     assert addnet_hash(path) == "f" * 64
     save_file({"w": torch.ones(4)}, path)
     assert addnet_hash(path) != "f" * 64
+
+
+def test_first_file_of_the_name_and_hash_wins(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "m.safetensors").write_bytes(b"old")
+    (b / "m.ckpt").write_bytes(b"new")
+    (b / "m.safetensors").write_bytes(b"new")
+    digest = model_hash(b / "m.safetensors")
+    assert find_by_name_and_hash("m", digest, [a, b]) == b / "m.safetensors"
+    assert find_by_name_and_hash("m.ckpt", digest, [a, b]) == b / "m.ckpt"
+    assert find_by_name_and_hash("m", None, [a, b]) == a / "m.safetensors"
+
+
+def test_a_folder_model_is_found_only_without_a_hash(tmp_path):
+    (tmp_path / "sd15").mkdir()
+    assert find_by_name_and_hash("sd15", None, [tmp_path]) == tmp_path / "sd15"
+    with pytest.raises(CheckpointError, match="model 'sd15' with hash 0123456789 not found"):
+        find_by_name_and_hash("sd15", "0123456789", [tmp_path])
+
+
+def test_missing_or_other_hash_names_what_was_searched_and_found(tmp_path):
+    (tmp_path / "ink.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError) as info:
+        find_by_name_and_hash("ink", "0123456789", [tmp_path, tmp_path / "none"], "LoRA")
+    assert str(info.value) == (f"LoRA 'ink' with hash 0123456789 not found in {tmp_path}, {tmp_path / 'none'}; "
+                               f"{tmp_path / 'ink.safetensors'} has hash {model_hash(tmp_path / 'ink.safetensors')}")
+
+
+@pytest.mark.parametrize("name", ["", "../m", "sub/m"])
+def test_a_name_with_a_folder_is_refused(tmp_path, name):
+    with pytest.raises(CheckpointError, match="must be a plain file name"):
+        find_by_name_and_hash(name, None, [tmp_path])

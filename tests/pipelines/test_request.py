@@ -77,7 +77,8 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
      "sampler 'DPM++ 2M Karras' names the schedule 'karras', but the schedule is 'beta'"),
     ({"sampler": "warp"}, SamplerError, "unknown sampler 'warp'"),
     ({"mask": "m.png"}, ImageError, "a mask needs an init image"),
-    ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),
+    ({"negative_prompt": 3}, ConfigError, "negative prompt 3 must be text"),
+    ({"negative_prompt": "a \udcff"}, ConfigError, "negative prompt holds '\\udcff' at character 2, a lone surrogate"),
     ({"loras": [("nowhere", 1.0, 1.0)], "lora_dir": "/no/such/dir"}, ConfigError, "LoRA folder /no/such/dir"),
     ({"loras": [(".", float("nan"), 1.0)]}, ConfigError, "LoRA .: weights must be finite numbers, got nan, 1.0"),
     ({"decoder": "tiny:"}, ConfigError, "decoder 'tiny:' must be vae, tiny or tiny:PATH"),
@@ -91,8 +92,12 @@ def test_bad_values_are_refused_by_name(changes, error, message):
 def test_from_dict_refuses_unknown_keys_and_wrong_kinds():
     with pytest.raises(ConfigError, match=r"img.png: recipe: not a generation request \(unknown keys \['cfg'\]\)"):
         GenerationRequest.from_dict({"prompt": "x", "cfg": 7}, "img.png: recipe")
-    with pytest.raises(ConfigError, match="bad generation request"):
-        GenerationRequest.from_dict({"loras": [["a.safetensors"]]})
+    with pytest.raises(ConfigError, match=r"img.png: recipe: loras \[\['a.safetensors'\]\] must be a list of \[file, "):
+        GenerationRequest.from_dict({"loras": [["a.safetensors"]]}, "img.png: recipe")
+    with pytest.raises(ConfigError, match=r"img.png: recipe: control scale 'x' must be a finite number"):
+        GenerationRequest.from_dict({"control": [{"model": "m", "image": "i.png", "scale": "x"}]}, "img.png: recipe")
+    with pytest.raises(ConfigError, match=r"img.png: recipe: steps '2' must be an integer"):
+        GenerationRequest.from_dict({"steps": "2"}, "img.png: recipe")
     with pytest.raises(ConfigError, match="in-memory"):
         GenerationRequest("x", init_image=Image.new("RGB", (8, 8))).to_dict()
 

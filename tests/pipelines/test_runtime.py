@@ -8,16 +8,19 @@ import pytest
 import torch
 
 from nijimi.errors import ConfigError
+from nijimi.models.ldm import ModelConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 from nijimi.pipelines import runtime
 from nijimi.pipelines.runtime import (
     attention_slice_for,
+    check_generation_memory,
     choose_attention_slice,
     choose_vae_tile,
     cpu_info,
     default_threads,
     dtype_name,
+    generation_memory,
     resolve_device,
     time_bf16,
     vae_tile_for,
@@ -131,3 +134,17 @@ def test_time_bf16_times_matmul_and_conv():
     timings = time_bf16(size=32, repeats=1)
     assert [t.op for t in timings] == ["matmul", "conv2d"]
     assert all(t.fp32 > 0 and t.bf16 > 0 for t in timings)
+
+
+def test_generation_memory_grows_with_size_and_batch_and_refuses_naming_both():
+    """SD1.5 at 512² (guided: 2 U-Net rows) needs well under 2 GiB by the estimate; a batch of 4 about four times as
+    much; --size 99992x99992 is refused before anything is allocated, naming --size, --batch and both amounts."""
+    cfg = ModelConfig.preset("sd15")
+    one = generation_memory(cfg.unet, cfg.vae, 512, 512, 1, 2)
+    assert 0.5 * 2**30 < one < 2 * 2**30
+    assert 3.5 * one < generation_memory(cfg.unet, cfg.vae, 512, 512, 4, 8) < 4.5 * one
+    check_generation_memory(cfg.unet, cfg.vae, 512, 512, 1, 2, memory=16 << 30)
+    with pytest.raises(ConfigError, match=r"^--size 99992x99992 with --batch 1 needs about \d+\.\d GiB for this model "
+                                          r"\(latents, U-Net activations, decoded pixels\); 16\.0 GiB of memory is "
+                                          r"available$"):
+        check_generation_memory(cfg.unet, cfg.vae, 99992, 99992, 1, 2, memory=16 << 30)

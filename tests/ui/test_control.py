@@ -55,7 +55,8 @@ def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
     assert meta["recipe"]["request"]["control"] == [{
         "model": str(files["cn"]), "image": str(files["map"]), "scale": 0.9, "pre": "canny", "start": 0.0, "end": 0.8,
         "low": 50.0, "high": 150.0, "resize": "resize", "guess": False}]
-    code, out, err = run(capsys, "reproduce", steered, "--out", again, "--quiet")
+    code, out, err = run(capsys, "reproduce", steered, "--out", again, "--quiet", "--models-dir",
+                         Path(files["model"]).parent)
     assert (code, err) == (0, "")
     assert np.array_equal(pixels(again), pixels(steered))
 
