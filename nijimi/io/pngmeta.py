@@ -25,10 +25,11 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from nijimi.errors import CheckpointError, ImageError, NijimiError
-from nijimi.io.files import atomic_write
+from nijimi.io.files import atomic_write, regular_file
+from nijimi.io.image_file import read_image
 
 PARAMETERS_KEY = "parameters"
 RECIPE_KEY = "nijimi"
@@ -186,7 +187,7 @@ def model_hash(path: str | os.PathLike) -> str:
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str):
             return entry[2]
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open(regular_file(path, "model file"), "rb") as f:
             while block := f.read(HASH_BLOCK):
                 digest.update(block)
     except OSError as e:
@@ -220,13 +221,10 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str,
 
 
 def _png_text(path: Path) -> dict[str, str]:
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise ImageError(f"{os.fspath(path)!r} is a {image.format} image, not a PNG")
-            return dict(image.text)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ImageError(f"cannot read PNG {os.fspath(path)!r}: {e}") from e
+    image = read_image(path, "PNG")
+    if image.format != "PNG":
+        raise ImageError(f"{path}: is a {image.format} image, not a PNG")
+    return dict(image.text)
 
 
 def _json_or_text(text: str | None) -> object:

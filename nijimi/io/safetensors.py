@@ -172,7 +172,9 @@ def _read_header(path: str | os.PathLike, file: BinaryIO) -> _Header:
 
 
 def open_file(path: str | os.PathLike) -> BinaryIO:
-    """``path`` opened for binary reading; a missing or unreadable file raises :class:`CheckpointError` naming it."""
+    """``path`` opened for binary reading; a missing, unreadable or special file (folder, FIFO, device: refused before
+    opening, see :func:`nijimi.io.files.regular_file`) raises :class:`CheckpointError` naming it."""
+    files.regular_file(path)
     try:
         return open(path, "rb")
     except FileNotFoundError as e:
