@@ -8,7 +8,6 @@ reader/writer (:mod:`nijimi.io.diffusers_folder`) all work from these descriptor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from nijimi.errors import CheckpointError, ConfigError, NijimiError
 from nijimi.io import files
 from nijimi.io.keys import clip, controlnet, unet, vae
 from nijimi.io.keys.table import RenameTable
+from nijimi.io.limits import check_model_fits, parse_json
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -62,10 +62,12 @@ CONTROLNET = Component("controlnet", ControlNetModel, ControlNetConfig, "control
 
 
 def config_from_json(config_class: type, data: str | dict, source: str, key: str) -> Any:
-    """``config_class.from_dict`` of nijimi's config JSON (text or parsed) stored under ``key``; a bad one raises
-    :class:`CheckpointError` naming ``source`` and ``key``."""
+    """``config_class.from_dict`` of nijimi's config JSON (text, bounded by :func:`~nijimi.io.limits.parse_json`, or
+    parsed) stored under ``key``; a bad one (wrong type or range of any value) raises :class:`CheckpointError` naming
+    ``source`` and ``key``."""
+    parsed = parse_json(data, f"{source}: invalid {key}") if isinstance(data, str) else data
     try:
-        return config_class.from_dict(json.loads(data) if isinstance(data, str) else data)
+        return config_class.from_dict(parsed)
     except (ValueError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{source}: invalid {key}: {e}") from None
 
@@ -97,9 +99,11 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 def build_strict(module: Callable[[Any], nn.Module], config: object, native: Mapping[str, torch.Tensor],
                  dtype: torch.dtype | None, source: str = "checkpoint") -> Any:
-    """``module(config)`` holding ``native`` (its full state dict), in eval mode, built without a second copy: made on
-    the ``meta`` device, checked by :func:`check_state_dict`, then assigned the tensors (converted where ``dtype``
-    differs from the stored one; ``None`` keeps what is stored)."""
+    """``module(config)`` holding ``native`` (its full state dict), in eval mode, built without a second copy:
+    checked to fit this machine's memory (:func:`~nijimi.io.limits.check_model_fits`), made on the ``meta`` device,
+    checked by :func:`check_state_dict`, then assigned the tensors (converted where ``dtype`` differs from the stored
+    one; ``None`` keeps what is stored)."""
+    check_model_fits(config, source)
     with torch.device("meta"):
         model = module(config)
     check_state_dict(native, model.state_dict(), source)
