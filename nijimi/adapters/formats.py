@@ -344,6 +344,7 @@ def _read_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], di
     if path.is_dir():
         weights, config_path = peft_weights_file(path), path / PEFT_CONFIG
     sd, metadata = files.load_state_dict(weights)
+    files.require_finite_float({k: v for k, v in sd.items() if v.is_floating_point()}, weights)
     config = None
     if config_path.is_file():
         try:

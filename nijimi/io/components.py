@@ -79,7 +79,8 @@ def dtype_names(tensors: Iterable[torch.Tensor]) -> tuple[str, ...]:
 
 def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (a model's state dict): missing and
-    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights.
+    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights,
+    NaN or infinite weights (the first key).
     """
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -94,7 +95,7 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:_SHOWN])}")
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
-    files.require_float(sd, source)
+    files.require_finite_float(sd, source)
 
 
 def build_strict(module: Callable[[Any], nn.Module], config: object, native: Mapping[str, torch.Tensor],

@@ -150,11 +150,15 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                           f"({' '.join(TORCH_SUFFIXES)})")
 
 
-def require_float(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Raise ``CheckpointError`` naming ``source`` and the key if any tensor is not floating point."""
+def require_finite_float(state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` naming ``source`` and the first key whose tensor is not floating point, or holds a
+    NaN or an infinity (one ``isfinite`` reduction per tensor: weights that would only show as a NaN image later)."""
     for key, value in state_dict.items():
         if not value.is_floating_point():
             raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}, a float dtype is required")
+        if not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            raise CheckpointError(f"{source}: tensor {key!r} holds {bad} values; the file is damaged")
 
 
 def _create_temp(path: Path) -> tuple[Path, int]:
