@@ -77,11 +77,9 @@ def dtype_names(tensors: Iterable[torch.Tensor]) -> tuple[str, ...]:
     return tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (a model's state dict): missing and
-    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights,
-    NaN or infinite weights (the first key).
-    """
+def state_dict_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """How ``sd`` does not fit ``expected`` (a model's state dict), one phrase each: missing and unexpected keys (the
+    first few by name, with counts), mismatched shapes (key and both shapes); empty when it fits."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     problems = []
@@ -93,6 +91,13 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
               if k in sd and sd[k].shape != v.shape]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:_SHOWN])}")
+    return problems
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (:func:`state_dict_problems`) or holds
+    non-float, NaN or infinite weights (the first key)."""
+    problems = state_dict_problems(sd, expected)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
     files.require_finite_float(sd, source)

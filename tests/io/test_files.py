@@ -8,14 +8,15 @@ import stat
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import in_processes
+from helpers import in_processes, without_hanging
 
 from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
-from nijimi.io.files import atomic_write, load_state_dict, require_float
+from nijimi.io.files import atomic_write, load_state_dict, regular_file, require_finite_float
 from nijimi.io.safetensors import save_file
 
 
@@ -203,10 +204,10 @@ def test_not_a_state_dict(tmp_path, obj, problem):
 # ---- dtype helpers ---------------------------------------------------------------------------------------------------
 
 
-def test_require_float_names_file_key_and_dtype():
-    require_float({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)}, "x.safetensors")
+def test_require_finite_float_names_file_key_and_dtype():
+    require_finite_float({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)}, "x.safetensors")
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'ids' has dtype torch.int64, a float dtype"):
-        require_float({"a": torch.zeros(1), "ids": torch.arange(3)}, "x.safetensors")
+        require_finite_float({"a": torch.zeros(1), "ids": torch.arange(3)}, "x.safetensors")
 
 
 # ---- atomic_write ----------------------------------------------------------------------------------------------------
@@ -286,3 +287,27 @@ def test_of_concurrent_creators_exactly_one_wins_and_nothing_is_replaced(tmp_pat
     with atomic_write(target) as f:  # replacing stays possible when asked for
         f.write(b"new")
     assert target.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("bad, kind", [(float("nan"), "NaN"), (float("inf"), "infinite"), (-float("inf"), "infinite")])
+def test_require_finite_float_names_the_first_bad_key(bad, kind):
+    weights = {"ok": torch.ones(3, dtype=torch.float16), "w1": torch.tensor([1.0, bad]), "w2": torch.tensor([bad])}
+    with pytest.raises(CheckpointError, match=f"^x.safetensors: tensor 'w1' holds {kind} values"):
+        require_finite_float(weights, "x.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_refused_before_opening(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    for call in (lambda: load_state_dict(fifo), lambda: regular_file(fifo)):
+        error = without_hanging(call, fifo)
+        assert isinstance(error, CheckpointError)
+        assert str(error) == f"{fifo}: file is a FIFO (named pipe), not a file"
+    with pytest.raises(CheckpointError, match=r"^/dev/null: model is a device, not a file$"):
+        regular_file("/dev/null", "model")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: file is a folder, not a file$"):
+        load_state_dict(tmp_path)
+    with pytest.raises(ConfigError, match=r"gone.toml: config file not found$"):
+        regular_file(tmp_path / "gone.toml", "config", ConfigError, "config file not found")
+    assert regular_file(__file__) == Path(__file__)
