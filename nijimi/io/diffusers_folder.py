@@ -54,14 +54,15 @@ _N_SPECIAL = 2
 _FORMAT_METADATA = {"format": "pt"}
 
 
-def _read_json(path: Path, foreign: bool = False) -> dict:
-    """The JSON object in ``path`` (bounded in size and depth, :func:`~nijimi.io.limits.read_json`); ``foreign``: a
-    diffusers / transformers config, its keys type-checked (:func:`~nijimi.io.foreign_config.check_foreign_config`)."""
+def _read_json(path: Path, foreign: str | None = None) -> dict:
+    """The JSON object in ``path`` (bounded in size and depth, :func:`~nijimi.io.limits.read_json`); ``foreign``: the
+    class of a diffusers / transformers config, whose keys are then type-checked
+    (:func:`~nijimi.io.foreign_config.check_foreign_config`)."""
     data = read_json(path, missing="missing (needed in a diffusers folder)")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if foreign:
-        check_foreign_config(data, str(path))
+    if foreign is not None:
+        check_foreign_config(data, str(path), foreign)
     return data
 
 
@@ -71,7 +72,7 @@ def component_config(folder: Path, component: Component, override: Any = None) -
     """The config of a component folder and where it came from: ``override`` (``"override"``), nijimi's own entry in
     ``config.json`` (``"metadata"``) or the translated ``config.json`` (``"diffusers"``)."""
     path = folder / "config.json"
-    data = _read_json(path, foreign=True)
+    data = _read_json(path, foreign=component.class_name)
     if data.get("_class_name", component.class_name) != component.class_name:
         raise CheckpointError(f"{path}: not a {component.class_name} config (_class_name {data['_class_name']!r})")
     if override is not None:
@@ -194,7 +195,8 @@ def read_config(folder: Path) -> tuple[ModelConfig, str]:
     index = _read_json(folder / "model_index.json")
     scheduler = folder / "scheduler" / "scheduler_config.json"
     try:
-        schedule = NoiseSchedule.from_diffusers_config(_read_json(scheduler, True)) if scheduler.exists() else None
+        stored = _read_json(scheduler, "scheduler") if scheduler.exists() else None
+        schedule = NoiseSchedule.from_diffusers_config(stored) if stored is not None else None
         if NIJIMI_CONFIG_KEY in index:
             config = config_from_json(ModelConfig, index[NIJIMI_CONFIG_KEY], str(folder / "model_index.json"),
                                       NIJIMI_CONFIG_KEY)

@@ -74,11 +74,17 @@ FOREIGN_KEYS: dict[str, str] = {
 }
 
 
-def check_foreign_config(data: dict, source: str) -> None:
+CLASS_KEYS: dict[str, dict[str, str]] = {"CLIPTextModel": {"num_attention_heads": "count"}}
+"""Keys whose kind differs in one class's config (a CLIP text model has one head count, a U-Net one per level)."""
+
+
+def check_foreign_config(data: dict, source: str, class_name: str = "") -> None:
     """Raise :class:`CheckpointError` ``"<source>: key <key> must be <kind>, got <value>"`` for the first key of a
-    diffusers / transformers config dict whose value is not of the kind :data:`FOREIGN_KEYS` gives it."""
+    diffusers / transformers config dict (of ``class_name``) whose value is not of the kind :data:`FOREIGN_KEYS`
+    (or :data:`CLASS_KEYS`) gives it."""
+    kinds = {**FOREIGN_KEYS, **CLASS_KEYS.get(class_name, {})}
     for key, value in data.items():
-        kind = FOREIGN_KEYS.get(key)
+        kind = kinds.get(key)
         if kind is None:
             continue
         fits, described = _KINDS[kind]

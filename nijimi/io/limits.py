@@ -53,11 +53,16 @@ def machine_memory() -> int:
         return 8 << 30
 
 
+_NOT_SIZES = ("pad_token_id", "sample_size", "clip_skip", "schedule")
+
+
 def _largest_fields(config: object, prefix: str = "") -> list[tuple[int, str]]:
-    """(value, dotted name) of every int field of ``config`` and its nested config dataclasses."""
+    """(value, dotted name) of every int size field of ``config`` and its nested config dataclasses."""
     out: list[tuple[int, str]] = []
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if field.name in _NOT_SIZES:
+            continue
         if dataclasses.is_dataclass(value):
             out += _largest_fields(value, f"{prefix}{field.name}.")
         elif type(value) is int:
