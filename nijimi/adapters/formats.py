@@ -30,6 +30,7 @@ import torch
 from nijimi.adapters.weights import SCALARS, TENSOR_NAMES, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, safetensors
+from nijimi.io.limits import read_json
 from nijimi.io.keys.adapters import (
     PEFT_TEXT,
     PEFT_UNET,
@@ -347,10 +348,7 @@ def _read_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], di
     files.require_finite_float({k: v for k, v in sd.items() if v.is_floating_point()}, weights)
     config = None
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: unreadable peft config: {e}") from None
+        config = read_json(config_path)
     return sd, metadata, config
 
 
