@@ -30,7 +30,6 @@ import torch
 from nijimi.adapters.weights import SCALARS, TENSOR_NAMES, Adapter, ModuleWeights, kind_of
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import files, safetensors
-from nijimi.io.limits import read_json
 from nijimi.io.keys.adapters import (
     PEFT_TEXT,
     PEFT_UNET,
@@ -41,6 +40,7 @@ from nijimi.io.keys.adapters import (
     peft_natives,
     peft_split,
 )
+from nijimi.io.limits import read_json
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
