@@ -70,8 +70,9 @@ def _largest_fields(config: object, prefix: str = "") -> list[tuple[int, str]]:
     return out
 
 
-def check_model_fits(config: object, source: str, memory: int | None = None) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` and the config's largest numbers when the network ``config``
+def check_model_fits(config: object, source: str, memory: int | None = None,
+                     error: type[NijimiError] = CheckpointError) -> None:
+    """Raise ``error`` naming ``source`` and the config's largest numbers when the network ``config``
     describes would need more than ``memory`` bytes (default :func:`machine_memory`): at least
     :data:`BYTES_PER_PARAMETER` per weight and :data:`BYTES_PER_BLOCK` per block
     (:func:`~nijimi.models.size.model_size`). Call it before building the model."""
@@ -81,7 +82,7 @@ def check_model_fits(config: object, source: str, memory: int | None = None) -> 
     if need <= memory:
         return
     largest = ", ".join(f"{name}={value}" for value, name in sorted(_largest_fields(config), reverse=True)[:3])
-    raise CheckpointError(f"{source}: the config asks for a network of about {size.parameters:.3g} parameters in "
+    raise error(f"{source}: the config asks for a network of about {size.parameters:.3g} parameters in "
                           f"{size.blocks} blocks ({largest}), needing at least {need / 2**30:.3g} GiB; this machine "
                           f"has {memory / 2**30:.3g} GiB")
 

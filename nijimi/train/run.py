@@ -116,7 +116,7 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
-    check_model_fits(model_config(run, arch), settings.source or "training config")
+    check_model_fits(model_config(run, arch), settings.source or "training config", error=ConfigError)
     return run, vae, build_config(UNetStage, groups["unet."]), arch
 
 
