@@ -89,4 +89,5 @@ def test_fifo_config_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "recipe.toml"
     os.mkfifo(fifo)
     error = without_hanging(lambda: read_toml(fifo), fifo)
-    assert isinstance(error, ConfigError) and str(error) == f"{fifo}: training config is a FIFO (named pipe), not a file"
+    assert isinstance(error, ConfigError)
+    assert str(error) == f"{fifo}: training config is a FIFO (named pipe), not a file"
