@@ -143,6 +143,13 @@ def _check(where: str, field: str, value: Any) -> None:
             raise ConfigError(f"{where} must be {required}, got {value!r}")
 
 
+def check_settings(config: object) -> None:
+    """Check every field of a settings dataclass by :data:`RANGES` and for NaN/infinity (``__post_init__`` of the
+    training configs, so one built in Python obeys the rules a file's values do)."""
+    for field in dataclasses.fields(config):
+        _check(field.name, field.name, getattr(config, field.name))
+
+
 def build_config(cls: type[T], values: Mapping[str, Any]) -> T:
     """Fill dataclass ``cls`` from flat ``values``; unknown keys, wrong types and values out of range raise
     ConfigError naming them (see :func:`replace_config`)."""

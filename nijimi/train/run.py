@@ -27,7 +27,7 @@ from nijimi.io.limits import check_model_fits
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
-from nijimi.train.config import Settings, build_config, replace_config
+from nijimi.train.config import Settings, build_config, check_settings, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
@@ -64,6 +64,9 @@ class RunConfig:
     export: str = ""
     half: bool = True
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
 
 @dataclass
 class VAEStage(LoopConfig):
@@ -89,6 +92,7 @@ class UNetStage(LoopConfig):
     timestep_bias_end: int = NoiseSchedule.num_train_timesteps
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # a bad bias setting fails when the config is read, not after the VAE stage
         self.timestep_weights(NoiseSchedule.num_train_timesteps)
 

@@ -23,6 +23,7 @@ from torch import nn
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.components import state_dict_problems
 from nijimi.io.files import atomic_write, regular_file
+from nijimi.train.config import check_settings
 from nijimi.train.ema import EMA
 
 _CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "rng", "losses")
@@ -47,6 +48,9 @@ class LoopConfig:
     ema_decay: float = 0.999
     save_every: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_settings(self)  # the ranges of nijimi.train.config.RANGES, also for a config built in Python
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
