@@ -83,8 +83,8 @@ def check_model_fits(config: object, source: str, memory: int | None = None,
         return
     largest = ", ".join(f"{name}={value}" for value, name in sorted(_largest_fields(config), reverse=True)[:3])
     raise error(f"{source}: the config asks for a network of about {size.parameters:.3g} parameters in "
-                          f"{size.blocks} blocks ({largest}), needing at least {need / 2**30:.3g} GiB; this machine "
-                          f"has {memory / 2**30:.3g} GiB")
+                f"{size.blocks} blocks ({largest}), needing at least {need / 2**30:.3g} GiB; this machine has "
+                f"{memory / 2**30:.3g} GiB")
 
 
 def _depth(text: str) -> int:

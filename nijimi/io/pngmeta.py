@@ -30,6 +30,7 @@ from PIL import Image, PngImagePlugin
 from nijimi.errors import CheckpointError, ImageError, NijimiError
 from nijimi.io.files import atomic_write, regular_file
 from nijimi.io.image_file import read_image
+from nijimi.io.limits import parse_json
 
 PARAMETERS_KEY = "parameters"
 RECIPE_KEY = "nijimi"
@@ -228,11 +229,12 @@ def _png_text(path: Path) -> dict[str, str]:
 
 
 def _json_or_text(text: str | None) -> object:
+    """A text chunk's JSON (bounded in size and depth, :func:`~nijimi.io.limits.parse_json`), else the text."""
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except ValueError:
+        return parse_json(text, "PNG text")
+    except NijimiError:
         return text
 
 

@@ -96,3 +96,11 @@ def test_special_files_are_refused_without_opening(tmp_path):
         read_png_metadata(tmp_path)
     with pytest.raises(ImageError, match=f"^{tmp_path / 'gone.png'}: image file not found$"):
         read_image(tmp_path / "gone.png")
+
+
+def test_deeply_nested_json_in_a_text_chunk_is_kept_as_text(tmp_path):
+    path = tmp_path / "deep.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("nijimi", "[" * 100_000, zip=True)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    assert read_png_metadata(path)["recipe"] == "[" * 100_000
