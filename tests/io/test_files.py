@@ -13,11 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import in_processes, without_hanging
+from helpers import SD1, in_processes, without_hanging
 
+from nijimi.adapters.formats import read_adapter
 from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
+from nijimi.io.checkpoint import load_model
+from nijimi.io.controlnet import load_controlnet
+from nijimi.io.detect import read_sidecar_yaml
 from nijimi.io.files import atomic_write, load_state_dict, regular_file, require_finite_float
 from nijimi.io.safetensors import save_file
+from nijimi.io.taesd import load_taesd
+from nijimi.io.vae_file import load_vae
 
 
 def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -311,3 +317,15 @@ def test_special_files_are_refused_before_opening(tmp_path):
     with pytest.raises(ConfigError, match=r"gone.toml: config file not found$"):
         regular_file(tmp_path / "gone.toml", "config", ConfigError, "config file not found")
     assert regular_file(__file__) == Path(__file__)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_every_model_loader_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    loaders = {"model": load_model, "VAE": lambda p: load_vae(p, SD1.vae), "TAESD": load_taesd,
+               "LoRA": lambda p: read_adapter(p, SD1), "ControlNet": load_controlnet, "yaml": read_sidecar_yaml}
+    for name, load in loaders.items():
+        error = without_hanging(lambda load=load: load(fifo), fifo)
+        assert isinstance(error, CheckpointError), name
+        assert str(error).startswith(f"{fifo}: ") and "is a FIFO (named pipe), not a file" in str(error), name
