@@ -219,8 +219,8 @@ def _pad_token_id(tokenizer: Path, default: int) -> int:
     ids = _read_json(vocab)
     if pad is None:
         return default
-    if pad not in ids:
-        raise CheckpointError(f"{special}: pad token {pad!r} is not in {vocab.name}")
+    if not isinstance(pad, str) or pad not in ids or type(ids[pad]) is not int:
+        raise CheckpointError(f"{special}: pad token {pad!r:.80} is not a token of {vocab.name}")
     return ids[pad]
 
 
