@@ -410,7 +410,7 @@ def test_an_unknown_training_key_is_one_error_line(command, capsys, tmp_path):
     recipe.write_text("no_such_key = 1\n")
     assert main([command, "--config", str(recipe), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown config key(s): no_such_key (known: ") and err.count("\n") == 1
+    assert err.startswith(f"error: {recipe}: unknown config key(s): no_such_key (known: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv", [["generate", "x", "--vae-t", "32"], ["generate", "x", "--steps", "many"]])
