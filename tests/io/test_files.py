@@ -2,6 +2,7 @@
 concurrent creators of one name exactly one wins, in real processes)."""
 
 import errno
+import math
 import os
 import pickle
 import stat
@@ -297,6 +298,10 @@ def test_of_concurrent_creators_exactly_one_wins_and_nothing_is_replaced(tmp_pat
 
 @pytest.mark.parametrize("bad, kind", [(float("nan"), "NaN"), (float("inf"), "infinite"), (-float("inf"), "infinite")])
 def test_require_finite_float_names_the_first_bad_key(bad, kind):
+    require_finite_float({"big": torch.full((4,), 3e38), "half": torch.full((3,), 65504.0).half(),
+                          "empty": torch.zeros(0, 3), "f8": torch.ones(3).to(torch.float8_e4m3fn)}, "fine.pt")
+    with pytest.raises(CheckpointError, match="'f8' holds NaN"):
+        require_finite_float({"f8": torch.tensor([1.0, math.nan]).to(torch.float8_e4m3fn)}, "x")
     weights = {"ok": torch.ones(3, dtype=torch.float16), "w1": torch.tensor([1.0, bad]), "w2": torch.tensor([bad])}
     with pytest.raises(CheckpointError, match=f"^x.safetensors: tensor 'w1' holds {kind} values"):
         require_finite_float(weights, "x.safetensors")
