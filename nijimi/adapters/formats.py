@@ -40,7 +40,7 @@ from nijimi.io.keys.adapters import (
     peft_natives,
     peft_split,
 )
-from nijimi.io.limits import read_json
+from nijimi.io.limits import parse_json, read_json
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
@@ -225,10 +225,9 @@ def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, di
     configs = {"": config} if config else {}
     raw = metadata.get(DIFFUSERS_METADATA)
     if raw:
-        try:
-            packed = json.loads(raw)
-        except ValueError as e:
-            raise CheckpointError(f"header entry {DIFFUSERS_METADATA!r} is not JSON: {e}") from None
+        packed = parse_json(raw, f"header entry {DIFFUSERS_METADATA!r} is not JSON")
+        if not isinstance(packed, dict):
+            raise CheckpointError(f"header entry {DIFFUSERS_METADATA!r} is not a JSON object: {raw[:80]!r}")
         for prefix in (PEFT_UNET, PEFT_TEXT):
             part = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
             if part:

@@ -13,7 +13,6 @@ Each image is resized so its shorter side is the model size and then center-crop
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from PIL import Image, ImageOps
 
 from nijimi.errors import ConfigError, DataError
 from nijimi.io.image_file import image_size, read_image
+from nijimi.io.limits import parse_json
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -61,10 +61,7 @@ def _mask_beside(image: Path) -> Path | None:
 
 def _jsonl_record(folder: Path, source: Path, number: int, line: str) -> Record:
     where = f"{source}, line {number}"
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg}): {line[:80]!r}") from exc
+    entry = parse_json(line, where, DataError)
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("caption"), str)):
         raise DataError(f'{where}: expected {{"file": "<image>", "caption": "<text>"}}, got {line[:80]!r}')
     image = folder / entry["file"]
