@@ -8,10 +8,12 @@ import dataclasses
 import multiprocessing
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -196,3 +198,23 @@ def in_processes(target: Callable, count: int) -> list:
     for process in processes:
         process.join(timeout=60)
     return [got[i] for i in range(count)]
+
+
+def without_hanging(call: Callable[[], object], fifo: Path) -> BaseException | None:
+    """What ``call`` raised (None if nothing), run in a thread; if it is still blocked after 20 s (it opened the FIFO
+    ``fifo``), a writer unblocks it and the test fails."""
+    outcome = {}
+
+    def target():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - the test inspects what was raised
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer lets the blocked open return
+        pytest.fail(f"{call} blocked on the FIFO {fifo}")
+    return outcome.get("error")

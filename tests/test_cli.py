@@ -376,7 +376,7 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png", "--models-dir", model_file.parent)
     assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
     code, _, err = run(capsys, "info", inputs["broken.png"])
-    assert code == 2 and err.startswith("error: cannot read image") and len(err.splitlines()) == 1
+    assert code == 2 and "broken.png: cannot read image" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r.png").exists()
 
 
@@ -447,7 +447,7 @@ def test_an_unknown_training_key_is_one_error_line(command, capsys, tmp_path):
     recipe.write_text("no_such_key = 1\n")
     assert main([command, "--config", str(recipe), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown config key(s): no_such_key (known: ") and err.count("\n") == 1
+    assert err.startswith(f"error: {recipe}: unknown config key(s): no_such_key (known: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv", [["generate", "x", "--vae-t", "32"], ["generate", "x", "--steps", "many"]])

@@ -40,6 +40,7 @@ from nijimi.io.keys.adapters import (
     peft_natives,
     peft_split,
 )
+from nijimi.io.limits import parse_json, read_json
 from nijimi.models.ldm import ModelConfig
 
 FORMATS = ("kohya", "peft")
@@ -224,10 +225,9 @@ def _peft_configs(metadata: dict[str, str], config: dict | None) -> dict[str, di
     configs = {"": config} if config else {}
     raw = metadata.get(DIFFUSERS_METADATA)
     if raw:
-        try:
-            packed = json.loads(raw)
-        except ValueError as e:
-            raise CheckpointError(f"header entry {DIFFUSERS_METADATA!r} is not JSON: {e}") from None
+        packed = parse_json(raw, f"header entry {DIFFUSERS_METADATA!r} is not JSON")
+        if not isinstance(packed, dict):
+            raise CheckpointError(f"header entry {DIFFUSERS_METADATA!r} is not a JSON object: {raw[:80]!r}")
         for prefix in (PEFT_UNET, PEFT_TEXT):
             part = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
             if part:
@@ -344,12 +344,10 @@ def _read_files(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], di
     if path.is_dir():
         weights, config_path = peft_weights_file(path), path / PEFT_CONFIG
     sd, metadata = files.load_state_dict(weights)
+    files.require_finite_float({k: v for k, v in sd.items() if v.is_floating_point()}, weights)
     config = None
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{config_path}: unreadable peft config: {e}") from None
+        config = read_json(config_path)
     return sd, metadata, config
 
 

@@ -7,6 +7,7 @@ items: positional ``te`` (the text-encoder multiplier, default 1) and ``unet`` (
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -30,9 +31,12 @@ class LoraTag(NamedTuple):
 
 def _number(text: str, tag: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise PromptError(f"{tag}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise PromptError(f"{tag}: multiplier {text.strip()!r} is not a finite number")
+    return value
 
 
 def _parse_tag(body: str, tag: str) -> LoraTag:
@@ -103,7 +107,8 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike) -> Path:
 
 
 def parse_lora_option(text: str) -> tuple[Path, float, float]:
-    """The CLI form ``FILE[:WEIGHT[:UNET_WEIGHT]]`` → (path, text-encoder multiplier, U-Net multiplier)."""
+    """The CLI form ``FILE[:WEIGHT[:UNET_WEIGHT]]`` → (path, text-encoder multiplier, U-Net multiplier); a weight
+    that is NaN or infinite (``nan``, ``inf``, ``1e309``) raises :class:`ConfigError` naming the option."""
     parts = text.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < 2:
@@ -111,6 +116,8 @@ def parse_lora_option(text: str) -> tuple[Path, float, float]:
             numbers.insert(0, float(parts[-1]))
         except ValueError:
             break
+        if not math.isfinite(numbers[0]):
+            raise ConfigError(f"--lora {text}: weight {parts[-1]!r} is not a finite number")
         parts.pop()
     te = numbers[0] if numbers else 1.0
     return Path(":".join(parts)), te, numbers[1] if len(numbers) > 1 else te

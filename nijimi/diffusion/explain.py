@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nijimi.diffusion.forward import q_sample
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.errors import ImageError, optional_import
+from nijimi.errors import optional_import
+from nijimi.io.image_file import read_image
 
 STRIP_SIZE = 96
 STRIP_TIMESTEPS = 10
@@ -37,11 +38,7 @@ def generated_pattern(size: int = STRIP_SIZE) -> torch.Tensor:
 
 def load_image(path: str | Path, size: int = STRIP_SIZE) -> torch.Tensor:
     """Read an image file, centre-crop it square and resize to ``size``; returns (3, size, size) in [-1, 1]."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ImageError(f"cannot read image {str(path)!r}: {exc}") from exc
+    img = read_image(path).convert("RGB")  # an explain view: it reads user files like the pipelines above io/
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)

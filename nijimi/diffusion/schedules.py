@@ -31,6 +31,8 @@ LCM_ORIGINAL_STEPS = 50
 # ᾱ_{T-1} after zero-terminal-SNR rescaling is exactly 0 (σ = ∞); like diffusers we store 2⁻²⁴ so σ_max ≈ 4096.
 _ZERO_SNR_ALPHA_BAR = 2.0**-24
 _KARRAS_RHO = 7.0
+MAX_TRAIN_TIMESTEPS = 100_000
+"""Most training timesteps a schedule may have (SD: 1000); its tables hold a few floats per timestep."""
 
 # diffusers config keys whose non-default values would change sampling in a way nijimi does not implement.
 _UNSUPPORTED_KEYS = {"thresholding": False, "trained_betas": None, "timestep_type": "discrete",
@@ -62,8 +64,8 @@ class NoiseSchedule:
                               ("timestep_spacing", TIMESTEP_SPACINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.num_train_timesteps < 2:
-            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps} must be at least 2")
+        if not 2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ConfigError(f"num_train_timesteps={self.num_train_timesteps} must be in [2, {MAX_TRAIN_TIMESTEPS}]")
         if self.steps_offset < 0:
             raise ConfigError(f"steps_offset={self.steps_offset} must be >= 0")
         if self.beta_schedule != "cosine" and not 0.0 < self.beta_start <= self.beta_end < 1.0:

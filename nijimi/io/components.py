@@ -8,7 +8,6 @@ reader/writer (:mod:`nijimi.io.diffusers_folder`) all work from these descriptor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from nijimi.errors import CheckpointError, ConfigError, NijimiError
 from nijimi.io import files
 from nijimi.io.keys import clip, controlnet, unet, vae
 from nijimi.io.keys.table import RenameTable
+from nijimi.io.limits import check_model_fits, parse_json
 from nijimi.models.controlnet import ControlNetConfig, ControlNetModel
 from nijimi.models.ldm import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -62,10 +62,12 @@ CONTROLNET = Component("controlnet", ControlNetModel, ControlNetConfig, "control
 
 
 def config_from_json(config_class: type, data: str | dict, source: str, key: str) -> Any:
-    """``config_class.from_dict`` of nijimi's config JSON (text or parsed) stored under ``key``; a bad one raises
-    :class:`CheckpointError` naming ``source`` and ``key``."""
+    """``config_class.from_dict`` of nijimi's config JSON (text, bounded by :func:`~nijimi.io.limits.parse_json`, or
+    parsed) stored under ``key``; a bad one (wrong type or range of any value) raises :class:`CheckpointError` naming
+    ``source`` and ``key``."""
+    parsed = parse_json(data, f"{source}: invalid {key}") if isinstance(data, str) else data
     try:
-        return config_class.from_dict(json.loads(data) if isinstance(data, str) else data)
+        return config_class.from_dict(parsed)
     except (ValueError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{source}: invalid {key}: {e}") from None
 
@@ -75,10 +77,9 @@ def dtype_names(tensors: Iterable[torch.Tensor]) -> tuple[str, ...]:
     return tuple(sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}))
 
 
-def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (a model's state dict): missing and
-    unexpected keys (the first few by name, with counts), mismatched shapes (key and both shapes), non-float weights.
-    """
+def state_dict_problems(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """How ``sd`` does not fit ``expected`` (a model's state dict), one phrase each: missing and unexpected keys (the
+    first few by name, with counts), mismatched shapes (key and both shapes); empty when it fits."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     problems = []
@@ -90,16 +91,25 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torc
               if k in sd and sd[k].shape != v.shape]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches, e.g. {'; '.join(shapes[:_SHOWN])}")
+    return problems
+
+
+def check_state_dict(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one :class:`CheckpointError` if ``sd`` does not fit ``expected`` (:func:`state_dict_problems`) or holds
+    non-float, NaN or infinite weights (the first key)."""
+    problems = state_dict_problems(sd, expected)
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems)}")
-    files.require_float(sd, source)
+    files.require_finite_float(sd, source)
 
 
 def build_strict(module: Callable[[Any], nn.Module], config: object, native: Mapping[str, torch.Tensor],
                  dtype: torch.dtype | None, source: str = "checkpoint") -> Any:
-    """``module(config)`` holding ``native`` (its full state dict), in eval mode, built without a second copy: made on
-    the ``meta`` device, checked by :func:`check_state_dict`, then assigned the tensors (converted where ``dtype``
-    differs from the stored one; ``None`` keeps what is stored)."""
+    """``module(config)`` holding ``native`` (its full state dict), in eval mode, built without a second copy:
+    checked to fit this machine's memory (:func:`~nijimi.io.limits.check_model_fits`), made on the ``meta`` device,
+    checked by :func:`check_state_dict`, then assigned the tensors (converted where ``dtype`` differs from the stored
+    one; ``None`` keeps what is stored)."""
+    check_model_fits(config, source)
     with torch.device("meta"):
         model = module(config)
     check_state_dict(native, model.state_dict(), source)

@@ -25,6 +25,7 @@ import torch
 
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError
+from nijimi.io.files import regular_file
 from nijimi.io.keys.clip import OPENCLIP_PREFIX, clip_native_key
 from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ModelConfig
 from nijimi.models.text_encoder import TextEncoderConfig
@@ -199,7 +200,7 @@ def read_sidecar_yaml(path: str | Path) -> str | None:
     one field is read, with a line pattern, so no YAML library is needed.
     """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = regular_file(path, "model config").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read config {path}: {e}") from None
     match = re.search(r"^\s*parameterization:\s*[\"']?([^\s\"'#]+)[\"']?\s*(#.*)?$", text, re.MULTILINE)

@@ -38,6 +38,8 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
 from nijimi.io import files, safetensors
 from nijimi.io.components import AUTOENCODER, TEXT_ENCODER, UNET, Component, config_from_json
+from nijimi.io.foreign_config import check_foreign_config
+from nijimi.io.limits import read_json
 from nijimi.models.ldm import SD1_PAD_TOKEN_ID, SD2_PAD_TOKEN_ID, LatentDiffusion, ModelConfig
 from nijimi.text.tokenizer import BOS_TOKEN, EOS_TOKEN, VOCAB_FILE, byte_symbols
 
@@ -52,15 +54,15 @@ _N_SPECIAL = 2
 _FORMAT_METADATA = {"format": "pt"}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (needed in a diffusers folder)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON: {e}") from None
+def _read_json(path: Path, foreign: str | None = None) -> dict:
+    """The JSON object in ``path`` (bounded in size and depth, :func:`~nijimi.io.limits.read_json`); ``foreign``: the
+    class of a diffusers / transformers config, whose keys are then type-checked
+    (:func:`~nijimi.io.foreign_config.check_foreign_config`)."""
+    data = read_json(path, missing="missing (needed in a diffusers folder)")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if foreign is not None:
+        check_foreign_config(data, str(path), foreign)
     return data
 
 
@@ -70,7 +72,7 @@ def component_config(folder: Path, component: Component, override: Any = None) -
     """The config of a component folder and where it came from: ``override`` (``"override"``), nijimi's own entry in
     ``config.json`` (``"metadata"``) or the translated ``config.json`` (``"diffusers"``)."""
     path = folder / "config.json"
-    data = _read_json(path)
+    data = _read_json(path, foreign=component.class_name)
     if data.get("_class_name", component.class_name) != component.class_name:
         raise CheckpointError(f"{path}: not a {component.class_name} config (_class_name {data['_class_name']!r})")
     if override is not None:
@@ -193,7 +195,8 @@ def read_config(folder: Path) -> tuple[ModelConfig, str]:
     index = _read_json(folder / "model_index.json")
     scheduler = folder / "scheduler" / "scheduler_config.json"
     try:
-        schedule = NoiseSchedule.from_diffusers_config(_read_json(scheduler)) if scheduler.exists() else None
+        stored = _read_json(scheduler, "scheduler") if scheduler.exists() else None
+        schedule = NoiseSchedule.from_diffusers_config(stored) if stored is not None else None
         if NIJIMI_CONFIG_KEY in index:
             config = config_from_json(ModelConfig, index[NIJIMI_CONFIG_KEY], str(folder / "model_index.json"),
                                       NIJIMI_CONFIG_KEY)
@@ -216,8 +219,8 @@ def _pad_token_id(tokenizer: Path, default: int) -> int:
     ids = _read_json(vocab)
     if pad is None:
         return default
-    if pad not in ids:
-        raise CheckpointError(f"{special}: pad token {pad!r} is not in {vocab.name}")
+    if not isinstance(pad, str) or pad not in ids or type(ids[pad]) is not int:
+        raise CheckpointError(f"{special}: pad token {pad!r:.80} is not a token of {vocab.name}")
     return ids[pad]
 
 

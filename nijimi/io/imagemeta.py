@@ -19,9 +19,10 @@ import os
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from nijimi.errors import ImageError
+from nijimi.io.image_file import read_image
 from nijimi.io.pngmeta import PARAMETERS_KEY, metadata_from_text
 
 EXIF_IFD = 0x8769
@@ -91,13 +92,13 @@ def read_image_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 
 def _read(path: Path, source: str) -> tuple[dict[str, str], str]:
+    image = read_image(path)  # special files, bombs and huge text chunks are refused here, naming the file
+    text = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
+    comment = image.info.get("comment") if image.format == "JPEG" else None
+    if isinstance(comment, bytes):
+        text.setdefault(PARAMETERS_KEY, comment.decode("utf-8", "replace"))
     try:
-        with Image.open(path) as image:
-            text = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
-            comment = image.info.get("comment") if image.format == "JPEG" else None
-            if isinstance(comment, bytes):
-                text.setdefault(PARAMETERS_KEY, comment.decode("utf-8", "replace"))
-            text.update(_exif_text(image, source))
-            return text, image.format
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot read image {source!r}: {e}") from e
+        text.update(_exif_text(image, source))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{source}: cannot read the image's EXIF data: {e}") from e
+    return text, image.format

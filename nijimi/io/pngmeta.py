@@ -26,10 +26,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from nijimi.errors import CheckpointError, ImageError, NijimiError
-from nijimi.io.files import atomic_write
+from nijimi.io.files import atomic_write, regular_file
+from nijimi.io.image_file import read_image
+from nijimi.io.limits import parse_json
 
 PARAMETERS_KEY = "parameters"
 RECIPE_KEY = "nijimi"
@@ -190,7 +192,7 @@ def cached_digest(path: str | os.PathLike, cache_name: str, digest: Callable[[Bi
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str) \
                 and len(entry[2]) == 64:
             return entry[2]
-        with open(path, "rb") as f:
+        with open(regular_file(path, "model file"), "rb") as f:
             value = digest(f)
     except OSError as e:
         raise CheckpointError(f"cannot hash file {os.fspath(path)!r}: {e.strerror or e}") from e
@@ -241,21 +243,19 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str,
 
 
 def _png_text(path: Path) -> dict[str, str]:
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise ImageError(f"{os.fspath(path)!r} is a {image.format} image, not a PNG")
-            return dict(image.text)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ImageError(f"cannot read PNG {os.fspath(path)!r}: {e}") from e
+    image = read_image(path, "PNG")
+    if image.format != "PNG":
+        raise ImageError(f"{path}: is a {image.format} image, not a PNG")
+    return dict(image.text)
 
 
 def _json_or_text(text: str | None) -> object:
+    """A text chunk's JSON (bounded in size and depth, :func:`~nijimi.io.limits.parse_json`), else the text."""
     if text is None:
         return None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
+        return parse_json(text, "PNG text")
+    except NijimiError:
         return text
 
 

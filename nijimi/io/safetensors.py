@@ -5,6 +5,12 @@ to ``{"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional ``"__me
 then the data section, where each tensor's raw little-endian bytes sit at ``begin..end`` (relative to the section).
 The data section must be covered exactly: no gaps, no overlaps, nothing after the last tensor.
 
+The reader accepts and refuses what the reference reader does (``tests/io/test_safetensors_fuzz.py`` checks this on
+mutated headers: JSON as strict as serde_json's, sizes and offsets as 64-bit unsigned integers, the same overflow
+rules), with one deliberate difference: a header with a key twice in one object is refused, where the reference keeps
+the last entry (two readers could otherwise see two different files). It also reads ``F8_E8M0``, for which the
+reference's torch binding has no dtype.
+
 Reading maps the file copy-on-write and views each tensor in place, so loading an SD-size file costs no second copy
 (a loader that assigns the tensors into a model, ``load_state_dict(sd, assign=True)``, holds the file's pages once).
 Writing is byte-identical to the reference ``safetensors`` writer: tensors ordered by dtype (widest first, the
@@ -56,6 +62,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _WRITE_RANK = {name: rank for rank, name in enumerate(DTYPES)}
 _METADATA_KEY = "__metadata__"
+_MAX_USIZE = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,20 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+    """A JSON integer that fits the reference's ``usize`` (0 ≤ value < 2⁶⁴)."""
+    return type(value) is int and 0 <= value <= _MAX_USIZE
+
+
+def _byte_size(shape: list[int], dtype: str) -> int | None:
+    """Bytes of a tensor, or None when the element or bit count overflows ``usize`` multiplied in the reference's
+    order (dimensions left to right, then bits per element), as the reference refuses it."""
+    numel = 1
+    for n in shape:
+        numel *= n
+        if numel > _MAX_USIZE:
+            return None
+    bits = numel * DTYPES[dtype].itemsize * 8
+    return None if bits > _MAX_USIZE else bits // 8
 
 
 def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
@@ -100,17 +120,16 @@ def _parse_entry(name: str, entry: object, path: Path) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _fail(path, f"entry {name!r} needs dtype, shape and data_offsets, got {entry!r:.200}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise _fail(path, f"tensor {name!r} has invalid shape {shape!r}")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets):
         raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
     start, end = offsets
-    numel = 1
-    for n in shape:
-        numel *= n
-    expected = numel * DTYPES[dtype].itemsize
+    expected = _byte_size(shape, dtype)
+    if expected is None:
+        raise _fail(path, f"tensor {name!r} {dtype}{shape}: its size overflows 64 bits")
     if end - start != expected:
         raise _fail(
             path, f"tensor {name!r} {dtype}{shape} needs {expected} bytes but data_offsets {offsets} hold {end - start}"
@@ -135,12 +154,31 @@ def _check_coverage(tensors: dict[str, TensorInfo], data_size: int, path: Path) 
         raise _fail(path, f"{data_size - position} bytes after the last tensor are not covered by the header")
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_int(text: str) -> int | float:
+    """An integer literal as the reference's parser reads it: ``-0`` and integers beyond 64 bits become floats
+    (which no size or offset accepts)."""
+    if text == "-0" or len(text) > 20:
+        return float(text)
+    value = int(text)
+    return value if -(2**63) <= value <= _MAX_USIZE else float(value)
+
+
 def _parse_json(raw: bytes, path: Path) -> dict[str, object]:
+    """The header object, parsed as the reference's JSON parser does: no NaN/Infinity, no lone surrogate escapes
+    (``"\\ud800"``), integers as in :func:`_json_int`; duplicate keys are refused (stricter than the reference)."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant,
+                            parse_int=_json_int)
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
     except UnicodeDecodeError as e:
         raise _fail(path, f"header is not UTF-8 ({e.reason} at byte {e.start})") from e
-    except ValueError as e:
+    except UnicodeEncodeError as e:
+        raise _fail(path, f"header holds a lone surrogate escape ({e.object[e.start]!r})") from e
+    except (ValueError, RecursionError) as e:
         raise _fail(path, f"header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise _fail(path, f"header is a JSON {type(header).__name__}, not an object")
@@ -172,7 +210,9 @@ def _read_header(path: str | os.PathLike, file: BinaryIO) -> _Header:
 
 
 def open_file(path: str | os.PathLike) -> BinaryIO:
-    """``path`` opened for binary reading; a missing or unreadable file raises :class:`CheckpointError` naming it."""
+    """``path`` opened for binary reading; a missing, unreadable or special file (folder, FIFO, device: refused before
+    opening, see :func:`nijimi.io.files.regular_file`) raises :class:`CheckpointError` naming it."""
+    files.regular_file(path)
     try:
         return open(path, "rb")
     except FileNotFoundError as e:
@@ -222,7 +262,11 @@ def read_open(path: str | os.PathLike, file: BinaryIO,
         raw = buffer[start : header.data_start + info.end]
         if start % info.torch_dtype.itemsize:
             raw = raw.clone()
-        out[name] = raw.view(info.torch_dtype).reshape(info.shape).to(device)
+        try:
+            out[name] = raw.view(info.torch_dtype).reshape(info.shape).to(device)
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. an empty tensor with a dimension ≥ 2⁶³
+            problem = str(e).splitlines()[0]
+            raise _fail(path, f"tensor {name!r} of shape {list(info.shape)} cannot be made: {problem}") from None
     return out, header.metadata
 
 

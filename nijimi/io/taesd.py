@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from nijimi.errors import CheckpointError
-from nijimi.io.files import load_state_dict, require_float
+from nijimi.io.files import load_state_dict, require_finite_float
 from nijimi.models.taesd import TAESD, TAESDConfig
 
 _PARTS = ("encoder", "decoder")
@@ -105,7 +105,7 @@ def load_taesd(path: str | os.PathLike) -> TAESD:
         raise CheckpointError(f"{path}: the encoder and decoder have different shapes: {configs}")
     model = TAESD(next(iter(configs.values())), encoder="encoder" in halves, decoder="decoder" in halves)
     for part, sd in halves.items():
-        require_float(sd, path)
+        require_finite_float(sd, path)
         try:
             getattr(model, part).load_state_dict(sd, strict=True)  # copies cast fp16/bf16 to float32
         except RuntimeError as exc:

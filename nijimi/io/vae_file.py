@@ -39,15 +39,14 @@ def load_vae(path: str | os.PathLike, like: VAEConfig) -> VAE:
     if path.is_dir():
         config = component_config(path, AUTOENCODER)[0]
         native = read_component(path, AUTOENCODER, config)[1]
-    elif path.is_file():
+    else:
+        files.regular_file(path, "VAE", missing="no such VAE file or folder")
         native = _original_keys(files.load_state_dict(path)[0])
         try:
             shapes = {AUTOENCODER.prefix + k: tuple(v.shape) for k, v in native.items()}
             config = dataclasses.replace(infer_vae_config(shapes), norm_groups=like.norm_groups)
         except (KeyError, ValueError, ConfigError) as e:
             raise CheckpointError(f"{path}: not an SD VAE in the original layout: {e}") from None
-    else:
-        raise CheckpointError(f"{path}: no such VAE file or folder")
     found, wanted = (config.z_channels, config.downscale_factor), (like.z_channels, like.downscale_factor)
     if found != wanted:
         raise ConfigError(f"{path}: a VAE of {found[0]} latent channels and factor {found[1]}; this model's latents "

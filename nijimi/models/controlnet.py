@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from nijimi.errors import ConfigError
+from nijimi.models.config import check_field_types, require_mapping
 from nijimi.models.layers import Conv2d
 from nijimi.models.unet import (
     UNetConfig,
@@ -118,9 +119,10 @@ class ControlNetConfig:
     def from_dict(cls, d: dict) -> ControlNetConfig:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError` naming them."""
         expected = {"unet", "hint_channels", "hint_widths", "global_pool"}
-        if set(d) != expected:
+        if set(require_mapping(d, "ControlNetConfig")) != expected:
             raise ConfigError(f"ControlNetConfig dict: missing keys {sorted(expected - set(d))}, "
                               f"unknown keys {sorted(set(d) - expected)}")
+        check_field_types(cls, d)
         return cls(UNetConfig.from_dict(d["unet"]), d["hint_channels"], tuple(d["hint_widths"]), d["global_pool"])
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
+from nijimi.models.config import check_field_types, require_mapping
 from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.models.vae import VAE, VAEConfig
@@ -153,11 +154,13 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError` naming them."""
         expected = {"format", "family", "pad_token_id", "unet", "vae", "text", "schedule"}
-        if set(d) != expected:
+        if set(require_mapping(d, "ModelConfig")) != expected:
             raise ConfigError(f"ModelConfig dict: missing keys {sorted(expected - set(d))}, "
                               f"unknown keys {sorted(set(d) - expected)}")
         if d["format"] != _CONFIG_FORMAT:
             raise ConfigError(f"ModelConfig dict format {d['format']!r} is not {_CONFIG_FORMAT}")
+        check_field_types(cls, {k: v for k, v in d.items() if k != "format"})
+        check_field_types(NoiseSchedule, require_mapping(d["schedule"], "ModelConfig.schedule"))
         try:
             schedule = NoiseSchedule(**d["schedule"])
         except TypeError as e:

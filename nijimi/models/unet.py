@@ -65,7 +65,8 @@ class UNetConfig(StoredConfig):
         if (self.num_heads is None) == (self.head_dim is None):
             raise ConfigError(f"UNetConfig: set exactly one of num_heads={self.num_heads} and head_dim={self.head_dim}")
         self.require_positive(("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
-                               "norm_groups", "transformer_depth"))
+                               "norm_groups", "transformer_depth",
+                               "num_heads" if self.num_heads is not None else "head_dim"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not self.channel_mult or min(self.channel_mult) < 1:

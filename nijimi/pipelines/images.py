@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from nijimi.errors import ConfigError, ImageError
+from nijimi.errors import ConfigError
+from nijimi.io.image_file import read_image
 
 SIZE_MULTIPLE = 8
 """Widths and heights must be multiples of 8 pixels, the SD VAE's downscale factor (or of a model's larger VAE
@@ -27,17 +27,11 @@ def check_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> None:
 
 def open_image(image: Image.Image | str | os.PathLike, mode: str = "RGB") -> Image.Image:
     """A PIL image from a path or an image, turned upright by its EXIF orientation and converted to ``mode``;
-    unreadable files raise ImageError naming them."""
+    missing, special, unreadable and too large files raise ImageError naming them
+    (:func:`nijimi.io.image_file.read_image`)."""
     if isinstance(image, Image.Image):
         return ImageOps.exif_transpose(image).convert(mode)
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert(mode)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"{path}: cannot read image ({exc})") from None
+    return ImageOps.exif_transpose(read_image(image)).convert(mode)
 
 
 def to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:

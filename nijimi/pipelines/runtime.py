@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from nijimi.errors import ConfigError
+from nijimi.io.limits import available_memory
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 
@@ -44,17 +45,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ConfigError(f"dtype {dtype} is not one of {', '.join(map(str, WEIGHT_DTYPES.values()))}")
-
-
-def available_memory() -> int:
-    """Bytes of memory the OS says are available (MemAvailable), or 8 GiB when it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 def vae_tile_for(width: int, height: int, channels: int, batch: int, memory: int | None = None) -> int | None:

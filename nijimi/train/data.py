@@ -13,7 +13,6 @@ Each image is resized so its shorter side is the model size and then center-crop
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from nijimi.errors import ConfigError, DataError
+from nijimi.io.image_file import image_size, read_image
+from nijimi.io.limits import parse_json
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -60,10 +61,7 @@ def _mask_beside(image: Path) -> Path | None:
 
 def _jsonl_record(folder: Path, source: Path, number: int, line: str) -> Record:
     where = f"{source}, line {number}"
-    try:
-        entry = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg}): {line[:80]!r}") from exc
+    entry = parse_json(line, where, DataError)
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("caption"), str)):
         raise DataError(f'{where}: expected {{"file": "<image>", "caption": "<text>"}}, got {line[:80]!r}')
     image = folder / entry["file"]
@@ -104,14 +102,6 @@ def _read_sidecars(folder: Path) -> list[Record]:
     return records
 
 
-def _check_header(path: Path) -> None:
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - opening reads the header; the size proves it parsed
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"unreadable image {path}: {exc}") from exc
-
-
 def read_records(root: str | Path) -> list[Record]:
     """The examples of a data folder (or ``.jsonl`` caption file), in a fixed order; each image's header is checked."""
     root = Path(root)
@@ -128,7 +118,7 @@ def read_records(root: str | Path) -> list[Record]:
     if not records:
         raise DataError(f"data folder {root} is empty: its caption file lists no images")
     for record in records:
-        _check_header(record.image)
+        image_size(record.image, "training image", DataError)
     return records
 
 
@@ -146,11 +136,7 @@ def _fit(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Ima
 
 def _open(path: Path) -> Image.Image:
     """The image at ``path``, loaded and turned upright by its EXIF orientation."""
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"unreadable image {path}: {exc}") from exc
+    return ImageOps.exif_transpose(read_image(path, "training image", DataError))
 
 
 def load_example(record: Record, size: int) -> Sample:

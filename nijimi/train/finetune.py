@@ -53,12 +53,6 @@ class FineTuneConfig(LoopConfig):
     ema_decay: float = 0.0
     save_every: int = 100
 
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ConfigError(f"caption_dropout must be within [0, 1], got {self.caption_dropout}")
-
     @property
     def work_dir(self) -> Path:
         out = Path(self.out)

@@ -25,10 +25,11 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.files import check_output
+from nijimi.io.limits import check_model_fits
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
-from nijimi.train.config import build_config, replace_config
+from nijimi.train.config import Settings, build_config, check_settings, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, measure_scaling_factor
@@ -65,6 +66,9 @@ class RunConfig:
     export: str = ""
     half: bool = True
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
 
 @dataclass
 class VAEStage(LoopConfig):
@@ -90,6 +94,7 @@ class UNetStage(LoopConfig):
     timestep_bias_end: int = NoiseSchedule.num_train_timesteps
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # a bad bias setting fails when the config is read, not after the VAE stage
         self.timestep_weights(NoiseSchedule.num_train_timesteps)
 
@@ -103,10 +108,12 @@ _ARCH_KEYS = ("arch.unet.", "arch.vae.", "arch.text.")
 
 def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str, dict]]:
     """Split flat config keys into the run, the two stages and architecture overrides (``arch.unet.*`` …)."""
-    groups: dict[str, dict] = {"": {}, "vae.": {}, "unet.": {}, **{k: {} for k in _ARCH_KEYS}}
-    for key, value in values.items():
-        prefix = next((p for p in (*_ARCH_KEYS, "vae.", "unet.") if key.startswith(p)), "")
-        groups[prefix][key.removeprefix(prefix)] = value
+    settings = values if isinstance(values, Settings) else Settings(values)
+    prefixes = (*_ARCH_KEYS, "vae.", "unet.")
+    groups = {p: settings.section(p) for p in prefixes}
+    groups[""] = settings.section("")
+    for key in [k for k in groups[""] if k.startswith(prefixes)]:
+        del groups[""][key]
     arch = {k.split(".")[1]: groups[k] for k in _ARCH_KEYS}
     run, vae, unet = (build_config(cls, groups[k]) for cls, k in ((RunConfig, ""), (VAEStage, "vae."),
                                                                   (UNetStage, "unet.")))
@@ -119,6 +126,7 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
+    check_model_fits(model_config(run, arch), settings.source or "training config", error=ConfigError)
     return run, vae, unet, arch
 
 

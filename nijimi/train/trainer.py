@@ -21,11 +21,14 @@ import torch
 from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
-from nijimi.io.files import atomic_write
+from nijimi.io.components import state_dict_problems
+from nijimi.io.files import atomic_write, regular_file
+from nijimi.train.config import check_settings
 from nijimi.train.ema import EMA
 
 CHECKPOINT = "checkpoint.pt"
 """The name of a run's checkpoint in its folder."""
+_CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "rng", "losses")
 OnStep = Callable[["Trainer", float, float], None]
 """``on_step(trainer, loss, seconds)``: called after each optimiser step."""
 
@@ -47,6 +50,9 @@ class LoopConfig:
     ema_decay: float = 0.999
     save_every: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_settings(self)  # the ranges of nijimi.train.config.RANGES, also for a config built in Python
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -196,15 +202,27 @@ class Trainer:
         with atomic_write(self.checkpoint_path) as f:
             torch.save(self.state_dict(), f)
 
-    def resume(self) -> None:
-        """Load ``checkpoint.pt`` from ``out_dir`` (model, EMA, optimizer, RNG, data position, loss history)."""
-        path = self.checkpoint_path
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no checkpoint to resume from")
+    def resume(self, other: str = "holds another model") -> None:
+        """Load ``checkpoint.pt`` from ``out_dir`` (model, EMA, optimizer, RNG, data position, loss history).
+
+        A missing, special, empty or unreadable file, one that is not a training checkpoint, and one whose model
+        does not fit (it ``other``: e.g. "holds a ControlNet for another base model") raise one
+        :class:`CheckpointError` naming the file and the problem, before anything is changed."""
+        path = regular_file(self.checkpoint_path, "training checkpoint", missing="no checkpoint to resume from")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file, not a training checkpoint")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any unreadable file is reported the same way
-            raise CheckpointError(f"{path}: cannot read checkpoint: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{path}: cannot read training checkpoint: {problem}") from None
+        absent = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if absent or not isinstance(state["model"], dict):
+            raise CheckpointError(f"{path}: not a nijimi training checkpoint (no {', '.join(absent or ['model'])})")
+        problems = state_dict_problems(state["model"], self.module.state_dict())
+        if problems:
+            raise CheckpointError(f"{path} {other}; start without --resume or use another work folder: "
+                                  f"{'; '.join(problems)}")
         self.module.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -227,10 +245,10 @@ def open_trainer(module: nn.Module, dataset_size: int, cfg: LoopConfig, out_dir:
     """A :class:`Trainer`; with ``resume``, continued from ``out_dir/checkpoint.pt`` when it exists. A checkpoint of
     other modules or shapes is refused as one that ``other`` (e.g. "holds a ControlNet for another base model")."""
     trainer = Trainer(module, dataset_size, cfg, out_dir)
-    if resume and trainer.checkpoint_path.is_file():
+    if resume and os.path.lexists(trainer.checkpoint_path):
         try:
-            trainer.resume()
-        except (RuntimeError, KeyError) as e:
+            trainer.resume(other)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:  # EMA or optimizer state of another run
             raise CheckpointError(f"{trainer.checkpoint_path} {other}; start without --resume or use another work "
                                   f"folder: {str(e).splitlines()[0]}") from None
     return trainer

@@ -2,21 +2,29 @@
 concurrent creators of one name exactly one wins, in real processes)."""
 
 import errno
+import math
 import os
 import pickle
 import stat
 import sys
 import types
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import in_processes
+from helpers import SD1, in_processes, without_hanging
 
+from nijimi.adapters.formats import read_adapter
 from nijimi.errors import CheckpointError, ConfigError, NijimiError, OutputExistsError
-from nijimi.io.files import atomic_write, check_output, load_state_dict, require_float
+from nijimi.io.checkpoint import load_model
+from nijimi.io.controlnet import load_controlnet
+from nijimi.io.detect import read_sidecar_yaml
+from nijimi.io.files import atomic_write, check_output, load_state_dict, regular_file, require_finite_float
 from nijimi.io.safetensors import save_file
+from nijimi.io.taesd import load_taesd
+from nijimi.io.vae_file import load_vae
 
 
 def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -203,10 +211,10 @@ def test_not_a_state_dict(tmp_path, obj, problem):
 # ---- dtype helpers ---------------------------------------------------------------------------------------------------
 
 
-def test_require_float_names_file_key_and_dtype():
-    require_float({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)}, "x.safetensors")
+def test_require_finite_float_names_file_key_and_dtype():
+    require_finite_float({"a": torch.zeros(1), "b": torch.zeros(1, dtype=torch.float16)}, "x.safetensors")
     with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'ids' has dtype torch.int64, a float dtype"):
-        require_float({"a": torch.zeros(1), "ids": torch.arange(3)}, "x.safetensors")
+        require_finite_float({"a": torch.zeros(1), "ids": torch.arange(3)}, "x.safetensors")
 
 
 # ---- atomic_write ----------------------------------------------------------------------------------------------------
@@ -302,3 +310,43 @@ def test_check_output_refuses_a_file_in_the_way_and_an_existing_output_and_creat
     assert check_output(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
     assert check_output(str(tmp_path / "new" / "x.png")) == tmp_path / "new" / "x.png"
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+@pytest.mark.parametrize("bad, kind", [(float("nan"), "NaN"), (float("inf"), "infinite"), (-float("inf"), "infinite")])
+def test_require_finite_float_names_the_first_bad_key(bad, kind):
+    require_finite_float({"big": torch.full((4,), 3e38), "half": torch.full((3,), 65504.0).half(),
+                          "empty": torch.zeros(0, 3), "f8": torch.ones(3).to(torch.float8_e4m3fn)}, "fine.pt")
+    with pytest.raises(CheckpointError, match="'f8' holds NaN"):
+        require_finite_float({"f8": torch.tensor([1.0, math.nan]).to(torch.float8_e4m3fn)}, "x")
+    weights = {"ok": torch.ones(3, dtype=torch.float16), "w1": torch.tensor([1.0, bad]), "w2": torch.tensor([bad])}
+    with pytest.raises(CheckpointError, match=f"^x.safetensors: tensor 'w1' holds {kind} values"):
+        require_finite_float(weights, "x.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_are_refused_before_opening(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    for call in (lambda: load_state_dict(fifo), lambda: regular_file(fifo)):
+        error = without_hanging(call, fifo)
+        assert isinstance(error, CheckpointError)
+        assert str(error) == f"{fifo}: file is a FIFO (named pipe), not a file"
+    with pytest.raises(CheckpointError, match=r"^/dev/null: model is a device, not a file$"):
+        regular_file("/dev/null", "model")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: file is a folder, not a file$"):
+        load_state_dict(tmp_path)
+    with pytest.raises(ConfigError, match=r"gone.toml: config file not found$"):
+        regular_file(tmp_path / "gone.toml", "config", ConfigError, "config file not found")
+    assert regular_file(__file__) == Path(__file__)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_every_model_loader_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    loaders = {"model": load_model, "VAE": lambda p: load_vae(p, SD1.vae), "TAESD": load_taesd,
+               "LoRA": lambda p: read_adapter(p, SD1), "ControlNet": load_controlnet, "yaml": read_sidecar_yaml}
+    for name, load in loaders.items():
+        error = without_hanging(lambda load=load: load(fifo), fifo)
+        assert isinstance(error, CheckpointError), name
+        assert str(error).startswith(f"{fifo}: ") and "is a FIFO (named pipe), not a file" in str(error), name

@@ -229,7 +229,7 @@ def test_reading_non_png_raises(tmp_path):
         read_png_metadata(jpeg)
     with pytest.raises(ImageError, match="cannot read PNG"):
         read_png_metadata(junk)
-    with pytest.raises(ImageError, match="cannot read PNG"):
+    with pytest.raises(ImageError, match="missing.png: PNG file not found"):
         read_png_metadata(tmp_path / "missing.png")
 
 

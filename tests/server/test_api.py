@@ -36,8 +36,8 @@ def test_txt2img_matches_the_pipeline_and_answers_as_a1111(served):
     assert info["extra_generation_params"] == {"Schedule type": "Karras"}
     assert (info["width"], info["height"], info["steps"], info["cfg_scale"]) == (32, 32, 3, 5)
     assert info["sd_model_name"] == "embedded" and info["sd_model_hash"] == served.pipe.model_hash
-    fields = {"prompt": body["prompt"], "negative_prompt": "blue", "guidance": 5, "sampler": "euler-a", "schedule": "karras",
-              "batch": 2, **SMALL}
+    fields = {"prompt": body["prompt"], "negative_prompt": "blue", "guidance": 5, "sampler": "euler-a",
+              "schedule": "karras", "batch": 2, **SMALL}
     expected = direct(served, seed=11, **fields) + direct(served, seed=13, **fields)  # n_iter: seed + k × batch
     for b64, want, text in zip(answer["images"], expected, info["infotexts"], strict=True):
         png = Image.open(io.BytesIO(base64.b64decode(b64)))

@@ -5,7 +5,7 @@ from torch import nn
 
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.train.config import build_config
-from nijimi.train.trainer import LoopConfig, Trainer, batch_indices, lr_factor
+from nijimi.train.trainer import LoopConfig, Trainer, batch_indices, lr_factor, open_trainer
 
 N = 64
 X = torch.randn(N, 8, generator=torch.Generator().manual_seed(0))
@@ -122,3 +122,44 @@ def test_run_reports_every_n_steps_and_at_the_end(tmp_path):
     seen = []
     make_trainer(tmp_path, steps=7).run(every=3, report=lambda t: seen.append(t.step))
     assert seen == [3, 6, 7]
+
+
+class Wider(Regression):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 64), nn.SiLU(), nn.Linear(64, 3))
+
+
+def _resume_error(tmp_path, module=None) -> str:
+    torch.manual_seed(0)
+    cfg = LoopConfig(steps=5, batch_size=8, lr=3e-2, warmup_steps=2, save_every=5, ema_decay=0.9)
+    with pytest.raises(CheckpointError) as info:
+        open_trainer(module or Regression(), N, cfg, tmp_path, resume=True, other="holds another regression")
+    assert len(str(info.value).splitlines()) == 1
+    return str(info.value)
+
+
+def test_resume_from_bad_checkpoints_is_one_line_naming_file_and_problem(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"")
+    assert _resume_error(tmp_path) == f"{path}: empty file, not a training checkpoint"
+    path.write_bytes(b"not a zip at all")
+    assert _resume_error(tmp_path).startswith(f"{path}: cannot read training checkpoint: ")
+    torch.save(torch.zeros(3), path)
+    assert _resume_error(tmp_path) == (f"{path}: not a nijimi training checkpoint "
+                                       "(no step, model, ema, optimizer, rng, losses)")
+    torch.save({"model": {}, "step": 1}, path)
+    assert _resume_error(tmp_path) == f"{path}: not a nijimi training checkpoint (no ema, optimizer, rng, losses)"
+    path.unlink()
+    path.mkdir()
+    assert _resume_error(tmp_path) == f"{path}: training checkpoint is a folder, not a file"
+
+
+def test_resume_from_another_architecture_names_the_mismatch(tmp_path):
+    make_trainer(tmp_path, steps=5).run()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    message = _resume_error(tmp_path, Wider())
+    assert message.startswith(f"{tmp_path / 'checkpoint.pt'} holds another regression; start without --resume or "
+                              "use another work folder: 3 shape mismatches, e.g. net.0.weight: file (32, 8) vs model "
+                              "(64, 8)")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
