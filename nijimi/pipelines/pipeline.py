@@ -28,6 +28,7 @@ from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
+from nijimi.io.embeddings import EmbeddingLibrary
 from nijimi.io.pngmeta import model_hash
 from nijimi.io.taesd import load_taesd
 from nijimi.io.vae_file import load_vae
@@ -54,6 +55,11 @@ class StepConditioning:
 
     cond: ScheduledCond
     uncond: ScheduledCond | None
+
+    @property
+    def embeddings(self) -> list[str]:
+        """The textual-inversion embeddings used: the prompt's, then the negative prompt's others (A1111's order)."""
+        return list(dict.fromkeys([*self.cond.embeddings, *(self.uncond.embeddings if self.uncond else ())]))
 
     @property
     def guidance_weight(self) -> float:
@@ -93,25 +99,31 @@ class Conditioner:
         self.cache: OrderedDict[tuple, ScheduledCond] = OrderedDict()
 
     @torch.inference_mode()
-    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool) -> ScheduledCond:
-        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``)."""
-        key = (prompt, steps, clip_skip, negative)
+    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool,
+                 embeddings: EmbeddingLibrary | None = None) -> ScheduledCond:
+        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``), with the
+        textual-inversion ``embeddings`` it may name."""
+        key = (prompt, steps, clip_skip, negative, embeddings and embeddings.key)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
         text_encoder = self.model.text_encoder
         device = next(text_encoder.parameters()).device
-        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip)  # noqa: E731
-        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        vocabulary = embeddings and embeddings.vocabulary(self.tokenizer)
+        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip,  # noqa: E731
+                                          extra=vocabulary and vocabulary.vectors)
+        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative,
+                                                 vocabulary=vocabulary)
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
         return self.cache[key]
 
     def step_conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int | None,
-                          guided: bool) -> StepConditioning:
-        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch)."""
-        return StepConditioning(self.schedule(prompt, steps, clip_skip, False),
-                                self.schedule(negative, steps, clip_skip, True) if guided else None)
+                          guided: bool, embeddings: EmbeddingLibrary | None = None) -> StepConditioning:
+        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch); both may name
+        textual-inversion ``embeddings``."""
+        return StepConditioning(self.schedule(prompt, steps, clip_skip, False, embeddings),
+                                self.schedule(negative, steps, clip_skip, True, embeddings) if guided else None)
 
 
 @dataclass
@@ -119,7 +131,8 @@ class Generation:
     """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents (B, C, h, w), the decoded
     ``pixels`` (B, 3, H, W) float32 in [0, 1] the images were rounded from, the request as it ran (seed, size,
     sampler, VAE tile and attention slice filled in), and the keys of adapter files that fit no module of the model
-    and were left out (file → key → why; only files that had any)."""
+    and were left out (file → key → why; only files that had any), and the textual-inversion embeddings the prompts
+    used (name → file, in A1111's order)."""
 
     images: list[Image.Image]
     seeds: list[int]
@@ -127,6 +140,7 @@ class Generation:
     pixels: torch.Tensor
     request: GenerationRequest
     lora_unmatched: dict[Path, dict[str, str]] = field(default_factory=dict)
+    embeddings: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,17 +222,21 @@ class Pipeline:
                                      vae_tile)
             run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
                                   self.dtype)
+            library = None
+            if request.embeddings_dir or request.embeddings:
+                library = EmbeddingLibrary(request.embeddings_dir, request.embeddings, cfg.text.width)
             applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
             try:
                 conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
-                                                           request.clip_skip, request.guidance != 1.0)
+                                                           request.clip_skip, request.guidance != 1.0, library)
                 x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
                                  sampler.noise(start.latent, float(sigmas[0]), generators), callback)
             finally:
                 applied.undo()
             pixels = self.decode(x, vae_tile, request.decoder)
         seeds = [request.seed + i for i in range(request.batch)]
-        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched)
+        embeddings = {name: library.path(name) for name in conds.embeddings} if library else {}
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched, embeddings)
 
     def model_stack(self, request: GenerationRequest, conds: StepConditioning, start: edit.Start,
                     run: ControlRun) -> Callable[..., torch.Tensor]:
