@@ -20,8 +20,9 @@ from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, OnStep, Trainer
 
-SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
-"""``sample_fn(model, prompts, steps, seed)`` → one image per prompt; given by the caller (pipelines sit above)."""
+SampleFn = Callable[..., list]
+"""``sample_fn(model, prompts, steps, seed, **fields)`` → one image per prompt (``fields``: more generation request
+fields, e.g. ``embeddings``); given by the caller (pipelines sit above)."""
 
 
 @dataclass
