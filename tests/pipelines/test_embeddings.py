@@ -1,0 +1,102 @@
+"""Textual-inversion embeddings at generation time: the prompt conditioning equals diffusers'
+``load_textual_inversion`` + ``encode_prompt`` on the same file (A1111, kohya and diffusers layouts; one and several
+vectors; SD 1.x and SD 2.x text-encoder widths), and a generation names the embeddings it used."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from helpers import TOY_F8, random_model
+from safetensors.torch import save_file
+
+from nijimi.errors import CheckpointError
+from nijimi.io.checkpoint import save_diffusers
+from nijimi.io.embeddings import EmbeddingLibrary, save_embedding
+from nijimi.models.ldm import ModelConfig
+from nijimi.pipelines.pipeline import Pipeline
+
+TOLERANCE = 1e-5  # max |nijimi − diffusers| of the prompt embeddings, fp32
+
+
+def wide_config(width: int) -> ModelConfig:
+    """TOY_F8 with a one- (SD 1.x) or two-layer (SD 2.x: GELU, penultimate layer, "!" padding) text encoder of the
+    real width, over the full CLIP vocabulary."""
+    text = dataclasses.replace(TOY_F8.text, width=width, num_layers=1, num_heads=2, mlp_width=64)
+    if width == 1024:
+        text = dataclasses.replace(text, num_layers=2, activation="gelu", clip_skip=2)
+    unet = dataclasses.replace(TOY_F8.unet, context_dim=width)
+    return dataclasses.replace(TOY_F8, unet=unet, text=text, family="sd2" if width == 1024 else "sd1",
+                               pad_token_id=0 if width == 1024 else 49407)
+
+
+@pytest.fixture(scope="module", params=[768, 1024], ids=["sd1-768", "sd2-1024"])
+def pair(request, tmp_path_factory) -> tuple[Pipeline, StableDiffusionPipeline]:
+    """nijimi's pipeline and diffusers' over the same random weights."""
+    model = random_model(wide_config(request.param), seed=4)
+    folder = tmp_path_factory.mktemp("wide") / "model"
+    save_diffusers(model, folder)
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    return Pipeline(model), theirs
+
+
+def write(path, layout: str, vectors: torch.Tensor):
+    """``vectors`` in one of the layouts users hold."""
+    if layout == "a1111":
+        torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "x", "step": 10}, path)
+    elif layout == "kohya":
+        save_file({"emb_params": vectors}, path)
+    else:
+        content = {"<concept>": vectors[0] if len(vectors) == 1 else vectors}
+        (save_file if path.suffix == ".safetensors" else torch.save)(content, path)
+    return path
+
+
+# (layout, file name, vectors, prompt, negative prompt)
+CASES = [
+    ("a1111", "ink-style.pt", 3, "a castle, ink-style, at dusk", ""),
+    ("kohya", "mychar.safetensors", 2, "portrait of mychar smiling", "blurry mychar"),
+    ("diffusers", "learned_embeds.bin", 1, "a learned_embeds toy on a table", ""),
+    ("diffusers", "cattoy.safetensors", 4, "cattoy", "cattoy"),
+]
+
+
+@pytest.mark.parametrize(("layout", "name", "count", "prompt", "negative"), CASES,
+                         ids=["a1111-pt-3", "kohya-2-negative", "diffusers-bin-1", "diffusers-st-4-alone"])
+def test_conditioning_equals_diffusers_load_textual_inversion(pair, tmp_path, layout, name, count, prompt, negative):
+    ours, theirs = pair
+    width = ours.model.config.text.width
+    vectors = torch.randn(count, width, generator=torch.Generator().manual_seed(count))
+    path = write(tmp_path / name, layout, vectors)
+    token = path.stem
+    theirs.load_textual_inversion(str(path), token=token)
+    try:
+        expected, expected_negative = theirs.encode_prompt(prompt, "cpu", 1, True, negative)
+    finally:
+        theirs.unload_textual_inversion()
+    library = EmbeddingLibrary(files=[path], width=width)
+    conds = ours.conditioner.step_conditioning(prompt, negative, 20, None, True, library)
+    assert conds.embeddings == [token]
+    assert (conds.cond.at_step(0) - expected[0]).abs().max() <= TOLERANCE
+    assert (conds.uncond.at_step(0) - expected_negative[0]).abs().max() <= TOLERANCE
+    plain = ours.conditioner.step_conditioning(prompt, negative, 20, None, True)
+    assert (plain.cond.at_step(0) - expected[0]).abs().max() > 100 * TOLERANCE  # the embedding mattered
+
+
+def test_generation_names_the_embeddings_it_used_and_refuses_another_width(tmp_path):
+    pipe = Pipeline(random_model(TOY_F8, seed=1))
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), folder / "glow.safetensors")
+    save_embedding(torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), folder / "dull.safetensors")
+    save_embedding(torch.ones(1, 768), folder / "wide.safetensors")
+    run = dict(steps=2, seed=3, width=64, height=64, embeddings_dir=folder)
+    used = pipe.generate("a glow cube", "dull, glow", **run)
+    assert used.embeddings == {"glow": folder / "glow.safetensors", "dull": folder / "dull.safetensors"}
+    plain = pipe.generate("a glow cube", "dull, glow", steps=2, seed=3, width=64, height=64)
+    assert plain.embeddings == {} and (used.pixels - plain.pixels).abs().max() > 0.01
+    with pytest.raises(CheckpointError, match="wide.safetensors: embedding 'wide' is 768 wide \\(SD 1.x\\); this "
+                                              "model's text encoder is 32 wide$"):
+        pipe.generate("a wide cube", **run)
