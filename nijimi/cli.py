@@ -13,7 +13,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +27,7 @@ from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
 from nijimi.io.pngmeta import (
     format_info,
+    format_name_hashes,
     format_parameters,
     generation_settings,
     model_hash,
@@ -105,15 +106,17 @@ def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, p
             path = path.parent / f"{_next_number(path.parent):05d}-{path.name.split('-', 1)[1]}"
 
 
-def _recipe(pipe: Pipeline, request: GenerationRequest) -> dict:
-    """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on."""
+def _recipe(pipe: Pipeline, request: GenerationRequest, embeddings: Mapping[str, str]) -> dict:
+    """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on, with the hashes of the
+    textual-inversion embeddings it used (``reproduce`` checks them)."""
     return {"request": request.to_dict(), "model": {"name": pipe.name, "source": pipe.source, "hash": pipe.model_hash},
+            "embeddings": dict(embeddings),
             "dtype": dtype_name(pipe.dtype), "device": str(pipe.device),
             "schedule": pipe.model.config.schedule.to_diffusers_config(),
             "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}
 
 
-def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
+def _a1111_text(pipe: Pipeline, r: GenerationRequest, embeddings: Mapping[str, str]) -> str:
     eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
     varied = r.variation_strength > 0
     vae = r.vae and Path(r.vae)
@@ -121,7 +124,8 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
              "Variation seed": r.variation_seed if varied else None,
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
              "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
-             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
+             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control]),
+             "TI hashes": format_name_hashes(embeddings) or None}
     fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra=extra)
@@ -129,11 +133,13 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
-                   quiet: bool, preview: str | None = None) -> list[Path]:
+                   quiet: bool, preview: str | None = None, embeddings: Mapping[str, str] | None = None) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
     files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
     a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
-    picture of x̂₀ (the tiny decoder's when the request decodes with one). Returns the paths written."""
+    picture of x̂₀ (the tiny decoder's when the request decodes with one). ``embeddings``: the textual-inversion
+    embeddings (name → A1111 hash) the prompts must have used (``reproduce``); others are an error, before any file
+    is written. Returns the paths written."""
     paths = output_paths(out, request, overwrite)
     bars: list[ProgressBar] = []
 
@@ -152,12 +158,17 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
         for bar in bars:
             bar.close()
     report_unmatched(gen.lora_unmatched)
+    hashes = {name: model_hash(path) for name, path in gen.embeddings.items()}
+    if embeddings is not None and hashes != dict(embeddings):
+        raise NijimiError(f"the prompts used the embeddings {hashes or 'none'} (name: hash), the image's recipe "
+                          f"{dict(embeddings) or 'none'}; the embedding files have changed")
     written: list[Path] = []
     numbered = Path(out or "out").suffix.lower() != ".png"
     try:
         for i, (image, path) in enumerate(zip(gen.images, paths, strict=True)):
             one = gen.request.single(i)
-            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one), _recipe(pipe, one)))
+            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one, hashes),
+                                     _recipe(pipe, one, hashes)))
     except OutputExistsError:
         for path in written:  # a batch is written whole or not at all
             path.unlink(missing_ok=True)
@@ -215,7 +226,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
+    embeddings = recipe.get("embeddings")  # recipes before textual inversion have none
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview,
+                               embeddings if isinstance(embeddings, dict) else None):
         print(path)
     return 0
 

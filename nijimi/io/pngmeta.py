@@ -155,6 +155,19 @@ def parse_parameters(text: str) -> dict[str, object]:
             "settings": {key: _typed(key, _unquote(value)) for key, value in pairs if value}}
 
 
+def format_name_hashes(hashes: Mapping[str, str]) -> str:
+    """A1111's list of names and short hashes (``TI hashes``): ``"name: 0123456789, other: 9876543210"``, with ``:``
+    and ``,`` taken out of names as A1111 does."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes.items())
+
+
+def parse_name_hashes(text: str) -> dict[str, str]:
+    """Names and hashes of :func:`format_name_hashes`' text (A1111's reading: split at ``,``, then at ``:``; pieces
+    without a ``:`` are skipped)."""
+    pairs = (item.partition(":") for item in text.split(","))
+    return {name.strip(): digest.strip() for name, colon, digest in pairs if colon and name.strip()}
+
+
 # ---- PNG files -------------------------------------------------------------------------------------------------------
 
 

@@ -1,20 +1,24 @@
 """Textual-inversion embeddings at generation time: the prompt conditioning equals diffusers'
 ``load_textual_inversion`` + ``encode_prompt`` on the same file (A1111, kohya and diffusers layouts; one and several
-vectors; SD 1.x and SD 2.x text-encoder widths), and a generation names the embeddings it used."""
+vectors; SD 1.x and SD 2.x text-encoder widths), a generation names the embeddings it used, the PNG records their
+A1111 hashes and ``reproduce`` checks them."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from helpers import TOY_F8, random_model
+from helpers import TOY_F8, png_pixels, random_model, run_cli
 from safetensors.torch import save_file
 
 from nijimi.errors import CheckpointError
-from nijimi.io.checkpoint import save_diffusers
+from nijimi.io.checkpoint import save_diffusers, save_single
 from nijimi.io.embeddings import EmbeddingLibrary, save_embedding
+from nijimi.io.pngmeta import parse_name_hashes, read_png_metadata
 from nijimi.models.ldm import ModelConfig
 from nijimi.pipelines.pipeline import Pipeline
 
@@ -90,3 +94,33 @@ def test_generation_names_the_embeddings_it_used_and_refuses_another_width(tmp_p
     with pytest.raises(CheckpointError, match="wide.safetensors: embedding 'wide' is 768 wide \\(SD 1.x\\); this "
                                               "model's text encoder is 32 wide$"):
         pipe.generate("a wide cube", **run)
+
+
+def test_ti_hashes_in_the_infotext_and_reproduce_checks_them(capsys, tmp_path):
+    """``TI hashes: "glow: <sha256[:10]>, dull: …"`` as A1111 writes it (the prompt's embeddings, then the negative
+    prompt's), read back by name; ``reproduce`` finds the same files and refuses changed ones, writing nothing."""
+    model_file = tmp_path / "tiny.safetensors"
+    save_single(random_model(TOY_F8, seed=1), model_file)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), folder / "glow.safetensors")
+    save_embedding(torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), folder / "dull.safetensors")
+    digest = {name: hashlib.sha256((folder / f"{name}.safetensors").read_bytes()).hexdigest()[:10]
+              for name in ("glow", "dull")}
+    first = tmp_path / "a.png"
+    code, _, err = run_cli(capsys, "generate", "a glow cube", "-n", "dull, glow", "--model", model_file,
+                           "--embeddings-dir", folder, "--seed", 2, "--steps", 2, "--size", "64x64", "--quiet",
+                           "--out", first)
+    assert (code, err) == (0, "")
+    meta = read_png_metadata(first)
+    expected = f"glow: {digest['glow']}, dull: {digest['dull']}"
+    assert meta["parameters"].endswith(f'TI hashes: "{expected}"')
+    assert meta["settings"]["TI hashes"] == expected
+    assert parse_name_hashes(meta["settings"]["TI hashes"]) == digest == meta["recipe"]["embeddings"]
+    assert meta["recipe"]["request"]["embeddings_dir"] == str(folder)
+    assert run_cli(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet")[:2] == (0, f"{tmp_path}/b.png\n")
+    assert np.array_equal(png_pixels(first), png_pixels(tmp_path / "b.png"))
+    save_embedding(torch.zeros(2, 32), folder / "glow.safetensors")
+    code, out, err = run_cli(capsys, "reproduce", first, "--out", tmp_path / "c.png", "--quiet")
+    assert (code, out) == (2, "") and err.startswith("error: the prompts used the embeddings {'glow': ")
+    assert err.count("\n") == 1 and "the embedding files have changed" in err and not (tmp_path / "c.png").exists()

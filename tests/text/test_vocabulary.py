@@ -22,7 +22,8 @@ def tok() -> ClipTokenizer:
 
 
 def vocabulary(tok, sizes: dict[str, int], loaded: list | None = None) -> ExtraVocabulary:
-    """Embedding ``name`` has ``sizes[name]`` vectors of width 4, all equal to its place in sorted order + 1 ("Style" < "bad" < "bad-hands")."""
+    """Embedding ``name`` has ``sizes[name]`` vectors of width 4, all equal to its place in sorted order + 1
+    ("Style" < "bad" < "bad-hands")."""
     def load(name: str) -> torch.Tensor:
         if loaded is not None:
             loaded.append(name)
