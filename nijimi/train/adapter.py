@@ -31,7 +31,15 @@ from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, open_images, run_finetune
+from nijimi.train.finetune import (
+    FineTuneConfig,
+    FineTuning,
+    SampleFn,
+    TrainedPart,
+    load_base,
+    open_images,
+    run_finetune,
+)
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.trainer import OnStep, open_trainer
 
@@ -130,25 +138,15 @@ def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
     return WithRegularization(data, open_images(cfg.reg_data, size, cfg.seed, cfg.data_count)) if cfg.reg_data else data
 
 
-class AdapterObjective(nn.Module):
+class AdapterObjective(TrainedPart):
     """What the trainer trains: the injected adapter's per-layer modules are this module's only sub-modules (keys
     ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone; the frozen
     model's :class:`DiffusionObjective` computes the loss and stays outside the module tree."""
 
     def __init__(self, objective: DiffusionObjective, model: LatentDiffusion, name: str = ADAPTER_NAME) -> None:
-        super().__init__()
+        super().__init__(objective)
         self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
                                      for path, layer in adapted_layers(model) if name in layer.adapters})
-        object.__setattr__(self, "objective", objective)  # a plain attribute: not part of state_dict()
-
-    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
-        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`)."""
-        return self.objective(indices, generator, part)
-
-    def train(self, mode: bool = True) -> AdapterObjective:
-        super().train(mode)
-        self.objective.train(mode)
-        return self
 
 
 @dataclass

@@ -27,7 +27,7 @@ from nijimi.models.ldm import LatentDiffusion
 from nijimi.text.tokenizer import ClipTokenizer
 from nijimi.text.vocabulary import ExtraVocabulary
 from nijimi.train.adapter import EMBEDDING, AdapterTrainConfig, open_adapter_data
-from nijimi.train.finetune import FineTuning, SampleFn, load_base, run_finetune
+from nijimi.train.finetune import FineTuning, SampleFn, TrainedPart, load_base, run_finetune
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.trainer import OnStep, open_trainer
 
@@ -57,26 +57,13 @@ class CaptionsWithEmbedding(DiffusionObjective):
         return self.text_encoder(ids, extra=self.vectors)
 
 
-class EmbeddingObjective(nn.Module):
+class EmbeddingObjective(TrainedPart):
     """What the trainer trains: ``vectors`` ``(n, width)`` is this module's only parameter, so checkpoints and the EMA
     hold the embedding alone; the frozen model's loss (:class:`CaptionsWithEmbedding`) stays outside the module."""
 
-    def __init__(self, vectors: torch.Tensor) -> None:
-        super().__init__()
-        self.vectors = nn.Parameter(vectors)
-
-    def attach(self, objective: CaptionsWithEmbedding) -> EmbeddingObjective:
-        object.__setattr__(self, "objective", objective)  # a plain attribute: not part of state_dict()
-        return self
-
-    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
-        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`)."""
-        return self.objective(indices, generator, part)
-
-    def train(self, mode: bool = True) -> EmbeddingObjective:
-        super().train(mode)
-        self.objective.train(mode)
-        return self
+    def __init__(self, objective: CaptionsWithEmbedding, vectors: nn.Parameter) -> None:
+        super().__init__(objective)
+        self.vectors = vectors
 
 
 @dataclass
@@ -123,15 +110,15 @@ def prepare_embedding_training(cfg: AdapterTrainConfig, model: LatentDiffusion |
     model.requires_grad_(False)
     data = open_adapter_data(cfg, model.config) if data is None else data
     tokenizer, name = model.config.tokenizer(), Path(cfg.out).stem
-    module = EmbeddingObjective(initial_vectors(model, tokenizer, cfg.init_word, cfg.vectors))
-    vocabulary = ExtraVocabulary(tokenizer, [name], lambda _: module.vectors)
+    vectors = nn.Parameter(initial_vectors(model, tokenizer, cfg.init_word, cfg.vectors))
+    vocabulary = ExtraVocabulary(tokenizer, [name], lambda _: vectors)
     vocabulary.ids(name)  # the vectors are the vocabulary's rows 0..n-1
     _check_captions(data, vocabulary, tokenizer, name, cfg.data)
-    objective = CaptionsWithEmbedding(vocabulary, module.vectors, model.unet, model.text_encoder, model.vae,
-                                      tokenizer, model.config.schedule, data, caption_dropout=cfg.caption_dropout,
+    objective = CaptionsWithEmbedding(vocabulary, vectors, model.unet, model.text_encoder, model.vae, tokenizer,
+                                      model.config.schedule, data, caption_dropout=cfg.caption_dropout,
                                       min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
                                       mask_loss=cfg.mask_loss)
-    trainer = open_trainer(module.attach(objective), len(data), cfg, cfg.work_dir, resume,
+    trainer = open_trainer(EmbeddingObjective(objective, vectors), len(data), cfg, cfg.work_dir, resume,
                            "was made for another embedding (vector count or width differ)")
     return EmbeddingTraining(cfg, trainer, model, data, name)
 
