@@ -306,6 +306,8 @@ def _encode(name: str, value: Any) -> Any:
         return [[str(r.path), r.te_multiplier, r.unet_multiplier] for r in value]
     if name == "control":
         return [dataclasses.asdict(c) for c in value]
+    if name == "embeddings":
+        return list(value)
     return value
 
 
