@@ -188,7 +188,9 @@ class Pipeline:
         + i))`` — the convention diffusers and A1111 share — so a seed means the same picture across tools (A1111's
         variation seed and seed resize change it: :func:`~nijimi.diffusion.noise.starting_noise`). LoRAs are
         merged for this call and the weights restored exactly afterwards; their keys that fit no module are left out
-        (``Generation.lora_unmatched``), or refused with ``strict_loras``. ``callback`` sees every sampling step.
+        (``Generation.lora_unmatched``), or refused with ``strict_loras``. The prompts may name textual-inversion
+        embeddings of ``embeddings_dir`` / ``embeddings`` (``Generation.embeddings`` lists those used). ``callback``
+        sees every sampling step.
         """
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
