@@ -15,8 +15,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(TEST_STAMP): $(STAMP)
+# k-diffusion is the test reference for samplers diffusers lacks; its declared dependencies pull torchvision, so it
+# and what its sampling module needs are installed without them (tests/sampling_ref.py loads only that module).
+KDIFFUSION := k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2
+
+$(TEST_STAMP): $(STAMP) Makefile
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(KDIFFUSION)
 	touch $@
 
 demo: $(STAMP)

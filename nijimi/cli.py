@@ -21,29 +21,37 @@ import torch
 from PIL import Image
 
 from nijimi import __version__
+from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS
 from nijimi.diffusion.explain import explain_schedules
-from nijimi.diffusion.samplers import SAMPLERS, SPACINGS, StepInfo
+from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
     format_name_hashes,
     format_parameters,
     generation_settings,
     model_hash,
-    read_png_metadata,
     save_png,
 )
+from nijimi.pipelines import hires
+from nijimi.pipelines.adapters import few_step_notes
+from nijimi.pipelines.comfyui import from_graph
+from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads, dtype_name
+from nijimi.pipelines.shortcuts import FAST, fast_settings
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers, control_infotext
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
+from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
+from nijimi.ui.serve import add_serve_parser
 from nijimi.ui.train import add_train_parsers
 
 DEMO_PROMPT = "a red circle on the left and a blue square on the right"
@@ -123,13 +131,16 @@ def _a1111_text(pipe: Pipeline, r: GenerationRequest, embeddings: Mapping[str, s
     extra = {"VAE hash": model_hash(vae) if vae and vae.is_file() else None, "VAE": vae and vae.name,
              "Variation seed": r.variation_seed if varied else None,
              "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
-             "Denoising strength": r.strength if r.init_image is not None else None, "Clip skip": r.clip_skip,
-             eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control]),
+             "Denoising strength": r.strength if r.init_image is not None else
+             r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
+             "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control]),
              "TI hashes": format_name_hashes(embeddings) or None}
-    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, cfg_scale=r.guidance, seed=r.seed,
+    prompt, loras = lora_infotext(r)
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
+                                 cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
-                                 extra=extra)
-    return format_parameters(r.prompt, r.negative_prompt, fields)
+                                 extra={**extra, **loras})
+    return format_parameters(prompt, r.negative_prompt, fields)
 
 
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
@@ -148,15 +159,17 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
             save_preview(pipe.preview(info.denoised, "rgb" if request.decoder == "vae" else request.decoder), preview)
         if quiet:
             return
-        if not bars:
-            bars.append(ProgressBar(info.steps, label="generate"))
-        bars[0].update(info.i + 1)
+        if info.i == 0:  # a pass begins (the hires fix has two)
+            if bars:
+                bars[-1].close()
+            bars.append(ProgressBar(info.steps, label="hires" if bars else "generate"))
+        bars[-1].update(info.i + 1)
 
     try:
         gen = pipe.generate(request, callback=None if quiet and preview is None else callback)
     finally:
-        for bar in bars:
-            bar.close()
+        if bars:
+            bars[-1].close()
     report_unmatched(gen.lora_unmatched)
     hashes = {name: model_hash(path) for name, path in gen.embeddings.items()}
     if embeddings is not None and hashes != dict(embeddings):
@@ -205,6 +218,14 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    if args.fast:
+        given = {name for name, value in vars(args).items() if value not in (None, False)}
+        fast = fast_settings(request.loras, request.prompt, request.lora_dir)
+        if "sampler" in given:  # a recipe's η belongs to its sampler
+            fast.pop("eta", None)
+        request = request.replace(**{name: value for name, value in fast.items() if name not in given})
+    for note in few_step_notes(request.loras, request.prompt, request.lora_dir, request.sampler):
+        print(f"note: {note}", file=sys.stderr)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
     for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview):
         print(path)
@@ -212,9 +233,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    recipe = read_png_metadata(args.image).get("recipe")
+    meta = read_image_metadata(args.image)
+    recipe = meta.get("recipe")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict) or "request" not in recipe:
-        raise NijimiError(f"{args.image}: no nijimi recipe in this PNG; only images made by nijimi can be reproduced")
+        imported = import_image(meta, args)  # an A1111 or ComfyUI image
+        pipe = load(imported.model, device=args.device)
+        for path in run_generation(pipe, imported.request, args.out, args.overwrite, args.quiet, args.preview):
+            print(path)
+        return 0
     request = GenerationRequest.from_dict(recipe["request"], f"{args.image}: recipe")
     dtype = recipe.get("dtype", "fp32")
     if dtype not in WEIGHT_DTYPES:
@@ -234,7 +260,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    print(format_info(read_png_metadata(args.image)))
+    meta = read_image_metadata(args.image)
+    graph = meta.get("comfyui_prompt")
+    comfyui = [] if graph is None else [format_settings(from_graph(graph))]  # fails before anything is printed
+    print("\n".join([format_info(meta), *comfyui]))
     return 0
 
 
@@ -248,9 +277,10 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_samplers(args: argparse.Namespace) -> int:
-    for name, fn in SAMPLERS.items():
-        print(f"{name:14s} {(fn.__doc__ or '').strip().splitlines()[0]}")
-    print(f"σ spacings (suffix): {', '.join(SPACINGS)}")
+    for name, spec in SAMPLER_SPECS.items():
+        print(f"{name:12s} {spec.display!r:15s} automatic={spec.automatic:12s} "
+              f"{(spec.fn.__doc__ or '').strip().splitlines()[0]}")
+    print("schedules (--schedule): " + ", ".join(f"{name} ({label!r})" for name, label in SCHEDULE_LABELS.items()))
     return 0
 
 
@@ -277,6 +307,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="text to image (img2img with --init, inpainting with --mask)")
     add_request_arguments(p)
+    p.add_argument("--fast", action="store_true",
+                   help="fewer U-Net passes at about the same adherence: a loaded few-step adapter's recipe (LCM, "
+                        "TCD, Hyper-SD), else " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in FAST.items())
+                        + "; flags you give win")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
     p.add_argument("--model-config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
     p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32",
@@ -284,13 +318,15 @@ def _add_generation_parsers(sub: argparse._SubParsersAction) -> None:
     add_output_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("reproduce", help="regenerate an image from the recipe in its PNG metadata")
-    p.add_argument("image", help="a PNG written by nijimi")
-    p.add_argument("--model", help="use this model file instead of the one recorded")
+    p = sub.add_parser("reproduce", help="regenerate an image from its metadata: nijimi's recipe, A1111's parameters "
+                       "(PNG, JPEG, WebP) or a ComfyUI graph")
+    p.add_argument("image", help="a PNG written by nijimi, or a PNG/JPEG/WebP written by A1111 or ComfyUI")
+    p.add_argument("--model", help="use this model file (or embedded) instead of the one recorded")
+    add_folder_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("info", help="print the generation metadata of a PNG (nijimi, A1111, ComfyUI)")
+    p = sub.add_parser("info", help="print the generation metadata of a PNG, JPEG or WebP (nijimi, A1111, ComfyUI)")
     p.add_argument("image")
     p.set_defaults(func=cmd_info)
 
@@ -339,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_parsers(sub)
     add_eval_parsers(sub)
     add_doctor_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="generate sample images from the embedded model")
     p.add_argument("--out", default="out", help="output folder")

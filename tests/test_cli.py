@@ -142,19 +142,22 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     meta = read_png_metadata(out)
     assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
     settings = meta["settings"]
-    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
+    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M" and settings["CFG scale"] == 4.5
+    assert settings["Schedule type"] == "Karras"
     assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
     recipe = meta["recipe"]
     assert recipe["model"] == {"name": "tiny", "source": str(model_file), "hash": model_hash(model_file)}
     request = recipe["request"]
-    assert (request["sampler"], request["seed"], request["batch"], request["guidance"]) == ("dpm++2m-karras", 7, 1, 4.5)
+    assert (request["sampler"], request["schedule"], request["seed"]) == ("dpm++2m", "karras", 7)
+    assert (request["batch"], request["guidance"]) == (1, 4.5)
     assert recipe["schedule"]["timestep_spacing"] == "leading" and recipe["versions"]["torch"] == torch.__version__
     code, text, err = run(capsys, "info", out)
     assert code == 0 and err == ""
     lines = text.splitlines()
     assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
-    assert "Sampler: DPM++ 2M Karras" in lines and "Seed: 7" in lines and "nijimi recipe:" in lines
+    assert "Sampler: DPM++ 2M" in lines and "Schedule type: Karras" in lines
+    assert "Seed: 7" in lines and "nijimi recipe:" in lines
 
 
 def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):
@@ -330,8 +333,8 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     code, _, err = run(capsys, "reproduce", plain, "--out", tmp_path / "r.png")
-    assert code == 2 and err == f"error: {plain}: no nijimi recipe in this PNG; only images made by nijimi can be " \
-                                "reproduced\n"
+    assert code == 2 and err == f"error: {plain}: no generation metadata (a nijimi recipe, A1111 parameters or a " \
+                                "ComfyUI graph)\n"
     made = tmp_path / "inpainted.png"
     assert run(capsys, "generate", "a door", "--model", model_file, "--init", inputs["init.png"], "--mask",
                inputs["mask.png"], "--seed", 1, "--steps", "2", "--quiet", "--out", made)[0] == 0
@@ -339,7 +342,7 @@ def test_reproduce_errors(capsys, model_file, tmp_path, inputs):
     code, _, err = run(capsys, "reproduce", made, "--out", tmp_path / "r.png")
     assert code == 2 and "init.png: image file not found" in err and len(err.splitlines()) == 1
     code, _, err = run(capsys, "info", inputs["broken.png"])
-    assert code == 2 and err.startswith("error: cannot read PNG") and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("error: cannot read image") and len(err.splitlines()) == 1
     assert not (tmp_path / "r.png").exists()
 
 

@@ -21,8 +21,10 @@ class Denoiser:
 
     ``x`` lives in σ-space (``x = x₀ + σ·ε``); the network was trained on ``x_t = x/sqrt(σ²+1)`` at integer
     timesteps, so ``c_in = 1/sqrt(σ²+1)`` and ``t(σ)`` interpolates between the training timesteps in log σ
-    (k-diffusion's ``CompVisDenoiser``; ``quantize=True`` rounds t to the nearest integer, as diffusers'
-    DPM-Solver/UniPC do with Karras σ's). By ``schedule.prediction_type`` (EDM table 1, 2206.00364):
+    (k-diffusion's ``CompVisDenoiser``); ``timesteps`` maps (sampling step, σ) to the timestep to use instead at the
+    step's own σ, where diffusers' scheduler rounds or truncates it (:meth:`SamplerChoice.timestep_table
+    <nijimi.diffusion.choice.SamplerChoice.timestep_table>`; the step comes as the ``step`` keyword).
+    By ``schedule.prediction_type`` (EDM table 1, 2206.00364):
 
     - ``epsilon``: x̂₀ = x - σ·ε̂;
     - ``v_prediction`` (2202.00512): x̂₀ = x/(σ²+1) - σ/sqrt(σ²+1)·v̂;
@@ -32,23 +34,29 @@ class Denoiser:
     Shapes: x (B, ...), σ a float or (B,), cond passed through to ``net`` untouched; returns (B, ...).
     """
 
-    def __init__(self, net: Network, schedule: NoiseSchedule, *, quantize: bool = False) -> None:
+    def __init__(self, net: Network, schedule: NoiseSchedule, *,
+                 timesteps: Mapping[tuple[int, float], float] | None = None) -> None:
         self.net = net
         self.schedule = schedule
-        self.quantize = quantize
+        self.timesteps = dict(timesteps or {})
         self.log_sigmas = schedule.sigmas.double().log()
 
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The (continuous, or rounded with ``quantize``) training timestep for each σ, float32, same shape, on the
-        CPU (the lookup runs in float64 there, whatever device the latents live on)."""
-        t = sigma_to_t(sigma.detach().cpu(), self.log_sigmas)
-        return t.round() if self.quantize else t
+    def timestep(self, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The continuous training timestep for each σ (or its ``timesteps`` entry at sampling step ``step``),
+        float32, same shape, on the CPU (the lookup runs in float64 there, whatever device the latents live on)."""
+        sigma = sigma.detach().cpu()
+        t = sigma_to_t(sigma, self.log_sigmas)
+        if self.timesteps and step is not None:
+            t = torch.tensor([self.timesteps.get((step, v), u) for v, u in zip(sigma.reshape(-1).tolist(),
+                                                                               t.reshape(-1).tolist(), strict=True)],
+                             dtype=torch.float32).reshape(t.shape)
+        return t
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         c_in = 1 / (s**2 + 1) ** 0.5
-        out = self.net(x * c_in, self.timestep(sigma).to(x.device), **cond)
+        out = self.net(x * c_in, self.timestep(sigma, cond.get("step")).to(x.device), **cond)
         kind = self.schedule.prediction_type
         if kind == "epsilon":
             x0 = x - s * out

@@ -8,33 +8,29 @@ Every sampler has the signature::
   index of the σ it evaluates at (step i runs at ``sigmas[i]``; Heun's second call, at ``sigmas[i+1]``, passes
   i + 1, as A1111 counts it for prompt editing); returns x̂₀ (B, ...).
   Build it with :class:`nijimi.diffusion.denoiser.Denoiser` (and :class:`~nijimi.diffusion.guidance.GuidedNetwork`).
-- ``sigmas``: (N+1,) strictly decreasing, last entry 0 — from :func:`~nijimi.diffusion.schedules.sampling_sigmas`.
-  img2img passes the tail ``sigmas[start:]``.
+- ``sigmas``: (N+1,) strictly decreasing, last entry usually 0 — from :mod:`nijimi.diffusion.sigmas` (through
+  :meth:`SamplerChoice.plan <nijimi.diffusion.choice.SamplerChoice.plan>`). img2img passes the tail ``sigmas[start:]``.
 - ``callback(info)``: called after every step with a :class:`StepInfo` (progress bars, previews). When it returns a
   tensor, sampling continues from that latent instead (inpainting puts the known region back this way).
 - ``noise(sigma, sigma_next)``: unit Gaussian noise like x for the step σ → σ_next
-  (:mod:`nijimi.diffusion.noise`); required by the stochastic samplers (ddpm, euler-a, dpm++2m-sde, lcm, ddim with
-  η > 0, tcd with γ > 0).
-- ``options``: ``eta`` (ddim, euler-a, dpm++2m-sde; tcd's γ), ``order`` (unipc), ``schedule`` (lcm and tcd: their
-  formulas live on the model's training timesteps; :meth:`SamplerChoice.options` supplies it).
+  (:mod:`nijimi.diffusion.noise`); required by the stochastic samplers (ddpm, euler-a, dpm++2m-sde, dpm++3m-sde, lcm,
+  ddim with η > 0, tcd with γ > 0; the ancestral and SDE samplers of :mod:`nijimi.diffusion.singlestep`).
+- ``options``: ``eta`` (ddim, euler-a, the SDE samplers; tcd's γ), ``order`` (unipc, lms), ``schedule`` (lcm and
+  tcd: their formulas live on the model's training timesteps; :meth:`SamplerChoice.options` supplies it).
 
-A sampler name is parsed once into a :class:`SamplerChoice` (:func:`parse_sampler`): the function, its σ spacing
-(the model's own timesteps — LCM's for lcm/tcd —, ``-karras``, ``-exponential`` or ``-trailing``; A1111's display
-names such as "DPM++ 2M Karras" and ComfyUI's / diffusers' spellings are accepted), canonical and display names, the
-scale of its starting noise, whether timesteps are rounded, and where its noise comes from; nothing downstream looks at
-the string again. All samplers run in fp32 tensor ops; per-step scalar coefficients are computed once in Python floats.
+Samplers and schedules are named and paired in :mod:`nijimi.diffusion.choice`. All samplers run in fp32 tensor ops;
+per-step scalar coefficients are computed once in Python floats.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from nijimi.diffusion.noise import BrownianNoise, Generators, gaussian_noise
-from nijimi.diffusion.schedules import NoiseSchedule, sampling_sigmas
+from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import SamplerError
 
 Model = Callable[..., torch.Tensor]
@@ -57,7 +53,7 @@ class StepInfo:
 Callback = Callable[[StepInfo], "torch.Tensor | None"]
 
 
-def _check(sigmas: torch.Tensor) -> list[float]:
+def check_sigmas(sigmas: torch.Tensor) -> list[float]:
     """Validate the σ schedule; return the σ's as Python floats."""
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise SamplerError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}")
@@ -70,25 +66,28 @@ def _check(sigmas: torch.Tensor) -> list[float]:
     return s
 
 
-def _sigma(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """σ as the model's (B,) argument for latents like ``x``."""
     return x.new_full((x.shape[0],), sigma)
 
 
-def _needs(noise: NoiseSampler | None, name: str) -> NoiseSampler:
+def needs_noise(noise: NoiseSampler | None, name: str) -> NoiseSampler:
+    """``noise``, which the sampler ``name`` cannot do without."""
     if noise is None:
         raise SamplerError(f"sampler {name!r} draws noise: pass noise=… (see nijimi.diffusion.noise)")
     return noise
 
 
-def _eta_noise(name: str, eta: float, noise: NoiseSampler | None) -> NoiseSampler | None:
+def eta_noise(name: str, eta: float, noise: NoiseSampler | None) -> NoiseSampler | None:
     """Check η; the noise source when η > 0 draws noise."""
     if not 0.0 <= eta <= 1.0:
         raise SamplerError(f"{name}: eta={eta} must be within [0, 1]")
-    return _needs(noise, name) if eta > 0 else None
+    return needs_noise(noise, name) if eta > 0 else None
 
 
-def _after_step(x: torch.Tensor, i: int, s: list[float], denoised: torch.Tensor,
-                callback: Callback | None) -> torch.Tensor:
+def after_step(x: torch.Tensor, i: int, s: list[float], denoised: torch.Tensor,
+               callback: Callback | None) -> torch.Tensor:
+    """Report step ``i`` to ``callback``; the latent to go on from (the callback's, when it returns one)."""
     if callback is None:
         return x
     replaced = callback(StepInfo(i, len(s) - 1, s[i], s[i + 1], x, denoised))
@@ -98,30 +97,37 @@ def _after_step(x: torch.Tensor, i: int, s: list[float], denoised: torch.Tensor,
 def sample_euler(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                  callback: Callback | None = None, noise: NoiseSampler | None = None) -> torch.Tensor:
     """Euler: first-order steps of the probability-flow ODE dx/dσ = (x - x̂₀)/σ (EDM, 2206.00364, Alg. 1)."""
-    s, extra = _check(sigmas), extra_args or {}
+    s, extra = check_sigmas(sigmas), extra_args or {}
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         x = x + (x - denoised) / s[i] * (s[i + 1] - s[i])
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
 def sample_heun(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                 callback: Callback | None = None, noise: NoiseSampler | None = None) -> torch.Tensor:
     """Heun: second-order ODE steps, two denoiser calls per step; Euler on the last step (EDM, 2206.00364, Alg. 1)."""
-    s, extra = _check(sigmas), extra_args or {}
+    s, extra = check_sigmas(sigmas), extra_args or {}
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         d = (x - denoised) / s[i]
         dt = s[i + 1] - s[i]
         if s[i + 1] == 0:
             x = x + d * dt
         else:
             x_euler = x + d * dt
-            d_next = (x_euler - model(x_euler, _sigma(x, s[i + 1]), step=i + 1, **extra)) / s[i + 1]
+            d_next = (x_euler - model(x_euler, sigma_batch(x, s[i + 1]), step=i + 1, **extra)) / s[i + 1]
             x = x + (d + d_next) / 2 * dt
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(σ_down, σ_up) of an ancestral step σ → σ': σ_up = η·σ'·sqrt(1 - σ'²/σ²), σ_down = sqrt(σ'² - σ_up²), so a
+    deterministic step to σ_down plus fresh noise of size σ_up lands at σ' (2010.02502, eq. 16 in σ-space)."""
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(1 - (sigma_next / sigma) ** 2, 0.0)))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
 def _ancestral(name: str, eta: float, model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None,
@@ -131,16 +137,15 @@ def _ancestral(name: str, eta: float, model: Model, x: torch.Tensor, sigmas: tor
     ε̂ = (x - x̂₀)/σ,  σ_up = η·σ'·sqrt(1 - σ'²/σ²),  σ_down = sqrt(σ'² - σ_up²),  x' = x̂₀ + σ_down·ε̂ + σ_up·z.
     η = 0 is deterministic DDIM; η = 1 samples the DDPM posterior q(x_{t'} | x_t, x̂₀) exactly.
     """
-    s, extra, noise = _check(sigmas), extra or {}, _eta_noise(name, eta, noise)
+    s, extra, noise = check_sigmas(sigmas), extra or {}, eta_noise(name, eta, noise)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
-        denoised = model(x, _sigma(x, sigma), step=i, **extra)
-        sigma_up = eta * sigma_next * math.sqrt(1 - (sigma_next / sigma) ** 2)
-        sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
+        denoised = model(x, sigma_batch(x, sigma), step=i, **extra)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + (x - denoised) * (sigma_down / sigma)
         if sigma_up > 0:
             x = x + noise(sigma, sigma_next) * sigma_up
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
@@ -166,10 +171,10 @@ def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                     callback: Callback | None = None, noise: NoiseSampler | None = None) -> torch.Tensor:
     """DPM-Solver++(2M): second-order multistep in log-SNR, one call per step (2211.01095, Alg. 2)."""
-    s, extra = _check(sigmas), extra_args or {}
+    s, extra = check_sigmas(sigmas), extra_args or {}
     old_denoised, h_last = None, 0.0
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         if s[i + 1] == 0:
             x = denoised
         else:
@@ -181,7 +186,7 @@ def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extr
             x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
@@ -194,10 +199,10 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
     injected noise (0 gives a deterministic exponential integrator). ``noise`` is meant to be a Brownian tree
     (:class:`~nijimi.diffusion.noise.BrownianNoise`), so that the image does not depend on the step count.
     """
-    s, extra, noise = _check(sigmas), extra_args or {}, _eta_noise("dpm++2m-sde", eta, noise)
+    s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm++2m-sde", eta, noise)
     old_denoised, h_last = None, 0.0
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         if s[i + 1] == 0:
             x = denoised
         else:
@@ -211,7 +216,7 @@ def sample_dpmpp_2m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, 
                 x = x + noise(s[i], s[i + 1]) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)))
             h_last = h
         old_denoised = denoised
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
@@ -250,21 +255,21 @@ def _unipc_update(x: torch.Tensor, sigma: float, sigma_to: float, history: list[
 def sample_unipc(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                  callback: Callback | None = None, noise: NoiseSampler | None = None, order: int = 2) -> torch.Tensor:
     """UniPC-bh2: multistep predictor plus a free corrector that reuses each new evaluation (2302.04867)."""
-    s, extra = _check(sigmas), extra_args or {}
+    s, extra = check_sigmas(sigmas), extra_args or {}
     if order not in (1, 2, 3):
         raise SamplerError(f"unipc: order={order!r} must be 1, 2 or 3")
     steps = len(s) - 1
     history: list[tuple[float, torch.Tensor]] = []
     x_last, last_order = None, 0
     for i in range(steps):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         if x_last is not None:
             x = _unipc_update(x_last, s[i - 1], s[i], history, last_order, corrector=denoised)
         history = (history + [(s[i], denoised)])[-order:]
         last_order = min(order, steps - i, len(history))
         x_last = x
         x = _unipc_update(x, s[i], s[i + 1], history, last_order)
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
@@ -284,14 +289,14 @@ def sample_lcm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_arg
     ``f = c_out·x̂₀ + c_skip·x/sqrt(σ²+1)``, c_skip = σ_data²/((10t)² + σ_data²), c_out = 10t/sqrt((10t)² + σ_data²);
     then ``x' = f + σ'·z``. Its own σ's are LCM's 50-step skipping schedule (:meth:`SamplerChoice.sigmas`).
     """
-    s, extra, noise = _check(sigmas), extra_args or {}, _needs(noise, "lcm")
+    s, extra, noise = check_sigmas(sigmas), extra_args or {}, needs_noise(noise, "lcm")
     scaled = [10 * t for t in _on_grid(schedule, "lcm").sigma_to_t(sigmas).tolist()]
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         c_skip, c_out = 0.25 / (scaled[i] ** 2 + 0.25), scaled[i] / math.sqrt(scaled[i] ** 2 + 0.25)
         denoised = c_out * denoised + c_skip / math.sqrt(s[i] ** 2 + 1) * x
         x = denoised + noise(s[i], s[i + 1]) * s[i + 1] if s[i + 1] > 0 else denoised
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
@@ -305,136 +310,83 @@ def sample_tcd(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_arg
     The last step ends at timestep 0 (σ_s ≈ 0.03, not 0) and returns that latent as the network sees it,
     ``x_s/sqrt(σ_s²+1)``, as diffusers' TCDScheduler does. Its σ's are LCM's skipping schedule.
     """
-    s, extra, schedule = _check(sigmas), extra_args or {}, _on_grid(schedule, "tcd")
-    noise = _eta_noise("tcd", eta, noise)
+    s, extra, schedule = check_sigmas(sigmas), extra_args or {}, _on_grid(schedule, "tcd")
+    noise = eta_noise("tcd", eta, noise)
     # ⌊(1-γ)·t'⌋ in float32, as TCDScheduler rounds it (float64 gives 489 for γ = 0.3, t' = 700, float32 490).
     below = torch.floor((1 - eta) * schedule.sigma_to_t(sigmas[1:])).long()
     sigmas_s = schedule.sigmas[below].tolist()
     for i in range(len(s) - 1):
-        denoised = model(x, _sigma(x, s[i]), step=i, **extra)
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         x = denoised + (x - denoised) * (sigmas_s[i] / s[i])
         if s[i + 1] == 0:
             x = x / math.sqrt(sigmas_s[i] ** 2 + 1)
         elif noise is not None:
             x = x + noise(s[i], s[i + 1]) * math.sqrt(s[i + 1] ** 2 - sigmas_s[i] ** 2)
-        x = _after_step(x, i, s, denoised, callback)
+        x = after_step(x, i, s, denoised, callback)
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "euler": sample_euler,
-    "euler-a": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm++2m": sample_dpmpp_2m,
-    "dpm++2m-sde": sample_dpmpp_2m_sde,
-    "unipc": sample_unipc,
-    "lcm": sample_lcm,
-    "tcd": sample_tcd,
-}
+def _lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
+    """∫_a^b ℓ_j(τ) dτ for the Lagrange basis polynomial ℓ_j over ``nodes`` (exact: expanded, then integrated)."""
+    coeffs = [1.0]  # lowest degree first
+    for k, node in enumerate(nodes):
+        if k != j:
+            scale = 1 / (nodes[j] - node)
+            coeffs = [(low - node * high) * scale for low, high in zip([0.0, *coeffs], [*coeffs, 0.0], strict=True)]
+    return sum(c * (b ** (n + 1) - a ** (n + 1)) / (n + 1) for n, c in enumerate(coeffs))
 
 
-# ---- names: a sampler name parsed once into a SamplerChoice ----
+def sample_lms(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+               callback: Callback | None = None, noise: NoiseSampler | None = None, order: int = 4) -> torch.Tensor:
+    """LMS: the linear multistep (Adams–Bashforth) method on dx/dσ = (x - x̂₀)/σ, ``order`` past slopes.
 
-SPACINGS = ("karras", "exponential", "trailing")
-
-_DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler-a": "Euler a", "heun": "Heun",
-                  "dpm++2m": "DPM++ 2M", "dpm++2m-sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM", "tcd": "TCD"}
-# Spelling-insensitive keys (lower case, no spaces, "-" or "_"): ours, A1111's, ComfyUI's and diffusers' names.
-_ALIASES = {"ddpm": "ddpm", "ddim": "ddim", "euler": "euler", "eulera": "euler-a", "eulerancestral": "euler-a",
-            "heun": "heun", "dpm++2m": "dpm++2m", "dpmpp2m": "dpm++2m", "dpm++2msde": "dpm++2m-sde",
-            "dpmpp2msde": "dpm++2m-sde", "unipc": "unipc", "lcm": "lcm", "tcd": "tcd"}
-# Samplers whose diffusers scheduler starts from variance-preserving noise (init_noise_sigma = sqrt(σ₀² + 1)).
-_VP_SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "lcm", "tcd")
-_ETA_SAMPLERS = ("ddim", "euler-a", "dpm++2m-sde", "tcd")
-_NOISE = {"ddpm": "gaussian", "ddim": "gaussian", "euler-a": "gaussian", "dpm++2m-sde": "brownian", "lcm": "gaussian",
-          "tcd": "gaussian"}
-# Samplers defined on the training timestep grid: they take the schedule, and walk LCM's schedule by default.
-_GRID_SAMPLERS = ("lcm", "tcd")
-
-
-@dataclass(frozen=True)
-class SamplerChoice:
-    """One sampler with one σ spacing. Build it with :func:`parse_sampler`; two choices are equal when their names
-    are. ``fn`` is the sampling function of :mod:`nijimi.diffusion.samplers`."""
-
-    base: str
-    spacing: str = "model"
-    fn: Callable[..., torch.Tensor] = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.base not in SAMPLERS or self.spacing not in ("model", *SPACINGS):
-            raise SamplerError(f"no sampler {self.base!r} with σ spacing {self.spacing!r}")
-        object.__setattr__(self, "fn", SAMPLERS[self.base])
-
-    @property
-    def name(self) -> str:
-        """nijimi's spelling: ``"dpm++2m-karras"``."""
-        return self.base if self.spacing == "model" else f"{self.base}-{self.spacing}"
-
-    @property
-    def display(self) -> str:
-        """A1111's display name (for PNG metadata): ``"DPM++ 2M Karras"``."""
-        return _DISPLAY_NAMES[self.base] + ("" if self.spacing == "model" else f" {self.spacing.capitalize()}")
-
-    @property
-    def takes_eta(self) -> bool:
-        """Whether the sampler has an η (noise amount) option."""
-        return self.base in _ETA_SAMPLERS
-
-    @property
-    def quantize(self) -> bool:
-        """diffusers' multistep solvers round the timesteps of Karras/exponential σ's to integers; so do we."""
-        return self.base.startswith(("dpm++", "unipc")) and self.spacing in ("karras", "exponential")
-
-    def sigmas(self, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-        """The (steps+1,) σ's this sampler walks for ``schedule`` (:func:`sampling_sigmas`); lcm and tcd walk LCM's
-        skipping schedule (the timesteps the model was distilled on) unless a spacing is named."""
-        grid = self.base in _GRID_SAMPLERS and self.spacing == "model"
-        return sampling_sigmas(schedule, steps, "lcm" if grid else self.spacing)
-
-    def options(self, schedule: NoiseSchedule, eta: float | None) -> dict:
-        """The keyword options of ``fn`` for a model with ``schedule``: ``eta`` when given, and the ``schedule``
-        itself for the samplers defined on the training timesteps (lcm, tcd)."""
-        return ({} if eta is None else {"eta": eta}) | ({"schedule": schedule} if self.base in _GRID_SAMPLERS else {})
-
-    def start_scale(self, sigma_max: float, schedule: NoiseSchedule) -> float:
-        """The txt2img starting latent is unit noise times this: diffusers' ``init_noise_sigma`` carried to σ-space,
-        ``sqrt(σ₀²+1)`` (the variance-preserving x_T = z), except the Euler-type samplers (euler, euler-a, heun) on
-        "linspace" or "trailing" timesteps (the model's, or the ``-trailing`` spacing), which use ``σ₀``."""
-        spacing = "trailing" if self.spacing == "trailing" else schedule.timestep_spacing
-        if self.base in _VP_SAMPLERS or spacing == "leading":
-            return (sigma_max**2 + 1) ** 0.5
-        return sigma_max
-
-    def noise(self, x: torch.Tensor, sigma_max: float, generators: Generators) -> NoiseSampler | None:
-        """The noise source of a stochastic sampler for latents like ``x`` (per-step Gaussian draws, or a Brownian
-        tree over [0, σ_max]) from the images' generators; None for a deterministic one."""
-        kind = _NOISE.get(self.base)
-        if kind == "brownian":
-            return BrownianNoise(x, sigma_max, generators, self.name)
-        return gaussian_noise(x, generators, self.name) if kind else None
+    Over the non-uniform σ grid: x' = x + Σ_j c_j·d_{i-j}, c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j, ℓ_j the Lagrange basis over
+    the last ``order`` σ's (k-diffusion's ``sample_lms``; diffusers' LMSDiscreteScheduler)."""
+    s, extra = check_sigmas(sigmas), extra_args or {}
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise SamplerError(f"lms: order={order!r} must be 1, 2, 3 or 4")
+    derivatives: list[torch.Tensor] = []
+    for i in range(len(s) - 1):
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
+        derivatives = (derivatives + [(x - denoised) / s[i]])[-order:]
+        nodes = [s[i - j] for j in range(len(derivatives))]
+        for j, d in enumerate(reversed(derivatives)):
+            x = x + _lagrange_integral(nodes, j, s[i], s[i + 1]) * d
+        x = after_step(x, i, s, denoised, callback)
+    return x
 
 
-def parse_sampler(name: str) -> SamplerChoice:
-    """The choice for any accepted spelling: ``"dpm++2m-karras"``, ``"DPM++ 2M Karras"``, ``"Euler a"``, ``"euler"``."""
-    if not isinstance(name, str):
-        raise SamplerError(f"sampler {name!r} must be a name (a string)")
-    key = name.strip().lower()
-    spacing = "model"
-    for suffix in SPACINGS:
-        if len(key) > len(suffix) and key.endswith(suffix) and key[-len(suffix) - 1] in " -_":
-            key, spacing = key[: -len(suffix) - 1], suffix
-    base = _ALIASES.get(key.replace(" ", "").replace("-", "").replace("_", ""))
-    if base is None:
-        known = ", ".join(f"{n}[-{'|-'.join(SPACINGS)}]" for n in SAMPLERS)
-        raise SamplerError(f"unknown sampler {name!r}; known: {known} (or A1111 names like 'DPM++ 2M Karras')")
-    return SamplerChoice(base, spacing)
+def sample_dpmpp_3m_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+                        callback: Callback | None = None, noise: NoiseSampler | None = None,
+                        eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(3M) SDE: third-order multistep in log-SNR with SDE noise, Brownian-tree noise (2211.01095).
 
-
-def default_sampler(schedule: NoiseSchedule) -> SamplerChoice:
-    """The sampler used when none is named: DPM++ 2M Karras, A1111's usual choice; but DPM++ 2M on the model's own
-    timesteps for a zero-terminal-SNR schedule, whose σ_max ≈ 4096 would put 14 of 20 Karras steps above σ = 14,
-    where the image has no structure yet (2305.08891 samples such models on "trailing" timesteps)."""
-    return SamplerChoice("dpm++2m", "model" if schedule.rescale_zero_terminal_snr else "karras")
+    As k-diffusion's ``sample_dpmpp_3m_sde``: with h = log(σ/σ'), h_η = (1+η)h, φ₂ = (e^{-h_η} - 1)/h_η + 1,
+    φ₃ = φ₂/h_η - 1/2, x' = e^{-h_η}·x + (1 - e^{-h_η})·x̂₀ + φ₂·D₁ - φ₃·D₂ with D₁, D₂ the divided differences of
+    the last three x̂₀'s (one past x̂₀: φ₂·D₁ alone; none: first order), plus noise σ'·sqrt(1 - e^{-2ηh})·z.
+    ``eta`` = 0 is the deterministic 3M solver."""
+    s, extra, noise = check_sigmas(sigmas), extra_args or {}, eta_noise("dpm++3m-sde", eta, noise)
+    history: list[tuple[float, torch.Tensor]] = []  # (h, x̂₀) of the previous steps, most recent first
+    for i in range(len(s) - 1):
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
+        h = math.log(s[i] / s[i + 1]) if s[i + 1] > 0 else math.inf
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h_eta = h * (eta + 1)
+            x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if len(history) >= 2:
+                r0, r1 = history[0][0] / h, history[1][0] / h
+                d1_0 = (denoised - history[0][1]) / r0
+                d1_1 = (history[0][1] - history[1][1]) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif history:
+                x = x + phi_2 / (history[0][0] / h) * (denoised - history[0][1])
+            if noise is not None:
+                x = x + noise(s[i], s[i + 1]) * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)))
+        history = [(h, denoised), *history][:2]
+        x = after_step(x, i, s, denoised, callback)
+    return x

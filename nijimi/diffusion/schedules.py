@@ -192,8 +192,9 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "model")
       - ``"exponential"``: evenly spaced in log σ over the same range.
 
     These are exactly ``EulerDiscreteScheduler.set_timesteps`` σ's (``use_karras_sigmas`` /
-    ``use_exponential_sigmas``). Note diffusers' multistep schedulers (DPM-Solver, UniPC) and A1111 instead span
-    Karras σ's over the full training range [σ_0, σ_{T-1}]; that is the same as ours when the spacing is "linspace".
+    ``use_exponential_sigmas``). diffusers' multistep schedulers (DPM-Solver, UniPC) and A1111 instead span Karras σ's
+    over the full training range [σ_0, σ_{T-1}] (the same as these when the spacing is "linspace"): those, and the
+    other samplers' schedules, are :func:`nijimi.diffusion.sigmas.schedule_sigmas`.
     """
     if spacing not in SIGMA_SPACINGS:
         raise SamplerError(f"σ spacing {spacing!r} is not one of {', '.join(SIGMA_SPACINGS)}")

@@ -4,7 +4,7 @@
 
     a cat, (masterpiece:1.2)
     Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: sd15
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512, Model: sd15
 
 Values holding ``,``, ``:`` or a newline are written as JSON strings, as A1111 quotes them. Reading follows A1111's
 ``parse_generation_parameters``: the last line is the settings line only if it holds at least three ``Key: value``
@@ -22,8 +22,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -66,14 +67,15 @@ def _format_value(value: object) -> str:
 
 
 def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
-    """A1111's infotext: prompt, ``Negative prompt:`` line (left out when empty), then ``Key: value, ...``.
+    """A1111's infotext: prompt, ``Negative prompt:`` line, then ``Key: value, ...``.
 
-    ``settings`` keeps its order; ``None`` values are left out; a ``(w, h)`` tuple is written ``WxH``. A key whose
-    value equals the key itself is written alone, as A1111 does.
+    The ``Negative prompt:`` line is written even when empty (A1111 leaves it out then, but ComfyUI's A1111 importer
+    reads nothing without it), and an empty prompt leaves the text's first line empty (the importer looks for
+    ``"\\nNegative prompt:"``). ``settings`` keeps its order; ``None`` values are left out; a ``(w, h)`` tuple is
+    written ``WxH``. A key whose value equals the key itself is written alone, as A1111 does.
     """
     pairs = [k if k == v else f"{k}: {_format_value(v)}" for k, v in settings.items() if v is not None]
-    negative = f"\n{_NEGATIVE} {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{', '.join(pairs)}".strip()
+    return f"{prompt}\n{_NEGATIVE} {negative_prompt}\n{', '.join(pairs)}".rstrip()
 
 
 def generation_settings(
@@ -87,14 +89,18 @@ def generation_settings(
     model_hash: str | None = None,
     model: str | None = None,
     extra: Mapping[str, object] | None = None,
+    schedule: str | None = None,
 ) -> dict[str, object]:
-    """The settings line in A1111's order: Steps, Sampler, CFG scale, Seed, Size, Model hash, Model, then ``extra``.
+    """The settings line in A1111's order: Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model,
+    then ``extra``.
 
-    ``sampler`` is A1111's name ("DPM++ 2M Karras", "Euler a"); ``extra`` adds e.g. ``{"Clip skip": 2}``.
+    ``sampler`` is A1111's name ("DPM++ 2M", "Euler a"), ``schedule`` A1111's label of the schedule ("Karras";
+    None: left out, as before A1111 1.9); ``extra`` adds e.g. ``{"Clip skip": 2}``.
     """
     settings: dict[str, object] = {
         "Steps": steps,
         "Sampler": sampler,
+        "Schedule type": schedule,
         "CFG scale": cfg_scale,
         "Seed": seed,
         "Size": (width, height),
@@ -162,10 +168,10 @@ def format_name_hashes(hashes: Mapping[str, str]) -> str:
 
 
 def parse_name_hashes(text: str) -> dict[str, str]:
-    """Names and hashes of :func:`format_name_hashes`' text (A1111's reading: split at ``,``, then at ``:``; pieces
-    without a ``:`` are skipped)."""
-    pairs = (item.partition(":") for item in text.split(","))
-    return {name.strip(): digest.strip() for name, colon, digest in pairs if colon and name.strip()}
+    """Names and hashes of :func:`format_name_hashes`' text, ``TI hashes`` and ``Lora hashes`` (A1111's reading:
+    split at ``,``, then at the last ``:``; pieces without a name or a hash are skipped)."""
+    pairs = (item.rpartition(":") for item in text.split(","))
+    return {name.strip(): digest.strip() for name, _, digest in pairs if name.strip() and digest.strip()}
 
 
 # ---- PNG files -------------------------------------------------------------------------------------------------------
@@ -178,15 +184,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nijimi"
 
 
-def model_hash(path: str | os.PathLike) -> str:
-    """A1111's model hash: the first 10 hex digits of the file's SHA-256, read in 1 MiB blocks.
-
-    The hash is cached per (absolute path, size, mtime) in ``model_hashes.json`` of :func:`cache_dir`, written
-    atomically (files that are gone are dropped from it), so a model is read once until it changes; a cache that
-    cannot be read or written is ignored.
-    """
+def cached_digest(path: str | os.PathLike, cache_name: str, digest: Callable[[BinaryIO], str]) -> str:
+    """``digest(file)``, a SHA-256 hex digest of the file at ``path`` (or of a part of it), cached per (absolute
+    path, size, mtime) in ``cache_name`` (a JSON file of :func:`cache_dir`), written atomically (files that are gone
+    are dropped from it), so a file is read once until it changes; a cache that cannot be read or written is
+    ignored. An unreadable file raises CheckpointError."""
     path = Path(path).absolute()
-    cache_file = cache_dir() / _HASH_CACHE
+    cache_file = cache_dir() / cache_name
     try:
         cache = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -196,21 +200,38 @@ def model_hash(path: str | os.PathLike) -> str:
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = cache.get(str(path))
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str):
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp and isinstance(entry[2], str) \
+                and len(entry[2]) == 64:
             return entry[2]
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            while block := f.read(HASH_BLOCK):
-                digest.update(block)
+            value = digest(f)
     except OSError as e:
-        raise CheckpointError(f"cannot hash model file {os.fspath(path)!r}: {e.strerror or e}") from e
+        raise CheckpointError(f"cannot hash file {os.fspath(path)!r}: {e.strerror or e}") from e
     cache = {p: entry for p, entry in cache.items() if os.path.exists(p)}  # forget files that are gone
-    cache[str(path)] = [*stamp, digest.hexdigest()[:10]]
+    cache[str(path)] = [*stamp, value]
     with contextlib.suppress(OSError, NijimiError):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(cache_file, "w") as out:
             json.dump(cache, out, indent=0, sort_keys=True)
-    return cache[str(path)][2]
+    return value
+
+
+def sha256_rest(f: BinaryIO) -> str:
+    """The SHA-256 (hex) of an open file's bytes from its position to its end, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    while block := f.read(HASH_BLOCK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of the whole file (64 hex digits), read in 1 MiB blocks and cached (:func:`cached_digest`)."""
+    return cached_digest(path, _HASH_CACHE, sha256_rest)
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """A1111's model hash: the first 10 hex digits of the file's SHA-256 (:func:`file_sha256`, cached)."""
+    return file_sha256(path)[:10]
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str,
@@ -247,7 +268,7 @@ def _json_or_text(text: str | None) -> object:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
         return text
 
 
@@ -258,7 +279,13 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, object]:
     ``parse_parameters``; empty when there is no ``parameters`` chunk)``, "recipe": nijimi recipe dict or None,
     "comfyui_prompt", "comfyui_workflow": ComfyUI's JSON graphs or None, "text": every text chunk}``.
     """
-    text = _png_text(Path(path))
+    return metadata_from_text(_png_text(Path(path)))
+
+
+def metadata_from_text(text: Mapping[str, str]) -> dict[str, object]:
+    """:func:`read_png_metadata`'s result for an image's text entries (``parameters``, ``nijimi``, ``prompt``,
+    ``workflow``, …), wherever they were stored."""
+    text = dict(text)
     raw = text.get(PARAMETERS_KEY)
     parsed = parse_parameters(raw) if raw is not None else {"prompt": "", "negative_prompt": "", "settings": {}}
     recipe = _json_or_text(text.get(RECIPE_KEY))

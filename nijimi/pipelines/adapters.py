@@ -28,12 +28,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nijimi.adapters.fewstep import FewStep, few_step_adapter
 from nijimi.adapters.formats import LoadedAdapter, read_adapter, save_adapter
 from nijimi.adapters.inject import adapted_layers, apply_adapter, merge_adapters, remove_adapter
 from nijimi.adapters.modules import AdaptedLayer
 from nijimi.adapters.tags import parse_lora_option, parse_lora_tags, resolve_lora
 from nijimi.adapters.tools import extract_lora, resize_lora
 from nijimi.adapters.weights import Adapter
+from nijimi.diffusion.choice import SamplerChoice, parse_sampler
 from nijimi.embedded import ADAPTERS, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io.checkpoint import load_model
@@ -167,6 +169,30 @@ def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str =
             cache.clear()
 
     return AppliedLoras(text, applied, text_changed, unmatched, undo)
+
+
+def few_step_adapters(loras: Sequence[LoraRequest], prompt: str,
+                      lora_dir: str | os.PathLike | None) -> list[tuple[Path, FewStep]]:
+    """The few-step adapters (:func:`~nijimi.adapters.fewstep.few_step_adapter`) among ``loras`` and the prompt's
+    ``<lora:NAME>`` tags, in that order, with their files. Tags naming no file are skipped (generating reports
+    them)."""
+    paths = [Path(request.path) for request in loras]
+    for tag in parse_lora_tags(prompt)[1]:
+        try:
+            paths.append(resolve_lora(tag.name, ADAPTERS if lora_dir is None else lora_dir))
+        except ConfigError:
+            continue
+    return [(path, adapter) for path in paths if (adapter := few_step_adapter(path)) is not None]
+
+
+def few_step_notes(loras: Sequence[LoraRequest], prompt: str, lora_dir: str | os.PathLike | None,
+                   sampler: SamplerChoice | None) -> list[str]:
+    """One line for each of :func:`few_step_adapters` whose authors' sampler is not ``sampler`` (None: the default):
+    what it is and the flags of their recipe."""
+    picked = f"--sampler {sampler.name}" if sampler else "the default sampler"
+    return [f"{path.name} looks like a {adapter.kind}; its authors sample it with {adapter.flags} (this run: {picked})"
+            for path, adapter in few_step_adapters(loras, prompt, lora_dir)
+            if sampler != parse_sampler(adapter.sampler)]
 
 
 # ---- nijimi lora extract | resize | info --------------------------------------------------------------------------

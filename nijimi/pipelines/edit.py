@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nijimi.diffusion.choice import SamplerChoice
 from nijimi.diffusion.noise import Seeds, initial_noise, starting_noise
-from nijimi.diffusion.samplers import Callback, SamplerChoice, StepInfo
+from nijimi.diffusion.samplers import Callback, StepInfo
 from nijimi.errors import ImageError, SamplerError
 from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.vae import DiagonalGaussian
 from nijimi.pipelines.images import mask_tensor, open_image, to_tensor
 
 
@@ -51,6 +53,14 @@ def load_sources(image: Image.Image | str | os.PathLike | None,
     return Sources(rgb, grey)
 
 
+def posterior(model: LatentDiffusion, pixels: torch.Tensor, tile: int | None) -> DiagonalGaussian:
+    """The VAE's posterior over the unscaled latents of ``pixels`` (B, 3, H, W) in [-1, 1]; ``tile`` (pixels) tiles
+    the encoder for images larger than it."""
+    vae = model.vae
+    big = tile is not None and max(pixels.shape[-2:]) > tile
+    return vae.tiled_encode(pixels, tile) if big else vae.encode(pixels)
+
+
 def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch.Generator],
             tile: int | None) -> torch.Tensor:
     """One posterior sample per generator of the single image ``pixels`` (1, 3, H, W) → scaled latents (B, C, h, w).
@@ -58,11 +68,9 @@ def _encode(model: LatentDiffusion, pixels: torch.Tensor, generators: list[torch
     The sample's noise is drawn on the CPU from each generator (:func:`initial_noise`), so a seed gives the same
     latent on any device. ``tile`` (pixels) tiles the encoder for big images.
     """
-    vae = model.vae
-    big = tile is not None and max(pixels.shape[-2:]) > tile
-    posterior = vae.tiled_encode(pixels, tile) if big else vae.encode(pixels)
-    eps = initial_noise(tuple(posterior.mean.shape), generators).to(posterior.mean.device)
-    return (posterior.mean + posterior.std * eps) * model.config.scaling_factor
+    latent = posterior(model, pixels, tile)
+    eps = initial_noise(tuple(latent.mean.shape), generators).to(latent.mean.device)
+    return (latent.mean + latent.std * eps) * model.config.scaling_factor
 
 
 Blend = Callable[[torch.Tensor, float], torch.Tensor]

@@ -6,7 +6,8 @@ runs no text-encoder pass), the sampler walks σ down through a stack of small w
 :meth:`Pipeline.model_stack` (per-step conditioning → guidance interval → denoiser → guidance → dtype → DeepCache →
 ControlNet residuals → inpainting channels → U-Net; a layer that is switched off is not in the stack), and the VAE (a
 request's own ``vae`` swapped in for that call, or a TAESD tiny decoder) decodes the latent. img2img and inpainting
-only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`).
+only change the starting latent and add a per-step blend (:mod:`nijimi.pipelines.edit`); A1111's hires fix runs a
+second such pass on the upscaled latents of the first (:mod:`nijimi.pipelines.hires`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from nijimi.diffusion.choice import default_sampler
 from nijimi.diffusion.guidance import Denoiser, GuidedNetwork
-from nijimi.diffusion.noise import Seeds, starting_noise
-from nijimi.diffusion.samplers import Callback, StepInfo, default_sampler
+from nijimi.diffusion.noise import starting_noise
+from nijimi.diffusion.samplers import Callback, StepInfo
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
@@ -35,7 +37,7 @@ from nijimi.io.vae_file import load_vae
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.taesd import TAESD
 from nijimi.models.vae import VAE
-from nijimi.pipelines import edit
+from nijimi.pipelines import edit, hires
 from nijimi.pipelines.adapters import apply_loras
 from nijimi.pipelines.control import ControlRun, prepare_control, with_controlnets
 from nijimi.pipelines.images import check_size, to_pil, to_unit
@@ -190,7 +192,8 @@ class Pipeline:
         merged for this call and the weights restored exactly afterwards; their keys that fit no module are left out
         (``Generation.lora_unmatched``), or refused with ``strict_loras``. The prompts may name textual-inversion
         embeddings of ``embeddings_dir`` / ``embeddings`` (``Generation.embeddings`` lists those used). ``callback``
-        sees every sampling step.
+        sees every sampling step (of both passes of the hires fix, ``hires_scale`` or ``hires_size``:
+        :func:`nijimi.pipelines.hires.generate`).
         """
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
@@ -198,47 +201,67 @@ class Pipeline:
             request = GenerationRequest(request, **fields)
         elif fields:
             request = request.replace(**fields)
+        if hires.enabled(request):
+            request, x, pixels, unmatched, embeddings = hires.generate(self, request, callback)
+        else:
+            with self.vae_swapped(request.vae):
+                request, x, unmatched, embeddings = self.sample_latents(request, callback)
+                pixels = self.decode(x, request.vae_tile or None, request.decoder)
+        seeds = [request.seed + i for i in range(request.batch)]
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, unmatched, embeddings)
+
+    def sample_latents(self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
+                       ) -> tuple[GenerationRequest, torch.Tensor, dict[Path, dict[str, str]], dict[str, Path]]:
+        """The final latents (B, C, h, w) of ``request`` without the hires fix, not decoded, with the request as it
+        ran (seed, size, sampler, VAE tile and attention slice filled in), the adapter keys left out and the
+        textual-inversion embeddings used (:meth:`denoise`). An init
+        image is encoded by the current VAE: call it inside :meth:`vae_swapped` of the request's ``vae``."""
         if not request.prompt and request.guidance != 1.0 and not request.negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --guidance 1 for unconditional samples)")
         cfg = self.model.config
-        sampler = request.sampler or default_sampler(cfg.schedule)
+        sampler = request.sampler or default_sampler(cfg.schedule, request.schedule)
         sigmas = sampler.sigmas(cfg.schedule, request.steps)
         source = edit.load_sources(request.init_image, request.mask)
         width, height = self._size(request, source)
-        generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.batch)]
         f = cfg.vae.downscale_factor
         shape = (1, cfg.vae.z_channels, height // f, width // f)
-        resize = request.seed_resize and (request.seed_resize[1] // f, request.seed_resize[0] // f)
-        noise_seeds = Seeds(generators, request.variation_seed or 0, request.variation_strength, resize)
+        noise_seeds = request.noise_seeds(f)
         vae_tile = choose_vae_tile(request.vae_tile, cfg.vae, width, height, request.batch)
         rows = request.batch * (1 + (request.guidance != 1.0))
         attention_slice = choose_attention_slice(request.attention_slice, cfg.unet, shape[2:], rows)
-        request = request.replace(sampler=sampler, width=width, height=height, vae_tile=vae_tile or 0,
-                                  attention_slice=attention_slice or 0)
-        with self.vae_swapped(request.vae):
-            if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
-                start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
-                                   * sampler.start_scale(float(sigmas[0]), cfg.schedule))
-            else:  # an init image, or an inpainting U-Net (its extra channels)
-                start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape,
-                                     vae_tile)
-            run = prepare_control(request.control, cfg, width, height, start.index, request.steps, self.device,
-                                  self.dtype)
-            library = None
-            if request.embeddings_dir or request.embeddings:
-                library = EmbeddingLibrary(request.embeddings_dir, request.embeddings, cfg.text.width)
-            applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
-            try:
-                conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
-                                                           request.clip_skip, request.guidance != 1.0, library)
-                x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
-                                 sampler.noise(start.latent, float(sigmas[0]), generators), callback)
-            finally:
-                applied.undo()
-            pixels = self.decode(x, vae_tile, request.decoder)
-        seeds = [request.seed + i for i in range(request.batch)]
+        request = request.replace(sampler=sampler, schedule=sampler.schedule, width=width, height=height,
+                                  vae_tile=vae_tile or 0, attention_slice=attention_slice or 0)
+        if source.image is None and cfg.unet.in_channels == cfg.vae.z_channels:  # txt2img: noise at σ₀
+            start = edit.Start(0, starting_noise(shape, noise_seeds).to(self.device)
+                               * sampler.start_scale(float(sigmas[0]), cfg.schedule))
+        else:  # an init image, or an inpainting U-Net (its extra channels)
+            start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape, vae_tile)
+        x, unmatched, embeddings = self.denoise(request, sigmas, start, noise_seeds.generators, callback)
+        return request, x, unmatched, embeddings
+
+    def denoise(self, request: GenerationRequest, sigmas: torch.Tensor, start: edit.Start,
+                generators: list[torch.Generator], callback: Callable[[StepInfo], None] | None = None
+                ) -> tuple[torch.Tensor, dict[Path, dict[str, str]], dict[str, Path]]:
+        """Sample ``request`` (size, sampler and attention slice filled in) from ``start`` along ``sigmas`` (the
+        request's whole schedule): its ControlNets prepared for its size, its LoRAs merged for the call, its
+        prompts' conditioning (with the textual-inversion embeddings they name), the model stack; ``generators`` (one
+        per image) feed a stochastic sampler. Returns the latents, the adapter keys left out and the embeddings
+        used (name → file)."""
+        run = prepare_control(request.control, self.model.config, request.width, request.height, start.index,
+                              request.steps, self.device, self.dtype)
+        library = None
+        if request.embeddings_dir or request.embeddings:
+            library = EmbeddingLibrary(request.embeddings_dir, request.embeddings, self.model.config.text.width)
+        applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
+        try:
+            conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
+                                                       request.clip_skip, request.guidance != 1.0, library)
+            x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
+                             request.sampler.noise(start.latent, float(sigmas[0]), generators), callback)
+        finally:
+            applied.undo()
         embeddings = {name: library.path(name) for name in conds.embeddings} if library else {}
-        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, applied.unmatched, embeddings)
+        return x, applied.unmatched, embeddings
 
     def model_stack(self, request: GenerationRequest, conds: StepConditioning, start: edit.Start,
                     run: ControlRun) -> Callable[..., torch.Tensor]:
@@ -255,7 +278,8 @@ class Pipeline:
             net = with_deepcache(net, shallow, request.deepcache, start.index)
         guided = GuidedNetwork(_in_dtype(net, self.dtype), request.guidance * conds.guidance_weight,
                                request.guidance_rescale)
-        denoiser = Denoiser(guided, self.model.config.schedule, quantize=request.sampler.quantize)
+        schedule = self.model.config.schedule
+        denoiser = Denoiser(guided, schedule, timesteps=request.sampler.timestep_table(schedule, request.steps))
         if request.guidance_interval is not None:
             denoiser = with_guidance_interval(denoiser, *request.guidance_interval)
         return conds.per_step(denoiser, start.index, request.batch)

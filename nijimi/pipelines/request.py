@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from nijimi.adapters.tags import parse_lora_option
-from nijimi.diffusion.samplers import SamplerChoice, parse_sampler
-from nijimi.errors import ConfigError, ImageError
+from nijimi.diffusion.choice import SamplerChoice, parse_sampler, parse_schedule, split_sampler_name
+from nijimi.diffusion.noise import Seeds
+from nijimi.errors import ConfigError, ImageError, SamplerError
 from nijimi.pipelines.adapters import LoraRequest, resolve_request
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.control_maps import ControlSpec, parse_control_spec
+from nijimi.pipelines.hires import LATENT_UPSCALERS, MAX_SCALE, MAX_SIDE, PIXEL_UPSCALERS, hires_schedule, hires_size
 
 SEED_LIMIT = 2**64
 """Seeds are what ``torch.Generator.manual_seed`` takes: integers in [0, 2⁶⁴)."""
@@ -63,6 +66,10 @@ def _seed_resize(text: str) -> tuple[int, int]:
     return tuple(parse_size(text, "--seed-resize").values())
 
 
+def _hires_size(text: str) -> tuple[int, int]:
+    return tuple(parse_size(text, "--hires-size").values())
+
+
 def parse_interval(text: str) -> tuple[float, float]:
     """``"0.3,5.4"`` → (0.3, 5.4)."""
     try:
@@ -84,12 +91,15 @@ Control = ControlSpec | ControlUnit
 class GenerationRequest:
     """What to generate. ``seed`` None draws a random seed once, here; image i of a batch uses ``seed + i``.
     ``width``/``height`` None: the init image's size, else the model's native size. ``sampler`` None: the model's
-    default (:func:`~nijimi.diffusion.samplers.default_sampler`); a name is parsed into a :class:`SamplerChoice`.
+    default (:func:`~nijimi.diffusion.choice.default_sampler`); a name is parsed, with ``schedule``, into a
+    :class:`SamplerChoice` (``schedule`` then holds the resolved schedule; "automatic": the sampler's A1111 default).
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
     names its files from anywhere. ``variation_seed`` None draws a random one when ``variation_strength`` > 0;
     ``seed_resize`` is (width, height) in pixels. ``vae``: another VAE for this request's encode and decode
-    (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too. ``embeddings_dir`` and ``embeddings``:
+    (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too. ``hires_*``: A1111's hires fix
+    (:mod:`~nijimi.pipelines.hires`), on when ``hires_scale`` or ``hires_size`` is given; ``hires_steps`` 0, a None
+    ``hires_sampler`` and empty hires prompts mean the first pass's. ``embeddings_dir`` and ``embeddings``:
     textual-inversion embeddings the prompts may name (:class:`~nijimi.io.embeddings.EmbeddingLibrary`); there is no
     default folder, so a prompt means the same wherever the model lies."""
 
@@ -97,8 +107,12 @@ class GenerationRequest:
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
     steps: int = knob(20, Cli(("--steps",), "denoising steps", int))
     sampler: SamplerChoice | str | None = knob(None, Cli(
-        ("--sampler",), "sampler name (`nijimi samplers` lists them; default dpm++2m-karras, or dpm++2m on the "
-        "model's own timesteps for a zero-terminal-SNR model)"))
+        ("--sampler",), "sampler name, nijimi's, A1111's or ComfyUI's (`nijimi samplers` lists them; default dpm++2m "
+        "with the Karras schedule, or on the model's own timesteps for a zero-terminal-SNR model)"))
+    schedule: str = knob("automatic", Cli(
+        ("--schedule",), "σ schedule: automatic (the sampler's A1111 default), uniform (the model's own timesteps), "
+        "karras, exponential, polyexponential, sgm_uniform, simple, normal, ddim_uniform, beta, kl_optimal, "
+        "align_your_steps, trailing, lcm (A1111 labels such as 'SGM Uniform' too)"))
     eta: float | None = knob(None, Cli(("--eta",), "noise amount η of ddim (default 0), euler-a and dpm++2m-sde "
                                        "(default 1); tcd's γ (default 0.3)", float))
     guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
@@ -124,6 +138,25 @@ class GenerationRequest:
     init_image: ImageSource | None = knob(None, Cli(("--init",), "init image for img2img / inpainting"))
     strength: float = knob(0.75, Cli(("--strength",), "img2img denoising strength in [0, 1]", float))
     mask: ImageSource | None = knob(None, Cli(("--mask",), "inpainting mask (white = repaint), size of --init"))
+    hires_scale: float | None = knob(None, Cli(
+        ("--hires",), "A1111's hires fix: generate at --size, upscale by SCALE (1 to 4) and denoise again at that size",
+        float, "SCALE"))
+    hires_size: tuple[int, int] | None = knob(None, Cli(
+        ("--hires-size",), "hires fix to this size instead of --hires SCALE (A1111's resize width/height to): 0 on one "
+        "side keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
+    hires_steps: int = knob(0, Cli(("--hires-steps",), "steps of the hires pass (0: --steps): as A1111, the last N of "
+                                   "int(N / denoise) steps", int, "N"))
+    hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, 0.01 to 1",
+                                         float, "S"))
+    hires_upscaler: str = knob("Latent", Cli(
+        ("--hires-upscaler",), "Latent, Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), Latent "
+        "(nearest), Latent (nearest-exact): interpolate the latents; Lanczos, Nearest: decode, resize, encode",
+        metavar="NAME"))
+    hires_sampler: SamplerChoice | str | None = knob(None, Cli(("--hires-sampler",), "sampler of the hires pass "
+                                                               "(default: --sampler)"))
+    hires_prompt: str = knob("", Cli(("--hires-prompt",), "prompt of the hires pass (default: the prompt)"))
+    hires_negative_prompt: str = knob("", Cli(("--hires-negative",), "negative prompt of the hires pass (default: "
+                                                                     "the negative prompt)"))
     clip_skip: int | None = knob(None, Cli(("--clip-skip",), "text-encoder layer, A1111 numbering (1 = last)", int))
     vae_tile: int | None = knob(None, Cli(("--vae-tile",), "decode (and encode) in N-pixel tiles; 0 = never "
                                           "(default: when memory is short)", int, "N"))
@@ -181,12 +214,18 @@ class GenerationRequest:
         _integer("deepcache", self.deepcache, 0, 1000)
         set_("guidance_interval", _interval(self.guidance_interval))
         _number("eta", self.eta, 0.0, 1.0, optional=True)
+        set_("schedule", parse_schedule(self.schedule))
         if isinstance(self.sampler, str):
-            set_("sampler", parse_sampler(self.sampler))
+            set_("sampler", parse_sampler(self.sampler, self.schedule))
         elif self.sampler is not None and not isinstance(self.sampler, SamplerChoice):
             raise ConfigError(f"sampler {self.sampler!r} must be a sampler name")
+        elif self.sampler is not None and self.schedule not in ("automatic", self.sampler.schedule):
+            set_("sampler", parse_sampler(self.sampler.base, self.schedule))
+        if self.sampler is not None:
+            set_("schedule", self.sampler.schedule)
         if self.eta is not None and self.sampler is not None and not self.sampler.takes_eta:
-            raise ConfigError(f"eta applies to ddim, euler-a, dpm++2m-sde and tcd, not {self.sampler.name}")
+            raise ConfigError(f"eta applies to ddim, euler-a, tcd and the ancestral and SDE samplers, "
+                              f"not {self.sampler.name}")
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         _integer("seed", seed, 0, SEED_LIMIT - self.batch)
         set_("seed", seed)
@@ -206,6 +245,41 @@ class GenerationRequest:
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
         set_("decoder", _decoder(self.decoder))
+        self._check_hires()
+
+    def _check_hires(self) -> None:
+        """Check and normalise the hires fields; each error names its flag."""
+        size = self.hires_size
+        _number("hires_scale (--hires)", self.hires_scale, 1.0, MAX_SCALE, optional=True)
+        if size is not None and (not isinstance(size, tuple | list) or len(size) != 2 or size[0] == size[1] == 0
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) and v % 8 == 0
+                                            and 0 <= v <= MAX_SIDE for v in size)):
+            raise ConfigError(f"hires size {size!r} (--hires-size) must be WIDTHxHEIGHT in multiples of 8 pixels up "
+                              f"to {MAX_SIDE}, one of them 0 to keep the aspect ratio")
+        object.__setattr__(self, "hires_size", size and tuple(size))
+        _integer("hires_steps (--hires-steps)", self.hires_steps, 0, 1000)
+        _number("hires_denoise (--hires-denoise)", self.hires_denoise, 0.01, 1.0)
+        upscalers = {name.lower(): name for name in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)}
+        name = self.hires_upscaler.strip().lower() if isinstance(self.hires_upscaler, str) else None
+        if name not in upscalers:
+            raise ConfigError(f"unknown hires upscaler {self.hires_upscaler!r} (--hires-upscaler); known: "
+                              f"{', '.join(upscalers.values())} (upscaler models such as ESRGAN are not supported)")
+        object.__setattr__(self, "hires_upscaler", upscalers[name])
+        if isinstance(self.hires_sampler, str):
+            try:
+                object.__setattr__(self, "hires_sampler", parse_sampler(self.hires_sampler))
+            except SamplerError as exc:
+                raise SamplerError(f"hires sampler (--hires-sampler): {exc}") from None
+        elif self.hires_sampler is not None and not isinstance(self.hires_sampler, SamplerChoice):
+            raise ConfigError(f"hires sampler {self.hires_sampler!r} (--hires-sampler) must be a sampler name")
+        if self.hires_scale is not None or size is not None:
+            total = hires_schedule(self.hires_steps or self.steps, self.hires_denoise)[0]
+            if total > 1000:
+                raise ConfigError(f"hires steps {self.hires_steps or self.steps} at denoise {self.hires_denoise} "
+                                  f"(--hires-steps, --hires-denoise) make a schedule of {total} steps (N / denoise); "
+                                  "at most 1000")
+            if self.width is not None and self.height is not None:
+                hires_size(self.width, self.height, self.hires_scale, self.hires_size, 8)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
@@ -222,6 +296,9 @@ class GenerationRequest:
             raise ConfigError(f"{source}: not a generation request (unknown keys {unknown})")
         try:
             values = {k: _decode(k, v) for k, v in data.items()}
+            if isinstance(values.get("sampler"), str) and "schedule" not in values \
+                    and split_sampler_name(values["sampler"])[1] is None:
+                values["schedule"] = "uniform"  # recipes before schedules: a bare name meant the model's timesteps
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{source}: bad generation request ({exc})") from None
@@ -230,6 +307,13 @@ class GenerationRequest:
         """Image i of this batch as a request of its own: batch 1, seed (and variation seed) + i."""
         variation = None if self.variation_seed is None else self.variation_seed + i
         return self.replace(seed=self.seed + i, variation_seed=variation, batch=1)
+
+    def noise_seeds(self, factor: int) -> Seeds:
+        """The batch's starting-noise randomness for a VAE of downscale ``factor``: fresh generators seeded
+        ``seed + i``, the variation seed and strength, and ``seed_resize`` in latent cells."""
+        generators = [torch.Generator("cpu").manual_seed(self.seed + i) for i in range(self.batch)]
+        resize = self.seed_resize and (self.seed_resize[1] // factor, self.seed_resize[0] // factor)
+        return Seeds(generators, self.variation_seed or 0, self.variation_strength, resize)
 
     def replace(self, **changes: Any) -> GenerationRequest:
         """A copy with ``changes``, checked again."""

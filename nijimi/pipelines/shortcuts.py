@@ -1,4 +1,5 @@
-"""Model-stack layers that spend less U-Net work per step: guidance only inside a σ interval, and DeepCache.
+"""Less U-Net work per image: model-stack layers for guidance only inside a σ interval and DeepCache, and the
+``--fast`` settings that use them.
 
 Both wrap the step-aware stack of :meth:`Pipeline.model_stack <nijimi.pipelines.pipeline.Pipeline.model_stack>`, so
 they work with every sampler (a call belongs to the step index the sampler gives it: Heun's second call, at
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from nijimi.models.unet import FeatureCache
+from nijimi.pipelines.adapters import LoraRequest, few_step_adapters
 
 Network = Callable[..., torch.Tensor]
 
@@ -49,3 +51,16 @@ def with_deepcache(full: Network, shallow: Network, interval: int, first: int, d
         return shallow(x, t, context, step=step, is_cond=is_cond, cache=caches[key], **kwargs)
 
     return cached
+
+
+FAST: dict[str, Any] = {"steps": 20, "deepcache": 2}
+"""``--fast`` for any checkpoint without a few-step adapter: the training-free settings that kept the embedded
+model's adherence (``nijimi eval shapes``) within 3 points of the defaults at the least U-Net work (the README's
+speed section has the measurements)."""
+
+
+def fast_settings(loras: tuple[LoraRequest, ...], prompt: str, lora_dir: str | None) -> dict[str, Any]:
+    """The request fields ``--fast`` sets (where the user set none): the recipe of the first few-step adapter among
+    ``loras`` and the prompt's tags (:func:`~nijimi.pipelines.adapters.few_step_adapters`), else :data:`FAST`."""
+    adapters = few_step_adapters(loras, prompt, lora_dir)
+    return dict(adapters[0][1].settings) if adapters else dict(FAST)

@@ -149,11 +149,14 @@ def test_denoised_equals_diffusers_euler_pred_original_sample(tiny_net, predicti
             assert (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-def test_continuous_and_quantized_timesteps():
+def test_continuous_timesteps_and_a_steps_table():
     schedule = NoiseSchedule.sd()
     sigma = torch.tensor([(schedule.sigmas[400] * schedule.sigmas[401]).sqrt().item()])
     assert Denoiser(lambda x, t: x, schedule).timestep(sigma).item() == pytest.approx(400.5, abs=1e-3)
-    assert Denoiser(lambda x, t: x, schedule, quantize=True).timestep(sigma).item() in (400.0, 401.0)
+    table = Denoiser(lambda x, t: x, schedule, timesteps={(3, sigma.item()): 401.0})
+    assert table.timestep(sigma, 3).item() == 401.0
+    assert table.timestep(sigma, 2).item() == pytest.approx(400.5, abs=1e-3)  # another step at the same σ
+    assert table.timestep(sigma).item() == pytest.approx(400.5, abs=1e-3)
 
 
 def test_clip_sample_clamps_the_prediction_and_cond_is_passed_through():

@@ -17,16 +17,20 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from helpers import rel_err as max_rel
+from sampling_ref import diffusers_loop
 
+from nijimi.diffusion.choice import (
+    SAMPLER_SPECS,
+    SAMPLERS,
+    SCHEDULE_LABELS,
+    SamplerChoice,
+    default_sampler,
+    parse_sampler,
+)
 from nijimi.diffusion.guidance import Denoiser
 from nijimi.diffusion.noise import BrownianNoise, gaussian_noise
 from nijimi.diffusion.samplers import (
-    SAMPLERS,
-    SPACINGS,
-    SamplerChoice,
     StepInfo,
-    default_sampler,
-    parse_sampler,
     sample_ddim,
     sample_ddpm,
     sample_euler,
@@ -49,34 +53,22 @@ def start_noise(seed: int = 1) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def diffusers_loop(scheduler, net, latents, steps, *, start=0, step_kwargs=lambda k: {}, blend=None):
-    """diffusers' pipeline loop: scale_model_input, net, step (plus img2img start and inpainting blend)."""
-    timesteps = scheduler.timesteps[start * scheduler.order:]
-    if start:
-        scheduler.set_begin_index(start * scheduler.order)
-    for k, t in enumerate(timesteps):
-        out = net(scheduler.scale_model_input(latents, t), t.float().expand(latents.shape[0]))
-        latents = scheduler.step(out, t, latents, **step_kwargs(k)).prev_sample
-        if blend is not None and scheduler.order == 1:
-            latents = blend(latents, timesteps[k + 1] if k + 1 < len(timesteps) else None)
-    return latents
-
-
 def run_diffusers(scheduler, net, steps, **kwargs):
     scheduler.set_timesteps(steps)
     return diffusers_loop(scheduler, net, start_noise() * scheduler.init_noise_sigma, steps, **kwargs)
 
 
-def run_ours(name, schedule, net, steps, *, quantize=False, generator=None, **kwargs):
+def run_ours(name, schedule, net, steps, *, generator=None, **kwargs):
     choice = parse_sampler(name)
     sigmas = choice.sigmas(schedule, steps)
     x = start_noise() * choice.start_scale(float(sigmas[0]), schedule)
     noise = None if generator is None else choice.noise(x, float(sigmas[0]), generator)
     options = choice.options(schedule, None) | kwargs
-    return choice.fn(Denoiser(net, schedule, quantize=quantize), x, sigmas, noise=noise, **options)
+    denoiser = Denoiser(net, schedule, timesteps=choice.timestep_table(schedule, steps))
+    return choice.fn(denoiser, x, sigmas, noise=noise, **options)
 
 
-# (our sampler, diffusers scheduler, its extra config, timestep spacing, round t like diffusers, sampler kwargs)
+# (our sampler and schedule, diffusers scheduler, its extra config, timestep spacing, unused, sampler kwargs)
 DETERMINISTIC = [
     ("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, "leading", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "leading", False, {}),
@@ -88,7 +80,7 @@ DETERMINISTIC = [
     ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, "linspace", False, {}),
     ("heun", HeunDiscreteScheduler, {}, "leading", False, {}),
     ("heun-karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
-    ("dpm++2m", DPMSolverMultistepScheduler, {}, "trailing", False, {}),
+    ("dpm++2m-uniform", DPMSolverMultistepScheduler, {}, "trailing", False, {}),
     ("dpm++2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "linspace", True, {}),
     ("unipc", UniPCMultistepScheduler, {}, "trailing", False, {}),
     ("unipc-karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}, "linspace", True, {}),
@@ -100,11 +92,11 @@ DETERMINISTIC = [
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("case", DETERMINISTIC, ids=lambda c: f"{c[0]}-{c[3]}-{c[1].__name__}{c[5] or ''}")
 def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type, steps):
-    name, scheduler_cls, extra, spacing, quantize, kwargs = case
+    name, scheduler_cls, extra, spacing, _, kwargs = case
     schedule = schedule_for(prediction_type, spacing)
     scheduler = scheduler_cls.from_config(schedule.to_diffusers_config(), **extra)
     with torch.no_grad():
-        ours = run_ours(name, schedule, tiny_net, steps, quantize=quantize, **kwargs)
+        ours = run_ours(name, schedule, tiny_net, steps, **kwargs)
         ref = run_diffusers(scheduler, tiny_net, steps)
     assert max_rel(ours, ref) <= 1e-4
 
@@ -159,7 +151,7 @@ def test_dpmpp_2m_sde_equals_diffusers_fed_the_same_brownian_noise(tiny_net, pre
     s = sigmas.tolist()
     noises = [brownian(s[k], s[k + 1]) if s[k + 1] > 0 else torch.zeros(SHAPE) for k in range(steps)]
     with torch.no_grad():
-        ours = run_ours("dpm++2m-sde", schedule, tiny_net, steps, generator=torch.Generator().manual_seed(9))
+        ours = run_ours("dpm++2m-sde-uniform", schedule, tiny_net, steps, generator=torch.Generator().manual_seed(9))
         ref = run_diffusers(scheduler, tiny_net, steps, step_kwargs=lambda k: {"variance_noise": noises[k]})
     assert max_rel(ours, ref) <= 1e-4
 
@@ -208,7 +200,7 @@ def test_initial_latent_follows_diffusers_init_noise_sigma():
     for name, spacing, cls in [("euler", "leading", EulerDiscreteScheduler), ("euler", "linspace",
                                EulerDiscreteScheduler), ("heun-karras", "trailing", HeunDiscreteScheduler),
                                ("euler-a", "trailing", EulerAncestralDiscreteScheduler),
-                               ("dpm++2m", "linspace", DPMSolverMultistepScheduler),
+                               ("dpm++2m-uniform", "linspace", DPMSolverMultistepScheduler),
                                ("unipc-karras", "linspace", UniPCMultistepScheduler)]:
         schedule = schedule_for("epsilon", spacing)
         scheduler = cls.from_config(schedule.to_diffusers_config(), use_karras_sigmas="karras" in name)
@@ -237,7 +229,7 @@ def assert_samples_the_mixture(mixture, out):
 
 @pytest.mark.parametrize("name", [name for name in SAMPLERS if name not in ("lcm", "tcd")])
 def test_samples_have_the_mixture_mean_covariance_and_mode_weights(mixture, name):
-    steps = 50 if name in ("ddpm", "euler-a", "dpm++2m-sde") else 30
+    steps = 50 if SAMPLER_SPECS[name].noise else 30
     sigmas = sampling_sigmas(NoiseSchedule.sd(), steps, "karras")
     x = mixture_start(mixture, sigmas)
     noise = SamplerChoice(name).noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
@@ -290,7 +282,8 @@ def test_ddim_is_euler_ddpm_is_euler_ancestral_and_noiseless_sde_is_dpmpp_2m(tin
         assert max_rel(sde, SAMPLERS["dpm++2m"](denoiser, x, sigmas)) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde", "lcm", "tcd"])
+@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde", "lcm", "tcd", "dpm2-a", "dpm++2s-a", "dpm++sde",
+                                  "dpm++3m-sde"])
 def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny_net, name):
     schedule = NoiseSchedule.sd()
     sigmas = sampling_sigmas(schedule, 8)
@@ -310,7 +303,8 @@ def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny
         alone = run(x[2:], [torch.Generator().manual_seed(9)])
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-2
-    assert max_rel(batch[2:], alone) < 1e-6  # (the conv net itself may round differently per batch size)
+    # (the conv net itself may round differently per batch size; the third-order solver amplifies that)
+    assert max_rel(batch[2:], alone) < (1e-5 if name == "dpm++3m-sde" else 1e-6)
 
 
 def test_callback_sees_every_step(tiny_net):
@@ -328,30 +322,31 @@ def test_callback_sees_every_step(tiny_net):
 # ---- names and argument checking ----
 
 @pytest.mark.parametrize("name,expected", [
-    ("euler", ("euler", "model")), ("Euler a", ("euler-a", "model")), ("euler_ancestral", ("euler-a", "model")),
-    ("DPM++ 2M Karras", ("dpm++2m", "karras")), ("dpmpp_2m_sde", ("dpm++2m-sde", "model")),
+    ("euler", ("euler", "uniform")), ("Euler a", ("euler-a", "uniform")), ("euler_ancestral", ("euler-a", "uniform")),
+    ("DPM++ 2M Karras", ("dpm++2m", "karras")), ("dpmpp_2m_sde", ("dpm++2m-sde", "exponential")),
     ("DPM++ 2M SDE Exponential", ("dpm++2m-sde", "exponential")), ("unipc-karras", ("unipc", "karras")),
-    ("DDIM", ("ddim", "model")), ("  Heun  ", ("heun", "model")), ("ddpm-exponential", ("ddpm", "exponential")),
-    ("LCM", ("lcm", "model")), ("tcd", ("tcd", "model")), ("ddim_trailing", ("ddim", "trailing")),
+    ("DDIM", ("ddim", "uniform")), ("  Heun  ", ("heun", "uniform")), ("ddpm-exponential", ("ddpm", "exponential")),
+    ("LCM", ("lcm", "lcm")), ("tcd", ("tcd", "lcm")), ("ddim_trailing", ("ddim", "trailing")),
 ])
 def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
     choice = parse_sampler(name)
-    assert (choice.fn, choice.spacing) == (SAMPLERS[expected[0]], expected[1])
+    assert (choice.fn, choice.schedule) == (SAMPLERS[expected[0]], expected[1])
 
 
 def test_every_name_round_trips_through_display_names():
-    assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "dpm++2m", "dpm++2m-sde", "unipc", "lcm",
-                              "tcd"]
-    assert SPACINGS == ("karras", "exponential", "trailing")
+    assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "lms", "dpm2", "dpm2-a", "dpm++2s-a",
+                              "dpm++sde", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "lcm", "tcd"]
     for base in SAMPLERS:
-        for name in [base] + [f"{base}-{s}" for s in SPACINGS]:
-            assert parse_sampler(parse_sampler(name).display).name == name
-    assert parse_sampler("dpm++2m-karras").display == "DPM++ 2M Karras"
+        for schedule in SCHEDULE_LABELS:
+            choice = parse_sampler(base, schedule)
+            assert parse_sampler(choice.display, choice.schedule_label) == choice
+            assert parse_sampler(f"{choice.display} {choice.schedule_label}") == choice
+    assert parse_sampler("dpm++2m-karras").display == "DPM++ 2M"
     assert parse_sampler("euler-a").display == "Euler a"
     assert all(fn.__doc__.strip() for fn in SAMPLERS.values())
 
 
-@pytest.mark.parametrize("name", ["euler b", "dpm++3m", "karras", "", "lms"])
+@pytest.mark.parametrize("name", ["euler b", "dpm++3m", "karras", "", "dpm++4m"])
 def test_unknown_sampler_names_raise(name):
     with pytest.raises(SamplerError, match=re.escape(repr(name))):
         parse_sampler(name)
@@ -403,10 +398,10 @@ def test_bad_strength_steps_and_options_raise():
 
 
 def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():
-    assert default_sampler(NoiseSchedule.sd()).name == "dpm++2m-karras"
+    assert default_sampler(NoiseSchedule.sd()) == SamplerChoice("dpm++2m", "karras")
     zero = NoiseSchedule(prediction_type="v_prediction", rescale_zero_terminal_snr=True, timestep_spacing="trailing")
     choice = default_sampler(zero)
-    assert choice.name == "dpm++2m"
+    assert choice == SamplerChoice("dpm++2m", "uniform")
     karras = sampling_sigmas(zero, 20, "karras")
     chosen = choice.sigmas(zero, 20)
     assert (karras[:-1] > 14).sum() >= 14  # σ_max ≈ 4096: most Karras steps are spent where nothing is formed yet

@@ -55,17 +55,20 @@ def test_format_parameters_writes_a1111_layout():
     )
 
 
-def test_format_parameters_omits_empty_negative_and_none_and_quotes_like_a1111():
+def test_format_parameters_keeps_an_empty_negative_line_omits_none_and_quotes_like_a1111():
+    """The ``Negative prompt:`` line even when empty: ComfyUI's A1111 importer needs it."""
     settings = generation_settings(
         steps=4, sampler="Euler a", cfg_scale=7.5, seed=1, width=640, height=448,
         extra={"Clip skip": 2, "Lora hashes": "a: 1, b: 2", "Note": 'say "hi"\nbye', "Pad conds": True},
     )  # fmt: skip
     text = format_parameters("p", "", settings)
     assert text == (
-        "p\nSteps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 640x448, Clip skip: 2, "
+        "p\nNegative prompt: \nSteps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 640x448, Clip skip: 2, "
         'Lora hashes: "a: 1, b: 2", Note: "say \\"hi\\"\\nbye", Pad conds: True'
     )
     assert parse_parameters(text)["settings"]["Note"] == 'say "hi"\nbye'
+    assert parse_parameters(text)["negative_prompt"] == ""
+    assert format_parameters("", "", {"Steps": 1}) == "\nNegative prompt: \nSteps: 1"  # the prompt's line stays
 
 
 def test_parse_a1111_docstring_example():
@@ -285,7 +288,7 @@ def test_model_hash_ignores_a_corrupt_cache_and_uses_the_xdg_folder(tmp_path, mo
     model.write_bytes(b"abc")
     assert model_hash(model) == "ba7816bf8f"
     cache = json.loads((tmp_path / "xdg" / "nijimi" / "model_hashes.json").read_text())
-    assert cache == {str(model.absolute()): [3, model.stat().st_mtime_ns, "ba7816bf8f"]}
+    assert cache == {str(model.absolute()): [3, model.stat().st_mtime_ns, hashlib.sha256(b"abc").hexdigest()]}
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert pngmeta.cache_dir() == tmp_path / "home" / ".cache" / "nijimi"

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from nijimi.cli import build_parser, request_from_args
+from nijimi.diffusion.choice import SamplerChoice
 from nijimi.errors import ConfigError, ImageError, SamplerError
 from nijimi.pipelines.adapters import LoraRequest
 from nijimi.pipelines.control_maps import ControlSpec
@@ -28,6 +29,8 @@ def full(tmp_path) -> GenerationRequest:
         variation_seed=2**64 - 5, variation_strength=0.25, seed_resize=(48, 80),
         guidance_interval=(0.5, 6.0), deepcache=3,
         init_image=tmp_path / "init.png", strength=0.4, mask=tmp_path / "mask.png",
+        hires_scale=1.5, hires_size=(128, 0), hires_steps=5, hires_denoise=0.5, hires_upscaler="lanczos",
+        hires_sampler="Euler", hires_prompt="a red disc", hires_negative_prompt="grey",
         clip_skip=2, vae_tile=32, vae=tmp_path / "vae",
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
         lora_dir=str(tmp_path), strict_loras=True, embeddings_dir=tmp_path / "ti", embeddings=[tmp_path / "glow.pt"],
@@ -41,7 +44,7 @@ def test_every_field_round_trips_through_json(full):
         assert getattr(full, field.name) != getattr(defaults, field.name), field.name
     recorded = json.loads(json.dumps(full.to_dict()))
     assert set(recorded) == {f.name for f in dataclasses.fields(GenerationRequest)}
-    assert recorded["sampler"] == "ddim-karras" and recorded["loras"][0][1:] == [0.8, 0.6]
+    assert (recorded["sampler"], recorded["schedule"]) == ("ddim", "karras") and recorded["loras"][0][1:] == [0.8, 0.6]
     assert GenerationRequest.from_dict(recorded) == full
 
 
@@ -67,7 +70,11 @@ def test_values_are_normalised_once(tmp_path, monkeypatch):
     ({"seed": 2**64}, ConfigError, "seed"),
     ({"seed": 2**64 - 2, "batch": 3}, ConfigError, "seed"),
     ({"width": 60}, ConfigError, "width 60 must be a positive multiple of 8 pixels"),
-    ({"eta": 0.5, "sampler": "dpm++2m"}, ConfigError, "eta applies to ddim, euler-a, dpm++2m-sde and tcd, not dpm++2m"),
+    ({"eta": 0.5, "sampler": "dpm++2m"}, ConfigError, "eta applies to ddim, euler-a, tcd and the ancestral and "
+     "SDE samplers, not dpm++2m"),
+    ({"schedule": "cubic"}, SamplerError, "unknown schedule 'cubic'; known: automatic, uniform, karras"),
+    ({"sampler": "DPM++ 2M Karras", "schedule": "beta"}, SamplerError,
+     "sampler 'DPM++ 2M Karras' names the schedule 'karras', but the schedule is 'beta'"),
     ({"sampler": "warp"}, SamplerError, "unknown sampler 'warp'"),
     ({"mask": "m.png"}, ImageError, "a mask needs an init image"),
     ({"negative_prompt": 3}, ConfigError, "prompt and negative_prompt must be text"),
@@ -98,6 +105,9 @@ def test_generate_flags_come_from_the_fields(full):
             "--seed", str(full.seed), "--size", "96x64", "--batch", "2",
             "--variation-seed", str(full.variation_seed), "--variation-strength", "0.25", "--seed-resize", "48x80",
             "--init", full.init_image, "--strength", "0.4", "--mask", full.mask, "--clip-skip", "2",
+            "--hires", "1.5", "--hires-size", "128x0", "--hires-steps", "5", "--hires-denoise", "0.5",
+            "--hires-upscaler", "Lanczos", "--hires-sampler", "euler", "--hires-prompt", "a red disc",
+            "--hires-negative", "grey",
             "--vae-tile", "32", "--vae", full.vae, "--decoder", full.decoder, "--attention-slice", "7", "--lora",
             f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--embeddings-dir",
             full.embeddings_dir, "--embedding", full.embeddings[0], "--control",
@@ -106,5 +116,20 @@ def test_generate_flags_come_from_the_fields(full):
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder",
-                 "--variation-seed", "--seed-resize", "--vae ", "--embeddings-dir", "--embedding "):
+                 "--variation-seed", "--seed-resize", "--vae ", "--hires ", "--hires-upscaler",
+                 "--embeddings-dir", "--embedding "):
         assert flag in help_text
+
+
+def test_sampler_and_schedule_are_two_choices_and_old_recipes_keep_their_meaning():
+    """``schedule`` holds the resolved schedule; a recipe written before schedules existed named a bare sampler for
+    the model's own timesteps, and a combined name for that spacing."""
+    assert GenerationRequest("x", sampler="dpm++2m").schedule == "karras"  # A1111's Automatic
+    assert GenerationRequest("x", sampler="Euler a", schedule="SGM Uniform").sampler == SamplerChoice("euler-a",
+                                                                                                       "sgm_uniform")
+    assert GenerationRequest("x", schedule="Beta").schedule == "beta" and GenerationRequest("x").sampler is None
+    changed = GenerationRequest("x", sampler="lms").replace(schedule="kl_optimal")
+    assert changed.sampler == SamplerChoice("lms", "kl_optimal")
+    assert GenerationRequest.from_dict({"sampler": "dpm++2m"}).sampler == SamplerChoice("dpm++2m", "uniform")
+    assert GenerationRequest.from_dict({"sampler": "dpm++2m-karras"}).sampler == SamplerChoice("dpm++2m", "karras")
+    assert GenerationRequest.from_dict({"sampler": "dpm++2m", "schedule": "automatic"}).schedule == "karras"

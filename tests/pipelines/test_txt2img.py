@@ -17,6 +17,7 @@ from diffusers import (
     LCMScheduler,
     StableDiffusionPipeline,
     TCDScheduler,
+    UniPCMultistepScheduler,
 )
 
 from nijimi.io.checkpoint import load_model
@@ -89,8 +90,28 @@ def test_dpmpp_2m_trailing_equals_diffusers(sd_folder, sd_diffusers, max_abs):
     scheduler = DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config())
     theirs = run_diffusers(sd_diffusers, scheduler, seed=11, prompt=PROMPT, negative_prompt=NEGATIVE,
                            num_inference_steps=6, guidance_scale=5.0, height=64, width=64)
-    ours = Pipeline(model).generate(PROMPT, NEGATIVE, steps=6, sampler="dpm++2m", guidance=5.0, seed=11, width=64,
-                                    height=64)
+    ours = Pipeline(model).generate(PROMPT, NEGATIVE, steps=6, sampler="dpm++2m", schedule="uniform", guidance=5.0,
+                                    seed=11, width=64, height=64)
+    assert max_abs(ours.pixels, theirs) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("sampler", "schedule", "scheduler_cls", "config"), [
+    (None, "automatic", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    ("DPM++ 2M", "Uniform", DPMSolverMultistepScheduler, {}),
+    ("dpmpp_2m", "exponential", DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
+    ("UniPC", "automatic", UniPCMultistepScheduler, {}),
+    ("unipc", "karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+], ids=["default-dpm++2m-karras", "dpm++2m", "dpm++2m-exponential", "unipc", "unipc-karras"])
+def test_multistep_samplers_on_the_models_leading_timesteps_equal_diffusers(sd_nijimi, sd_diffusers, max_abs, sampler,
+                                                                          schedule, scheduler_cls, config):
+    """The default sampler (DPM++ 2M Karras) and the multistep solvers on SD's own ("leading") config span the σ's
+    and pick the timesteps as DPMSolverMultistepScheduler / UniPCMultistepScheduler do."""
+    scheduler = scheduler_cls.from_config(sd_diffusers.scheduler.config, **config)
+    theirs = run_diffusers(sd_diffusers, scheduler, seed=13, prompt=PROMPT, negative_prompt=NEGATIVE,
+                           num_inference_steps=6, guidance_scale=5.0, height=64, width=64)
+    ours = sd_nijimi.generate(PROMPT, NEGATIVE, steps=6, sampler=sampler, schedule=schedule, guidance=5.0, seed=13,
+                              width=64, height=64)
+    assert sd_nijimi.model.config.schedule.timestep_spacing == "leading"
     assert max_abs(ours.pixels, theirs) <= TOLERANCE
 
 
@@ -115,3 +136,17 @@ def test_empty_negative_prompt_equals_diffusers(sd_nijimi, sd_diffusers):
     _, theirs_negative = sd_diffusers.encode_prompt(PROMPT, "cpu", 1, True, None)
     conds = sd_nijimi.conditioner.step_conditioning(PROMPT, "", 20, None, guided=True)
     assert (conds.uncond.at_step(0) - theirs_negative[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a", "LMS", "DPM++ 3M SDE"])
+def test_new_samplers_run_in_the_pipeline_and_repeat_with_the_seed(sd_nijimi, sampler):
+    """The k-diffusion samplers with their A1111 defaults (schedule, Brownian noise, discarded next-to-last σ) make
+    the same image again from the same seed, and another from another seed."""
+    def run(seed):
+        return sd_nijimi.generate(PROMPT, steps=4, sampler=sampler, schedule="automatic", guidance=3.0, seed=seed,
+                                  width=64, height=64)
+
+    first, again, other = run(3), run(3), run(4)
+    assert first.request.sampler.display == sampler and first.request.schedule != "automatic"
+    assert torch.equal(first.latents, again.latents) and np.isfinite(first.pixels).all()
+    assert (first.latents - other.latents).abs().max() > 1e-2

@@ -1,0 +1,154 @@
+"""Benchmark: time to one image, diffusers' default pipeline against nijimi's modes, one table from one run.
+
+An SD1.5-size model (the real configs, seeded random weights, fp32) is written once as a diffusers folder; then each
+mode generates one image in a child process of its own (so each has its own peak RSS), at each size, in turns:
+
+- ``diffusers``: ``StableDiffusionPipeline(prompt)`` as SD1.5 ships it: PNDM (skip_prk_steps), 50 steps, CFG 7.5,
+  full VAE decode;
+- ``nijimi``: ``nijimi generate`` defaults: DPM++ 2M Karras, 20 steps, CFG 7;
+- ``fast``: ``--fast`` (:data:`nijimi.pipelines.shortcuts.FAST`);
+- ``lcm``: an LCM-LoRA in its published diffusers layout (random values, rank 64) with ``--sampler lcm --steps 4
+  --guidance 1 --decoder tiny:…`` (a TAESD decoder in its published layout, random values).
+
+Seconds exclude loading (the first image is timed: no warm-up, as a user sees it); U-Net rows count each latent row
+through the U-Net (a guided step is 2 rows), cached DeepCache rows separately. The ratio is to diffusers' time.
+
+    python bench/speed.py [--sizes 256,512] [--modes diffusers,nijimi,fast,lcm] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("diffusers", "nijimi", "fast", "lcm")
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def build(folder: Path) -> None:
+    """The SD1.5-size model with seeded random weights as a diffusers folder, an LCM-LoRA file and a TAESD decoder
+    file beside it."""
+    from nijimi.io.diffusers_folder import write
+    from nijimi.io.safetensors import save_file
+    from nijimi.models.ldm import LatentDiffusion, ModelConfig
+    from nijimi.models.taesd import TAESDConfig, TinyDecoder
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(ModelConfig.sd15()).eval()
+    write(model, folder / "sd15", half=False)
+    decoder = TinyDecoder(TAESDConfig.sd()).state_dict()
+    save_file({k: v.contiguous() for k, v in decoder.items()}, folder / "taesd_decoder.safetensors")
+    save_file(lcm_lora(model), folder / "lcm-lora.safetensors")
+
+
+def lcm_lora(model: torch.nn.Module, rank: int = 64) -> dict[str, torch.Tensor]:
+    """Random LoRA pairs, rank ``rank``, on every attention projection of the U-Net, named as the published
+    LCM-LoRA for SD1.5 names them (diffusers/peft: ``unet.<module>.lora_A.weight`` / ``lora_B``)."""
+    from nijimi.io.keys.unet import unet_key_table
+
+    unet = model.unet
+    names = unet_key_table(unet.config).to_foreign({k: v for k, v in unet.state_dict().items()
+                                                    if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
+                                                                   "to_out.0.weight"))})
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for key, weight in names.items():
+        stem = "unet." + key.removesuffix(".weight")
+        tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, weight.shape[1], generator=gen) * 0.01
+        tensors[f"{stem}.lora_B.weight"] = torch.randn(weight.shape[0], rank, generator=gen) * 0.01
+    return tensors
+
+
+class Counter:
+    """Counts latent rows through a U-Net: full calls, and DeepCache's cached (shallow) calls."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.full = self.cached = 0
+        unet.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache")
+        rows = (args[0] if args else kwargs["sample"]).shape[0]
+        if cache is not None and cache.feature is not None:
+            self.cached += rows
+        else:
+            self.full += rows
+
+
+def run_diffusers(folder: Path, size: int) -> tuple[float, Counter]:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder / "sd15", safety_checker=None)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    counter = Counter(pipe.unet)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        pipe(PROMPT, height=size, width=size, num_inference_steps=50, guidance_scale=7.5,
+             generator=torch.Generator().manual_seed(0))
+    return time.perf_counter() - start, counter
+
+
+def run_nijimi(folder: Path, size: int, mode: str) -> tuple[float, Counter]:
+    from nijimi.pipelines.pipeline import load
+    from nijimi.pipelines.request import GenerationRequest
+    from nijimi.pipelines.shortcuts import FAST
+
+    pipe = load(folder / "sd15")
+    counter = Counter(pipe.model.unet)
+    settings = {"fast": FAST, "nijimi": {},
+                "lcm": {"sampler": "lcm", "steps": 4, "guidance": 1.0, "loras": (str(folder / "lcm-lora.safetensors"),),
+                        "decoder": f"tiny:{folder / 'taesd_decoder.safetensors'}"}}[mode]
+    request = GenerationRequest(PROMPT, width=size, height=size, seed=0, **settings)
+    start = time.perf_counter()
+    pipe.generate(request)
+    return time.perf_counter() - start, counter
+
+
+def child(folder: Path, mode: str, size: int) -> None:
+    """Run one mode once and print its measurements as one JSON line."""
+    seconds, counter = run_diffusers(folder, size) if mode == "diffusers" else run_nijimi(folder, size, mode)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"seconds": seconds, "full": counter.full, "cached": counter.cached, "rss_gib": rss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", nargs=3, metavar=("FOLDER", "MODE", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(Path(args.child[0]), args.child[1], int(args.child[2]))
+        return
+    modes = args.modes.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build(folder)
+        print(f"SD1.5-size model, random weights, fp32, {args.threads} threads, one image, prompt {PROMPT!r}")
+        print(f"{'size':>5} {'mode':<10} {'seconds':>8} {'U-Net rows':>12} {'cached':>7} {'peak RSS GiB':>13} "
+              f"{'/ diffusers':>12}")
+        for size in (int(s) for s in args.sizes.split(",")):
+            base = None
+            for mode in modes:
+                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", tmp,
+                                      mode, str(size)], capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                base = row["seconds"] if mode == "diffusers" else base
+                ratio = f"{row['seconds'] / base:.3f}" if base else "-"
+                print(f"{size:>5} {mode:<10} {row['seconds']:>8.1f} {row['full']:>12} {row['cached']:>7} "
+                      f"{row['rss_gib']:>13.2f} {ratio:>12}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

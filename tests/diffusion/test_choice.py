@@ -1,0 +1,90 @@
+"""Sampler and schedule names: A1111's and ComfyUI's spellings, A1111's per-sampler defaults, and the infotext's
+``Sampler`` / ``Schedule type`` written and read back to the same choice."""
+
+import re
+
+import pytest
+
+from nijimi.diffusion.choice import (
+    SAMPLER_SPECS,
+    SCHEDULE_LABELS,
+    SamplerChoice,
+    choice_from_infotext,
+    parse_sampler,
+    parse_schedule,
+)
+from nijimi.errors import SamplerError
+from nijimi.io.pngmeta import format_parameters, generation_settings, parse_parameters
+
+# A1111 ≥ 1.9's samplers (modules/sd_samplers_kdiffusion.py) with their "Automatic" schedule and options.
+A1111_DEFAULTS = {"DPM++ 2M": "karras", "DPM++ SDE": "karras", "DPM++ 2M SDE": "exponential",
+                  "DPM++ 2S a": "karras", "DPM++ 3M SDE": "exponential", "Euler a": "uniform", "Euler": "uniform",
+                  "LMS": "uniform", "Heun": "uniform", "DPM2": "karras", "DPM2 a": "karras"}
+COMFYUI = {"euler": "euler", "euler_ancestral": "euler-a", "heun": "heun", "dpm_2": "dpm2",
+           "dpm_2_ancestral": "dpm2-a", "lms": "lms", "dpmpp_2s_ancestral": "dpm++2s-a", "dpmpp_sde": "dpm++sde",
+           "dpmpp_sde_gpu": "dpm++sde", "dpmpp_2m": "dpm++2m", "dpmpp_2m_sde": "dpm++2m-sde",
+           "dpmpp_2m_sde_gpu": "dpm++2m-sde", "dpmpp_3m_sde": "dpm++3m-sde", "ddpm": "ddpm", "lcm": "lcm",
+           "ddim": "ddim", "uni_pc": "unipc", "uni_pc_bh2": "unipc"}
+
+
+def test_a1111_names_and_automatic_schedules():
+    for display, schedule in A1111_DEFAULTS.items():
+        choice = parse_sampler(display)
+        assert (choice.display, choice.schedule) == (display, schedule)
+    brownian = {name for name, spec in SAMPLER_SPECS.items() if spec.noise == "brownian"}
+    discard = {name for name, spec in SAMPLER_SPECS.items() if spec.discard_penultimate}
+    assert brownian == {"dpm++sde", "dpm++2m-sde", "dpm++3m-sde"} and discard == {"dpm2", "dpm2-a", "dpm++3m-sde"}
+
+
+def test_comfyui_sampler_and_scheduler_names():
+    for comfy, ours in COMFYUI.items():
+        assert parse_sampler(comfy).base == ours, comfy
+    for comfy in ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal"):
+        assert parse_schedule(comfy) == comfy
+    assert parse_sampler("k_dpmpp_2m").base == "dpm++2m" and parse_sampler("k_euler_a").base == "euler-a"
+
+
+@pytest.mark.parametrize("label,name", [("Automatic", "automatic"), ("Uniform", "uniform"), ("SGM Uniform",
+                                        "sgm_uniform"), ("KL Optimal", "kl_optimal"), ("Align Your Steps",
+                                        "align_your_steps"), ("DDIM", "ddim_uniform"), ("Normal", "normal"),
+                                        ("Polyexponential", "polyexponential"), ("Beta", "beta"), ("AYS",
+                                        "align_your_steps")])
+def test_a1111_schedule_labels(label, name):
+    assert parse_schedule(label) == name
+
+
+def test_infotext_round_trips_every_sampler_and_schedule():
+    """nijimi writes A1111 ≥ 1.9's ``Sampler: DPM++ 2M, Schedule type: Karras``; reading it back gives the choice."""
+    for base in SAMPLER_SPECS:
+        for schedule in SCHEDULE_LABELS:
+            choice = parse_sampler(base, schedule)
+            settings = generation_settings(steps=20, sampler=choice.display, schedule=choice.schedule_label,
+                                           cfg_scale=7, seed=1, width=512, height=512)
+            text = format_parameters("a cat", "", settings)
+            assert f"Sampler: {choice.display}, Schedule type: {choice.schedule_label}, CFG scale" in text
+            assert choice_from_infotext(parse_parameters(text)["settings"]) == choice
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1", ("dpm++2m", "karras")),
+    ("Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1", ("dpm++2m", "karras")),
+    ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Exponential, CFG scale: 7", ("dpm++2m", "exponential")),
+    ("Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7", ("euler-a", "uniform")),
+    ("Steps: 20, Sampler: DPM++ SDE Karras, CFG scale: 7, Seed: 1", ("dpm++sde", "karras")),
+    ("Steps: 20, Sampler: DPM2 a, Schedule type: Align Your Steps, CFG scale: 7", ("dpm2-a", "align_your_steps")),
+    ("Steps: 20, Sampler: DPM++ 3M SDE Exponential, CFG scale: 7", ("dpm++3m-sde", "exponential")),
+])
+def test_a1111_infotexts_old_and_new(line, expected):
+    settings = parse_parameters(f"a cat\nNegative prompt: \n{line}")["settings"]
+    assert choice_from_infotext(settings) == SamplerChoice(*expected)
+
+
+def test_bad_names_raise_naming_them():
+    with pytest.raises(SamplerError, match="unknown schedule 'cubic'"):
+        parse_schedule("cubic")
+    with pytest.raises(SamplerError, match=re.escape("unknown sampler 'DPM++ 2M Cubic'; known: ddpm, ddim, euler")):
+        parse_sampler("DPM++ 2M Cubic")
+    with pytest.raises(SamplerError, match="infotext has no Sampler"):
+        choice_from_infotext({"Steps": 20})
+    with pytest.raises(SamplerError, match="no sampler 'euler' with schedule 'automatic'"):
+        SamplerChoice("euler", "automatic")
