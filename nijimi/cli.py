@@ -26,6 +26,7 @@ from nijimi.diffusion.explain import explain_schedules
 from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
 from nijimi.io.checkpoint import convert
+from nijimi.io.embeddings import embedding_hash
 from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
@@ -171,7 +172,7 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
         if bars:
             bars[-1].close()
     report_unmatched(gen.lora_unmatched)
-    hashes = {name: model_hash(path) for name, path in gen.embeddings.items()}
+    hashes = {name: embedding_hash(path) for name, path in gen.embeddings.items()}
     if embeddings is not None and hashes != dict(embeddings):
         raise NijimiError(f"the prompts used the embeddings {hashes or 'none'} (name: hash), the image's recipe "
                           f"{dict(embeddings) or 'none'}; the embedding files have changed")

@@ -11,8 +11,9 @@ file's stem, as A1111 does (names stored inside files are ignored, as A1111 igno
 - diffusers' ``learned_embeds.bin`` / ``.safetensors``: ``{"<token>": (D,) or (n, D)}``.
 
 SDXL embeddings (``clip_l`` and ``clip_g``) are refused by name; so is anything else, in one line naming the file and
-the key. :class:`EmbeddingLibrary` is what a generation may use: the files of an embeddings folder (searched
-recursively, as A1111's) and files given one by one, read only when a prompt names them.
+the key. :func:`embedding_hash` is A1111's short hash of a file. :class:`EmbeddingLibrary` is what a generation may
+use: the files of an embeddings folder (searched recursively, as A1111's) and files given one by one, read only when
+a prompt names them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import safetensors
 from nijimi.io.files import load_state_dict, unpickle_weights
+from nijimi.io.pngmeta import file_sha256
 from nijimi.text.tokenizer import ClipTokenizer
 from nijimi.text.vocabulary import MAX_VECTORS, ExtraVocabulary
 
@@ -86,6 +88,12 @@ def save_embedding(vectors: torch.Tensor, path: str | os.PathLike, half: bool = 
         raise ConfigError(f"an embedding is (vectors, width), got shape {tuple(vectors.shape)}")
     stored = vectors.detach().to("cpu", torch.float16 if half else torch.float32)
     safetensors.save_file({KOHYA_KEY: stored}, path, overwrite=overwrite)
+
+
+def embedding_hash(path: str | os.PathLike) -> str:
+    """A1111's short hash of an embedding file, as its ``TI hashes`` write it: the first 12 hex digits of the whole
+    file's SHA-256 (``Embedding.shorthash``; cached, :func:`~nijimi.io.pngmeta.file_sha256`)."""
+    return file_sha256(path)[:12]
 
 
 def _width_name(width: int) -> str:

@@ -97,7 +97,7 @@ def test_generation_names_the_embeddings_it_used_and_refuses_another_width(tmp_p
 
 
 def test_ti_hashes_in_the_infotext_and_reproduce_checks_them(capsys, tmp_path):
-    """``TI hashes: "glow: <sha256[:10]>, dull: …"`` as A1111 writes it (the prompt's embeddings, then the negative
+    """``TI hashes: "glow: <sha256[:12]>, dull: …"`` as A1111 writes it (the prompt's embeddings, then the negative
     prompt's), read back by name; ``reproduce`` finds the same files and refuses changed ones, writing nothing."""
     model_file = tmp_path / "tiny.safetensors"
     save_single(random_model(TOY_F8, seed=1), model_file)
@@ -105,7 +105,7 @@ def test_ti_hashes_in_the_infotext_and_reproduce_checks_them(capsys, tmp_path):
     folder.mkdir()
     save_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), folder / "glow.safetensors")
     save_embedding(torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), folder / "dull.safetensors")
-    digest = {name: hashlib.sha256((folder / f"{name}.safetensors").read_bytes()).hexdigest()[:10]
+    digest = {name: hashlib.sha256((folder / f"{name}.safetensors").read_bytes()).hexdigest()[:12]
               for name in ("glow", "dull")}
     first = tmp_path / "a.png"
     code, _, err = run_cli(capsys, "generate", "a glow cube", "-n", "dull, glow", "--model", model_file,
