@@ -14,7 +14,7 @@ import dataclasses
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,15 +31,10 @@ from nijimi.io.files import check_output
 from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
-    format_parameters,
-    generation_settings,
-    model_hash,
     save_png,
 )
-from nijimi.pipelines import hires
 from nijimi.pipelines.adapters import few_step_notes
 from nijimi.pipelines.comfyui import from_graph
-from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
 from nijimi.pipelines.request import GenerationRequest
@@ -47,12 +42,12 @@ from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
-from nijimi.ui.control import add_control_parsers, control_infotext
+from nijimi.ui.control import add_control_parsers
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
 from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
-from nijimi.ui.recipe import check_tags, png_recipe, recorded_loras, recorded_model
+from nijimi.ui.recipe import a1111_text, check_tags, embedding_hashes, png_recipe, recorded_loras, recorded_model
 from nijimi.ui.serve import add_serve_parser
 from nijimi.ui.train import add_train_parsers
 
@@ -116,32 +111,16 @@ def write_png(image: Image.Image, path: Path, numbered: bool, overwrite: bool, p
             path = path.parent / f"{_next_number(path.parent):05d}-{path.name.split('-', 1)[1]}"
 
 
-def _a1111_text(pipe: Pipeline, r: GenerationRequest) -> str:
-    eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
-    varied = r.variation_strength > 0
-    vae = r.vae and Path(r.vae)
-    extra = {"VAE hash": model_hash(vae) if vae and vae.is_file() else None, "VAE": vae and vae.name,
-             "Variation seed": r.variation_seed if varied else None,
-             "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
-             "Denoising strength": r.strength if r.init_image is not None else
-             r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
-             "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control])}
-    prompt, loras = lora_infotext(r)
-    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
-                                 cfg_scale=r.guidance, seed=r.seed,
-                                 width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
-                                 extra={**extra, **loras})
-    return format_parameters(prompt, r.negative_prompt, fields)
-
-
 def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, overwrite: bool,
-                   quiet: bool, preview: str | None = None, record_paths: bool = False) -> list[Path]:
+                   quiet: bool, preview: str | None = None, record_paths: bool = False,
+                   embeddings: Mapping[str, str] | None = None) -> list[Path]:
     """Generate ``request`` and write its PNGs, image i as the request of batch 1 with seed ``seed + i``. The output
     files are checked before the work and written by :func:`write_png`; nothing is written when generation fails or
     a name was taken meanwhile (a batch is rolled back). ``preview``: a PNG rewritten after every step with a quick
     picture of x̂₀ (the tiny decoder's when the request decodes with one). ``record_paths``: see
-    :func:`~nijimi.ui.recipe.png_recipe`.
-    Returns the paths written."""
+    :func:`~nijimi.ui.recipe.png_recipe`. ``embeddings``: the textual-inversion embeddings (name → A1111 hash) the
+    prompts must have used (``reproduce``); others are an error, before any file is written. Returns the paths
+    written."""
     paths = output_paths(out, request, overwrite)
     if preview is not None:
         check_output(preview, overwrite)
@@ -164,13 +143,17 @@ def run_generation(pipe: Pipeline, request: GenerationRequest, out: str | None, 
         if bars:
             bars[-1].close()
     report_unmatched(gen.lora_unmatched)
+    hashes = embedding_hashes(gen.embeddings)
+    if embeddings is not None and hashes != dict(embeddings):
+        raise NijimiError(f"the prompts used the embeddings {hashes or 'none'} (name: hash), the image's recipe "
+                          f"{dict(embeddings) or 'none'}; the embedding files have changed")
     written: list[Path] = []
     numbered = Path(out or "out").suffix.lower() != ".png"
     try:
         for i, (image, path) in enumerate(zip(gen.images, paths, strict=True)):
             one = gen.request.single(i)
-            written.append(write_png(image, path, numbered, overwrite, _a1111_text(pipe, one),
-                                     png_recipe(pipe, one, record_paths)))
+            written.append(write_png(image, path, numbered, overwrite, a1111_text(pipe, one, hashes),
+                                     png_recipe(pipe, one, record_paths, hashes)))
     except OutputExistsError:
         for path in written:  # a batch is written whole or not at all
             path.unlink(missing_ok=True)
@@ -245,7 +228,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recorded = recipe["model"].get("hash")
     if recorded and pipe.model_hash and pipe.model_hash != recorded:
         raise NijimiError(f"{model}: model hash {pipe.model_hash} differs from the image's {recorded}")
-    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview, args.record_paths):
+    embeddings = recipe.get("embeddings")  # recipes before textual inversion have none
+    for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview, args.record_paths,
+                               embeddings if isinstance(embeddings, dict) else None):
         print(path)
     return 0
 

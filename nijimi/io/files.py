@@ -81,17 +81,23 @@ def _first_line_naming_global(message: str) -> str:
     return (naming or lines or ["unknown error"])[0]
 
 
-def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A PyTorch zip checkpoint through the weights-only unpickler; unwraps a top-level ``state_dict``."""
+def unpickle_weights(path: Path) -> object:
+    """The object saved in a PyTorch zip file, through torch's weights-only unpickler (tensors, containers, numbers,
+    strings; no code runs); anything else, or an unreadable file, raises ``CheckpointError`` naming the file."""
     try:
         with torch.serialization.safe_globals(_checkpoint_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refusing to unpickle, the file asks for more than tensors ({_first_line_naming_global(str(e))})"
         ) from e
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint: {_first_line_naming_global(str(e))}") from e
+
+
+def _load_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A PyTorch zip checkpoint through the weights-only unpickler; unwraps a top-level ``state_dict``."""
+    obj = unpickle_weights(path)
     metadata: dict[str, str] = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         metadata = {k: str(v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, int | float | str)}

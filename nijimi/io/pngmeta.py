@@ -163,6 +163,19 @@ def parse_parameters(text: str) -> dict[str, object]:
             "settings": {key: _typed(key, _unquote(value)) for key, value in pairs if value}}
 
 
+def format_name_hashes(hashes: Mapping[str, str]) -> str:
+    """A1111's list of names and short hashes (``TI hashes``): ``"name: 0123456789, other: 9876543210"``, with ``:``
+    and ``,`` taken out of names as A1111 does."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in hashes.items())
+
+
+def parse_name_hashes(text: str) -> dict[str, str]:
+    """Names and hashes of :func:`format_name_hashes`' text, ``TI hashes`` and ``Lora hashes`` (A1111's reading:
+    split at ``,``, then at the last ``:``; pieces without a name or a hash are skipped)."""
+    pairs = (item.rpartition(":") for item in text.split(","))
+    return {name.strip(): digest.strip() for name, _, digest in pairs if name.strip() and digest.strip()}
+
+
 # ---- PNG files -------------------------------------------------------------------------------------------------------
 
 

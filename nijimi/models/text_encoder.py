@@ -89,16 +89,28 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class Embeddings(nn.Module):
-    """``token_embedding[ids] + position_embedding[0:T]``."""
+    """``token_embedding[ids] + position_embedding[0:T]``; ids from ``vocab_size`` on are rows of ``extra``."""
 
     def __init__(self, cfg: TextEncoderConfig) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids: (B, T) -> (B, T, width)``."""
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids: (B, T) -> (B, T, width)``. ``extra: (E, width)``: textual-inversion vectors, id ``vocab_size + j``
+        is row ``j`` (gradients flow into ``extra``, which is how an embedding is trained)."""
+        vocab = self.token_embedding.num_embeddings
+        top = vocab + (0 if extra is None else extra.shape[0])
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < top:
+            raise PromptError(f"token ids must be within [0, {top}): {vocab} words and "
+                              f"{0 if extra is None else extra.shape[0]} extra vectors, got {int(ids.max())}")
+        if extra is None or not bool((ids >= vocab).any()):
+            tokens = self.token_embedding(ids)
+        else:
+            known = ids < vocab
+            words = self.token_embedding(torch.where(known, ids, 0))
+            tokens = torch.where(known.unsqueeze(-1), words, extra.to(words)[(ids - vocab).clamp(min=0)])
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class SelfAttention(nn.Module):
@@ -193,26 +205,30 @@ class TextEncoder(nn.Module):
             raise ConfigError(f"clip_skip must be in [1, {cfg.num_layers}], got {skip}")
         return skip
 
-    def forward(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, clip_skip: int | None = None,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
         """``ids: (B, T)`` → final-LN hidden states of layer ``-clip_skip``, ``(B, T, width)``.
 
         ``clip_skip=None`` uses the config's default (1 for CLIP-L, 2 for OpenCLIP-H); layers after the one used
-        are not run.
+        are not run. ``extra: (E, width)``: textual-inversion vectors for the ids from ``vocab_size`` on
+        (:class:`Embeddings`).
         """
         skip = self._check(ids, clip_skip)
-        x = self.text_model.embeddings(ids)
+        x = self.text_model.embeddings(ids, extra)
         for layer in self.text_model.encoder.layers[: self.config.num_layers - skip + 1]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)
 
-    def encode(self, ids: torch.Tensor, clip_skip: int | None = None) -> TextEncoding:
+    def encode(self, ids: torch.Tensor, clip_skip: int | None = None,
+               extra: torch.Tensor | None = None) -> TextEncoding:
         """Like :meth:`forward`, also returning the pooled output; runs every layer.
 
         ``ids: (B, T)`` → ``TextEncoding(hidden (B, T, width), pooled (B, width))``. The pooled state is taken at
-        the highest token id of each row, which is the end-of-text token in CLIP's vocabulary.
+        the highest token id of each row below ``vocab_size`` (extra ids do not count), which is the end-of-text token
+        in CLIP's vocabulary.
         """
         skip = self._check(ids, clip_skip)
-        x = self.text_model.embeddings(ids)
+        x = self.text_model.embeddings(ids, extra)
         used = None
         for i, layer in enumerate(self.text_model.encoder.layers):
             x = layer(x)
@@ -221,5 +237,6 @@ class TextEncoder(nn.Module):
         ln = self.text_model.final_layer_norm
         last = ln(x)
         hidden = last if skip == 1 else ln(used)
-        pooled = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        words = ids.masked_fill(ids >= self.config.vocab_size, -1)
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), words.argmax(dim=-1)]
         return TextEncoding(hidden, pooled)

@@ -30,6 +30,7 @@ from nijimi.diffusion.choice import SamplerChoice, parse_sampler, split_sampler_
 from nijimi.embedded import ADAPTERS, EMBEDDED, embedded_path
 from nijimi.errors import ConfigError, SamplerError
 from nijimi.io.find import Folders, find_file, hash_matches
+from nijimi.io.pngmeta import parse_name_hashes
 from nijimi.pipelines import hires
 from nijimi.pipelines.adapters import LoraRequest
 from nijimi.pipelines.request import GenerationRequest
@@ -83,18 +84,12 @@ class Imported:
     warnings: tuple[str, ...]
 
 
-def _named_hashes(text: object) -> dict[str, str]:
-    """A1111's ``Lora hashes``/``TI hashes``: ``"name: hash, name: hash"`` → {name: hash}."""
-    pairs = (item.rpartition(":") for item in str(text or "").split(","))
-    return {name.strip(): short.strip() for name, _, short in pairs if name.strip() and short.strip()}
-
-
 def from_infotext(parsed: dict[str, Any]) -> ForeignSettings:
     """An A1111 infotext read by :func:`~nijimi.io.pngmeta.parse_parameters` as :class:`ForeignSettings`: the
     prompt's ``<lora:…>`` tags become LoRAs (with their ``Lora hashes``), the prompt keeps the rest of its text."""
     prompt, tags = parse_lora_tags(parsed["prompt"])
     values = dict(parsed["settings"])
-    hashes = _named_hashes(values.get("Lora hashes"))
+    hashes = parse_name_hashes(str(values.get("Lora hashes") or ""))
     loras = [LoraRef(t.name, t.te_multiplier, t.unet_multiplier, hashes.get(t.name)) for t in tags]
     return ForeignSettings("A1111", prompt, parsed["negative_prompt"], values, loras)
 
@@ -229,17 +224,26 @@ def _loras(s: ForeignSettings, folders: Folders, warnings: list[str]) -> tuple[L
     return tuple(found_all)
 
 
-def _embeddings(s: ForeignSettings, folders: Folders, warnings: list[str]) -> None:
-    """``TI hashes``: textual-inversion embeddings are not applied by nijimi's requests yet (their names are read as
-    words); those ``Folders.embedding`` lacks (by hash or name) are named too."""
-    hashes = _named_hashes(s.values.get("TI hashes"))
-    if not hashes:
-        return
-    line = f"TI hashes: the embeddings {', '.join(hashes)} are not applied (their names are read as words)"
-    if folders.embedding is not None:
-        missing = [n for n, h in hashes.items() if find_file(folders.embedding, "embedding", n, h) is None]
-        line += f"; not in {folders.embedding}: {', '.join(missing)}" if missing else ""
-    warnings.append(line)
+def _embeddings(s: ForeignSettings, folders: Folders, warnings: list[str]) -> tuple[str, ...]:
+    """``TI hashes``: the files of the embeddings the image used, found in ``Folders.embedding`` by hash or name (a
+    prompt names an embedding by its file's stem, so a file found under another stem is named, not used); those not
+    found, or all without a folder, are named in a warning (their names are read as words)."""
+    hashes = parse_name_hashes(str(s.values.get("TI hashes") or ""))
+    if folders.embedding is None:
+        if hashes:
+            warnings.append(f"TI hashes: the embeddings {', '.join(hashes)} are not applied without --embeddings-dir "
+                            "(their names are read as words)")
+        return ()
+    files, missing = [], []
+    for name, short in hashes.items():
+        found = find_file(folders.embedding, "embedding", name, short)
+        if found is not None and found.path.stem == name:
+            files.append(str(found.path))
+        else:
+            missing.append(name if found is None else f"{name} (found as {found.path.name})")
+    if missing:
+        warnings.append(f"TI hashes: not in {folders.embedding}: {', '.join(missing)} (their names are read as words)")
+    return tuple(files)
 
 
 def to_request(settings: ForeignSettings, folders: Folders, model: str | None = None) -> Imported:
@@ -253,7 +257,7 @@ def to_request(settings: ForeignSettings, folders: Folders, model: str | None = 
     fields["loras"] = _loras(settings, folders, warnings)
     if folders.lora is not None:
         fields["lora_dir"] = str(folders.lora)
-    _embeddings(settings, folders, warnings)
+    fields["embeddings"] = _embeddings(settings, folders, warnings)
     try:
         request = GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
     except (TypeError, ValueError, ConfigError) as e:

@@ -136,12 +136,13 @@ def upscale(pipe: Pipeline, latents: torch.Tensor, size: HiresSize, upscaler: st
 
 
 def generate(pipe: Pipeline, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
-             ) -> tuple[GenerationRequest, torch.Tensor, torch.Tensor, dict]:
+             ) -> tuple[GenerationRequest, torch.Tensor, torch.Tensor, dict, dict]:
     """Run ``request`` with the hires fix on ``pipe``: the first pass at the request's size, :func:`upscale`, the
     second pass (see the module's docstring); ``callback`` sees the steps of both passes. Returns the request as it
     ran (first-pass size; the VAE tile and attention slice chosen for the hires size, used by both passes), the hires
-    latents (B, C, h, w), their pixels (B, 3, H, W) in [0, 1] and the adapter keys left out (as
-    :meth:`Pipeline.generate <nijimi.pipelines.pipeline.Pipeline.generate>` returns them)."""
+    latents (B, C, h, w), their pixels (B, 3, H, W) in [0, 1], the adapter keys left out and the textual-inversion
+    embeddings used by either pass (as :meth:`Pipeline.generate <nijimi.pipelines.pipeline.Pipeline.generate>`
+    returns them)."""
     cfg = pipe.model.config
     if request.init_image is not None:
         raise ConfigError("the hires fix (--hires, --hires-size) is for text to image; it takes no --init image")
@@ -159,15 +160,15 @@ def generate(pipe: Pipeline, request: GenerationRequest, callback: Callable[[Ste
     total, start = hires_schedule(request.hires_steps or request.steps, request.hires_denoise)
     second = second_pass(request, size, total)
     with pipe.vae_swapped(request.vae):
-        _, latents, unmatched = pipe.sample_latents(request.replace(hires_scale=None, hires_size=None), callback)
+        _, latents, unmatched, used = pipe.sample_latents(request.replace(hires_scale=None, hires_size=None), callback)
         latents = upscale(pipe, latents, size, request.hires_upscaler, request.vae_tile or None)
         seeds = second.noise_seeds(f)
         sigmas = second.sampler.sigmas(cfg.schedule, total)
         noise = starting_noise((1, *latents.shape[1:]), seeds).to(latents.device)
         begin = edit.Start(start, edit.noised_latent(latents, noise, sigmas, start))
-        x, more = pipe.denoise(second, sigmas, begin, seeds.generators, callback)
+        x, more, used_again = pipe.denoise(second, sigmas, begin, seeds.generators, callback)
         pixels = pipe.decode(x, request.vae_tile or None, request.decoder)
-    return request, x, pixels, {**unmatched, **more}
+    return request, x, pixels, {**unmatched, **more}, {**used, **used_again}
 
 
 def second_pass(request: GenerationRequest, size: HiresSize, steps: int) -> GenerationRequest:

@@ -30,6 +30,7 @@ from nijimi.diffusion.samplers import Callback, StepInfo
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError, PromptError
 from nijimi.io.checkpoint import LoadReport, load_model
+from nijimi.io.embeddings import EmbeddingLibrary
 from nijimi.io.pngmeta import model_hash
 from nijimi.io.taesd import load_taesd
 from nijimi.io.vae_file import load_vae
@@ -62,6 +63,11 @@ class StepConditioning:
 
     cond: ScheduledCond
     uncond: ScheduledCond | None
+
+    @property
+    def embeddings(self) -> list[str]:
+        """The textual-inversion embeddings used: the prompt's, then the negative prompt's others (A1111's order)."""
+        return list(dict.fromkeys([*self.cond.embeddings, *(self.uncond.embeddings if self.uncond else ())]))
 
     @property
     def guidance_weight(self) -> float:
@@ -101,25 +107,31 @@ class Conditioner:
         self.cache: OrderedDict[tuple, ScheduledCond] = OrderedDict()
 
     @torch.inference_mode()
-    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool) -> ScheduledCond:
-        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``)."""
-        key = (prompt, steps, clip_skip, negative)
+    def schedule(self, prompt: str, steps: int, clip_skip: int | None, negative: bool,
+                 embeddings: EmbeddingLibrary | None = None) -> ScheduledCond:
+        """The encoded prompt schedule of ``prompt`` over ``steps`` steps (see ``encode_prompt_schedule``), with the
+        textual-inversion ``embeddings`` it may name."""
+        key = (prompt, steps, clip_skip, negative, embeddings and embeddings.key)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
         text_encoder = self.model.text_encoder
         device = next(text_encoder.parameters()).device
-        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip)  # noqa: E731
-        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative)
+        vocabulary = embeddings and embeddings.vocabulary(self.tokenizer)
+        encode = lambda ids: text_encoder(ids.to(device), clip_skip=clip_skip,  # noqa: E731
+                                          extra=vocabulary and vocabulary.vectors)
+        self.cache[key] = encode_prompt_schedule(prompt, steps, self.tokenizer, encode, negative=negative,
+                                                 vocabulary=vocabulary)
         if len(self.cache) > CACHE_SIZE:
             self.cache.popitem(last=False)
         return self.cache[key]
 
     def step_conditioning(self, prompt: str, negative: str, steps: int, clip_skip: int | None,
-                          guided: bool) -> StepConditioning:
-        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch)."""
-        return StepConditioning(self.schedule(prompt, steps, clip_skip, False),
-                                self.schedule(negative, steps, clip_skip, True) if guided else None)
+                          guided: bool, embeddings: EmbeddingLibrary | None = None) -> StepConditioning:
+        """Conditioning for every step; ``guided`` adds the negative prompt's (the unconditional branch); both may name
+        textual-inversion ``embeddings``."""
+        return StepConditioning(self.schedule(prompt, steps, clip_skip, False, embeddings),
+                                self.schedule(negative, steps, clip_skip, True, embeddings) if guided else None)
 
 
 @dataclass
@@ -127,7 +139,8 @@ class Generation:
     """What :meth:`Pipeline.generate` returns: images, their seeds, the final latents (B, C, h, w), the decoded
     ``pixels`` (B, 3, H, W) float32 in [0, 1] the images were rounded from, the request as it ran (seed, size,
     sampler, VAE tile and attention slice filled in), and the keys of adapter files that fit no module of the model
-    and were left out (file → key → why; only files that had any)."""
+    and were left out (file → key → why; only files that had any), and the textual-inversion embeddings the prompts
+    used (name → file, in A1111's order)."""
 
     images: list[Image.Image]
     seeds: list[int]
@@ -135,6 +148,7 @@ class Generation:
     pixels: torch.Tensor
     request: GenerationRequest
     lora_unmatched: dict[Path, dict[str, str]] = field(default_factory=dict)
+    embeddings: dict[str, Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,8 +196,10 @@ class Pipeline:
         + i))`` — the convention diffusers and A1111 share — so a seed means the same picture across tools (A1111's
         variation seed and seed resize change it: :func:`~nijimi.diffusion.noise.starting_noise`). LoRAs are
         merged for this call and the weights restored exactly afterwards; their keys that fit no module are left out
-        (``Generation.lora_unmatched``), or refused with ``strict_loras``. ``callback`` sees every sampling step (of
-        both passes of the hires fix, ``hires_scale`` or ``hires_size``: :func:`nijimi.pipelines.hires.generate`).
+        (``Generation.lora_unmatched``), or refused with ``strict_loras``. The prompts may name textual-inversion
+        embeddings of ``embeddings_dir`` / ``embeddings`` (``Generation.embeddings`` lists those used). ``callback``
+        sees every sampling step (of both passes of the hires fix, ``hires_scale`` or ``hires_size``:
+        :func:`nijimi.pipelines.hires.generate`).
         """
         if negative_prompt is not None:
             fields["negative_prompt"] = negative_prompt
@@ -192,18 +208,19 @@ class Pipeline:
         elif fields:
             request = request.replace(**fields)
         if hires.enabled(request):
-            request, x, pixels, unmatched = hires.generate(self, request, callback)
+            request, x, pixels, unmatched, embeddings = hires.generate(self, request, callback)
         else:
             with self.vae_swapped(request.vae):
-                request, x, unmatched = self.sample_latents(request, callback)
+                request, x, unmatched, embeddings = self.sample_latents(request, callback)
                 pixels = self.decode(x, request.vae_tile or None, request.decoder)
         seeds = [request.seed + i for i in range(request.batch)]
-        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, unmatched)
+        return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, unmatched, embeddings)
 
     def sample_latents(self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
-                       ) -> tuple[GenerationRequest, torch.Tensor, dict[Path, dict[str, str]]]:
+                       ) -> tuple[GenerationRequest, torch.Tensor, dict[Path, dict[str, str]], dict[str, Path]]:
         """The final latents (B, C, h, w) of ``request`` without the hires fix, not decoded, with the request as it
-        ran (seed, size, sampler, VAE tile and attention slice filled in) and the adapter keys left out. An init
+        ran (seed, size, sampler, VAE tile and attention slice filled in), the adapter keys left out and the
+        textual-inversion embeddings used (:meth:`denoise`). An init
         image is encoded by the current VAE: call it inside :meth:`vae_swapped` of the request's ``vae``."""
         if not request.prompt and request.guidance != 1.0 and not request.negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --guidance 1 for unconditional samples)")
@@ -226,27 +243,32 @@ class Pipeline:
                                * sampler.start_scale(float(sigmas[0]), cfg.schedule))
         else:  # an init image, or an inpainting U-Net (its extra channels)
             start = edit.prepare(self.model, source, request.strength, sigmas, noise_seeds, sampler, shape, vae_tile)
-        x, unmatched = self.denoise(request, sigmas, start, noise_seeds.generators, callback)
-        return request, x, unmatched
+        x, unmatched, embeddings = self.denoise(request, sigmas, start, noise_seeds.generators, callback)
+        return request, x, unmatched, embeddings
 
     def denoise(self, request: GenerationRequest, sigmas: torch.Tensor, start: edit.Start,
                 generators: list[torch.Generator], callback: Callable[[StepInfo], None] | None = None
-                ) -> tuple[torch.Tensor, dict[Path, dict[str, str]]]:
+                ) -> tuple[torch.Tensor, dict[Path, dict[str, str]], dict[str, Path]]:
         """Sample ``request`` (size, sampler and attention slice filled in) from ``start`` along ``sigmas`` (the
         request's whole schedule): its ControlNets prepared for its size, its LoRAs merged for the call, its
-        prompts' conditioning, the model stack; ``generators`` (one per image) feed a stochastic sampler. Returns
-        the latents and the adapter keys left out."""
+        prompts' conditioning (with the textual-inversion embeddings they name), the model stack; ``generators`` (one
+        per image) feed a stochastic sampler. Returns the latents, the adapter keys left out and the embeddings
+        used (name → file)."""
         run = prepare_control(request.control, self.model.config, request.width, request.height, start.index,
                               request.steps, self.device, self.dtype)
+        library = None
+        if request.embeddings_dir or request.embeddings:
+            library = EmbeddingLibrary(request.embeddings_dir, request.embeddings, self.model.config.text.width)
         applied = apply_loras(self, request.loras, request.prompt, request.lora_dir, request.strict_loras)
         try:
             conds = self.conditioner.step_conditioning(applied.prompt, request.negative_prompt, request.steps,
-                                                       request.clip_skip, request.guidance != 1.0)
+                                                       request.clip_skip, request.guidance != 1.0, library)
             x = self._sample(request, sigmas, start, self.model_stack(request, conds, start, run),
                              request.sampler.noise(start.latent, float(sigmas[0]), generators), callback)
         finally:
             applied.undo()
-        return x, applied.unmatched
+        embeddings = {name: library.path(name) for name in conds.embeddings} if library else {}
+        return x, applied.unmatched, embeddings
 
     def model_stack(self, request: GenerationRequest, conds: StepConditioning, start: edit.Start,
                     run: ControlRun) -> Callable[..., torch.Tensor]:

@@ -99,7 +99,9 @@ class GenerationRequest:
     ``seed_resize`` is (width, height) in pixels. ``vae``: another VAE for this request's encode and decode
     (:func:`~nijimi.io.vae_file.load_vae`), a path kept absolute too. ``hires_*``: A1111's hires fix
     (:mod:`~nijimi.pipelines.hires`), on when ``hires_scale`` or ``hires_size`` is given; ``hires_steps`` 0, a None
-    ``hires_sampler`` and empty hires prompts mean the first pass's."""
+    ``hires_sampler`` and empty hires prompts mean the first pass's. ``embeddings_dir`` and ``embeddings``:
+    textual-inversion embeddings the prompts may name (:class:`~nijimi.io.embeddings.EmbeddingLibrary`); there is no
+    default folder, so a prompt means the same wherever the model lies."""
 
     prompt: str = knob("", Cli((), "the prompt (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W> …)"))
     negative_prompt: str = knob("", Cli(("-n", "--negative"), "negative prompt"))
@@ -173,6 +175,11 @@ class GenerationRequest:
     lora_dir: str | None = knob(None, Cli(("--lora-dir",), "folder searched for <lora:NAME:W> prompt tags and --lora "
                                           "names (default: the embedded model's demo adapters, e.g. pink)",
                                           metavar="DIR"))
+    embeddings_dir: str | None = knob(None, Cli(
+        ("--embeddings-dir",), "textual-inversion embeddings (.pt, .bin, .safetensors; searched recursively, like "
+        "A1111's embeddings folder) used where a prompt names a file's stem (default: none)", metavar="DIR"))
+    embeddings: tuple[str, ...] = knob((), Cli(("--embedding",), "a textual-inversion embedding file, used where a "
+                                               "prompt names its stem; repeatable", metavar="FILE", repeat=True))
     strict_loras: bool = knob(False, Cli(("--strict",), "refuse a LoRA file with keys that fit no module of the "
                                          "model (default: leave them out and name them on stderr)", switch=True))
     control: tuple[Control, ...] = knob((), Cli(
@@ -231,6 +238,10 @@ class GenerationRequest:
         set_("mask", _image("mask", self.mask))
         set_("lora_dir", _path("lora_dir", self.lora_dir))
         set_("vae", _path("vae", self.vae))
+        set_("embeddings_dir", _path("embeddings_dir", self.embeddings_dir))
+        if isinstance(self.embeddings, str | os.PathLike) or not isinstance(self.embeddings, tuple | list):
+            raise ConfigError(f"embeddings {self.embeddings!r} must be a list of files")
+        set_("embeddings", tuple(_path("embedding", e) for e in self.embeddings))
         set_("loras", tuple(resolve_request(r, self.lora_dir) for r in self.loras))
         set_("control", tuple(_absolute(c) for c in self.control))
         set_("decoder", _decoder(self.decoder))
@@ -395,6 +406,8 @@ def _encode(name: str, value: Any) -> Any:
         return [[str(r.path), r.te_multiplier, r.unet_multiplier] for r in value]
     if name == "control":
         return [dataclasses.asdict(c) for c in value]
+    if name == "embeddings":
+        return list(value)
     return value
 
 

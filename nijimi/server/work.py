@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from nijimi.cli import _a1111_text, _recipe, output_paths, write_png
+from nijimi.cli import output_paths, write_png
 from nijimi.errors import ConfigError, OutputExistsError
 from nijimi.io.files import atomic_write
 from nijimi.io.pngmeta import PARAMETERS_KEY, RECIPE_KEY
@@ -27,6 +27,7 @@ from nijimi.pipelines.request import GenerationRequest
 from nijimi.server.a1111 import Call, Outcome
 from nijimi.server.errors import Cancelled
 from nijimi.server.jobs import Job
+from nijimi.ui.recipe import a1111_text, embedding_hashes, png_recipe
 
 INPUTS = "inputs"
 """Subfolder of the output folder that holds the init images and masks of saved img2img images."""
@@ -50,17 +51,18 @@ def run_call(pipe: Pipeline, call: Call, job: Job, output: Path) -> Outcome:
             raise Cancelled(str(exc), outcome) from None
         outcome.warnings += [f"{path.name}: {len(keys)} keys fit no module of this model and were left out"
                              for path, keys in gen.lora_unmatched.items()]
+        hashes = embedding_hashes(gen.embeddings)
         for i, image in enumerate(gen.images):
-            _keep(outcome, pipe, gen.request.single(i), image, inputs, output if call.save_images else None)
+            _keep(outcome, pipe, gen.request.single(i), image, inputs, output if call.save_images else None, hashes)
     return outcome
 
 
 def _keep(outcome: Outcome, pipe: Pipeline, one: GenerationRequest, image: Image.Image, inputs: dict,
-          folder: Path | None) -> None:
+          folder: Path | None, hashes: dict[str, str]) -> None:
     """Add one image to ``outcome`` as PNG bytes with metadata, written to ``folder`` first when there is one."""
-    text = _a1111_text(pipe, one)
+    text = a1111_text(pipe, one, hashes)
     try:
-        recipe = _recipe(pipe, one.replace(**inputs))
+        recipe = png_recipe(pipe, one.replace(**inputs), embeddings=hashes)
     except ConfigError:  # an in-memory init image: nothing a recipe can name
         recipe = None
     if folder is not None:

@@ -222,12 +222,18 @@ class ClipTokenizer:
         without it such a text raises ``PromptError``.
         """
         batch = [texts] if isinstance(texts, str) else list(texts)
-        out = torch.full((len(batch), self.max_length), self.pad_token_id, dtype=torch.long)
+        rows = [self.encode(text) for text in batch]
         room = self.max_length - 2
-        for row, text in enumerate(batch):
-            ids = self.encode(text)
+        for ids, text in zip(rows, batch, strict=True):
             if len(ids) > room and not truncation:
                 raise PromptError(f"prompt has {len(ids)} tokens, more than {room}: {text[:80]!r}")
-            window = [self.bos_token_id, *ids[:room], self.eos_token_id]
+        return self.windows(rows)
+
+    def windows(self, rows: list[list[int]]) -> torch.Tensor:
+        """Token windows ``(B, max_length)`` int64 of token id lists: BOS, the first ``max_length - 2`` ids, EOS,
+        then padding."""
+        out = torch.full((len(rows), self.max_length), self.pad_token_id, dtype=torch.long)
+        for row, ids in enumerate(rows):
+            window = [self.bos_token_id, *ids[: self.max_length - 2], self.eos_token_id]
             out[row, : len(window)] = torch.tensor(window, dtype=torch.long)
         return out

@@ -31,7 +31,15 @@ from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
-from nijimi.train.finetune import FineTuneConfig, FineTuning, SampleFn, load_base, open_images, run_finetune
+from nijimi.train.finetune import (
+    FineTuneConfig,
+    FineTuning,
+    SampleFn,
+    TrainedPart,
+    load_base,
+    open_images,
+    run_finetune,
+)
 from nijimi.train.ldm import DiffusionObjective
 from nijimi.train.trainer import OnStep, open_trainer
 
@@ -44,6 +52,8 @@ ADAPTER_TYPES: dict[str, dict] = {
     "dora": {"kind": "lora", "dora": True},
 }
 """``--type`` → :class:`AdapterSpec` fields. LoCon is a LoRA whose default targets include the convolutions."""
+EMBEDDING = "embedding"
+"""``--type`` of textual inversion, which trains no adapter layers (:mod:`nijimi.train.embedding`)."""
 DEFAULT_TARGETS = {"locon": "all"}
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
 
@@ -57,7 +67,9 @@ class AdapterTrainConfig(FineTuneConfig):
     glob patterns over native module paths; empty means the type's default. ``sample_prompts`` empty: the first four
     captions of the data. ``reg_data``: regularization images (same kinds as ``data``; none when empty), one after
     each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight the loss by each image's
-    mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers).
+    mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers). Type ``embedding`` is textual inversion
+    (:mod:`nijimi.train.embedding`): ``vectors`` new vectors initialised from ``init_word``'s, named after ``out``'s
+    stem (the word the captions and prompts use); the LoRA settings do not apply to it.
     """
 
     out: str = "adapter.safetensors"
@@ -73,11 +85,17 @@ class AdapterTrainConfig(FineTuneConfig):
     mask_loss: bool = False
     format: str = "kohya"
     sample_prompts: tuple = ()
+    init_word: str = "*"
+    vectors: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.type not in ADAPTER_TYPES:
-            raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}")
+        if self.type not in (*ADAPTER_TYPES, EMBEDDING):
+            raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}, "
+                              f"{EMBEDDING}")
+        if self.vectors < 1 or not self.init_word.strip():
+            raise ConfigError(f"an embedding needs vectors ≥ 1 and an init word, got {self.vectors}, "
+                              f"{self.init_word!r}")
         if self.format not in FORMATS:
             raise ConfigError(f"unknown adapter format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.rank < 1 or self.conv_rank < 0:
@@ -120,25 +138,15 @@ def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
     return WithRegularization(data, open_images(cfg.reg_data, size, cfg.seed, cfg.data_count)) if cfg.reg_data else data
 
 
-class AdapterObjective(nn.Module):
+class AdapterObjective(TrainedPart):
     """What the trainer trains: the injected adapter's per-layer modules are this module's only sub-modules (keys
     ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone; the frozen
     model's :class:`DiffusionObjective` computes the loss and stays outside the module tree."""
 
     def __init__(self, objective: DiffusionObjective, model: LatentDiffusion, name: str = ADAPTER_NAME) -> None:
-        super().__init__()
+        super().__init__(objective)
         self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
                                      for path, layer in adapted_layers(model) if name in layer.adapters})
-        object.__setattr__(self, "objective", objective)  # a plain attribute: not part of state_dict()
-
-    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
-        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`)."""
-        return self.objective(indices, generator, part)
-
-    def train(self, mode: bool = True) -> AdapterObjective:
-        super().train(mode)
-        self.objective.train(mode)
-        return self
 
 
 @dataclass
@@ -169,6 +177,8 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
                      resume: bool = False) -> AdapterTraining:
     """Load (or take) the base model and data, inject the adapter, build the trainer; with ``resume``, continue
     from ``work_dir/checkpoint.pt`` when it exists."""
+    if cfg.type == EMBEDDING:
+        raise ConfigError("an embedding is trained by nijimi.train.embedding.train_embedding, not train_adapter")
     model = load_base(cfg.base) if model is None else model
     data = open_adapter_data(cfg, model.config) if data is None else data
     objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
@@ -21,8 +24,9 @@ from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
 from nijimi.train.trainer import LoopConfig, OnStep, Trainer, check_fresh_start
 
-SampleFn = Callable[[LatentDiffusion, list[str], int, int], list]
-"""``sample_fn(model, prompts, steps, seed)`` → one image per prompt; given by the caller (pipelines sit above)."""
+SampleFn = Callable[..., list]
+"""``sample_fn(model, prompts, steps, seed, **fields)`` → one image per prompt (``fields``: more generation request
+fields, e.g. ``embeddings``); given by the caller (pipelines sit above)."""
 
 
 @dataclass
@@ -82,6 +86,25 @@ def load_base(source: str) -> LatentDiffusion:
     """The model at ``source`` (checkpoint file or diffusers folder), or the embedded model for ``"embedded"``."""
     model, _ = load_model(embedded_path() if source == EMBEDDED else source)
     return model
+
+
+class TrainedPart(nn.Module):
+    """What the trainer trains in a fine-tuning run: a module whose own parameters (an adapter's layers, an embedding's
+    vectors) are all that checkpoints and the EMA hold; the frozen model's loss ``objective``, computed through them,
+    stays outside its module tree."""
+
+    def __init__(self, objective: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "objective", objective)  # a plain attribute: not part of state_dict()
+
+    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
+        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`)."""
+        return self.objective(indices, generator, part)
+
+    def train(self, mode: bool = True) -> TrainedPart:
+        super().train(mode)
+        self.objective.train(mode)
+        return self
 
 
 @dataclass

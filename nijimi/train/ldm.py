@@ -164,6 +164,10 @@ class DiffusionObjective(nn.Module):
         self.vae.eval()
         return self
 
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """The U-Net's text context ``(B, 77, D)`` of training captions (one 77-token window each)."""
+        return self.text_encoder(self.tokenizer(captions))
+
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
         images, captions, masks = collate([self.data[i] for i in indices[part]])
         with torch.no_grad():
@@ -172,7 +176,7 @@ class DiffusionObjective(nn.Module):
                                      self.schedule, caption_dropout=self.caption_dropout,
                                      timestep_weights=self.timestep_weights)
         captions = ["" if d else c for d, c in zip(batch.drop, captions, strict=True)]
-        context = self.text_encoder(self.tokenizer(captions))
+        context = self.encode_captions(captions)
         pred = self.unet(batch.x_t, batch.t, context)
         if self.mask_loss and masks is not None:
             return masked_diffusion_loss(pred, batch.target, batch.t, self.schedule,

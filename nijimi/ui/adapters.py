@@ -12,8 +12,9 @@ from nijimi.adapters.formats import FORMATS
 from nijimi.adapters.tools import describe_adapter
 from nijimi.adapters.weights import Adapter
 from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
-from nijimi.train.adapter import AdapterTrainConfig, train_adapter
+from nijimi.train.adapter import EMBEDDING, AdapterTrainConfig, train_adapter
 from nijimi.train.config import build_config
+from nijimi.train.embedding import train_embedding
 from nijimi.train.finetune import EMBEDDED, load_base
 from nijimi.ui.progress import TrainingProgress
 from nijimi.ui.train import add_finetune_parser, config_values, sample_images
@@ -21,9 +22,10 @@ from nijimi.ui.train import add_finetune_parser, config_values, sample_images
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     cfg = build_config(AdapterTrainConfig, config_values(args))
+    train = train_embedding if cfg.type == EMBEDDING else train_adapter
     with TrainingProgress(args.quiet) as progress:
-        train_adapter(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage(f"train {cfg.type}"),
-                      sample_fn=None if args.no_samples else sample_images)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage(f"train {cfg.type}"),
+              sample_fn=None if args.no_samples else sample_images)
     print(cfg.out)
     return 0
 
@@ -85,7 +87,8 @@ def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
 
 def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model",
+    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter or a textual-inversion "
+                        "embedding (--type embedding) on a frozen model",
                         AdapterTrainConfig, cmd_train_adapter)
     _add_lora_parsers(sub)
 

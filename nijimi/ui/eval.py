@@ -47,8 +47,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     made: list = []
 
     def generate(batch: list[str], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s,
-                                loras=loras).images[0] for c, s in zip(batch, seeds, strict=True)]
+        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s, loras=loras,
+                                embeddings=args.embedding).images[0] for c, s in zip(batch, seeds, strict=True)]
         made.extend(images)
         bar.update(len(made))
         return images
@@ -110,6 +110,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                    help="make each caption's first object this new colour (to measure an adapter that teaches it)")
     q.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply an adapter while generating (repeatable)")
+    q.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding the captions may name by its file's stem (repeatable)")
     q.add_argument("--grid", help="also write a PNG of the first 16 images (rows of 8, in caption order)")
     q.set_defaults(func=cmd_eval_shapes)
 

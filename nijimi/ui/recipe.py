@@ -1,11 +1,14 @@
-"""The PNG recipe's files by name and hash: what ``generate`` records of the model and the LoRAs (A1111's way, no
+"""What a PNG records of how it was made: A1111's ``parameters`` text (:func:`a1111_text`) and nijimi's recipe, whose
+files are named by name and hash: what ``generate`` records of the model and the LoRAs (A1111's way, no
 path of this machine unless asked) and how ``reproduce`` finds them again (:func:`~nijimi.io.find.find_by_name_and_hash`
 in ``--models-dir`` / ``--lora-dir``, the image's folder and the working directory)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,17 +17,49 @@ from nijimi import __version__
 from nijimi.adapters.tags import parse_lora_tags, resolve_lora
 from nijimi.embedded import ADAPTERS, EMBEDDED
 from nijimi.errors import NijimiError
+from nijimi.io.embeddings import embedding_hash
 from nijimi.io.find import find_by_name_and_hash
-from nijimi.io.pngmeta import model_hash
+from nijimi.io.pngmeta import format_name_hashes, format_parameters, generation_settings, model_hash
+from nijimi.pipelines import hires
+from nijimi.pipelines.infotext import lora_infotext
 from nijimi.pipelines.pipeline import Pipeline
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import dtype_name
+from nijimi.ui.control import control_infotext
 
 
-def png_recipe(pipe: Pipeline, request: GenerationRequest, record_paths: bool = False) -> dict:
+def a1111_text(pipe: Pipeline, r: GenerationRequest, embeddings: Mapping[str, str] | None = None) -> str:
+    """A1111's ``parameters`` text of one image made by ``pipe`` for ``r`` (batch 1), with the ``TI hashes`` of the
+    textual-inversion ``embeddings`` (name → hash) its prompts used."""
+    eta = "Eta DDIM" if r.sampler.base == "ddim" else "Eta"  # A1111's two settings
+    varied = r.variation_strength > 0
+    vae = r.vae and Path(r.vae)
+    extra = {"VAE hash": model_hash(vae) if vae and vae.is_file() else None, "VAE": vae and vae.name,
+             "Variation seed": r.variation_seed if varied else None,
+             "Variation seed strength": r.variation_strength if varied else None, "Seed resize from": r.seed_resize,
+             "Denoising strength": r.strength if r.init_image is not None else
+             r.hires_denoise if hires.enabled(r) else None, "Clip skip": r.clip_skip, **hires.infotext(r),
+             "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control]),
+             "TI hashes": format_name_hashes(embeddings or {}) or None}
+    prompt, loras = lora_infotext(r)
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
+                                 cfg_scale=r.guidance, seed=r.seed,
+                                 width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
+                                 extra={**extra, **loras})
+    return format_parameters(prompt, r.negative_prompt, fields)
+
+
+def embedding_hashes(embeddings: Mapping[str, Path]) -> dict[str, str]:
+    """Name → A1111's hash of the textual-inversion embeddings a generation used (``Generation.embeddings``)."""
+    return {name: embedding_hash(path) for name, path in embeddings.items()}
+
+
+def png_recipe(pipe: Pipeline, request: GenerationRequest, record_paths: bool = False,
+               embeddings: Mapping[str, str] | None = None) -> dict:
     """Every knob of one image (``reproduce`` reads ``request`` back) and what it ran on. The model and the LoRAs
     (files and prompt tags) are recorded by name and hash, as A1111 records them; ``record_paths`` adds the model's
-    path and keeps the LoRAs' paths and LoRA folder (for private use: they tell where files are on this machine)."""
+    path and keeps the LoRAs' paths and LoRA folder (for private use: they tell where files are on this machine).
+    ``embeddings``: name → hash of the textual-inversion embeddings the prompts used (``reproduce`` checks them)."""
     data = request.to_dict()
     loras = [{"name": Path(path).name, "hash": model_hash(path)} for path, _, _ in data["loras"]]
     model = {"name": pipe.name, "hash": pipe.model_hash, **({"source": pipe.source} if record_paths else {})}
@@ -32,6 +67,7 @@ def png_recipe(pipe: Pipeline, request: GenerationRequest, record_paths: bool = 
         data["loras"] = [[entry["name"], te, unet] for entry, (_, te, unet) in zip(loras, data["loras"], strict=True)]
         data["lora_dir"] = None
     return {"request": data, "model": model, "loras": loras, "lora_tags": tag_hashes(request),
+            "embeddings": dict(embeddings or {}),
             "dtype": dtype_name(pipe.dtype), "device": str(pipe.device),
             "schedule": pipe.model.config.schedule.to_diffusers_config(),
             "versions": {"nijimi": __version__, "torch": torch.__version__, "python": platform.python_version()}}

@@ -82,15 +82,16 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
         "model shapes.safetensors has the image's model name 'shapes' but not its hash 0123456789",
         f"VAE 'gone.pt' not found in {folders.vae} (--vae-dir DIR); decoding with the model's own VAE",
         f"LoRA 'missing' not found in {folders.lora} (--lora-dir DIR); left out",
-        "TI hashes: the embeddings easynegative are not applied (their names are read as words)",
+        "TI hashes: the embeddings easynegative are not applied without --embeddings-dir (their names are read as "
+        "words)",
     )
     (folders.model.parent / "embeddings").mkdir(exist_ok=True)
     (folders.model.parent / "embeddings" / "easynegative.safetensors").write_bytes(b"{}")
     text = text.replace('"easynegative: c74b4e810b03"', '"easynegative: c74b4e810b03, badhand: 7dd5ebc7b2ae"')
     with_dir = Folders(folders.model, folders.lora, folders.vae, folders.model.parent / "embeddings")
-    assert to_request(from_infotext(parse_parameters(text)), with_dir).warnings[-1] == (
-        "TI hashes: the embeddings easynegative, badhand are not applied (their names are read as words); not in "
-        f"{with_dir.embedding}: badhand")
+    imported = to_request(from_infotext(parse_parameters(text)), with_dir)
+    assert imported.request.embeddings == (str(with_dir.embedding / "easynegative.safetensors"),)
+    assert imported.warnings[-1] == f"TI hashes: not in {with_dir.embedding}: badhand (their names are read as words)"
 
 
 @pytest.mark.parametrize(("sampler", "schedule", "version", "expected"), [

@@ -33,7 +33,7 @@ def full(tmp_path) -> GenerationRequest:
         hires_sampler="Euler", hires_prompt="a red disc", hires_negative_prompt="grey",
         clip_skip=2, vae_tile=32, vae=tmp_path / "vae",
         attention_slice=7, decoder=f"tiny:{tmp_path / 'taesd'}", loras=[(tmp_path / "ink.safetensors", 0.8, 0.6)],
-        lora_dir=str(tmp_path), strict_loras=True,
+        lora_dir=str(tmp_path), strict_loras=True, embeddings_dir=tmp_path / "ti", embeddings=[tmp_path / "glow.pt"],
         control=[ControlSpec(str(tmp_path / "cn.safetensors"), str(tmp_path / "map.png"), 0.9, "canny", 0.1, 0.8,
                              50.0, 150.0, "crop", True)])
 
@@ -114,13 +114,15 @@ def test_generate_flags_come_from_the_fields(full):
             "--hires-upscaler", "Lanczos", "--hires-sampler", "euler", "--hires-prompt", "a red disc",
             "--hires-negative", "grey",
             "--vae-tile", "32", "--vae", full.vae, "--decoder", full.decoder, "--attention-slice", "7", "--lora",
-            f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--control",
+            f"{full.loras[0].path}:0.8:0.6", "--lora-dir", full.lora_dir, "--strict", "--embeddings-dir",
+            full.embeddings_dir, "--embedding", full.embeddings[0], "--control",
             f"model={spec.model},image={spec.image},scale=0.9,pre=canny,start=0.1,end=0.8,low=50,high=150,"
             "resize=crop,guess=true"]
     assert request_from_args(build_parser().parse_args(argv)) == full
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for flag in ("--guidance", "--eta", "--size", "--lora", "--control", "--strict", "--model-config", "--decoder",
-                 "--variation-seed", "--seed-resize", "--vae ", "--hires ", "--hires-upscaler"):
+                 "--variation-seed", "--seed-resize", "--vae ", "--hires ", "--hires-upscaler",
+                 "--embeddings-dir", "--embedding "):
         assert flag in help_text
 
 
