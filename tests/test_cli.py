@@ -145,7 +145,7 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     meta = read_png_metadata(out)
     assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
     settings = meta["settings"]
-    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M" and settings["CFG scale"] == 4.5
+    assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
     assert settings["Schedule type"] == "Karras"
     assert settings["Seed"] == 7 and settings["Size"] == (64, 64) and settings["Clip skip"] == 2
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
@@ -160,7 +160,7 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     assert code == 0 and err == ""
     lines = text.splitlines()
     assert lines[:2] == ["Prompt: a cat: on a mat", "Negative prompt: dog"]
-    assert "Sampler: DPM++ 2M" in lines and "Schedule type: Karras" in lines
+    assert "Sampler: DPM++ 2M Karras" in lines and "Schedule type: Karras" in lines
     assert "Seed: 7" in lines and "nijimi recipe:" in lines
 
 

@@ -84,6 +84,12 @@ SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Ka
 """Each schedule's A1111 label (the ``Schedule type`` infotext value); trailing and lcm are nijimi's."""
 
 
+_LEGACY_COMBINED = {"karras": ("lms", "dpm2", "dpm2-a", "dpm++2s-a", "dpm++2m", "dpm++sde", "dpm++2m-sde",
+                               "dpm++3m-sde"),
+                    "exponential": ("dpm++2m-sde", "dpm++3m-sde")}
+"""The samplers A1111 before 1.9 listed with a schedule in their name ("DPM++ 2M Karras")."""
+
+
 def _key(name: str) -> str:
     """Spelling-insensitive key: lower case, ``++`` as ``pp``, no spaces, ``-`` or ``_``, no A1111 ``k_`` prefix."""
     key = name.strip().lower()
@@ -152,6 +158,15 @@ class SamplerChoice:
     def display(self) -> str:
         """A1111's sampler name (the ``Sampler`` infotext value): ``"DPM++ 2M"``."""
         return self.spec.display
+
+    @property
+    def infotext_name(self) -> str:
+        """The ``Sampler`` value nijimi writes: :attr:`display`, with the schedule appended where A1111 before 1.9
+        had that combined name ("DPM++ 2M Karras"), so ComfyUI's A1111 importer, which reads no ``Schedule type``,
+        gets the schedule too; A1111 ≥ 1.9 reads either form with the ``Schedule type`` beside it."""
+        if self.base in _LEGACY_COMBINED.get(self.schedule, ()):
+            return f"{self.display} {SCHEDULE_LABELS[self.schedule]}"
+        return self.display
 
     @property
     def schedule_label(self) -> str:

@@ -82,12 +82,13 @@ class EmbeddingTraining(FineTuning):
         prompts = list(self.cfg.sample_prompts) or [self.data[i][1] for i in range(min(4, len(self.data)))]
         current = self.cfg.work_dir / f"{self.name}.safetensors"
         current.parent.mkdir(parents=True, exist_ok=True)
-        self.save(current)
+        self.save(current, overwrite=True)  # the vectors as they are now, for the sample grid
         return sample_fn(self.model, prompts, self.cfg.sample_steps, self.cfg.seed, embeddings=(str(current),)), None
 
-    def save(self, out: Path) -> None:
-        """The vectors as an A1111/kohya ``.safetensors`` embedding (float16 with ``cfg.half``)."""
-        save_embedding(self.trainer.module.vectors, out, half=self.cfg.half)
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        """The vectors as an A1111/kohya ``.safetensors`` embedding (float16 with ``cfg.half``); an existing ``out``
+        is replaced only with ``overwrite``."""
+        save_embedding(self.trainer.module.vectors, out, half=self.cfg.half, overwrite=overwrite)
 
 
 def _check_captions(data, vocabulary: ExtraVocabulary, tokenizer: ClipTokenizer, name: str, source: str) -> None:
@@ -131,5 +132,5 @@ def train_embedding(cfg: AdapterTrainConfig, *, resume: bool = False, overwrite:
     ``model``/``data`` replace loading ``cfg.base``/``cfg.data``. Sample grids (with ``sample_fn``) are made at
     step 0 — the init word's vectors — and every ``sample_every`` steps.
     """
-    return run_finetune(cfg, lambda: prepare_embedding_training(cfg, model, data, resume), overwrite=overwrite,
-                        on_step=on_step, sample_fn=sample_fn)
+    return run_finetune(cfg, lambda: prepare_embedding_training(cfg, model, data, resume), resume=resume,
+                        overwrite=overwrite, on_step=on_step, sample_fn=sample_fn)

@@ -42,7 +42,7 @@ def a1111_text(pipe: Pipeline, r: GenerationRequest, embeddings: Mapping[str, st
              "RNG": "CPU", eta: r.eta, **control_infotext([dataclasses.asdict(c) for c in r.control]),
              "TI hashes": format_name_hashes(embeddings or {}) or None}
     prompt, loras = lora_infotext(r)
-    fields = generation_settings(steps=r.steps, sampler=r.sampler.display, schedule=r.sampler.schedule_label,
+    fields = generation_settings(steps=r.steps, sampler=r.sampler.infotext_name, schedule=r.sampler.schedule_label,
                                  cfg_scale=r.guidance, seed=r.seed,
                                  width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
                                  extra={**extra, **loras})

@@ -109,7 +109,7 @@ def test_generate_fast_fills_what_the_flags_leave(capsys, tmp_path):
     base = ["generate", "a red circle", "--fast", "--seed", "0", "--quiet", "--size", "32x32"]
     assert main([*base, "--steps", "2", "--out", str(tmp_path / "a.png")]) == 0
     assert {k: recipe(tmp_path / "a.png")[k] for k in ("steps", "deepcache", "guidance_interval")} == {
-        "steps": 2, "deepcache": FAST["deepcache"], "guidance_interval": FAST.get("guidance_interval")}
+        "steps": 2, "deepcache": FAST["deepcache"], "guidance_interval": list(FAST["guidance_interval"])}
     lora = ["--lora", str(tmp_path / "TCD-SD15-LoRA.safetensors")]
     assert main([*base, *lora, "--out", str(tmp_path / "b.png")]) == 0
     assert {k: recipe(tmp_path / "b.png")[k] for k in ("steps", "deepcache", "sampler", "eta", "guidance")} == {

@@ -54,15 +54,21 @@ def test_a1111_schedule_labels(label, name):
 
 
 def test_infotext_round_trips_every_sampler_and_schedule():
-    """nijimi writes A1111 ≥ 1.9's ``Sampler: DPM++ 2M, Schedule type: Karras``; reading it back gives the choice."""
+    """nijimi writes A1111 ≥ 1.9's ``Sampler: DPM++ 2M, Schedule type: Exponential``, and A1111's old combined name
+    where it had one (``Sampler: DPM++ 2M Karras, Schedule type: Karras``, which ComfyUI's importer reads); reading
+    it back gives the choice."""
     for base in SAMPLER_SPECS:
         for schedule in SCHEDULE_LABELS:
             choice = parse_sampler(base, schedule)
-            settings = generation_settings(steps=20, sampler=choice.display, schedule=choice.schedule_label,
+            settings = generation_settings(steps=20, sampler=choice.infotext_name, schedule=choice.schedule_label,
                                            cfg_scale=7, seed=1, width=512, height=512)
             text = format_parameters("a cat", "", settings)
-            assert f"Sampler: {choice.display}, Schedule type: {choice.schedule_label}, CFG scale" in text
+            assert f"Sampler: {choice.infotext_name}, Schedule type: {choice.schedule_label}, CFG scale" in text
             assert choice_from_infotext(parse_parameters(text)["settings"]) == choice
+    assert parse_sampler("dpm++2m", "karras").infotext_name == "DPM++ 2M Karras"
+    assert parse_sampler("dpm++3m-sde", "exponential").infotext_name == "DPM++ 3M SDE Exponential"
+    assert parse_sampler("euler", "karras").infotext_name == "Euler"
+    assert parse_sampler("dpm++2m", "align_your_steps").infotext_name == "DPM++ 2M"
 
 
 @pytest.mark.parametrize("line,expected", [

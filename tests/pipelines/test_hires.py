@@ -152,7 +152,7 @@ def test_the_cli_writes_a1111s_fields_reads_them_back_and_reproduces(capsys, sd_
     replayed = GenerationRequest(PROMPT, **read)
     assert {k: getattr(replayed, k) for k in read} == {k: getattr(request, k) for k in read}
     again = tmp_path / "again.png"
-    assert main(["reproduce", str(out), "--out", str(again), "--quiet"]) == 0
+    assert main(["reproduce", str(out), "--out", str(again), "--quiet", "--models-dir", str(sd_folder.parent)]) == 0
     with Image.open(out) as a, Image.open(again) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))
 

@@ -9,7 +9,7 @@ import torch
 
 from nijimi.errors import ConfigError
 from nijimi.models.layers import Attention
-from nijimi.pipelines import runtime
+from nijimi.pipelines import pipeline, runtime
 from nijimi.pipelines.images import to_unit
 from nijimi.pipelines.pipeline import Pipeline, _in_dtype
 
@@ -115,6 +115,7 @@ def test_automatic_attention_slicing_when_memory_is_short(pipe, monkeypatch):
     unsliced = pipe.generate(PROMPT, "dark", steps=3, sampler="euler", seed=8)
     assert slice_sizes(pipe) == {None}
     monkeypatch.setattr(runtime, "available_memory", lambda: 4096)
+    monkeypatch.setattr(pipeline, "check_generation_memory", lambda *args: None)  # slicing, not refusing, is tested
     sliced = pipe.generate(PROMPT, "dark", steps=3, sampler="euler", seed=8)
     assert sliced.request.attention_slice == 4 and slice_sizes(pipe) == {4}
     assert float((sliced.pixels - unsliced.pixels).abs().max()) <= 1e-4  # other SDPA blocking: ~1e-5
@@ -150,6 +151,7 @@ def test_vae_tile(pipe, picture):
 
 def test_automatic_vae_tile_when_memory_is_short(pipe, monkeypatch):
     monkeypatch.setattr(runtime, "available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(pipeline, "check_generation_memory", lambda *args: None)  # slicing, not refusing, is tested
     gen = pipe.generate(PROMPT, steps=1, sampler="euler", seed=8)
     assert gen.request.vae_tile == 512  # larger than the image: decoded whole, same pixels
     assert torch.equal(gen.pixels, pipe.generate(PROMPT, steps=1, sampler="euler", seed=8, vae_tile=0).pixels)

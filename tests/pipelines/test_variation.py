@@ -70,13 +70,14 @@ def test_the_cli_records_variations_as_a1111_does_and_reproduce_replays_them(cap
     keys = list(settings)
     assert keys.index("Seed") < keys.index("Variation seed") < keys.index("Seed resize from")
     again = tmp_path / "again.png"
-    assert main(["reproduce", str(second), "--out", str(again), "--quiet"]) == 0
+    found = ["--models-dir", str(sd_folder.parent)]  # the recipe names the model by name and hash
+    assert main(["reproduce", str(second), "--out", str(again), "--quiet", *found]) == 0
     assert read_png_metadata(again)["recipe"] == read_png_metadata(second)["recipe"]
     difference = np.abs(pixels(second).astype(int) - pixels(again).astype(int))
     assert difference.max() <= 1  # batched convolutions round differently (~1e-5), a rare ±1 after uint8 rounding
     single, again = tmp_path / "single.png", tmp_path / "single-again.png"
     assert main([str(a) for a in [*argv[:-4], "--out", single]]) == 0
-    assert main(["reproduce", str(single), "--out", str(again), "--quiet"]) == 0
+    assert main(["reproduce", str(single), "--out", str(again), "--quiet", *found]) == 0
     assert np.array_equal(pixels(single), pixels(again))
     assert not np.array_equal(pixels(first), pixels(second))
     plain = tmp_path / "plain.png"

@@ -65,7 +65,8 @@ def test_reproduce_an_a1111_image(capsys, webui, tmp_path, writer):
     assert err == "warning: ADetailer model: not reproduced (a setting nijimi does not have)\n"
     request = read_image_metadata(out)["recipe"]["request"]
     assert request["loras"] == [["pinkish.safetensors", 0.7, 0.7]]  # by name (and hash): nijimi's recipes
-    assert (request["sampler"], request["seed"], request["clip_skip"]) == ("dpm++2m-karras", 42, 2)
+    assert (request["sampler"], request["schedule"], request["seed"], request["clip_skip"]) == (
+        "dpm++2m", "karras", 42, 2)
     expected = tmp_path / "expected.png"
     assert run(capsys, "generate", *GENERATE, "--model", webui / "models" / "shapes-v1.safetensors",
                "--out", expected)[0] == 0
@@ -82,8 +83,7 @@ def test_reproduce_a_comfyui_image(capsys, webui, tmp_path):
     code, stdout, err = run(capsys, "reproduce", image, "--models-dir", webui / "models", "--lora-dir",
                             webui / "loras", "--out", out, "--quiet")
     assert (code, stdout.strip(), err) == (0, str(out), "")
-    assert read_image_metadata(out)["recipe"]["request"]["loras"] == [
-        [str(webui / "loras" / "pinkish.safetensors"), 0.6, 0.8]]
+    assert read_image_metadata(out)["recipe"]["request"]["loras"] == [["pinkish.safetensors", 0.6, 0.8]]
     expected = tmp_path / "expected.png"
     flags = [f if f != f"{PINK}:0.7" else f"{PINK}:0.6:0.8" for f in GENERATE]
     flags[0] = "a red circle on the left"
