@@ -69,10 +69,11 @@ def add_finetune_parser(sub: argparse._SubParsersAction, name: str, help: str, c
     p.set_defaults(func=func)
 
 
-def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int) -> list:
-    """One image per prompt (seeds seed, seed+1, …) with the default sampler: sample grids during training."""
+def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int, **settings: Any) -> list:
+    """One image per prompt (seeds seed, seed+1, …) with the default sampler, or the generation ``settings`` given
+    (``sampler="lcm", guidance=1.0``): sample grids during training."""
     pipe = Pipeline(model)
-    return [pipe.generate(p, steps=steps, seed=seed + i).images[0] for i, p in enumerate(prompts)]
+    return [pipe.generate(p, steps=steps, seed=seed + i, **settings).images[0] for i, p in enumerate(prompts)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
