@@ -6,9 +6,10 @@
    chosen layers of the U-Net, and of the text encoder with ``text_encoder``. It starts as the identity.
 3. Train only its parameters on the diffusion loss (:class:`~nijimi.train.ldm.DiffusionObjective`; masked by the
    images' masks with ``mask_loss``) — or, for ``--type lcm``, on latent consistency distillation from the base model
-   (:class:`~nijimi.train.consistency.ConsistencyObjective`, LCM-LoRA 2311.05556) — in the fine-tuning flow (:func:`~nijimi.train.finetune.run_finetune`);
-   checkpoints hold the adapter alone (:class:`AdapterObjective`). 4. Save it (EMA weights) as a kohya file with
-   ``ss_*`` training metadata or a diffusers/peft file.
+   (:class:`~nijimi.train.consistency.ConsistencyObjective`, LCM-LoRA 2311.05556) — in the fine-tuning flow
+   (:func:`~nijimi.train.finetune.run_finetune`); checkpoints hold the adapter alone (:class:`AdapterObjective`).
+4. Save it (EMA weights) as a kohya file with ``ss_*`` training metadata (an LCM adapter also names its sampler,
+   :data:`LCM_SAMPLER_KEY`) or a diffusers/peft file.
 
 The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is
 :class:`~nijimi.train.shapes.ConceptShapes`, 64 scenes whose first object is pink, a colour the base world never shows.
@@ -145,7 +146,8 @@ class AdapterObjective(nn.Module):
     model's objective (:class:`DiffusionObjective` or :class:`ConsistencyObjective`) computes the loss and stays outside
     the module tree."""
 
-    def __init__(self, objective: DiffusionObjective | ConsistencyObjective, model: LatentDiffusion, name: str = ADAPTER_NAME) -> None:
+    def __init__(self, objective: DiffusionObjective | ConsistencyObjective, model: LatentDiffusion,
+                 name: str = ADAPTER_NAME) -> None:
         super().__init__()
         self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
                                      for path, layer in adapted_layers(model) if name in layer.adapters})
@@ -210,7 +212,8 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
     reg = isinstance(run.data, WithRegularization)
     lcm = {LCM_SAMPLER_KEY: "lcm", "lcm_skip": str(cfg.lcm_skip), "lcm_guidance": repr(tuple(cfg.lcm_guidance)),
            "lcm_huber_c": repr(cfg.huber_c)} if cfg.type == "lcm" else {}
-    return {**lcm, "ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr), "ss_unet_lr": repr(cfg.lr),
+    return {**lcm, "ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr),
+            "ss_unet_lr": repr(cfg.lr),
             "ss_text_encoder_lr": repr(cfg.lr if cfg.text_encoder else 0.0), "ss_max_train_steps": str(cfg.steps),
             "ss_steps": str(run.trainer.step), "ss_batch_size_per_device": str(cfg.batch_size),
             "ss_num_train_images": str(len(run.data.data if reg else run.data)),

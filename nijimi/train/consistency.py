@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nijimi.adapters.modules import LayerAdapter
 from nijimi.adapters.inject import adapted_layers
+from nijimi.adapters.modules import LayerAdapter
 from nijimi.diffusion.forward import convert_prediction, q_sample
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
@@ -55,7 +55,8 @@ def _per_sample(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-def consistency_function(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def consistency_function(pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                         schedule: NoiseSchedule) -> torch.Tensor:
     """f(x_t, t) = c_skip(t)·x_t + c_out(t)·x̂₀ for the network output ``pred`` (ε, v or x₀ as ``schedule`` predicts).
     pred, x_t (B, C, h, w), t (B,)."""
     c_skip, c_out = boundary_scalings(t)

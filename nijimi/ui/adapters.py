@@ -88,8 +88,8 @@ def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
 
 def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
-    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model, or an LCM-LoRA by consistency distillation",
-                        AdapterTrainConfig, cmd_train_adapter)
+    add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter on a frozen model, or "
+                        "(--type lcm) an LCM-LoRA distilled from it", AdapterTrainConfig, cmd_train_adapter)
     _add_lora_parsers(sub)
 
 
