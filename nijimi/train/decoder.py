@@ -56,6 +56,9 @@ class DecoderTrainConfig(FineTuneConfig):
         if self.l1 < 0 or self.channels < 0 or not 0.0 <= self.any_colour <= 1.0:
             raise ConfigError(f"l1 and channels must be ≥ 0 and any_colour within [0, 1], got l1={self.l1}, "
                               f"channels={self.channels}, any_colour={self.any_colour}")
+        if self.any_colour and not self.data.startswith("shapes"):
+            raise ConfigError(f"any_colour = {self.any_colour} recolours shapes scenes; data {self.data!r} is a "
+                              "folder of images (set it to 0)")
 
     def taesd_config(self, model: LatentDiffusion) -> TAESDConfig:
         """The student's shape for ``model``'s VAE: SD's TAESD for factor 8, the f = 4 preset for factor 4."""
@@ -117,6 +120,18 @@ def decoder_psnr(tiny: TAESD, model: LatentDiffusion, images: torch.Tensor) -> f
     return psnr(tiny.decode_latents(latents), target)
 
 
+def heldout_images(cfg: DecoderTrainConfig, size: int, count: int) -> torch.Tensor:
+    """``count`` images (count, 3, size, size) the run did not train on: held-out scenes of shapes data (seed + 1),
+    else the data's first images."""
+    data = open_images(cfg.data, size, cfg.seed + 1, count, "heldout")
+    return torch.stack([data[i][0] for i in range(min(count, len(data)))])
+
+
+def heldout_psnr(run: DecoderTraining, count: int = 64) -> float:
+    """The trained decoder's PSNR (dB) against the VAE's decode on ``count`` :func:`heldout_images`."""
+    return decoder_psnr(run.tiny, run.model, heldout_images(run.cfg, run.cfg.image_size(run.model.config), count))
+
+
 @dataclass
 class DecoderTraining(FineTuning):
     """A prepared run: the base model and the trainer of :class:`DecoderObjective`."""
@@ -131,16 +146,10 @@ class DecoderTraining(FineTuning):
     def sample_grid(self, sample_fn=None) -> tuple[list, int]:
         """Eight held-out scenes: the VAE's decode above, the tiny decoder's below (no sampling: ``sample_fn`` is
         not used)."""
-        images = torch.stack([open_images(self.cfg.data, self._size, self.cfg.seed + 1, 8, "heldout")[i][0]
-                              for i in range(8)])
-        latents, target = vae_pairs(self.model, images)
+        latents, target = vae_pairs(self.model, heldout_images(self.cfg, self.cfg.image_size(self.model.config), 8))
         with torch.no_grad():
             tiny = self.tiny.decode_latents(latents)
-        return [Image.fromarray(to_uint8(x.clamp(-1, 1))) for x in torch.cat([target, tiny])], 8
-
-    @property
-    def _size(self) -> int:
-        return self.cfg.image_size(self.model.config)
+        return [Image.fromarray(to_uint8(x.clamp(-1, 1))) for x in torch.cat([target, tiny])], len(target)
 
     def save(self, out: Path) -> None:
         """The decoder in the published ``taesd_decoder`` layout; the encoder (if trained) beside it."""
@@ -158,10 +167,7 @@ def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = Non
     from ``work_dir/checkpoint.pt`` when it exists."""
     model = load_base(cfg.base) if model is None else model
     data = open_images(cfg.data, cfg.image_size(model.config), cfg.seed, cfg.data_count)
-    if cfg.any_colour:
-        if not cfg.data.startswith("shapes"):
-            raise ConfigError(f"any_colour = {cfg.any_colour} recolours shapes scenes; data {cfg.data!r} is a folder")
-        data = AnyColourShapes(data, cfg.any_colour)
+    data = AnyColourShapes(data, cfg.any_colour) if cfg.any_colour else data
     torch.manual_seed(cfg.seed)  # the student's initialisers draw from the global generator
     tiny = TAESD(cfg.taesd_config(model), encoder=cfg.encoder)
     trainer = open_trainer(DecoderObjective(tiny, model, data, cfg.l1), len(data), cfg, cfg.work_dir, resume,

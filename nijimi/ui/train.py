@@ -17,7 +17,8 @@ from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.pipeline import Pipeline
-from nijimi.train.config import read_toml
+from nijimi.train.config import build_config, read_toml
+from nijimi.train.decoder import DecoderTrainConfig, heldout_psnr, train_decoder
 from nijimi.train.run import RunConfig, UNetStage, VAEStage, run_training
 from nijimi.train.shapes import write_shapes_dataset
 from nijimi.ui.progress import TrainingProgress
@@ -83,6 +84,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_decoder(args: argparse.Namespace) -> int:
+    cfg = build_config(DecoderTrainConfig, config_values(args))
+    with TrainingProgress(args.quiet) as progress:
+        run = train_decoder(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage("train decoder"),
+                            samples=not args.no_samples)
+    shapes = cfg.data.startswith("shapes")
+    print(f"{cfg.out}: PSNR {heldout_psnr(run):.2f} dB against the VAE's decode "
+          f"({'64 held-out scenes' if shapes else 'the first 64 training images'})")
+    return 0
+
+
 def cmd_dataset(args: argparse.Namespace) -> int:
     print(write_shapes_dataset(args.out, args.count, seed=args.seed, size=args.size))
     return 0
@@ -97,6 +109,9 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
                          "arch.vae.": VAEConfig, "arch.text.": TextEncoderConfig},
                      preset=("arch.unet.", "arch.vae.", "arch.text."))
     p.set_defaults(func=cmd_train)
+
+    add_finetune_parser(sub, "train-decoder", "distil a TAESD tiny decoder (--encoder: and encoder) from a model's "
+                        "VAE", DecoderTrainConfig, cmd_train_decoder)
 
     p = sub.add_parser("dataset", help="write a procedural data set")
     what = p.add_subparsers(dest="what", required=True, metavar="KIND")
