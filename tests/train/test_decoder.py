@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import TOY_F2, TOY_F4, random_model
 
+from nijimi.cli import main
 from nijimi.errors import ConfigError
 from nijimi.io.safetensors import read_header
 from nijimi.io.taesd import load_taesd
@@ -81,3 +82,14 @@ def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="recolours shapes scenes"):
         config(tmp_path, data=str(tmp_path), any_colour=0.5)
 
+
+
+def test_cli_trains_a_decoder_that_eval_shapes_decodes_with(capsys, tmp_path):
+    out = tmp_path / "taesd_decoder.safetensors"
+    assert main(["train-decoder", "--base", "embedded", "--steps", "1", "--batch-size", "2", "--data-count", "2",
+                 "--out", str(out), "--no-samples", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out}: PSNR ")
+    assert printed.endswith(" dB against the VAE's decode (64 held-out scenes)\n")
+    assert main(["eval", "shapes", "--n", "2", "--steps", "2", "--decoder", f"tiny:{out}", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("all              2 ")
