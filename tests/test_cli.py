@@ -437,7 +437,7 @@ def test_training_flags_are_generated_from_the_config_and_override_its_toml(tmp_
     assert (unet.steps, run.init, run.model) == (5, "model.safetensors", "tiny")
 
 
-@pytest.mark.parametrize("command", ["train", "train-adapter", "train-controlnet"])
+@pytest.mark.parametrize("command", ["train", "train-adapter", "train-controlnet", "train-decoder"])
 def test_an_unknown_training_key_is_one_error_line(command, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--no-such-key=1"])

@@ -5,9 +5,11 @@
    2106.09685), LoCon (LoRA on convolutions too), LoHa and LoKr (LyCORIS, 2309.14859), DoRA (2402.09353) — on the
    chosen layers of the U-Net, and of the text encoder with ``text_encoder``. It starts as the identity.
 3. Train only its parameters on the diffusion loss (:class:`~nijimi.train.ldm.DiffusionObjective`; masked by the
-   images' masks with ``mask_loss``) in the fine-tuning flow (:func:`~nijimi.train.finetune.run_finetune`);
-   checkpoints hold the adapter alone (:class:`AdapterObjective`). 4. Save it (EMA weights) as a kohya file with
-   ``ss_*`` training metadata or a diffusers/peft file.
+   images' masks with ``mask_loss``) — or, for ``--type lcm``, on latent consistency distillation from the base model
+   (:class:`~nijimi.train.consistency.ConsistencyObjective`, LCM-LoRA 2311.05556) — in the fine-tuning flow
+   (:func:`~nijimi.train.finetune.run_finetune`); checkpoints hold the adapter alone (:class:`AdapterObjective`).
+4. Save it (EMA weights) as a kohya file with ``ss_*`` training metadata (an LCM adapter also names its sampler,
+   :data:`LCM_SAMPLER_KEY`) or a diffusers/peft file.
 
 The shapes world gets a new concept for a demo: ``data = "shapes-pink"`` is
 :class:`~nijimi.train.shapes.ConceptShapes`, 64 scenes whose first object is pink, a colour the base world never shows.
@@ -31,6 +33,7 @@ from nijimi.adapters.inject import adapted_layers, get_adapter, inject
 from nijimi.adapters.targets import PRESETS, AdapterSpec
 from nijimi.errors import ConfigError
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.train.consistency import ConsistencyObjective, DistillSettings
 from nijimi.train.finetune import (
     FineTuneConfig,
     FineTuning,
@@ -50,11 +53,16 @@ ADAPTER_TYPES: dict[str, dict] = {
     "loha": {"kind": "loha"},
     "lokr": {"kind": "lokr"},
     "dora": {"kind": "lora", "dora": True},
+    "lcm": {"kind": "lora"},
 }
-"""``--type`` → :class:`AdapterSpec` fields. LoCon is a LoRA whose default targets include the convolutions."""
+"""``--type`` → :class:`AdapterSpec` fields. LoCon is a LoRA whose default targets include the convolutions; ``lcm``
+is a LoRA (on the convolutions too, as LCM-LoRA) trained by latent consistency distillation instead of the diffusion
+loss (:mod:`nijimi.train.consistency`)."""
 EMBEDDING = "embedding"
 """``--type`` of textual inversion, which trains no adapter layers (:mod:`nijimi.train.embedding`)."""
-DEFAULT_TARGETS = {"locon": "all"}
+DEFAULT_TARGETS = {"locon": "all", "lcm": "all"}
+LCM_SAMPLER_KEY = "nijimi_sampler"
+"""Metadata entry of an adapter trained with ``--type lcm``: the sampler it is made for (``lcm``)."""
 """Target preset per type when none is given (else ``attn+ff``, kohya's LoRA default)."""
 
 
@@ -69,7 +77,9 @@ class AdapterTrainConfig(FineTuneConfig):
     each training image. ``text_encoder``: adapt the text encoder too. ``mask_loss``: weight the loss by each image's
     mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers). Type ``embedding`` is textual inversion
     (:mod:`nijimi.train.embedding`): ``vectors`` new vectors initialised from ``init_word``'s, named after ``out``'s
-    stem (the word the captions and prompts use); the LoRA settings do not apply to it.
+    stem (the word the captions and prompts use); the LoRA settings do not apply to it. ``type = "lcm"`` only:
+    ``lcm_skip`` (timesteps per solver step), ``lcm_guidance`` (the teacher's CFG scale range) and ``huber_c``
+    (:class:`~nijimi.train.consistency.DistillSettings`).
     """
 
     out: str = "adapter.safetensors"
@@ -87,9 +97,13 @@ class AdapterTrainConfig(FineTuneConfig):
     sample_prompts: tuple = ()
     init_word: str = "*"
     vectors: int = 1
+    lcm_skip: int = 20
+    lcm_guidance: tuple = (4.0, 8.0)
+    huber_c: float = 0.001
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.distill_settings()
         if self.type not in (*ADAPTER_TYPES, EMBEDDING):
             raise ConfigError(f"unknown adapter type {self.type!r}; choose one of {', '.join(ADAPTER_TYPES)}, "
                               f"{EMBEDDING}")
@@ -102,6 +116,12 @@ class AdapterTrainConfig(FineTuneConfig):
             raise ConfigError(f"rank must be ≥ 1 and conv_rank ≥ 0, got rank={self.rank}, conv_rank={self.conv_rank}")
         if self.alpha < 0 or self.conv_alpha < 0:
             raise ConfigError(f"alpha must be ≥ 0 (0: = rank), got alpha={self.alpha}, conv_alpha={self.conv_alpha}")
+
+    def distill_settings(self) -> DistillSettings:
+        """The LCM distillation settings (checked whatever the type, so a bad value fails before any work)."""
+        if len(self.lcm_guidance) != 2:
+            raise ConfigError(f"lcm_guidance must be two scales (low, high), got {self.lcm_guidance}")
+        return DistillSettings(self.lcm_skip, tuple(float(g) for g in self.lcm_guidance), self.huber_c)
 
     def spec(self) -> AdapterSpec:
         """The adapter to inject."""
@@ -141,9 +161,11 @@ def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
 class AdapterObjective(TrainedPart):
     """What the trainer trains: the injected adapter's per-layer modules are this module's only sub-modules (keys
     ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone; the frozen
-    model's :class:`DiffusionObjective` computes the loss and stays outside the module tree."""
+    model's objective (:class:`DiffusionObjective` or :class:`ConsistencyObjective`) computes the loss and stays outside
+    the module tree."""
 
-    def __init__(self, objective: DiffusionObjective, model: LatentDiffusion, name: str = ADAPTER_NAME) -> None:
+    def __init__(self, objective: DiffusionObjective | ConsistencyObjective, model: LatentDiffusion,
+                 name: str = ADAPTER_NAME) -> None:
         super().__init__(objective)
         self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
                                      for path, layer in adapted_layers(model) if name in layer.adapters})
@@ -181,11 +203,15 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
         raise ConfigError("an embedding is trained by nijimi.train.embedding.train_embedding, not train_adapter")
     model = load_base(cfg.base) if model is None else model
     data = open_adapter_data(cfg, model.config) if data is None else data
-    objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
-                                   model.config.schedule, data, caption_dropout=cfg.caption_dropout,
-                                   min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
-                                   mask_loss=cfg.mask_loss)
+    lcm = cfg.type == "lcm"
+    # the diffusion objective freezes the text encoder: made before the adapter, which may adapt it
+    objective = None if lcm else DiffusionObjective(
+        model.unet, model.text_encoder, model.vae, model.config.tokenizer(), model.config.schedule, data,
+        caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
+        mask_loss=cfg.mask_loss)
     paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
+    if lcm:
+        objective = ConsistencyObjective(model, ADAPTER_NAME, data, cfg.distill_settings())
     trainer = open_trainer(AdapterObjective(objective, model), len(data), cfg, cfg.work_dir, resume,
                            "was made for another adapter (type, rank or targets differ)")
     return AdapterTraining(cfg, trainer, model, data, paths)
@@ -196,7 +222,10 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
     cfg = run.cfg
     size = run.data[0][0].shape[-1]
     reg = isinstance(run.data, WithRegularization)
-    return {"ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr), "ss_unet_lr": repr(cfg.lr),
+    lcm = {LCM_SAMPLER_KEY: "lcm", "lcm_skip": str(cfg.lcm_skip), "lcm_guidance": repr(tuple(cfg.lcm_guidance)),
+           "lcm_huber_c": repr(cfg.huber_c)} if cfg.type == "lcm" else {}
+    return {**lcm, "ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr),
+            "ss_unet_lr": repr(cfg.lr),
             "ss_text_encoder_lr": repr(cfg.lr if cfg.text_encoder else 0.0), "ss_max_train_steps": str(cfg.steps),
             "ss_steps": str(run.trainer.step), "ss_batch_size_per_device": str(cfg.batch_size),
             "ss_num_train_images": str(len(run.data.data if reg else run.data)),

@@ -5,6 +5,7 @@ warning for the keys of a file it left out (:func:`report_unmatched`)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from nijimi.ui.train import add_finetune_parser, config_values, sample_images
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
     cfg = build_config(AdapterTrainConfig, config_values(args))
+    # an LCM adapter's grids are drawn as it is meant to sample: lcm at cfg 1 (sample_steps sets its steps)
+    samples = functools.partial(sample_images, sampler="lcm", guidance=1.0) if cfg.type == "lcm" else sample_images
     train = train_embedding if cfg.type == EMBEDDING else train_adapter
     with TrainingProgress(args.quiet) as progress:
         train(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage(f"train {cfg.type}"),
-              sample_fn=None if args.no_samples else sample_images)
+              sample_fn=None if args.no_samples else samples)
     print(cfg.out)
     return 0
 
@@ -88,7 +91,7 @@ def _add_lora_parsers(sub: argparse._SubParsersAction) -> None:
 def add_adapter_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``train-adapter`` and ``lora`` to the ``nijimi`` command's sub-commands (``cli.build_parser`` calls it)."""
     add_finetune_parser(sub, "train-adapter", "train a LoRA/LoCon/LoHa/LoKr/DoRA adapter or a textual-inversion "
-                        "embedding (--type embedding) on a frozen model",
+                        "embedding (--type embedding) on a frozen model, or (--type lcm) an LCM-LoRA distilled from it",
                         AdapterTrainConfig, cmd_train_adapter)
     _add_lora_parsers(sub)
 

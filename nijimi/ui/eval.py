@@ -48,7 +48,8 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
 
     def generate(batch: list[str], seeds: list[int]) -> list:
         images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s, loras=loras,
-                                embeddings=args.embedding).images[0] for c, s in zip(batch, seeds, strict=True)]
+                                embeddings=args.embedding, decoder=args.decoder).images[0]
+                  for c, s in zip(batch, seeds, strict=True)]
         made.extend(images)
         bar.update(len(made))
         return images
@@ -112,6 +113,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                    help="apply an adapter while generating (repeatable)")
     q.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="a textual-inversion embedding the captions may name by its file's stem (repeatable)")
+    q.add_argument("--decoder", default="vae", metavar="vae|tiny[:PATH]",
+                   help="latents → pixels, as for generate (default vae; tiny: the model's TAESD decoder)")
     q.add_argument("--grid", help="also write a PNG of the first 16 images (rows of 8, in caption order)")
     q.set_defaults(func=cmd_eval_shapes)
 

@@ -17,7 +17,8 @@ from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.pipeline import Pipeline
-from nijimi.train.config import read_toml
+from nijimi.train.config import build_config, read_toml
+from nijimi.train.decoder import DecoderTrainConfig, heldout_psnr, train_decoder
 from nijimi.train.run import RunConfig, UNetStage, VAEStage, run_training
 from nijimi.train.shapes import write_shapes_dataset
 from nijimi.ui.progress import TrainingProgress
@@ -70,11 +71,11 @@ def add_finetune_parser(sub: argparse._SubParsersAction, name: str, help: str, c
     p.set_defaults(func=func)
 
 
-def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int, **fields: Any) -> list:
-    """One image per prompt (seeds seed, seed+1, …) with the default sampler and the request ``fields`` given: sample
-    grids during training."""
+def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: int, **settings: Any) -> list:
+    """One image per prompt (seeds seed, seed+1, …) with the default sampler, or the generation ``settings`` given
+    (``sampler="lcm", guidance=1.0``): sample grids during training."""
     pipe = Pipeline(model)
-    return [pipe.generate(p, steps=steps, seed=seed + i, **fields).images[0] for i, p in enumerate(prompts)]
+    return [pipe.generate(p, steps=steps, seed=seed + i, **settings).images[0] for i, p in enumerate(prompts)]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -82,6 +83,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images,
                             overwrite=args.overwrite)
     print(path)
+    return 0
+
+
+def cmd_train_decoder(args: argparse.Namespace) -> int:
+    cfg = build_config(DecoderTrainConfig, config_values(args))
+    with TrainingProgress(args.quiet) as progress:
+        run = train_decoder(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage("train decoder"),
+                            samples=not args.no_samples)
+    shapes = cfg.data.startswith("shapes")
+    print(f"{cfg.out}: PSNR {heldout_psnr(run):.2f} dB against the VAE's decode "
+          f"({'64 held-out scenes' if shapes else 'the first 64 training images'})")
     return 0
 
 
@@ -101,6 +113,9 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
                          "arch.vae.": VAEConfig, "arch.text.": TextEncoderConfig},
                      preset=("arch.unet.", "arch.vae.", "arch.text."))
     p.set_defaults(func=cmd_train)
+
+    add_finetune_parser(sub, "train-decoder", "distil a TAESD tiny decoder (--encoder: and encoder) from a model's "
+                        "VAE", DecoderTrainConfig, cmd_train_decoder)
 
     p = sub.add_parser("dataset", help="write a procedural data set")
     what = p.add_subparsers(dest="what", required=True, metavar="KIND")

@@ -1,0 +1,188 @@
+"""``nijimi train-decoder``: distil a TAESD tiny decoder (and, with ``encoder``, its encoder) from a model's VAE.
+
+The student is :class:`~nijimi.models.taesd.TAESD` (madebyollin/taesd's architecture) sized for the VAE: the
+published SD shape for a factor-8 VAE, :meth:`~nijimi.models.taesd.TAESDConfig.tiny` for a factor-4 one such as the
+embedded model's. Each training image x is encoded once by the frozen VAE (posterior mean, times its scaling factor:
+the diffusion model's latents z) and decoded back, D(z); the decoder learns ``MSE(tiny(z), D(z)) + l1·|tiny(z) −
+D(z)|₁`` — it imitates the VAE's decode, not the image — and the encoder ``MSE(tiny_enc(x), z)``. The (z, D(z)) pairs
+are made once per image and reused (the VAE is frozen). The run is the shared fine-tuning flow
+(:func:`~nijimi.train.finetune.run_finetune`: checkpoints, resume, loss curve, comparison grids); the result is saved
+in the published key layout, ``taesd_decoder.safetensors`` (and ``taesd_encoder.safetensors`` beside it), which
+``--decoder tiny:PATH`` loads (:func:`nijimi.io.taesd.load_taesd`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from nijimi.errors import ConfigError
+from nijimi.io.files import check_output
+from nijimi.io.safetensors import save_file
+from nijimi.models.ldm import LatentDiffusion
+from nijimi.models.taesd import TAESD, TAESDConfig
+from nijimi.train.controlnet import to_uint8
+from nijimi.train.finetune import FineTuneConfig, FineTuning, load_base, open_images, run_finetune
+from nijimi.train.shapes import AnyColourShapes
+from nijimi.train.trainer import OnStep, open_trainer
+
+ENCODER_FILE = "taesd_encoder.safetensors"
+
+
+@dataclass
+class DecoderTrainConfig(FineTuneConfig):
+    """Every setting of a decoder run, on top of :class:`FineTuneConfig` (its diffusion settings — caption dropout,
+    Min-SNR, sample steps — are unused). ``l1``: weight of the L1 term. ``encoder``: also distil the encoder, saved
+    as ``taesd_encoder.safetensors`` beside ``out``. ``channels`` 0: the preset's width. ``any_colour`` (shapes data
+    only): chance an object is drawn in a random colour, as the embedded VAE was trained."""
+
+    out: str = "taesd_decoder.safetensors"
+    min_snr_gamma: float = 0.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    l1: float = 0.0
+    encoder: bool = False
+    channels: int = 0
+    any_colour: float = 0.0
+    sample_every: int = 500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l1 < 0 or self.channels < 0 or not 0.0 <= self.any_colour <= 1.0:
+            raise ConfigError(f"l1 and channels must be ≥ 0 and any_colour within [0, 1], got l1={self.l1}, "
+                              f"channels={self.channels}, any_colour={self.any_colour}")
+        if self.any_colour and not self.data.startswith("shapes"):
+            raise ConfigError(f"any_colour = {self.any_colour} recolours shapes scenes; data {self.data!r} is a "
+                              "folder of images (set it to 0)")
+
+    def taesd_config(self, model: LatentDiffusion) -> TAESDConfig:
+        """The student's shape for ``model``'s VAE: SD's TAESD for factor 8, the f = 4 preset for factor 4."""
+        vae = model.config.vae
+        presets = {8: TAESDConfig.sd(), 4: TAESDConfig.tiny()}
+        if vae.downscale_factor not in presets:
+            raise ConfigError(f"train-decoder: a VAE of factor {vae.downscale_factor} has no TAESD preset (4 or 8)")
+        preset = presets[vae.downscale_factor]
+        return dataclasses.replace(preset, latent_channels=vae.z_channels, channels=self.channels or preset.channels)
+
+
+@torch.no_grad()
+def vae_pairs(model: LatentDiffusion, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` (B, 3, H, W) in [-1, 1] → their latents z (posterior mean × scaling factor) and the VAE's decode
+    of them, D(z) (B, 3, H, W)."""
+    latents = model.vae.encode(images).mean * model.vae.config.scaling_factor
+    return latents, model.vae.decode(latents / model.vae.config.scaling_factor)
+
+
+class DecoderObjective(nn.Module):
+    """What the trainer trains: ``tiny`` (the :class:`TAESD` halves) is the only sub-module; the frozen ``model``
+    makes each image's (x, z, D(z)) once (see the module docstring)."""
+
+    def __init__(self, tiny: TAESD, model: LatentDiffusion, data, l1: float = 0.0) -> None:
+        super().__init__()
+        self.tiny = tiny
+        object.__setattr__(self, "model", model.requires_grad_(False).eval())
+        self.data, self.l1 = data, l1
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def examples(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images x, latents z and VAE decodes D(z) of ``data[i]`` for ``indices``, each made once."""
+        todo = [i for i in indices if i not in self.pairs]
+        if todo:
+            images = torch.stack([self.data[i][0] for i in todo])
+            self.pairs.update(zip(todo, zip(images, *vae_pairs(self.model, images), strict=True), strict=True))
+        return tuple(torch.stack(t) for t in zip(*(self.pairs[i] for i in indices), strict=True))
+
+    def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
+        """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`; nothing random is drawn)."""
+        images, latents, target = self.examples(indices[part])
+        err = self.tiny.decode_latents(latents) - target
+        loss = err.pow(2).mean() + self.l1 * err.abs().mean()
+        if self.tiny.encoder is not None:
+            loss = loss + F.mse_loss(self.tiny.encode_latents(images), latents)
+        return loss
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images ``a`` against ``b`` in [-1, 1] (peak-to-peak 2), over all pixels."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+
+
+@torch.no_grad()
+def decoder_psnr(tiny: TAESD, model: LatentDiffusion, images: torch.Tensor) -> float:
+    """PSNR (dB) of the tiny decoder's images against the VAE's decode of the same latents, for ``images``."""
+    latents, target = vae_pairs(model, images)
+    return psnr(tiny.decode_latents(latents), target)
+
+
+def heldout_images(cfg: DecoderTrainConfig, size: int, count: int) -> torch.Tensor:
+    """``count`` images (count, 3, size, size) the run did not train on: held-out scenes of shapes data (seed + 1),
+    else the data's first images."""
+    data = open_images(cfg.data, size, cfg.seed + 1, count, "heldout")
+    return torch.stack([data[i][0] for i in range(min(count, len(data)))])
+
+
+def heldout_psnr(run: DecoderTraining, count: int = 64) -> float:
+    """The trained decoder's PSNR (dB) against the VAE's decode on ``count`` :func:`heldout_images`."""
+    return decoder_psnr(run.tiny, run.model, heldout_images(run.cfg, run.cfg.image_size(run.model.config), count))
+
+
+@dataclass
+class DecoderTraining(FineTuning):
+    """A prepared run: the base model and the trainer of :class:`DecoderObjective`."""
+
+    model: LatentDiffusion
+    title = "tiny decoder"
+
+    @property
+    def tiny(self) -> TAESD:
+        return self.trainer.module.tiny
+
+    def sample_grid(self, sample_fn=None) -> tuple[list, int]:
+        """Eight held-out scenes: the VAE's decode above, the tiny decoder's below (no sampling: ``sample_fn`` is
+        not used)."""
+        latents, target = vae_pairs(self.model, heldout_images(self.cfg, self.cfg.image_size(self.model.config), 8))
+        with torch.no_grad():
+            tiny = self.tiny.decode_latents(latents)
+        return [Image.fromarray(to_uint8(x.clamp(-1, 1))) for x in torch.cat([target, tiny])], len(target)
+
+    def save(self, out: Path, overwrite: bool = False) -> None:
+        """The decoder in the published ``taesd_decoder`` layout; the encoder (if trained) beside it. Existing files
+        are replaced only with ``overwrite``."""
+        dtype = torch.float16 if self.cfg.half else torch.float32
+        meta = {"nijimi_base": Path(self.cfg.base).name, "nijimi_steps": str(self.trainer.step)}
+        parts = [(self.tiny.decoder, out)] + ([(self.tiny.encoder, out.with_name(ENCODER_FILE))]
+                                              if self.tiny.encoder is not None else [])
+        for _, path in parts:
+            check_output(path, overwrite)
+        for part, path in parts:
+            save_file({k: v.to(dtype) for k, v in part.state_dict().items()}, path, meta, overwrite=overwrite)
+
+
+def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = None, resume: bool = False
+                    ) -> DecoderTraining:
+    """Load (or take) the base model and the data, build the student and the trainer; with ``resume``, continue
+    from ``work_dir/checkpoint.pt`` when it exists."""
+    model = load_base(cfg.base) if model is None else model
+    data = open_images(cfg.data, cfg.image_size(model.config), cfg.seed, cfg.data_count)
+    data = AnyColourShapes(data, cfg.any_colour) if cfg.any_colour else data
+    torch.manual_seed(cfg.seed)  # the student's initialisers draw from the global generator
+    tiny = TAESD(cfg.taesd_config(model), encoder=cfg.encoder)
+    trainer = open_trainer(DecoderObjective(tiny, model, data, cfg.l1), len(data), cfg, cfg.work_dir, resume,
+                           "holds another decoder (shape or encoder differ)")
+    return DecoderTraining(cfg, trainer, model)
+
+
+def train_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, overwrite: bool = False,
+                  on_step: OnStep | None = None, samples: bool = True,
+                  model: LatentDiffusion | None = None) -> DecoderTraining:
+    """Run the whole recipe (see the module docstring) with :func:`run_finetune`; returns the finished run.
+    ``samples``: write comparison grids every ``sample_every`` steps."""
+    return run_finetune(cfg, lambda: prepare_decoder(cfg, model, resume), resume=resume, overwrite=overwrite,
+                        on_step=on_step, sample_fn=(lambda *_: None) if samples else None)

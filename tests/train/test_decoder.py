@@ -1,0 +1,95 @@
+"""``nijimi train-decoder`` (``nijimi.train.decoder``): a TAESD distilled from a model's VAE. A short run lowers the
+loss on a fixed batch and saves the published key layout, which ``io.taesd`` loads back to the same decoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOY_F2, TOY_F4, random_model
+
+from nijimi.cli import main
+from nijimi.errors import ConfigError
+from nijimi.io.safetensors import read_header
+from nijimi.io.taesd import load_taesd
+from nijimi.models.taesd import TAESDConfig
+from nijimi.train.decoder import (
+    ENCODER_FILE,
+    DecoderTrainConfig,
+    decoder_psnr,
+    heldout_images,
+    prepare_decoder,
+    psnr,
+    train_decoder,
+    vae_pairs,
+)
+from nijimi.train.trainer import step_generator
+
+
+def config(tmp_path, **changes) -> DecoderTrainConfig:
+    values = dict(out=str(tmp_path / "taesd_decoder.safetensors"), data="shapes", data_count=4, steps=3,
+                  batch_size=4, lr=3e-3, warmup_steps=1, sample_every=0, save_every=0)
+    return DecoderTrainConfig(**{**values, **changes})
+
+
+def test_three_steps_lower_the_loss_and_the_files_load_back_as_the_trained_taesd(tmp_path):
+    model = random_model(TOY_F4, 0)
+    cfg = config(tmp_path, encoder=True, l1=0.5)
+    run = prepare_decoder(cfg, model)
+    assert run.tiny.config == TAESDConfig(latent_channels=4, channels=32, blocks=(1, 2, 2))  # the f = 4 preset
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(run.trainer.module([0, 1, 2, 3], step_generator(0, 0), slice(0, 4)))
+
+    start = loss()
+    run.trainer.run()
+    assert loss() < 0.99 * start  # measured 1.141 → 1.122
+
+    done = train_decoder(cfg, model=model, samples=False)
+    assert "1.weight" in read_header(cfg.out) and "3.conv.0.weight" in read_header(cfg.out)  # published layout
+    decoder, encoder = load_taesd(cfg.out), load_taesd(tmp_path / ENCODER_FILE)
+    images = heldout_images(cfg, 32, 2)
+    latents, _ = vae_pairs(model, images)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.decode_latents(latents), done.tiny.decode_latents(latents))
+        torch.testing.assert_close(encoder.encode_latents(images), done.tiny.encode_latents(images))
+
+
+def test_the_decoder_learns_the_vaes_decode_not_the_image(tmp_path):
+    model = random_model(TOY_F4, 0)
+    run = prepare_decoder(config(tmp_path), model)
+    images, latents, target = run.trainer.module.examples([1, 0])
+    torch.testing.assert_close(target, model.vae.decode(model.vae.encode(images).mean).detach())
+    torch.testing.assert_close(latents, model.vae.encode(images).mean * model.vae.config.scaling_factor)
+    err = run.tiny.decode_latents(latents) - target
+    expected = err.pow(2).mean()
+    assert decoder_psnr(run.tiny, model, images) == pytest.approx(psnr(run.tiny.decode_latents(latents), target))
+    with torch.no_grad():
+        assert run.trainer.module([1, 0], step_generator(0, 0), slice(0, 2)).item() == pytest.approx(expected.item())
+
+
+def test_psnr_is_its_formula():
+    a = torch.zeros(1, 3, 4, 4)
+    assert psnr(a + 0.1, a) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.01)).item())
+    assert psnr(a, a) == float("inf")
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="a VAE of factor 2 has no TAESD preset"):
+        config(tmp_path).taesd_config(random_model(TOY_F2, 0))
+    with pytest.raises(ConfigError, match="l1 and channels must be ≥ 0"):
+        config(tmp_path, l1=-1.0)
+    with pytest.raises(ConfigError, match="recolours shapes scenes"):
+        config(tmp_path, data=str(tmp_path), any_colour=0.5)
+
+
+
+def test_cli_trains_a_decoder_that_eval_shapes_decodes_with(capsys, tmp_path):
+    out = tmp_path / "taesd_decoder.safetensors"
+    assert main(["train-decoder", "--base", "embedded", "--steps", "1", "--batch-size", "2", "--data-count", "2",
+                 "--out", str(out), "--no-samples", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{out}: PSNR ")
+    assert printed.endswith(" dB against the VAE's decode (64 held-out scenes)\n")
+    assert main(["eval", "shapes", "--n", "2", "--steps", "2", "--decoder", f"tiny:{out}", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("all              2 ")
