@@ -55,9 +55,9 @@ def lcm_lora(model: torch.nn.Module, rank: int = 64) -> dict[str, torch.Tensor]:
     from nijimi.io.keys.unet import unet_key_table
 
     unet = model.unet
-    names = unet_key_table(unet.config).to_foreign({k: v for k, v in unet.state_dict().items()
-                                                    if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight",
-                                                                   "to_out.0.weight"))})
+    foreign = unet_key_table(unet.config).to_foreign(unet.state_dict())
+    names = {k: v for k, v in foreign.items()
+             if k.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))}
     gen = torch.Generator().manual_seed(1)
     tensors = {}
     for key, weight in names.items():
@@ -98,6 +98,7 @@ def run_diffusers(folder: Path, size: int) -> tuple[float, Counter]:
 
 
 def run_nijimi(folder: Path, size: int, mode: str) -> tuple[float, Counter]:
+    from nijimi.pipelines.adapters import LoraRequest
     from nijimi.pipelines.pipeline import load
     from nijimi.pipelines.request import GenerationRequest
     from nijimi.pipelines.shortcuts import FAST
@@ -105,7 +106,8 @@ def run_nijimi(folder: Path, size: int, mode: str) -> tuple[float, Counter]:
     pipe = load(folder / "sd15")
     counter = Counter(pipe.model.unet)
     settings = {"fast": FAST, "nijimi": {},
-                "lcm": {"sampler": "lcm", "steps": 4, "guidance": 1.0, "loras": (str(folder / "lcm-lora.safetensors"),),
+                "lcm": {"sampler": "lcm", "steps": 4, "guidance": 1.0,
+                        "loras": (LoraRequest(folder / "lcm-lora.safetensors"),),
                         "decoder": f"tiny:{folder / 'taesd_decoder.safetensors'}"}}[mode]
     request = GenerationRequest(PROMPT, width=size, height=size, seed=0, **settings)
     start = time.perf_counter()
@@ -142,7 +144,9 @@ def main() -> None:
             base = None
             for mode in modes:
                 out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", tmp,
-                                      mode, str(size)], capture_output=True, text=True, check=True)
+                                      mode, str(size)], capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{mode} at {size}: {out.stderr.strip().splitlines()[-1]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 base = row["seconds"] if mode == "diffusers" else base
                 ratio = f"{row['seconds'] / base:.3f}" if base else "-"
