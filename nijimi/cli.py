@@ -23,9 +23,9 @@ from PIL import Image
 
 from nijimi import __version__
 from nijimi.diffusion.choice import SAMPLER_SPECS, SCHEDULE_LABELS
-from nijimi.diffusion.explain import EXPLAIN_FILES, explain_schedules
 from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import NijimiError, OutputExistsError
+from nijimi.explain.schedules import EXPLAIN_FILES, explain_schedules
 from nijimi.io.checkpoint import convert
 from nijimi.io.files import check_output
 from nijimi.io.imagemeta import read_image_metadata

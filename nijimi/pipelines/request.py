@@ -62,12 +62,9 @@ def parse_size(text: str, flag: str = "--size") -> dict[str, int]:
     return {"width": int(m.group(1)), "height": int(m.group(2) or m.group(1))}
 
 
-def _seed_resize(text: str) -> tuple[int, int]:
-    return tuple(parse_size(text, "--seed-resize").values())
-
-
-def _hires_size(text: str) -> tuple[int, int]:
-    return tuple(parse_size(text, "--hires-size").values())
+def _size_pair(flag: str) -> Callable[[str], tuple[int, int]]:
+    """The parser of a ``WxH`` flag whose value is one (width, height) field."""
+    return lambda text: tuple(parse_size(text, flag).values())
 
 
 def parse_interval(text: str) -> tuple[float, float]:
@@ -130,7 +127,7 @@ class GenerationRequest:
                                               "towards the variation seed's: 0 = the seed's, 1 = the other's", float))
     seed_resize: tuple[int, int] | None = knob(None, Cli(
         ("--seed-resize",), "A1111's resize seed from: draw the seed's noise at this size, centred in the image's, so "
-        "a seed's composition carries over to another size", _seed_resize, "WxH"))
+        "a seed's composition carries over to another size", _size_pair("--seed-resize"), "WxH"))
     width: int | None = knob(None, Cli(("--size",), "WIDTHxHEIGHT, multiples of 8 (default: the model's native "
                                        "size)", metavar="WxH", expand=parse_size))
     height: int | None = knob(None)
@@ -143,7 +140,7 @@ class GenerationRequest:
         float, "SCALE"))
     hires_size: tuple[int, int] | None = knob(None, Cli(
         ("--hires-size",), "hires fix to this size instead of --hires SCALE (A1111's resize width/height to): 0 on one "
-        "side keeps the aspect ratio, both sides cover it and crop the centre", _hires_size, "WxH"))
+        "side keeps the aspect ratio, both sides cover it and crop the centre", _size_pair("--hires-size"), "WxH"))
     hires_steps: int = knob(0, Cli(("--hires-steps",), "steps of the hires pass (0: --steps): as A1111, the last N of "
                                    "int(N / denoise) steps", int, "N"))
     hires_denoise: float = knob(0.7, Cli(("--hires-denoise",), "denoising strength of the hires pass, 0.01 to 1",

@@ -9,8 +9,8 @@ import pytest
 from helpers import without_hanging
 from PIL import Image, PngImagePlugin
 
-from nijimi.diffusion.explain import load_image
 from nijimi.errors import DataError, ImageError
+from nijimi.explain.schedules import load_image
 from nijimi.io import image_file
 from nijimi.io.image_file import BYTES_PER_PIXEL, image_size, max_image_pixels, read_image
 from nijimi.io.pngmeta import read_png_metadata

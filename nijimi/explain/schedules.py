@@ -38,7 +38,7 @@ def generated_pattern(size: int = STRIP_SIZE) -> torch.Tensor:
 
 def load_image(path: str | Path, size: int = STRIP_SIZE) -> torch.Tensor:
     """Read an image file, centre-crop it square and resize to ``size``; returns (3, size, size) in [-1, 1]."""
-    img = read_image(path).convert("RGB")  # an explain view: it reads user files like the pipelines above io/
+    img = read_image(path).convert("RGB")
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)

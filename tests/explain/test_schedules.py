@@ -2,7 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nijimi.diffusion.explain import (
+from nijimi.errors import ImageError
+from nijimi.explain.schedules import (
     explain_schedules,
     explained_schedules,
     generated_pattern,
@@ -10,7 +11,6 @@ from nijimi.diffusion.explain import (
     noising_strip,
     strip_timesteps,
 )
-from nijimi.errors import ImageError
 
 
 def test_explain_schedules_writes_three_pngs(tmp_path):
