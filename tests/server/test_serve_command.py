@@ -43,8 +43,10 @@ def test_the_readme_client_example_works_as_written(served, tmp_path, monkeypatc
 def test_the_command_serves_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NIJIMI_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")])}
+    # a shell's background job ignores SIGINT, and so would the server it starts: give it the default, Ctrl+C's
     process = subprocess.Popen([sys.executable, "-m", "nijimi", "serve", "--port", "0", "--quiet", "--output-dir",
-                                str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+                                str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stderr.readline()
         url = re.match(r"nijimi serve: (http://127\.0\.0\.1:\d+)/ \(model embedded; ", line)
