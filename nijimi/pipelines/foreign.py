@@ -43,9 +43,6 @@ _FIELDS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Variation
            "Variation seed strength": "variation_strength", "Seed resize from": "seed_resize",
            "Clip skip": "clip_skip"}
 """Settings that are one request field each."""
-_HIRES = {"Hires upscale", "Hires resize", "Hires steps", "Hires upscaler", "Hires sampler", "Hires prompt",
-          "Hires negative prompt"}
-"""Hires fix's settings (:func:`~nijimi.pipelines.hires.request_fields` maps them)."""
 _HANDLED = {"Sampler", "Schedule type", "Size", "Model", "Model hash", "VAE", "VAE hash", "Lora hashes", "TI hashes",
             "Denoising strength", "Eta", "Eta DDIM", "RNG", "ENSD", "Version", "Hashes"}
 _DEFAULTS = {"Emphasis": "Original", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0"}
@@ -168,7 +165,7 @@ def _settings_fields(s: ForeignSettings, warnings: list[str]) -> dict[str, Any]:
                         "CPU (as A1111 with RNG: CPU), so the picture differs")
     if str(values.get("ENSD", "0")) != "0":
         warnings.append(f"ENSD {values['ENSD']}: A1111's eta noise seed delta is not reproduced")
-    known = _HANDLED | set(_FIELDS) | (_HIRES if hires_fields else set())
+    known = _HANDLED | set(_FIELDS) | (set(hires.INFOTEXT_FIELDS) if hires_fields else set())
     warnings.extend(_unknown(values, known))
     return {k: v for k, v in fields.items() if v is not None}
 

@@ -197,15 +197,19 @@ def infotext(request: GenerationRequest) -> dict[str, object]:
             "Hires steps": request.hires_steps or None, "Hires upscaler": request.hires_upscaler}
 
 
+INFOTEXT_FIELDS = {"Hires upscale": ("hires_scale", None), "Hires resize": ("hires_size", None),
+                   "Hires steps": ("hires_steps", 0), "Hires upscaler": ("hires_upscaler", "Latent"),
+                   "Hires sampler": ("hires_sampler", None), "Hires prompt": ("hires_prompt", ""),
+                   "Hires negative prompt": ("hires_negative_prompt", "")}
+"""A1111's hires infotext keys → (request field, A1111's value when the key is missing)."""
+
+
 def request_fields(settings: Mapping[str, object]) -> dict[str, Any]:
     """The hires request fields an A1111 infotext states (``settings`` as :func:`~nijimi.io.pngmeta.parse_parameters`
-    reads them); empty when it has no hires fix. Missing keys take A1111's defaults (upscaler Latent, steps 0)."""
+    reads them; :data:`INFOTEXT_FIELDS`); empty when it has no hires fix. Missing keys take A1111's defaults."""
     if "Hires upscale" not in settings and "Hires resize" not in settings:
         return {}
-    fields = {"hires_scale": settings.get("Hires upscale"), "hires_size": settings.get("Hires resize"),
-              "hires_steps": settings.get("Hires steps", 0), "hires_upscaler": settings.get("Hires upscaler", "Latent"),
-              "hires_sampler": settings.get("Hires sampler"), "hires_prompt": settings.get("Hires prompt", ""),
-              "hires_negative_prompt": settings.get("Hires negative prompt", "")}
+    fields = {name: settings.get(key, default) for key, (name, default) in INFOTEXT_FIELDS.items()}
     if "Denoising strength" in settings:
         fields["hires_denoise"] = settings["Denoising strength"]
     return fields
