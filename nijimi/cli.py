@@ -33,7 +33,7 @@ from nijimi.io.pngmeta import (
     format_info,
     save_png,
 )
-from nijimi.pipelines.adapters import few_step_notes
+from nijimi.pipelines.adapters import few_step_adapters, few_step_notes
 from nijimi.pipelines.comfyui import from_graph
 from nijimi.pipelines.pipeline import EMBEDDED, Pipeline, load
 from nijimi.pipelines.preview import save_preview
@@ -190,13 +190,14 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     request = request_from_args(args)
+    adapters = few_step_adapters(request.loras, request.prompt, request.lora_dir)
     if args.fast:
         given = {name for name, value in vars(args).items() if value not in (None, False)}
-        fast = fast_settings(request.loras, request.prompt, request.lora_dir)
+        fast = fast_settings(adapters)
         if "sampler" in given:  # a recipe's η belongs to its sampler
             fast.pop("eta", None)
         request = request.replace(**{name: value for name, value in fast.items() if name not in given})
-    for note in few_step_notes(request.loras, request.prompt, request.lora_dir, request.sampler):
+    for note in few_step_notes(adapters, request.sampler):
         print(f"note: {note}", file=sys.stderr)
     pipe = load(args.model or EMBEDDED, config=args.model_config, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
     for path in run_generation(pipe, request, args.out, args.overwrite, args.quiet, args.preview, args.record_paths):

@@ -186,14 +186,12 @@ def few_step_adapters(loras: Sequence[LoraRequest], prompt: str,
     return [(path, adapter) for path in paths if (adapter := few_step_adapter(path)) is not None]
 
 
-def few_step_notes(loras: Sequence[LoraRequest], prompt: str, lora_dir: str | os.PathLike | None,
-                   sampler: SamplerChoice | None) -> list[str]:
-    """One line for each of :func:`few_step_adapters` whose authors' sampler is not ``sampler`` (None: the default):
-    what it is and the flags of their recipe."""
+def few_step_notes(adapters: Sequence[tuple[Path, FewStep]], sampler: SamplerChoice | None) -> list[str]:
+    """One line for each of ``adapters`` (:func:`few_step_adapters`) whose authors' sampler is not ``sampler``
+    (None: the default): what it is and the flags of their recipe."""
     picked = f"--sampler {sampler.name}" if sampler else "the default sampler"
     return [f"{path.name} looks like a {adapter.kind}; its authors sample it with {adapter.flags} (this run: {picked})"
-            for path, adapter in few_step_adapters(loras, prompt, lora_dir)
-            if sampler != parse_sampler(adapter.sampler)]
+            for path, adapter in adapters if sampler != parse_sampler(adapter.sampler)]
 
 
 # ---- nijimi lora extract | resize | info --------------------------------------------------------------------------

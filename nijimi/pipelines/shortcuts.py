@@ -9,13 +9,14 @@ the stack at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from nijimi.adapters.fewstep import FewStep
 from nijimi.models.unet import FeatureCache
-from nijimi.pipelines.adapters import LoraRequest, few_step_adapters
 
 Network = Callable[..., torch.Tensor]
 
@@ -61,8 +62,7 @@ upper end, 5.42, cost the embedded model 20 points). Fewer steps cost it more: 1
 README's speed section has the measurements)."""
 
 
-def fast_settings(loras: tuple[LoraRequest, ...], prompt: str, lora_dir: str | None) -> dict[str, Any]:
-    """The request fields ``--fast`` sets (where the user set none): the recipe of the first few-step adapter among
-    ``loras`` and the prompt's tags (:func:`~nijimi.pipelines.adapters.few_step_adapters`), else :data:`FAST`."""
-    adapters = few_step_adapters(loras, prompt, lora_dir)
+def fast_settings(adapters: Sequence[tuple[Path, FewStep]]) -> dict[str, Any]:
+    """The request fields ``--fast`` sets (where the user set none): the recipe of the first of the few-step
+    ``adapters`` a request loads (:func:`~nijimi.pipelines.adapters.few_step_adapters`), else :data:`FAST`."""
     return dict(adapters[0][1].settings) if adapters else dict(FAST)

@@ -15,7 +15,7 @@ from nijimi.cli import main
 from nijimi.diffusion.choice import parse_sampler
 from nijimi.embedded import ADAPTERS
 from nijimi.io.pngmeta import read_png_metadata
-from nijimi.pipelines.adapters import LoraRequest, few_step_notes
+from nijimi.pipelines.adapters import LoraRequest, few_step_adapters, few_step_notes
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 
 LCM = FewStep("LCM-LoRA", (("sampler", "lcm"), ("steps", 4), ("guidance", 1.0)))
@@ -64,15 +64,16 @@ def test_notes_only_when_the_sampler_is_not_the_authors(tmp_path):
     save_file({"w": torch.zeros(1)}, tmp_path / "lcm.safetensors")
     loras = [LoraRequest(tmp_path / "lcm.safetensors")]
     prompt = "a cat <lora:Hyper-SD15-4steps-lora:1> <lora:missing:1>"
-    notes = few_step_notes(loras, prompt, tmp_path / "loras", parse_sampler("euler"))
+    found = few_step_adapters(loras, prompt, tmp_path / "loras")
+    notes = few_step_notes(found, parse_sampler("euler"))
     assert notes == [
         "lcm.safetensors looks like a LCM-LoRA; its authors sample it with --sampler lcm --steps 4 --guidance 1 "
         "(this run: --sampler euler)",
         "Hyper-SD15-4steps-lora.safetensors looks like a Hyper-SD LoRA; its authors sample it with --sampler "
         "ddim-trailing --steps 4 --guidance 1 (this run: --sampler euler)"]
-    assert few_step_notes(loras, "", None, None)[0].endswith("(this run: the default sampler)")
-    assert few_step_notes(loras, "", None, parse_sampler("LCM")) == []
-    assert len(few_step_notes(loras, prompt, tmp_path / "loras", parse_sampler("ddim-trailing"))) == 1
+    assert few_step_notes(few_step_adapters(loras, "", None), None)[0].endswith("(this run: the default sampler)")
+    assert few_step_notes(few_step_adapters(loras, "", None), parse_sampler("LCM")) == []
+    assert len(few_step_notes(found, parse_sampler("ddim-trailing"))) == 1
 
 
 def test_generate_notes_it_on_stderr(capsys, tmp_path):
@@ -94,10 +95,11 @@ def test_hyper_sd_cfg_flags_say_the_range():
 
 def test_fast_takes_the_adapters_recipe_else_fast(tmp_path):
     save_file({"w": torch.zeros(1)}, tmp_path / "TCD-SD15-LoRA.safetensors")
-    assert fast_settings((), "a cat", None) == FAST
+    assert fast_settings(few_step_adapters((), "a cat", None)) == FAST
     tcd = {"sampler": "tcd", "steps": 4, "eta": 0.3, "guidance": 1.0}
-    assert fast_settings((LoraRequest(tmp_path / "TCD-SD15-LoRA.safetensors"),), "a cat", None) == tcd
-    assert fast_settings((), "a cat <lora:TCD-SD15-LoRA:0.5>", tmp_path) == tcd
+    loras = (LoraRequest(tmp_path / "TCD-SD15-LoRA.safetensors"),)
+    assert fast_settings(few_step_adapters(loras, "a cat", None)) == tcd
+    assert fast_settings(few_step_adapters((), "a cat <lora:TCD-SD15-LoRA:0.5>", tmp_path)) == tcd
 
 
 def recipe(path) -> dict:
