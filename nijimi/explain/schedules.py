@@ -9,7 +9,7 @@ from PIL import Image
 
 from nijimi.diffusion.forward import q_sample
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.errors import optional_import
+from nijimi.explain.plots import curve_figure, figure
 from nijimi.io.image_file import read_image
 
 STRIP_SIZE = 96
@@ -59,26 +59,13 @@ def noising_strip(image: torch.Tensor, schedule: NoiseSchedule, timesteps: torch
     return q_sample(image.expand(n, -1, -1, -1), timesteps, noise.expand(n, -1, -1, -1), schedule)
 
 
-def _figure(width: float, height: float):
-    """A matplotlib Figure (no pyplot state), from the ``nijimi[plots]`` extra."""
-    return optional_import("matplotlib.figure", "explain needs matplotlib", "plots").Figure((width, height), dpi=100)
-
-
 def _curve_plot(path: Path, title: str, ylabel: str, curves: dict[str, torch.Tensor]) -> Path:
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
-    for label, values in curves.items():
-        ax.plot(values.numpy(), label=label)
-    ax.set(title=title, xlabel="timestep t", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    curve_figure(title, ylabel, curves).savefig(path)
     return path
 
 
 def _strip_plot(path: Path, image: torch.Tensor, schedules: dict[str, NoiseSchedule]) -> Path:
-    fig = _figure(STRIP_TIMESTEPS * 1.2, len(schedules) * 1.45)
+    fig = figure(STRIP_TIMESTEPS * 1.2, len(schedules) * 1.45)
     axes = fig.subplots(len(schedules), STRIP_TIMESTEPS, squeeze=False)
     for row, (name, schedule) in enumerate(schedules.items()):
         timesteps = strip_timesteps(schedule)
