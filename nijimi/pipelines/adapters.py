@@ -102,11 +102,24 @@ def _base_layer(model: nn.Module, path: str) -> nn.Module:
     return layer.base if isinstance(layer, AdaptedLayer) else layer
 
 
-def _put_on(model: LatentDiffusion, requests: list[LoraRequest],
-            strict: bool) -> tuple[list[str], list[LoraRequest], dict, bool]:
+def requested_loras(loras: Sequence[LoraRequest | tuple] = (), prompt: str = "",
+                    lora_dir: str | os.PathLike | None = None) -> tuple[str, list[LoraRequest]]:
+    """The prompt without its ``<lora:NAME:W>`` tags, and the adapters asked for: ``loras`` (:class:`LoraRequest` s
+    or ``(path, te_multiplier, unet_multiplier)`` tuples), then the tags' files (NAME looked up in ``lora_dir``, by
+    default the embedded model's demo adapters)."""
+    text, tags = parse_lora_tags(prompt)
+    lora_dir = ADAPTERS if lora_dir is None else lora_dir
+    requests = [LoraRequest(Path(p), float(te), float(unet)) for p, te, unet in loras]
+    requests += [LoraRequest(resolve_lora(t.name, lora_dir), t.te_multiplier, t.unet_multiplier) for t in tags]
+    return text, requests
+
+
+def put_on(model: LatentDiffusion, requests: list[LoraRequest],
+           strict: bool) -> tuple[list[str], list[LoraRequest], dict, bool]:
     """Read and attach every request as adapter ``nijimi_lora_<i>`` (not merged): (names, applied, unmatched,
     text changed). Files are all read before anything is attached; on any error the model is left as it was. With
-    ``strict``, a key or module that fits no layer is an error."""
+    ``strict``, a key or module that fits no layer is an error. Take them off with
+    :func:`~nijimi.adapters.inject.remove_adapter` of each name."""
     loaded: list[tuple[LoraRequest, LoadedAdapter, Adapter]] = []
     for request in requests:
         file = read_adapter(request.path, model.config, strict=strict)
@@ -140,11 +153,8 @@ def apply_loras(target, loras: Sequence[LoraRequest | tuple] = (), prompt: str =
     changes, and again by ``undo``. Keys of a file that fit no module of the model are left out and listed in
     ``unmatched``; with ``strict`` they raise :class:`CheckpointError` instead, before any weight changes."""
     model, cache = _model_and_cache(target)
-    text, tags = parse_lora_tags(prompt)
-    lora_dir = ADAPTERS if lora_dir is None else lora_dir
-    requests = [LoraRequest(Path(p), float(te), float(unet)) for p, te, unet in loras]
-    requests += [LoraRequest(resolve_lora(t.name, lora_dir), t.te_multiplier, t.unet_multiplier) for t in tags]
-    names, applied, unmatched, text_changed = _put_on(model, requests, strict)
+    text, requests = requested_loras(loras, prompt, lora_dir)
+    names, applied, unmatched, text_changed = put_on(model, requests, strict)
     if not names:
         return AppliedLoras(text, [], False, unmatched)
     chosen = set(names)
