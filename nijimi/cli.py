@@ -45,6 +45,7 @@ from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
+from nijimi.ui.explain import add_explain_parsers
 from nijimi.ui.foreign import add_folder_arguments, format_settings, import_image
 from nijimi.ui.progress import ProgressBar
 from nijimi.ui.recipe import a1111_text, check_tags, embedding_hashes, png_recipe, recorded_loras, recorded_model
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output folder for the PNGs")
     q.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
     q.set_defaults(func=_cmd_explain)
+    add_explain_parsers(what, add_request_arguments, request_from_args)
 
     _add_generation_parsers(sub)
     add_train_parsers(sub)

@@ -170,7 +170,7 @@ def adapter_effects(pipe: Pipeline, request: GenerationRequest, *,
             "blocks": blocks, "steps": steps, "weight_change": {b: weights.get(b, 0.0) for b in blocks},
             "activation_change": {step: {b: row.get(b, 0.0) for b in blocks} for step, row in activation.items()},
             "columns": 1}
-    return Explanation("adapters", (Panel("where the adapters act, per block", "adapters", _chart(info)),), info)
+    return Explanation("adapters", (Panel("where the adapters act, per block", "blocks", _chart(info)),), info)
 
 
 def _chart(info: dict) -> Image.Image:
