@@ -25,6 +25,7 @@ from nijimi.pipelines.pipeline import Pipeline, load
 from nijimi.server import a1111
 from nijimi.server.a1111 import Limits, Outcome
 from nijimi.server.errors import ApiError, Cancelled
+from nijimi.server.explain import ROUTES as EXPLAIN_ROUTES
 from nijimi.server.folders import Folders, ModelEntry, check_lora_tags, list_loras, list_models
 from nijimi.server.jobs import EventHub, Job, JobQueue, Progress
 from nijimi.server.work import run_call
@@ -217,6 +218,7 @@ ROUTES: dict[tuple[str, str], Callable[[Studio, ApiRequest], Any]] = {
     ("GET", "/sdapi/v1/schedulers"): lambda s, r: a1111.schedulers(),
     ("GET", "/sdapi/v1/loras"): Studio.loras,
     ("POST", "/sdapi/v1/png-info"): lambda s, r: a1111.png_info(r.body, s.limits),
+    **EXPLAIN_ROUTES,
 }
 """Every JSON endpoint; server-sent events (:data:`nijimi.server.http.EVENTS`) and files (``Studio.mounts``) are
 served by the HTTP layer."""
