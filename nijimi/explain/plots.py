@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -13,13 +14,13 @@ from PIL import Image
 from nijimi.errors import optional_import
 
 
-def figure(width: float, height: float):
+def figure(width: float, height: float) -> Any:
     """A matplotlib Figure of ``width`` × ``height`` inches at 100 dpi (no pyplot state)."""
     return optional_import("matplotlib.figure", "explain needs matplotlib", "plots").Figure((width, height), dpi=100)
 
 
 def curve_figure(title: str, ylabel: str, curves: Mapping[str, torch.Tensor], log: bool = False,
-                 marks: Sequence[int] = (), size: tuple[float, float] = (6, 4)):
+                 marks: Sequence[int] = (), size: tuple[float, float] = (6, 4)) -> Any:
     """One curve per entry of ``curves`` (values over the timesteps t = 0…T-1), a log y axis when ``log``, and a
     dotted vertical line at each timestep of ``marks``."""
     fig = figure(*size)
@@ -37,7 +38,7 @@ def curve_figure(title: str, ylabel: str, curves: Mapping[str, torch.Tensor], lo
     return fig
 
 
-def bar_axes(ax, title: str, labels: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
+def bar_axes(ax: Any, title: str, labels: Sequence[str], series: Mapping[str, Sequence[float]]) -> None:
     """Grouped bars on ``ax``: one group per label, one bar per entry of ``series`` (name → one value per label)."""
     width = 0.8 / max(len(series), 1)
     for k, (name, values) in enumerate(series.items()):
@@ -49,7 +50,7 @@ def bar_axes(ax, title: str, labels: Sequence[str], series: Mapping[str, Sequenc
         ax.legend(fontsize=7)
 
 
-def figure_image(fig) -> Image.Image:
+def figure_image(fig: Any) -> Image.Image:
     """The figure rendered as an RGB PIL image."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import ConfigError
 from nijimi.explain.adapter_effects import adapter_effects
@@ -42,7 +44,7 @@ class Inputs:
     the decoded ``image`` and ``timesteps``, or the generation ``request`` and the ``checkpoint`` it names."""
 
     body: dict
-    image: Any = None
+    image: Image.Image | None = None
     timesteps: list[int] | None = None
     request: GenerationRequest | None = None
     checkpoint: str | None = None
@@ -95,7 +97,7 @@ def parse_inputs(view: View, body: Any, studio: Studio) -> Inputs:
     return Inputs(body, request=call.request, checkpoint=call.checkpoint)
 
 
-def _png(image) -> str:
+def _png(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")

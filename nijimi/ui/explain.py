@@ -103,8 +103,9 @@ def add_explain_parsers(what: argparse._SubParsersAction, add_request_arguments:
                         None], request_from_args: Callable[[argparse.Namespace], GenerationRequest]) -> None:
     """Add ``forward`` and the prompt views to ``nijimi explain``'s topics; the prompt views take the generation
     flags ``add_request_arguments`` adds and ``request_from_args`` reads."""
-    p = what.add_parser("forward", help="an image encoded by the model's VAE, noised by q(x_t|x0) under the model's, "
-                        "the linear and the cosine schedules, decoded; with ᾱ_t and SNR plots")
+    about = ("an image encoded by the model's VAE, noised by q(x_t|x0) under the model's, the linear and the cosine "
+             "schedules, decoded; with ᾱ_t and SNR plots")
+    p = what.add_parser("forward", help=about, description=about)
     p.add_argument("image", help="the image to noise (scaled down to the model's native size when larger)")
     p.add_argument("--timesteps", type=_timesteps, metavar="T,T,…",
                    help=f"timesteps to show (default {','.join(map(str, DEFAULT_TIMESTEPS))})")
@@ -112,7 +113,7 @@ def add_explain_parsers(what: argparse._SubParsersAction, add_request_arguments:
     _common(p)
     p.set_defaults(func=_cmd_forward)
     for name, (view, help) in PROMPT_VIEWS.items():
-        p = what.add_parser(name, help=help + " (takes generate's flags)")
+        p = what.add_parser(name, help=help + " (takes generate's flags)", description=help)
         add_request_arguments(p)
         _common(p)
 

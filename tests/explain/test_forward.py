@@ -46,8 +46,8 @@ def test_panels_are_the_noised_latents_decoded_by_hand(embedded):
 def test_the_seed_fixes_the_noise_and_t0_keeps_the_picture(embedded):
     first, again = (forward_process(embedded, _picture(), [0, 750], seed=1) for _ in range(2))
     other = forward_process(embedded, _picture(), [0, 750], seed=2)
-    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(first.panels[:6],
-                                                                                        again.panels[:6]))
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image))
+               for a, b in zip(first.panels[:6], again.panels[:6], strict=True))
     assert not np.array_equal(np.asarray(first.panels[1].image), np.asarray(other.panels[1].image))
     reconstruction = to_pil(embedded.decode(
         embedded.model.vae.encode(to_tensor(_picture(), 64, 64)).mean * embedded.model.vae.config.scaling_factor))[0]
