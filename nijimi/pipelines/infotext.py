@@ -58,3 +58,32 @@ def control_unit_settings(text: str) -> dict[str, str]:
     (``{"Module": "canny", …}``); a part without ``: `` is left out."""
     pairs = (part.strip().split(": ", 1) for part in text.split(","))
     return {pair[0]: pair[1].strip() for pair in pairs if len(pair) == 2}
+
+
+def control_spec_text(settings: dict[str, str]) -> str | None:
+    """The ``--control`` flag of a unit's infotext settings (:func:`control_unit_settings`): the model by its name
+    (``FILE`` when none is written; give its path), ``IMAGE`` for the picture the infotext cannot hold, and the
+    settings that differ from the flag's defaults; None for a preprocessor nijimi does not have."""
+    name = settings.get("Module", "none").strip().lower()
+    pre = CONTROL_MODULES.get(CONTROL_MODULE_ALIASES.get(name, name))
+    if pre is None:
+        return None
+    resize = {**CONTROL_RESIZE_MODES, "None": "none"}.get(settings.get("Resize Mode", "Crop and Resize"), "crop")
+    keys = {"pre": pre, "scale": settings.get("Weight", "1"), "start": settings.get("Guidance Start", "0"),
+            "end": settings.get("Guidance End", "1"), "resize": resize,
+            "guess": "true" if settings.get("Control Mode") == CONTROL_MODES[2] else "false"}
+    if pre == "canny":
+        keys |= {"low": settings.get("Threshold A", "-1"), "high": settings.get("Threshold B", "-1")}
+    defaults = {"pre": "map", "scale": "1", "start": "0", "end": "1", "resize": "resize", "guess": "false",
+                "low": "-1", "high": "-1"}
+    shown = [f"{k}={_plain(v)}" for k, v in keys.items() if _plain(v) != defaults[k]]
+    model = settings.get("Model", "FILE").rsplit(" [", 1)[0].strip() or "FILE"
+    return ",".join([f"model={model}", "image=IMAGE", *shown])
+
+
+def _plain(value: str) -> str:
+    """A number as ``%g`` writes it (``1.0`` → ``1``), other text as it is."""
+    try:
+        return f"{float(value):g}"
+    except ValueError:
+        return value
