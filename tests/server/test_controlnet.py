@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +18,12 @@ from PIL import Image, ImageDraw
 from nijimi.embedded import CONTROLNET
 from nijimi.io.find import legacy_model_hash
 from nijimi.io.pngmeta import read_png_metadata
-from nijimi.pipelines.control_maps import canny
+from nijimi.pipelines.control_maps import ControlSpec, canny
+from nijimi.pipelines.request import GenerationRequest
 
 FAST = {"prompt": "a red circle", "steps": 3, "seed": 7, "width": 64, "height": 64}
 EMBEDDED_TITLE = f"embedded-controlnet-mask [{legacy_model_hash(CONTROLNET)}]"
+README = Path(__file__).parents[2] / "README.md"
 
 
 def layout() -> Image.Image:
@@ -81,6 +85,8 @@ def test_a_canny_unit_from_the_folder_in_the_extensions_old_field_names(served, 
                                          f"image={tmp_path / 'layout.png'},pre=canny,low=50,high=200,end=0.8,"
                                          "resize=crop")
     np.testing.assert_array_equal(served.pixels(answer["images"][0]), png_pixels(cli))
+    sent = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    assert "ControlNet 0" in sent.info["parameters"] and "nijimi" not in sent.info  # an in-memory image: no recipe
 
 
 def test_img2img_units_take_the_init_image_and_several_units_add_up(served):
@@ -181,3 +187,17 @@ def test_too_many_units_and_controlnets_outside_the_folder_are_refused(served):
                                              "none, canny, invert (GET /controlnet/module_list)")
     code, answer = served.call("/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": []})
     assert (code, answer["detail"]) == (422, "controlnet_input_images must be a list of 1 to 256 base64 images")
+
+
+def test_the_readme_controlnet_example_works_as_written(served, tmp_path, monkeypatch, capsys):
+    section = README.read_text(encoding="utf-8").split("\n## nijimi serve\n", 1)[1].split("\n## ", 1)[0]
+    code = next(block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "alwayson_scripts" in block)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:7860", served.url), "README.md", "exec"), {})
+    assert capsys.readouterr().out == f"{EMBEDDED_TITLE} []\n"
+    layout = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(layout).ellipse((8, 8, 40, 40), fill="white")
+    request = GenerationRequest("a red circle", steps=20, seed=42, width=64, height=64,
+                                control=(ControlSpec("embedded", layout),))
+    np.testing.assert_array_equal(png_pixels(tmp_path / "controlnet.png"),
+                                  np.asarray(served.pipe.generate(request).images[0]).astype(int))
