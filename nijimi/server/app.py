@@ -227,7 +227,8 @@ ROUTES: dict[tuple[str, str], Callable[[Studio, ApiRequest], Any]] = {
     ("POST", "/sdapi/v1/png-info"): lambda s, r: a1111.png_info(r.body, s.limits),
     ("GET", "/controlnet/version"): lambda s, r: {"version": controlnet.API_VERSION},
     ("GET", "/controlnet/model_list"): lambda s, r: {"model_list": [e.title for e in s.controlnets()]},
-    ("GET", "/controlnet/module_list"): lambda s, r: controlnet.module_list(r.query.get("alias_names") == "true"),
+    ("GET", "/controlnet/module_list"): lambda s, r: controlnet.module_list(r.query.get("alias_names", "").lower()
+                                                                            in ("true", "1")),
     ("GET", "/controlnet/settings"): lambda s, r: {"control_net_unit_count": controlnet.MAX_UNITS},
     ("POST", "/controlnet/detect"): lambda s, r: controlnet.detect(r.body, s.limits),
 }

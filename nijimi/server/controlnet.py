@@ -91,7 +91,7 @@ def _unit(key: str, unit: Any, body: Mapping[str, Any], mode: str, limits: Limit
     entry = _model(f"{key}.model", get("model", "None"), models)
     image = _image(key, unit, body, mode, limits, warnings)
     control = _control_mode(f"{key}.control_mode", get("control_mode", CONTROL_MODES[0]), warnings)
-    low, high = _thresholds(key, unit) if pre == "canny" else (None, None)
+    low, high = _thresholds(unit, "threshold_a", "threshold_b", f"{key}.") if pre == "canny" else (None, None)
     if pre == "canny" and not _flag(f"{key}.pixel_perfect", unit.get("pixel_perfect"), False):
         _processor_res(key, _number(f"{key}.processor_res", get("processor_res", -1)), body, warnings)
     _flag(f"{key}.low_vram", unit.get("low_vram"), False)
@@ -212,13 +212,15 @@ def _control_mode(key: str, value: Any, warnings: list[str]) -> str:
     return value
 
 
-def _thresholds(key: str, unit: dict) -> tuple[float, float]:
-    """canny's low and high thresholds: ``threshold_a``/``threshold_b``, -1 (or absent) for 100 and 200."""
-    low, high = (_number(f"{key}.{name}", -1 if unit.get(name) is None else unit[name], -1.0, 255.0)
-                 for name in ("threshold_a", "threshold_b"))
-    low, high = (CANNY[name] if value < 0 else value for name, value in (("threshold_a", low), ("threshold_b", high)))
+def _thresholds(values: Mapping[str, Any], low_key: str, high_key: str, label: str) -> tuple[float, float]:
+    """canny's low and high thresholds: ``values[low_key]``, ``values[high_key]``, -1 (or absent) for 100 and 200;
+    errors name ``label`` + the key."""
+    low, high = (_number(label + name, -1 if values.get(name) is None else values[name], -1.0, 255.0)
+                 for name in (low_key, high_key))
+    low, high = (CANNY["threshold_a"] if low < 0 else low), (CANNY["threshold_b"] if high < 0 else high)
     if low > high:
-        raise ConfigError(f"{key}: canny's threshold_a {low:g} (low) must not exceed threshold_b {high:g} (high)")
+        raise ConfigError(f"{label}{low_key} {low:g} must not exceed {high_key} {high:g} (canny's low and high "
+                          "thresholds)")
     return low, high
 
 
@@ -248,22 +250,23 @@ def module_list(alias_names: bool = False) -> dict:
 
 def detect(body: Any, limits: Limits) -> dict:
     """``/controlnet/detect``: each of ``controlnet_input_images`` (base64) through the preprocessor
-    ``controlnet_module``, at ``controlnet_processor_res`` pixels on the short side (-1: the image's own size), with
-    canny's ``controlnet_threshold_a``/``_b`` → ``{"images": [base64 PNG], "info": "Success"}``."""
+    ``controlnet_module``, at ``controlnet_processor_res`` pixels on the short side (-1, and for ``none``: the
+    image's own size), with canny's ``controlnet_threshold_a``/``_b`` → ``{"images": [base64 PNG], "info":
+    "Success"}``."""
     if not isinstance(body, dict):
         raise ConfigError("the body must be a JSON object with controlnet_module and controlnet_input_images")
     pre = module("controlnet_module", body.get("controlnet_module") or "none")
     images = body.get("controlnet_input_images")
     if not isinstance(images, list) or not images or len(images) > limits.images:
         raise ConfigError(f"controlnet_input_images must be a list of 1 to {limits.images} base64 images")
-    units = {"threshold_a": body.get("controlnet_threshold_a"), "threshold_b": body.get("controlnet_threshold_b")}
-    low, high = _thresholds("controlnet", units) if pre == "canny" else (100, 200)
+    low, high = _thresholds(body, "controlnet_threshold_a", "controlnet_threshold_b", "") if pre == "canny" \
+        else (100, 200)
     res = _number("controlnet_processor_res", -1 if body.get("controlnet_processor_res") is None
                   else body["controlnet_processor_res"], -1, 8192)
     answer: dict[str, Any] = {"images": [], "info": "Success"}
     for i, text in enumerate(images):
         image = decode_image(f"controlnet_input_images[{i}]", text, limits).convert("RGB")
-        if res > 0:
+        if res > 0 and pre != "map":
             scale = res / min(image.size)
             image = resize_image(image, max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         buffer = io.BytesIO()

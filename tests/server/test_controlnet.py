@@ -158,7 +158,8 @@ def test_the_extensions_endpoints(served):
     ({"model": "mask", "resize_mode": "Stretch"}, 422, "alwayson_scripts.controlnet.args[0].resize_mode 'Stretch' "
                                                        "must be 0 to 3 or one of Just Resize, Crop and Resize"),
     ({"model": "mask", "module": "canny", "threshold_a": 200, "threshold_b": 100}, 422,
-     "alwayson_scripts.controlnet.args[0]: canny's threshold_a 200 (low) must not exceed threshold_b 100 (high)"),
+     "alwayson_scripts.controlnet.args[0].threshold_a 200 must not exceed threshold_b 100 (canny's low and high "
+     "thresholds)"),
     ({"model": "mask", "image": "x", "input_image": "y"}, 422, "alwayson_scripts.controlnet.args[0]: give 'image' or "
                                                                "its old name 'input_image', not both"),
     ("mask", 422, "alwayson_scripts.controlnet.args[0] must be a ControlNet unit (an object), not str"),
@@ -187,6 +188,11 @@ def test_too_many_units_and_controlnets_outside_the_folder_are_refused(served):
                                              "none, canny, invert (GET /controlnet/module_list)")
     code, answer = served.call("/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": []})
     assert (code, answer["detail"]) == (422, "controlnet_input_images must be a list of 1 to 256 base64 images")
+    code, answer = served.call("/controlnet/detect", {"controlnet_module": "canny", "controlnet_threshold_a": 300,
+                                                      "controlnet_input_images": [b64(layout())]})
+    assert (code, answer["detail"]) == (422, "controlnet_threshold_a must be a number from -1 to 255, not 300")
+    code, answer = served.call("/controlnet/detect", {"controlnet_module": "none", "controlnet_input_images": ["@"]})
+    assert (code, answer["detail"]) == (422, "controlnet_input_images[0]: not base64 data")
 
 
 def test_the_readme_controlnet_example_works_as_written(served, tmp_path, monkeypatch, capsys):
