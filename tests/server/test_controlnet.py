@@ -16,10 +16,14 @@ from helpers import png_pixels, run_cli
 from PIL import Image, ImageDraw
 
 from nijimi.embedded import CONTROLNET
+from nijimi.errors import ConfigError
 from nijimi.io.find import legacy_model_hash
 from nijimi.io.pngmeta import read_png_metadata
 from nijimi.pipelines.control_maps import ControlSpec, canny
 from nijimi.pipelines.request import GenerationRequest
+from nijimi.server.a1111 import Limits
+from nijimi.server.controlnet import read_units
+from nijimi.server.folders import ControlNetEntry
 
 FAST = {"prompt": "a red circle", "steps": 3, "seed": 7, "width": 64, "height": 64}
 EMBEDDED_TITLE = f"embedded-controlnet-mask [{legacy_model_hash(CONTROLNET)}]"
@@ -207,3 +211,26 @@ def test_the_readme_controlnet_example_works_as_written(served, tmp_path, monkey
                                 control=(ControlSpec("embedded", layout),))
     np.testing.assert_array_equal(png_pixels(tmp_path / "controlnet.png"),
                                   np.asarray(served.pipe.generate(request).images[0]).astype(int))
+
+
+def test_unit_forms_and_numbered_modes_without_a_server():
+    models = [ControlNetEntry("Lines", Path("/cn/Lines.safetensors"))]
+    picture, mask = b64(layout()), b64(Image.new("L", (80, 48)))
+    forms = [{"image": picture}, {"image": {"image": picture, "mask": mask}}, {"image": [{"image": picture}]},
+             {"image": [picture, mask]}, {"input_image": picture, "mask_image": mask}]
+    for form in forms:
+        spec = read_units({"args": [{"model": "lines [0000abcd]", **form}]}, {}, "txt2img", Limits(), models)[0]
+        assert np.array_equal(np.asarray(spec["control"][0].image.convert("RGB")), np.asarray(layout()))
+    for number, resize in enumerate(("resize", "crop", "fill", "resize")):
+        unit = {"image": picture, "model": "Lines", "resize_mode": number, "control_mode": number % 3,
+                "module": "Invert (from white bg & black line)", "guidance": 0.5}
+        (spec,) = read_units({"args": [unit]}, {}, "txt2img", Limits(), models)[0]["control"]
+        assert (spec.model, spec.resize, spec.pre, spec.end, spec.guess) == ("/cn/Lines.safetensors", resize,
+                                                                             "invert", 0.5, number == 2)
+    assert read_units({"args": [{"image": picture, "model": "Lines", "resize_mode": "Envelope (Outer Fit)"}]}, {},
+                      "txt2img", Limits(), models)[0]["control"][0].resize == "fill"
+    with pytest.raises(ConfigError, match=r"args\[0\].image: one image, \{\"image\", \"mask\"\} or \[image, mask\]; "
+                                          "several input images are for IP-Adapter units"):
+        read_units({"args": [{"model": "Lines", "image": [{"image": picture}] * 2}]}, {}, "txt2img", Limits(), models)
+    with pytest.raises(ConfigError, match=r'alwayson_scripts.controlnet must be \{"args": \[unit, …\]\}'):
+        read_units([picture], {}, "txt2img", Limits(), models)
