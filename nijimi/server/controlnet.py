@@ -275,4 +275,3 @@ def detect(body: Any, limits: Limits) -> dict:
     if body.get("controlnet_masks"):
         answer["warnings"] = ["controlnet_masks: nijimi's preprocessors take no mask; ignored"]
     return answer
-
