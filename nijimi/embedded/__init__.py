@@ -13,6 +13,8 @@ ADAPTERS = Path(__file__).with_name("adapters")
 """The demo adapters trained on the embedded model: the default folder for ``--lora NAME`` and ``<lora:NAME:W>``."""
 CONTROLNET = Path(__file__).with_name("controlnet-mask.safetensors")
 """The demo ControlNet of the embedded model (object silhouettes): ``--control model=embedded,…``."""
+CONTROLNET_NAME = "embedded-controlnet-mask"
+"""The name the demo ControlNet goes by in A1111's terms (``nijimi serve``'s ControlNet list, the infotext)."""
 
 
 def embedded_path() -> Path:

@@ -118,11 +118,12 @@ def prepare_control_map(image: Image.Image | str | os.PathLike, width: int, heig
 class ControlSpec:
     """One ``--control`` flag: ControlNet file or folder, map image and how to use them (:func:`parse_control_spec`).
 
-    ``low``/``high`` are canny's thresholds (``None``: 100 and 200); ``guess`` is guess mode.
+    ``low``/``high`` are canny's thresholds (``None``: 100 and 200); ``guess`` is guess mode. ``image`` is a file, or
+    an image in memory (an HTTP client's), which a recipe cannot record.
     """
 
     model: str
-    image: str
+    image: str | Image.Image
     scale: float = 1.0
     pre: str = "map"
     start: float = 0.0

@@ -7,8 +7,9 @@ Both are first read into one form, :class:`ForeignSettings`: A1111's setting nam
 setting to its request field, finds the files the settings name (:func:`~nijimi.io.find.find_file`: by A1111's hash,
 else by name) and names, one warning each, what nijimi cannot reproduce exactly: noise A1111 drew on the GPU (its
 default ``RNG``), ENSD, an img2img source, hires fix when nijimi has no such setting, a schedule or sampler nijimi
-lacks, files not found, and every setting of a feature or extension it does not know (ADetailer, ControlNet units,
-…), grouped by its first word. The rest is done.
+lacks, files not found, ControlNet units (their control images are not in the metadata; the warning gives each as a
+``--control`` flag), and every setting of a feature or extension it does not know (ADetailer, …), grouped by its
+first word. The rest is done.
 
 How A1111 reads ``Sampler`` and ``Schedule type`` (``get_sampler_and_scheduler`` in ``modules/sd_samplers.py``, 1.9
 and later): a schedule named at the end of the sampler ("DPM++ 2M Karras") wins; else ``Schedule type``; "Automatic"
@@ -33,6 +34,7 @@ from nijimi.io.find import Folders, find_file, hash_matches
 from nijimi.io.pngmeta import parse_name_hashes
 from nijimi.pipelines import hires
 from nijimi.pipelines.adapters import LoraRequest
+from nijimi.pipelines.infotext import control_spec_text, control_unit_settings
 from nijimi.pipelines.request import GenerationRequest
 
 _A1111_DEFAULT_SCHEDULE = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
@@ -45,6 +47,7 @@ _FIELDS = {"Steps": "steps", "CFG scale": "guidance", "Seed": "seed", "Variation
 """Settings that are one request field each."""
 _HANDLED = {"Sampler", "Schedule type", "Size", "Model", "Model hash", "VAE", "VAE hash", "Lora hashes", "TI hashes",
             "Denoising strength", "Eta", "Eta DDIM", "RNG", "ENSD", "Version", "Hashes"}
+_CONTROLNET = re.compile(r"ControlNet \d+")
 _DEFAULTS = {"Emphasis": "Original", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0"}
 """Settings A1111 may write at the value that changes nothing."""
 
@@ -147,6 +150,20 @@ def _unknown(values: dict[str, Any], known: set[str]) -> list[str]:
     return [f"{', '.join(keys)}: not reproduced (a setting nijimi does not have)" for keys in groups.values()]
 
 
+def _controlnets(values: dict[str, Any]) -> list[str]:
+    """One warning per ControlNet unit (A1111's ``ControlNet N``): its control image is not in the metadata, so it
+    is left out; the warning gives the unit as a ``--control`` flag for the user who has the image."""
+    warnings = []
+    for key, value in values.items():
+        if _CONTROLNET.fullmatch(key):
+            settings = control_unit_settings(str(value))
+            spec = control_spec_text(settings)
+            how = f"with the image, add --control {spec}" if spec else \
+                f"its preprocessor {settings.get('Module')!r} is not one nijimi has"
+            warnings.append(f"{key}: not reproduced, the metadata does not hold its control image; {how}")
+    return warnings
+
+
 def _settings_fields(s: ForeignSettings, warnings: list[str]) -> dict[str, Any]:
     values = s.values
     fields: dict[str, Any] = {"prompt": s.prompt, "negative_prompt": s.negative_prompt}
@@ -165,7 +182,9 @@ def _settings_fields(s: ForeignSettings, warnings: list[str]) -> dict[str, Any]:
                         "CPU (as A1111 with RNG: CPU), so the picture differs")
     if str(values.get("ENSD", "0")) != "0":
         warnings.append(f"ENSD {values['ENSD']}: A1111's eta noise seed delta is not reproduced")
-    known = _HANDLED | set(_FIELDS) | (set(hires.INFOTEXT_FIELDS) if hires_fields else set())
+    warnings.extend(_controlnets(values))
+    known = _HANDLED | set(_FIELDS) | (set(hires.INFOTEXT_FIELDS) if hires_fields else set()) \
+        | {key for key in values if _CONTROLNET.fullmatch(key)}
     warnings.extend(_unknown(values, known))
     return {k: v for k, v in fields.items() if v is not None}
 

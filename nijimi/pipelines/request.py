@@ -390,14 +390,15 @@ def _absolute(control: Control) -> Control:
         if isinstance(control, ControlUnit):
             return control
         raise ConfigError(f"control entries must be ControlSpec or ControlUnit, not {type(control).__name__}")
-    image = str(Path(control.image).absolute())
+    image = control.image if isinstance(control.image, Image.Image) else str(Path(control.image).absolute())
     return dataclasses.replace(control, model=controlnet_source(control.model), image=image)
 
 
 def _encode(name: str, value: Any) -> Any:
     if isinstance(value, SamplerChoice):
         return value.name
-    if isinstance(value, Image.Image) or (name == "control" and any(isinstance(c, ControlUnit) for c in value)):
+    if isinstance(value, Image.Image) or (name == "control" and any(
+            isinstance(c, ControlUnit) or isinstance(c.image, Image.Image) for c in value)):
         raise ConfigError(f"{name} holds an in-memory object, which a recipe cannot record; pass files instead")
     if name == "loras":
         return [[str(r.path), r.te_multiplier, r.unet_multiplier] for r in value]

@@ -144,10 +144,10 @@ FIELDS = (
 
 JOB_FIELDS = ("sampler_name", "sampler_index", "scheduler", "seed_resize_from_w", "seed_resize_from_h", "n_iter",
               "override_settings", "override_settings_restore_afterwards", "send_images", "save_images",
-              "force_task_id", "inpainting_mask_invert", "include_init_images")
+              "force_task_id", "inpainting_mask_invert", "include_init_images", "alwayson_scripts")
 """Fields read by :func:`parse_call` besides :data:`FIELDS`."""
 
-IGNORED = {"restore_faces": False, "tiling": False, "styles": [], "alwayson_scripts": {}, "script_name": "",
+IGNORED = {"restore_faces": False, "tiling": False, "styles": [], "script_name": "",
            "script_args": [], "s_churn": 0, "s_tmin": 0, "s_noise": 1, "mask_blur": 4,
            "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 1, "inpaint_full_res": False,
            "inpaint_full_res_padding": 0, "resize_mode": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1,
@@ -157,6 +157,10 @@ IGNORED = {"restore_faces": False, "tiling": False, "styles": [], "alwayson_scri
 thresholded, not blurred: ``mask_blur`` 4 is A1111's default and changes little; the masked area starts from the
 init image, A1111's ``inpainting_fill`` 1; images are resized to ``width``×``height``, ``resize_mode`` 0). Another
 value is ignored with a warning."""
+
+Script = Callable[[Any, Mapping[str, Any], str, Limits], tuple[dict[str, Any], list[str]]]
+"""The reader of one ``alwayson_scripts`` entry: ``(its value, the body, the mode, limits) → (request fields,
+warnings)``; :func:`parse_call` names the scripts it has no reader for as ignored."""
 
 SILENT = re.compile(r"(enable_hr$|hr_|firstphase_|s_tmax$|sampler_index$|denoising_strength$|do_not_save_)")
 """Fields accepted quietly: the hires fix's (read when ``enable_hr`` is true), and A1111's own saving switches (here
@@ -182,10 +186,11 @@ class Call:
     parameters: dict = field(default_factory=dict)
 
 
-def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | None = None) -> Call:
+def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | None = None,
+               scripts: Mapping[str, Script] | None = None) -> Call:
     """The :class:`Call` of a txt2img (``mode`` TXT2IMG) or img2img body; ConfigError (and the request's own
     errors) name the first bad field. ``fixed``: request fields the server sets (its LoRA folder), which no
-    client field can change."""
+    client field can change; ``scripts``: the readers of ``alwayson_scripts`` entries by lower-case name."""
     if not isinstance(body, dict):
         raise ConfigError(f"the body must be a JSON object, not {_kind(body)}")
     values, warnings = {}, []
@@ -214,6 +219,7 @@ def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | 
     warnings += [f"override_settings.{k} is not supported by nijimi; ignored" for k in overrides
                  if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers")]
     warnings += _ignored(body)
+    values.update(_scripts(body, mode, limits, scripts or {}, warnings))
     request = GenerationRequest(**{**values, **(fixed or {})}, sampler=sampler,
                                 seed_resize=tuple(resize) if min(resize) > 0 else None)
     iterations = _integer("n_iter", body.get("n_iter") or 1)
@@ -262,6 +268,25 @@ def _ignored(body: Mapping[str, Any]) -> list[str]:
         elif key not in known and not SILENT.match(key):
             warnings.append(f"{key} is not an A1111 field nijimi knows; ignored")
     return warnings
+
+
+def _scripts(body: Mapping[str, Any], mode: str, limits: Limits, scripts: Mapping[str, Script],
+             warnings: list[str]) -> dict[str, Any]:
+    """The request fields of the ``alwayson_scripts`` nijimi has readers for (A1111 finds a script by its name in
+    any case); the others are named in ``warnings``."""
+    entries = body.get("alwayson_scripts") or {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"alwayson_scripts must be an object of scripts, not {_kind(entries)}")
+    values: dict[str, Any] = {}
+    for name, value in entries.items():
+        reader = scripts.get(name.lower())
+        if reader is None:
+            warnings.append(f"alwayson_scripts.{name} is not supported by nijimi; ignored")
+            continue
+        found, notes = reader(value, body, mode, limits)
+        values.update(found)
+        warnings += notes
+    return values
 
 
 def _check_size(request: GenerationRequest, iterations: int, limits: Limits) -> None:

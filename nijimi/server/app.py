@@ -22,7 +22,7 @@ from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import safetensors
 from nijimi.pipelines.pipeline import Pipeline, load
-from nijimi.server import a1111
+from nijimi.server import a1111, controlnet
 from nijimi.server.a1111 import Limits, Outcome
 from nijimi.server.errors import ApiError, Cancelled
 from nijimi.server.explain import ROUTES as EXPLAIN_ROUTES
@@ -107,7 +107,8 @@ class Studio:
 
     def __init__(self, options: ServeOptions, loader: Callable[..., Pipeline] = load) -> None:
         self.options, self.folders, self.limits = options, options.folders, options.limits
-        for flag, folder in (("--models-dir", self.folders.models), ("--lora-dir", self.folders.loras)):
+        for flag, folder in (("--models-dir", self.folders.models), ("--lora-dir", self.folders.loras),
+                             ("--controlnet-dir", self.folders.controlnets)):
             if folder is not None and not folder.is_dir():
                 raise ConfigError(f"{flag} {folder}: no such folder")
         self.hub = EventHub()
@@ -125,7 +126,9 @@ class Studio:
 
     def generate(self, request: ApiRequest, mode: str) -> dict:
         """txt2img / img2img: parse, queue, wait, answer (an interrupted call answers with what it finished)."""
-        call = a1111.parse_call(request.body, mode, self.limits, {"lora_dir": self.folders.loras})
+        read_controlnet = lambda *args: controlnet.read_units(*args, self.controlnets())  # noqa: E731
+        call = a1111.parse_call(request.body, mode, self.limits, {"lora_dir": self.folders.loras},
+                                {"controlnet": read_controlnet})
         entry = self.models.find(call.checkpoint) if call.checkpoint else None
         check_lora_tags(call.request.prompt, self.folders.loras)
 
@@ -205,6 +208,11 @@ class Studio:
                            "metadata": metadata})
         return answer
 
+    def controlnets(self) -> list[controlnet.ControlNetEntry]:
+        """The ControlNets a unit may name: the ControlNet folder's, and the embedded model's while it is resident."""
+        entry = self.models.entry
+        return controlnet.list_controlnets(self.folders.controlnets, entry is not None and entry.source == EMBEDDED)
+
 
 ROUTES: dict[tuple[str, str], Callable[[Studio, ApiRequest], Any]] = {
     ("POST", "/sdapi/v1/txt2img"): lambda s, r: s.generate(r, a1111.TXT2IMG),
@@ -218,6 +226,12 @@ ROUTES: dict[tuple[str, str], Callable[[Studio, ApiRequest], Any]] = {
     ("GET", "/sdapi/v1/schedulers"): lambda s, r: a1111.schedulers(),
     ("GET", "/sdapi/v1/loras"): Studio.loras,
     ("POST", "/sdapi/v1/png-info"): lambda s, r: a1111.png_info(r.body, s.limits),
+    ("GET", "/controlnet/version"): lambda s, r: {"version": controlnet.API_VERSION},
+    ("GET", "/controlnet/model_list"): lambda s, r: {"model_list": [e.title for e in s.controlnets()]},
+    ("GET", "/controlnet/module_list"): lambda s, r: controlnet.module_list(r.query.get("alias_names", "").lower()
+                                                                            in ("true", "1")),
+    ("GET", "/controlnet/settings"): lambda s, r: {"control_net_unit_count": controlnet.MAX_UNITS},
+    ("POST", "/controlnet/detect"): lambda s, r: controlnet.detect(r.body, s.limits),
     **EXPLAIN_ROUTES,
 }
 """Every JSON endpoint; server-sent events (:data:`nijimi.server.http.EVENTS`) and files (``Studio.mounts``) are

@@ -1,8 +1,9 @@
 """The folders a server may read and write, and the only ways a client's text becomes a path in them.
 
-A client never names a path: it names a model or LoRA from a listing (:func:`list_models`, :func:`list_loras`), or
-a file relative to a served folder (:func:`served_file`). Either way the resolved path (symlinks followed) must lie
-inside the folder's resolved path, so ``../``, absolute paths and symlinks that point out are refused.
+A client never names a path: it names a model, LoRA or ControlNet from a listing (:func:`list_models`,
+:func:`list_loras`, :func:`list_controlnets`), or a file relative to a served folder (:func:`served_file`). Either way
+the resolved path (symlinks followed) must lie inside the folder's resolved path, so ``../``, absolute paths and
+symlinks that point out are refused.
 """
 
 from __future__ import annotations
@@ -12,22 +13,28 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from nijimi.adapters.tags import ADAPTER_SUFFIXES, parse_lora_tags, resolve_lora
-from nijimi.embedded import ADAPTERS, EMBEDDED
+from nijimi.embedded import ADAPTERS, CONTROLNET, CONTROLNET_NAME, EMBEDDED
 from nijimi.errors import ConfigError
+from nijimi.io.find import legacy_model_hash
 from nijimi.server.errors import ApiError
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 """Single-file checkpoints listed in a models folder (A1111's); diffusers folders (``model_index.json``) too."""
+CONTROLNET_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+"""ControlNet files listed in a ControlNet folder (the sd-webui-controlnet extension's)."""
 
 
 @dataclass(frozen=True)
 class Folders:
     """``models``: where ``sd-models`` lists checkpoints (None: only the embedded model and ``--model``);
-    ``loras``: the LoRA folder (default: the embedded model's demo adapters); ``output``: where saved images go."""
+    ``loras``: the LoRA folder (default: the embedded model's demo adapters); ``output``: where saved images go;
+    ``controlnets``: the ControlNet folder (None: only the embedded model's ControlNet, while that model is
+    resident)."""
 
     models: Path | None = None
     loras: Path = ADAPTERS
     output: Path = Path("outputs")
+    controlnets: Path | None = None
 
 
 def inside(root: Path, path: Path) -> bool:
@@ -91,10 +98,49 @@ def list_models(folder: Path | None) -> list[ModelEntry]:
 
 def list_loras(folder: Path) -> list[Path]:
     """Adapter files in ``folder`` (recursively, sorted), without those that resolve outside it."""
-    if not folder.is_dir():
+    return _files(folder, ADAPTER_SUFFIXES)
+
+
+def _files(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files of ``folder`` (recursively, sorted) whose names end in ``suffixes``, without those that resolve outside
+    it."""
+    if folder is None or not folder.is_dir():
         return []
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in ADAPTER_SUFFIXES and p.is_file() and inside(folder, p))
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file() and inside(folder, p))
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    """One ControlNet a client can choose: ``name`` (the file's stem, as the sd-webui-controlnet extension names
+    it) and ``path``; :attr:`title` is the extension's ``name [hash]``."""
+
+    name: str
+    path: Path
+
+    @property
+    def title(self) -> str:
+        """``name [hash]``: A1111's legacy short hash (:func:`~nijimi.io.find.legacy_model_hash`), as the
+        extension lists its models."""
+        return f"{self.name} [{legacy_model_hash(self.path)}]"
+
+    def matches(self, text: str) -> bool:
+        """The extension's ways of naming a model: its title or its name, in any case (a hash is not checked)."""
+        text = text.strip()
+        bare = text.rsplit(" [", 1)[0] if text.endswith("]") else text
+        names = (self.name, EMBEDDED) if self.path == CONTROLNET else (self.name,)
+        return bare.lower() in (n.lower() for n in names)
+
+
+def list_controlnets(folder: Path | None, embedded: bool) -> list[ControlNetEntry]:
+    """The embedded model's ControlNet (when ``embedded``: that model is resident) as
+    :data:`~nijimi.embedded.CONTROLNET_NAME`,
+    then the ControlNet files in ``folder`` (recursively, sorted, without those that resolve outside it); of two
+    files with one name, the first."""
+    entries = [ControlNetEntry(CONTROLNET_NAME, CONTROLNET)] if embedded and CONTROLNET.is_file() else []
+    for path in _files(folder, CONTROLNET_SUFFIXES):
+        if not any(e.matches(path.stem) for e in entries):
+            entries.append(ControlNetEntry(path.stem, path.resolve()))
+    return entries
 
 
 def check_lora_tags(prompt: str, folder: Path) -> None:

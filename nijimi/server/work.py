@@ -3,17 +3,19 @@
 callback, and each image as a PNG with the metadata ``nijimi generate`` writes (A1111's ``parameters`` and the
 recipe), saved to the output folder when asked — by the same atomic, never-overwriting writer as the CLI.
 
-A saved img2img image's recipe names its init image and mask, so they are saved too, once per content, as
-``inputs/<sha256>.png`` in the output folder; ``nijimi reproduce`` then replays the image. An image that is only sent
-(not saved) carries no recipe when its init image exists only in memory.
+A saved img2img image's recipe names its init image and mask (a ControlNet image's: its control images), so they
+are saved too, once per content, as ``inputs/<sha256>.png`` in the output folder; ``nijimi reproduce`` then replays
+the image. An image that is only sent (not saved) carries no recipe when such an image exists only in memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -21,6 +23,7 @@ from nijimi.cli import output_paths, write_png
 from nijimi.errors import ConfigError, OutputExistsError
 from nijimi.io.files import atomic_write
 from nijimi.io.pngmeta import PARAMETERS_KEY, RECIPE_KEY
+from nijimi.pipelines.control_maps import ControlSpec
 from nijimi.pipelines.images import open_image
 from nijimi.pipelines.pipeline import Pipeline
 from nijimi.pipelines.request import GenerationRequest
@@ -82,24 +85,33 @@ def _keep(outcome: Outcome, pipe: Pipeline, one: GenerationRequest, image: Image
     outcome.infotexts.append(text)
 
 
-def _save_inputs(request: GenerationRequest, output: Path) -> dict[str, str]:
-    """Write the request's in-memory init image (RGB) and mask (L), upright, as ``inputs/<sha256 of the PNG>.png``
-    in ``output`` unless such a file is there; returns the request fields naming them."""
-    saved = {}
+def _save_inputs(request: GenerationRequest, output: Path) -> dict[str, Any]:
+    """Write the request's in-memory init image (RGB), mask (L) and ControlNet images (RGB), upright, as
+    ``inputs/<sha256 of the PNG>.png`` in ``output`` unless such a file is there; returns the request fields naming
+    them."""
+    saved: dict[str, Any] = {}
     for name, mode in (("init_image", "RGB"), ("mask", "L")):
         image = getattr(request, name)
-        if not isinstance(image, Image.Image):
-            continue
-        buffer = io.BytesIO()
-        open_image(image, mode).save(buffer, format="PNG")
-        data = buffer.getvalue()
-        path = output / INPUTS / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            try:
-                with atomic_write(path, "wb", overwrite=False) as f:
-                    f.write(data)
-            except OutputExistsError:  # written meanwhile by another job: the same bytes
-                pass
-        saved[name] = str(path)
+        if isinstance(image, Image.Image):
+            saved[name] = _save_input(image, mode, output)
+    if any(isinstance(c, ControlSpec) and isinstance(c.image, Image.Image) for c in request.control):
+        saved["control"] = tuple(dataclasses.replace(c, image=_save_input(c.image, "RGB", output))
+                                 if isinstance(c, ControlSpec) and isinstance(c.image, Image.Image) else c
+                                 for c in request.control)
     return saved
+
+
+def _save_input(image: Image.Image, mode: str, output: Path) -> str:
+    """``image`` in ``mode`` as ``inputs/<sha256>.png`` in ``output`` (written once per content); its path."""
+    buffer = io.BytesIO()
+    open_image(image, mode).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = output / INPUTS / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        try:
+            with atomic_write(path, "wb", overwrite=False) as f:
+                f.write(data)
+        except OutputExistsError:  # written meanwhile by another job: the same bytes
+            pass
+    return str(path)

@@ -13,35 +13,47 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from nijimi.embedded import CONTROLNET, CONTROLNET_NAME
 from nijimi.errors import ConfigError
+from nijimi.io.find import legacy_model_hash
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.pipelines.control import ControlUnit
 from nijimi.pipelines.control_maps import PREPROCESSORS, preprocess
+from nijimi.pipelines.infotext import CONTROL_MODES, CONTROL_MODULES, CONTROL_RESIZE_MODES
 from nijimi.pipelines.pipeline import Pipeline
 from nijimi.train.config import build_config
 from nijimi.train.controlnet import MASK, ControlNetTrainConfig, Preprocess, train_controlnet
 from nijimi.ui.progress import TrainingProgress
 from nijimi.ui.train import add_finetune_parser, config_values
 
-_MODULES = {"map": "none", "invert": "invert", "canny": "canny"}
-_RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill", "none": "None"}
+_MODULES = {pre: name for name, pre in CONTROL_MODULES.items()}
+_RESIZE_MODES = {**{mode: name for name, mode in CONTROL_RESIZE_MODES.items()}, "none": "None"}
 
 
 def control_infotext(entries: list[dict] | None) -> dict[str, str]:
-    """A1111's ControlNet extension's infotext items, ``{"ControlNet 0": "Module: canny, Model: name, Weight: 1, …"}``,
-    one per entry of a generation's ``control`` settings (specs' fields, or a unit's scale/start/end/guess_mode)."""
+    """A1111's ControlNet extension's infotext items, ``{"ControlNet 0": "Module: canny, Model: name [hash], Weight:
+    1, …"}``, one per entry of a generation's ``control`` settings (specs' fields, or a unit's
+    scale/start/end/guess_mode)."""
     items = {}
     for i, entry in enumerate(entries or ()):
         guess = entry.get("guess", entry.get("guess_mode", False))
         fields = {"Module": _MODULES.get(entry.get("pre", "map"), entry.get("pre")),
-                  "Model": Path(entry["model"]).stem if "model" in entry else None,
+                  "Model": _model_title(entry["model"]) if "model" in entry else None,
                   "Weight": entry["scale"], "Resize Mode": _RESIZE_MODES.get(entry.get("resize", "resize")),
                   "Threshold A": entry.get("low"), "Threshold B": entry.get("high"),
                   "Guidance Start": entry["start"], "Guidance End": entry["end"],
-                  "Control Mode": "ControlNet is more important" if guess else "Balanced"}
+                  "Control Mode": CONTROL_MODES[2] if guess else CONTROL_MODES[0]}
         items[f"ControlNet {i}"] = ", ".join(f"{k}: {_number(v)}" for k, v in fields.items() if v is not None)
     return items
+
+
+def _model_title(model: str) -> str:
+    """A ControlNet as the extension names it: ``name [legacy hash]`` (the embedded one as
+    :data:`~nijimi.embedded.CONTROLNET_NAME`), the name alone when the file is not there to hash."""
+    path = Path(model)
+    name = CONTROLNET_NAME if path == CONTROLNET else path.stem
+    return f"{name} [{legacy_model_hash(path)}]" if path.is_file() else name
 
 
 def _number(value: object) -> str:

@@ -22,6 +22,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of checkpoints clients may choose from (sd-models)")
     p.add_argument("--lora-dir", type=Path, default=ADAPTERS, metavar="DIR",
                    help="folder of LoRAs for <lora:NAME:W> tags (default: the embedded model's demo adapters)")
+    p.add_argument("--controlnet-dir", type=Path, metavar="DIR",
+                   help="folder of ControlNets for the API's ControlNet units (/controlnet/model_list; the embedded "
+                   "model's own is listed while it is resident)")
     p.add_argument("--output-dir", type=Path, default=Path("outputs"), metavar="DIR",
                    help="where images are saved when a request asks (save_images), served under /outputs/")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -41,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
-    folders = Folders(models=args.models_dir, loras=args.lora_dir, output=args.output_dir)
+    folders = Folders(models=args.models_dir, loras=args.lora_dir, output=args.output_dir,
+                      controlnets=args.controlnet_dir)
     studio = Studio(ServeOptions(args.model, folders, device=args.device, dtype=WEIGHT_DTYPES[args.dtype]))
     try:
         server = StudioServer(studio, args.host, args.port)  # before the model loads: a taken port fails at once

@@ -61,6 +61,21 @@ def test_a1111_infotext_to_request(folders):
     assert r.eta is None and r.init_image is None and r.batch == 1 and r.lora_dir == str(folders.lora)
 
 
+def test_a1111_controlnet_units_are_read_back_as_control_flags(folders):
+    text = ('a cat\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, RNG: CPU, ControlNet 0: "Module: '
+            'canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.9, Resize Mode: Just Resize, Low Vram: False, '
+            'Processor Res: 512, Threshold A: 50, Threshold B: 150, Guidance Start: 0.1, Guidance End: 0.8, Pixel '
+            'Perfect: True, Control Mode: ControlNet is more important", ControlNet 1: "Module: depth_midas, Model: '
+            'control_v11f1p_sd15_depth [cfd03158], Weight: 1"')
+    imported = to_request(from_infotext(parse_parameters(text)), folders, "embedded")
+    assert imported.request.control == ()
+    assert imported.warnings == (
+        "ControlNet 0: not reproduced, the metadata does not hold its control image; with the image, add --control "
+        "model=control_v11p_sd15_canny,image=IMAGE,pre=canny,scale=0.9,start=0.1,end=0.8,guess=true,low=50,high=150",
+        "ControlNet 1: not reproduced, the metadata does not hold its control image; its preprocessor 'depth_midas' "
+        "is not one nijimi has")
+
+
 def test_a1111_warnings_name_what_is_not_reproduced(folders):
     text = (
         "a cat <lora:missing:1>\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, "
@@ -77,8 +92,9 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
         "RNG GPU: A1111 drew the noise on the GPU; nijimi draws it on the CPU (as A1111 with RNG: CPU), so the "
         "picture differs",
         "ENSD 31337: A1111's eta noise seed delta is not reproduced",
+        "ControlNet 0: not reproduced, the metadata does not hold its control image; with the image, add --control "
+        "model=FILE,image=IMAGE,pre=canny,resize=crop",
         "ADetailer model, ADetailer confidence: not reproduced (a setting nijimi does not have)",
-        "ControlNet 0: not reproduced (a setting nijimi does not have)",
         "model shapes.safetensors has the image's model name 'shapes' but not its hash 0123456789",
         f"VAE 'gone.pt' not found in {folders.vae} (--vae-dir DIR); decoding with the model's own VAE",
         f"LoRA 'missing' not found in {folders.lora} (--lora-dir DIR); left out",

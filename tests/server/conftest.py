@@ -1,6 +1,7 @@
 """A running ``nijimi serve`` for the API tests: the embedded model behind a :class:`StudioServer` on a free port
-of 127.0.0.1, served from a thread for the whole session, with its own models, LoRA and output folders (each holding
-a symlink that points out of it), and :func:`call`, a urllib client that returns (status, JSON) for any answer."""
+of 127.0.0.1, served from a thread for the whole session, with its own models, LoRA, ControlNet and output folders
+(each holding a symlink that points out of it), and :func:`call`, a urllib client that returns (status, JSON) for
+any answer."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nijimi.embedded import ADAPTERS, embedded_path
+from nijimi.embedded import ADAPTERS, CONTROLNET, embedded_path
 from nijimi.pipelines.pipeline import Pipeline, load
 from nijimi.server.app import ServeOptions, Studio
 from nijimi.server.folders import Folders
@@ -70,9 +71,11 @@ def served(tmp_path_factory) -> Served:
     root = tmp_path_factory.mktemp("serve")
     secret = root / "secret.txt"
     secret.write_text("not for clients")
-    models, loras, output = root / "models", root / "loras", root / "outputs"
-    for folder in (models, loras, output):
+    models, loras, output, controlnets = root / "models", root / "loras", root / "outputs", root / "controlnets"
+    for folder in (models, loras, output, controlnets):
         folder.mkdir()
+    shutil.copy(CONTROLNET, controlnets / "mask.safetensors")
+    (controlnets / "outside.safetensors").symlink_to(CONTROLNET)
     shutil.copy(embedded_path(), models / "copy.safetensors")
     (models / "outside.safetensors").symlink_to(embedded_path())
     shutil.copy(ADAPTERS / "pink.safetensors", loras / "pink.safetensors")
@@ -85,7 +88,7 @@ def served(tmp_path_factory) -> Served:
             loaded[source] = load(source, **kwargs)
         return loaded[source]
 
-    studio = Studio(ServeOptions(folders=Folders(models, loras, output)), loader=loader)
+    studio = Studio(ServeOptions(folders=Folders(models, loras, output, controlnets)), loader=loader)
     studio.start()
     server = StudioServer(studio, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -88,13 +88,13 @@ def test_img2img_with_mask_matches_the_pipeline_and_saves_a_reproducible_recipe(
 def test_ignored_and_unknown_fields_are_named(served):
     status, answer = served.call("/sdapi/v1/txt2img", {
         "prompt": "a circle", "seed": 1, "restore_faces": False, "mask_blur": 4, "tiling": True,
-        "alwayson_scripts": {"controlnet": {"args": []}}, "hr_scale": 2, "colour": "red",
+        "alwayson_scripts": {"ADetailer": {"args": []}}, "hr_scale": 2, "colour": "red",
         "override_settings": {"CLIP_stop_at_last_layers": 1, "sd_vae": "x"}, "send_images": False, **SMALL})
     assert status == 200 and answer["images"] == []
     assert answer["warnings"] == ["override_settings.sd_vae is not supported by nijimi; ignored",
                                   "tiling is not supported by nijimi; ignored",
-                                  "alwayson_scripts is not supported by nijimi; ignored",
-                                  "colour is not an A1111 field nijimi knows; ignored"]
+                                  "colour is not an A1111 field nijimi knows; ignored",
+                                  "alwayson_scripts.ADetailer is not supported by nijimi; ignored"]
 
 
 def test_eight_concurrent_clients_are_queued_in_order_without_loss_or_mixup(served):

@@ -67,6 +67,8 @@ def test_bad_options_are_one_error_line(capsys, tmp_path):
                   "folder\n"
     assert run_cli(capsys, "serve", "--lora-dir", tmp_path / "none")[::2] == (
         2, f"error: --lora-dir {tmp_path / 'none'}: no such folder\n")
+    assert run_cli(capsys, "serve", "--controlnet-dir", tmp_path / "none")[::2] == (
+        2, f"error: --controlnet-dir {tmp_path / 'none'}: no such folder\n")
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

@@ -4,6 +4,7 @@ user errors exit 2 with one ``error:`` line and no file. The ``train-controlnet`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,9 +17,12 @@ from PIL import Image, ImageDraw
 
 from nijimi.io.checkpoint import save_single
 from nijimi.io.controlnet import save_original
+from nijimi.io.find import legacy_model_hash
 from nijimi.io.pngmeta import read_png_metadata
 from nijimi.io.safetensors import read_metadata
 from nijimi.models.controlnet import ControlNetModel
+from nijimi.pipelines.control_maps import parse_control_spec
+from nijimi.pipelines.infotext import control_spec_text, control_unit_settings
 from nijimi.ui.control import control_infotext
 
 CONFIG = TOY_F8
@@ -49,7 +53,8 @@ def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
     run(capsys, "generate", "a cat", "--model", files["model"], *FAST, "--out", plain)
     assert np.abs(pixels(steered) - pixels(plain)).max() > 5
     meta = read_png_metadata(steered)
-    assert meta["settings"]["ControlNet 0"] == ("Module: canny, Model: cn, Weight: 0.9, Resize Mode: Just Resize, "
+    assert meta["settings"]["ControlNet 0"] == (f"Module: canny, Model: cn [{legacy_model_hash(files['cn'])}], "
+                                                "Weight: 0.9, Resize Mode: Just Resize, "
                                                 "Threshold A: 50, Threshold B: 150, Guidance Start: 0, "
                                                 "Guidance End: 0.8, Control Mode: Balanced")
     assert meta["recipe"]["request"]["control"] == [{
@@ -89,6 +94,15 @@ def test_infotext_of_a_unit_and_guess_mode():
         "ControlNet 1": "Module: invert, Model: lines, Weight: 1.5, Resize Mode: Resize and Fill, Guidance Start: 0, "
                         "Guidance End: 1, Control Mode: Balanced"}
     assert control_infotext(None) == {}
+
+
+def test_the_infotext_of_a_spec_reads_back_as_the_same_spec(files):
+    spec = parse_control_spec(f"model={files['cn']},image=a.png,pre=canny,low=50,high=150,scale=0.9,start=0.2,"
+                              "end=0.8,resize=fill,guess=true")
+    text = control_infotext([dataclasses.asdict(spec)])["ControlNet 0"]
+    flag = control_spec_text(control_unit_settings(text))
+    assert flag.startswith("model=cn,image=IMAGE,")
+    assert parse_control_spec(flag.replace("model=cn", f"model={files['cn']}").replace("IMAGE", "a.png")) == spec
 
 
 # ---- train-controlnet and eval control ----------------------------------------------------------------------------
