@@ -234,7 +234,7 @@ def request_fields(request: GenerationRequest) -> dict[str, Any]:
     tags = [f"<lora:{Path(lora.path).stem}:{lora.te_multiplier:g}"
             + (f":{lora.unet_multiplier:g}>" if lora.unet_multiplier != lora.te_multiplier else ">")
             for lora in request.loras]
-    body["prompt"] = " ".join([request.prompt, *tags]) if tags else request.prompt
+    body["prompt"] = " ".join([request.prompt.rstrip(), *tags]) if tags else request.prompt
     if isinstance(request.sampler, SamplerChoice):
         body["sampler_name"], body["scheduler"] = request.sampler.display, request.sampler.schedule
     return body
