@@ -20,12 +20,13 @@ ROOT = Path(__file__).parents[2]
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1100, "height": 820}
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
 
 
 def find_chromium() -> str | None:
     """The Chromium binary to drive, or None."""
     for candidate in (os.environ.get("NIJIMI_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
-                      "/usr/bin/chromium"):
+                      DEBIAN_CHROMIUM):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
