@@ -42,14 +42,18 @@ export class Explainer {
   describe() {
     const view = this.view();
     $("explain_about").textContent = !view ? "" : view.input === "image"
-      ? "Runs on the gallery image chosen here." : "Runs on the Generate tab's settings (prompt, seed, sampler …).";
+      ? "Runs on the gallery image chosen here (at the timesteps given, or the view's own)."
+      : "Runs on the Generate tab's settings (prompt, seed, sampler …).";
   }
 
   async body(view) {
     if (view.input !== "image") return this.formBody();
     const entry = this.images.find((e) => e.file === $("explain_image").value);
     if (!entry) throw new Error("make an image first: this view explains a gallery image");
-    return { image: await base64Of(await (await fetch(entry.url)).blob()) };
+    const body = { image: await base64Of(await (await fetch(entry.url)).blob()) };
+    const timesteps = $("explain_timesteps").value.split(/[\s,]+/).filter(Boolean).map(Number);
+    if (timesteps.length) body.timesteps = timesteps;
+    return body;
   }
 
   async run() {
