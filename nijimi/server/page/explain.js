@@ -69,8 +69,12 @@ export class Explainer {
         const figure = document.createElement("figure");
         const caption = document.createElement("figcaption");
         caption.textContent = panel.label;
-        figure.append(Object.assign(document.createElement("img"), { src: pngData(panel.image), alt: panel.label }),
-          caption);
+        const image = Object.assign(document.createElement("img"), { src: pngData(panel.image), alt: panel.label });
+        image.onload = () => { // small images (latents' pixels) enlarged, plots shown near their own size
+          image.style.width = `${Math.min(Math.max(image.naturalWidth, 128), 360)}px`;
+          image.classList.toggle("pixels", image.naturalWidth < 128);
+        };
+        figure.append(image, caption);
         return figure;
       }));
       $("explain_info").textContent = JSON.stringify(answer.info, null, 2);
