@@ -26,9 +26,9 @@ export class Explainer {
 
   // The gallery's images (oldest first) as the choices of an image view; the newest is chosen.
   setImages(entries) {
-    const chosen = $("explain_image").value;
     this.images = entries;
-    fillSelect($("explain_image"), entries.slice().reverse().map((e) => [e.file, e.file]), chosen);
+    const newest = entries.length ? entries[entries.length - 1].file : "";
+    fillSelect($("explain_image"), entries.slice().reverse().map((e) => [e.file, e.file]), newest);
   }
 
   choose(file) {
