@@ -42,7 +42,7 @@ class Gallery:
     def add(self, outcome: Outcome, mode: str) -> None:
         """Record the saved images of one call (``mode``: txt2img or img2img)."""
         with self.lock:
-            for name, request, text in zip(outcome.files, outcome.requests, outcome.infotexts, strict=False):
+            for name, request, text in zip(outcome.files, outcome.requests, outcome.infotexts, strict=True):
                 self.entries.append({"id": len(self.entries), "file": name, "url": OUTPUTS + quote(name),
                                      "mode": mode, "model": outcome.model, "infotext": text,
                                      "fields": a1111.request_fields(request)})
