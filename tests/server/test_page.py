@@ -59,6 +59,8 @@ def test_the_page_is_served_at_the_root_and_needs_nothing_from_elsewhere(served)
     for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
         assert get(served, f"/{name}")[:2] == (200, kind)
     assert get(served, "/none.js")[0] == 404
+    for path in ("/..%2Fpage.py", "/%2E%2E/page.py", "/..%5Cpage.py", "/%2Fetc%2Fpasswd"):
+        assert get(served, path)[0] == 403, path
 
 
 def test_the_gallery_lists_saved_images_with_their_settings(served):
