@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test test-slow lint bench train-embedded clean
+.PHONY: demo test test-slow lint bench train-embedded clean chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,18 @@ $(TEST_STAMP): $(STAMP) Makefile
 demo: $(STAMP)
 	$(BIN)/nijimi demo --out out
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+# The browser tests (tests/browser/) drive the system's Chromium through Playwright, whose own browser download needs
+# the network: install Debian's chromium when there is none (as root; otherwise those tests say what is missing).
+chromium:
+	@if [ -z "$$NIJIMI_CHROMIUM" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "note: no Chromium: the browser tests will fail (apt-get install chromium, or set NIJIMI_CHROMIUM)" >&2; \
+	  fi; \
+	fi
 
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -15,8 +15,10 @@ raise ImageError naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -82,17 +84,30 @@ def read_image_metadata(path: str | os.PathLike) -> dict[str, object]:
     :func:`~nijimi.io.pngmeta.read_png_metadata`, plus ``"format"`` (Pillow's name: ``"PNG"``, ``"JPEG"``,
     ``"WEBP"``)."""
     source = os.fspath(path)
+    with _exif_warnings(source):
+        image = read_image(Path(path))  # special files, bombs and huge text chunks are refused here, naming the file
+    return image_metadata(image, source)
+
+
+def image_metadata(image: Image.Image, source: str) -> dict[str, object]:
+    """:func:`read_image_metadata` of an image already decoded (``source`` names it in errors)."""
+    with _exif_warnings(source):
+        text = _text(image, source)
+    return {**metadata_from_text(text), "format": image.format}
+
+
+@contextlib.contextmanager
+def _exif_warnings(source: str) -> Iterator[None]:
+    """Pillow's warnings about corrupt EXIF data, raised as ImageError naming ``source``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        text, kind = _read(Path(path), source)
+        yield
     corrupt = [str(w.message).strip() for w in caught if "EXIF" in str(w.message)]
     if corrupt:
         raise ImageError(f"{source}: EXIF data is corrupt ({corrupt[0]})")
-    return {**metadata_from_text(text), "format": kind}
 
 
-def _read(path: Path, source: str) -> tuple[dict[str, str], str]:
-    image = read_image(path)  # special files, bombs and huge text chunks are refused here, naming the file
+def _text(image: Image.Image, source: str) -> dict[str, str]:
     text = dict(getattr(image, "text", None) or {}) if image.format == "PNG" else {}
     comment = image.info.get("comment") if image.format == "JPEG" else None
     if isinstance(comment, bytes):
@@ -101,4 +116,4 @@ def _read(path: Path, source: str) -> tuple[dict[str, str], str]:
         text.update(_exif_text(image, source))
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{source}: cannot read the image's EXIF data: {e}") from e
-    return text, image.format
+    return text

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
@@ -228,6 +229,21 @@ def parse_call(body: Any, mode: str, limits: Limits, fixed: Mapping[str, Any] | 
     return Call(request, iterations, checkpoint, not flag("override_settings_restore_afterwards", True),
                 flag("send_images", True), flag("save_images", False), _task_id(body.get("force_task_id")),
                 tuple(warnings), _echo(body, flag("include_init_images", False)))
+
+
+def request_fields(request: GenerationRequest) -> dict[str, Any]:
+    """The txt2img body that asks for ``request``: :data:`FIELDS` read backwards (images left out), a random seed as
+    -1, the sampler as ``sampler_name`` + ``scheduler`` and the request's LoRAs as ``<lora:NAME:W>`` tags (``NAME:TE:
+    UNET`` when the two multipliers differ) after the prompt."""
+    body = {f.key: getattr(request, f.target) for f in FIELDS if TXT2IMG in f.modes}
+    body["seed"], body["subseed"] = _or(request.seed, -1), _or(request.variation_seed, -1)
+    tags = [f"<lora:{Path(lora.path).stem}:{lora.te_multiplier:g}"
+            + (f":{lora.unet_multiplier:g}>" if lora.unet_multiplier != lora.te_multiplier else ">")
+            for lora in request.loras]
+    body["prompt"] = " ".join([request.prompt.rstrip(), *tags]) if tags else request.prompt
+    if isinstance(request.sampler, SamplerChoice):
+        body["sampler_name"], body["scheduler"] = request.sampler.display, request.sampler.schedule
+    return body
 
 
 def _sampler(body: Mapping[str, Any]) -> SamplerChoice | None:

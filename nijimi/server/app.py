@@ -1,7 +1,7 @@
 """The server's state and its endpoints, without HTTP: :class:`Studio` holds the one resident model, the job queue
 and the event hub; :data:`ROUTES` maps ``(method, path)`` to an endpoint ``(studio, ApiRequest) → JSON value`` and
-:attr:`Studio.mounts` maps URL prefixes to the folders whose files may be served. :mod:`nijimi.server.http` puts them
-on the wire; a page bundle is one more mount, a new endpoint one more route.
+:attr:`Studio.mounts` maps URL prefixes to the folders whose files may be served (the output folder, and at ``/`` the
+page of :mod:`nijimi.server.page`). :mod:`nijimi.server.http` puts them on the wire; a new endpoint is one more route.
 
 The resident model changes only inside a job (a model switch is queued like a generation), so a generation always
 runs start to end on one model. A switch loads the new model before dropping the old one, so a model that fails to
@@ -22,7 +22,7 @@ from nijimi.embedded import EMBEDDED, embedded_path
 from nijimi.errors import CheckpointError, ConfigError
 from nijimi.io import safetensors
 from nijimi.pipelines.pipeline import Pipeline, load
-from nijimi.server import a1111, controlnet
+from nijimi.server import a1111, controlnet, page
 from nijimi.server.a1111 import Limits, Outcome
 from nijimi.server.errors import ApiError, Cancelled
 from nijimi.server.explain import ROUTES as EXPLAIN_ROUTES
@@ -114,7 +114,8 @@ class Studio:
         self.hub = EventHub()
         self.queue = JobQueue(self.hub, self.limits.queue)
         self.models = ModelSlot(options, loader)
-        self.mounts: dict[str, Path] = {"/outputs/": self.folders.output}
+        self.mounts: dict[str, Path] = {page.OUTPUTS: self.folders.output, "/": page.PAGE}
+        self.gallery = page.Gallery()
 
     def start(self) -> None:
         self.models.ensure(self.models.selected)
@@ -143,6 +144,8 @@ class Studio:
             outcome = job.wait()
         except Cancelled as exc:
             outcome = exc.partial or Outcome(interrupted=True)
+        if call.save_images:
+            self.gallery.add(outcome, mode)
         return a1111.answer(call, outcome)
 
     def progress(self, request: ApiRequest) -> dict:
@@ -233,6 +236,8 @@ ROUTES: dict[tuple[str, str], Callable[[Studio, ApiRequest], Any]] = {
     ("GET", "/controlnet/settings"): lambda s, r: {"control_net_unit_count": controlnet.MAX_UNITS},
     ("POST", "/controlnet/detect"): lambda s, r: controlnet.detect(r.body, s.limits),
     **EXPLAIN_ROUTES,
+    ("GET", "/nijimi/v1/gallery"): lambda s, r: s.gallery.listing(),
+    ("POST", "/nijimi/v1/recipe"): lambda s, r: page.recipe(r.body, s.limits, s.folders.loras),
 }
 """Every JSON endpoint; server-sent events (:data:`nijimi.server.http.EVENTS`) and files (``Studio.mounts``) are
 served by the HTTP layer."""

@@ -84,11 +84,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(200, route(self.server.studio, ApiRequest(body, query)))
             if method == "GET" and url.path == EVENTS:
                 return self._events(query)
-            mounts = self.server.studio.mounts  # the longest prefix first, so "/" can hold a page
-            mount = max((p for p in mounts if url.path.startswith(p)), key=len, default=None)
-            if method == "GET" and mount is not None:
-                return self._file(served_file(mounts[mount], unquote(url.path[len(mount):])))
             allowed = any(path == url.path for _, path in ROUTES)
+            if method == "GET" and not allowed and self._mounted(url.path):
+                return
             raise ApiError(405 if allowed else 404, "Method Not Allowed" if allowed else "Not Found",
                            f"{method} {url.path} is not an endpoint of this server")
         except ApiError as exc:
@@ -100,6 +98,22 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug: answer without a traceback, log it, keep serving
             log.exception("%s %s failed", method, self.path)
             self._json(500, {"error": "InternalError", "detail": f"{type(exc).__name__}: {exc}"})
+
+    def _mounted(self, path: str) -> bool:
+        """Serve the file ``path`` names in the mount of its longest prefix (``/`` itself: the page's index.html);
+        False when no mount holds it and the page mount at ``/`` has no such file (the caller answers 404)."""
+        mounts = self.server.studio.mounts
+        mount = max((p for p in mounts if path.startswith(p)), key=len, default=None)
+        if mount is None:
+            return False
+        try:
+            file = served_file(mounts[mount], unquote(path[len(mount):]) or ("index.html" if mount == "/" else ""))
+        except ApiError as exc:
+            if mount == "/" and exc.status == 404:
+                return False
+            raise
+        self._file(file)
+        return True
 
     def _check_origin(self) -> None:
         host = self.headers.get("Host")

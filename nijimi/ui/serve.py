@@ -15,7 +15,8 @@ from nijimi.pipelines.runtime import WEIGHT_DTYPES
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``nijimi serve``."""
-    p = sub.add_parser("serve", help="HTTP server with A1111's API (/sdapi/v1/…), a job queue and live progress")
+    p = sub.add_parser("serve", help="HTTP server with A1111's API (/sdapi/v1/…), a job queue, live progress "
+                       "and a web page at /")
     p.add_argument("--model", default=EMBEDDED, help="the model loaded first: a name in --models-dir, a checkpoint "
                    "file or diffusers folder, or embedded (default)")
     p.add_argument("--models-dir", type=Path, metavar="DIR",
