@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from foreign_images import a1111_png, comfyui_graph, comfyui_png
 from PIL import Image, ImageDraw
 
