@@ -9,15 +9,22 @@ Where a schedule depends on the sampler it follows that sampler's diffusers sche
 ``scheduler_config.json`` (its ``family``):
 
 - ``euler`` (Euler, Euler a, Heun, LMS) and ``kdpm2`` (DPM2, DPM2 a): ``uniform`` is σ at the model's own
-  ``timestep_spacing`` (``EulerDiscreteScheduler``); ``karras`` / ``exponential`` span the σ's of the first and last
-  of those timesteps (kdpm2 then rounds the Karras timesteps, as ``KDPM2DiscreteScheduler`` does);
+  ``timestep_spacing`` (``EulerDiscreteScheduler``, ``KDPM2DiscreteScheduler``);
 - ``ddim`` (DDIM, DDPM): as euler, but "linspace" timesteps are rounded to integers (``DDIMScheduler``);
 - ``multistep`` (DPM++ 2M, DPM++ 2M SDE, UniPC): ``uniform`` picks steps+1 evenly spaced timesteps and drops the
-  last ("leading": ``k·(T//(steps+1)) + offset``); ``karras`` / ``exponential`` span the whole training range
-  [σ_0, σ_{T-1}] and evaluate the network at round(t) / trunc(t) (``DPMSolverMultistepScheduler``,
-  ``UniPCMultistepScheduler``);
-- ``kdiffusion`` (DPM++ SDE, DPM++ 2S a, DPM++ 3M SDE: no diffusers scheduler): ``uniform`` as euler; the σ-range
-  schedules span the whole training range, as A1111 (k-diffusion) does.
+  last ("leading": ``k·(T//(steps+1)) + offset``) (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``);
+- ``kdiffusion`` (DPM++ SDE, DPM++ 2S a, DPM++ 3M SDE: no diffusers scheduler): ``uniform`` as euler.
+
+``karras`` / ``exponential`` / ``polyexponential`` span the model's whole training range [σ_0, σ_{T-1}] for every
+family, as A1111 calls k-diffusion's ``get_sigmas_karras`` / ``_exponential`` / ``_polyexponential`` (ρ = 7, 1, 1)
+with the model's ``sigma_min`` / ``sigma_max``, and as diffusers' multistep schedulers span them (diffusers'
+``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler`` and ``KDPM2DiscreteScheduler`` span
+only the σ's of their spaced timesteps, σ(951)…σ(1) for SD's "leading" config — the same as these on "linspace"
+models, or with ``sigma_min`` / ``sigma_max`` set, where Euler has them; none of them uses Karras σ's in its default
+configuration, so there A1111's σ's are the ones to match). The network is evaluated at t(σ), except where
+diffusers rounds or truncates it for a scheduler whose σ's these are: round(t) for kdpm2 and multistep with Karras,
+trunc(t) for multistep with exponential (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``,
+``KDPM2DiscreteScheduler``).
 
 The other schedules are defined on the whole training range whatever the sampler (A1111's ``sd_schedulers`` and
 ComfyUI's ``comfy.samplers``): ``polyexponential`` (k-diffusion, ρ = 1), ``normal`` / ``sgm_uniform`` (timesteps
@@ -53,10 +60,13 @@ BETA_ALPHA = BETA_BETA = 0.6
 @dataclass(frozen=True)
 class SigmaPlan:
     """``sigmas``: (N+1,) float32, strictly decreasing; ``timesteps``: the network timestep of each σ but the last
-    where diffusers does not use the continuous t(σ) (N,) float32, or None."""
+    where diffusers does not use the continuous t(σ) (N,) float32, or None; ``landing``: the σ each step of
+    diffusers' ``DDIMScheduler`` lands at (N,) float32, for the ddim family on the model's own timesteps, else
+    None."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor | None = None
+    landing: torch.Tensor | None = None
 
     def timestep_table(self) -> dict[tuple[int, float], float] | None:
         """{(step i, σ_i): network timestep} for the Denoiser: the call of step i at ``sigmas[i]`` (a float32 value,
@@ -66,6 +76,16 @@ class SigmaPlan:
         return {(i, sigma): t for i, (sigma, t) in enumerate(zip(self.sigmas[:-1].tolist(), self.timesteps.tolist(),
                                                                  strict=True))}
 
+    def landing_table(self, final: float = 0.0) -> dict[float, float] | None:
+        """{σ_i: σ it lands at} for the steps of :attr:`landing` that do not land on the next σ, the last step
+        landing at ``final`` (DDIM's σ_0 when ``set_alpha_to_one`` is false); the ``landing`` option of
+        :func:`~nijimi.diffusion.samplers.sample_ddim`), or None."""
+        if self.landing is None:
+            return None
+        s, land = self.sigmas.tolist(), self.landing.tolist()
+        land[-1] = final if land[-1] == 0 else land[-1]
+        return {s[i]: land[i] for i in range(len(land)) if land[i] != s[i + 1]} or None
+
 
 def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str = "euler") -> SigmaPlan:
     """The σ's of ``schedule`` for ``steps`` steps of a sampler of ``family`` (see the module docstring)."""
@@ -74,13 +94,21 @@ def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str
     if family not in FAMILIES:
         raise SamplerError(f"sampler family {family!r} is not one of {', '.join(FAMILIES)}")
     noise.timesteps(steps)  # checks the step count
-    if schedule in ("trailing", "lcm"):
-        return SigmaPlan(sampling_sigmas(noise, steps, schedule))
-    if schedule == "uniform":
-        return SigmaPlan(_uniform(noise, steps, family))
     if schedule in ("karras", "exponential", "polyexponential"):
         return _sigma_range(noise, steps, schedule, family)
-    return SigmaPlan(_FULL_RANGE[schedule](noise, steps))
+    if schedule not in ("trailing", "lcm", "uniform"):
+        return SigmaPlan(_FULL_RANGE[schedule](noise, steps))
+    sigmas = _uniform(noise, steps, family) if schedule == "uniform" else sampling_sigmas(noise, steps, schedule)
+    return SigmaPlan(sigmas, landing=_ddim_landing(noise, sigmas) if family == "ddim" and schedule != "lcm" else None)
+
+
+def _ddim_landing(noise: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
+    """Where each of the N steps of ``DDIMScheduler`` lands: from timestep t it steps to ᾱ at t - T//N (not the next
+    timestep for "trailing" or "linspace" spacing when N does not divide T; ``DDPMScheduler`` steps to the next
+    one), past timestep 0 to ᾱ = 1 (σ = 0; the ᾱ_0 of ``set_alpha_to_one=False`` is
+    :meth:`SigmaPlan.landing_table`'s ``final``)."""
+    previous = noise.sigma_to_t(sigmas[:-1]).round().long() - noise.num_train_timesteps // (len(sigmas) - 1)
+    return torch.where(previous >= 0, noise.sigmas[previous.clamp(min=0)], torch.tensor(0.0))
 
 
 def _with_zero(sigmas: torch.Tensor | list[float] | np.ndarray) -> torch.Tensor:
@@ -107,10 +135,6 @@ def _uniform(noise: NoiseSchedule, steps: int, family: str) -> torch.Tensor:
 
 
 def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -> SigmaPlan:
-    if family in ("euler", "kdpm2", "ddim") and schedule != "polyexponential":
-        sigmas = sampling_sigmas(noise, steps, schedule)
-        rounded = family == "kdpm2" and schedule == "karras"
-        return SigmaPlan(sigmas, _network_timesteps(noise, sigmas, "round") if rounded else None)
     train = noise.sigmas
     sigma_min, sigma_max = float(train[0]), float(train[-1])
     ramp = np.linspace(0, 1, steps)
@@ -119,8 +143,10 @@ def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -
     else:  # exponential = polyexponential with ρ = 1: evenly spaced in log σ
         sigmas = np.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
     plan = _with_zero(sigmas)
-    if family != "multistep" or schedule == "polyexponential":
+    if schedule == "polyexponential" or family not in ("multistep", "kdpm2"):
         return SigmaPlan(plan)
+    if family == "kdpm2":
+        return SigmaPlan(plan, _network_timesteps(noise, plan, "round") if schedule == "karras" else None)
     how = "round" if schedule == "karras" and noise.beta_schedule != "cosine" else "trunc"  # (an int64 cast)
     return SigmaPlan(plan, _network_timesteps(noise, torch.as_tensor(sigmas), how))
 

@@ -44,19 +44,23 @@ def run_ours(base, name, schedule, net, steps, noise=None):
     x = start_noise() * choice.start_scale(float(plan.sigmas[0]), schedule)
     denoiser = Denoiser(net, schedule, timesteps=plan.timestep_table())
     return choice.fn(denoiser, x, plan.sigmas, noise=noise and noise(x, plan.sigmas),
-                     **choice.options(schedule, None))
+                     **choice.options(schedule, None, steps))
 
 
+SD_RANGE = {"sigma_min": NoiseSchedule.sd().sigmas[0].item(), "sigma_max": NoiseSchedule.sd().sigmas[-1].item()}
+"""The model's σ range: our Karras / exponential σ's span it for every sampler, as A1111's do; diffusers' Euler
+spans it with these set, its Heun, LMS and KDPM2 on "linspace" models (elsewhere, only their spaced timesteps)."""
 # (sampler, schedule, diffusers scheduler, config, timestep spacings)
 DIFFUSERS = [
     ("euler", "uniform", EulerDiscreteScheduler, {}, ("leading", "linspace")),
-    ("euler", "exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, ("leading",)),
-    ("heun", "exponential", HeunDiscreteScheduler, {"use_exponential_sigmas": True}, ("leading",)),
+    ("euler", "karras", EulerDiscreteScheduler, {"use_karras_sigmas": True, **SD_RANGE}, ("leading", "trailing")),
+    ("euler", "exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True, **SD_RANGE}, ("leading",)),
+    ("heun", "exponential", HeunDiscreteScheduler, {"use_exponential_sigmas": True}, ("linspace",)),
     ("lms", "uniform", LMSDiscreteScheduler, {}, ("leading", "linspace", "trailing")),
-    ("lms", "karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}, ("leading",)),
+    ("lms", "karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}, ("linspace",)),
     ("dpm2", "uniform", KDPM2DiscreteScheduler, {}, ("leading", "linspace", "trailing")),
-    ("dpm2", "karras", KDPM2DiscreteScheduler, {"use_karras_sigmas": True}, ("leading",)),
-    ("dpm2", "exponential", KDPM2DiscreteScheduler, {"use_exponential_sigmas": True}, ("leading",)),
+    ("dpm2", "karras", KDPM2DiscreteScheduler, {"use_karras_sigmas": True}, ("linspace",)),
+    ("dpm2", "exponential", KDPM2DiscreteScheduler, {"use_exponential_sigmas": True}, ("linspace",)),
     ("dpm++2m", "uniform", DPMSolverMultistepScheduler, {}, ("leading", "linspace", "trailing")),
     ("dpm++2m", "karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, ("leading", "trailing")),
     ("dpm++2m", "exponential", DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
@@ -85,10 +89,12 @@ def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type,
 @pytest.mark.parametrize("steps", [8, 20])
 @pytest.mark.parametrize("base,name,cls,config", [
     ("dpm2-a", "uniform", KDPM2AncestralDiscreteScheduler, {}),
-    ("dpm2-a", "karras", KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True}),
+    ("dpm2-a", "karras", KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True,
+                                                           "timestep_spacing": "linspace"}),
     ("euler-a", "uniform", EulerAncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
 ], ids=["dpm2-a", "dpm2-a-karras", "euler-a-linspace"])
 def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, base, name, cls, config, steps):
+    config = dict(config)
     schedule = spaced(config.pop("timestep_spacing", "leading"))
     scheduler = cls.from_config(schedule.to_diffusers_config(), **config)
     scheduler.set_timesteps(steps)
