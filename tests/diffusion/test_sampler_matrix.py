@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from diffusers import (
+    DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -124,6 +125,53 @@ def test_dpmpp_2m_sde_in_its_schedules_equals_diffusers_fed_the_same_brownian_no
         ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps,
                              step_kwargs=lambda k: {"variance_noise": noises[k]})
     assert max_rel(ours, ref) <= 1e-4
+
+
+SD15_CONFIG = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+               "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+SD21_CONFIG = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+               "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
+               "steps_offset": 1, "trained_betas": None}
+"""The scheduler_config.json of SD 1.5 and SD 2.1 (768, v-prediction), as published."""
+
+
+@pytest.mark.parametrize("steps", [10, 30])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("config", [SD15_CONFIG, SD21_CONFIG, {**SD15_CONFIG, "set_alpha_to_one": True}],
+                         ids=["sd15", "sd21", "alpha-to-one"])
+def test_ddim_equals_ddim_scheduler_read_from_the_sd_configs(tiny_net, config, spacing, eta, steps):
+    """DDIMScheduler from SD's own config: ``set_alpha_to_one`` false ends the last step at ᾱ_0 (σ_0), and on
+    "trailing" / "linspace" timesteps each step lands at t - T//N, not always the next timestep; we follow both."""
+    config = {**config, "timestep_spacing": spacing}
+    schedule = NoiseSchedule.from_diffusers_config(config)
+    assert schedule.set_alpha_to_one == config["set_alpha_to_one"]
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    choice = SamplerChoice("ddim", "uniform")
+    sigmas = choice.sigmas(schedule, steps)
+    x = start_noise() * choice.start_scale(float(sigmas[0]), schedule)
+    step_generator, noise = torch.Generator().manual_seed(5), gaussian_noise(x, torch.Generator().manual_seed(5), "d")
+    with torch.no_grad():
+        ours = choice.fn(Denoiser(tiny_net, schedule), x, sigmas, noise=noise, **choice.options(schedule, eta, steps))
+        ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps,
+                             step_kwargs=lambda k: {"eta": eta, "generator": step_generator})
+    assert max_rel(ours, ref) <= 1e-4
+
+
+def test_ddim_ends_at_sigma_0_unless_set_alpha_to_one():
+    schedule = NoiseSchedule.from_diffusers_config(SD15_CONFIG)
+    assert NoiseSchedule.from_diffusers_config({}).set_alpha_to_one and not NoiseSchedule.sd().set_alpha_to_one
+    sigma_0 = schedule.sigmas[0].item()
+    last = SamplerChoice("ddim").sigmas(schedule, 10)[-2].item()
+    assert SamplerChoice("ddim").options(schedule, None, 10) == {"landing": {last: sigma_0}}
+    one = NoiseSchedule(set_alpha_to_one=True)
+    assert SamplerChoice("ddim").options(one, None, 10) == {} == SamplerChoice("ddpm").options(schedule, None, 10)
+    x, sigmas = torch.ones(1, 4), torch.tensor([last, 0.0])
+    out = SAMPLER_SPECS["ddim"].fn(lambda x, s, **_: torch.zeros_like(x), x, sigmas, landing={last: sigma_0})
+    assert torch.allclose(out, x * sigma_0 / last / math.sqrt(sigma_0**2 + 1))
 
 
 K_DIFFUSION = {"euler": "sample_euler", "euler-a": "sample_euler_ancestral", "heun": "sample_heun",
