@@ -21,6 +21,15 @@ its ``get_sampler_and_scheduler`` reads as Automatic (``get_sigmas``, its neares
 default to ``uniform``), and ComfyUI's A1111 importer, which reads the sampler name only, ignores; nijimi reads it
 back as ``uniform``.
 
+``ddim`` is diffusers' ``DDIMScheduler`` read from the model's ``scheduler_config.json``: the model's timesteps,
+each step landing at ᾱ of t - T//N, the last at ᾱ_0 (σ_0, not 0) when ``set_alpha_to_one`` is false, as SD 1.x/2.x
+say (:meth:`SamplerChoice.options`); on other schedules it is k-diffusion-style DDIM down to σ = 0. A1111's "DDIM"
+(``modules/sd_samplers_timesteps_impl.py``, 1.6 and later) is its own loop over the model's ᾱ's and ignores the
+Schedule type: timesteps 1 + k·(T//N), of which it evaluates all but the lowest (N - 1 network calls when N
+divides T), ending at ᾱ of timestep 1. On SD's "leading" config nijimi's ``ddim`` walks the same timesteps with one
+more call and ends at ᾱ_0: the same picture, not the same pixels. nijimi keeps one DDIM, diffusers' (the one with a
+parity reference), and reads A1111's "DDIM" as it.
+
 A1111's per-sampler options come with the sampler: Brownian-tree noise for the SDE samplers (DPM++ SDE, DPM++ 2M
 SDE, DPM++ 3M SDE), and "discard next to last sigma" for DPM2, DPM2 a and DPM++ 3M SDE (the schedule is made for
 steps + 1 and its next-to-last σ dropped).
@@ -75,6 +84,8 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
                           discard_penultimate=True, aliases=("dpm2ancestral",)),
     "dpm++2s-a": SamplerSpec(ss.sample_dpmpp_2s_ancestral, "DPM++ 2S a", "kdiffusion", "karras", "gaussian",
                              eta=True, aliases=("dpmpp2sancestral",)),
+    "dpm++2s": SamplerSpec(ss.sample_dpmpp_2s, "DPM++ 2S", "singlestep", vp_start=True,
+                           aliases=("dpmsolversinglestep",)),
     "dpm++sde": SamplerSpec(ss.sample_dpmpp_sde, "DPM++ SDE", "kdiffusion", "karras", "brownian", eta=True,
                             aliases=("dpmppsdegpu",)),
     "dpm++2m": SamplerSpec(s.sample_dpmpp_2m, "DPM++ 2M", "multistep", "karras", vp_start=True),

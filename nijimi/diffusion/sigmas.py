@@ -13,6 +13,8 @@ Where a schedule depends on the sampler it follows that sampler's diffusers sche
 - ``ddim`` (DDIM, DDPM): as euler, but "linspace" timesteps are rounded to integers (``DDIMScheduler``);
 - ``multistep`` (DPM++ 2M, DPM++ 2M SDE, UniPC): ``uniform`` picks steps+1 evenly spaced timesteps and drops the
   last ("leading": ``k·(T//(steps+1)) + offset``) (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``);
+- ``singlestep`` (DPM++ 2S): ``uniform`` picks steps+1 timesteps evenly from 0 to T-1, rounded, and drops the
+  last, whatever the model's spacing (``DPMSolverSinglestepScheduler``);
 - ``kdiffusion`` (DPM++ SDE, DPM++ 2S a, DPM++ 3M SDE: no diffusers scheduler): ``uniform`` as euler.
 
 ``karras`` / ``exponential`` / ``polyexponential`` span the model's whole training range [σ_0, σ_{T-1}] for every
@@ -22,9 +24,9 @@ with the model's ``sigma_min`` / ``sigma_max``, and as diffusers' multistep sche
 only the σ's of their spaced timesteps, σ(951)…σ(1) for SD's "leading" config — the same as these on "linspace"
 models, or with ``sigma_min`` / ``sigma_max`` set, where Euler has them; none of them uses Karras σ's in its default
 configuration, so there A1111's σ's are the ones to match). The network is evaluated at t(σ), except where
-diffusers rounds or truncates it for a scheduler whose σ's these are: round(t) for kdpm2 and multistep with Karras,
-trunc(t) for multistep with exponential (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``,
-``KDPM2DiscreteScheduler``).
+diffusers rounds or truncates it for a scheduler whose σ's these are: round(t) for kdpm2, multistep and singlestep
+with Karras, trunc(t) for multistep and singlestep with exponential (``DPMSolverMultistepScheduler``,
+``UniPCMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``KDPM2DiscreteScheduler``).
 
 The other schedules are defined on the whole training range whatever the sampler (A1111's ``sd_schedulers`` and
 ComfyUI's ``comfy.samplers``): ``polyexponential`` (k-diffusion, ρ = 1), ``normal`` / ``sgm_uniform`` (timesteps
@@ -32,7 +34,8 @@ evenly from T-1 to 0, σ interpolated in log σ; sgm_uniform takes steps of step
 (every (T/steps)-th training σ from the top), ``ddim_uniform`` (training σ's 1, 1+T//steps, … — more than ``steps``
 when T//steps does not divide T-1), ``beta`` (timesteps at the quantiles of Beta(0.6, 0.6), 2407.12173),
 ``kl_optimal`` (evenly spaced in arctan σ, Align Your Steps 2404.14507, Thm. 3.1), ``align_your_steps`` (that
-paper's published 10-step SD 1.5 σ's, log-linearly interpolated for other step counts as A1111 does), and
+paper's published 10-step SD 1.5 σ's, for SD 2.x too, as no SD 2.x table is published; log-linearly interpolated
+for other step counts as A1111 does), and
 ``trailing`` / ``lcm`` (timesteps of :meth:`NoiseSchedule.timesteps`).
 """
 
@@ -49,10 +52,14 @@ from nijimi.errors import SamplerError
 
 SCHEDULES = ("uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "simple", "normal",
              "ddim_uniform", "beta", "kl_optimal", "align_your_steps", "trailing", "lcm")
-FAMILIES = ("euler", "kdpm2", "ddim", "multistep", "kdiffusion")
+FAMILIES = ("euler", "kdpm2", "ddim", "multistep", "singlestep", "kdiffusion")
 
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
-"""Align Your Steps' 10-step σ's for SD 1.5 (NVIDIA's published table; A1111 uses it for every non-SDXL model)."""
+"""Align Your Steps' 10-step σ's for SD 1.5 (2404.14507, Table 3; NVIDIA's how-to page gives them as SD 1.5's
+timesteps 999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0), to A1111's 3 decimals. No SD 2.x table is
+published: the paper's Table 3 and the project page give SD 1.5, SDXL, DeepFloyd-IF and Stable Video Diffusion, and
+ComfyUI's AlignYourStepsScheduler offers SD1, SDXL and SVD; A1111 uses this table for every non-SDXL model, and so
+do we for SD 2.x (ε and v), whose noise schedule, and so σ range, is SD 1.5's."""
 BETA_ALPHA = BETA_BETA = 0.6
 """The Beta distribution's parameters of the ``beta`` schedule (ComfyUI's and A1111's defaults)."""
 
@@ -120,12 +127,12 @@ def _uniform(noise: NoiseSchedule, steps: int, family: str) -> torch.Tensor:
     if family in ("euler", "kdpm2", "kdiffusion"):
         return sampling_sigmas(noise, steps)
     T, offset, spacing = noise.num_train_timesteps, noise.steps_offset, noise.timestep_spacing
-    if family == "ddim" and spacing == "linspace":
+    if family == "singlestep" or (family == "multistep" and spacing == "linspace"):
+        timesteps = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+    elif family == "ddim" and spacing == "linspace":
         timesteps = np.linspace(0, T - 1, steps).round()[::-1]
     elif family == "ddim" or spacing == "trailing":
         return sampling_sigmas(noise, steps)
-    elif spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
     else:
         timesteps = (np.arange(steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + offset
     if timesteps[0] > T - 1:
@@ -143,11 +150,12 @@ def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -
     else:  # exponential = polyexponential with ρ = 1: evenly spaced in log σ
         sigmas = np.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
     plan = _with_zero(sigmas)
-    if schedule == "polyexponential" or family not in ("multistep", "kdpm2"):
+    if schedule == "polyexponential" or family not in ("multistep", "singlestep", "kdpm2"):
         return SigmaPlan(plan)
     if family == "kdpm2":
         return SigmaPlan(plan, _network_timesteps(noise, plan, "round") if schedule == "karras" else None)
-    how = "round" if schedule == "karras" and noise.beta_schedule != "cosine" else "trunc"  # (an int64 cast)
+    rounded = schedule == "karras" and (family == "singlestep" or noise.beta_schedule != "cosine")
+    how = "round" if rounded else "trunc"  # (an int64 cast)
     return SigmaPlan(plan, _network_timesteps(noise, torch.as_tensor(sigmas), how))
 
 

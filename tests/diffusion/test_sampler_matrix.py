@@ -10,6 +10,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -66,6 +67,9 @@ DIFFUSERS = [
     ("dpm++2m", "karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, ("leading", "trailing")),
     ("dpm++2m", "exponential", DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
     ("dpm++2m", "trailing", DPMSolverMultistepScheduler, {"timestep_spacing": "trailing"}, ("leading",)),
+    ("dpm++2s", "uniform", DPMSolverSinglestepScheduler, {}, ("leading", "trailing")),
+    ("dpm++2s", "karras", DPMSolverSinglestepScheduler, {"use_karras_sigmas": True}, ("leading",)),
+    ("dpm++2s", "exponential", DPMSolverSinglestepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
     ("unipc", "uniform", UniPCMultistepScheduler, {}, ("leading", "linspace")),
     ("unipc", "karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}, ("leading",)),
     ("unipc", "exponential", UniPCMultistepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
@@ -172,6 +176,20 @@ def test_ddim_ends_at_sigma_0_unless_set_alpha_to_one():
     x, sigmas = torch.ones(1, 4), torch.tensor([last, 0.0])
     out = SAMPLER_SPECS["ddim"].fn(lambda x, s, **_: torch.zeros_like(x), x, sigmas, landing={last: sigma_0})
     assert torch.allclose(out, x * sigma_0 / last / math.sqrt(sigma_0**2 + 1))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7])
+@pytest.mark.parametrize("name,config", [("uniform", {}), ("karras", {"use_karras_sigmas": True})])
+def test_dpmpp_2s_equals_dpm_solver_singlestep_with_odd_and_few_steps(tiny_net, name, config, steps):
+    """diffusers' DPMSolverSinglestepScheduler in its defaults (order 2, dpmsolver++, midpoint) on SD 1.5's
+    config: pairs of steps, the last one first order (an odd count ends on a lone first-order step)."""
+    schedule = NoiseSchedule.from_diffusers_config(SD15_CONFIG)
+    scheduler = DPMSolverSinglestepScheduler.from_config(SD15_CONFIG, **config)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        ours = run_ours("dpm++2s", name, schedule, tiny_net, steps)
+        ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps)
+    assert max_rel(ours, ref) <= 1e-4
 
 
 K_DIFFUSION = {"euler": "sample_euler", "euler-a": "sample_euler_ancestral", "heun": "sample_heun",

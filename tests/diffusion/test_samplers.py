@@ -338,7 +338,7 @@ def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
 
 def test_every_name_round_trips_through_display_names():
     assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "lms", "dpm2", "dpm2-a", "dpm++2s-a",
-                              "dpm++sde", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "lcm", "tcd"]
+                              "dpm++2s", "dpm++sde", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "lcm", "tcd"]
     for base in SAMPLERS:
         for schedule in SCHEDULE_LABELS:
             choice = parse_sampler(base, schedule)

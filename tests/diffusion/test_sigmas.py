@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
     KDPM2DiscreteScheduler,
     UniPCMultistepScheduler,
@@ -36,19 +37,21 @@ def network_timesteps(schedule, plan):
                                                                              strict=True))])
 
 
-@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler, DPMSolverSinglestepScheduler])
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("name,config", [("uniform", {}), ("karras", {"use_karras_sigmas": True}),
                                          ("exponential", {"use_exponential_sigmas": True})])
 @pytest.mark.parametrize("beta", ["scaled_linear", "cosine"])
-def test_multistep_schedules_equal_dpm_solver_and_unipc(cls, spacing, name, config, beta):
+def test_multistep_and_singlestep_schedules_equal_dpm_solver_and_unipc(cls, spacing, name, config, beta):
+    """DPMSolverSinglestepScheduler picks its timesteps evenly from 0 to T-1 whatever the config's spacing."""
     schedule = spaced(spacing, beta)
     if cls is UniPCMultistepScheduler and beta == "cosine" and name == "karras":
         pytest.skip("UniPC rounds Karras timesteps for every β schedule, DPM-Solver not for cosine; we follow DPM")
     scheduler = cls.from_config(schedule.to_diffusers_config(), **config)
     for steps in STEPS:
         scheduler.set_timesteps(steps)
-        plan = schedule_sigmas(schedule, steps, name, "multistep")
+        plan = schedule_sigmas(schedule, steps, name, "singlestep" if cls is DPMSolverSinglestepScheduler else
+                               "multistep")
         assert plan.sigmas.shape == (steps + 1,) and plan.sigmas[-1] == 0
         assert max_rel(plan.sigmas[:-1], scheduler.sigmas[:-1]) <= 1e-6, steps
         assert torch.equal(network_timesteps(schedule, plan).round(), scheduler.timesteps.float()), steps
@@ -150,9 +153,24 @@ def test_comfyui_and_a1111_schedules_follow_their_formulas(name):
 
 
 def test_align_your_steps_is_the_published_table_and_ddim_uniform_may_add_a_step():
+    """NVIDIA publishes SD 1.5's AYS schedule as σ's (2404.14507, Table 3; A1111's table) and as timesteps (project
+    how-to page): each σ lies within 0.6 of its timestep. No SD 2.x table exists, so SD 2.1-v (same σ's) gets the
+    same one. Other step counts:
+    ``steps`` points log-linearly interpolated on an even grid over the table, then 0 (A1111's rule); 11 steps: the
+    table itself."""
     schedule = NoiseSchedule.sd()
+    published = torch.tensor([999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0], dtype=torch.float64)
+    assert (schedule.sigma_to_t(torch.tensor(AYS_SD15)).double() - published).abs().max() <= 0.6
     assert schedule_sigmas(schedule, 11, "align_your_steps", "euler").sigmas[:-1].tolist() == \
         pytest.approx([14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029], rel=1e-6)
+    for steps in (4, 10, 20):
+        ours = schedule_sigmas(NoiseSchedule.sd("v_prediction"), steps, "align_your_steps", "euler").sigmas
+        assert torch.equal(ours, schedule_sigmas(schedule, steps, "align_your_steps", "euler").sigmas)
+        grid = np.linspace(0, 10, steps)  # position on the table's 11 points, from its top
+        low = np.minimum(np.floor(grid).astype(int), 9)
+        log_table = np.log(np.array(AYS_SD15))
+        expected = np.exp(log_table[low] + (grid - low) * (log_table[low + 1] - log_table[low]))
+        assert max_rel(ours[:-1], torch.from_numpy(expected)) <= 1e-6 and ours[-1] == 0 and len(ours) == steps + 1
     ten = schedule_sigmas(schedule, 10, "align_your_steps", "euler").sigmas
     assert ten[0].item() == pytest.approx(14.615) and ten[-2].item() == pytest.approx(0.029) and len(ten) == 11
     assert len(schedule_sigmas(schedule, 30, "ddim_uniform", "euler").sigmas) == 32  # 1, 34, …, 991: 31 σ's
@@ -187,7 +205,7 @@ def test_discard_next_to_last_sigma_for_dpm2_and_3m_sde():
 def test_every_schedule_gives_decreasing_sigmas_ending_at_zero():
     for schedule in (NoiseSchedule.sd(), spaced("trailing", "cosine"), spaced("linspace")):
         for name in SCHEDULES:
-            for family in ("euler", "kdpm2", "ddim", "multistep", "kdiffusion"):
+            for family in FAMILIES:
                 sigmas = schedule_sigmas(schedule, 9, name, family).sigmas
                 assert (sigmas.diff() < 0).all() and sigmas[-1] == 0, (name, family)
 
