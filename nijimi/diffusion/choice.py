@@ -18,8 +18,8 @@ while ``uniform`` stays nijimi's; and A1111's "Automatic" in an infotext is what
 for the samplers it gives no schedule of their own (Euler, Euler a, Heun, LMS), the sampler's table entry otherwise
 (:func:`choice_from_infotext`). nijimi labels its ``uniform`` "Model timesteps": a label A1111 does not know, which
 its ``get_sampler_and_scheduler`` reads as Automatic (``get_sigmas``, its nearest schedule, for the samplers that
-default to ``uniform``), and ComfyUI's A1111 importer, which reads the sampler name only, ignores; nijimi reads it
-back as ``uniform``.
+default to ``uniform``), and ComfyUI's A1111 importer ignores (it reads the sampler name only: Karras if the name
+says so, else "normal", the same nearest schedule); nijimi reads it back as ``uniform``.
 
 ``ddim`` is diffusers' ``DDIMScheduler`` read from the model's ``scheduler_config.json``: the model's timesteps,
 each step landing at ᾱ of t - T//N, the last at ᾱ_0 (σ_0, not 0) when ``set_alpha_to_one`` is false, as SD 1.x/2.x
