@@ -130,7 +130,9 @@ def sample_dpmpp_2s(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extr
 
     h = log(σ_s/σ'), r = log(σ_s/σ_m)/h,  x' = (σ'/σ_s)·x_s + (1 - e^{-h})·((1 - 1/(2r))·x̂₀(σ_s) + x̂₀(σ_m)/(2r)).
 
-    The last step is first order (an even count ends in two first-order steps)."""
+    The last step is first order (an even count ends in two first-order steps). Pairs count from the first σ
+    passed: an img2img tail starting at an odd step pairs differently from diffusers, which counts from the whole
+    schedule's first step."""
     s, extra = check_sigmas(sigmas), extra_args or {}
     start, start_denoised = x, None
     for i in range(len(s) - 1):
