@@ -262,6 +262,8 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
         print(f"{name:12s} {spec.display!r:15s} automatic={spec.automatic:12s} "
               f"{(spec.fn.__doc__ or '').strip().splitlines()[0]}")
     print("schedules (--schedule): " + ", ".join(f"{name} ({label!r})" for name, label in SCHEDULE_LABELS.items()))
+    print("uniform is the model's own timesteps; A1111's 'Uniform' (its Automatic for Euler, Euler a, Heun, LMS) is "
+          "normal; karras, exponential and polyexponential span the model's whole σ range, as in A1111")
     return 0
 
 

@@ -1,8 +1,8 @@
 """The sampling references of the parity tests: diffusers' pipeline loop over a scheduler, and k-diffusion's
-``sampling`` module (the ``k-diffusion`` package, installed by the Makefile with ``--no-deps``), loaded without the
-package's ``__init__``, which imports torchvision and CLIP: ``sampling.py`` is executed as a module of a stand-in
-package whose ``utils`` holds the one helper it uses (``append_dims``: index with trailing ``None``'s up to a rank);
-nothing of k-diffusion is copied here."""
+``sampling`` and ``external`` modules (the ``k-diffusion`` package, installed by the Makefile with ``--no-deps``),
+loaded without the package's ``__init__``, which imports torchvision and CLIP: each file is executed as a module of
+a stand-in package whose ``utils`` holds the one helper they use (``append_dims``: index with trailing ``None``'s up
+to a rank); nothing of k-diffusion is copied here."""
 
 import importlib.util
 import sys
@@ -20,21 +20,34 @@ def _append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
 
 def load_sampling() -> types.ModuleType:
     """``k_diffusion.sampling``, loaded once per process."""
-    if f"{_PACKAGE}.sampling" in sys.modules:
-        return sys.modules[f"{_PACKAGE}.sampling"]
+    return _load("sampling")
+
+
+def load_external() -> types.ModuleType:
+    """``k_diffusion.external`` (``DiscreteSchedule``, ``CompVisDenoiser``: A1111's model wrappers), loaded once per
+    process after ``sampling``, which it imports."""
+    load_sampling()
+    return _load("external")
+
+
+def _load(name: str) -> types.ModuleType:
+    if f"{_PACKAGE}.{name}" in sys.modules:
+        return sys.modules[f"{_PACKAGE}.{name}"]
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("k-diffusion is not installed: run `make test` (pip install --no-deps k-diffusion)")
     folder = Path(next(iter(spec.submodule_search_locations)))
-    package = types.ModuleType(_PACKAGE)
-    package.__path__ = [str(folder)]
-    package.utils = types.ModuleType(f"{_PACKAGE}.utils")
-    package.utils.append_dims = _append_dims
-    sys.modules[_PACKAGE], sys.modules[f"{_PACKAGE}.utils"] = package, package.utils
-    module_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.sampling", folder / "sampling.py")
+    if _PACKAGE not in sys.modules:
+        package = types.ModuleType(_PACKAGE)
+        package.__path__ = [str(folder)]
+        package.utils = types.ModuleType(f"{_PACKAGE}.utils")
+        package.utils.append_dims = _append_dims
+        sys.modules[_PACKAGE], sys.modules[f"{_PACKAGE}.utils"] = package, package.utils
+    module_spec = importlib.util.spec_from_file_location(f"{_PACKAGE}.{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
+    setattr(sys.modules[_PACKAGE], name, module)
     return module
 
 

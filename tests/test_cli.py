@@ -23,6 +23,7 @@ from nijimi.adapters.formats import save_adapter
 from nijimi.adapters.inject import adapter_parameters, get_adapter, inject
 from nijimi.adapters.targets import AdapterSpec
 from nijimi.cli import build_parser, main, output_paths, write_png
+from nijimi.diffusion.choice import SAMPLER_SPECS
 from nijimi.errors import OutputExistsError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.controlnet import save_original
@@ -396,6 +397,14 @@ def test_doctor_prints_every_line(capsys):
     assert code == 0 and labels == ["CPU", "AVX2", "AVX-512", "AVX-512 BF16", "AMX BF16", "AMX tile", "physical cores",
                                     "logical CPUs", "torch threads", "torch", "matmul fp32/bf16 time",
                                     "conv2d fp32/bf16 time", "bf16 faster here"]
+
+
+def test_samplers_lists_every_sampler_and_schedule_with_a1111s_labels(capsys):
+    code, out, _ = run(capsys, "samplers")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines[:-2]] == list(SAMPLER_SPECS)
+    assert "dpm++2s      'DPM++ 2S'" in out and "uniform ('Model timesteps')" in lines[-2]
+    assert lines[-1].startswith("uniform is the model's own timesteps; A1111's 'Uniform'")
 
 
 def test_bad_nijimi_threads_is_one_error_line(capsys, monkeypatch):

@@ -5,10 +5,30 @@ names again.
 Sampler names: nijimi's (``dpm++2m``), A1111's display names (``DPM++ 2M``, ``Euler a``) and ``k_`` aliases,
 ComfyUI's (``dpmpp_2m``, ``euler_ancestral``, ``uni_pc``), case, spaces, ``-`` and ``_`` ignored. Schedule names:
 nijimi's / ComfyUI's (``sgm_uniform``, ``ddim_uniform``, ``normal``) and A1111's labels (``SGM Uniform``, ``DDIM``,
-``Align Your Steps``). ``automatic`` is the sampler's A1111 default (:data:`SAMPLER_SPECS`: Karras for DPM++ 2M,
+``Align Your Steps``). ``automatic`` is the sampler's default (:data:`SAMPLER_SPECS`: A1111's Karras for DPM++ 2M,
 DPM++ SDE, DPM++ 2S a, DPM2 and DPM2 a; exponential for DPM++ 2M SDE and DPM++ 3M SDE; LCM's own timesteps for lcm
-and tcd; the model's own spacing, ``uniform``, for the rest). Old combined names (``DPM++ 2M Karras``,
+and tcd; the model's own timesteps, ``uniform``, for the rest). Old combined names (``DPM++ 2M Karras``,
 ``dpm++2m-karras``, ``euler-trailing``) still parse, into the sampler plus the named schedule.
+
+"Uniform" means two things. nijimi's ``uniform`` is the model's own timesteps (its ``timestep_spacing``, as its
+diffusers scheduler picks them: 951, 901, …, 1 for SD's "leading" config at 20 steps). A1111's "Uniform" is
+k-diffusion's ``DiscreteSchedule.get_sigmas``, timesteps evenly from T-1 to 0 with σ interpolated in log σ: nijimi's
+``normal`` (ComfyUI's "normal"). So A1111's label ``Uniform`` (capitalised, as A1111 writes it) parses to ``normal``,
+while ``uniform`` stays nijimi's; and A1111's "Automatic" in an infotext is what A1111 ran: ``get_sigmas`` (normal)
+for the samplers it gives no schedule of their own (Euler, Euler a, Heun, LMS), the sampler's table entry otherwise
+(:func:`choice_from_infotext`). nijimi labels its ``uniform`` "Model timesteps": a label A1111 does not know, which
+its ``get_sampler_and_scheduler`` reads as Automatic (``get_sigmas``, its nearest schedule, for the samplers that
+default to ``uniform``), and ComfyUI's A1111 importer ignores (it reads the sampler name only: Karras if the name
+says so, else "normal", the same nearest schedule); nijimi reads it back as ``uniform``.
+
+``ddim`` is diffusers' ``DDIMScheduler`` read from the model's ``scheduler_config.json``: the model's timesteps,
+each step landing at ᾱ of t - T//N, the last at ᾱ_0 (σ_0, not 0) when ``set_alpha_to_one`` is false, as SD 1.x/2.x
+say (:meth:`SamplerChoice.options`); on other schedules it is k-diffusion-style DDIM down to σ = 0. A1111's "DDIM"
+(``modules/sd_samplers_timesteps_impl.py``, 1.6 and later) is its own loop over the model's ᾱ's and ignores the
+Schedule type: timesteps 1 + k·(T//N), of which it evaluates all but the lowest (N - 1 network calls when N
+divides T), ending at ᾱ of timestep 1. On SD's "leading" config nijimi's ``ddim`` walks the same timesteps with one
+more call and ends at ᾱ_0: the same picture, not the same pixels. nijimi keeps one DDIM, diffusers' (the one with a
+parity reference), and reads A1111's "DDIM" as it.
 
 A1111's per-sampler options come with the sampler: Brownian-tree noise for the SDE samplers (DPM++ SDE, DPM++ 2M
 SDE, DPM++ 3M SDE), and "discard next to last sigma" for DPM2, DPM2 a and DPM++ 3M SDE (the schedule is made for
@@ -64,6 +84,8 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
                           discard_penultimate=True, aliases=("dpm2ancestral",)),
     "dpm++2s-a": SamplerSpec(ss.sample_dpmpp_2s_ancestral, "DPM++ 2S a", "kdiffusion", "karras", "gaussian",
                              eta=True, aliases=("dpmpp2sancestral",)),
+    "dpm++2s": SamplerSpec(ss.sample_dpmpp_2s, "DPM++ 2S", "singlestep", vp_start=True,
+                           aliases=("dpmsolversinglestep",)),
     "dpm++sde": SamplerSpec(ss.sample_dpmpp_sde, "DPM++ SDE", "kdiffusion", "karras", "brownian", eta=True,
                             aliases=("dpmppsdegpu",)),
     "dpm++2m": SamplerSpec(s.sample_dpmpp_2m, "DPM++ 2M", "multistep", "karras", vp_start=True),
@@ -77,11 +99,17 @@ SAMPLER_SPECS: dict[str, SamplerSpec] = {
 }
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {name: spec.fn for name, spec in SAMPLER_SPECS.items()}
 
-SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
-                   "align_your_steps": "Align Your Steps", "simple": "Simple", "normal": "Normal",
-                   "ddim_uniform": "DDIM", "beta": "Beta", "trailing": "Trailing", "lcm": "LCM"}
-"""Each schedule's A1111 label (the ``Schedule type`` infotext value); trailing and lcm are nijimi's."""
+SCHEDULE_LABELS = {"automatic": "Automatic", "uniform": "Model timesteps", "karras": "Karras",
+                   "exponential": "Exponential", "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform",
+                   "kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps", "simple": "Simple",
+                   "normal": "Normal", "ddim_uniform": "DDIM", "beta": "Beta", "trailing": "Trailing", "lcm": "LCM"}
+"""Each schedule's A1111 label (the ``Schedule type`` infotext value); "Model timesteps", "Trailing" and "LCM" are
+nijimi's. A1111's "Uniform" is ``normal`` (see the module docstring)."""
+A1111_UNIFORM = "Uniform"
+"""A1111's label of k-diffusion's ``get_sigmas`` schedule, nijimi's ``normal``."""
+_A1111_GET_SIGMAS = ("euler", "euler-a", "heun", "lms")
+"""The samplers A1111 runs on ``get_sigmas`` (its Uniform) when the schedule is Automatic: A1111's sampler table
+gives them no schedule of their own."""
 
 
 _LEGACY_COMBINED = {"karras": ("lms", "dpm2", "dpm2-a", "dpm++2s-a", "dpm++2m", "dpm++sde", "dpm++2m-sde",
@@ -105,7 +133,10 @@ _SCHEDULE_KEYS = {**{_key(name): name for name in SCHEDULE_LABELS}, **{_key(labe
 
 
 def parse_schedule(name: str) -> str:
-    """The canonical schedule name (``automatic`` included) for any accepted spelling."""
+    """The canonical schedule name (``automatic`` included) for any accepted spelling; A1111's label ``Uniform`` is
+    ``normal`` (see the module docstring)."""
+    if isinstance(name, str) and name.strip() == A1111_UNIFORM:
+        return "normal"
     key = _key(name) if isinstance(name, str) else None
     if key not in _SCHEDULE_KEYS:
         known = ", ".join(SCHEDULE_LABELS)
@@ -195,10 +226,18 @@ class SamplerChoice:
         """{σ: network timestep} where diffusers rounds or truncates t(σ) (for the Denoiser), else None."""
         return self.plan(schedule, steps).timestep_table()
 
-    def options(self, schedule: NoiseSchedule, eta: float | None) -> dict:
-        """The keyword options of ``fn`` for a model with ``schedule``: ``eta`` when given, and the ``schedule``
-        itself for the samplers defined on the training timesteps (lcm, tcd)."""
-        return ({} if eta is None else {"eta": eta}) | ({"schedule": schedule} if self.spec.grid else {})
+    def options(self, schedule: NoiseSchedule, eta: float | None, steps: int) -> dict:
+        """The keyword options of ``fn`` for a model with ``schedule`` and a plan of ``steps`` steps: ``eta`` when
+        given, the ``schedule`` itself for the samplers defined on the training timesteps (lcm, tcd), and DDIM's
+        ``landing`` on the model's own timesteps (:meth:`SigmaPlan.landing_table
+        <nijimi.diffusion.sigmas.SigmaPlan.landing_table>`: where diffusers' ``DDIMScheduler`` steps to, its last
+        step ending at σ_0 when the config's ``set_alpha_to_one`` is false, as SD's say)."""
+        options = ({} if eta is None else {"eta": eta}) | ({"schedule": schedule} if self.spec.grid else {})
+        if self.base != "ddim":
+            return options
+        final = 0.0 if schedule.set_alpha_to_one else float(schedule.sigmas[0])
+        landing = self.plan(schedule, steps).landing_table(final)
+        return options | ({"landing": landing} if landing else {})
 
     def start_scale(self, sigma_max: float, schedule: NoiseSchedule) -> float:
         """The txt2img starting latent is unit noise times this: diffusers' ``init_noise_sigma`` carried to σ-space,
@@ -231,18 +270,23 @@ def parse_sampler(name: str, schedule: str = "automatic") -> SamplerChoice:
 
 
 def choice_from_infotext(settings: Mapping[str, object]) -> SamplerChoice:
-    """The choice an A1111 infotext states: ``Sampler`` plus ``Schedule type`` (A1111 ≥ 1.9; missing means
-    Automatic, as A1111 reads it), or an older combined ``Sampler`` value such as ``DPM++ 2M Karras``."""
+    """The choice an A1111 infotext states, read as A1111 ≥ 1.9 reads it: ``Sampler`` plus ``Schedule type``, or
+    an older combined ``Sampler`` value such as ``DPM++ 2M Karras``; a missing or "Automatic" schedule is what A1111
+    runs then (Euler, Euler a, Heun, LMS: its Uniform, nijimi's ``normal``; the others: their automatic schedule)."""
     sampler = settings.get("Sampler")
     if not isinstance(sampler, str):
         raise SamplerError(f"infotext has no Sampler (got {sampler!r})")
-    return parse_sampler(sampler, str(settings.get("Schedule type") or "automatic"))
+    schedule = str(settings.get("Schedule type") or "automatic")
+    base, carried = split_sampler_name(sampler)
+    if not carried and parse_schedule(schedule) == "automatic" and base in _A1111_GET_SIGMAS:
+        schedule = A1111_UNIFORM
+    return parse_sampler(sampler, schedule)
 
 
 def default_sampler(schedule: NoiseSchedule, name: str = "automatic") -> SamplerChoice:
     """The sampler used when none is named, with the schedule ``name``: DPM++ 2M (Karras when automatic), A1111's
     usual choice; but DPM++ 2M on the model's own timesteps for a zero-terminal-SNR schedule, whose σ_max ≈ 4096
-    would put 14 of 20 Karras steps above σ = 14, where the image has no structure yet (2305.08891 samples such
+    would put 13 of 20 Karras steps above σ = 14, where the image has no structure yet (2305.08891 samples such
     models on "trailing" timesteps)."""
     if parse_schedule(name) == "automatic" and schedule.rescale_zero_terminal_snr:
         return SamplerChoice("dpm++2m", "uniform")

@@ -16,7 +16,8 @@ Every sampler has the signature::
   (:mod:`nijimi.diffusion.noise`); required by the stochastic samplers (ddpm, euler-a, dpm++2m-sde, dpm++3m-sde, lcm,
   ddim with η > 0, tcd with γ > 0; the ancestral and SDE samplers of :mod:`nijimi.diffusion.singlestep`).
 - ``options``: ``eta`` (ddim, euler-a, the SDE samplers; tcd's γ), ``order`` (unipc, lms), ``schedule`` (lcm and
-  tcd: their formulas live on the model's training timesteps; :meth:`SamplerChoice.options` supplies it).
+  tcd: their formulas live on the model's training timesteps), ``landing`` (ddim: where diffusers' DDIMScheduler
+  steps to); :meth:`SamplerChoice.options` supplies them.
 
 Samplers and schedules are named and paired in :mod:`nijimi.diffusion.choice`. All samplers run in fp32 tensor ops;
 per-step scalar coefficients are computed once in Python floats.
@@ -25,7 +26,7 @@ per-step scalar coefficients are computed once in Python floats.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -130,42 +131,52 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _ancestral(name: str, eta: float, model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None,
-               callback: Callback | None, noise: NoiseSampler | None) -> torch.Tensor:
+def _ancestral(eta: float, model: Model, x: torch.Tensor, sigmas: torch.Tensor, extra: dict | None,
+               callback: Callback | None, noise: NoiseSampler | None,
+               landing: Mapping[float, float] | None = None) -> torch.Tensor:
     """DDIM's generalised step in σ-space (2010.02502, eq. 12 and 16, divided by sqrt(ᾱ_prev)):
 
     ε̂ = (x - x̂₀)/σ,  σ_up = η·σ'·sqrt(1 - σ'²/σ²),  σ_down = sqrt(σ'² - σ_up²),  x' = x̂₀ + σ_down·ε̂ + σ_up·z.
     η = 0 is deterministic DDIM; η = 1 samples the DDPM posterior q(x_{t'} | x_t, x̂₀) exactly.
+    ``landing`` {σ: σ_L}: the step from σ lands at σ_L instead of the next σ', and the latent is carried to σ'
+    unchanged in the network's variance-preserving scale, x'·sqrt(σ'²+1)/sqrt(σ_L²+1) (as diffusers' DDIMScheduler
+    does when its previous timestep is not the next one, or its last step ends at ᾱ_0 rather than 1).
+    ``noise``: checked by the caller (:func:`eta_noise`).
     """
-    s, extra, noise = check_sigmas(sigmas), extra or {}, eta_noise(name, eta, noise)
+    s, extra = check_sigmas(sigmas), extra or {}
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
+        land = (landing or {}).get(sigma, sigma_next)
         denoised = model(x, sigma_batch(x, sigma), step=i, **extra)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        sigma_down, sigma_up = ancestral_step(sigma, land, eta)
         x = denoised + (x - denoised) * (sigma_down / sigma)
         if sigma_up > 0:
             x = x + noise(sigma, sigma_next) * sigma_up
+        if land != sigma_next:
+            x = x * math.sqrt((sigma_next**2 + 1) / (land**2 + 1))
         x = after_step(x, i, s, denoised, callback)
     return x
 
 
 def sample_ddim(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
-                callback: Callback | None = None, noise: NoiseSampler | None = None, eta: float = 0.0) -> torch.Tensor:
-    """DDIM (2010.02502): deterministic at η = 0 (where it equals Euler), stochastic for η in (0, 1]."""
-    return _ancestral("ddim", eta, model, x, sigmas, extra_args, callback, noise)
+                callback: Callback | None = None, noise: NoiseSampler | None = None, eta: float = 0.0,
+                landing: Mapping[float, float] | None = None) -> torch.Tensor:
+    """DDIM (2010.02502): deterministic at η = 0 (where it equals Euler), stochastic for η in (0, 1]; ``landing``
+    as diffusers' DDIMScheduler steps (:meth:`SigmaPlan.landing_table <nijimi.diffusion.sigmas.SigmaPlan>`)."""
+    return _ancestral(eta, model, x, sigmas, extra_args, callback, eta_noise("ddim", eta, noise), landing)
 
 
 def sample_ddpm(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                 callback: Callback | None = None, noise: NoiseSampler | None = None) -> torch.Tensor:
     """DDPM ancestral sampling (2006.11239) with the posterior variance β̃: DDIM with η = 1 (2010.02502, §4.1)."""
-    return _ancestral("ddpm", 1.0, model, x, sigmas, extra_args, callback, noise)
+    return _ancestral(1.0, model, x, sigmas, extra_args, callback, eta_noise("ddpm", 1.0, noise))
 
 
 def sample_euler_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                            callback: Callback | None = None, noise: NoiseSampler | None = None,
                            eta: float = 1.0) -> torch.Tensor:
     """Euler ancestral: an Euler step down to σ_down, then fresh noise of size σ_up (k-diffusion; = DDPM at η = 1)."""
-    return _ancestral("euler-a", eta, model, x, sigmas, extra_args, callback, noise)
+    return _ancestral(eta, model, x, sigmas, extra_args, callback, eta_noise("euler-a", eta, noise))
 
 
 def sample_dpmpp_2m(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,

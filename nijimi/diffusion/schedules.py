@@ -25,12 +25,11 @@ from nijimi.errors import ConfigError, SamplerError
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SIGMA_SPACINGS = ("model", "karras", "exponential", "trailing", "lcm")
+SIGMA_SPACINGS = ("model", "trailing", "lcm")
 LCM_ORIGINAL_STEPS = 50
 
 # ᾱ_{T-1} after zero-terminal-SNR rescaling is exactly 0 (σ = ∞); like diffusers we store 2⁻²⁴ so σ_max ≈ 4096.
 _ZERO_SNR_ALPHA_BAR = 2.0**-24
-_KARRAS_RHO = 7.0
 MAX_TRAIN_TIMESTEPS = 100_000
 """Most training timesteps a schedule may have (SD: 1000); its tables hold a few floats per timestep."""
 
@@ -46,6 +45,8 @@ class NoiseSchedule:
     Field names follow diffusers' ``scheduler_config.json`` except ``beta_schedule="cosine"`` (diffusers:
     ``squaredcos_cap_v2``) and ``rescale_zero_terminal_snr`` (diffusers: ``rescale_betas_zero_snr``).
     ``clip_sample`` clamps the predicted x₀ to ``±clip_sample_range`` (pixel-space models only; never for SD latents).
+    ``set_alpha_to_one``: DDIM's last step ends at ᾱ = 1 (σ = 0) when true, at ᾱ_0 (σ_0 ≈ 0.029 for SD) when false
+    (``DDIMScheduler``'s ``final_alpha_cumprod``; SD 1.x/2.x's configs say false, diffusers' default is true).
     """
 
     num_train_timesteps: int = 1000
@@ -58,6 +59,7 @@ class NoiseSchedule:
     rescale_zero_terminal_snr: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
@@ -82,7 +84,8 @@ class NoiseSchedule:
     def from_diffusers_config(cls, config: dict[str, Any]) -> NoiseSchedule:
         """Read a diffusers ``scheduler_config.json`` dict (any scheduler class); unknown keys are ignored.
 
-        Missing keys take diffusers' defaults for SD-era configs: spacing "leading", ``steps_offset=0``, no clipping.
+        Missing keys take diffusers' defaults for SD-era configs: spacing "leading", ``steps_offset=0``, no clipping,
+        ``set_alpha_to_one=True`` (``DDIMScheduler``'s, whatever class the config names).
         """
         for key, default in _UNSUPPORTED_KEYS.items():
             if config.get(key, default) != default:
@@ -99,6 +102,7 @@ class NoiseSchedule:
             rescale_zero_terminal_snr=bool(config.get("rescale_betas_zero_snr", False)),
             clip_sample=bool(config.get("clip_sample", False)),
             clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+            set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
         )
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -189,14 +193,11 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "model")
     ``spacing``:
       - ``"model"``: σ at the model's own timesteps (``schedule.timesteps``), interpolated linearly in t;
       - ``"trailing"``, ``"lcm"``: σ at those timesteps instead (:meth:`NoiseSchedule.timesteps`), whatever the
-        model's own spacing (Hyper-SD's and LCM's few-step schedules);
-      - ``"karras"``: EDM's ρ=7 spacing (2206.00364, eq. 5) between the σ's of the model's first and last timestep;
-      - ``"exponential"``: evenly spaced in log σ over the same range.
+        model's own spacing (Hyper-SD's and LCM's few-step schedules).
 
-    These are exactly ``EulerDiscreteScheduler.set_timesteps`` σ's (``use_karras_sigmas`` /
-    ``use_exponential_sigmas``). diffusers' multistep schedulers (DPM-Solver, UniPC) and A1111 instead span Karras σ's
-    over the full training range [σ_0, σ_{T-1}] (the same as these when the spacing is "linspace"): those, and the
-    other samplers' schedules, are :func:`nijimi.diffusion.sigmas.schedule_sigmas`.
+    These are exactly ``EulerDiscreteScheduler.set_timesteps`` σ's. The other schedules (Karras, exponential, …),
+    and the σ's of the samplers whose diffusers scheduler picks its timesteps otherwise, are
+    :func:`nijimi.diffusion.sigmas.schedule_sigmas`.
     """
     if spacing not in SIGMA_SPACINGS:
         raise SamplerError(f"σ spacing {spacing!r} is not one of {', '.join(SIGMA_SPACINGS)}")
@@ -206,14 +207,6 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, spacing: str = "model")
     high = (low + 1).clamp(max=len(train_sigmas) - 1)
     frac = (timesteps - low).clamp(0, 1)
     sigmas = train_sigmas[low] + frac * (train_sigmas[high] - train_sigmas[low])
-    if spacing in ("karras", "exponential"):
-        sigma_max, sigma_min = sigmas[0].item(), sigmas[-1].item()
-        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-        if spacing == "karras":
-            inv_max, inv_min = sigma_max ** (1 / _KARRAS_RHO), sigma_min ** (1 / _KARRAS_RHO)
-            sigmas = (inv_max + ramp * (inv_min - inv_max)) ** _KARRAS_RHO
-        else:
-            sigmas = torch.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
     return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
 
 

@@ -9,15 +9,24 @@ Where a schedule depends on the sampler it follows that sampler's diffusers sche
 ``scheduler_config.json`` (its ``family``):
 
 - ``euler`` (Euler, Euler a, Heun, LMS) and ``kdpm2`` (DPM2, DPM2 a): ``uniform`` is σ at the model's own
-  ``timestep_spacing`` (``EulerDiscreteScheduler``); ``karras`` / ``exponential`` span the σ's of the first and last
-  of those timesteps (kdpm2 then rounds the Karras timesteps, as ``KDPM2DiscreteScheduler`` does);
+  ``timestep_spacing`` (``EulerDiscreteScheduler``, ``KDPM2DiscreteScheduler``);
 - ``ddim`` (DDIM, DDPM): as euler, but "linspace" timesteps are rounded to integers (``DDIMScheduler``);
 - ``multistep`` (DPM++ 2M, DPM++ 2M SDE, UniPC): ``uniform`` picks steps+1 evenly spaced timesteps and drops the
-  last ("leading": ``k·(T//(steps+1)) + offset``); ``karras`` / ``exponential`` span the whole training range
-  [σ_0, σ_{T-1}] and evaluate the network at round(t) / trunc(t) (``DPMSolverMultistepScheduler``,
-  ``UniPCMultistepScheduler``);
-- ``kdiffusion`` (DPM++ SDE, DPM++ 2S a, DPM++ 3M SDE: no diffusers scheduler): ``uniform`` as euler; the σ-range
-  schedules span the whole training range, as A1111 (k-diffusion) does.
+  last ("leading": ``k·(T//(steps+1)) + offset``) (``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler``);
+- ``singlestep`` (DPM++ 2S): ``uniform`` picks steps+1 timesteps evenly from 0 to T-1, rounded, and drops the
+  last, whatever the model's spacing (``DPMSolverSinglestepScheduler``);
+- ``kdiffusion`` (DPM++ SDE, DPM++ 2S a, DPM++ 3M SDE: no diffusers scheduler): ``uniform`` as euler.
+
+``karras`` / ``exponential`` / ``polyexponential`` span the model's whole training range [σ_0, σ_{T-1}] for every
+family, as A1111 calls k-diffusion's ``get_sigmas_karras`` / ``_exponential`` / ``_polyexponential`` (ρ = 7, 1, 1)
+with the model's ``sigma_min`` / ``sigma_max``, and as diffusers' multistep schedulers span them (diffusers'
+``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``, ``LMSDiscreteScheduler`` and ``KDPM2DiscreteScheduler`` span
+only the σ's of their spaced timesteps, σ(951)…σ(1) for SD's "leading" config — the same as these on "linspace"
+models, or with ``sigma_min`` / ``sigma_max`` set, where Euler has them; none of them uses Karras σ's in its default
+configuration, so there A1111's σ's are the ones to match). The network is evaluated at t(σ), except where
+diffusers rounds or truncates it for a scheduler whose σ's these are: round(t) for kdpm2, multistep and singlestep
+with Karras, trunc(t) for multistep and singlestep with exponential (``DPMSolverMultistepScheduler``,
+``UniPCMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``KDPM2DiscreteScheduler``).
 
 The other schedules are defined on the whole training range whatever the sampler (A1111's ``sd_schedulers`` and
 ComfyUI's ``comfy.samplers``): ``polyexponential`` (k-diffusion, ρ = 1), ``normal`` / ``sgm_uniform`` (timesteps
@@ -25,7 +34,8 @@ evenly from T-1 to 0, σ interpolated in log σ; sgm_uniform takes steps of step
 (every (T/steps)-th training σ from the top), ``ddim_uniform`` (training σ's 1, 1+T//steps, … — more than ``steps``
 when T//steps does not divide T-1), ``beta`` (timesteps at the quantiles of Beta(0.6, 0.6), 2407.12173),
 ``kl_optimal`` (evenly spaced in arctan σ, Align Your Steps 2404.14507, Thm. 3.1), ``align_your_steps`` (that
-paper's published 10-step SD 1.5 σ's, log-linearly interpolated for other step counts as A1111 does), and
+paper's published 10-step SD 1.5 σ's, for SD 2.x too, as no SD 2.x table is published; log-linearly interpolated
+for other step counts as A1111 does), and
 ``trailing`` / ``lcm`` (timesteps of :meth:`NoiseSchedule.timesteps`).
 """
 
@@ -42,10 +52,14 @@ from nijimi.errors import SamplerError
 
 SCHEDULES = ("uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "simple", "normal",
              "ddim_uniform", "beta", "kl_optimal", "align_your_steps", "trailing", "lcm")
-FAMILIES = ("euler", "kdpm2", "ddim", "multistep", "kdiffusion")
+FAMILIES = ("euler", "kdpm2", "ddim", "multistep", "singlestep", "kdiffusion")
 
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
-"""Align Your Steps' 10-step σ's for SD 1.5 (NVIDIA's published table; A1111 uses it for every non-SDXL model)."""
+"""Align Your Steps' 10-step σ's for SD 1.5 (2404.14507, Table 3; NVIDIA's how-to page gives them as SD 1.5's
+timesteps 999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0), to A1111's 3 decimals. No SD 2.x table is
+published: the paper's Table 3 and the project page give SD 1.5, SDXL, DeepFloyd-IF and Stable Video Diffusion, and
+ComfyUI's AlignYourStepsScheduler offers SD1, SDXL and SVD; A1111 uses this table for every non-SDXL model, and so
+do we for SD 2.x (ε and v), whose noise schedule, and so σ range, is SD 1.5's."""
 BETA_ALPHA = BETA_BETA = 0.6
 """The Beta distribution's parameters of the ``beta`` schedule (ComfyUI's and A1111's defaults)."""
 
@@ -53,10 +67,13 @@ BETA_ALPHA = BETA_BETA = 0.6
 @dataclass(frozen=True)
 class SigmaPlan:
     """``sigmas``: (N+1,) float32, strictly decreasing; ``timesteps``: the network timestep of each σ but the last
-    where diffusers does not use the continuous t(σ) (N,) float32, or None."""
+    where diffusers does not use the continuous t(σ) (N,) float32, or None; ``landing``: the σ each step of
+    diffusers' ``DDIMScheduler`` lands at (N,) float32, for the ddim family on the model's own timesteps, else
+    None."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor | None = None
+    landing: torch.Tensor | None = None
 
     def timestep_table(self) -> dict[tuple[int, float], float] | None:
         """{(step i, σ_i): network timestep} for the Denoiser: the call of step i at ``sigmas[i]`` (a float32 value,
@@ -66,6 +83,16 @@ class SigmaPlan:
         return {(i, sigma): t for i, (sigma, t) in enumerate(zip(self.sigmas[:-1].tolist(), self.timesteps.tolist(),
                                                                  strict=True))}
 
+    def landing_table(self, final: float = 0.0) -> dict[float, float] | None:
+        """{σ_i: σ it lands at} for the steps of :attr:`landing` that do not land on the next σ, the last step
+        landing at ``final`` (DDIM's σ_0 when ``set_alpha_to_one`` is false); the ``landing`` option of
+        :func:`~nijimi.diffusion.samplers.sample_ddim`), or None."""
+        if self.landing is None:
+            return None
+        s, land = self.sigmas.tolist(), self.landing.tolist()
+        land[-1] = final if land[-1] == 0 else land[-1]
+        return {s[i]: land[i] for i in range(len(land)) if land[i] != s[i + 1]} or None
+
 
 def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str = "euler") -> SigmaPlan:
     """The σ's of ``schedule`` for ``steps`` steps of a sampler of ``family`` (see the module docstring)."""
@@ -74,13 +101,21 @@ def schedule_sigmas(noise: NoiseSchedule, steps: int, schedule: str, family: str
     if family not in FAMILIES:
         raise SamplerError(f"sampler family {family!r} is not one of {', '.join(FAMILIES)}")
     noise.timesteps(steps)  # checks the step count
-    if schedule in ("trailing", "lcm"):
-        return SigmaPlan(sampling_sigmas(noise, steps, schedule))
-    if schedule == "uniform":
-        return SigmaPlan(_uniform(noise, steps, family))
     if schedule in ("karras", "exponential", "polyexponential"):
         return _sigma_range(noise, steps, schedule, family)
-    return SigmaPlan(_FULL_RANGE[schedule](noise, steps))
+    if schedule not in ("trailing", "lcm", "uniform"):
+        return SigmaPlan(_FULL_RANGE[schedule](noise, steps))
+    sigmas = _uniform(noise, steps, family) if schedule == "uniform" else sampling_sigmas(noise, steps, schedule)
+    return SigmaPlan(sigmas, landing=_ddim_landing(noise, sigmas) if family == "ddim" and schedule != "lcm" else None)
+
+
+def _ddim_landing(noise: NoiseSchedule, sigmas: torch.Tensor) -> torch.Tensor:
+    """Where each of the N steps of ``DDIMScheduler`` lands: from timestep t it steps to ᾱ at t - T//N (not the next
+    timestep for "trailing" or "linspace" spacing when N does not divide T; ``DDPMScheduler`` steps to the next
+    one), past timestep 0 to ᾱ = 1 (σ = 0; the ᾱ_0 of ``set_alpha_to_one=False`` is
+    :meth:`SigmaPlan.landing_table`'s ``final``)."""
+    previous = noise.sigma_to_t(sigmas[:-1]).round().long() - noise.num_train_timesteps // (len(sigmas) - 1)
+    return torch.where(previous >= 0, noise.sigmas[previous.clamp(min=0)], torch.tensor(0.0))
 
 
 def _with_zero(sigmas: torch.Tensor | list[float] | np.ndarray) -> torch.Tensor:
@@ -92,12 +127,12 @@ def _uniform(noise: NoiseSchedule, steps: int, family: str) -> torch.Tensor:
     if family in ("euler", "kdpm2", "kdiffusion"):
         return sampling_sigmas(noise, steps)
     T, offset, spacing = noise.num_train_timesteps, noise.steps_offset, noise.timestep_spacing
-    if family == "ddim" and spacing == "linspace":
+    if family == "singlestep" or (family == "multistep" and spacing == "linspace"):
+        timesteps = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+    elif family == "ddim" and spacing == "linspace":
         timesteps = np.linspace(0, T - 1, steps).round()[::-1]
     elif family == "ddim" or spacing == "trailing":
         return sampling_sigmas(noise, steps)
-    elif spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
     else:
         timesteps = (np.arange(steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + offset
     if timesteps[0] > T - 1:
@@ -107,10 +142,6 @@ def _uniform(noise: NoiseSchedule, steps: int, family: str) -> torch.Tensor:
 
 
 def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -> SigmaPlan:
-    if family in ("euler", "kdpm2", "ddim") and schedule != "polyexponential":
-        sigmas = sampling_sigmas(noise, steps, schedule)
-        rounded = family == "kdpm2" and schedule == "karras"
-        return SigmaPlan(sigmas, _network_timesteps(noise, sigmas, "round") if rounded else None)
     train = noise.sigmas
     sigma_min, sigma_max = float(train[0]), float(train[-1])
     ramp = np.linspace(0, 1, steps)
@@ -119,9 +150,12 @@ def _sigma_range(noise: NoiseSchedule, steps: int, schedule: str, family: str) -
     else:  # exponential = polyexponential with ρ = 1: evenly spaced in log σ
         sigmas = np.exp(math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max)))
     plan = _with_zero(sigmas)
-    if family != "multistep" or schedule == "polyexponential":
+    if schedule == "polyexponential" or family not in ("multistep", "singlestep", "kdpm2"):
         return SigmaPlan(plan)
-    how = "round" if schedule == "karras" and noise.beta_schedule != "cosine" else "trunc"  # (an int64 cast)
+    if family == "kdpm2":
+        return SigmaPlan(plan, _network_timesteps(noise, plan, "round") if schedule == "karras" else None)
+    rounded = schedule == "karras" and (family == "singlestep" or noise.beta_schedule != "cosine")
+    how = "round" if rounded else "trunc"  # (an int64 cast)
     return SigmaPlan(plan, _network_timesteps(noise, torch.as_tensor(sigmas), how))
 
 

@@ -2,6 +2,9 @@
 (k-diffusion's DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE, as A1111 runs them). Same signature and conventions as
 :mod:`nijimi.diffusion.samplers`; the intermediate call passes the step index of the step it belongs to. A step down
 to σ' = 0 is one Euler step (x' = x̂₀).
+
+DPM++ 2S (diffusers' ``DPMSolverSinglestepScheduler``) is single-step in DPM-Solver's sense instead: the
+intermediate σ of each pair of steps is the schedule's own next σ, one denoiser call per σ.
 """
 
 from __future__ import annotations
@@ -114,5 +117,33 @@ def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, ext
             x = _toward(x, denoised_mid, s[i], down)
             if noise is not None and up > 0:
                 x = x + noise(s[i], s[i + 1]) * up
+        x = after_step(x, i, s, denoised, callback)
+    return x
+
+
+def sample_dpmpp_2s(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+                    callback: Callback | None = None, noise: NoiseSampler | None = None) -> torch.Tensor:
+    """DPM-Solver++(2S) over pairs of the schedule's steps (2211.01095, Alg. 1; diffusers'
+    ``DPMSolverSinglestepScheduler``, solver order 2, midpoint, lower order final): steps 0, 2, 4, … are first-order
+    steps to the next σ, which is the pair's intermediate point; the step after each (1, 3, …) goes from the pair's
+    start σ_s straight to σ' with the x̂₀'s at σ_s and at the intermediate σ_m:
+
+    h = log(σ_s/σ'), r = log(σ_s/σ_m)/h,  x' = (σ'/σ_s)·x_s + (1 - e^{-h})·((1 - 1/(2r))·x̂₀(σ_s) + x̂₀(σ_m)/(2r)).
+
+    The last step is first order (an even count ends in two first-order steps). Pairs count from the first σ
+    passed: an img2img tail starting at an odd step pairs differently from diffusers, which counts from the whole
+    schedule's first step."""
+    s, extra = check_sigmas(sigmas), extra_args or {}
+    start, start_denoised = x, None
+    for i in range(len(s) - 1):
+        denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
+        if i % 2 and i < len(s) - 2:
+            h = math.log(s[i - 1] / s[i + 1])
+            half_inv_r = h / (2 * math.log(s[i - 1] / s[i]))
+            d = (1 - half_inv_r) * start_denoised + half_inv_r * denoised
+            x = (s[i + 1] / s[i - 1]) * start - math.expm1(-h) * d
+        else:
+            start, start_denoised = x, denoised
+            x = _toward(x, denoised, s[i], s[i + 1]) if s[i + 1] > 0 else denoised
         x = after_step(x, i, s, denoised, callback)
     return x

@@ -13,9 +13,9 @@ first word. The rest is done.
 
 How A1111 reads ``Sampler`` and ``Schedule type`` (``get_sampler_and_scheduler`` in ``modules/sd_samplers.py``, 1.9
 and later): a schedule named at the end of the sampler ("DPM++ 2M Karras") wins; else ``Schedule type``; "Automatic"
-(or none) is the sampler's default schedule in A1111's table (``modules/sd_samplers_kdiffusion.py``), the model's own
-uniform timesteps for the others. Infotexts written before 1.9 (``Version`` < 1.9) had no schedule type: a bare name
-meant uniform.
+(or none) is the sampler's default schedule in A1111's table (``modules/sd_samplers_kdiffusion.py``), k-diffusion's
+``get_sigmas`` (A1111's "Uniform", nijimi's ``normal``) for the others. Infotexts written before 1.9 (``Version`` <
+1.9) had no schedule type: a bare name meant Uniform.
 """
 
 from __future__ import annotations

@@ -296,7 +296,7 @@ class Pipeline:
         """Run the request's sampler from ``start`` (img2img: the tail of ``sigmas``); strength 0 runs no step."""
         if start.index >= request.steps:
             return start.latent
-        options = request.sampler.options(self.model.config.schedule, request.eta)
+        options = request.sampler.options(self.model.config.schedule, request.eta, request.steps)
         self.model.unet.set_attention_slice(request.attention_slice or None)
         with torch.inference_mode():
             return request.sampler.fn(model, start.latent, sigmas[start.index:], noise=noise,

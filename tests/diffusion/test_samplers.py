@@ -37,6 +37,7 @@ from nijimi.diffusion.samplers import (
     sample_euler_ancestral,
 )
 from nijimi.diffusion.schedules import NoiseSchedule, sampling_sigmas
+from nijimi.diffusion.sigmas import schedule_sigmas
 from nijimi.errors import NijimiError, SamplerError
 from nijimi.pipelines.edit import img2img_start, masked_blend, noised_latent, with_blend
 
@@ -63,23 +64,25 @@ def run_ours(name, schedule, net, steps, *, generator=None, **kwargs):
     sigmas = choice.sigmas(schedule, steps)
     x = start_noise() * choice.start_scale(float(sigmas[0]), schedule)
     noise = None if generator is None else choice.noise(x, float(sigmas[0]), generator)
-    options = choice.options(schedule, None) | kwargs
+    options = choice.options(schedule, None, steps) | kwargs
     denoiser = Denoiser(net, schedule, timesteps=choice.timestep_table(schedule, steps))
     return choice.fn(denoiser, x, sigmas, noise=noise, **options)
 
 
+SD_RANGE = {"sigma_min": NoiseSchedule.sd().sigmas[0].item(), "sigma_max": NoiseSchedule.sd().sigmas[-1].item()}
+"""Euler's Karras / exponential σ's span the model's whole σ range (as A1111's) with these set, or on "linspace"."""
 # (our sampler and schedule, diffusers scheduler, its extra config, timestep spacing, unused, sampler kwargs)
 DETERMINISTIC = [
-    ("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, "leading", False, {}),
+    ("ddim", DDIMScheduler, {"clip_sample": False}, "leading", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "leading", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "linspace", False, {}),
     ("euler", EulerDiscreteScheduler, {}, "trailing", False, {}),
     ("euler-trailing", EulerDiscreteScheduler, {"timestep_spacing": "trailing"}, "leading", False, {}),
-    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
-    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True}, "trailing", False, {}),
+    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True, **SD_RANGE}, "leading", False, {}),
+    ("euler-karras", EulerDiscreteScheduler, {"use_karras_sigmas": True, **SD_RANGE}, "trailing", False, {}),
     ("euler-exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True}, "linspace", False, {}),
     ("heun", HeunDiscreteScheduler, {}, "leading", False, {}),
-    ("heun-karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}, "leading", False, {}),
+    ("heun-karras", HeunDiscreteScheduler, {"use_karras_sigmas": True}, "linspace", False, {}),
     ("dpm++2m-uniform", DPMSolverMultistepScheduler, {}, "trailing", False, {}),
     ("dpm++2m-karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, "linspace", True, {}),
     ("unipc", UniPCMultistepScheduler, {}, "trailing", False, {}),
@@ -114,7 +117,7 @@ def same_generator_error(net, name, schedule, scheduler, steps, kwargs) -> float
 @pytest.mark.parametrize("name,scheduler_cls,extra,kwargs", [
     ("euler-a", EulerAncestralDiscreteScheduler, {}, {}),
     ("ddpm", DDPMScheduler, {"clip_sample": False}, {}),
-    ("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True}, {"eta": 0.5}),
+    ("ddim", DDIMScheduler, {"clip_sample": False}, {"eta": 0.5}),
 ], ids=["euler-a", "ddpm", "ddim-eta0.5"])
 def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, name, scheduler_cls, extra, kwargs,
                                                                      steps):
@@ -130,7 +133,7 @@ def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, na
     ("tcd", TCDScheduler, {}, {}),
     ("tcd", TCDScheduler, {}, {"eta": 0.0}),
     ("tcd", TCDScheduler, {}, {"eta": 0.7}),
-    ("ddim-trailing", DDIMScheduler, {"timestep_spacing": "trailing", "set_alpha_to_one": True}, {}),
+    ("ddim-trailing", DDIMScheduler, {"timestep_spacing": "trailing"}, {}),
 ], ids=["lcm", "tcd", "tcd-eta0", "tcd-eta0.7", "ddim-trailing"])
 def test_few_step_samplers_equal_diffusers_with_the_same_generator(tiny_net, name, scheduler_cls, extra, kwargs,
                                                                    prediction_type, steps):
@@ -230,7 +233,7 @@ def assert_samples_the_mixture(mixture, out):
 @pytest.mark.parametrize("name", [name for name in SAMPLERS if name not in ("lcm", "tcd")])
 def test_samples_have_the_mixture_mean_covariance_and_mode_weights(mixture, name):
     steps = 50 if SAMPLER_SPECS[name].noise else 30
-    sigmas = sampling_sigmas(NoiseSchedule.sd(), steps, "karras")
+    sigmas = schedule_sigmas(NoiseSchedule.sd(), steps, "karras").sigmas
     x = mixture_start(mixture, sigmas)
     noise = SamplerChoice(name).noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
     assert_samples_the_mixture(mixture, SAMPLERS[name](mixture.denoise, x, sigmas, noise=noise).double())
@@ -249,11 +252,11 @@ def test_consistency_samplers_sample_the_mixture_with_its_exact_consistency_func
     x = mixture_start(mixture, sigmas)
     noise = choice.noise(x, float(sigmas[0]), torch.Generator().manual_seed(1))
     assert_samples_the_mixture(mixture, choice.fn(consistency, x, sigmas, noise=noise,
-                                                  **choice.options(schedule, eta)).double())
+                                                  **choice.options(schedule, eta, 4)).double())
 
 
 def test_higher_order_samplers_are_closer_to_the_ode_solution_than_euler(mixture):
-    sigmas = sampling_sigmas(NoiseSchedule.sd(), 10, "karras")
+    sigmas = schedule_sigmas(NoiseSchedule.sd(), 10, "karras").sigmas
     x = mixture_start(mixture, sigmas, n=500)
 
     def log_spaced(steps):
@@ -293,7 +296,7 @@ def test_stochastic_samplers_repeat_with_the_seed_and_ignore_batch_position(tiny
 
     def run(x, generator):
         return choice.fn(denoiser, x, sigmas, noise=choice.noise(x, float(sigmas[0]), generator),
-                         **choice.options(schedule, None))
+                         **choice.options(schedule, None, 8))
 
     with torch.no_grad():
         a = run(x, torch.Generator().manual_seed(4))
@@ -335,7 +338,7 @@ def test_parse_sampler_accepts_our_and_a1111_names(name, expected):
 
 def test_every_name_round_trips_through_display_names():
     assert list(SAMPLERS) == ["ddpm", "ddim", "euler", "euler-a", "heun", "lms", "dpm2", "dpm2-a", "dpm++2s-a",
-                              "dpm++sde", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "lcm", "tcd"]
+                              "dpm++2s", "dpm++sde", "dpm++2m", "dpm++2m-sde", "dpm++3m-sde", "unipc", "lcm", "tcd"]
     for base in SAMPLERS:
         for schedule in SCHEDULE_LABELS:
             choice = parse_sampler(base, schedule)
@@ -393,8 +396,8 @@ def test_bad_strength_steps_and_options_raise():
         SAMPLERS["lcm"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas, noise=lambda a, b: torch.zeros(1, 2))
     with pytest.raises(SamplerError, match="tcd: eta=1.5"):
         SAMPLERS["tcd"](lambda x, s, **_: x, torch.zeros(1, 2), sigmas, eta=1.5, schedule=NoiseSchedule.sd())
-    assert parse_sampler("tcd").options(NoiseSchedule.sd(), 0.5) == {"eta": 0.5, "schedule": NoiseSchedule.sd()}
-    assert parse_sampler("ddim").options(NoiseSchedule.sd(), None) == {}
+    assert parse_sampler("tcd").options(NoiseSchedule.sd(), 0.5, 4) == {"eta": 0.5, "schedule": NoiseSchedule.sd()}
+    assert parse_sampler("euler").options(NoiseSchedule.sd(), None, 4) == {}
 
 
 def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():
@@ -402,7 +405,7 @@ def test_default_sampler_keeps_karras_off_a_zero_terminal_snr_schedule():
     zero = NoiseSchedule(prediction_type="v_prediction", rescale_zero_terminal_snr=True, timestep_spacing="trailing")
     choice = default_sampler(zero)
     assert choice == SamplerChoice("dpm++2m", "uniform")
-    karras = sampling_sigmas(zero, 20, "karras")
+    karras = schedule_sigmas(zero, 20, "karras").sigmas
     chosen = choice.sigmas(zero, 20)
-    assert (karras[:-1] > 14).sum() >= 14  # σ_max ≈ 4096: most Karras steps are spent where nothing is formed yet
+    assert (karras[:-1] > 14).sum() == 13  # σ_max ≈ 4096: most Karras steps are spent where nothing is formed yet
     assert (chosen[:-1] > 14).sum() == 3 and chosen[1] < 50

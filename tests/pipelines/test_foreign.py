@@ -85,7 +85,8 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
     )
     imported = to_request(from_infotext(parse_parameters(text)), folders)
     r = imported.request
-    assert (r.sampler, r.eta, r.steps, r.loras) == (SamplerChoice("euler-a", "uniform"), 0.5, 5, ())
+    # A1111 before 1.9 ran a bare "Euler a" on k-diffusion's get_sigmas: its Uniform, nijimi's normal
+    assert (r.sampler, r.eta, r.steps, r.loras) == (SamplerChoice("euler-a", "normal"), 0.5, 5, ())
     assert imported.warnings == (
         "Denoising strength 0.4: the image was made from another image (img2img), which its metadata does not hold; "
         "generating from noise",
@@ -120,6 +121,18 @@ def test_a1111_warnings_name_what_is_not_reproduced(folders):
 ])
 def test_a1111_schedule_rules(sampler, schedule, version, expected):
     assert a1111_schedule(sampler, schedule, version) == expected
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("Sampler: Euler, Schedule type: Uniform", ("euler", "normal")),      # A1111's Uniform: k-diffusion get_sigmas
+    ("Sampler: Euler a, Schedule type: Automatic", ("euler-a", "normal")),
+    ("Sampler: Euler, Schedule type: Karras", ("euler", "karras")),
+    ("Sampler: DPM++ 2M, Schedule type: Uniform", ("dpm++2m", "normal")),
+])
+def test_a1111_schedule_types_reproduce_as_a1111_ran_them(folders, line, expected):
+    text = f"p\nSteps: 5, {line}, CFG scale: 7, Seed: 3, Size: 64x64, RNG: CPU, Version: v1.10.1"
+    imported = to_request(from_infotext(parse_parameters(text)), folders, model="embedded")
+    assert imported.request.sampler == SamplerChoice(*expected) and imported.warnings == ()
 
 
 def test_a1111_combined_sampler_names_and_hires_and_model_errors(folders):

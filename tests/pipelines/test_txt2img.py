@@ -97,7 +97,7 @@ def test_dpmpp_2m_trailing_equals_diffusers(sd_folder, sd_diffusers, max_abs):
 
 @pytest.mark.parametrize(("sampler", "schedule", "scheduler_cls", "config"), [
     (None, "automatic", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    ("DPM++ 2M", "Uniform", DPMSolverMultistepScheduler, {}),
+    ("DPM++ 2M", "uniform", DPMSolverMultistepScheduler, {}),
     ("dpmpp_2m", "exponential", DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}),
     ("UniPC", "automatic", UniPCMultistepScheduler, {}),
     ("unipc", "karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}),

@@ -14,6 +14,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from nijimi.diffusion.choice import SAMPLER_SPECS
 from nijimi.io.pngmeta import parse_parameters
 from nijimi.pipelines.request import GenerationRequest
 
@@ -215,7 +216,7 @@ def test_models_options_and_switching(served):
 def test_samplers_schedulers_loras_and_png_info(served):
     samplers = served.call("/sdapi/v1/samplers")[1]
     assert {"name": "DPM++ 2M", "aliases": ["dpm++2m"], "options": {"scheduler": "karras"}} in samplers
-    assert len(samplers) == 16
+    assert len(samplers) == len(SAMPLER_SPECS) == 17
     names = [s["name"] for s in served.call("/sdapi/v1/schedulers")[1]]
     assert names[:4] == ["automatic", "uniform", "karras", "exponential"] and "align_your_steps" in names
     loras = served.call("/sdapi/v1/loras")[1]
