@@ -3,7 +3,7 @@
 
 :func:`attention_maps` generates the request's first image with the maps recorded (the image is the one
 ``generate`` makes: the probes only read the attention) and returns the image and, per word, its map as a heat
-overlay normalised to the word's own peak; ``info`` holds each word's raw map summary and the token mapping.
+overlay normalised to the word's own range (its minimum dark blue, its peak red, as DAAM draws them); ``info`` holds each word's raw map summary and the token mapping.
 :func:`word_maps` is the same generation with the raw maps as arrays, for measuring them (``nijimi eval attention``).
 """
 
@@ -115,7 +115,7 @@ def _slug(word: str) -> str:
 def attention_maps(pipe: Any, request: GenerationRequest, words: Sequence[str] | None = None, *,
                    callback: Callable[[StepInfo], None] | None = None) -> Explanation:
     """The ``attention`` view of ``request``'s first image (see the module docstring): panels ``image`` and, per
-    word, ``word-<i>-<word>`` (the map normalised to its peak over the image); ``info``: ``words`` (per word: raw
+    word, ``word-<i>-<word>`` (the map normalised to [0, 1] over the image); ``info``: ``words`` (per word: raw
     ``mass``, ``peak``, ``peak_xy``, ``peak_fraction``, and ``share``, its mass over all listed words'),
     ``tokens`` (per prompt-schedule text: each word and its token positions), ``layer_calls``, ``size``."""
     result = word_maps(pipe, request, words, callback=callback)
@@ -123,9 +123,9 @@ def attention_maps(pipe: Any, request: GenerationRequest, words: Sequence[str] |
     total = sum(float(m.sum()) for m in result.maps.values()) or 1.0
     summaries = {}
     for i, (word, raw) in enumerate(result.maps.items()):
-        peak = float(raw.max())
+        span = float(raw.max() - raw.min())
         panels.append(Panel(f"'{word}'", f"word-{i}-{_slug(word)}",
-                            heat_overlay(result.image, raw / peak if peak > 0 else raw)))
+                            heat_overlay(result.image, (raw - raw.min()) / span if span > 0 else raw * 0)))
         summaries[word] = {**_summary(raw), "share": float(raw.sum()) / total}
     tokens = [{"text": text, "words": [{"word": w.text, "positions": list(w.positions)} for w in entry_words]}
               for text, entry_words in result.entries]
