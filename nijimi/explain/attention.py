@@ -3,7 +3,8 @@
 
 :func:`attention_maps` generates the request's first image with the maps recorded (the image is the one
 ``generate`` makes: the probes only read the attention) and returns the image and, per word, its map as a heat
-overlay normalised to the word's own range (its minimum dark blue, its peak red, as DAAM draws them); ``info`` holds each word's raw map summary and the token mapping.
+overlay normalised to the word's own range (its minimum dark blue, its peak red, as DAAM draws them); ``info``
+holds each word's raw map summary and the token mapping.
 :func:`word_maps` is the same generation with the raw maps as arrays, for measuring them (``nijimi eval attention``).
 """
 

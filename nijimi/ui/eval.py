@@ -1,5 +1,6 @@
-"""``nijimi eval shapes``, ``nijimi eval control`` and ``nijimi eval attention``: the CLI side of :mod:`nijimi.eval`. Images come from a pipeline
-here; the evaluators see only a function from captions (and maps) and seeds to images."""
+"""``nijimi eval shapes``, ``nijimi eval control`` and ``nijimi eval attention``: the CLI side of :mod:`nijimi.eval`.
+Images come from a pipeline here; the evaluators see only a function from captions (and maps) and seeds to images
+(and, for attention, the colour words' maps)."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str, grid:
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval shapes``, ``eval control`` and ``eval attention`` to the ``nijimi`` command's sub-commands (``cli.build_parser``)."""
+    """Add ``eval shapes``, ``eval control`` and ``eval attention`` to the ``nijimi`` command's sub-commands
+    (``cli.build_parser``)."""
     what = sub.add_parser("eval", help="measure prompt adherence").add_subparsers(dest="what", required=True,
                                                                                metavar="KIND")
     q = what.add_parser("shapes", help="generate held-out shapes captions and score them with the detector")
