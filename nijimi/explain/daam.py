@@ -97,7 +97,8 @@ class AttentionRecorder:
     """Sums of a U-Net's cross-attention probabilities over heads, steps and layers, per prompt-schedule entry,
     latent size and layer resolution (see the module docstring).
 
-    Layers at the U-Net's deepest level are not recorded (see the module docstring). ``end_steps``: the prompt
+    Layers at the U-Net's deepest level are not recorded (see the module docstring), unless no shallower level has
+    cross-attention. ``end_steps``: the prompt
     schedule's entries (:func:`nijimi.text.prompt_syntax.prompt_schedule`); a step's
     maps go to the entry it encodes with (prompt editing), all to entry 0 without. ``sums[(entry, latent (h, w),
     layer (h_l, w_l))]``: (B, M, h_l, w_l) float32, B the conditional rows of each U-Net call (one per image).
@@ -105,7 +106,9 @@ class AttentionRecorder:
 
     def __init__(self, unet: UNetModel, end_steps: Sequence[int] = ()) -> None:
         self.layers = [m.attn2 for m in unet.modules() if isinstance(m, TransformerBlock)]
-        self.deepest = max(len(unet.config.channel_mult) - 1, 1)
+        levels = len(unet.config.channel_mult)
+        shallower = [level for level in unet.config.attention_levels if level < levels - 1]
+        self.deepest = levels - 1 if shallower else levels  # with attention only there, the deepest level stays
         self.end_steps = list(end_steps)
         self.sums: dict[tuple[int, tuple[int, int], tuple[int, int]], torch.Tensor] = {}
         self.calls = 0
