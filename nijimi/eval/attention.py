@@ -1,7 +1,7 @@
 """Do a model's per-word attention maps (DAAM, arXiv:2210.04885) put a colour word on the object of that colour?
 ``nijimi eval attention``.
 
-For each two-object shapes caption the caller generates an image and the raw map of each of its colour words; the
+For each two-object shapes caption with two colours (:func:`two_colour_captions`) the caller generates an image and the raw map of each of its colour words; the
 detector (:func:`nijimi.eval.detector.find_objects`) finds the objects of that colour in the *generated* image, and
 the word's concentration on them is
 
@@ -26,7 +26,7 @@ from PIL import Image
 from nijimi.errors import ConfigError
 from nijimi.eval.adherence import parse_caption
 from nijimi.eval.detector import Palette, find_objects
-from nijimi.train.shapes import COLOURS
+from nijimi.train.shapes import COLOURS, sample_captions
 
 THRESHOLD = 3.0
 """The concentration the issue asks of a colour word's map on its object."""
@@ -45,6 +45,18 @@ class WordOnObject:
     ratio: float | None
     mass_share: float | None
     area_share: float | None
+
+
+def two_colour_captions(count: int, seed: int = 0, split: str = "heldout") -> list[str]:
+    """The first ``count`` two-object captions of ``split`` (:func:`~nijimi.train.shapes.sample_captions`) whose
+    objects differ in colour, so that each colour word names one object."""
+    captions: list[str] = []
+    drawn = 0
+    while len(captions) < count:
+        batch = sample_captions(drawn + 4 * count, seed, split)[drawn:]
+        drawn += len(batch)
+        captions += [c for c in batch if len({spec.colour for spec in parse_caption(c)}) == 2]
+    return captions[:count]
 
 
 def concentration(word_map: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from nijimi.errors import ConfigError
-from nijimi.eval.adherence import evaluate, evaluate_control, format_control_table, format_table, parse_caption
-from nijimi.eval.attention import evaluate_attention, format_summary
+from nijimi.eval.adherence import evaluate, evaluate_control, format_control_table, format_table
+from nijimi.eval.attention import evaluate_attention, format_summary, two_colour_captions
 from nijimi.explain.attention import word_maps
 from nijimi.io.controlnet import load_controlnet
 from nijimi.io.files import check_output
@@ -95,7 +95,7 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
 def cmd_eval_attention(args: argparse.Namespace) -> int:
     _check_options(args)
     pipe = load(args.model or EMBEDDED)
-    captions = [c for c in sample_captions(2 * args.n, seed=args.seed, split=args.split) if len(parse_caption(c)) == 2]
+    captions = two_colour_captions(args.n, seed=args.seed, split=args.split)
     done = 0
 
     def maps(caption: str, words: list[str], seed: int) -> tuple:
@@ -160,5 +160,5 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q = what.add_parser("attention", help="DAAM maps of two-object shapes captions: each colour word's map mass on "
                                           "the object of that colour (detected in the image) over its area share")
     q.add_argument("--model", help="model to evaluate (default: the embedded model)")
-    _add_generation_options(q, 50, "two-object captions", grid=False)
+    _add_generation_options(q, 50, "two-object captions with two colours", grid=False)
     q.set_defaults(func=cmd_eval_attention, grid=None, overwrite=False)
