@@ -1,9 +1,9 @@
 """Do a model's per-word attention maps (DAAM, arXiv:2210.04885) put a colour word on the object of that colour?
 ``nijimi eval attention``.
 
-For each two-object shapes caption with two colours (:func:`two_colour_captions`) the caller generates an image and the raw map of each of its colour words; the
-detector (:func:`nijimi.eval.detector.find_objects`) finds the objects of that colour in the *generated* image, and
-the word's concentration on them is
+For each two-object shapes caption with two colours (:func:`two_colour_captions`) the caller generates an image and
+the raw map of each of its colour words; the detector (:func:`nijimi.eval.detector.find_objects`) finds the objects
+of that colour in the *generated* image, and the word's concentration on them is
 
     ratio = (map mass inside the objects' mask / the map's total mass) / (mask area / image area),
 
