@@ -1,14 +1,15 @@
 """Benchmark: what DAAM's attention maps (``nijimi explain attention``, arXiv:2210.04885) add to a generation.
 
 1. The embedded model: ``pipe.generate`` against :func:`nijimi.explain.attention.word_maps` (the same generation with
-   every cross-attention probability of the conditional pass recorded, then upsampled to word maps), same request.
+   every cross-attention probability of the conditional pass recorded, then upsampled to word maps), same request,
+   and the time spent inside the probes of one recorded generation.
 2. One guided step (2 rows: unconditional and conditional) of the SD1.5-size U-Net with random weights at
    ``--sd-size`` pixels: the plain U-Net call against the call with the recorder attached, the time spent inside
-   its probes alone (what collection adds, measured inside the recorded calls: steadier than the difference of two
-   timings on a busy machine), and the recorder's one-off ``maps()`` (upsampling to the image) at that size.
+   its probes, and the recorder's one-off ``maps()`` (upsampling to the image) at that size.
 
 Plain and recorded calls alternate, so both see the same machine load; median of ``--repeats`` each after one
-warm-up. The issue's bound: maps add ≤ 25 % to a generation's time.
+warm-up. The probes' own time is what collection adds, measured inside the recorded calls: steadier than the
+difference of two timings on a busy machine. The issue's bound: maps add ≤ 25 % to a generation's time.
 
     python bench/explain.py [--steps 20] [--repeats 5] [--sd-size 256] [--no-sd] [--threads N] [--device cpu]
 """
@@ -47,19 +48,20 @@ class TimedRecorder(AttentionRecorder):
         self.probed += 1
 
 
+def seconds(call: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one ``call`` (synchronising a GPU)."""
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def alternating_medians(plain: Callable[[], object], recorded: Callable[[], object], repeats: int,
                         device: torch.device) -> tuple[float, float]:
     """Median seconds of ``plain`` and of ``recorded``, run in turn ``repeats`` times after one warm-up each."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(repeats + 1):
-        for call, kept in zip((plain, recorded), times, strict=True):
-            start = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                kept.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    pairs = [(seconds(plain, device), seconds(recorded, device)) for _ in range(repeats + 1)][1:]
+    return statistics.median(p for p, _ in pairs), statistics.median(r for _, r in pairs)
 
 
 def embedded_rows(args: argparse.Namespace) -> list[tuple[str, float, float]]:
@@ -67,7 +69,11 @@ def embedded_rows(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     request = GenerationRequest(PROMPT, seed=0, steps=args.steps)
     plain, recorded = alternating_medians(lambda: pipe.generate(request), lambda: word_maps(pipe, request),
                                           args.repeats, torch.device(args.device))
-    return [(f"embedded, 64², {args.steps} steps", plain, recorded)]
+    timed = TimedRecorder(pipe.model.unet)
+    with timed.attached(pipe):
+        pipe.generate(request)
+    return [(f"embedded, 64², {args.steps} steps", plain, recorded),
+            ("  + its probes' own time", plain, plain + timed.seconds)]
 
 
 def sd_rows(args: argparse.Namespace) -> list[tuple[str, float, float]]:
