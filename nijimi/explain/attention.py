@@ -24,6 +24,7 @@ from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import PromptError
 from nijimi.explain.daam import AttentionRecorder, PromptWord, find_word, prompt_words
 from nijimi.explain.panels import Explanation, Panel
+from nijimi.pipelines.pipeline import Pipeline
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.text.prompt_syntax import prompt_schedule, split_composable
 
@@ -45,7 +46,7 @@ class WordMaps:
     calls: int
 
 
-def _schedule_words(pipe: Any, request: GenerationRequest) -> tuple[list[int], list[tuple[str, list[PromptWord]]]]:
+def _schedule_words(pipe: Pipeline, request: GenerationRequest) -> tuple[list[int], list[tuple[str, list[PromptWord]]]]:
     """The prompt schedule's end steps and, per entry, its text and words (LoRA tags removed)."""
     text = parse_lora_tags(request.prompt)[0]
     parts = split_composable(text)
@@ -59,11 +60,11 @@ def _default_words(entries: list[tuple[str, list[PromptWord]]]) -> list[str]:
     return list(dict.fromkeys(w.text for _, words in entries for w in words if re.search(r"\w", w.text)))
 
 
-def word_maps(pipe: Any, request: GenerationRequest, words: Sequence[str] | None = None, *,
+def word_maps(pipe: Pipeline, request: GenerationRequest, words: Sequence[str] | None = None, *,
               callback: Callable[[StepInfo], None] | None = None) -> WordMaps:
-    """Generate the first image of ``request`` with ``pipe`` (a :class:`~nijimi.pipelines.pipeline.Pipeline`)
-    and return it with the raw DAAM map of each of ``words`` (default: every word of the prompt). A word the
-    prompt (any text of its schedule) does not contain is a PromptError, before any work."""
+    """Generate the first image of ``request`` with ``pipe`` and return it with the raw DAAM map of each of
+    ``words`` (default: every word of the prompt). A word the prompt (any text of its schedule) does not contain is
+    a PromptError, before any work."""
     request = request.single(0)
     end_steps, entries = _schedule_words(pipe, request)
     tokenizer = pipe.conditioner.tokenizer
@@ -113,7 +114,7 @@ def _slug(word: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", word).strip("_") or "word"
 
 
-def attention_maps(pipe: Any, request: GenerationRequest, words: Sequence[str] | None = None, *,
+def attention_maps(pipe: Pipeline, request: GenerationRequest, words: Sequence[str] | None = None, *,
                    callback: Callable[[StepInfo], None] | None = None) -> Explanation:
     """The ``attention`` view of ``request``'s first image (see the module docstring): panels ``image`` and, per
     word, ``word-<i>-<word>`` (the map normalised to [0, 1] over the image); ``info``: ``words`` (per word: raw
