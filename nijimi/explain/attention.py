@@ -24,6 +24,7 @@ from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import PromptError
 from nijimi.explain.daam import AttentionRecorder, PromptWord, find_word, prompt_words
 from nijimi.explain.panels import Explanation, Panel
+from nijimi.io.embeddings import EmbeddingLibrary
 from nijimi.pipelines.pipeline import Pipeline
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.text.prompt_syntax import prompt_schedule, split_composable
@@ -47,12 +48,16 @@ class WordMaps:
 
 
 def _schedule_words(pipe: Pipeline, request: GenerationRequest) -> tuple[list[int], list[tuple[str, list[PromptWord]]]]:
-    """The prompt schedule's end steps and, per entry, its text and words (LoRA tags removed)."""
+    """The prompt schedule's end steps and, per entry, its text and words (LoRA tags removed; the request's
+    textual-inversion embeddings, which have no words, refused when the prompt names one)."""
     text = parse_lora_tags(request.prompt)[0]
     parts = split_composable(text)
     schedule = prompt_schedule(parts[0][0] if len(parts) == 1 else text, request.steps)
-    tokenizer = pipe.conditioner.tokenizer
-    return [end for end, _ in schedule], [(t, prompt_words(t, tokenizer)) for _, t in schedule]
+    tokenizer, vocabulary = pipe.conditioner.tokenizer, None
+    if request.embeddings_dir or request.embeddings:
+        library = EmbeddingLibrary(request.embeddings_dir, request.embeddings, pipe.model.config.text.width)
+        vocabulary = library.vocabulary(tokenizer)
+    return [end for end, _ in schedule], [(t, prompt_words(t, tokenizer, vocabulary)) for _, t in schedule]
 
 
 def _default_words(entries: list[tuple[str, list[PromptWord]]]) -> list[str]:

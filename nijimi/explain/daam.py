@@ -39,6 +39,7 @@ from nijimi.pipelines.pipeline import Pipeline
 from nijimi.text.prompt import chunk_prompt, schedule_index
 from nijimi.text.prompt_syntax import BREAK_WEIGHT, parse_attention
 from nijimi.text.tokenizer import ClipTokenizer
+from nijimi.text.vocabulary import ExtraVocabulary
 
 Network = Callable[..., torch.Tensor]
 
@@ -52,21 +53,21 @@ class PromptWord:
     positions: tuple[int, ...]
 
 
-def prompt_words(text: str, tokenizer: ClipTokenizer) -> list[PromptWord]:
+def prompt_words(text: str, tokenizer: ClipTokenizer, vocabulary: ExtraVocabulary | None = None) -> list[PromptWord]:
     """The words of one prompt text (no ``<lora:…>`` tags, no prompt editing: one entry of its schedule) in order,
-    each with its token positions. Textual-inversion embeddings are not mapped: PromptError when the prompt's
-    tokens cannot be matched to its words."""
-    ids, _ = chunk_prompt(text, tokenizer)
+    each with its token positions. The prompt is chunked as its encoding is (with ``vocabulary``, the
+    textual-inversion embeddings it may name); PromptError when its tokens are not its words' (an embedding)."""
+    ids, _ = chunk_prompt(text, tokenizer, vocabulary)
     eos = tokenizer.eos_token_id
-    positions = [c * row.numel() + j for c, row in enumerate(ids)
-                 for j in range(1, row.tolist().index(eos, 1))]
+    found = [(c * len(row) + j, row[j]) for c, row in enumerate(ids.tolist()) for j in range(1, row.index(eos, 1))]
     pieces = [p for piece, weight in parse_attention(text) if weight != BREAK_WEIGHT or piece != "BREAK"
               for p in tokenizer.pieces(piece)]
-    if sum(len(p_ids) for _, p_ids in pieces) != len(positions):
-        raise PromptError(f"cannot match the tokens of the prompt {text!r} to its words")
+    if [i for _, piece_ids in pieces for i in piece_ids] != [i for _, i in found]:
+        raise PromptError(f"cannot map the words of the prompt {text!r} to its tokens (a textual-inversion "
+                          "embedding's tokens are not words)")
     words, at = [], 0
     for piece, piece_ids in pieces:
-        words.append(PromptWord(piece, tuple(positions[at : at + len(piece_ids)])))
+        words.append(PromptWord(piece, tuple(position for position, _ in found[at : at + len(piece_ids)])))
         at += len(piece_ids)
     return words
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize
 
+from nijimi.errors import PromptError
 from nijimi.explain.daam import AttentionRecorder, find_word, layer_size, prompt_words
+from nijimi.io.embeddings import EmbeddingLibrary, save_embedding
 from nijimi.models.layers import TransformerBlock
 from nijimi.models.unet import UNetConfig, UNetModel
 from nijimi.text.tokenizer import ClipTokenizer
@@ -160,3 +162,11 @@ def test_long_prompts_and_break_continue_in_the_next_chunk(tokenizer):
     assert [(w.text, w.positions) for w in words] == [("red", (1,)), ("blue", (77 + 1,))]
     long = prompt_words(" ".join(["cat"] * 80), tokenizer)
     assert [w.positions[0] for w in long[74:77]] == [75, 77 + 1, 77 + 2]
+
+
+def test_a_textual_inversion_embedding_has_no_words(tmp_path, tokenizer):
+    save_embedding(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), tmp_path / "glow.safetensors")
+    vocabulary = EmbeddingLibrary(tmp_path, (), 32).vocabulary(tokenizer)
+    with pytest.raises(PromptError, match="cannot map the words of the prompt 'a glow circle'"):
+        prompt_words("a glow circle", tokenizer, vocabulary)
+    assert [w.text for w in prompt_words("a red circle", tokenizer, vocabulary)] == ["a", "red", "circle"]
