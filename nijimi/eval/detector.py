@@ -211,6 +211,13 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
     ``image``: anything ``as_rgb`` takes (H, W, 3) / (3, H, W). The median chroma (the background's: objects cover
     under a third of a shapes image) is taken as zero coverage, which cancels the chroma that noise adds.
     """
+    return [shape for shape, _ in find_objects(image, min_area, palette)]
+
+
+def find_objects(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.006,
+                 palette: Palette = COLOURS) -> list[tuple[FoundShape, np.ndarray]]:
+    """:func:`detect`'s objects, each with its mask: (H, W) bool, the pixels of its soft mask (its α ≥ ½ pixels
+    grown by one, where its colour covers them at all)."""
     rgb = as_rgb(image)
     chroma = rgb.max(axis=2) - rgb.min(axis=2)
     floor = float(np.median(chroma))
@@ -232,5 +239,7 @@ def detect(image: Image.Image | np.ndarray | torch.Tensor, min_area: float = 0.0
             grown = _grow(core[window]) if len(parts) == 1 else _grow(core[window]) & (nearest[window] == colour)
             soft = np.where(grown, np.clip((chroma[window] - floor) / (full[colour] - floor), 0.0, 1.0), 0.0)
             if soft.sum() >= min_area * chroma.size:
-                found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape)))
-    return [d for _, d in sorted(found, key=lambda t: -t[0])]
+                mask = np.zeros(chroma.shape, dtype=bool)
+                mask[window] = soft > 0
+                found.append((soft.sum(), _measure(soft, core[window], names[colour], (top, left), chroma.shape), mask))
+    return [(shape, mask) for _, shape, mask in sorted(found, key=lambda t: -t[0])]

@@ -7,6 +7,7 @@ Module and parameter names follow the original Stable Diffusion checkpoints (Com
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,9 @@ class Attention(nn.Module):
     ``torch.nn.functional.scaled_dot_product_attention``. ``slice_size`` (rows of queries per chunk, ``None`` = all)
     bounds the memory of the attention scores for very long sequences; the result is the same.
     ``upcast`` computes the attention itself in float32 for half-precision inputs (SD 2.x needs it in fp16).
+    ``probe`` (None by default: nothing is computed for it) is called as ``probe(q, k)`` with the split heads of
+    every call, (B, heads, L, head_dim) and (B, heads, M, head_dim) — how per-token attention maps are read
+    (:mod:`nijimi.explain.daam`); the attention itself stays the fused kernel either way.
     """
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
@@ -85,6 +89,7 @@ class Attention(nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.head_dim, self.upcast = heads, head_dim, upcast
         self.slice_size: int | None = None
+        self.probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
@@ -97,6 +102,8 @@ class Attention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(ctx))
         v = self._split_heads(self.to_v(ctx))
+        if self.probe is not None:
+            self.probe(q, k)
         out = self._attend(q, k, v)
         B, _, L, _ = out.shape
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim))

@@ -157,7 +157,9 @@ class Pipeline:
 
     ``device``: where the networks run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …); seeds give the same starting noise
     everywhere (it is drawn on the CPU). ``dtype``: the U-Net's and text encoder's weight dtype (float32 or
-    bfloat16); the VAE and every sampler computation stay float32.
+    bfloat16); the VAE and every sampler computation stay float32. ``probe_layer``: a model-stack layer put right
+    above the U-Net (under DeepCache and the ControlNets) while an explain view reads the U-Net's insides
+    (:mod:`nijimi.explain.daam`); None, and so not in the stack, otherwise.
     """
 
     model: LatentDiffusion
@@ -179,6 +181,7 @@ class Pipeline:
         self.tiny_decoders: dict[Path, TAESD] = {}
         self.vaes: dict[Path, VAE] = {}
         self.latent_rgb: LatentRGB | None = None
+        self.probe_layer: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]] | None = None
 
     @property
     def native_size(self) -> int:
@@ -275,7 +278,7 @@ class Pipeline:
         """The per-step model the sampler calls, ``model(x, σ, step=i) → x̂₀``, composed of small wrappers: the
         step's conditioning, the guidance interval, the denoiser (σ ↔ t, prediction type), classifier-free guidance,
         the pipeline's dtype, DeepCache, ControlNet residuals, an inpainting U-Net's extra channels, the U-Net."""
-        net = self._unet
+        net = self._unet if self.probe_layer is None else self.probe_layer(self._unet)
         if start.extra is not None:
             net = edit.with_inpaint_channels(net, start.extra)
         shallow = net

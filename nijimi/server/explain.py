@@ -21,6 +21,7 @@ from PIL import Image
 from nijimi.diffusion.samplers import StepInfo
 from nijimi.errors import ConfigError
 from nijimi.explain.adapter_effects import adapter_effects
+from nijimi.explain.attention import attention_maps
 from nijimi.explain.forward import forward_process
 from nijimi.explain.panels import Explanation
 from nijimi.explain.trajectory import trajectory
@@ -41,13 +42,15 @@ PREFIX = "/nijimi/v1/explain"
 @dataclass(frozen=True)
 class Inputs:
     """What a view gets from a request body: the raw ``body`` (for a view's own fields), and — per its input kind —
-    the decoded ``image`` and ``timesteps``, or the generation ``request`` and the ``checkpoint`` it names."""
+    the decoded ``image`` and ``timesteps``, or the generation ``request``, the ``checkpoint`` it names and the
+    prompt ``words`` to map (attention; None: every word)."""
 
     body: dict
     image: Image.Image | None = None
     timesteps: list[int] | None = None
     request: GenerationRequest | None = None
     checkpoint: str | None = None
+    words: list[str] | None = None
 
 
 Run = Callable[[Pipeline, Inputs, Callable[[StepInfo], None]], Explanation]
@@ -69,6 +72,8 @@ VIEWS = {view.name: view for view in (
          lambda pipe, given, step: forward_process(pipe, given.image, given.timesteps)),
     View("trajectory", "The denoising trajectory: x_t and x̂₀ at each step", PROMPT,
          lambda pipe, given, step: trajectory(pipe, given.request, callback=step)),
+    View("attention", "Where each word went: cross-attention maps (DAAM)", PROMPT,
+         lambda pipe, given, step: attention_maps(pipe, given.request, given.words, callback=step)),
     View("adapters", "Where the LoRAs act, per U-Net block", PROMPT,
          lambda pipe, given, step: adapter_effects(pipe, given.request, callback=step)),
 )}
@@ -83,6 +88,15 @@ def _timesteps(value: Any) -> list[int] | None:
     return value
 
 
+def _words(value: Any) -> list[str] | None:
+    """The attention view's ``words``: absent or null means every word of the prompt."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+        raise ConfigError("words must be a non-empty list of non-empty strings")
+    return [w.strip() for w in value]
+
+
 def parse_inputs(view: View, body: Any, studio: Studio) -> Inputs:
     """The :class:`Inputs` of ``body`` for ``view``; ConfigError / ImageError name the first bad field."""
     if not isinstance(body, dict):
@@ -94,7 +108,7 @@ def parse_inputs(view: View, body: Any, studio: Studio) -> Inputs:
         return Inputs(body, image, _timesteps(body.get("timesteps")))
     call = a1111.parse_call(body, a1111.TXT2IMG, studio.limits, {"lora_dir": studio.folders.loras})
     check_lora_tags(call.request.prompt, studio.folders.loras)
-    return Inputs(body, request=call.request, checkpoint=call.checkpoint)
+    return Inputs(body, request=call.request, checkpoint=call.checkpoint, words=_words(body.get("words")))
 
 
 def _png(image: Image.Image) -> str:

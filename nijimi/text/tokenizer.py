@@ -173,17 +173,21 @@ class ClipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without ``<|startoftext|>``/``<|endoftext|>`` around it and without truncation."""
+        return [i for _, ids in self.pieces(text) for i in ids]
+
+    def pieces(self, text: str) -> list[tuple[str, list[int]]]:
+        """``text`` cut as :meth:`encode` cuts it before BPE — lower-cased words, single digits, runs of punctuation,
+        special tokens — each with its ids, in order (their ids joined are ``encode(text)``)."""
         if not isinstance(text, str):
             raise PromptError(f"a prompt must be a str, got {type(text).__name__}: {text!r:.80}")
-        ids: list[int] = []
+        pieces: list[tuple[str, list[int]]] = []
         for i, segment in enumerate(_SPECIAL_SPLIT.split(text)):
             if i % 2:
-                ids.append(self._vocab.encoder[segment])
+                pieces.append((segment, [self._vocab.encoder[segment]]))
                 continue
             lowered = unicodedata.normalize("NFC", segment).replace("Σ", "σ").lower()
-            for piece in self._pattern.findall(lowered):
-                ids.extend(self._piece_ids(piece))
-        return ids
+            pieces += [(piece, list(self._piece_ids(piece))) for piece in self._pattern.findall(lowered)]
+        return pieces
 
     def _piece_ids(self, piece: str) -> list[int]:
         """BPE ids of one pre-tokenized piece, cached."""

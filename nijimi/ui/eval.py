@@ -1,5 +1,6 @@
-"""``nijimi eval shapes`` and ``nijimi eval control``: the CLI side of :mod:`nijimi.eval`. Images come from a pipeline
-here; the evaluators see only a function from captions (and maps) and seeds to images."""
+"""``nijimi eval shapes``, ``nijimi eval control`` and ``nijimi eval attention``: the CLI side of :mod:`nijimi.eval`.
+Images come from a pipeline here; the evaluators see only a function from captions (and maps) and seeds to images
+(and, for attention, the colour words' maps)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 
 from nijimi.errors import ConfigError
 from nijimi.eval.adherence import evaluate, evaluate_control, format_control_table, format_table
+from nijimi.eval.attention import evaluate_attention, format_summary, two_colour_captions
+from nijimi.explain.attention import word_maps
 from nijimi.io.controlnet import load_controlnet
 from nijimi.io.files import check_output
 from nijimi.pipelines.adapters import lora_requests
@@ -89,7 +92,27 @@ def cmd_eval_control(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str) -> None:
+def cmd_eval_attention(args: argparse.Namespace) -> int:
+    _check_options(args)
+    pipe = load(args.model or EMBEDDED)
+    captions = two_colour_captions(args.n, seed=args.seed, split=args.split)
+    done = 0
+
+    def maps(caption: str, words: list[str], seed: int) -> tuple:
+        nonlocal done
+        request = GenerationRequest(caption, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=seed)
+        result = word_maps(pipe, request, words)
+        done += 1
+        bar.update(done)
+        return result.image, result.maps
+
+    with contextlib.closing(_bar(len(captions), "eval attention", args.quiet)) as bar:
+        rows = evaluate_attention(maps, captions, seeds=[args.seed + i for i in range(len(captions))])
+    print(format_summary(rows))
+    return 0
+
+
+def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str, grid: bool = True) -> None:
     q.add_argument("--n", type=int, default=n, help=f"number of {what} (default {n})")
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
@@ -97,11 +120,13 @@ def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str) -> No
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help=f"{what} split (default heldout)")
     q.add_argument("--quiet", action="store_true")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    if grid:
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval shapes`` and ``eval control`` to the ``nijimi`` command's sub-commands (``cli.build_parser``)."""
+    """Add ``eval shapes``, ``eval control`` and ``eval attention`` to the ``nijimi`` command's sub-commands
+    (``cli.build_parser``)."""
     what = sub.add_parser("eval", help="measure prompt adherence").add_subparsers(dest="what", required=True,
                                                                                metavar="KIND")
     q = what.add_parser("shapes", help="generate held-out shapes captions and score them with the detector")
@@ -131,3 +156,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     _add_generation_options(q, 50, "scenes")
     q.add_argument("--grid", help="also write a PNG of the first 8 maps (top) and images (bottom)")
     q.set_defaults(func=cmd_eval_control)
+
+    q = what.add_parser("attention", help="DAAM maps of two-object shapes captions: each colour word's map mass on "
+                                          "the object of that colour (detected in the image) over its area share")
+    q.add_argument("--model", help="model to evaluate (default: the embedded model)")
+    _add_generation_options(q, 50, "two-object captions with two colours", grid=False)
+    q.set_defaults(func=cmd_eval_attention, grid=None, overwrite=False)

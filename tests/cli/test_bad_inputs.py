@@ -76,6 +76,8 @@ TRAIN = ("train", "--out={tmp}/run", "--vae.steps=1", "--unet.steps=1", "--data-
          "--unet.batch-size=1", "--size=16", "--quiet")
 EVAL = ("eval", "shapes", "--n", "1", "--steps", "1", "--quiet")
 CONTROL_EVAL = ("eval", "control", "--n", "1", "--steps", "1", "--quiet")
+ATTENTION = ("explain", "attention", "a red circle", "--model", "{model}", "--steps", "2", "--size", "64x64", "--quiet",
+             "--out", "{tmp}/e")
 SURROGATE = "a \udcff cube"
 BIG = str(2**64)
 NOT_A_DIR = raw("notdir", "a file, not a folder")
@@ -345,6 +347,22 @@ OTHER_COMMANDS = {
                                          expect="gone.safetensors"),
     "explain-adapters-exists": cmd("explain", "adapters", "a cube", "--lora", "{lora}", "--out", "{tmp}/e",
                                    make=image("e/adapters.json"), expect="adapters.json"),
+    "explain-attention-word-not-in-prompt": cmd(*ATTENTION, "--words", "red,green", expect="word 'green' is not in"),
+    "explain-attention-word-empty": cmd(*ATTENTION, "--words", "red,,circle", expect="--words 'red,,circle'"),
+    "explain-attention-out-missing": cmd("explain", "attention", "a red circle", expect="--out"),
+    "explain-attention-exists": cmd(*ATTENTION, make=image("e/attention.png"), expect="attention.png exists"),
+    "explain-attention-json-exists": cmd(*ATTENTION, make=raw("e/attention.json", "{}"),
+                                         expect="attention.json exists"),
+    "explain-attention-panel-exists": cmd(*ATTENTION, "--words", "red", make=image("e/word-0-red.png"),
+                                          expect="word-0-red.png exists"),
+    "explain-attention-out-under-a-file": cmd("explain", "attention", "a red circle", "--model", "{model}", "--out",
+                                              "{tmp}/notdir/e", make=NOT_A_DIR, expect="notdir"),
+    "explain-attention-steps-zero": cmd(*ATTENTION, "--steps", "0", expect="steps 0"),
+    "explain-attention-model-missing": cmd("explain", "attention", "a red circle", "--model",
+                                           "{tmp}/gone.safetensors", "--out", "{tmp}/e", expect="gone.safetensors"),
+    "eval-attention-n-zero": cmd("eval", "attention", "--n", "0", "--quiet", expect="n 0"),
+    "eval-attention-model-missing": cmd("eval", "attention", "--n", "1", "--model", "{tmp}/gone.safetensors",
+                                        "--quiet", expect="gone.safetensors"),
     "convert-src-missing": cmd("convert", "{tmp}/gone.safetensors", "{tmp}/o.safetensors", expect="gone.safetensors"),
     "convert-src-corrupt": cmd("convert", "{tmp}/m.safetensors", "{tmp}/o.safetensors",
                                make=raw("m.safetensors", "junk"), expect="m.safetensors"),

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from nijimi.explain.attention import attention_maps
 from nijimi.explain.forward import forward_process
+from nijimi.pipelines.request import GenerationRequest
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -26,7 +28,7 @@ def test_the_views_are_listed(served):
     status, views = served.call("/nijimi/v1/explain")
     assert status == 200
     assert [(v["name"], v["input"]) for v in views] == [("forward", "image"), ("trajectory", "prompt"),
-                                                        ("adapters", "prompt")]
+                                                        ("attention", "prompt"), ("adapters", "prompt")]
     assert views[0]["title"] == "The forward process on your image"
 
 
@@ -61,6 +63,18 @@ def test_adapters_of_a_lora_tag(served):
     assert info["weight_change"]["text_encoder"] > 0 and info["activation_change"]["step 2"]["out"] > 0
 
 
+def test_attention_answers_the_library_view(served):
+    body = {"prompt": "a red circle on the left and a blue square on the right", "seed": 2, "words": ["red", "blue"],
+            **SMALL}
+    status, answer = served.call("/nijimi/v1/explain/attention", body)
+    assert status == 200 and answer["view"] == "attention"
+    assert [p["name"] for p in answer["panels"]] == ["image", "word-0-red", "word-1-blue"]
+    request = GenerationRequest(body["prompt"], seed=2, width=64, height=64, steps=2)
+    direct = attention_maps(served.pipe, request, ["red", "blue"])
+    assert answer["info"]["words"] == direct.info["words"]
+    np.testing.assert_array_equal(served.pixels(answer["panels"][0]["image"]), np.asarray(direct.panels[0].image))
+
+
 @pytest.mark.parametrize("view, body, status, detail", [
     ("forward", {"timesteps": [0]}, 422, 'the body must have a base64 "image"'),
     ("forward", {"image": "not base64!"}, 422, "image: not base64 data"),
@@ -70,6 +84,8 @@ def test_adapters_of_a_lora_tag(served):
     ("trajectory", {"prompt": "a star", "steps": "two"}, 422, "steps must be an integer"),
     ("trajectory", {"prompt": "a star", "batch_size": 2, **SMALL}, 422, "batch 2 must be 1"),
     ("adapters", {"prompt": "a star", **SMALL}, 422, "the request loads no adapter"),
+    ("attention", {"prompt": "a star", "words": "star", **SMALL}, 422, "words must be a non-empty list"),
+    ("attention", {"prompt": "a star", "words": ["moon"], **SMALL}, 422, "word 'moon' is not in the prompt"),
     ("adapters", {"prompt": "a star <lora:nothing:1>", **SMALL}, 422, "nothing"),
 ])
 def test_bad_bodies_get_json_errors(served, view, body, status, detail):
