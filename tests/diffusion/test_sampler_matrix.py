@@ -3,6 +3,8 @@ same config (its default configuration and use_karras_sigmas / use_exponential_s
 every sampler diffusers lacks (and the k-diffusion ones it has) against k-diffusion's ``sampling`` module on the
 same σ's, ≤ 1e-4."""
 
+import copy
+import functools
 import math
 
 import pytest
@@ -32,6 +34,8 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.diffusion.sigmas import SCHEDULES, schedule_sigmas
 
 SHAPE = (1, 4, 8, 8)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+"""diffusers' schedulers turn tensors into arrays the way NumPy 2 deprecates, tens of thousands of times here."""
 
 
 def start_noise() -> torch.Tensor:
@@ -106,6 +110,21 @@ Not here: DPM++ 2S a, DPM++ SDE and DPM++ 3M SDE (no diffusers scheduler but DPM
 and every schedule no diffusers scheduler has: k-diffusion below."""
 
 
+@functools.cache
+def _prototype(cls: type, frozen: tuple) -> object:
+    return cls.from_config(NoiseSchedule().to_diffusers_config(), **dict(frozen))
+
+
+def configured(cls: type, schedule: NoiseSchedule, config: dict) -> object:
+    """``cls`` read from the model's config plus ``config``: one instance per class and extra config, copied, with
+    the model's spacing and prediction type set (they are read only when setting timesteps and stepping; KDPM2's
+    constructor alone takes seconds), and ``config`` set again, for sigma_min / sigma_max, which Heun and KDPM2 read
+    from their config but do not take as arguments (see SD_RANGE)."""
+    scheduler = copy.deepcopy(_prototype(cls, tuple(sorted(config.items()))))
+    scheduler.register_to_config(**{**schedule.to_diffusers_config(), **config})
+    return scheduler
+
+
 def shared_noise(base: str, name: str, schedule: NoiseSchedule, steps: int):
     """Our noise source and diffusers' step arguments drawing the same noise: one generator seeded 5 each, drawn in
     the same order, or the Brownian path we walk, handed to DPMSolverMultistep's step as ``variance_noise``."""
@@ -130,8 +149,7 @@ def shared_noise(base: str, name: str, schedule: NoiseSchedule, steps: int):
 def test_samplers_equal_diffusers(tiny_net, case, prediction_type, steps):
     base, name, cls, config, spacing = case
     schedule = NoiseSchedule(**{**spaced(spacing).__dict__, "prediction_type": prediction_type})
-    scheduler = cls.from_config(schedule.to_diffusers_config(), **config)
-    scheduler.register_to_config(**config)  # sigma_min / sigma_max for Heun and KDPM2 (see SD_RANGE)
+    scheduler = configured(cls, schedule, config)
     scheduler.set_timesteps(steps)
     noise, step_kwargs = shared_noise(base, name, schedule, steps)
     with torch.no_grad():
