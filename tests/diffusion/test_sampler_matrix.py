@@ -34,8 +34,9 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.diffusion.sigmas import SCHEDULES, schedule_sigmas
 
 SHAPE = (1, 4, 8, 8)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
-"""diffusers' schedulers turn tensors into arrays the way NumPy 2 deprecates, tens of thousands of times here."""
+pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+"""diffusers' schedulers mix tensors into NumPy calls as NumPy 2 deprecates (``__array__`` without ``copy``,
+``__array_wrap__``), tens of thousands of times here."""
 
 
 def start_noise() -> torch.Tensor:
