@@ -111,18 +111,24 @@ Not here: DPM++ 2S a, DPM++ SDE and DPM++ 3M SDE (no diffusers scheduler but DPM
 and every schedule no diffusers scheduler has: k-diffusion below."""
 
 
+STEP_TIME_KEYS = ("timestep_spacing", "steps_offset", "prediction_type")
+"""The config keys diffusers' schedulers read only when setting timesteps and stepping, never in their constructor."""
+
+
 @functools.cache
-def _prototype(cls: type, frozen: tuple) -> object:
-    return cls.from_config(NoiseSchedule().to_diffusers_config(), **dict(frozen))
+def _prototype(cls: type, config: tuple) -> object:
+    """``cls`` from ``config`` (sorted items), made once: KDPM2's constructor alone takes seconds."""
+    return cls.from_config(dict(config))
 
 
 def configured(cls: type, schedule: NoiseSchedule, config: dict) -> object:
-    """``cls`` read from the model's config plus ``config``: one instance per class and extra config, copied, with
-    the model's spacing and prediction type set (they are read only when setting timesteps and stepping; KDPM2's
-    constructor alone takes seconds), and ``config`` set again, for sigma_min / sigma_max, which Heun and KDPM2 read
-    from their config but do not take as arguments (see SD_RANGE)."""
-    scheduler = copy.deepcopy(_prototype(cls, tuple(sorted(config.items()))))
-    scheduler.register_to_config(**{**schedule.to_diffusers_config(), **config})
+    """``cls`` read from the model's config plus ``config``: a copy of the one instance made from everything but
+    :data:`STEP_TIME_KEYS`, which are then set, and ``config`` set again, for sigma_min / sigma_max, which Heun and
+    KDPM2 read from their config but do not take as arguments (see SD_RANGE)."""
+    model = schedule.to_diffusers_config()
+    made = {**{k: v for k, v in model.items() if k not in STEP_TIME_KEYS}, **config}
+    scheduler = copy.deepcopy(_prototype(cls, tuple(sorted(made.items()))))
+    scheduler.register_to_config(**{**model, **config})
     return scheduler
 
 
