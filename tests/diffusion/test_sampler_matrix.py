@@ -112,7 +112,8 @@ and every schedule no diffusers scheduler has: k-diffusion below."""
 
 
 STEP_TIME_KEYS = ("timestep_spacing", "steps_offset", "prediction_type")
-"""The config keys diffusers' schedulers read only when setting timesteps and stepping, never in their constructor."""
+"""The config keys only ``set_timesteps`` and ``step`` of these diffusers schedulers depend on (what a constructor
+derives from them, KDPM2's 1000 timesteps, ``set_timesteps`` makes again)."""
 
 
 @functools.cache
