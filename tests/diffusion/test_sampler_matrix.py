@@ -3,12 +3,15 @@ same config (its default configuration and use_karras_sigmas / use_exponential_s
 every sampler diffusers lacks (and the k-diffusion ones it has) against k-diffusion's ``sampling`` module on the
 same σ's, ≤ 1e-4."""
 
+import copy
+import functools
 import math
 
 import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -16,7 +19,9 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
 from helpers import rel_err as max_rel
@@ -29,6 +34,9 @@ from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.diffusion.sigmas import SCHEDULES, schedule_sigmas
 
 SHAPE = (1, 4, 8, 8)
+pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+"""diffusers' schedulers mix tensors into NumPy calls as NumPy 2 deprecates (``__array__`` without ``copy``,
+``__array_wrap__``), tens of thousands of times here."""
 
 
 def start_noise() -> torch.Tensor:
@@ -50,85 +58,134 @@ def run_ours(base, name, schedule, net, steps, noise=None):
 
 
 SD_RANGE = {"sigma_min": NoiseSchedule.sd().sigmas[0].item(), "sigma_max": NoiseSchedule.sd().sigmas[-1].item()}
-"""The model's σ range: our Karras / exponential σ's span it for every sampler, as A1111's do; diffusers' Euler
-spans it with these set, its Heun, LMS and KDPM2 on "linspace" models (elsewhere, only their spaced timesteps)."""
-# (sampler, schedule, diffusers scheduler, config, timestep spacings)
+"""The model's σ range. Our Karras / exponential σ's span it for every sampler and every timestep spacing, as
+A1111's do, and as diffusers' DPMSolverMultistep, DPMSolverSinglestep and UniPC do in their default configuration.
+diffusers' Euler, Heun, LMS, KDPM2 and KDPM2Ancestral span only the σ's of their spaced timesteps (σ(951)…σ(1) for
+"leading" at 20 steps; the whole range on "linspace") unless their config holds ``sigma_min`` / ``sigma_max``: Euler
+takes them as arguments, Heun and the KDPM2s read them from the config without taking them (so the test registers
+them), and LMS's Karras ignores them (:func:`test_lms_karras_is_one_schedule_where_diffusers_has_one_per_spacing`)."""
+ALL, LINSPACE = ("leading", "linspace", "trailing"), ("linspace",)
+KARRAS, EXPONENTIAL = {"use_karras_sigmas": True, **SD_RANGE}, {"use_exponential_sigmas": True, **SD_RANGE}
+# (sampler, schedule, diffusers scheduler, its config beyond the model's, the model's timestep spacings)
 DIFFUSERS = [
-    ("euler", "uniform", EulerDiscreteScheduler, {}, ("leading", "linspace")),
-    ("euler", "karras", EulerDiscreteScheduler, {"use_karras_sigmas": True, **SD_RANGE}, ("leading", "trailing")),
-    ("euler", "exponential", EulerDiscreteScheduler, {"use_exponential_sigmas": True, **SD_RANGE}, ("leading",)),
-    ("heun", "exponential", HeunDiscreteScheduler, {"use_exponential_sigmas": True}, ("linspace",)),
-    ("lms", "uniform", LMSDiscreteScheduler, {}, ("leading", "linspace", "trailing")),
-    ("lms", "karras", LMSDiscreteScheduler, {"use_karras_sigmas": True}, ("linspace",)),
-    ("dpm2", "uniform", KDPM2DiscreteScheduler, {}, ("leading", "linspace", "trailing")),
-    ("dpm2", "karras", KDPM2DiscreteScheduler, {"use_karras_sigmas": True}, ("linspace",)),
-    ("dpm2", "exponential", KDPM2DiscreteScheduler, {"use_exponential_sigmas": True}, ("linspace",)),
-    ("dpm++2m", "uniform", DPMSolverMultistepScheduler, {}, ("leading", "linspace", "trailing")),
-    ("dpm++2m", "karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, ("leading", "trailing")),
-    ("dpm++2m", "exponential", DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
+    ("euler", "uniform", EulerDiscreteScheduler, {}, ALL),
+    ("euler", "karras", EulerDiscreteScheduler, KARRAS, ALL),
+    ("euler", "exponential", EulerDiscreteScheduler, EXPONENTIAL, ALL),
+    ("euler-a", "uniform", EulerAncestralDiscreteScheduler, {}, ALL),
+    ("heun", "uniform", HeunDiscreteScheduler, {}, ALL),
+    ("heun", "karras", HeunDiscreteScheduler, KARRAS, ALL),
+    ("heun", "exponential", HeunDiscreteScheduler, EXPONENTIAL, ALL),
+    ("lms", "uniform", LMSDiscreteScheduler, {}, ALL),
+    ("lms", "karras", LMSDiscreteScheduler, KARRAS, LINSPACE),
+    ("lms", "exponential", LMSDiscreteScheduler, EXPONENTIAL, ALL),
+    ("dpm2", "uniform", KDPM2DiscreteScheduler, {}, ALL),
+    ("dpm2", "karras", KDPM2DiscreteScheduler, KARRAS, ALL),
+    ("dpm2", "exponential", KDPM2DiscreteScheduler, EXPONENTIAL, ALL),
+    ("dpm2-a", "uniform", KDPM2AncestralDiscreteScheduler, {}, ALL),
+    ("dpm2-a", "karras", KDPM2AncestralDiscreteScheduler, KARRAS, ALL),
+    ("dpm2-a", "exponential", KDPM2AncestralDiscreteScheduler, EXPONENTIAL, ALL),
+    ("dpm++2m", "uniform", DPMSolverMultistepScheduler, {}, ALL),
+    ("dpm++2m", "karras", DPMSolverMultistepScheduler, KARRAS, ALL),
+    ("dpm++2m", "exponential", DPMSolverMultistepScheduler, EXPONENTIAL, ALL),
     ("dpm++2m", "trailing", DPMSolverMultistepScheduler, {"timestep_spacing": "trailing"}, ("leading",)),
-    ("dpm++2s", "uniform", DPMSolverSinglestepScheduler, {}, ("leading", "trailing")),
-    ("dpm++2s", "karras", DPMSolverSinglestepScheduler, {"use_karras_sigmas": True}, ("leading",)),
-    ("dpm++2s", "exponential", DPMSolverSinglestepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
-    ("unipc", "uniform", UniPCMultistepScheduler, {}, ("leading", "linspace")),
-    ("unipc", "karras", UniPCMultistepScheduler, {"use_karras_sigmas": True}, ("leading",)),
-    ("unipc", "exponential", UniPCMultistepScheduler, {"use_exponential_sigmas": True}, ("leading",)),
+    ("dpm++2m-sde", "uniform", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, ALL),
+    ("dpm++2m-sde", "karras", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", **KARRAS}, ALL),
+    ("dpm++2m-sde", "exponential", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", **EXPONENTIAL},
+     ALL),
+    ("dpm++2s", "uniform", DPMSolverSinglestepScheduler, {}, ALL),
+    ("dpm++2s", "karras", DPMSolverSinglestepScheduler, KARRAS, ALL),
+    ("dpm++2s", "exponential", DPMSolverSinglestepScheduler, EXPONENTIAL, ALL),
+    ("unipc", "uniform", UniPCMultistepScheduler, {}, ALL),
+    ("unipc", "karras", UniPCMultistepScheduler, KARRAS, ALL),
+    ("unipc", "exponential", UniPCMultistepScheduler, EXPONENTIAL, ALL),
+    ("ddim", "uniform", DDIMScheduler, {}, ALL),
+    ("ddpm", "uniform", DDPMScheduler, {}, ALL),
+    ("lcm", "lcm", LCMScheduler, {}, ALL),
+    ("tcd", "lcm", TCDScheduler, {}, ALL),
 ]
+"""Every sampler with a diffusers scheduler, in each schedule that scheduler has, on models of each timestep spacing
+(SD's "leading" with steps_offset 1): the scheduler in its default configuration read from the model's
+``scheduler_config.json`` plus the schedule's switch, against our sampler on the same model with that schedule
+(``uniform``: the model's own timesteps). DPMSolverSinglestep, LCM and TCD ignore the model's spacing, and so do we.
+Not here: DPM++ 2S a, DPM++ SDE and DPM++ 3M SDE (no diffusers scheduler but DPMSolverSDE, which needs torchsde),
+and every schedule no diffusers scheduler has: k-diffusion below."""
+
+
+STEP_TIME_KEYS = ("timestep_spacing", "steps_offset", "prediction_type")
+"""The config keys only ``set_timesteps`` and ``step`` of these diffusers schedulers depend on (what a constructor
+derives from them, KDPM2's 1000 timesteps, ``set_timesteps`` makes again)."""
+
+
+@functools.cache
+def _prototype(cls: type, config: tuple) -> object:
+    """``cls`` from ``config`` (sorted items), made once: KDPM2's constructor alone takes seconds."""
+    return cls.from_config(dict(config))
+
+
+def configured(cls: type, schedule: NoiseSchedule, config: dict) -> object:
+    """``cls`` read from the model's config plus ``config``: a copy of the one instance made from everything but
+    :data:`STEP_TIME_KEYS`, which are then set, and ``config`` set again, for sigma_min / sigma_max, which Heun and
+    KDPM2 read from their config but do not take as arguments (see SD_RANGE)."""
+    model = schedule.to_diffusers_config()
+    made = {**{k: v for k, v in model.items() if k not in STEP_TIME_KEYS}, **config}
+    scheduler = copy.deepcopy(_prototype(cls, tuple(sorted(made.items()))))
+    scheduler.register_to_config(**{**model, **config})
+    return scheduler
+
+
+def shared_noise(base: str, name: str, schedule: NoiseSchedule, steps: int):
+    """Our noise source and diffusers' step arguments drawing the same noise: one generator seeded 5 each, drawn in
+    the same order, or the Brownian path we walk, handed to DPMSolverMultistep's step as ``variance_noise``."""
+    kind = SAMPLER_SPECS[base].noise
+    if kind is None:
+        return None, lambda k: {}
+    if kind == "gaussian":
+        generator = torch.Generator().manual_seed(5)
+        return (lambda x, _: gaussian_noise(x, torch.Generator().manual_seed(5), base)), \
+            lambda k: {"generator": generator}
+    s = schedule_sigmas(schedule, steps, name, SAMPLER_SPECS[base].family).sigmas.tolist()
+    brownian = BrownianNoise(start_noise(), s[0], torch.Generator().manual_seed(9), base)
+    noises = [brownian(s[k], s[k + 1]) if s[k + 1] > 0 else torch.zeros(SHAPE) for k in range(steps)]
+    return (lambda x, sig: BrownianNoise(x, sig[0].item(), torch.Generator().manual_seed(9), base)), \
+        lambda k: {"variance_noise": noises[k]}
 
 
 @pytest.mark.parametrize("steps", [8, 20])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("case", [(*c[:4], s) for c in DIFFUSERS for s in c[4]],
                          ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")
-def test_deterministic_samplers_equal_diffusers(tiny_net, case, prediction_type, steps):
+def test_samplers_equal_diffusers(tiny_net, case, prediction_type, steps):
     base, name, cls, config, spacing = case
     schedule = NoiseSchedule(**{**spaced(spacing).__dict__, "prediction_type": prediction_type})
-    scheduler = cls.from_config(schedule.to_diffusers_config(), **config)
+    scheduler = configured(cls, schedule, config)
     scheduler.set_timesteps(steps)
+    noise, step_kwargs = shared_noise(base, name, schedule, steps)
     with torch.no_grad():
-        ours = run_ours(base, name, schedule, tiny_net, steps)
-        ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps)
-    assert max_rel(ours, ref) <= 1e-4
-
-
-@pytest.mark.parametrize("steps", [8, 20])
-@pytest.mark.parametrize("base,name,cls,config", [
-    ("dpm2-a", "uniform", KDPM2AncestralDiscreteScheduler, {}),
-    ("dpm2-a", "karras", KDPM2AncestralDiscreteScheduler, {"use_karras_sigmas": True,
-                                                           "timestep_spacing": "linspace"}),
-    ("euler-a", "uniform", EulerAncestralDiscreteScheduler, {"timestep_spacing": "linspace"}),
-], ids=["dpm2-a", "dpm2-a-karras", "euler-a-linspace"])
-def test_ancestral_samplers_equal_diffusers_with_the_same_generator(tiny_net, base, name, cls, config, steps):
-    config = dict(config)
-    schedule = spaced(config.pop("timestep_spacing", "leading"))
-    scheduler = cls.from_config(schedule.to_diffusers_config(), **config)
-    scheduler.set_timesteps(steps)
-    step_generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        ours = run_ours(base, name, schedule, tiny_net, steps,
-                        lambda x, _: gaussian_noise(x, torch.Generator().manual_seed(5), base))
+        ours = run_ours(base, name, schedule, tiny_net, steps, noise)
         ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps,
-                             step_kwargs=lambda k: {"generator": step_generator})
+                             step_kwargs=step_kwargs)
     assert max_rel(ours, ref) <= 1e-4
 
 
-@pytest.mark.parametrize("name,config", [("karras", {"use_karras_sigmas": True}),
-                                         ("exponential", {"use_exponential_sigmas": True})])
-def test_dpmpp_2m_sde_in_its_schedules_equals_diffusers_fed_the_same_brownian_noise(tiny_net, name, config):
-    schedule, steps = spaced("leading"), 20
-    scheduler = DPMSolverMultistepScheduler.from_config(schedule.to_diffusers_config(),
-                                                        algorithm_type="sde-dpmsolver++", **config)
-    scheduler.set_timesteps(steps)
-    sigmas = schedule_sigmas(schedule, steps, name, "multistep").sigmas
-    brownian = BrownianNoise(start_noise(), sigmas[0].item(), torch.Generator().manual_seed(9), "dpm++2m-sde")
-    s = sigmas.tolist()
-    noises = [brownian(s[k], s[k + 1]) if s[k + 1] > 0 else torch.zeros(SHAPE) for k in range(steps)]
-    with torch.no_grad():
-        ours = run_ours("dpm++2m-sde", name, schedule, tiny_net, steps,
-                        lambda x, sig: BrownianNoise(x, sig[0].item(), torch.Generator().manual_seed(9), "sde"))
-        ref = diffusers_loop(scheduler, tiny_net, start_noise() * scheduler.init_noise_sigma, steps,
-                             step_kwargs=lambda k: {"variance_noise": noises[k]})
-    assert max_rel(ours, ref) <= 1e-4
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_lms_karras_is_one_schedule_where_diffusers_has_one_per_spacing(spacing):
+    """diffusers' LMSDiscreteScheduler alone builds its Karras σ's between the first and last σ of its spaced
+    timesteps whatever its config says (its ``_convert_to_karras`` reads no ``sigma_min`` / ``sigma_max``, unlike
+    its own exponential σ's and every other scheduler's Karras): σ(951)…σ(1) on "leading" and σ(999)…σ(49) on
+    "trailing" at 20 steps, the whole range only on "linspace". So its LMS Karras is a different schedule for each
+    spacing and differs from its Euler's, Heun's and DPM++'s Karras on the same model. Ours is A1111's, one for
+    every spacing: the same σ's as on "linspace", where LMS equals diffusers (the table), and the same σ's as
+    diffusers' Euler Karras on this model; k-diffusion's ``sample_lms`` on them gives our result
+    (:func:`test_samplers_equal_k_diffusion_in_every_schedule`)."""
+    ours = SamplerChoice("lms", "karras").sigmas(spaced(spacing), 20)
+    assert torch.equal(ours, SamplerChoice("lms", "karras").sigmas(spaced("linspace"), 20))
+    euler = EulerDiscreteScheduler.from_config(spaced(spacing).to_diffusers_config(), **KARRAS)
+    lms = LMSDiscreteScheduler.from_config(spaced(spacing).to_diffusers_config(), use_karras_sigmas=True)
+    lms.register_to_config(**SD_RANGE)
+    for scheduler in (euler, lms):
+        scheduler.set_timesteps(20)
+    assert max_rel(ours, euler.sigmas) <= 1e-5
+    assert max_rel(ours, lms.sigmas) > 0.05
 
 
 SD15_CONFIG = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
