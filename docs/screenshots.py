@@ -1,5 +1,5 @@
 """Write the README's screenshots of the ``nijimi serve`` page, ``docs/screenshots/*.png``: the page idle, generating
-with its live preview, the gallery, an inpaint mask, and an explain view (when the server has explain views).
+with its live preview, the gallery, an inpaint mask, and each explain view (``explain-<view>.png``).
 
 Run by hand from the repository root, with the test extras and a system Chromium (as for ``make test``):
 ``python docs/screenshots.py``. It starts its own server with the embedded model on a free port; each PNG is
@@ -19,8 +19,13 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "browser"))
 from studio import launch, missing_browser, open_page, start_server, stop_server  # noqa: E402
 
 OUT = Path(__file__).parent / "screenshots"
+ADAPTERS = Path(__file__).parents[1] / "nijimi" / "embedded" / "adapters"
 PROMPTS = ("a red circle on the left", "a blue square on the right", "a small yellow star in the middle",
            "a green triangle at the top and a purple circle at the bottom")
+EXPLAINED = (("forward", PROMPTS[3], ""), ("trajectory", PROMPTS[3], ""),
+             ("attention", "a red circle on the left and a blue square on the right", "red, blue, circle, square"),
+             ("adapters", "a pink star at the top <lora:pink:1>", ""))
+"""Each explain view with the prompt (on the Generate tab) and words it is shown with."""
 
 
 def save(page, name: str) -> None:
@@ -63,12 +68,19 @@ def shoot(page, output: Path) -> None:
     save(page, "inpaint")
     page.get_by_role("tab", name="Explain").click()
     if not page.locator("#explain_view option").count():
-        print("no explain views on this server: explain.png not written")
+        print("no explain views on this server: no explain screenshots written")
         return
-    page.get_by_label("Explain view").select_option("forward")
-    page.get_by_role("button", name="Run explain").click()
-    page.wait_for_selector("#explain_panels figure img", timeout=300_000)
-    save(page, "explain")
+    for view, prompt, words in EXPLAINED:
+        page.get_by_role("tab", name="Generate").click()
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+        page.get_by_label("Steps", exact=True).fill("8" if view == "trajectory" else "20")
+        page.get_by_role("tab", name="Explain").click()
+        page.get_by_label("Explain view").select_option(view)
+        page.get_by_label("Words", exact=True).fill(words)
+        page.get_by_role("button", name="Run explain").click()
+        page.wait_for_function("document.getElementById('explain_status').textContent.match(/: \\d+ panels?$/)",
+                               timeout=300_000)
+        save(page, f"explain-{view}")
 
 
 def main() -> int:
@@ -81,7 +93,7 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as temp:
         output = Path(temp) / "outputs"
-        process, url = start_server(output)
+        process, url = start_server(output, "--lora-dir", str(ADAPTERS))
         try:
             with sync_playwright() as playwright:
                 context = launch(playwright, Path(temp) / "profile")

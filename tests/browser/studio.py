@@ -44,13 +44,13 @@ def missing_browser() -> str | None:
     return None
 
 
-def start_server(output: Path) -> tuple[subprocess.Popen, str]:
-    """``nijimi serve`` with the embedded model on a free port of 127.0.0.1, saving into ``output``; returns the
-    process and its URL once it answers (the first stderr line says where it listens, after the model loaded)."""
+def start_server(output: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """``nijimi serve`` with the embedded model on a free port of 127.0.0.1, saving into ``output`` (``options``:
+    more of its flags); returns the process and its URL once it answers (the first stderr line says where it listens, after the model loaded)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NIJIMI_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "nijimi", "serve", "--port", "0", "--quiet", "--output-dir",
-                                str(output)], stderr=subprocess.PIPE, text=True, env=env,
+                                str(output), *options], stderr=subprocess.PIPE, text=True, env=env,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = process.stderr.readline()
     found = re.match(r"nijimi serve: (http://127\.0\.0\.1:\d+)/ ", line)

@@ -47,7 +47,10 @@ export class Explainer {
   }
 
   async body(view) {
-    if (view.input !== "image") return this.formBody();
+    if (view.input !== "image") {
+      const words = $("explain_words").value.split(",").map((w) => w.trim()).filter(Boolean);
+      return view.name === "attention" && words.length ? { ...this.formBody(), words } : this.formBody();
+    }
     const entry = this.images.find((e) => e.file === $("explain_image").value);
     if (!entry) throw new Error("make an image first: this view explains a gallery image");
     const body = { image: await base64Of(await (await fetch(entry.url)).blob()) };
@@ -78,7 +81,8 @@ export class Explainer {
         return figure;
       }));
       $("explain_info").textContent = JSON.stringify(answer.info, null, 2);
-      status.textContent = `${view.title || view.name}: ${answer.panels.length} panels`;
+      const count = answer.panels.length;
+      status.textContent = `${view.title || view.name}: ${count} panel${count === 1 ? "" : "s"}`;
     } catch (error) {
       status.textContent = `Failed: ${error.message}`;
     }
