@@ -46,7 +46,8 @@ def missing_browser() -> str | None:
 
 def start_server(output: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """``nijimi serve`` with the embedded model on a free port of 127.0.0.1, saving into ``output`` (``options``:
-    more of its flags); returns the process and its URL once it answers (the first stderr line says where it listens, after the model loaded)."""
+    more of its flags); returns the process and its URL once it answers (the first stderr line says where it
+    listens, after the model loaded)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NIJIMI_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen([sys.executable, "-m", "nijimi", "serve", "--port", "0", "--quiet", "--output-dir",
