@@ -16,7 +16,7 @@ RSS is the child's ``ru_maxrss``: loading and the whole generation, decode inclu
 
 ``--steps N`` runs every mode (diffusers too) with N sampling steps instead of its own, for a quick peak-RSS check:
 the peak is set by the weights, one step's activations and the decode, not by the number of steps, but it settles
-over the first few steps (allocator reuse; measured 2 steps ≈ 0.05 GiB under 20 at 256²), so use N ≥ 4. Its
+over the first few steps (allocator reuse; measured at 256²: 2 steps 0.07 GiB under 20, 8 steps 0.01), so use N ≥ 4. Its
 seconds and U-Net rows describe that shortened run, not the benchmark, and the table says so.
 
     python bench/speed.py [--sizes 256,512] [--modes diffusers,nijimi,fast,lcm] [--threads N] [--steps N]
