@@ -12,7 +12,8 @@ mode generates one image in a child process of its own (so each has its own peak
 
 Seconds exclude loading (the first image is timed: no warm-up, as a user sees it); U-Net rows count each latent row
 through the U-Net (a guided step is 2 rows), cached DeepCache rows separately. The ratio is to diffusers' time. Peak
-RSS is the child's ``ru_maxrss``: loading and the whole generation, decode included.
+RSS is the child's ``ru_maxrss``: loading and the whole generation, decode included; it too is given as a ratio to
+diffusers' at the same size, and the last line names the largest of those.
 
 ``--steps N`` runs every mode (diffusers too) with N sampling steps instead of its own, for a quick peak-RSS check:
 the peak is set by the weights, one step's activations and the decode, not by the number of steps, but it settles
@@ -151,9 +152,10 @@ def main() -> None:
         if args.steps:
             print(f"every mode ran {args.steps} steps (--steps): seconds and U-Net rows are not the benchmark's")
         print(f"{'size':>5} {'mode':<10} {'seconds':>8} {'U-Net rows':>12} {'cached':>7} {'peak RSS GiB':>13} "
-              f"{'/ diffusers':>12}")
+              f"{'/ diffusers':>12} {'RSS / diffusers':>16}")
+        rss_ratios = {}
         for size in (int(s) for s in args.sizes.split(",")):
-            base = None
+            base = base_rss = None
             for mode in modes:
                 steps = ["--steps", str(args.steps)] if args.steps else []
                 out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), *steps, "--child",
@@ -162,9 +164,16 @@ def main() -> None:
                     sys.exit(f"{mode} at {size}: {out.stderr.strip().splitlines()[-1]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 base = row["seconds"] if mode == "diffusers" else base
+                base_rss = row["rss_gib"] if mode == "diffusers" else base_rss
                 ratio = f"{row['seconds'] / base:.3f}" if base else "-"
+                if base_rss and mode != "diffusers":
+                    rss_ratios[f"{mode} {size}"] = row["rss_gib"] / base_rss
+                rss = f"{row['rss_gib'] / base_rss:.3f}" if base_rss else "-"
                 print(f"{size:>5} {mode:<10} {row['seconds']:>8.1f} {row['full']:>12} {row['cached']:>7} "
-                      f"{row['rss_gib']:>13.2f} {ratio:>12}", flush=True)
+                      f"{row['rss_gib']:>13.2f} {ratio:>12} {rss:>16}", flush=True)
+        if rss_ratios:
+            worst = max(rss_ratios, key=rss_ratios.get)
+            print(f"peak RSS / diffusers' (same run): at most {rss_ratios[worst]:.3f} ({worst})")
 
 
 if __name__ == "__main__":
