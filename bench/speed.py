@@ -11,9 +11,16 @@ mode generates one image in a child process of its own (so each has its own peak
   --guidance 1 --decoder tiny:…`` (a TAESD decoder in its published layout, random values).
 
 Seconds exclude loading (the first image is timed: no warm-up, as a user sees it); U-Net rows count each latent row
-through the U-Net (a guided step is 2 rows), cached DeepCache rows separately. The ratio is to diffusers' time.
+through the U-Net (a guided step is 2 rows), cached DeepCache rows separately. The ratio is to diffusers' time. Peak
+RSS is the child's ``ru_maxrss``: loading and the whole generation, decode included; it too is given as a ratio to
+diffusers' at the same size, and the last line names the largest of those.
 
-    python bench/speed.py [--sizes 256,512] [--modes diffusers,nijimi,fast,lcm] [--threads N]
+``--steps N`` runs every mode (diffusers too) with N sampling steps instead of its own, for a quick peak-RSS check:
+the peak is set by the weights, one step's activations and the decode, not by the number of steps, but it settles
+over the first few steps (allocator reuse; measured at 256²: 2 steps 0.07 GiB under 20, 8 steps 0.01), so use N ≥ 4. Its
+seconds and U-Net rows describe that shortened run, not the benchmark, and the table says so.
+
+    python bench/speed.py [--sizes 256,512] [--modes diffusers,nijimi,fast,lcm] [--threads N] [--steps N]
 """
 
 from __future__ import annotations
@@ -83,7 +90,7 @@ class Counter:
             self.full += rows
 
 
-def run_diffusers(folder: Path, size: int) -> tuple[float, Counter]:
+def run_diffusers(folder: Path, size: int, steps: int | None = None) -> tuple[float, Counter]:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder / "sd15", safety_checker=None)
@@ -92,12 +99,12 @@ def run_diffusers(folder: Path, size: int) -> tuple[float, Counter]:
     counter = Counter(pipe.unet)
     start = time.perf_counter()
     with torch.inference_mode():
-        pipe(PROMPT, height=size, width=size, num_inference_steps=50, guidance_scale=7.5,
+        pipe(PROMPT, height=size, width=size, num_inference_steps=steps or 50, guidance_scale=7.5,
              generator=torch.Generator().manual_seed(0))
     return time.perf_counter() - start, counter
 
 
-def run_nijimi(folder: Path, size: int, mode: str) -> tuple[float, Counter]:
+def run_nijimi(folder: Path, size: int, mode: str, steps: int | None = None) -> tuple[float, Counter]:
     from nijimi.pipelines.adapters import LoraRequest
     from nijimi.pipelines.pipeline import load
     from nijimi.pipelines.request import GenerationRequest
@@ -109,15 +116,18 @@ def run_nijimi(folder: Path, size: int, mode: str) -> tuple[float, Counter]:
                 "lcm": {"sampler": "lcm", "steps": 4, "guidance": 1.0,
                         "loras": (LoraRequest(folder / "lcm-lora.safetensors"),),
                         "decoder": f"tiny:{folder / 'taesd_decoder.safetensors'}"}}[mode]
+    settings = {**settings, "steps": steps} if steps else settings
     request = GenerationRequest(PROMPT, width=size, height=size, seed=0, **settings)
     start = time.perf_counter()
     pipe.generate(request)
     return time.perf_counter() - start, counter
 
 
-def child(folder: Path, mode: str, size: int) -> None:
-    """Run one mode once and print its measurements as one JSON line."""
-    seconds, counter = run_diffusers(folder, size) if mode == "diffusers" else run_nijimi(folder, size, mode)
+def child(folder: Path, mode: str, size: int, steps: int | None = None) -> None:
+    """Run one mode once (with ``steps`` sampling steps, None: its own) and print its measurements as one JSON
+    line."""
+    seconds, counter = (run_diffusers(folder, size, steps) if mode == "diffusers"
+                        else run_nijimi(folder, size, mode, steps))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps({"seconds": seconds, "full": counter.full, "cached": counter.cached, "rss_gib": rss}))
 
@@ -127,31 +137,43 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--steps", type=int, help="every mode runs this many steps (a quick peak-RSS check)")
     parser.add_argument("--child", nargs=3, metavar=("FOLDER", "MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        child(Path(args.child[0]), args.child[1], int(args.child[2]))
+        child(Path(args.child[0]), args.child[1], int(args.child[2]), args.steps)
         return
     modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build(folder)
         print(f"SD1.5-size model, random weights, fp32, {args.threads} threads, one image, prompt {PROMPT!r}")
+        if args.steps:
+            print(f"every mode ran {args.steps} steps (--steps): seconds and U-Net rows are not the benchmark's")
         print(f"{'size':>5} {'mode':<10} {'seconds':>8} {'U-Net rows':>12} {'cached':>7} {'peak RSS GiB':>13} "
-              f"{'/ diffusers':>12}")
+              f"{'/ diffusers':>12} {'RSS / diffusers':>16}")
+        rss_ratios = {}
         for size in (int(s) for s in args.sizes.split(",")):
-            base = None
+            base = base_rss = None
             for mode in modes:
-                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", tmp,
-                                      mode, str(size)], capture_output=True, text=True)
+                steps = ["--steps", str(args.steps)] if args.steps else []
+                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), *steps, "--child",
+                                      tmp, mode, str(size)], capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"{mode} at {size}: {out.stderr.strip().splitlines()[-1]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 base = row["seconds"] if mode == "diffusers" else base
+                base_rss = row["rss_gib"] if mode == "diffusers" else base_rss
                 ratio = f"{row['seconds'] / base:.3f}" if base else "-"
+                if base_rss and mode != "diffusers":
+                    rss_ratios[f"{mode} {size}"] = row["rss_gib"] / base_rss
+                rss = f"{row['rss_gib'] / base_rss:.3f}" if base_rss else "-"
                 print(f"{size:>5} {mode:<10} {row['seconds']:>8.1f} {row['full']:>12} {row['cached']:>7} "
-                      f"{row['rss_gib']:>13.2f} {ratio:>12}", flush=True)
+                      f"{row['rss_gib']:>13.2f} {ratio:>12} {rss:>16}", flush=True)
+        if rss_ratios:
+            worst = max(rss_ratios, key=rss_ratios.get)
+            print(f"peak RSS / diffusers' (same run): at most {rss_ratios[worst]:.3f} ({worst})")
 
 
 if __name__ == "__main__":

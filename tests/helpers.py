@@ -1,5 +1,6 @@
 """Helpers shared by the tests (importable because pytest puts ``tests/`` on the path, see pyproject): named small
-configs, random weights, ``rel_err``, gloo process groups, racing processes. Fixtures live in ``conftest.py`` files.
+configs, random weights, ``rel_err``, gloo process groups, racing processes, a file's resident pages. Fixtures live in
+``conftest.py`` files.
 
 One RNG policy: every random tensor drawn here comes from an explicit ``torch.Generator`` seeded by the caller (module
 inits, which take no generator, run under a forked, seeded global RNG); the global RNG is never left changed."""
@@ -106,6 +107,22 @@ def random_model(config: ModelConfig, seed: int) -> LatentDiffusion:
         torch.manual_seed(seed)
         model = LatentDiffusion(config)
     return perturb(model, seed).eval()
+
+
+def resident_kib(path: os.PathLike) -> int:
+    """KiB of ``path``'s memory maps resident in this process (the ``Rss`` of its mappings in /proc/self/smaps);
+    skips the test where there is no /proc (not Linux)."""
+    smaps = Path("/proc/self/smaps")
+    if not smaps.is_file():
+        pytest.skip("needs /proc/self/smaps (Linux)")
+    target, inside, total = os.path.realpath(path), False, 0
+    for line in smaps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header: address range ... [path]
+            inside = len(fields) == 6 and fields[5] == target
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,9 @@ by component (``nijimi.io.diffusers_folder``, from the ``nijimi.io.components`` 
 
 Loading never holds two copies of the weights: the model is built on the ``meta`` device and the tensors of the
 memory-mapped file are assigned into it (``load_state_dict(assign=True)``); only dtype conversions and OpenCLIP's
-fused q/k/v projections are copied.
+fused q/k/v projections are copied. The check of every weight (finite floats) reads the whole file; its pages are then
+handed back (:func:`~nijimi.io.safetensors.release_pages`), so a loaded model holds resident only what it has run
+since (a txt2img run never touches the VAE encoder, nor most rows of the token embedding).
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ def _load_single(path: Path, override: ModelConfig | str | os.PathLike | None, d
     choice = _choose_config(path, {k: tuple(v.shape) for k, v in sd.items()}, metadata, override)
     native, ignored, unknown = single_to_native(sd, choice.config, choice.layout, str(path), ema)
     model = build_strict(LatentDiffusion, choice.config, native, dtype, str(path))
+    safetensors.release_pages(sd.values())
     if choice.prediction_source == "probe" and probe_v_prediction(model.unet):
         model.set_config(with_v_prediction(model.config))
     report = LoadReport(str(path), "single", model.config, choice.config_source, choice.prediction_source,
@@ -232,6 +235,7 @@ def _load_diffusers(folder: Path, override: ModelConfig | str | os.PathLike | No
             config, prediction_source = config.with_prediction_type(prediction), "yaml"
     stored, native = diffusers_folder.read_weights(folder, config)
     model = build_strict(LatentDiffusion, config, native, dtype, str(folder))
+    safetensors.release_pages(stored)
     report = LoadReport(str(folder), "diffusers", config, source, prediction_source, dtype_names(stored))
     return model, report
 

@@ -13,6 +13,9 @@ reference's torch binding has no dtype.
 
 Reading maps the file copy-on-write and views each tensor in place, so loading an SD-size file costs no second copy
 (a loader that assigns the tensors into a model, ``load_state_dict(sd, assign=True)``, holds the file's pages once).
+Pages count in the process's resident memory once read; a loader that has read every byte to check it
+(:func:`~nijimi.io.files.require_finite_float`) hands them back with :func:`release_pages`, so only the weights a
+run touches (not, say, a txt2img run's VAE encoder or the unused rows of the token embedding) stay resident.
 Writing is byte-identical to the reference ``safetensors`` writer: tensors ordered by dtype (widest first, the
 reference's enum order) then name, header padded with spaces to a multiple of 8, compact JSON.
 """
@@ -23,7 +26,8 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,6 +67,8 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _WRITE_RANK = {name: rank for rank, name in enumerate(DTYPES)}
 _METADATA_KEY = "__metadata__"
 _MAX_USIZE = 2**64 - 1
+_MAPS: weakref.WeakValueDictionary[int, mmap.mmap] = weakref.WeakValueDictionary()
+"""The live maps of :func:`read_open` by address, for :func:`release_pages` (an entry goes with its last tensor)."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +262,7 @@ def read_open(path: str | os.PathLike, file: BinaryIO,
     header = _read_header(path, file)
     mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     buffer = torch.frombuffer(mapped, dtype=torch.uint8)  # shares the map and keeps it alive
+    _MAPS[buffer.data_ptr()] = mapped
     out: dict[str, torch.Tensor] = {}
     for name, info in header.tensors.items():
         start = header.data_start + info.start
@@ -268,6 +275,25 @@ def read_open(path: str | os.PathLike, file: BinaryIO,
             problem = str(e).splitlines()[0]
             raise _fail(path, f"tensor {name!r} of shape {list(info.shape)} cannot be made: {problem}") from None
     return out, header.metadata
+
+
+def release_pages(tensors: Iterable[torch.Tensor]) -> None:
+    """Take the pages of :func:`read_open`'s file maps behind ``tensors`` out of this process's resident memory (the
+    whole map of each file; ``madvise(MADV_DONTNEED)``). Their bytes stay readable: the next read maps them again
+    from the kernel's page cache (or the file), so only what is used afterwards comes back.
+
+    For a loader that has just read and checked a file: a write into a mapped tensor since :func:`read_open` lives in
+    a private copy of its page, which this drops (the file's bytes come back), so call it only while nothing has
+    written into the tensors. Tensors that are not such views (copies, other devices), and systems without
+    ``madvise`` (Windows), are left as they are.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    for address in {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}:
+        mapped = _MAPS.get(address)
+        if mapped is not None:
+            mapped.madvise(advice)
 
 
 def load_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

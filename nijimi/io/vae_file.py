@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from nijimi.errors import CheckpointError, ConfigError
-from nijimi.io import files
+from nijimi.io import files, safetensors
 from nijimi.io.components import AUTOENCODER, build_strict
 from nijimi.io.detect import infer_vae_config
 from nijimi.io.diffusers_folder import component_config, read_component
@@ -52,7 +52,9 @@ def load_vae(path: str | os.PathLike, like: VAEConfig) -> VAE:
         raise ConfigError(f"{path}: a VAE of {found[0]} latent channels and factor {found[1]}; this model's latents "
                           f"need {wanted[0]} channels and factor {wanted[1]}")
     config = dataclasses.replace(config, scaling_factor=like.scaling_factor)
-    return build_strict(VAE, config, native, torch.float32, str(path))
+    vae = build_strict(VAE, config, native, torch.float32, str(path))
+    safetensors.release_pages(native.values())  # checked, not yet used: only what runs comes back
+    return vae
 
 
 def _original_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from helpers import SD1, SD2, in_processes, output_errors, perturb, random_model
+from helpers import SD1, SD2, in_processes, output_errors, perturb, random_model, resident_kib
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from nijimi.errors import CheckpointError, ConfigError, OutputExistsError
@@ -472,6 +472,23 @@ def test_peak_rss_medium(tmp_path) -> None:
     safetensors.torch.save_file({k: torch.full(v.shape, 0.01) for k, v in shapes.items()}, path)
     assert os.path.getsize(path) > 150e6
     assert _peak_rss_ratio(path) <= 1.3
+
+
+@pytest.mark.parametrize("layout", ["single", "diffusers"])
+def test_a_loaded_model_holds_its_weights_once_and_none_resident_until_used(tmp_path, layout: str) -> None:
+    """No second copy: every weight of an fp32 file is a view of the file's map (one storage per file); the load's
+    check read every byte, yet none of the file stays resident until the model uses it; the values are the file's."""
+    model = random_model(SD1, seed=3)
+    target = tmp_path / ("m.safetensors" if layout == "single" else "m")
+    (save_single if layout == "single" else save_diffusers)(model, target)
+    weight_files = [target] if layout == "single" else sorted(target.glob("*/*.safetensors"))
+    loaded, _ = load_model(target)
+    assert sum(resident_kib(f) for f in weight_files) < 64
+    storages = {p.untyped_storage().data_ptr() for p in loaded.parameters()}
+    assert len(storages) == len(weight_files)
+    assert same_tensors(loaded.state_dict(), model.state_dict())
+    data = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert sum(resident_kib(f) for f in weight_files) * 1024 >= 0.9 * data  # reading the weights maps them back
 
 
 @pytest.mark.slow

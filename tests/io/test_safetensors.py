@@ -9,9 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from helpers import resident_kib
 
 from nijimi.errors import CheckpointError
-from nijimi.io.safetensors import DTYPES, TensorInfo, load_file, read_header, read_metadata, save_file
+from nijimi.io.safetensors import DTYPES, TensorInfo, load_file, read_header, read_metadata, release_pages, save_file
 
 st = pytest.importorskip("safetensors.torch")
 SafetensorError = pytest.importorskip("safetensors").SafetensorError
@@ -130,6 +131,20 @@ def test_loaded_tensors_are_private_copies_on_write(tmp_path):
     assert loaded["w"].tolist() == [1.0, 2.0, 3.0, 4.0]
     assert path.read_bytes() == before
     assert load_file(path)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_release_pages_takes_read_pages_out_of_resident_memory_and_keeps_the_values(tmp_path):
+    path = tmp_path / "x.safetensors"
+    tensors = {"a": torch.randn(2**22, generator=torch.Generator().manual_seed(0)), "b": torch.arange(1000.0)}
+    save_file(tensors, path)
+    loaded = load_file(path)
+    assert resident_kib(path) < 1024  # mapped, not read yet
+    assert torch.equal(loaded["a"], tensors["a"])  # reads all 16 MiB
+    assert resident_kib(path) >= 16 * 1024
+    release_pages([loaded["b"], torch.ones(3)])  # any tensor of the map releases the whole map; a copy is left alone
+    assert resident_kib(path) < 1024
+    assert torch.equal(loaded["a"], tensors["a"]) and torch.equal(loaded["b"], tensors["b"])
+    assert resident_kib(path) >= 16 * 1024
 
 
 F32_1 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}

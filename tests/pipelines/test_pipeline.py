@@ -1,13 +1,15 @@
 """Pipeline: float pixels and their rounding, batches and seeds, sizes, bf16 networks with fp32 sampling, devices,
-automatic and explicit attention slicing, VAE tiles."""
+automatic and explicit attention slicing, VAE tiles, the memory a loaded pipeline holds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers import random_model, resident_kib
 
 from nijimi.errors import ConfigError
+from nijimi.io.checkpoint import save_diffusers
 from nijimi.models.layers import Attention
 from nijimi.pipelines import pipeline, runtime
 from nijimi.pipelines.images import to_unit
@@ -155,3 +157,22 @@ def test_automatic_vae_tile_when_memory_is_short(pipe, monkeypatch):
     gen = pipe.generate(PROMPT, steps=1, sampler="euler", seed=8)
     assert gen.request.vae_tile == 512  # larger than the image: decoded whole, same pixels
     assert torch.equal(gen.pixels, pipe.generate(PROMPT, steps=1, sampler="euler", seed=8, vae_tile=0).pixels)
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def test_a_loaded_pipeline_holds_the_weights_once_and_only_those_a_generation_ran(tmp_path, config):
+    """No second copy of the weights: each parameter views its file's map. After a txt2img generation only what it
+    ran is resident, not the VAE encoder nor the token embedding's unused rows (most of this toy model's bytes)."""
+    save_diffusers(random_model(config, seed=5), tmp_path / "m")
+    files = sorted((tmp_path / "m").glob("*/*.safetensors"))
+    pipe = pipeline.load(tmp_path / "m")
+    model = pipe.model
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == len(files)
+    pipe.generate(PROMPT, steps=2, sampler="euler", seed=1, width=64, height=64)
+    unused = _bytes(model.vae.encoder.parameters()) + _bytes(model.text_encoder.text_model.embeddings.token_embedding
+                                                             .parameters())
+    assert unused > 4 << 20
+    assert sum(resident_kib(f) for f in files) * 1024 <= _bytes(model.parameters()) - unused + (2 << 20)
