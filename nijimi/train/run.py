@@ -81,12 +81,14 @@ class VAEStage(LoopConfig):
 
 @dataclass
 class UNetStage(LoopConfig):
-    """Table ``[unet]``: the U-Net stage's loop, its loss (``min_snr_gamma`` 0: plain MSE) and whether the text
-    encoder learns too; ``timestep_bias_*``: diffusers' options (:func:`nijimi.diffusion.forward.timestep_weights`)."""
+    """Table ``[unet]``: the U-Net stage's loop, its loss (``min_snr_gamma`` 0: plain MSE) and which networks learn
+    (``train_unet`` off: the text encoder alone, fine-tuning an ``init`` model on new captions);
+    ``timestep_bias_*``: diffusers' options (:func:`nijimi.diffusion.forward.timestep_weights`)."""
 
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = True
+    train_unet: bool = True
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -95,6 +97,8 @@ class UNetStage(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (self.train_unet or self.train_text_encoder):
+            raise ConfigError("unet.train_unet and unet.train_text_encoder are both false: nothing would learn")
         # a bad bias setting fails when the config is read, not after the VAE stage
         self.timestep_weights(NoiseSchedule.num_train_timesteps)
 
@@ -190,7 +194,7 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
     objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
                                    model.config.schedule, data, caption_dropout=stage.caption_dropout,
                                    min_snr_gamma=stage.min_snr_gamma or None,
-                                   train_text_encoder=stage.train_text_encoder,
+                                   train_text_encoder=stage.train_text_encoder, train_unet=stage.train_unet,
                                    timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))
     trainer = open_trainer(objective, len(data), stage, out / "unet", resume)
 
