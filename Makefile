@@ -39,14 +39,9 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python bench/unet.py
 
-# Two stages: the model on the first phrasing (runs/embedded/model.safetensors, kept once made), then its text
-# encoder on the captions as people write them, exported to nijimi/embedded/model.safetensors.
-runs/embedded/model.safetensors: | $(STAMP)
+train-embedded: $(STAMP)
 	$(BIN)/pip install -q -e '.[plots]'
 	$(BIN)/nijimi train --config configs/embedded.toml --resume
-
-train-embedded: runs/embedded/model.safetensors
-	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume --overwrite
 
 clean:
 	rm -rf $(VENV) out
