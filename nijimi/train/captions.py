@@ -36,8 +36,12 @@ class ShapeSpec:
     size: str | None = None
 
 
-TRAINING, PARAPHRASE = "training", "paraphrase"
+TRAINING, PARAPHRASE, ORIGINAL = "training", "paraphrase", "original"
 PHRASINGS: tuple[str, ...] = (TRAINING, PARAPHRASE)
+"""The phrasings a model is evaluated in."""
+DATA_PHRASINGS: tuple[str, ...] = (TRAINING, ORIGINAL)
+"""The phrasings training data is captioned in: ``"original"`` is the first recipe's (the first four templates, two
+phrases per place, one per relation, and always a one-object caption's size), which the shipped model learned."""
 PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 """The places two objects of one scene take, first (left / top) and second."""
 
@@ -86,19 +90,22 @@ CHOICES = 840
 
 
 def _check_phrasing(phrasing: str) -> None:
-    if phrasing not in PHRASINGS:
-        raise ConfigError(f"unknown caption phrasing {phrasing!r}; expected one of {', '.join(PHRASINGS)}")
+    if phrasing not in (*PHRASINGS, ORIGINAL):
+        raise ConfigError(f"unknown caption phrasing {phrasing!r}; expected one of {', '.join(PHRASINGS)} "
+                          f"(or {ORIGINAL} for training data)")
 
 
 def templates(phrasing: str, objects: int) -> tuple[str, ...]:
     """The templates of ``phrasing`` for one or two objects."""
     _check_phrasing(phrasing)
-    return TEMPLATES[phrasing][objects - 1]
+    return TEMPLATES[TRAINING][objects - 1][:4] if phrasing == ORIGINAL else TEMPLATES[phrasing][objects - 1]
 
 
 def place_phrases(phrasing: str, place: str) -> tuple[str, ...]:
     """The phrases ``phrasing`` may write for ``place``: training's, and for paraphrases their own as well."""
     _check_phrasing(phrasing)
+    if phrasing == ORIGINAL:
+        return PLACE_PHRASES[place][:2]
     return PLACE_PHRASES[place] + (PARAPHRASE_PLACES[place] if phrasing == PARAPHRASE else ())
 
 
@@ -117,7 +124,7 @@ def caption_for(specs: tuple[ShapeSpec, ...], template: int = 0, places: tuple[i
     chosen = templates(phrasing, min(len(specs), 2))
     fields = {"a": _object_phrase(specs[0]), "a0": _object_phrase(specs[0], False), "pa": phrases[0]}
     if len(specs) == 2 and (specs[0].position, specs[1].position) in PAIRS:
-        words = RELATIONS[(specs[0].position, specs[1].position)]
+        words = RELATIONS[(specs[0].position, specs[1].position)][: 1 if phrasing == ORIGINAL else None]
         before, after = words[places[0] % len(words)]
         fields.update(b=_object_phrase(specs[1]), b0=_object_phrase(specs[1], False), pb=phrases[1],
                       before=before, after=after)

@@ -29,6 +29,7 @@ from nijimi.io.limits import check_model_fits
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
+from nijimi.train.captions import DATA_PHRASINGS, TRAINING
 from nijimi.train.config import Settings, build_config, check_settings, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
@@ -45,12 +46,14 @@ StageStep = Callable[[str, Trainer, float, float], None]
 class RunConfig:
     """Top-level keys of a training recipe. ``model``: the architecture preset (tables ``[arch.unet]``, ``[arch.vae]``,
     ``[arch.text]`` change its fields); ``init``: fine-tune this model (checkpoint file or diffusers folder) instead;
-    ``export``: the model file (default ``out/model.safetensors``); ``two_objects``: shapes data only."""
+    ``export``: the model file (default ``out/model.safetensors``); ``two_objects`` and ``captions`` (the phrasing of
+    :mod:`nijimi.train.captions`): shapes data only."""
 
     out: str = "runs/train"
     data: str = "shapes"
     data_count: int = 100_000
     two_objects: float = TWO_OBJECTS  # shapes data: fraction of scenes with two objects (the rest have one)
+    captions: str = TRAINING  # shapes data: "training", or "original" (the first recipe's phrasing)
     size: int = 64
     seed: int = 0
     model: str = "tiny"
@@ -130,6 +133,8 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
+    if run.captions not in DATA_PHRASINGS:
+        raise ConfigError(f"captions = {run.captions!r}: expected one of {', '.join(DATA_PHRASINGS)}")
     check_model_fits(model_config(run, arch), settings.source or "training config", error=ConfigError)
     return run, vae, unet, arch
 
@@ -153,7 +158,7 @@ def open_data(run: RunConfig):
     """The training set: the procedural shapes world, or a folder of captioned images."""
     if run.data == "shapes":
         return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count,
-                             two_objects=run.two_objects)
+                             two_objects=run.two_objects, phrasing=run.captions)
     return ImageFolder(run.data, run.size)
 
 

@@ -36,7 +36,7 @@ from PIL import Image
 
 from nijimi.errors import ConfigError
 from nijimi.io.files import atomic_write, check_output
-from nijimi.train.captions import CHOICES, PAIRS, TRAINING, ShapeSpec, caption_for, templates
+from nijimi.train.captions import CHOICES, DATA_PHRASINGS, ORIGINAL, PAIRS, TRAINING, ShapeSpec, caption_for, templates
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (224, 48, 48),
@@ -157,11 +157,13 @@ def sample_scene(generator: torch.Generator, split: str = "train", objects: int 
 
 def describe(scene: Scene, generator: torch.Generator, phrasing: str = TRAINING) -> str:
     """A caption for ``scene`` in a random template of ``phrasing`` (:mod:`nijimi.train.captions`; training data is
-    always captioned in ``"training"``); the sizes are named for every object or for none, with even odds."""
+    captioned in ``"training"``, or ``"original"`` to repeat the first recipe); the sizes are named for every object or
+    for none, with even odds (``"original"``: always for one object)."""
     draws = _Draws(generator)
-    with_size = draws.uniform() < 0.5
+    with_size = (phrasing == ORIGINAL and len(scene.objects) == 1) or draws.uniform() < 0.5
     template = int(draws.uniform() * len(templates(phrasing, len(scene.objects))))
-    places = (int(draws.uniform() * CHOICES), int(draws.uniform() * CHOICES))
+    choices = 2 if phrasing == ORIGINAL else CHOICES
+    places = (int(draws.uniform() * choices), int(draws.uniform() * choices))
     return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places, phrasing)
 
 
@@ -241,18 +243,22 @@ class ShapesDataset:
     """In-memory shapes images: ``dataset[i]`` → (image (3, size, size) float32 in [-1, 1], caption).
 
     Index ``i`` alone (with ``seed``, ``split`` and ``two_objects``) fixes the scene and caption, so any index
-    regenerates exactly. A scene has two objects with probability ``two_objects`` (default half), else one.
+    regenerates exactly. A scene has two objects with probability ``two_objects`` (default half), else one; captions
+    are in ``phrasing`` (one of ``DATA_PHRASINGS``).
     """
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000,
-                 two_objects: float = TWO_OBJECTS) -> None:
+                 two_objects: float = TWO_OBJECTS, phrasing: str = TRAINING) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if count < 1:
             raise ConfigError(f"shapes dataset count must be positive, got {count}")
         if not 0.0 <= two_objects <= 1.0:
             raise ConfigError(f"shapes two-object fraction must be in [0, 1], got {two_objects}")
+        if phrasing not in DATA_PHRASINGS:
+            raise ConfigError(f"shapes captions {phrasing!r}: expected one of {', '.join(DATA_PHRASINGS)}")
         self.size, self.seed, self.split, self.count, self.two_objects = size, seed, split, count, two_objects
+        self.phrasing = phrasing
 
     def __len__(self) -> int:
         return self.count
@@ -262,7 +268,7 @@ class ShapesDataset:
                             two_objects=self.two_objects)
 
     def caption(self, index: int) -> str:
-        return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"))
+        return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"), self.phrasing)
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
         """(uint8 image (size, size, 3), caption) for ``index``."""

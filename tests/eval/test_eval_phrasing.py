@@ -1,4 +1,5 @@
-"""``nijimi eval shapes --phrasing``: the held-out captions in the training phrasing (default) or in paraphrases."""
+"""``nijimi eval shapes --phrasing``: the held-out captions in the first phrasing (default), the wider training
+phrasing or paraphrases."""
 
 import pytest
 
@@ -8,7 +9,7 @@ from nijimi.train.shapes import sample_captions, split_of
 from nijimi.ui import eval as eval_ui
 
 
-@pytest.mark.parametrize("phrasing", [None, "training", "paraphrase"])
+@pytest.mark.parametrize("phrasing", [None, "original", "training", "paraphrase"])
 def test_eval_shapes_scores_the_phrasing_asked_for(phrasing, monkeypatch, capsys) -> None:
     seen, evaluate = [], eval_ui.evaluate
 
@@ -20,9 +21,9 @@ def test_eval_shapes_scores_the_phrasing_asked_for(phrasing, monkeypatch, capsys
     extra = [] if phrasing is None else ["--phrasing", phrasing]
     assert main(["eval", "shapes", "--n", "2", "--steps", "1", "--seed", "3", "--quiet", *extra]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("all              2 ")
-    expected = phrasing or "training"
+    expected = phrasing or "original"
     assert seen == [sample_captions(2, seed=3, phrasing=expected)]
-    assert {phrasing_of(c) for c in seen[0]} == {expected}
+    assert {phrasing_of(c) for c in seen[0]} == {"paraphrase" if expected == "paraphrase" else "training"}
     assert {split_of(parse_caption(c)) for c in seen[0]} == {"heldout"}
 
 

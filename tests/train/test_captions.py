@@ -138,6 +138,19 @@ def test_heldout_split_holds_in_paraphrases() -> None:
     assert [len(parse_caption(c)) for c in sample_captions(6, phrasing=PARAPHRASE)] == [1, 2] * 3
 
 
+def test_original_phrasing_repeats_the_first_recipes_captions() -> None:
+    """What the shipped model learned, caption for caption (these are the first recipe's own)."""
+    assert sample_captions(4, phrasing="original") == [
+        "a small orange square near the top against a white background", "a green star to the right of a green square",
+        "a small blue square on the left",
+        "a large yellow star on the left side and a small purple triangle on the right side"]
+    data = ShapesDataset(seed=1, phrasing="original")
+    assert all(parse_caption(data.caption(i))[0].size for i in range(200) if len(data.scene(i).objects) == 1)
+    with pytest.raises(ConfigError, match="shapes captions 'paraphrase': expected one of training, original"):
+        ShapesDataset(phrasing="paraphrase")
+
+
 def test_unknown_phrasing_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown caption phrasing 'formal'; expected one of training, paraphrase"):
+    with pytest.raises(ConfigError, match=r"unknown caption phrasing 'formal'; expected one of training, paraphrase "
+                                          r"\(or original for training data\)"):
         sample_captions(2, phrasing="formal")

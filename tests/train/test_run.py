@@ -69,3 +69,10 @@ def test_train_unet_is_read_and_one_network_must_learn():
     with pytest.raises(ConfigError, match="unet.train_unet and unet.train_text_encoder are both false: nothing would "
                                           "learn"):
         parse_config({"unet.train_unet": False, "unet.train_text_encoder": False})
+
+
+def test_captions_key_picks_the_data_phrasing():
+    run, *_ = parse_config({"captions": "original"})
+    assert open_data(run).phrasing == "original" and open_data(parse_config({})[0]).phrasing == "training"
+    with pytest.raises(ConfigError, match="captions = 'paraphrase': expected one of training, original"):
+        parse_config({"captions": "paraphrase"})
