@@ -1,9 +1,11 @@
 """The captions of the shapes world: what a caption asks of each object (:class:`ShapeSpec`), written out in plain
 English (:func:`caption_for`) in one of two phrasings, and read back (:func:`parse_caption`, :func:`phrasing_of`).
 
-Phrasings (:data:`PHRASINGS`):
-    ``"training"``    what training captions say (``nijimi.train.shapes.describe``), written to cover what people
-                      type: the size is optional, "a"/"an" or no article ("red circle on the left"), several words
+Phrasings (:data:`PHRASINGS`, and ``"original"`` for training data):
+    ``"original"``    the first recipe's: the first four templates, two phrases per place, one per relation, and a
+                      one-object caption always names its size — what the shipped embedded model learned.
+    ``"training"``    wider training captions (``nijimi.train.shapes.describe`` with ``phrasing="training"``,
+                      recipe key ``captions = "training"``), written to cover what people type: the size is optional, "a"/"an" or no article ("red circle on the left"), several words
                       for each place ("in the center", "in the middle", "in the centre", "near the top", "on top",
                       "to the left" …) and relation ("to the left of", "left of", "above", "over" …), and a few
                       sentence frames ("there is …", "a picture of …").

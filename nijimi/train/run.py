@@ -29,7 +29,7 @@ from nijimi.io.limits import check_model_fits
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
-from nijimi.train.captions import DATA_PHRASINGS, TRAINING
+from nijimi.train.captions import DATA_PHRASINGS, ORIGINAL
 from nijimi.train.config import Settings, build_config, check_settings, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
@@ -53,7 +53,7 @@ class RunConfig:
     data: str = "shapes"
     data_count: int = 100_000
     two_objects: float = TWO_OBJECTS  # shapes data: fraction of scenes with two objects (the rest have one)
-    captions: str = TRAINING  # shapes data: "training", or "original" (the first recipe's phrasing)
+    captions: str = ORIGINAL  # shapes data: "original" (the first recipe's phrasing) or "training" (the wider one)
     size: int = 64
     seed: int = 0
     model: str = "tiny"

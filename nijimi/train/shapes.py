@@ -36,7 +36,7 @@ from PIL import Image
 
 from nijimi.errors import ConfigError
 from nijimi.io.files import atomic_write, check_output
-from nijimi.train.captions import CHOICES, DATA_PHRASINGS, ORIGINAL, PAIRS, TRAINING, ShapeSpec, caption_for, templates
+from nijimi.train.captions import CHOICES, DATA_PHRASINGS, ORIGINAL, PAIRS, ShapeSpec, caption_for, templates
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (224, 48, 48),
@@ -155,10 +155,10 @@ def sample_scene(generator: torch.Generator, split: str = "train", objects: int 
             return scene
 
 
-def describe(scene: Scene, generator: torch.Generator, phrasing: str = TRAINING) -> str:
-    """A caption for ``scene`` in a random template of ``phrasing`` (:mod:`nijimi.train.captions`; training data is
-    captioned in ``"training"``, or ``"original"`` to repeat the first recipe); the sizes are named for every object or
-    for none, with even odds (``"original"``: always for one object)."""
+def describe(scene: Scene, generator: torch.Generator, phrasing: str = ORIGINAL) -> str:
+    """A caption for ``scene`` in a random template of ``phrasing`` (:mod:`nijimi.train.captions`): ``"original"``,
+    the first recipe's and the default, names a one-object caption's size always and two objects' sizes with even
+    odds; the others name the sizes of every object or of none, with even odds."""
     draws = _Draws(generator)
     with_size = (phrasing == ORIGINAL and len(scene.objects) == 1) or draws.uniform() < 0.5
     template = int(draws.uniform() * len(templates(phrasing, len(scene.objects))))
@@ -248,7 +248,7 @@ class ShapesDataset:
     """
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000,
-                 two_objects: float = TWO_OBJECTS, phrasing: str = TRAINING) -> None:
+                 two_objects: float = TWO_OBJECTS, phrasing: str = ORIGINAL) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if count < 1:
@@ -344,7 +344,7 @@ class ConceptShapes:
 
 
 def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None,
-                    phrasing: str = TRAINING) -> list[str]:
+                    phrasing: str = ORIGINAL) -> list[str]:
     """``count`` captions of ``split`` (half one-object, half two-object) in ``phrasing``, e.g. for evaluation; with
     ``concept`` the first object of each is that new colour (:func:`with_concept`)."""
     captions = []

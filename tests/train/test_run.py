@@ -72,7 +72,7 @@ def test_train_unet_is_read_and_one_network_must_learn():
 
 
 def test_captions_key_picks_the_data_phrasing():
-    run, *_ = parse_config({"captions": "original"})
-    assert open_data(run).phrasing == "original" and open_data(parse_config({})[0]).phrasing == "training"
+    run, *_ = parse_config({"captions": "training"})
+    assert open_data(run).phrasing == "training" and open_data(parse_config({})[0]).phrasing == "original"
     with pytest.raises(ConfigError, match="captions = 'paraphrase': expected one of training, original"):
         parse_config({"captions": "paraphrase"})
