@@ -1,13 +1,14 @@
 """The captions of the shapes world: what a caption asks of each object (:class:`ShapeSpec`), written out in plain
-English (:func:`caption_for`) in one of two phrasings, and read back (:func:`parse_caption`, :func:`phrasing_of`).
+English (:func:`caption_for`) in one of three phrasings, and read back (:func:`parse_caption`, :func:`phrasing_of`).
 
 Phrasings (:data:`PHRASINGS`, and ``"original"`` for training data):
     ``"original"``    the first recipe's: the first four templates, two phrases per place, one per relation, and a
                       one-object caption always names its size — what the shipped embedded model learned.
     ``"training"``    wider training captions (``nijimi.train.shapes.describe`` with ``phrasing="training"``,
-                      recipe key ``captions = "training"``), written to cover what people type: the size is optional, "a"/"an" or no article ("red circle on the left"), several words
-                      for each place ("in the center", "in the middle", "in the centre", "near the top", "on top",
-                      "to the left" …) and relation ("to the left of", "left of", "above", "over" …), and a few
+                      recipe key ``captions = "training"``), written to cover what people type: the size is
+                      optional, "a"/"an" or no article ("red circle on the left"), several words for each place
+                      ("in the center", "in the middle", "in the centre", "near the top", "on top", "to the left" …)
+                      and relation ("to the left of", "left of", "above", "over" …), and a few
                       sentence frames ("there is …", "a picture of …").
     ``"paraphrase"``  held out of training, to test a model on phrasings it never saw: other sentence frames ("on the
                       left there is a red circle", "an image of …", "on the left is … and on the right is …", "… next
@@ -16,7 +17,7 @@ Phrasings (:data:`PHRASINGS`, and ``"original"`` for training data):
                       words and no others a model could not know; ``describe`` never writes them for training, and no
                       paraphrase caption is one a training template can write (:func:`phrasing_of`).
 
-The parser is built from the same template tables, so every caption either phrasing writes parses back.
+The parser is built from the same template tables, so every caption any phrasing writes parses back.
 """
 
 from __future__ import annotations
