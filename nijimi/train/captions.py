@@ -1,5 +1,6 @@
 """The captions of the shapes world: what a caption asks of each object (:class:`ShapeSpec`), written out in plain
-English (:func:`caption_for`) in one of three phrasings, and read back (:func:`parse_caption`, :func:`phrasing_of`).
+English (:func:`caption_for`) in one of three phrasings, and read back (:class:`CaptionReader`, behind
+``nijimi.eval.adherence.parse_caption`` and ``phrasing_of``).
 
 Phrasings (:data:`PHRASINGS`, and ``"original"`` for training data):
     ``"original"``    the first recipe's: the first four templates, two phrases per place, one per relation, and a
