@@ -8,7 +8,6 @@ The evaluators never see a pipeline: the caller passes a function that makes ima
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,67 +15,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nijimi.errors import ConfigError, PromptError
+from nijimi.errors import ConfigError
 from nijimi.eval.detector import FoundShape, Palette, detect
+from nijimi.train.captions import CaptionReader
 from nijimi.train.controlnet import ControlPairs, scene_mask
-from nijimi.train.shapes import (
-    COLOURS,
-    CONCEPT_COLOURS,
-    PAIRS,
-    PLACE_PHRASES,
-    RELATIONS,
-    SHAPES,
-    SIZES,
-    ShapesDataset,
-    ShapeSpec,
-)
+from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, SHAPES, SIZES, ShapesDataset, ShapeSpec
 
-_OBJECT = r"(?:a|an|one) (?:({size}) )?({colour}) ({shape})".format(
-    size="|".join(SIZES), colour="|".join([*COLOURS, *CONCEPT_COLOURS]), shape="|".join(SHAPES)
-)
-_PLACE_OF = {phrase: place for place, phrases in PLACE_PHRASES.items() for phrase in phrases}
-_PLACE = "(" + "|".join(sorted(_PLACE_OF, key=len, reverse=True)) + ")"
-_RELATION_OF = {word: pair for pair, words in RELATIONS.items() for word in words}
-_ONE_PATTERNS = (
-    re.compile(rf"{_OBJECT} (?:drawn )?{_PLACE}(?: against a white background)?"),
-    re.compile(rf"{_PLACE}, {_OBJECT}"),
-)
-_TWO_PLACES = re.compile(rf"{_OBJECT} {_PLACE} and {_OBJECT} {_PLACE}")
-_TWO_RELATION = re.compile(rf"{_OBJECT} ({'|'.join(_RELATION_OF)}) {_OBJECT}")
-
-
-def _spec(size: str | None, colour: str, shape: str, place: str) -> ShapeSpec:
-    return ShapeSpec(colour, shape, place, size or None)
-
-
-def _ordered(a: ShapeSpec, b: ShapeSpec, caption: str) -> tuple[ShapeSpec, ...]:
-    if (a.position, b.position) in PAIRS:
-        return (a, b)
-    if (b.position, a.position) in PAIRS:
-        return (b, a)
-    raise PromptError(f"caption {caption!r} places two objects at {a.position} and {b.position}; "
-                      f"expected left/right or top/bottom")
+_READER = CaptionReader([*COLOURS, *CONCEPT_COLOURS], list(SHAPES), list(SIZES))
 
 
 def parse_caption(caption: str) -> tuple[ShapeSpec, ...]:
     """What a shapes caption asks for: one spec, or two ordered left→right / top→bottom.
 
-    Accepts every phrasing ``caption_for`` writes (case, surrounding space and a final period are ignored).
+    Accepts every phrasing ``caption_for`` writes, training's and the paraphrases (case, surrounding space and a
+    final period are ignored).
     """
-    text = " ".join(caption.lower().strip().rstrip(".").split())
-    if m := _ONE_PATTERNS[0].fullmatch(text):
-        return (_spec(m[1], m[2], m[3], _PLACE_OF[m[4]]),)
-    if m := _ONE_PATTERNS[1].fullmatch(text):
-        return (_spec(m[2], m[3], m[4], _PLACE_OF[m[1]]),)
-    if m := _TWO_PLACES.fullmatch(text):
-        a = _spec(m[1], m[2], m[3], _PLACE_OF[m[4]])
-        return _ordered(a, _spec(m[5], m[6], m[7], _PLACE_OF[m[8]]), caption)
-    if m := _TWO_RELATION.fullmatch(text):
-        first, second = _RELATION_OF[m[4]]
-        if m[4] in ("to the right of", "below"):
-            first, second = second, first
-        return _ordered(_spec(m[1], m[2], m[3], first), _spec(m[5], m[6], m[7], second), caption)
-    raise PromptError(f"not a shapes caption: {caption!r}")
+    return _READER.read(caption)[1]
+
+
+def phrasing_of(caption: str) -> str:
+    """Which phrasing of :mod:`nijimi.train.captions` wrote ``caption``: ``"training"`` when any training template
+    could have, else ``"paraphrase"``; not a shapes caption: :class:`PromptError`."""
+    return _READER.read(caption)[0]
 
 
 def shape_coverage(image: np.ndarray) -> np.ndarray:

@@ -137,7 +137,8 @@ def draw_diffusion_batch(generator: torch.Generator, n: int, part: slice, poster
 
 
 class DiffusionObjective(nn.Module):
-    """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too.
+    """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too, and
+    ``train_unet`` whether the U-Net does (off: only the text encoder learns, e.g. new phrasings of what a model draws).
 
     ``mask_loss``: weight the loss by the images' masks (mask 1 = learn, 0 = ignore; samples without one weigh 1).
     """
@@ -145,9 +146,10 @@ class DiffusionObjective(nn.Module):
     def __init__(self, unet: UNetModel, text_encoder: TextEncoder, vae: VAE, tokenizer: ClipTokenizer,
                  schedule: NoiseSchedule, data: CaptionedImages, *, caption_dropout: float = 0.1,
                  min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True,
-                 mask_loss: bool = False, timestep_weights: torch.Tensor | None = None) -> None:
+                 mask_loss: bool = False, timestep_weights: torch.Tensor | None = None,
+                 train_unet: bool = True) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet = unet.requires_grad_(train_unet)
         self.text_encoder = text_encoder
         self.vae = vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(train_text_encoder)

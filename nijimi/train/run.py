@@ -29,6 +29,7 @@ from nijimi.io.limits import check_model_fits
 from nijimi.io.safetensors import load_file, read_metadata, save_file
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
 from nijimi.models.vae import VAE
+from nijimi.train.captions import DATA_PHRASINGS, ORIGINAL
 from nijimi.train.config import Settings, build_config, check_settings, replace_config
 from nijimi.train.data import ImageFolder
 from nijimi.train.finetune import SampleFn
@@ -45,12 +46,14 @@ StageStep = Callable[[str, Trainer, float, float], None]
 class RunConfig:
     """Top-level keys of a training recipe. ``model``: the architecture preset (tables ``[arch.unet]``, ``[arch.vae]``,
     ``[arch.text]`` change its fields); ``init``: fine-tune this model (checkpoint file or diffusers folder) instead;
-    ``export``: the model file (default ``out/model.safetensors``); ``two_objects``: shapes data only."""
+    ``export``: the model file (default ``out/model.safetensors``); ``two_objects`` and ``captions`` (the phrasing of
+    :mod:`nijimi.train.captions`): shapes data only."""
 
     out: str = "runs/train"
     data: str = "shapes"
     data_count: int = 100_000
     two_objects: float = TWO_OBJECTS  # shapes data: fraction of scenes with two objects (the rest have one)
+    captions: str = ORIGINAL  # shapes data: "original" (the first recipe's phrasing) or "training" (the wider one)
     size: int = 64
     seed: int = 0
     model: str = "tiny"
@@ -81,12 +84,14 @@ class VAEStage(LoopConfig):
 
 @dataclass
 class UNetStage(LoopConfig):
-    """Table ``[unet]``: the U-Net stage's loop, its loss (``min_snr_gamma`` 0: plain MSE) and whether the text
-    encoder learns too; ``timestep_bias_*``: diffusers' options (:func:`nijimi.diffusion.forward.timestep_weights`)."""
+    """Table ``[unet]``: the U-Net stage's loop, its loss (``min_snr_gamma`` 0: plain MSE) and which networks learn
+    (``train_unet`` off: the text encoder alone, fine-tuning an ``init`` model on new captions);
+    ``timestep_bias_*``: diffusers' options (:func:`nijimi.diffusion.forward.timestep_weights`)."""
 
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     train_text_encoder: bool = True
+    train_unet: bool = True
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -95,6 +100,8 @@ class UNetStage(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (self.train_unet or self.train_text_encoder):
+            raise ConfigError("unet.train_unet and unet.train_text_encoder are both false: nothing would learn")
         # a bad bias setting fails when the config is read, not after the VAE stage
         self.timestep_weights(NoiseSchedule.num_train_timesteps)
 
@@ -126,6 +133,8 @@ def parse_config(values: dict) -> tuple[RunConfig, VAEStage, UNetStage, dict[str
     if run.two_objects != TWO_OBJECTS and run.data != "shapes":
         raise ConfigError(f"two_objects = {run.two_objects} sets the shapes world's scenes; data {run.data!r} is a "
                           "folder of images (remove it)")
+    if run.captions not in DATA_PHRASINGS:
+        raise ConfigError(f"captions = {run.captions!r}: expected one of {', '.join(DATA_PHRASINGS)}")
     check_model_fits(model_config(run, arch), settings.source or "training config", error=ConfigError)
     return run, vae, unet, arch
 
@@ -149,7 +158,7 @@ def open_data(run: RunConfig):
     """The training set: the procedural shapes world, or a folder of captioned images."""
     if run.data == "shapes":
         return ShapesDataset(size=run.size, seed=run.seed, split="train", count=run.data_count,
-                             two_objects=run.two_objects)
+                             two_objects=run.two_objects, phrasing=run.captions)
     return ImageFolder(run.data, run.size)
 
 
@@ -190,7 +199,7 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
     objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
                                    model.config.schedule, data, caption_dropout=stage.caption_dropout,
                                    min_snr_gamma=stage.min_snr_gamma or None,
-                                   train_text_encoder=stage.train_text_encoder,
+                                   train_text_encoder=stage.train_text_encoder, train_unet=stage.train_unet,
                                    timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))
     trainer = open_trainer(objective, len(data), stage, out / "unet", resume)
 

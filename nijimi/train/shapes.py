@@ -36,6 +36,7 @@ from PIL import Image
 
 from nijimi.errors import ConfigError
 from nijimi.io.files import atomic_write, check_output
+from nijimi.train.captions import CHOICES, DATA_PHRASINGS, ORIGINAL, PAIRS, ShapeSpec, caption_for, templates
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (224, 48, 48),
@@ -57,38 +58,10 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "center": (0.5, 0.5),
 }
 SPLITS: tuple[str, ...] = ("train", "heldout")
-PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 JITTER = 0.025
 GAP = 0.04
 STAR_INNER = 0.45
 SUPERSAMPLE = 4
-
-PLACE_PHRASES: dict[str, tuple[str, ...]] = {
-    "left": ("on the left", "on the left side"),
-    "right": ("on the right", "on the right side"),
-    "top": ("at the top", "near the top"),
-    "bottom": ("at the bottom", "near the bottom"),
-    "center": ("in the center", "in the middle"),
-}
-_ONE_TEMPLATES = ("{a} {pa}", "{pa}, {a}", "{a} drawn {pa}", "{a} {pa} against a white background")
-_TWO_TEMPLATES = (
-    "{a} {pa} and {b} {pb}",
-    "{b} {pb} and {a} {pa}",
-    "{a} {before} {b}",
-    "{b} {after} {a}",
-)
-RELATIONS = {("left", "right"): ("to the left of", "to the right of"), ("top", "bottom"): ("above", "below")}
-
-
-@dataclass(frozen=True)
-class ShapeSpec:
-    """What a caption asks of one object; ``size`` is None when the caption does not say."""
-
-    colour: str
-    shape: str
-    position: str
-    size: str | None = None
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -182,31 +155,16 @@ def sample_scene(generator: torch.Generator, split: str = "train", objects: int 
             return scene
 
 
-def _object_phrase(spec: ShapeSpec) -> str:
-    words = " ".join(w for w in (spec.size, spec.colour, spec.shape) if w)
-    return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-def caption_for(specs: tuple[ShapeSpec, ...], template: int = 0, places: tuple[int, ...] = (0, 0)) -> str:
-    """Caption in plain English for one or two specs (two: first is left/top); ``template``/``places`` pick phrasing."""
-    phrases = [PLACE_PHRASES[s.position][places[i] % 2] for i, s in enumerate(specs)]
-    if len(specs) == 1:
-        return _ONE_TEMPLATES[template % len(_ONE_TEMPLATES)].format(a=_object_phrase(specs[0]), pa=phrases[0])
-    if len(specs) != 2 or (specs[0].position, specs[1].position) not in PAIRS:
-        raise ConfigError(f"a shapes caption describes one object or two at {PAIRS}, got "
-                          f"{[s.position for s in specs]}")
-    before, after = RELATIONS[(specs[0].position, specs[1].position)]
-    fields = {"a": _object_phrase(specs[0]), "b": _object_phrase(specs[1]), "before": before, "after": after}
-    return _TWO_TEMPLATES[template % len(_TWO_TEMPLATES)].format(pa=phrases[0], pb=phrases[1], **fields)
-
-
-def describe(scene: Scene, generator: torch.Generator) -> str:
-    """A caption for ``scene`` with a random phrasing; two-object captions name both sizes or neither."""
+def describe(scene: Scene, generator: torch.Generator, phrasing: str = ORIGINAL) -> str:
+    """A caption for ``scene`` in a random template of ``phrasing`` (:mod:`nijimi.train.captions`): ``"original"``,
+    the first recipe's and the default, names a one-object caption's size always and two objects' sizes with even
+    odds; the others name the sizes of every object or of none, with even odds."""
     draws = _Draws(generator)
-    with_size = len(scene.objects) == 1 or draws.uniform() < 0.5
-    template = int(draws.uniform() * len(_ONE_TEMPLATES if len(scene.objects) == 1 else _TWO_TEMPLATES))
-    places = (int(draws.uniform() * 2), int(draws.uniform() * 2))
-    return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places)
+    with_size = (phrasing == ORIGINAL and len(scene.objects) == 1) or draws.uniform() < 0.5
+    template = int(draws.uniform() * len(templates(phrasing, len(scene.objects))))
+    choices = 2 if phrasing == ORIGINAL else CHOICES
+    places = (int(draws.uniform() * choices), int(draws.uniform() * choices))
+    return caption_for(tuple(o.spec(with_size) for o in scene.objects), template, places, phrasing)
 
 
 def _convex_inside(xs: np.ndarray, ys: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -285,18 +243,22 @@ class ShapesDataset:
     """In-memory shapes images: ``dataset[i]`` → (image (3, size, size) float32 in [-1, 1], caption).
 
     Index ``i`` alone (with ``seed``, ``split`` and ``two_objects``) fixes the scene and caption, so any index
-    regenerates exactly. A scene has two objects with probability ``two_objects`` (default half), else one.
+    regenerates exactly. A scene has two objects with probability ``two_objects`` (default half), else one; captions
+    are in ``phrasing`` (one of ``DATA_PHRASINGS``).
     """
 
     def __init__(self, size: int = 64, seed: int = 0, split: str = "train", count: int = 100_000,
-                 two_objects: float = TWO_OBJECTS) -> None:
+                 two_objects: float = TWO_OBJECTS, phrasing: str = ORIGINAL) -> None:
         if split not in SPLITS:
             raise ConfigError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if count < 1:
             raise ConfigError(f"shapes dataset count must be positive, got {count}")
         if not 0.0 <= two_objects <= 1.0:
             raise ConfigError(f"shapes two-object fraction must be in [0, 1], got {two_objects}")
+        if phrasing not in DATA_PHRASINGS:
+            raise ConfigError(f"shapes captions {phrasing!r}: expected one of {', '.join(DATA_PHRASINGS)}")
         self.size, self.seed, self.split, self.count, self.two_objects = size, seed, split, count, two_objects
+        self.phrasing = phrasing
 
     def __len__(self) -> int:
         return self.count
@@ -306,7 +268,7 @@ class ShapesDataset:
                             two_objects=self.two_objects)
 
     def caption(self, index: int) -> str:
-        return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"))
+        return describe(self.scene(index), _index_generator(self.seed, self.split, index, "caption"), self.phrasing)
 
     def item(self, index: int) -> tuple[np.ndarray, str]:
         """(uint8 image (size, size, 3), caption) for ``index``."""
@@ -381,14 +343,15 @@ class ConceptShapes:
         return to_tensor(render(scene, self.base.size, self.palette)), caption
 
 
-def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None) -> list[str]:
-    """``count`` captions of ``split`` (half one-object, half two-object), e.g. for evaluation; with ``concept``
-    the first object of each is that new colour (:func:`with_concept`)."""
+def sample_captions(count: int, seed: int = 0, split: str = "heldout", concept: str | None = None,
+                    phrasing: str = ORIGINAL) -> list[str]:
+    """``count`` captions of ``split`` (half one-object, half two-object) in ``phrasing``, e.g. for evaluation; with
+    ``concept`` the first object of each is that new colour (:func:`with_concept`)."""
     captions = []
     for index in range(count):
         scene = sample_scene(_index_generator(seed, split, index, "eval"), split, objects=1 + index % 2)
         scene = with_concept(scene, concept) if concept else scene
-        captions.append(describe(scene, _index_generator(seed, split, index, "caption")))
+        captions.append(describe(scene, _index_generator(seed, split, index, "caption"), phrasing))
     return captions
 
 

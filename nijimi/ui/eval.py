@@ -21,6 +21,7 @@ from nijimi.pipelines.adapters import lora_requests
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.pipeline import EMBEDDED, load
 from nijimi.pipelines.request import GenerationRequest
+from nijimi.train.captions import ORIGINAL, PHRASINGS
 from nijimi.train.controlnet import MASK, ControlPairs, map_image
 from nijimi.train.report import write_grid
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset, sample_captions
@@ -45,7 +46,7 @@ def _check_options(args: argparse.Namespace) -> None:
 def cmd_eval_shapes(args: argparse.Namespace) -> int:
     _check_options(args)
     pipe, loras = load(args.model or EMBEDDED), lora_requests(args.lora)
-    captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept)
+    captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept, phrasing=args.phrasing)
     palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
     made: list = []
 
@@ -132,6 +133,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q = what.add_parser("shapes", help="generate held-out shapes captions and score them with the detector")
     q.add_argument("--model", help="model to evaluate (default: the embedded model)")
     _add_generation_options(q, 200, "captions")
+    q.add_argument("--phrasing", default=ORIGINAL, choices=(ORIGINAL, *PHRASINGS),
+                   help="captions in the first recipe's phrasing (default original, what the shipped model learned), "
+                        "the wider training phrasing, or paraphrases no training caption uses")
     q.add_argument("--concept", choices=sorted(CONCEPT_COLOURS),
                    help="make each caption's first object this new colour (to measure an adapter that teaches it)")
     q.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",

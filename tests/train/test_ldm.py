@@ -60,6 +60,18 @@ def test_frozen_text_encoder_is_not_trained(tmp_path):
         assert torch.equal(v, before[k])
 
 
+def test_frozen_unet_trains_the_text_encoder_alone(tmp_path):
+    torch.manual_seed(0)
+    unet, te = UNetModel(UNET_CFG), TextEncoder(TEXT_CFG)
+    unet_before, te_before = ({k: v.clone() for k, v in m.state_dict().items()} for m in (unet, te))
+    objective = DiffusionObjective(unet, te, VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(), DATA, train_unet=False)
+    trainer = Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path)
+    assert {id(p) for p in trainer.params} == {id(p) for p in te.parameters()}
+    trainer.run()
+    assert all(torch.equal(v, unet_before[k]) for k, v in unet.state_dict().items())
+    assert not torch.equal(te.text_model.final_layer_norm.weight, te_before["text_model.final_layer_norm.weight"])
+
+
 def test_timestep_weights_decide_which_timesteps_are_trained():
     torch.manual_seed(0)
     unet = UNetModel(UNET_CFG)

@@ -61,3 +61,18 @@ def test_timestep_bias_is_read_and_checked_with_the_config():
     assert unet.timestep_weights(1000)[600:].sum().item() == pytest.approx(0.4)  # multiplier 1: still uniform
     with pytest.raises(ConfigError, match="unknown timestep bias strategy 'last'"):
         parse_config({"unet.timestep_bias_strategy": "last"})
+
+
+def test_train_unet_is_read_and_one_network_must_learn():
+    _, _, unet, _ = parse_config({"unet.train_unet": False})
+    assert not unet.train_unet and unet.train_text_encoder
+    with pytest.raises(ConfigError, match="unet.train_unet and unet.train_text_encoder are both false: nothing would "
+                                          "learn"):
+        parse_config({"unet.train_unet": False, "unet.train_text_encoder": False})
+
+
+def test_captions_key_picks_the_data_phrasing():
+    run, *_ = parse_config({"captions": "training"})
+    assert open_data(run).phrasing == "training" and open_data(parse_config({})[0]).phrasing == "original"
+    with pytest.raises(ConfigError, match="captions = 'paraphrase': expected one of training, original"):
+        parse_config({"captions": "paraphrase"})

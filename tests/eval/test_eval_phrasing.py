@@ -1,0 +1,34 @@
+"""``nijimi eval shapes --phrasing``: the held-out captions in the first phrasing (default), the wider training
+phrasing or paraphrases."""
+
+import pytest
+
+from nijimi.cli import main
+from nijimi.eval.adherence import parse_caption, phrasing_of
+from nijimi.train.shapes import sample_captions, split_of
+from nijimi.ui import eval as eval_ui
+
+
+@pytest.mark.parametrize("phrasing", [None, "original", "training", "paraphrase"])
+def test_eval_shapes_scores_the_phrasing_asked_for(phrasing, monkeypatch, capsys) -> None:
+    seen, evaluate = [], eval_ui.evaluate
+
+    def recording(generate_fn, captions, seeds, palette):
+        seen.append(captions)
+        return evaluate(generate_fn, captions, seeds=seeds, palette=palette)
+
+    monkeypatch.setattr(eval_ui, "evaluate", recording)
+    extra = [] if phrasing is None else ["--phrasing", phrasing]
+    assert main(["eval", "shapes", "--n", "2", "--steps", "1", "--seed", "3", "--quiet", *extra]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("all              2 ")
+    expected = phrasing or "original"
+    assert seen == [sample_captions(2, seed=3, phrasing=expected)]
+    assert {phrasing_of(c) for c in seen[0]} == {"paraphrase" if expected == "paraphrase" else "training"}
+    assert {split_of(parse_caption(c)) for c in seen[0]} == {"heldout"}
+
+
+def test_eval_shapes_refuses_an_unknown_phrasing(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "shapes", "--n", "1", "--phrasing", "formal"])
+    assert exit_.value.code == 2
+    assert "argument --phrasing: invalid choice: 'formal'" in capsys.readouterr().err
