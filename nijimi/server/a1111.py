@@ -106,6 +106,13 @@ def decode_image(key: str, value: Any, limits: Limits) -> Image.Image:
     return image
 
 
+def encode_image(image: Image.Image) -> str:
+    """``image`` as a base64 PNG, the form every image in an answer takes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def _first_image(key: str, value: Any, limits: Limits) -> Image.Image:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{key} must be a non-empty list of base64 images, not {_kind(value)}")

@@ -16,8 +16,6 @@ named in the answer's warnings, as :mod:`nijimi.server.a1111` does for its field
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +25,7 @@ from PIL import Image
 from nijimi.errors import ConfigError
 from nijimi.pipelines.control_maps import ControlSpec, preprocess, resize_image
 from nijimi.pipelines.infotext import CONTROL_MODES, CONTROL_MODULE_ALIASES, CONTROL_MODULES, CONTROL_RESIZE_MODES
-from nijimi.server.a1111 import IMG2IMG, Limits, decode_image
+from nijimi.server.a1111 import IMG2IMG, Limits, decode_image, encode_image
 from nijimi.server.errors import ApiError
 from nijimi.server.folders import ControlNetEntry, list_controlnets
 
@@ -269,9 +267,7 @@ def detect(body: Any, limits: Limits) -> dict:
         if res > 0 and pre != "map":
             scale = res / min(image.size)
             image = resize_image(image, max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        buffer = io.BytesIO()
-        preprocess(image, pre, low, high).save(buffer, format="PNG")
-        answer["images"].append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        answer["images"].append(encode_image(preprocess(image, pre, low, high)))
     if body.get("controlnet_masks"):
         answer["warnings"] = ["controlnet_masks: nijimi's preprocessors take no mask; ignored"]
     return answer

@@ -10,8 +10,6 @@ LoRA folder) plus the view's own fields, which its entry reads from the body. Ad
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -111,16 +109,11 @@ def parse_inputs(view: View, body: Any, studio: Studio) -> Inputs:
     return Inputs(body, request=call.request, checkpoint=call.checkpoint, words=_words(body.get("words")))
 
 
-def _png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def answer(explanation: Explanation) -> dict:
     """The JSON answer of a view: its name, each panel with its image as a base64 PNG, and its info."""
     return {"view": explanation.view,
-            "panels": [{"label": p.label, "name": p.name, "image": _png(p.image)} for p in explanation.panels],
+            "panels": [{"label": p.label, "name": p.name, "image": a1111.encode_image(p.image)}
+                       for p in explanation.panels],
             "info": explanation.info}
 
 
