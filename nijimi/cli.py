@@ -42,8 +42,6 @@ from nijimi.pipelines.runtime import WEIGHT_DTYPES, apply_default_threads
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 from nijimi.train.report import write_grid
 from nijimi.ui.adapters import add_adapter_parsers, report_unmatched
-from nijimi.ui.attention import HELP as ATTENTION_HELP
-from nijimi.ui.attention import add_attention_arguments, cmd_explain_attention
 from nijimi.ui.control import add_control_parsers
 from nijimi.ui.doctor import add_doctor_parser
 from nijimi.ui.eval import add_eval_parsers
@@ -358,10 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same names")
     q.set_defaults(func=_cmd_explain)
     add_explain_parsers(what, add_request_arguments, request_from_args)
-    q = what.add_parser("attention", help=ATTENTION_HELP)
-    add_request_arguments(q)
-    add_attention_arguments(q)
-    q.set_defaults(func=lambda args: cmd_explain_attention(args, request_from_args(args)))
 
     _add_generation_parsers(sub)
     add_train_parsers(sub)

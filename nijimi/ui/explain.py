@@ -1,5 +1,5 @@
-"""``nijimi explain forward | trajectory | adapters``: run an explain view (:mod:`nijimi.explain`) and write what it
-returns with :func:`write_explanation` — each panel as ``DIR/<panel.name>.png``, the panels' grid as
+"""``nijimi explain forward | trajectory | attention | adapters``: run an explain view (:mod:`nijimi.explain`) and
+write what it returns with :func:`write_explanation` — each panel as ``DIR/<panel.name>.png``, the panels' grid as
 ``DIR/<view>.png`` and its ``info`` as ``DIR/<view>.json``, every file atomically and none replacing an existing file
 without ``--overwrite`` (all are checked before the first is written). The prompt views take ``generate``'s
 generation flags, from the request (``cli.build_parser`` passes its :func:`add_request_arguments` and
@@ -9,6 +9,7 @@ generation flags, from the request (``cli.build_parser`` passes its :func:`add_r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from nijimi.embedded import EMBEDDED
 from nijimi.errors import ConfigError
 from nijimi.explain.adapter_effects import adapter_effects
+from nijimi.explain.attention import attention_maps
 from nijimi.explain.forward import DEFAULT_TIMESTEPS, forward_process
 from nijimi.explain.panels import Explanation, grid
 from nijimi.explain.trajectory import trajectory
@@ -26,12 +28,14 @@ from nijimi.pipelines.images import open_image
 from nijimi.pipelines.pipeline import Pipeline, load
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.pipelines.runtime import WEIGHT_DTYPES
+from nijimi.ui.progress import ProgressBar
 
 PROMPT_VIEWS: dict[str, tuple[Callable[[Pipeline, GenerationRequest], Explanation], str]] = {
     "trajectory": (trajectory, "x_t and the prediction x̂₀ after every sampling step, decoded"),
     "adapters": (adapter_effects, "where the request's LoRAs act: weight and activation change per U-Net block"),
 }
-"""The prompt views this module adds: name → (view, help)."""
+"""The prompt views this module adds: name → (view, help); ``attention`` (:func:`_add_attention`) also takes words."""
+ATTENTION_HELP = "DAAM: where each word of the prompt went (per-word cross-attention maps over the generated image)"
 
 
 def explanation_files(explanation: Explanation, out: Path) -> list[Path]:
@@ -68,8 +72,19 @@ def _timesteps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def parse_words(text: str | None) -> list[str] | None:
+    """``--words red,circle`` → ``["red", "circle"]``; None (every word of the prompt) when not given."""
+    if text is None:
+        return None
+    words = [word.strip() for word in text.split(",")]
+    if not all(words):
+        raise ConfigError(f"--words {text!r}: an empty word; give words separated by commas, e.g. red,circle")
+    return words
+
+
 def _load(args: argparse.Namespace) -> Pipeline:
-    return load(args.model or EMBEDDED, device=args.device, dtype=WEIGHT_DTYPES[args.dtype])
+    return load(args.model or EMBEDDED, config=args.model_config, device=args.device,
+                dtype=WEIGHT_DTYPES[args.dtype])
 
 
 def _check_out(args: argparse.Namespace, view: str) -> None:
@@ -95,6 +110,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "numbers as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same names")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the embedded model)")
+    p.add_argument("--model-config", help="override detection: preset (sd15, sd21_v, …) or an LDM .yaml")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32", help="U-Net and text-encoder weights")
 
@@ -123,3 +139,26 @@ def add_explain_parsers(what: argparse._SubParsersAction, add_request_arguments:
             return _finish(view(_load(args), request), args)
 
         p.set_defaults(func=run)
+    _add_attention(what, add_request_arguments, request_from_args)
+
+
+def _add_attention(what: argparse._SubParsersAction, add_request_arguments: Callable[[argparse.ArgumentParser],
+                   None], request_from_args: Callable[[argparse.Namespace], GenerationRequest]) -> None:
+    """``explain attention``: a prompt view with ``--words`` and a progress bar (``--quiet`` hides it)."""
+    p = what.add_parser("attention", help=ATTENTION_HELP, description=ATTENTION_HELP)
+    add_request_arguments(p)
+    _common(p)
+    p.add_argument("--words", help="comma-separated words of the prompt to map (default: every word)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        request = request_from_args(args)
+        words = parse_words(args.words)
+        _check_out(args, "attention")
+        pipe = _load(args)
+        with contextlib.closing(ProgressBar(request.steps, label="attention")) as bar:
+            explanation = attention_maps(pipe, request, words,
+                                         callback=None if args.quiet else lambda info: bar.update(info.i + 1))
+        return _finish(explanation, args)
+
+    p.set_defaults(func=run)

@@ -12,8 +12,7 @@ from PIL import Image
 
 from nijimi.errors import OutputExistsError
 from nijimi.explain.panels import Explanation, Panel
-from nijimi.ui.attention import parse_words
-from nijimi.ui.explain import explanation_files, write_explanation
+from nijimi.ui.explain import explanation_files, parse_words, write_explanation
 
 EXPLANATION = Explanation("demo", (Panel("a", "first", Image.new("RGB", (8, 8), "red")),
                                    Panel("b", "second", Image.new("RGB", (8, 8), "blue"))), {"x": [1.5]})
