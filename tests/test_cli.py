@@ -27,7 +27,8 @@ from nijimi.diffusion.choice import SAMPLER_SPECS
 from nijimi.errors import OutputExistsError
 from nijimi.io.checkpoint import load_model, save_single
 from nijimi.io.controlnet import save_original
-from nijimi.io.pngmeta import model_hash, read_png_metadata, save_png
+from nijimi.io.imagemeta import read_image_metadata
+from nijimi.io.pngmeta import model_hash, save_png
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.models.vae import VAE
 from nijimi.pipelines.request import GenerationRequest
@@ -61,7 +62,7 @@ def test_generate_then_reproduce_gives_identical_pixels(capsys, model_file, tmp_
     assert (code, out.strip(), err) == (0, str(again), "")
     assert np.array_equal(pixels(first), pixels(again))
     assert pixels(first).std() > 5  # a picture, not a flat field
-    assert read_png_metadata(again)["recipe"] == read_png_metadata(first)["recipe"]
+    assert read_image_metadata(again)["recipe"] == read_image_metadata(first)["recipe"]
 
 
 @pytest.fixture(scope="module")
@@ -115,19 +116,19 @@ def test_reproduce_regenerates_every_kind_of_image(capsys, model_file, extras, t
                         "--lora-dir", extras["lora"].parent))[0] == 0, code
     assert np.array_equal(pixels(first), pixels(again))
     assert not np.array_equal(pixels(first), pixels(plain))  # the flags mattered
-    recipe = read_png_metadata(again)["recipe"]["request"]
-    assert recipe == read_png_metadata(first)["recipe"]["request"]
+    recipe = read_image_metadata(again)["recipe"]["request"]
+    assert recipe == read_image_metadata(first)["recipe"]["request"]
     if not recipe["loras"]:  # LoRA files are recorded by name (found again by reproduce), not as a path
         assert GenerationRequest.from_dict(recipe).to_dict() == recipe
     if "--eta" in args:  # A1111 records DDIM's η as "Eta DDIM"
-        assert str(read_png_metadata(first)["settings"]["Eta DDIM"]) == "0.5"
+        assert str(read_image_metadata(first)["settings"]["Eta DDIM"]) == "0.5"
 
 
 def test_reproduce_replays_dtype_and_memory_settings(capsys, model_file, tmp_path):
     first = tmp_path / "bf16.png"
     assert run(capsys, "generate", "a tree", "--model", model_file, "--seed", 3, "--dtype", "bf16",
                "--vae-tile", 32, "--attention-slice", 5, "--device", "cpu", *FAST, "--out", first)[0] == 0
-    recipe = read_png_metadata(first)["recipe"]
+    recipe = read_image_metadata(first)["recipe"]
     request = recipe["request"]
     assert (recipe["dtype"], recipe["device"]) == ("bf16", "cpu")
     assert (request["vae_tile"], request["attention_slice"]) == (32, 5)
@@ -143,7 +144,7 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     out = tmp_path / "meta.png"
     assert run(capsys, "generate", "a cat: on a mat", "-n", "dog", "--model", model_file, "--seed", 7, "--cfg", 4.5,
                "--sampler", "DPM++ 2M Karras", "--clip-skip", 2, *FAST, "--out", out)[0] == 0
-    meta = read_png_metadata(out)
+    meta = read_image_metadata(out)
     assert (meta["prompt"], meta["negative_prompt"]) == ("a cat: on a mat", "dog")
     settings = meta["settings"]
     assert settings["Steps"] == 3 and settings["Sampler"] == "DPM++ 2M Karras" and settings["CFG scale"] == 4.5
@@ -152,7 +153,7 @@ def test_metadata_round_trips(capsys, model_file, tmp_path):
     assert settings["Model hash"] == model_hash(model_file) and settings["Model"] == "tiny"
     recipe = meta["recipe"]
     assert recipe["model"] == {"name": "tiny", "hash": model_hash(model_file)}
-    assert str(model_file.parent) not in read_png_metadata(out)["text"]["nijimi"]  # no path of this machine
+    assert str(model_file.parent) not in read_image_metadata(out)["text"]["nijimi"]  # no path of this machine
     request = recipe["request"]
     assert (request["sampler"], request["schedule"], request["seed"]) == ("dpm++2m", "karras", 7)
     assert (request["batch"], request["guidance"]) == (1, 4.5)
@@ -174,7 +175,7 @@ def test_reproduce_finds_the_model_and_loras_by_name_and_hash(capsys, model_file
     first = made / "a.png"
     assert run(capsys, "generate", "a red cube <lora:ink:0.5>", "--model", model_file, "--lora-dir",
                extras["lora"].parent, "--lora", f"{extras['lora']}:0.7", "--seed", 5, *FAST, "--out", first)[0] == 0
-    recipe = read_png_metadata(first)["recipe"]
+    recipe = read_image_metadata(first)["recipe"]
     digest = model_hash(extras["lora"])
     assert recipe["loras"] == [{"name": "ink.safetensors", "hash": digest}] and recipe["lora_tags"] == {"ink": digest}
     assert recipe["request"]["loras"] == [["ink.safetensors", 0.7, 0.7]] and recipe["request"]["lora_dir"] is None
@@ -190,7 +191,7 @@ def test_reproduce_finds_the_model_and_loras_by_name_and_hash(capsys, model_file
     assert f"{made / 'tiny.safetensors'} has hash {model_hash(made / 'tiny.safetensors')}" in err
     assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 5, *FAST, "--record-paths",
                "--out", tmp_path / "paths.png")[0] == 0
-    assert read_png_metadata(tmp_path / "paths.png")["recipe"]["model"]["source"] == str(model_file)
+    assert read_image_metadata(tmp_path / "paths.png")["recipe"]["model"]["source"] == str(model_file)
     assert run(capsys, "reproduce", tmp_path / "paths.png", "--out", tmp_path / "d.png", "--quiet")[0] == 0
 
 
@@ -203,10 +204,10 @@ def test_vae_is_in_the_infotext_and_reproduced(capsys, model_file, tmp_path):
     for out, extra in ((first, ["--vae", tmp_path / "my-vae.safetensors"]), (plain, [])):
         assert run(capsys, "generate", "a red cube", "--model", model_file, "--seed", 3, *FAST, *extra,
                    "--out", out)[0] == 0
-    settings = read_png_metadata(first)["settings"]
+    settings = read_image_metadata(first)["settings"]
     assert list(settings)[list(settings).index("Model") + 1:][:2] == ["VAE hash", "VAE"]
     assert settings["VAE hash"] == model_hash(tmp_path / "my-vae.safetensors")
-    assert settings["VAE"] == "my-vae.safetensors" and "VAE" not in read_png_metadata(plain)["settings"]
+    assert settings["VAE"] == "my-vae.safetensors" and "VAE" not in read_image_metadata(plain)["settings"]
     assert run(capsys, "reproduce", first, "--out", tmp_path / "b.png", "--quiet", "--models-dir",
                model_file.parent)[0] == 0
     assert np.array_equal(pixels(first), pixels(tmp_path / "b.png"))
@@ -219,7 +220,7 @@ def test_batch_writes_numbered_files_and_never_overwrites(capsys, model_file, tm
                        "--out", target)
     paths = [tmp_path / f"shot-{i:02d}.png" for i in range(3)]
     assert code == 0 and out.split() == [str(p) for p in paths], err
-    assert [read_png_metadata(p)["settings"]["Seed"] for p in paths] == [10, 11, 12]
+    assert [read_image_metadata(p)["settings"]["Seed"] for p in paths] == [10, 11, 12]
     single = tmp_path / "single.png"
     assert run(capsys, "generate", "a boat", "--model", model_file, "--seed", 11, *FAST, "--out", single)[0] == 0
     difference = np.abs(pixels(paths[1]).astype(int) - pixels(single).astype(int))
@@ -258,9 +259,9 @@ def test_concurrent_writers_take_the_next_number_or_get_one_error(tmp_path):
 
     results = in_processes(write, 4)
     assert sorted(path for path, _ in results) == [folder / f"{n:05d}-7.png" for n in range(4)]
-    assert all(read_png_metadata(path)["parameters"] == f"p{i}" for i, (path, _) in enumerate(results))
+    assert all(read_image_metadata(path)["parameters"] == f"p{i}" for i, (path, _) in enumerate(results))
     [winner] = [i for i, (_, single) in enumerate(results) if single == named]
-    assert read_png_metadata(named)["parameters"] == f"p{winner}"
+    assert read_image_metadata(named)["parameters"] == f"p{winner}"
     assert [single for _, single in results].count(f"{named} exists; use --overwrite to replace it") == 3
 
 
@@ -282,7 +283,7 @@ def test_generate_that_loses_a_race_for_a_name_writes_nothing_or_numbers_on(caps
     folder = tmp_path / "out"
     code, out, err = run(capsys, "generate", "a boat", "--model", model_file, "--seed", 3, *FAST, "--out", folder)
     assert (code, out) == (0, f"{folder / '00001-3.png'}\n"), err
-    assert read_png_metadata(folder / "00001-3.png")["settings"]["Seed"] == 3
+    assert read_image_metadata(folder / "00001-3.png")["settings"]["Seed"] == 3
 
 
 def test_convert_never_replaces_without_overwrite(capsys, model_file, tmp_path):
@@ -297,7 +298,7 @@ def test_convert_never_replaces_without_overwrite(capsys, model_file, tmp_path):
 def test_random_seed_is_written_and_reproducible(capsys, model_file, tmp_path):
     out = tmp_path / "random.png"
     assert run(capsys, "generate", "a hill", "--model", model_file, *FAST, "--out", out)[0] == 0
-    seed = read_png_metadata(out)["settings"]["Seed"]
+    seed = read_image_metadata(out)["settings"]["Seed"]
     assert run(capsys, "generate", "a hill", "--model", model_file, "--seed", seed, *FAST, "--out",
                tmp_path / "fixed.png")[0] == 0
     assert np.array_equal(pixels(out), pixels(tmp_path / "fixed.png"))

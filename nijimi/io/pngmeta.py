@@ -30,7 +30,6 @@ from PIL import Image, PngImagePlugin
 
 from nijimi.errors import CheckpointError, ImageError, NijimiError
 from nijimi.io.files import atomic_write, regular_file
-from nijimi.io.image_file import read_image
 from nijimi.io.limits import parse_json
 
 PARAMETERS_KEY = "parameters"
@@ -255,13 +254,6 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str,
         raise ImageError(f"cannot write PNG {os.fspath(path)!r} from a {image.mode} image: {e}") from e
 
 
-def _png_text(path: Path) -> dict[str, str]:
-    image = read_image(path, "PNG")
-    if image.format != "PNG":
-        raise ImageError(f"{path}: is a {image.format} image, not a PNG")
-    return dict(image.text)
-
-
 def _json_or_text(text: str | None) -> object:
     """A text chunk's JSON (bounded in size and depth, :func:`~nijimi.io.limits.parse_json`), else the text."""
     if text is None:
@@ -272,19 +264,14 @@ def _json_or_text(text: str | None) -> object:
         return text
 
 
-def read_png_metadata(path: str | os.PathLike) -> dict[str, object]:
-    """Generation metadata of a PNG.
+def metadata_from_text(text: Mapping[str, str]) -> dict[str, object]:
+    """Generation metadata of an image's text entries (``parameters``, ``nijimi``, ``prompt``, ``workflow``, …),
+    wherever they were stored (:func:`nijimi.io.imagemeta.read_image_metadata` reads them from a file).
 
     Returns ``{"parameters": raw A1111 text or None, "prompt", "negative_prompt", "settings"`` (see
     ``parse_parameters``; empty when there is no ``parameters`` chunk)``, "recipe": nijimi recipe dict or None,
-    "comfyui_prompt", "comfyui_workflow": ComfyUI's JSON graphs or None, "text": every text chunk}``.
+    "comfyui_prompt", "comfyui_workflow": ComfyUI's JSON graphs or None, "text": every text entry}``.
     """
-    return metadata_from_text(_png_text(Path(path)))
-
-
-def metadata_from_text(text: Mapping[str, str]) -> dict[str, object]:
-    """:func:`read_png_metadata`'s result for an image's text entries (``parameters``, ``nijimi``, ``prompt``,
-    ``workflow``, …), wherever they were stored."""
     text = dict(text)
     raw = text.get(PARAMETERS_KEY)
     parsed = parse_parameters(raw) if raw is not None else {"prompt": "", "negative_prompt": "", "settings": {}}
@@ -307,7 +294,7 @@ def _graph_summary(name: str, graph: object) -> str:
 
 
 def format_info(meta: Mapping[str, object]) -> str:
-    """Human-readable text of ``read_png_metadata``'s result, for ``nijimi info IMG.png``."""
+    """Human-readable text of :func:`metadata_from_text`'s result, for ``nijimi info IMG.png``."""
     lines = []
     if meta.get("parameters") is not None:
         lines.append(f"Prompt: {meta['prompt']}")

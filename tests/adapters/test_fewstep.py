@@ -14,7 +14,7 @@ from nijimi.adapters.fewstep import FewStep, few_step_adapter
 from nijimi.cli import main
 from nijimi.diffusion.choice import parse_sampler
 from nijimi.embedded import ADAPTERS
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.pipelines.adapters import LoraRequest, few_step_adapters, few_step_notes
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 
@@ -103,7 +103,7 @@ def test_fast_takes_the_adapters_recipe_else_fast(tmp_path):
 
 
 def recipe(path) -> dict:
-    return read_png_metadata(path)["recipe"]["request"]
+    return read_image_metadata(path)["recipe"]["request"]
 
 
 def test_generate_fast_fills_what_the_flags_leave(capsys, tmp_path):

@@ -13,7 +13,7 @@ from nijimi.errors import DataError, ImageError
 from nijimi.explain.schedules import load_image
 from nijimi.io import image_file
 from nijimi.io.image_file import BYTES_PER_PIXEL, image_size, max_image_pixels, read_image
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.pipelines.images import open_image
 from nijimi.train.data import read_records
 
@@ -58,8 +58,8 @@ def test_decompression_bombs_are_one_error_naming_the_file(tmp_path, side):
     for read in (read_image, image_size, open_image, load_image):
         with pytest.raises(ImageError, match=f"^{bomb}: image (of {side}×{side} pixels is over|refused)"):
             read(bomb)
-    with pytest.raises(ImageError, match=f"^{bomb}: PNG "):
-        read_png_metadata(bomb)
+    with pytest.raises(ImageError, match=f"^{bomb}: image "):
+        read_image_metadata(bomb)
 
 
 def test_training_images_are_checked_by_the_same_opener(tmp_path):
@@ -76,14 +76,14 @@ def test_training_images_are_checked_by_the_same_opener(tmp_path):
 def test_huge_png_text_chunks_are_one_error_naming_the_file(tmp_path, size, compressed, problem):
     path = tmp_path / "text.png"
     _png_with_text(path, size, compressed)
-    with pytest.raises(ImageError, match=f"^{path}: cannot read PNG: {problem}"):
-        read_png_metadata(path)
+    with pytest.raises(ImageError, match=f"^{path}: cannot read image: {problem}"):
+        read_image_metadata(path)
 
 
 def test_text_chunks_within_the_limits_are_read(tmp_path):
     path = tmp_path / "text.png"
     _png_with_text(path, 500_000, True)
-    assert read_png_metadata(path)["text"]["parameters"] == "x" * 500_000
+    assert read_image_metadata(path)["text"]["parameters"] == "x" * 500_000
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
@@ -92,8 +92,8 @@ def test_special_files_are_refused_without_opening(tmp_path):
     os.mkfifo(fifo)  # opening it would block: the check must come first
     error = without_hanging(lambda: open_image(fifo), fifo)
     assert isinstance(error, ImageError) and str(error) == f"{fifo}: image is a FIFO (named pipe), not a file"
-    with pytest.raises(ImageError, match=f"^{tmp_path}: PNG is a folder, not a file$"):
-        read_png_metadata(tmp_path)
+    with pytest.raises(ImageError, match=f"^{tmp_path}: image is a folder, not a file$"):
+        read_image_metadata(tmp_path)
     with pytest.raises(ImageError, match=f"^{tmp_path / 'gone.png'}: image file not found$"):
         read_image(tmp_path / "gone.png")
 
@@ -103,4 +103,4 @@ def test_deeply_nested_json_in_a_text_chunk_is_kept_as_text(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("nijimi", "[" * 100_000, zip=True)
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
-    assert read_png_metadata(path)["recipe"] == "[" * 100_000
+    assert read_image_metadata(path)["recipe"] == "[" * 100_000

@@ -12,13 +12,13 @@ from PIL import Image, PngImagePlugin
 
 from nijimi.errors import CheckpointError, ImageError, OutputExistsError
 from nijimi.io import pngmeta
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.pngmeta import (
     format_info,
     format_parameters,
     generation_settings,
     model_hash,
     parse_parameters,
-    read_png_metadata,
     save_png,
 )
 
@@ -148,9 +148,9 @@ def test_save_png_replaces_a_file_only_when_asked(tmp_path):
     save_png(_image(0), path, "first")
     with pytest.raises(OutputExistsError, match=f"^{path} exists; use --overwrite to replace it$"):
         save_png(_image(1), path, "second")
-    assert read_png_metadata(path)["parameters"] == "first"
+    assert read_image_metadata(path)["parameters"] == "first"
     save_png(_image(1), path, "second", overwrite=True)
-    assert read_png_metadata(path)["parameters"] == "second" and os.listdir(tmp_path) == ["out.png"]
+    assert read_image_metadata(path)["parameters"] == "second" and os.listdir(tmp_path) == ["out.png"]
 
 
 def _image(seed: int = 0) -> Image.Image:
@@ -165,7 +165,7 @@ def test_save_png_round_trip(tmp_path):
     recipe = {"sampler": "euler", "schedule": "karras", "dtype": np.float16, "hashes": {"unet": "abc"}, "steps": 20}
     path = tmp_path / "out.png"
     save_png(image, path, parameters, recipe)
-    meta = read_png_metadata(path)
+    meta = read_image_metadata(path)
     assert meta["parameters"] == parameters
     assert meta["prompt"] == "ein Kätzchen, 猫, (masterpiece:1.2)" and meta["negative_prompt"] == "blurry, lowres"
     assert meta["settings"] == {"Steps": 20, "Sampler": "Euler", "CFG scale": 7.0, "Seed": 42, "Size": (32, 24)}
@@ -188,7 +188,7 @@ def test_png_written_the_a1111_way_parses(tmp_path):
     info.add_text("parameters", A1111_DOC_INFOTEXT)
     path = tmp_path / "00001-965400086.png"
     _image(1).save(path, pnginfo=info)
-    meta = read_png_metadata(path)
+    meta = read_image_metadata(path)
     assert meta["parameters"] == A1111_DOC_INFOTEXT and meta["recipe"] is None
     assert meta["settings"]["Seed"] == 965400086 and meta["settings"]["Model hash"] == "45dee52b"
     assert meta["prompt"].startswith("girl with an artist's beret")
@@ -207,7 +207,7 @@ def test_comfyui_png_parses(tmp_path):
     info.add_text("workflow", json.dumps(workflow))
     path = tmp_path / "ComfyUI_00001_.png"
     _image(2).save(path, pnginfo=info)
-    meta = read_png_metadata(path)
+    meta = read_image_metadata(path)
     assert meta["comfyui_prompt"] == api_graph and meta["comfyui_workflow"] == workflow
     assert meta["parameters"] is None and meta["prompt"] == "" and meta["settings"] == {}
     assert format_info(meta) == "ComfyUI prompt: 3 nodes\nComfyUI workflow: 2 nodes"
@@ -216,21 +216,21 @@ def test_comfyui_png_parses(tmp_path):
 def test_png_without_metadata(tmp_path):
     path = tmp_path / "plain.png"
     _image().save(path)
-    meta = read_png_metadata(path)
+    meta = read_image_metadata(path)
     assert meta["text"] == {} and meta["parameters"] is None
     assert format_info(meta) == "no generation metadata"
 
 
-def test_reading_non_png_raises(tmp_path):
+def test_reading_a_plain_jpeg_or_a_bad_file(tmp_path):
     jpeg, junk = tmp_path / "a.jpg", tmp_path / "b.png"
     _image().save(jpeg)
     junk.write_bytes(b"not an image")
-    with pytest.raises(ImageError, match="a JPEG image, not a PNG"):
-        read_png_metadata(jpeg)
-    with pytest.raises(ImageError, match="cannot read PNG"):
-        read_png_metadata(junk)
-    with pytest.raises(ImageError, match="missing.png: PNG file not found"):
-        read_png_metadata(tmp_path / "missing.png")
+    meta = read_image_metadata(jpeg)
+    assert meta["format"] == "JPEG" and meta["parameters"] is None and meta["text"] == {}
+    with pytest.raises(ImageError, match="b.png: cannot read image"):
+        read_image_metadata(junk)
+    with pytest.raises(ImageError, match="missing.png: image file not found"):
+        read_image_metadata(tmp_path / "missing.png")
 
 
 def test_failed_save_leaves_no_file(tmp_path):

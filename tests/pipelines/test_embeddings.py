@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from nijimi.errors import CheckpointError
 from nijimi.io.checkpoint import save_diffusers, save_single
 from nijimi.io.embeddings import EmbeddingLibrary, save_embedding
-from nijimi.io.pngmeta import parse_name_hashes, read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
+from nijimi.io.pngmeta import parse_name_hashes
 from nijimi.models.ldm import ModelConfig
 from nijimi.pipelines.pipeline import Pipeline
 
@@ -112,7 +113,7 @@ def test_ti_hashes_in_the_infotext_and_reproduce_checks_them(capsys, tmp_path):
                            "--embeddings-dir", folder, "--seed", 2, "--steps", 2, "--size", "64x64", "--quiet",
                            "--out", first)
     assert (code, err) == (0, "")
-    meta = read_png_metadata(first)
+    meta = read_image_metadata(first)
     expected = f"glow: {digest['glow']}, dull: {digest['dull']}"
     assert meta["parameters"].endswith(f'TI hashes: "{expected}"')
     assert meta["settings"]["TI hashes"] == expected

@@ -14,7 +14,8 @@ from PIL import Image
 
 from nijimi.cli import main
 from nijimi.errors import ConfigError
-from nijimi.io.pngmeta import parse_parameters, read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
+from nijimi.io.pngmeta import parse_parameters
 from nijimi.pipelines import edit, hires
 from nijimi.pipelines.control import ControlRun
 from nijimi.pipelines.images import to_tensor
@@ -137,7 +138,7 @@ def test_the_cli_writes_a1111s_fields_reads_them_back_and_reproduces(capsys, sd_
     assert main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
     assert re.search(r"^generate 100% .* 3/3", err, re.M) and re.search(r"^hires 100% .* 2/2", err, re.M)
-    meta = read_png_metadata(out)
+    meta = read_image_metadata(out)
     assert meta["parameters"].endswith(
         "Size: 64x64, Model: model, Denoising strength: 0.6, Hires sampler: Euler a, "
         'Hires prompt: "a lighthouse, sharp", Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent (bicubic), '

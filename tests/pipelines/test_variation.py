@@ -10,7 +10,7 @@ from PIL import Image
 
 from nijimi.cli import main
 from nijimi.errors import ConfigError
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.pipelines.request import GenerationRequest
 
 FAST = {"steps": 3, "width": 64, "height": 64}
@@ -64,7 +64,7 @@ def test_the_cli_records_variations_as_a1111_does_and_reproduce_replays_them(cap
             "--variation-seed", 9, "--variation-strength", 0.25, "--seed-resize", "48x80", "--batch", 2, "--out", out]
     assert main([str(a) for a in argv]) == 0
     first, second = sorted(tmp_path.glob("v*.png"))
-    settings = read_png_metadata(second)["settings"]
+    settings = read_image_metadata(second)["settings"]
     assert (settings["Seed"], settings["Variation seed"], settings["Variation seed strength"],
             settings["Seed resize from"]) == (6, 10, 0.25, (48, 80))
     keys = list(settings)
@@ -72,7 +72,7 @@ def test_the_cli_records_variations_as_a1111_does_and_reproduce_replays_them(cap
     again = tmp_path / "again.png"
     found = ["--models-dir", str(sd_folder.parent)]  # the recipe names the model by name and hash
     assert main(["reproduce", str(second), "--out", str(again), "--quiet", *found]) == 0
-    assert read_png_metadata(again)["recipe"] == read_png_metadata(second)["recipe"]
+    assert read_image_metadata(again)["recipe"] == read_image_metadata(second)["recipe"]
     difference = np.abs(pixels(second).astype(int) - pixels(again).astype(int))
     assert difference.max() <= 1  # batched convolutions round differently (~1e-5), a rare ±1 after uint8 rounding
     single, again = tmp_path / "single.png", tmp_path / "single-again.png"
@@ -83,6 +83,6 @@ def test_the_cli_records_variations_as_a1111_does_and_reproduce_replays_them(cap
     plain = tmp_path / "plain.png"
     assert main([str(a) for a in [*argv[:6], "--steps", 3, "--size", "64x64", "--quiet", "--out", plain]]) == 0
     assert not {"Variation seed", "Variation seed strength", "Seed resize from"} & set(
-        read_png_metadata(plain)["settings"])
+        read_image_metadata(plain)["settings"])
     assert not np.array_equal(pixels(first), pixels(plain))
     capsys.readouterr()

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from nijimi.embedded import CONTROLNET
 from nijimi.errors import ConfigError
 from nijimi.io.find import legacy_model_hash
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.pipelines.control_maps import ControlSpec, canny
 from nijimi.pipelines.request import GenerationRequest
 from nijimi.server.a1111 import Limits
@@ -66,13 +66,13 @@ def test_a_unit_makes_the_pixels_of_generate_and_records_itself(served, capsys, 
                                          "guess=true")
     np.testing.assert_array_equal(served.pixels(answer["images"][0]), png_pixels(cli))
     text = json.loads(answer["info"])["infotexts"][0]
-    assert text == read_png_metadata(cli)["parameters"]
+    assert text == read_image_metadata(cli)["parameters"]
     assert (f'ControlNet 0: "Module: none, Model: {EMBEDDED_TITLE}, Weight: 0.8, Resize Mode: Just Resize, Guidance '
             'Start: 0, Guidance End: 0.9, Control Mode: ControlNet is more important"') in text
     plain = served.call("/sdapi/v1/txt2img", FAST)[1]
     assert np.abs(served.pixels(plain["images"][0]).astype(int) - png_pixels(cli)).max() > 20
     saved = served.root / "outputs" / json.loads(answer["info"])["files"][0]
-    control = read_png_metadata(saved)["recipe"]["request"]["control"][0]
+    control = read_image_metadata(saved)["recipe"]["request"]["control"][0]
     assert (control["model"], control["guess"]) == (str(CONTROLNET), True)
     again = tmp_path / "again.png"
     assert run_cli(capsys, "reproduce", saved, "--out", again, "--quiet")[0] == 0

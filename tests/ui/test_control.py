@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from nijimi.io.checkpoint import save_single
 from nijimi.io.controlnet import save_original
 from nijimi.io.find import legacy_model_hash
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.safetensors import read_metadata
 from nijimi.models.controlnet import ControlNetModel
 from nijimi.pipelines.control_maps import parse_control_spec
@@ -52,7 +52,7 @@ def test_generate_with_control_records_and_reproduces(capsys, files, tmp_path):
     assert (code, out.strip(), err) == (0, str(steered), "")
     run(capsys, "generate", "a cat", "--model", files["model"], *FAST, "--out", plain)
     assert np.abs(pixels(steered) - pixels(plain)).max() > 5
-    meta = read_png_metadata(steered)
+    meta = read_image_metadata(steered)
     assert meta["settings"]["ControlNet 0"] == (f"Module: canny, Model: cn [{legacy_model_hash(files['cn'])}], "
                                                 "Weight: 0.9, Resize Mode: Just Resize, "
                                                 "Threshold A: 50, Threshold B: 150, Guidance Start: 0, "
