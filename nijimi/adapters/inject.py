@@ -116,9 +116,8 @@ def inject(model: nn.Module, spec: AdapterSpec, name: str = "default",
 
 def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", multiplier: float = 1.0,
                   unet_multiplier: float | None = None, te_multiplier: float | None = None,
-                  dtype: torch.dtype = torch.float32, trainable: bool = False,
-                  strict: bool = True) -> dict[str, str]:
-    """Put a loaded adapter on ``model`` (frozen unless ``trainable``), its tensors cast to ``dtype``.
+                  dtype: torch.dtype = torch.float32, strict: bool = True) -> dict[str, str]:
+    """Put a loaded adapter on ``model``, frozen, its tensors cast to ``dtype``.
 
     ``unet_multiplier`` / ``te_multiplier`` override ``multiplier`` for modules under the U-Net / text encoder.
     Modules the model lacks, or that do not fit their layer, raise :class:`CheckpointError` naming them before
@@ -134,7 +133,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter, name: str = "default", mul
     for path, weights in adapter.modules.items():
         if path not in skipped:
             value = _multiplier(path, multiplier, unet_multiplier, te_multiplier)
-            _attach(model, path, name, LayerAdapter(weights, value, trainable, dtype))
+            _attach(model, path, name, LayerAdapter(weights, value, dtype=dtype))
     return skipped
 
 

@@ -53,13 +53,14 @@ def _toward(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_to: flo
     return denoised + (x - denoised) * (sigma_to / sigma)
 
 
-def _ancestral_second_order(name: str, step: Callable[..., torch.Tensor], model: Model, x: torch.Tensor,
-                            sigmas: torch.Tensor, extra: dict | None, callback: Callback | None,
-                            noise: NoiseSampler | None, eta: float) -> torch.Tensor:
+def _ancestral_second_order(step: Callable[..., torch.Tensor], model: Model, x: torch.Tensor, sigmas: torch.Tensor,
+                            extra: dict | None, callback: Callback | None, noise: NoiseSampler | None,
+                            eta: float) -> torch.Tensor:
     """The ancestral loop around a second-order ``step(model, x, x̂₀, σ, σ_down, i, extra)``: x̂₀ at σ, the step down
     to σ_down (x̂₀ itself when σ_down = 0), then fresh noise of size σ_up
-    (:func:`~nijimi.diffusion.samplers.ancestral_step`)."""
-    s, extra, noise = check_sigmas(sigmas), extra or {}, eta_noise(name, eta, noise)
+    (:func:`~nijimi.diffusion.samplers.ancestral_step`) drawn by ``noise`` (the caller's, checked by
+    :func:`~nijimi.diffusion.samplers.eta_noise`)."""
+    s, extra = check_sigmas(sigmas), extra or {}
     for i in range(len(s) - 1):
         denoised = model(x, sigma_batch(x, s[i]), step=i, **extra)
         sigma_down, sigma_up = ancestral_step(s[i], s[i + 1], eta)
@@ -74,7 +75,8 @@ def sample_dpm_2_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tensor, 
                            callback: Callback | None = None, noise: NoiseSampler | None = None,
                            eta: float = 1.0) -> torch.Tensor:
     """DPM2 a: a DPM-Solver-2 step down to σ_down, then fresh noise of size σ_up (k-diffusion's DPM2 ancestral)."""
-    return _ancestral_second_order("dpm2-a", _dpm2_step, model, x, sigmas, extra_args, callback, noise, eta)
+    noise = eta_noise("dpm2-a", eta, noise)
+    return _ancestral_second_order(_dpm2_step, model, x, sigmas, extra_args, callback, noise, eta)
 
 
 def _dpmpp_2s_step(model: Model, x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_to: float, i: int,
@@ -90,7 +92,8 @@ def sample_dpmpp_2s_ancestral(model: Model, x: torch.Tensor, sigmas: torch.Tenso
                               callback: Callback | None = None, noise: NoiseSampler | None = None,
                               eta: float = 1.0) -> torch.Tensor:
     """DPM++ 2S a: a DPM-Solver++(2S) step down to σ_down, then fresh noise of size σ_up (k-diffusion's)."""
-    return _ancestral_second_order("dpm++2s-a", _dpmpp_2s_step, model, x, sigmas, extra_args, callback, noise, eta)
+    noise = eta_noise("dpm++2s-a", eta, noise)
+    return _ancestral_second_order(_dpmpp_2s_step, model, x, sigmas, extra_args, callback, noise, eta)
 
 
 def sample_dpmpp_sde(model: Model, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
