@@ -206,9 +206,8 @@ def prepare_training(cfg: AdapterTrainConfig, model: LatentDiffusion | None = No
     lcm = cfg.type == "lcm"
     # the diffusion objective freezes the text encoder: made before the adapter, which may adapt it
     objective = None if lcm else DiffusionObjective(
-        model.unet, model.text_encoder, model.vae, model.config.tokenizer(), model.config.schedule, data,
-        caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
-        mask_loss=cfg.mask_loss)
+        model, data, caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma or None,
+        train_text_encoder=False, mask_loss=cfg.mask_loss)
     paths = inject(model, cfg.spec(), ADAPTER_NAME, torch.Generator().manual_seed(cfg.seed))
     if lcm:
         objective = ConsistencyObjective(model, ADAPTER_NAME, data, cfg.distill_settings())

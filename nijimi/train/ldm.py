@@ -27,10 +27,8 @@ from torch import nn
 from nijimi.diffusion.forward import diffusion_loss, min_snr_weights, q_sample, training_target
 from nijimi.diffusion.schedules import NoiseSchedule
 from nijimi.errors import ConfigError
-from nijimi.models.text_encoder import TextEncoder
-from nijimi.models.unet import UNetModel
+from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.vae import VAE, DiagonalGaussian
-from nijimi.text.tokenizer import ClipTokenizer
 from nijimi.train.data import collate
 
 
@@ -137,24 +135,22 @@ def draw_diffusion_batch(generator: torch.Generator, n: int, part: slice, poster
 
 
 class DiffusionObjective(nn.Module):
-    """U-Net stage over a frozen VAE; ``train_text_encoder`` decides whether the text encoder learns too, and
-    ``train_unet`` whether the U-Net does (off: only the text encoder learns, e.g. new phrasings of what a model draws).
+    """U-Net stage of ``model`` over its frozen VAE; ``train_text_encoder`` decides whether the text encoder learns
+    too, and ``train_unet`` whether the U-Net does (off: only the text encoder learns, e.g. new phrasings of what a
+    model draws).
 
     ``mask_loss``: weight the loss by the images' masks (mask 1 = learn, 0 = ignore; samples without one weigh 1).
     """
 
-    def __init__(self, unet: UNetModel, text_encoder: TextEncoder, vae: VAE, tokenizer: ClipTokenizer,
-                 schedule: NoiseSchedule, data: CaptionedImages, *, caption_dropout: float = 0.1,
-                 min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True,
-                 mask_loss: bool = False, timestep_weights: torch.Tensor | None = None,
-                 train_unet: bool = True) -> None:
+    def __init__(self, model: LatentDiffusion, data: CaptionedImages, *, caption_dropout: float = 0.1,
+                 min_snr_gamma: float | None = 5.0, train_text_encoder: bool = True, mask_loss: bool = False,
+                 timestep_weights: torch.Tensor | None = None, train_unet: bool = True) -> None:
         super().__init__()
-        self.unet = unet.requires_grad_(train_unet)
-        self.text_encoder = text_encoder
-        self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(train_text_encoder)
-        self.tokenizer = tokenizer
-        self.schedule = schedule
+        self.unet = model.unet.requires_grad_(train_unet)
+        self.text_encoder = model.text_encoder.requires_grad_(train_text_encoder)
+        self.vae = model.vae.requires_grad_(False).eval()
+        self.tokenizer = model.config.tokenizer()
+        self.schedule = model.config.schedule
         self.data = data
         self.caption_dropout = caption_dropout
         self.min_snr_gamma = min_snr_gamma

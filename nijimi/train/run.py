@@ -196,8 +196,7 @@ def train_unet(run: RunConfig, stage: UNetStage, arch: dict, data, vae_path: Pat
     """Stage 2; returns the model with the EMA weights of the U-Net and text encoder."""
     out = Path(run.out)
     model = _initial_model(run, arch, vae_path)
-    objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, model.config.tokenizer(),
-                                   model.config.schedule, data, caption_dropout=stage.caption_dropout,
+    objective = DiffusionObjective(model, data, caption_dropout=stage.caption_dropout,
                                    min_snr_gamma=stage.min_snr_gamma or None,
                                    train_text_encoder=stage.train_text_encoder, train_unet=stage.train_unet,
                                    timestep_weights=stage.timestep_weights(model.config.schedule.num_train_timesteps))

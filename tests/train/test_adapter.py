@@ -289,8 +289,7 @@ def test_zero_mask_gives_zero_gradient_on_its_latent_pixels(tmp_path):
     model = base_model()
     grads = {}
     for mask_loss in (True, False):
-        objective = DiffusionObjective(model.unet, model.text_encoder, model.vae, CONFIG.tokenizer(),
-                                       CONFIG.schedule, data, caption_dropout=0.0, mask_loss=mask_loss)
+        objective = DiffusionObjective(model, data, caption_dropout=0.0, mask_loss=mask_loss)
 
         def keep_grad(module, inputs, out, key=mask_loss):  # the gradient of the loss w.r.t. the U-Net output
             out.register_hook(lambda g: grads.__setitem__(key, g.clone()))

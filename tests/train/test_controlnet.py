@@ -75,8 +75,7 @@ def test_the_controlnet_objective_makes_the_diffusion_objectives_draws():
     seen: list = []
     base.unet.register_forward_pre_hook(lambda module, args: seen.append([a.clone() for a in args]))
     controlnet = prepare_training(config(Path("unused")), base=base).trainer.module
-    plain = DiffusionObjective(base.unet, base.text_encoder, base.vae, base.config.tokenizer(), base.config.schedule,
-                               shapes, caption_dropout=0.5, min_snr_gamma=None, train_text_encoder=False)
+    plain = DiffusionObjective(base, shapes, caption_dropout=0.5, min_snr_gamma=None, train_text_encoder=False)
     with torch.no_grad():
         for objective in (controlnet, plain):
             objective(list(range(8)), step_generator(5, 0), slice(2, 6))

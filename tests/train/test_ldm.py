@@ -2,10 +2,10 @@ import torch
 
 from nijimi.diffusion.forward import q_sample, timestep_weights
 from nijimi.diffusion.schedules import NoiseSchedule
-from nijimi.models.text_encoder import TextEncoder, TextEncoderConfig
-from nijimi.models.unet import UNetConfig, UNetModel
+from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.models.text_encoder import TextEncoderConfig
+from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAE, VAEConfig
-from nijimi.text.tokenizer import ClipTokenizer
 from nijimi.train.ldm import AutoencoderObjective, DiffusionObjective, draw_diffusion_batch, measure_scaling_factor
 from nijimi.train.shapes import ShapesDataset
 from nijimi.train.trainer import LoopConfig, Trainer
@@ -15,6 +15,7 @@ VAE_CFG = VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1)
 TEXT_CFG = TextEncoderConfig(width=64, num_layers=2, num_heads=2, mlp_width=128)
 UNET_CFG = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
                       context_dim=64)
+MODEL_CFG = ModelConfig(UNET_CFG, VAE_CFG, TEXT_CFG, schedule=NoiseSchedule.sd())
 
 
 def _mean(xs):
@@ -36,10 +37,11 @@ def test_vae_stage_lowers_reconstruction_loss(tmp_path):
 
 def test_diffusion_stage_lowers_loss_and_trains_text_encoder(tmp_path):
     torch.manual_seed(0)
-    unet, te, vae = UNetModel(UNET_CFG), TextEncoder(TEXT_CFG), VAE(VAE_CFG)
+    model = LatentDiffusion(MODEL_CFG)
+    te, vae = model.text_encoder, model.vae
     te_before = te.text_model.final_layer_norm.weight.detach().clone()
     vae_before = {k: v.clone() for k, v in vae.state_dict().items()}
-    objective = DiffusionObjective(unet, te, vae, ClipTokenizer(), NoiseSchedule.sd(), DATA, min_snr_gamma=5.0)
+    objective = DiffusionObjective(model, DATA, min_snr_gamma=5.0)
     cfg = LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup_steps=3, save_every=0)
     trainer = Trainer(objective, len(DATA), cfg, tmp_path)
     trainer.run()
@@ -51,10 +53,10 @@ def test_diffusion_stage_lowers_loss_and_trains_text_encoder(tmp_path):
 
 def test_frozen_text_encoder_is_not_trained(tmp_path):
     torch.manual_seed(0)
-    te = TextEncoder(TEXT_CFG)
+    model = LatentDiffusion(MODEL_CFG)
+    te = model.text_encoder
     before = {k: v.clone() for k, v in te.state_dict().items()}
-    objective = DiffusionObjective(UNetModel(UNET_CFG), te, VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(),
-                                   DATA, train_text_encoder=False)
+    objective = DiffusionObjective(model, DATA, train_text_encoder=False)
     Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path).run()
     for k, v in te.state_dict().items():
         assert torch.equal(v, before[k])
@@ -62,9 +64,10 @@ def test_frozen_text_encoder_is_not_trained(tmp_path):
 
 def test_frozen_unet_trains_the_text_encoder_alone(tmp_path):
     torch.manual_seed(0)
-    unet, te = UNetModel(UNET_CFG), TextEncoder(TEXT_CFG)
+    model = LatentDiffusion(MODEL_CFG)
+    unet, te = model.unet, model.text_encoder
     unet_before, te_before = ({k: v.clone() for k, v in m.state_dict().items()} for m in (unet, te))
-    objective = DiffusionObjective(unet, te, VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(), DATA, train_unet=False)
+    objective = DiffusionObjective(model, DATA, train_unet=False)
     trainer = Trainer(objective, len(DATA), LoopConfig(steps=2, batch_size=4, save_every=0), tmp_path)
     assert {id(p) for p in trainer.params} == {id(p) for p in te.parameters()}
     trainer.run()
@@ -74,12 +77,11 @@ def test_frozen_unet_trains_the_text_encoder_alone(tmp_path):
 
 def test_timestep_weights_decide_which_timesteps_are_trained():
     torch.manual_seed(0)
-    unet = UNetModel(UNET_CFG)
+    model = LatentDiffusion(MODEL_CFG)
     seen = []
-    unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
     weights = timestep_weights(1000, "range", multiplier=1e12, begin=990, end=1000)
-    objective = DiffusionObjective(unet, TextEncoder(TEXT_CFG), VAE(VAE_CFG), ClipTokenizer(), NoiseSchedule.sd(),
-                                   DATA, timestep_weights=weights)
+    objective = DiffusionObjective(model, DATA, timestep_weights=weights)
     objective(list(range(16)), torch.Generator().manual_seed(0), slice(0, 16))
     objective.timestep_weights = None
     objective(list(range(16)), torch.Generator().manual_seed(0), slice(0, 16))
