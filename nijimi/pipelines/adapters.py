@@ -247,19 +247,31 @@ def _check_out(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def extract_adapter_file(base: str, tuned: str, out: str | os.PathLike, rank: int, conv_rank: int | None = None,
-                         targets: str | Sequence[str] = "attn+ff", text_encoder: bool = True, format: str = "kohya",
-                         min_diff: float = 0.0, overwrite: bool = False) -> Adapter:
-    """``nijimi lora extract``: a rank-``rank`` LoRA of ``tuned − base`` (:func:`~nijimi.adapters.tools.extract_lora`)
-    written to ``out``; layers that do not differ (by more than ``min_diff``) are left out. Models of different
+@dataclass(frozen=True)
+class Extraction:
+    """What ``nijimi lora extract`` keeps of ``tuned − base``: rank ``rank`` (``conv_rank`` for convolutions larger
+    than 1×1), the ``targets`` layers of the U-Net (and of the text encoder with ``text_encoder``), layers that differ
+    by more than ``min_diff`` (:func:`~nijimi.adapters.tools.extract_lora`)."""
+
+    rank: int
+    conv_rank: int | None = None
+    targets: str | Sequence[str] = "attn+ff"
+    text_encoder: bool = True
+    min_diff: float = 0.0
+
+
+def extract_adapter_file(base: str, tuned: str, out: str | os.PathLike, what: Extraction, format: str = "kohya",
+                         overwrite: bool = False) -> Adapter:
+    """``nijimi lora extract``: a LoRA of ``tuned − base`` as ``what`` says, written to ``out``. Models of different
     architectures raise :class:`CheckpointError` naming the first layer that differs."""
     out = _check_out(out, overwrite)
     base_model, tuned_model = load_base(base), load_base(tuned)
-    parts = ("unet", "text") if text_encoder else ("unet",)
-    adapter = extract_lora(base_model, tuned_model, rank, targets, conv_rank, parts, min_diff)
+    parts = ("unet", "text") if what.text_encoder else ("unet",)
+    adapter = extract_lora(base_model, tuned_model, what.rank, what.targets, what.conv_rank, parts, what.min_diff)
     if not adapter.modules:
-        raise ConfigError(f"{tuned} does not differ from {base} in the targeted layers ({targets}); nothing to extract")
-    comment = f"extracted by nijimi from {Path(tuned).name} - {Path(base).name}, rank {rank}"
+        raise ConfigError(f"{tuned} does not differ from {base} in the targeted layers ({what.targets}); nothing to "
+                          "extract")
+    comment = f"extracted by nijimi from {Path(tuned).name} - {Path(base).name}, rank {what.rank}"
     save_adapter(adapter, out, base_model.config, format, metadata={"ss_training_comment": comment},
                  overwrite=overwrite)
     return adapter

@@ -12,7 +12,7 @@ from pathlib import Path
 from nijimi.adapters.formats import FORMATS
 from nijimi.adapters.tools import describe_adapter
 from nijimi.adapters.weights import Adapter
-from nijimi.pipelines.adapters import extract_adapter_file, resize_adapter_file
+from nijimi.pipelines.adapters import Extraction, extract_adapter_file, resize_adapter_file
 from nijimi.train.adapter import EMBEDDING, AdapterTrainConfig, train_adapter
 from nijimi.train.config import build_config
 from nijimi.train.embedding import train_embedding
@@ -40,8 +40,8 @@ def _summary(adapter: Adapter, out: str) -> str:
 
 
 def cmd_lora_extract(args: argparse.Namespace) -> int:
-    adapter = extract_adapter_file(args.base, args.tuned, args.out, args.rank, args.conv_rank, args.targets,
-                                   not args.unet_only, args.format, args.min_diff, args.overwrite)
+    what = Extraction(args.rank, args.conv_rank, args.targets, not args.unet_only, args.min_diff)
+    adapter = extract_adapter_file(args.base, args.tuned, args.out, what, args.format, args.overwrite)
     print(_summary(adapter, args.out))
     return 0
 
