@@ -79,35 +79,16 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
     return f"{prompt}\n{_NEGATIVE} {negative_prompt}\n{', '.join(pairs)}".rstrip()
 
 
-def generation_settings(
-    *,
-    steps: int,
-    sampler: str,
-    cfg_scale: float,
-    seed: int,
-    width: int,
-    height: int,
-    model_hash: str | None = None,
-    model: str | None = None,
-    extra: Mapping[str, object] | None = None,
-    schedule: str | None = None,
-) -> dict[str, object]:
-    """The settings line in A1111's order: Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash, Model,
-    then ``extra``.
+def generation_settings(*, steps: int, sampler: str, cfg_scale: float, seed: int, size: tuple[int, int],
+                        extra: Mapping[str, object] | None = None, schedule: str | None = None) -> dict[str, object]:
+    """The settings line in A1111's order: Steps, Sampler, Schedule type, CFG scale, Seed, Size (width, height),
+    then ``extra`` in its order (A1111 writes ``Model hash`` and ``Model`` first).
 
     ``sampler`` is A1111's name ("DPM++ 2M", "Euler a"), ``schedule`` A1111's label of the schedule ("Karras";
-    None: left out, as before A1111 1.9); ``extra`` adds e.g. ``{"Clip skip": 2}``.
+    None: left out, as before A1111 1.9); ``extra`` adds e.g. ``{"Model hash": "…", "Clip skip": 2}``.
     """
-    settings: dict[str, object] = {
-        "Steps": steps,
-        "Sampler": sampler,
-        "Schedule type": schedule,
-        "CFG scale": cfg_scale,
-        "Seed": seed,
-        "Size": (width, height),
-        "Model hash": model_hash,
-        "Model": model,
-    }
+    settings: dict[str, object] = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule,
+                                   "CFG scale": cfg_scale, "Seed": seed, "Size": tuple(size)}
     settings.update(extra or {})
     return settings
 

@@ -43,9 +43,8 @@ def a1111_text(pipe: Pipeline, r: GenerationRequest, embeddings: Mapping[str, st
              "TI hashes": format_name_hashes(embeddings or {}) or None}
     prompt, loras = lora_infotext(r)
     fields = generation_settings(steps=r.steps, sampler=r.sampler.infotext_name, schedule=r.sampler.schedule_label,
-                                 cfg_scale=r.guidance, seed=r.seed,
-                                 width=r.width, height=r.height, model_hash=pipe.model_hash, model=pipe.name,
-                                 extra={**extra, **loras})
+                                 cfg_scale=r.guidance, seed=r.seed, size=(r.width, r.height),
+                                 extra={"Model hash": pipe.model_hash, "Model": pipe.name, **extra, **loras})
     return format_parameters(prompt, r.negative_prompt, fields)
 
 

@@ -82,7 +82,7 @@ def test_infotext_round_trips_every_sampler_and_schedule():
         for schedule in SCHEDULE_LABELS:
             choice = parse_sampler(base, schedule)
             settings = generation_settings(steps=20, sampler=choice.infotext_name, schedule=choice.schedule_label,
-                                           cfg_scale=7, seed=1, width=512, height=512)
+                                           cfg_scale=7, seed=1, size=(512, 512))
             text = format_parameters("a cat", "", settings)
             assert f"Sampler: {choice.infotext_name}, Schedule type: {choice.schedule_label}, CFG scale" in text
             assert choice_from_infotext(parse_parameters(text)["settings"]) == choice

@@ -45,8 +45,8 @@ A1111_V1_INFOTEXT = (
 
 def test_format_parameters_writes_a1111_layout():
     settings = generation_settings(
-        steps=20, sampler="DPM++ 2M Karras", cfg_scale=7.0, seed=42, width=512, height=512,
-        model_hash="0123456789", model="name",
+        steps=20, sampler="DPM++ 2M Karras", cfg_scale=7.0, seed=42, size=(512, 512),
+        extra={"Model hash": "0123456789", "Model": "name"},
     )  # fmt: skip
     assert format_parameters("a cat", "blurry", settings) == (
         "a cat\nNegative prompt: blurry\n"
@@ -58,7 +58,7 @@ def test_format_parameters_writes_a1111_layout():
 def test_format_parameters_keeps_an_empty_negative_line_omits_none_and_quotes_like_a1111():
     """The ``Negative prompt:`` line even when empty: ComfyUI's A1111 importer needs it."""
     settings = generation_settings(
-        steps=4, sampler="Euler a", cfg_scale=7.5, seed=1, width=640, height=448,
+        steps=4, sampler="Euler a", cfg_scale=7.5, seed=1, size=(640, 448),
         extra={"Clip skip": 2, "Lora hashes": "a: 1, b: 2", "Note": 'say "hi"\nbye', "Pad conds": True},
     )  # fmt: skip
     text = format_parameters("p", "", settings)
@@ -160,7 +160,7 @@ def _image(seed: int = 0) -> Image.Image:
 
 def test_save_png_round_trip(tmp_path):
     image = _image()
-    settings = generation_settings(steps=20, sampler="Euler", cfg_scale=7, seed=42, width=32, height=24)
+    settings = generation_settings(steps=20, sampler="Euler", cfg_scale=7, seed=42, size=(32, 24))
     parameters = format_parameters("ein Kätzchen, 猫, (masterpiece:1.2)", "blurry, lowres", settings)
     recipe = {"sampler": "euler", "schedule": "karras", "dtype": np.float16, "hashes": {"unet": "abc"}, "steps": 20}
     path = tmp_path / "out.png"
