@@ -5,9 +5,9 @@ published SD shape for a factor-8 VAE, :meth:`~nijimi.models.taesd.TAESDConfig.t
 embedded model's. Each training image x is encoded once by the frozen VAE (posterior mean, times its scaling factor:
 the diffusion model's latents z) and decoded back, D(z); the decoder learns ``MSE(tiny(z), D(z)) + l1·|tiny(z) −
 D(z)|₁ + edge·GDL(tiny(z), D(z))`` — it imitates the VAE's decode, not the image — and the encoder
-``MSE(tiny_enc(x), z)``. GDL is the gradient difference loss (:func:`gradient_difference`), which MSE alone leaves
-small where edges are slightly soft. The (z, D(z)) pairs
-are made once per image and reused (the VAE is frozen). The run is the shared fine-tuning flow
+``MSE(tiny_enc(x), z)``. GDL, the gradient difference loss (:func:`gradient_difference`), keeps the edges sharp that
+MSE lets go soft: the points of small stars, which decide how a shape reads. The (z, D(z)) pairs are made once per
+image and reused (the VAE is frozen). The run is the shared fine-tuning flow
 (:func:`~nijimi.train.finetune.run_finetune`: checkpoints, resume, loss curve, comparison grids); the result is saved
 in the published key layout, ``taesd_decoder.safetensors`` (and ``taesd_encoder.safetensors`` beside it), which
 ``--decoder tiny:PATH`` loads (:func:`nijimi.io.taesd.load_taesd`).
