@@ -76,10 +76,11 @@ class DecoderTrainConfig(FineTuneConfig):
 
 
 def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The gradient difference loss of Mathieu, Couprie & LeCun (1511.05440, eq. 5) with α = 1, as a mean: for
-    images ``a``, ``b`` (B, C, H, W), ``mean | |a[i,j] − a[i−1,j]| − |b[i,j] − b[i−1,j]| |`` over the vertical
-    neighbour pairs plus the same mean over the horizontal ones. It is zero when the two have the same edge
-    magnitudes everywhere and grows with each edge that one of them blurs or loses."""
+    """The gradient difference loss of Mathieu, Couprie & LeCun ("Deep multi-scale video prediction beyond mean
+    square error", 1511.05440) with α = 1, as a mean: for images ``a``, ``b`` (B, C, H, W),
+    ``mean | |a[i,j] − a[i−1,j]| − |b[i,j] − b[i−1,j]| |`` over the vertical neighbour pairs plus the same mean over
+    the horizontal ones. It is zero when the two have the same edge magnitudes everywhere and grows with each edge
+    that one of them blurs or loses."""
     rows = ((a[..., 1:, :] - a[..., :-1, :]).abs() - (b[..., 1:, :] - b[..., :-1, :]).abs()).abs().mean()
     cols = ((a[..., 1:] - a[..., :-1]).abs() - (b[..., 1:] - b[..., :-1]).abs()).abs().mean()
     return rows + cols
