@@ -13,8 +13,11 @@ from nijimi import cli
 from nijimi.cli import DEMO_PROMPT
 from nijimi.embedded import ADAPTERS, CONTROLNET, WEIGHTS
 from nijimi.eval.adherence import mask_iou, score, shape_coverage
+from nijimi.io.pngmeta import read_png_metadata
 from nijimi.io.safetensors import read_header, read_metadata
+from nijimi.io.taesd import load_taesd
 from nijimi.pipelines.adapters import lora_requests
+from nijimi.pipelines.images import to_pil, to_unit
 from nijimi.train.controlnet import scene_mask
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset
 
@@ -82,3 +85,19 @@ def test_demo_controlnet_places_objects_on_the_mask(tmp_path):
                      "--quiet", "--control", f"model=embedded,image={tmp_path / 'mask.png'}"]) == 0
     drawn = shape_coverage(np.asarray(Image.open(out).convert("RGB"))) >= 0.5
     assert mask_iou(drawn, mask >= 0.5) >= 0.8
+
+
+def test_generate_decoder_tiny_decodes_with_the_shipped_taesd(tmp_path):
+    """`--decoder tiny` on the embedded model finds the TAESD decoder shipped beside its weights (fp16, small): the
+    image is that decoder's picture of the latents the VAE would have decoded, and reads as the caption."""
+    shipped = WEIGHTS.with_name("taesd_decoder.safetensors")
+    assert shipped.stat().st_size <= 2**20 and {info.dtype for info in read_header(shipped).values()} == {"F16"}
+    caption, out = "a large blue star at the top", tmp_path / "tiny.png"
+    assert cli.main(["generate", caption, "--seed", "3", "--decoder", "tiny", "--out", str(out), "--quiet"]) == 0
+    vae = nijimi.load("embedded").generate(caption, seed=3)
+    with torch.no_grad():
+        expected = np.asarray(to_pil(to_unit(load_taesd(shipped).decode_latents(vae.latents)))[0])
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(drawn, expected) and not np.array_equal(drawn, np.asarray(vae.images[0]))
+    assert read_png_metadata(out)["recipe"]["request"]["decoder"] == "tiny"
+    assert score(drawn, caption).correct and score(vae.images[0], caption).correct

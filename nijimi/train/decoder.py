@@ -4,8 +4,10 @@ The student is :class:`~nijimi.models.taesd.TAESD` (madebyollin/taesd's architec
 published SD shape for a factor-8 VAE, :meth:`~nijimi.models.taesd.TAESDConfig.tiny` for a factor-4 one such as the
 embedded model's. Each training image x is encoded once by the frozen VAE (posterior mean, times its scaling factor:
 the diffusion model's latents z) and decoded back, D(z); the decoder learns ``MSE(tiny(z), D(z)) + l1·|tiny(z) −
-D(z)|₁`` — it imitates the VAE's decode, not the image — and the encoder ``MSE(tiny_enc(x), z)``. The (z, D(z)) pairs
-are made once per image and reused (the VAE is frozen). The run is the shared fine-tuning flow
+D(z)|₁ + edge·GDL(tiny(z), D(z))`` — it imitates the VAE's decode, not the image — and the encoder
+``MSE(tiny_enc(x), z)``. GDL, the gradient difference loss (:func:`gradient_difference`), keeps the edges sharp that
+MSE lets go soft: the points of small stars, which decide how a shape reads. The (z, D(z)) pairs are made once per
+image and reused (the VAE is frozen). The run is the shared fine-tuning flow
 (:func:`~nijimi.train.finetune.run_finetune`: checkpoints, resume, loss curve, comparison grids); the result is saved
 in the published key layout, ``taesd_decoder.safetensors`` (and ``taesd_encoder.safetensors`` beside it), which
 ``--decoder tiny:PATH`` loads (:func:`nijimi.io.taesd.load_taesd`).
@@ -38,15 +40,17 @@ ENCODER_FILE = "taesd_encoder.safetensors"
 @dataclass
 class DecoderTrainConfig(FineTuneConfig):
     """Every setting of a decoder run, on top of :class:`FineTuneConfig` (its diffusion settings — caption dropout,
-    Min-SNR, sample steps — are unused). ``l1``: weight of the L1 term. ``encoder``: also distil the encoder, saved
-    as ``taesd_encoder.safetensors`` beside ``out``. ``channels`` 0: the preset's width. ``any_colour`` (shapes data
-    only): chance an object is drawn in a random colour, as the embedded VAE was trained."""
+    Min-SNR, sample steps — are unused). ``l1``: weight of the L1 term. ``edge``: weight of the gradient difference
+    term. ``encoder``: also distil the encoder, saved as ``taesd_encoder.safetensors`` beside ``out``. ``channels``
+    0: the preset's width. ``any_colour`` (shapes data only): chance an object is drawn in a random colour, as the
+    embedded VAE was trained."""
 
     out: str = "taesd_decoder.safetensors"
     min_snr_gamma: float = 0.0
     batch_size: int = 16
     lr: float = 1e-3
     l1: float = 0.0
+    edge: float = 0.0
     encoder: bool = False
     channels: int = 0
     any_colour: float = 0.0
@@ -54,9 +58,9 @@ class DecoderTrainConfig(FineTuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.l1 < 0 or self.channels < 0 or not 0.0 <= self.any_colour <= 1.0:
-            raise ConfigError(f"l1 and channels must be ≥ 0 and any_colour within [0, 1], got l1={self.l1}, "
-                              f"channels={self.channels}, any_colour={self.any_colour}")
+        if min(self.l1, self.edge, self.channels) < 0 or not 0.0 <= self.any_colour <= 1.0:
+            raise ConfigError(f"l1, edge and channels must be ≥ 0 and any_colour within [0, 1], got l1={self.l1}, "
+                              f"edge={self.edge}, channels={self.channels}, any_colour={self.any_colour}")
         if self.any_colour and not self.data.startswith("shapes"):
             raise ConfigError(f"any_colour = {self.any_colour} recolours shapes scenes; data {self.data!r} is a "
                               "folder of images (set it to 0)")
@@ -71,6 +75,17 @@ class DecoderTrainConfig(FineTuneConfig):
         return dataclasses.replace(preset, latent_channels=vae.z_channels, channels=self.channels or preset.channels)
 
 
+def gradient_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The gradient difference loss of Mathieu, Couprie & LeCun ("Deep multi-scale video prediction beyond mean
+    square error", 1511.05440) with α = 1, as a mean: for images ``a``, ``b`` (B, C, H, W),
+    ``mean | |a[i,j] − a[i−1,j]| − |b[i,j] − b[i−1,j]| |`` over the vertical neighbour pairs plus the same mean over
+    the horizontal ones. It is zero when the two have the same edge magnitudes everywhere and grows with each edge
+    that one of them blurs or loses."""
+    rows = ((a[..., 1:, :] - a[..., :-1, :]).abs() - (b[..., 1:, :] - b[..., :-1, :]).abs()).abs().mean()
+    cols = ((a[..., 1:] - a[..., :-1]).abs() - (b[..., 1:] - b[..., :-1]).abs()).abs().mean()
+    return rows + cols
+
+
 @torch.no_grad()
 def vae_pairs(model: LatentDiffusion, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``images`` (B, 3, H, W) in [-1, 1] → their latents z (posterior mean × scaling factor) and the VAE's decode
@@ -83,11 +98,11 @@ class DecoderObjective(nn.Module):
     """What the trainer trains: ``tiny`` (the :class:`TAESD` halves) is the only sub-module; the frozen ``model``
     makes each image's (x, z, D(z)) once (see the module docstring)."""
 
-    def __init__(self, tiny: TAESD, model: LatentDiffusion, data, l1: float = 0.0) -> None:
+    def __init__(self, tiny: TAESD, model: LatentDiffusion, data, cfg: DecoderTrainConfig) -> None:
         super().__init__()
         self.tiny = tiny
         object.__setattr__(self, "model", model.requires_grad_(False).eval())
-        self.data, self.l1 = data, l1
+        self.data, self.l1, self.edge = data, cfg.l1, cfg.edge
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def examples(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,8 +116,11 @@ class DecoderObjective(nn.Module):
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
         """The loss over ``indices[part]`` (see :class:`~nijimi.train.trainer.Trainer`; nothing random is drawn)."""
         images, latents, target = self.examples(indices[part])
-        err = self.tiny.decode_latents(latents) - target
+        decoded = self.tiny.decode_latents(latents)
+        err = decoded - target
         loss = err.pow(2).mean() + self.l1 * err.abs().mean()
+        if self.edge:
+            loss = loss + self.edge * gradient_difference(decoded, target)
         if self.tiny.encoder is not None:
             loss = loss + F.mse_loss(self.tiny.encode_latents(images), latents)
         return loss
@@ -174,7 +192,7 @@ def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = Non
     data = AnyColourShapes(data, cfg.any_colour) if cfg.any_colour else data
     torch.manual_seed(cfg.seed)  # the student's initialisers draw from the global generator
     tiny = TAESD(cfg.taesd_config(model), encoder=cfg.encoder)
-    trainer = open_trainer(DecoderObjective(tiny, model, data, cfg.l1), len(data), cfg, cfg.work_dir, resume,
+    trainer = open_trainer(DecoderObjective(tiny, model, data, cfg), len(data), cfg, cfg.work_dir, resume,
                            "holds another decoder (shape or encoder differ)")
     return DecoderTraining(cfg, trainer, model)
 

@@ -16,6 +16,7 @@ from nijimi.train.decoder import (
     ENCODER_FILE,
     DecoderTrainConfig,
     decoder_psnr,
+    gradient_difference,
     heldout_images,
     prepare_decoder,
     psnr,
@@ -57,15 +58,26 @@ def test_three_steps_lower_the_loss_and_the_files_load_back_as_the_trained_taesd
 
 def test_the_decoder_learns_the_vaes_decode_not_the_image(tmp_path):
     model = random_model(TOY_F4, 0)
-    run = prepare_decoder(config(tmp_path), model)
+    run = prepare_decoder(config(tmp_path, l1=0.25, edge=0.5), model)
     images, latents, target = run.trainer.module.examples([1, 0])
     torch.testing.assert_close(target, model.vae.decode(model.vae.encode(images).mean).detach())
     torch.testing.assert_close(latents, model.vae.encode(images).mean * model.vae.config.scaling_factor)
-    err = run.tiny.decode_latents(latents) - target
-    expected = err.pow(2).mean()
+    decoded = run.tiny.decode_latents(latents)
+    err = decoded - target
+    expected = err.pow(2).mean() + 0.25 * err.abs().mean() + 0.5 * gradient_difference(decoded, target)
     assert decoder_psnr(run.tiny, model, images) == pytest.approx(psnr(run.tiny.decode_latents(latents), target))
     with torch.no_grad():
         assert run.trainer.module([1, 0], step_generator(0, 0), slice(0, 2)).item() == pytest.approx(expected.item())
+
+
+def test_gradient_difference_is_its_formula_by_hand():
+    a = torch.tensor([[0.0, 1.0], [3.0, 3.0]]).view(1, 1, 2, 2)
+    b = torch.tensor([[1.0, 1.0], [1.0, 2.0]]).view(1, 1, 2, 2)
+    # vertical |∇a| = (3, 2), |∇b| = (0, 1): mean(3, 1) = 2; horizontal |∇a| = (1, 0), |∇b| = (0, 1): mean(1, 1) = 1
+    assert gradient_difference(a, b).item() == pytest.approx(3.0)
+    assert gradient_difference(b, a).item() == pytest.approx(3.0)
+    assert gradient_difference(a, a + 0.5).item() == 0.0  # same edges, other brightness
+    assert gradient_difference(a, -a).item() == 0.0  # only edge magnitudes count
 
 
 def test_psnr_is_its_formula():
@@ -77,8 +89,10 @@ def test_psnr_is_its_formula():
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="a VAE of factor 2 has no TAESD preset"):
         config(tmp_path).taesd_config(random_model(TOY_F2, 0))
-    with pytest.raises(ConfigError, match="l1 and channels must be ≥ 0"):
+    with pytest.raises(ConfigError, match="l1, edge and channels must be ≥ 0"):
         config(tmp_path, l1=-1.0)
+    with pytest.raises(ConfigError, match="edge=-0.5"):
+        config(tmp_path, edge=-0.5)
     with pytest.raises(ConfigError, match="recolours shapes scenes"):
         config(tmp_path, data=str(tmp_path), any_colour=0.5)
 
