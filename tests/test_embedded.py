@@ -13,7 +13,7 @@ from nijimi import cli
 from nijimi.cli import DEMO_PROMPT
 from nijimi.embedded import ADAPTERS, CONTROLNET, WEIGHTS
 from nijimi.eval.adherence import mask_iou, score, shape_coverage
-from nijimi.io.pngmeta import read_png_metadata
+from nijimi.io.imagemeta import read_image_metadata
 from nijimi.io.safetensors import read_header, read_metadata
 from nijimi.io.taesd import load_taesd
 from nijimi.pipelines.adapters import lora_requests
@@ -99,5 +99,5 @@ def test_generate_decoder_tiny_decodes_with_the_shipped_taesd(tmp_path):
         expected = np.asarray(to_pil(to_unit(load_taesd(shipped).decode_latents(vae.latents)))[0])
     drawn = np.asarray(Image.open(out).convert("RGB"))
     assert np.array_equal(drawn, expected) and not np.array_equal(drawn, np.asarray(vae.images[0]))
-    assert read_png_metadata(out)["recipe"]["request"]["decoder"] == "tiny"
+    assert read_image_metadata(out)["recipe"]["request"]["decoder"] == "tiny"
     assert score(drawn, caption).correct and score(vae.images[0], caption).correct

@@ -81,7 +81,7 @@ def _exif_text(image: Image.Image, source: str) -> dict[str, str]:
 
 def read_image_metadata(path: str | os.PathLike) -> dict[str, object]:
     """Generation metadata of a PNG, JPEG or WebP image, in the shape of
-    :func:`~nijimi.io.pngmeta.read_png_metadata`, plus ``"format"`` (Pillow's name: ``"PNG"``, ``"JPEG"``,
+    :func:`~nijimi.io.pngmeta.metadata_from_text`, plus ``"format"`` (Pillow's name: ``"PNG"``, ``"JPEG"``,
     ``"WEBP"``)."""
     source = os.fspath(path)
     with _exif_warnings(source):
