@@ -168,3 +168,55 @@ def test_bad_lcm_settings_are_refused(tmp_path):
         config(tmp_path, lcm_guidance=(3.0,))
     with pytest.raises(ConfigError, match="huber_c must be > 0, got 0.0"):
         config(tmp_path, huber_c=0.0)
+    with pytest.raises(ConfigError, match=r"target_ema must be within \[0, 1\), got 1.0"):
+        config(tmp_path, target_ema=1.0)
+
+
+def test_ema_target_follows_lcm_rule_and_the_target_is_computed_with_it(tmp_path):
+    """``target_ema`` μ: each training call first moves θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM Alg. 1), then the target
+    f(x̂_{t_n}, t_n) is the model with θ⁻ while the student keeps θ; checkpoints carry θ⁻."""
+    model = random_model(TOY_F2, 0)
+    run = prepare_training(config(tmp_path, target_ema=0.9, lcm_guidance=(1.0, 1.0)), model)
+    module, objective, indices = run.trainer.module, run.trainer.module.objective, [0, 1, 2, 3]
+    ups = [a.lora_up for a in objective.adapters]
+    for up in ups:
+        torch.nn.init.normal_(up, std=0.1)  # θ moved away from θ⁻ = the fresh adapter (up = 0)
+    live = [up.detach().clone() for up in ups]
+    loss = module(indices, step_generator(5, 0), slice(0, 4))
+    shadows = {key: getattr(objective.target, key) for _, key in objective.target.pairs}
+    for up, value in zip(ups, live, strict=True):
+        torch.testing.assert_close(up.detach(), value)  # θ restored
+        key = next(k for p, k in objective.target.pairs if p is up)
+        torch.testing.assert_close(shadows[key], 0.1 * value)  # 0.9·0 + 0.1·θ
+    downs = [(a.lora_down.detach().clone(), a.lora_down) for a in objective.adapters]
+    assert all(torch.equal(shadows[next(k for p, k in objective.target.pairs if p is param)], value)
+               for value, param in downs)  # θ⁻ = θ where θ did not move
+    assert {k.split(".")[0] for k in module.state_dict()} == {"layers", "target"}
+
+    with torch.no_grad():
+        posterior, cond, _ = objective.encode(indices)
+        batch = draw_diffusion_batch(step_generator(5, 0), 4, slice(0, 4), posterior,
+                                     model.vae.config.scaling_factor, model.config.schedule,
+                                     timestep_weights=objective.timestep_weights)
+        schedule, t = model.config.schedule, batch.t
+        t_prev = (t - 20).clamp(min=0)
+        student = consistency_function(model.unet(batch.x_t, t, cond), batch.x_t, t, schedule)
+        with switched_off(objective.adapters):
+            x_prev = ddim_step(model.unet(batch.x_t, t, cond), batch.x_t, t, t_prev, schedule)
+        for up in ups:
+            up.mul_(0.1)  # the adapters at θ⁻
+        target = consistency_function(model.unet(x_prev, t_prev, cond), x_prev, t_prev, schedule)
+    assert loss.item() == pytest.approx(pseudo_huber(student, target).item(), rel=1e-5)
+
+    before = {key: value.clone() for key, value in shadows.items()}
+    module.eval()  # a call outside training (measuring the loss, say) leaves θ⁻ alone
+    module(indices, step_generator(5, 1), slice(0, 4))
+    assert all(torch.equal(getattr(objective.target, key), value) for key, value in before.items())
+    module.train()
+    with torch.no_grad():
+        for up, value in zip(ups, live, strict=True):
+            up.copy_(2 * value)  # the next step's θ
+    module(indices, step_generator(5, 1), slice(0, 4))
+    for up, value in zip(ups, live, strict=True):
+        key = next(k for p, k in objective.target.pairs if p is up)
+        torch.testing.assert_close(shadows[key], 0.9 * (0.1 * value) + 0.1 * (2 * value))
