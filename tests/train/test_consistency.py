@@ -145,7 +145,9 @@ def test_three_steps_lower_the_loss_and_the_file_is_an_lcm_adapter_the_pipeline_
     assert params == {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
 
     done = train_adapter(cfg, model=random_model(TOY_F2, 0))
-    assert read_metadata(cfg.out)[LCM_SAMPLER_KEY] == "lcm"
+    metadata = read_metadata(cfg.out)
+    assert (metadata[LCM_SAMPLER_KEY], metadata["lcm_target_ema"]) == ("lcm", "0.0")
+    assert metadata["ss_lr_scheduler"] == "cosine_with_warmup"  # min_lr_ratio < 1; "constant_with_warmup" at 1
     loaded = read_adapter(cfg.out, TOY_F2, strict=True)
     assert any(w.tensors["lora_down"].ndim == 4 and w.tensors["lora_down"].shape[-1] == 3
                for w in loaded.adapter.modules.values())  # the 3×3 convolutions too, as LCM-LoRA
