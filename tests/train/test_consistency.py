@@ -185,14 +185,11 @@ def test_ema_target_follows_lcm_rule_and_the_target_is_computed_with_it(tmp_path
         torch.nn.init.normal_(up, std=0.1)  # θ moved away from θ⁻ = the fresh adapter (up = 0)
     live = [up.detach().clone() for up in ups]
     loss = module(indices, step_generator(5, 0), slice(0, 4))
-    shadows = {key: getattr(objective.target, key) for _, key in objective.target.pairs}
+    shadow = {id(param): getattr(objective.target, key) for param, key in objective.target.pairs}
     for up, value in zip(ups, live, strict=True):
         torch.testing.assert_close(up.detach(), value)  # θ restored
-        key = next(k for p, k in objective.target.pairs if p is up)
-        torch.testing.assert_close(shadows[key], 0.1 * value)  # 0.9·0 + 0.1·θ
-    downs = [(a.lora_down.detach().clone(), a.lora_down) for a in objective.adapters]
-    assert all(torch.equal(shadows[next(k for p, k in objective.target.pairs if p is param)], value)
-               for value, param in downs)  # θ⁻ = θ where θ did not move
+        torch.testing.assert_close(shadow[id(up)], 0.1 * value)  # 0.9·0 + 0.1·θ
+    assert all(torch.equal(shadow[id(a.lora_down)], a.lora_down) for a in objective.adapters)  # θ did not move
     assert {k.split(".")[0] for k in module.state_dict()} == {"layers", "target"}
 
     with torch.no_grad():
@@ -210,15 +207,18 @@ def test_ema_target_follows_lcm_rule_and_the_target_is_computed_with_it(tmp_path
         target = consistency_function(model.unet(x_prev, t_prev, cond), x_prev, t_prev, schedule)
     assert loss.item() == pytest.approx(pseudo_huber(student, target).item(), rel=1e-5)
 
-    before = {key: value.clone() for key, value in shadows.items()}
+    before = {key: value.clone() for key, value in shadow.items()}
     module.eval()  # a call outside training (measuring the loss, say) leaves θ⁻ alone
     module(indices, step_generator(5, 1), slice(0, 4))
-    assert all(torch.equal(getattr(objective.target, key), value) for key, value in before.items())
+    assert all(torch.equal(shadow[key], value) for key, value in before.items())
     module.train()
     with torch.no_grad():
         for up, value in zip(ups, live, strict=True):
             up.copy_(2 * value)  # the next step's θ
     module(indices, step_generator(5, 1), slice(0, 4))
     for up, value in zip(ups, live, strict=True):
-        key = next(k for p, k in objective.target.pairs if p is up)
-        torch.testing.assert_close(shadows[key], 0.9 * (0.1 * value) + 0.1 * (2 * value))
+        torch.testing.assert_close(shadow[id(up)], 0.9 * (0.1 * value) + 0.1 * (2 * value))
+    run.trainer.save()  # a resumed run continues the same average
+    resumed = prepare_training(config(tmp_path, target_ema=0.9), random_model(TOY_F2, 0), resume=True)
+    torch.testing.assert_close(dict(resumed.trainer.module.target.named_buffers()),
+                               dict(objective.target.named_buffers()), rtol=0, atol=0)
