@@ -22,12 +22,13 @@ from nijimi.train.controlnet import scene_mask
 from nijimi.train.shapes import COLOURS, CONCEPT_COLOURS, ShapesDataset
 
 PINK_SEED = 2
+LCM_CAPTION, LCM_SEED = "a blue square on the left and a yellow star on the right", 0
 CONTROL_INDEX = 4
 
 
 def test_weights_ship_small_and_half_precision():
     shipped = [WEIGHTS, CONTROLNET, *ADAPTERS.glob("*.safetensors")]
-    assert len(shipped) == 3 and sum(p.stat().st_size for p in shipped) <= 40 * 2**20
+    assert len(shipped) == 4 and sum(p.stat().st_size for p in shipped) <= 40 * 2**20
     assert {info.dtype for info in read_header(WEIGHTS).values()} == {"F16"}
 
 
@@ -72,6 +73,17 @@ def test_demo_adapter_teaches_pink():
     star = "a large pink star on the left"
     drawn = pipe.generate(star, guidance=4, seed=0, loras=lora_requests(["pink"])).images[0]
     assert score(drawn, star, palette=palette).correct
+
+
+def test_lcm_adapter_draws_the_caption_in_two_and_four_steps():
+    """The shipped LCM-LoRA (`--lora lcm`, distilled by ``train-adapter --type lcm``) at its recipe: LCM sampler, no
+    CFG, 4 steps — and 2."""
+    pipe, caption = nijimi.load("embedded"), LCM_CAPTION
+    assert read_metadata(ADAPTERS / "lcm.safetensors")["nijimi_sampler"] == "lcm"
+    for steps in (4, 2):
+        image = pipe.generate(caption, sampler="lcm", steps=steps, guidance=1.0, seed=LCM_SEED,
+                              loras=lora_requests(["lcm"])).images[0]
+        assert score(image, caption).correct, steps
 
 
 def test_demo_controlnet_places_objects_on_the_mask(tmp_path):

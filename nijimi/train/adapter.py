@@ -78,7 +78,8 @@ class AdapterTrainConfig(FineTuneConfig):
     mask. ``format``: kohya (A1111, ComfyUI) or peft (diffusers). Type ``embedding`` is textual inversion
     (:mod:`nijimi.train.embedding`): ``vectors`` new vectors initialised from ``init_word``'s, named after ``out``'s
     stem (the word the captions and prompts use); the LoRA settings do not apply to it. ``type = "lcm"`` only:
-    ``lcm_skip`` (timesteps per solver step), ``lcm_guidance`` (the teacher's CFG scale range) and ``huber_c``
+    ``lcm_skip`` (timesteps per solver step), ``lcm_guidance`` (the teacher's CFG scale range), ``huber_c`` and
+    ``target_ema`` (the EMA rate of the target network, 0: the student under stop-grad)
     (:class:`~nijimi.train.consistency.DistillSettings`).
     """
 
@@ -100,6 +101,7 @@ class AdapterTrainConfig(FineTuneConfig):
     lcm_skip: int = 20
     lcm_guidance: tuple = (4.0, 8.0)
     huber_c: float = 0.001
+    target_ema: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,7 +123,8 @@ class AdapterTrainConfig(FineTuneConfig):
         """The LCM distillation settings (checked whatever the type, so a bad value fails before any work)."""
         if len(self.lcm_guidance) != 2:
             raise ConfigError(f"lcm_guidance must be two scales (low, high), got {self.lcm_guidance}")
-        return DistillSettings(self.lcm_skip, tuple(float(g) for g in self.lcm_guidance), self.huber_c)
+        return DistillSettings(self.lcm_skip, tuple(float(g) for g in self.lcm_guidance), self.huber_c,
+                               self.target_ema)
 
     def spec(self) -> AdapterSpec:
         """The adapter to inject."""
@@ -160,15 +163,16 @@ def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
 
 class AdapterObjective(TrainedPart):
     """What the trainer trains: the injected adapter's per-layer modules are this module's only sub-modules (keys
-    ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone; the frozen
-    model's objective (:class:`DiffusionObjective` or :class:`ConsistencyObjective`) computes the loss and stays outside
-    the module tree."""
+    ``layers.<module path with / for .>.<tensor>``), so checkpoints and the EMA hold the adapter alone (and an LCM
+    run's EMA target network, ``target.*``); the frozen model's objective (:class:`DiffusionObjective` or
+    :class:`ConsistencyObjective`) computes the loss and stays outside the module tree."""
 
     def __init__(self, objective: DiffusionObjective | ConsistencyObjective, model: LatentDiffusion,
                  name: str = ADAPTER_NAME) -> None:
         super().__init__(objective)
         self.layers = nn.ModuleDict({path.replace(".", "/"): layer.adapters[name]
                                      for path, layer in adapted_layers(model) if name in layer.adapters})
+        self.target = getattr(objective, "target", None)
 
 
 @dataclass
@@ -222,7 +226,7 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
     size = run.data[0][0].shape[-1]
     reg = isinstance(run.data, WithRegularization)
     lcm = {LCM_SAMPLER_KEY: "lcm", "lcm_skip": str(cfg.lcm_skip), "lcm_guidance": repr(tuple(cfg.lcm_guidance)),
-           "lcm_huber_c": repr(cfg.huber_c)} if cfg.type == "lcm" else {}
+           "lcm_huber_c": repr(cfg.huber_c), "lcm_target_ema": repr(cfg.target_ema)} if cfg.type == "lcm" else {}
     return {**lcm, "ss_sd_model_name": Path(cfg.base).name, "ss_learning_rate": repr(cfg.lr),
             "ss_unet_lr": repr(cfg.lr),
             "ss_text_encoder_lr": repr(cfg.lr if cfg.text_encoder else 0.0), "ss_max_train_steps": str(cfg.steps),
@@ -230,7 +234,8 @@ def training_metadata(run: AdapterTraining) -> dict[str, str]:
             "ss_num_train_images": str(len(run.data.data if reg else run.data)),
             "ss_num_reg_images": str(len(run.data.reg) if reg else 0),
             "ss_resolution": f"({size}, {size})",
-            "ss_seed": str(cfg.seed), "ss_lr_scheduler": "cosine_with_warmup",
+            "ss_seed": str(cfg.seed),
+            "ss_lr_scheduler": "constant_with_warmup" if cfg.min_lr_ratio == 1 else "cosine_with_warmup",
             "ss_lr_warmup_steps": str(cfg.warmup_steps), "ss_min_snr_gamma": repr(cfg.min_snr_gamma or None),
             "ss_caption_dropout_rate": repr(cfg.caption_dropout), "ss_masked_loss": str(cfg.mask_loss),
             "ss_mixed_precision": "no", "ss_optimizer": "torch.optim.AdamW",

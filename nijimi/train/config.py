@@ -38,7 +38,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("caption_dropout", "min_lr_ratio", "two_objects", "any_colour", "timestep_bias_portion"),
                     _within(0, 1)),
     "lr": ((lambda v: v > 0), "> 0"),
-    "ema_decay": _within(0, 1, closed=False),
+    **dict.fromkeys(("ema_decay", "target_ema"), _within(0, 1, closed=False)),
     "betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
 }
 """Training settings by field name → (test, what it requires); a field of that name in any config obeys it."""

@@ -9,8 +9,9 @@ The student is the frozen base model plus the trained LoRA; the teacher is the s
 2. teacher: one DDIM step (2010.02502 eq. 12, η = 0) from t_{n+k} to t_n = max(t_{n+k} − k, 0) along the guided
    prediction ``uncond + s·(cond − uncond)`` (2207.12598) — the "skipping-step" ODE solver of LCM §4.2;
 3. student: ``f(x, t) = c_skip(t)·x + c_out(t)·x̂₀(x, t)`` at (x_{t_{n+k}}, t_{n+k}); target: the same function at
-   (x̂_{t_n}, t_n) with no gradient. The target network is the student itself under stop-grad, as LCM-LoRA trains
-   (its online LoRA, no EMA copy; LCM §4.2 and 2311.05556 §3);
+   (x̂_{t_n}, t_n) with no gradient, through the target network θ⁻. With ``target_ema`` μ = 0 that is the student
+   itself under stop-grad (LCM-LoRA's choice, 2311.05556); with μ > 0 it is the LoRA's exponential moving average
+   θ⁻ ← μ·θ⁻ + (1 − μ)·θ, updated once per optimiser step (LCM Alg. 1, μ = 0.95 there; :class:`TargetNetwork`);
 4. loss: the pseudo-Huber distance ``sqrt((f − f⁻)² + c²) − c`` (2310.14189 §3.3), mean over elements.
 
 Boundary conditions (consistency models, 2303.01469 §3): with the timestep scaled by 10 and σ_data = 0.5 (diffusers'
@@ -108,6 +109,7 @@ class DistillSettings:
     skip: int = 20
     guidance: tuple[float, float] = (4.0, 8.0)
     huber_c: float = 0.001
+    target_ema: float = 0.0
 
     def __post_init__(self) -> None:
         low, high = self.guidance
@@ -115,13 +117,52 @@ class DistillSettings:
             raise ConfigError(f"lcm guidance range {self.guidance} must be LOW ≤ HIGH, both ≥ 1")
         if self.huber_c <= 0:
             raise ConfigError(f"huber_c must be > 0, got {self.huber_c}")
+        if not 0.0 <= self.target_ema < 1.0:
+            raise ConfigError(f"target_ema must be within [0, 1), got {self.target_ema}")
+
+
+class TargetNetwork(nn.Module):
+    """The EMA target θ⁻ of the trained adapters' parameters (LCM Alg. 1): one buffer per parameter (so checkpoints
+    carry them and a resumed run continues the same average), starting equal to the adapters. :meth:`update` is
+    ``θ⁻ ← μ·θ⁻ + (1 − μ)·θ`` (μ = ``decay``) with the adapters' current θ; :meth:`swapped_in` runs a block with θ⁻
+    in the adapters in place of θ."""
+
+    def __init__(self, adapters: list[LayerAdapter], decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.pairs = [(param, f"theta_{i}_{name}") for i, adapter in enumerate(adapters)
+                      for name, param in adapter.named_parameters()]
+        for param, key in self.pairs:
+            self.register_buffer(key, param.detach().clone())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step towards the adapters' current weights."""
+        for param, key in self.pairs:
+            getattr(self, key).lerp_(param, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """θ⁻ in the adapters for the block (run it without gradients), θ restored afterwards."""
+        with torch.no_grad():
+            live = [param.clone() for param, _ in self.pairs]
+            for param, key in self.pairs:
+                param.copy_(getattr(self, key))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (param, _), value in zip(self.pairs, live, strict=True):
+                    param.copy_(value)
 
 
 class ConsistencyObjective(nn.Module):
     """The LCM distillation loss of a base ``model`` carrying the trainable adapter ``name`` (see the module docstring);
-    ``forward(indices, generator, part)`` as :class:`~nijimi.train.trainer.Trainer` defines. After the diffusion
-    draws (:func:`~nijimi.train.ldm.draw_diffusion_batch`, timesteps on the skipping grid) it draws the batch's
-    guidance scales."""
+    ``forward(indices, generator, part)`` as :class:`~nijimi.train.trainer.Trainer` defines: one call per optimiser
+    step, which in training mode first moves the EMA ``target`` (a :class:`TargetNetwork` when
+    ``settings.target_ema`` > 0, else None) towards the weights the last step made. After the diffusion draws
+    (:func:`~nijimi.train.ldm.draw_diffusion_batch`, timesteps on the skipping grid) it draws the batch's guidance
+    scales."""
 
     def __init__(self, model: LatentDiffusion, name: str, data, settings: DistillSettings = DistillSettings()) -> None:
         super().__init__()
@@ -138,6 +179,7 @@ class ConsistencyObjective(nn.Module):
         model.requires_grad_(False).eval()
         for adapter in self.adapters:
             adapter.requires_grad_(True)
+        self.target = TargetNetwork(self.adapters, settings.target_ema) if settings.target_ema > 0 else None
 
     @torch.no_grad()
     def encode(self, indices: list[int]) -> tuple[DiagonalGaussian, torch.Tensor, torch.Tensor]:
@@ -158,6 +200,8 @@ class ConsistencyObjective(nn.Module):
 
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
         model, schedule, settings = self.model, self.schedule, self.settings
+        if self.target is not None and self.training:
+            self.target.update()
         posterior, cond, uncond = self.encode(indices[part])
         with torch.no_grad():
             batch = draw_diffusion_batch(generator, len(indices), part, posterior, model.vae.config.scaling_factor,
@@ -170,6 +214,7 @@ class ConsistencyObjective(nn.Module):
             pred_cond, pred_uncond = both.chunk(2)
             guided = pred_uncond + _per_sample(scale, pred_cond) * (pred_cond - pred_uncond)
             x_prev = ddim_step(guided, batch.x_t, t, t_prev, schedule)
-            target = consistency_function(model.unet(x_prev, t_prev, cond), x_prev, t_prev, schedule)
+            with contextlib.nullcontext() if self.target is None else self.target.swapped_in():
+                target = consistency_function(model.unet(x_prev, t_prev, cond), x_prev, t_prev, schedule)
         student = consistency_function(model.unet(batch.x_t, t, cond), batch.x_t, t, schedule)
         return pseudo_huber(student, target, settings.huber_c)

@@ -15,6 +15,7 @@ from nijimi.cli import main
 from nijimi.diffusion.choice import parse_sampler
 from nijimi.embedded import ADAPTERS
 from nijimi.io.imagemeta import read_image_metadata
+from nijimi.io.safetensors import read_metadata
 from nijimi.pipelines.adapters import LoraRequest, few_step_adapters, few_step_notes
 from nijimi.pipelines.shortcuts import FAST, fast_settings
 
@@ -85,6 +86,20 @@ def test_generate_notes_it_on_stderr(capsys, tmp_path):
         "note: lcm-lora-sdv1-5.safetensors looks like a LCM-LoRA; its authors sample it with --sampler lcm --steps 4 "
         "--guidance 1 (this run: --sampler euler)\n")
     assert main([*base, "--sampler", "lcm", "--out", str(tmp_path / "b.png")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_shipped_lcm_lora_is_found_by_name_and_its_sampler_suggested(capsys, tmp_path):
+    """``--lora lcm`` is the embedded model's LCM-LoRA (nijimi/embedded/adapters/lcm.safetensors, made by
+    ``train-adapter --type lcm``); with another sampler, generate suggests LCM's recipe."""
+    assert few_step_adapter(ADAPTERS / "lcm.safetensors") == LCM
+    assert read_metadata(ADAPTERS / "lcm.safetensors")["nijimi_sampler"] == "lcm"
+    base = ["generate", "a red circle", "--lora", "lcm", "--steps", "1", "--seed", "0", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().err == (
+        "note: lcm.safetensors looks like a LCM-LoRA; its authors sample it with --sampler lcm --steps 4 "
+        "--guidance 1 (this run: the default sampler)\n")
+    assert main([*base, "--sampler", "lcm", "--cfg", "1", "--out", str(tmp_path / "b.png")]) == 0
     assert capsys.readouterr().err == ""
 
 

@@ -169,6 +169,7 @@ def test_lora_options_become_requests(lora_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"no LoRA named '.*missing\.safetensors' in .*embedded"):
         lora_requests([str(tmp_path / "missing.safetensors")])
     assert lora_requests(["pink:0.5"]) == [LoraRequest(ADAPTERS / "pink.safetensors", 0.5, 0.5)]
+    assert lora_requests(["lcm"]) == [LoraRequest(ADAPTERS / "lcm.safetensors", 1.0, 1.0)]  # the shipped LCM-LoRA
 
 
 def test_a_file_for_another_model_changes_nothing(pipe, config, lora_dir, tmp_path):

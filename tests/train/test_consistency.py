@@ -145,7 +145,9 @@ def test_three_steps_lower_the_loss_and_the_file_is_an_lcm_adapter_the_pipeline_
     assert params == {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
 
     done = train_adapter(cfg, model=random_model(TOY_F2, 0))
-    assert read_metadata(cfg.out)[LCM_SAMPLER_KEY] == "lcm"
+    metadata = read_metadata(cfg.out)
+    assert (metadata[LCM_SAMPLER_KEY], metadata["lcm_target_ema"]) == ("lcm", "0.0")
+    assert metadata["ss_lr_scheduler"] == "cosine_with_warmup"  # min_lr_ratio < 1; "constant_with_warmup" at 1
     loaded = read_adapter(cfg.out, TOY_F2, strict=True)
     assert any(w.tensors["lora_down"].ndim == 4 and w.tensors["lora_down"].shape[-1] == 3
                for w in loaded.adapter.modules.values())  # the 3×3 convolutions too, as LCM-LoRA
@@ -168,3 +170,55 @@ def test_bad_lcm_settings_are_refused(tmp_path):
         config(tmp_path, lcm_guidance=(3.0,))
     with pytest.raises(ConfigError, match="huber_c must be > 0, got 0.0"):
         config(tmp_path, huber_c=0.0)
+    with pytest.raises(ConfigError, match=r"target_ema must be within \[0, 1\), got 1.0"):
+        config(tmp_path, target_ema=1.0)
+
+
+def test_ema_target_follows_lcm_rule_and_the_target_is_computed_with_it(tmp_path):
+    """``target_ema`` μ: each training call first moves θ⁻ ← μ·θ⁻ + (1 − μ)·θ (LCM Alg. 1), then the target
+    f(x̂_{t_n}, t_n) is the model with θ⁻ while the student keeps θ; checkpoints carry θ⁻."""
+    model = random_model(TOY_F2, 0)
+    run = prepare_training(config(tmp_path, target_ema=0.9, lcm_guidance=(1.0, 1.0)), model)
+    module, objective, indices = run.trainer.module, run.trainer.module.objective, [0, 1, 2, 3]
+    ups = [a.lora_up for a in objective.adapters]
+    for up in ups:
+        torch.nn.init.normal_(up, std=0.1)  # θ moved away from θ⁻ = the fresh adapter (up = 0)
+    live = [up.detach().clone() for up in ups]
+    loss = module(indices, step_generator(5, 0), slice(0, 4))
+    shadow = {id(param): getattr(objective.target, key) for param, key in objective.target.pairs}
+    for up, value in zip(ups, live, strict=True):
+        torch.testing.assert_close(up.detach(), value)  # θ restored
+        torch.testing.assert_close(shadow[id(up)], 0.1 * value)  # 0.9·0 + 0.1·θ
+    assert all(torch.equal(shadow[id(a.lora_down)], a.lora_down) for a in objective.adapters)  # θ did not move
+    assert {k.split(".")[0] for k in module.state_dict()} == {"layers", "target"}
+
+    with torch.no_grad():
+        posterior, cond, _ = objective.encode(indices)
+        batch = draw_diffusion_batch(step_generator(5, 0), 4, slice(0, 4), posterior,
+                                     model.vae.config.scaling_factor, model.config.schedule,
+                                     timestep_weights=objective.timestep_weights)
+        schedule, t = model.config.schedule, batch.t
+        t_prev = (t - 20).clamp(min=0)
+        student = consistency_function(model.unet(batch.x_t, t, cond), batch.x_t, t, schedule)
+        with switched_off(objective.adapters):
+            x_prev = ddim_step(model.unet(batch.x_t, t, cond), batch.x_t, t, t_prev, schedule)
+        for up in ups:
+            up.mul_(0.1)  # the adapters at θ⁻
+        target = consistency_function(model.unet(x_prev, t_prev, cond), x_prev, t_prev, schedule)
+    assert loss.item() == pytest.approx(pseudo_huber(student, target).item(), rel=1e-5)
+
+    before = {key: value.clone() for key, value in shadow.items()}
+    module.eval()  # a call outside training (measuring the loss, say) leaves θ⁻ alone
+    module(indices, step_generator(5, 1), slice(0, 4))
+    assert all(torch.equal(shadow[key], value) for key, value in before.items())
+    module.train()
+    with torch.no_grad():
+        for up, value in zip(ups, live, strict=True):
+            up.copy_(2 * value)  # the next step's θ
+    module(indices, step_generator(5, 1), slice(0, 4))
+    for up, value in zip(ups, live, strict=True):
+        torch.testing.assert_close(shadow[id(up)], 0.9 * (0.1 * value) + 0.1 * (2 * value))
+    run.trainer.save()  # a resumed run continues the same average
+    resumed = prepare_training(config(tmp_path, target_ema=0.9), random_model(TOY_F2, 0), resume=True)
+    torch.testing.assert_close(dict(resumed.trainer.module.target.named_buffers()),
+                               dict(objective.target.named_buffers()), rtol=0, atol=0)
