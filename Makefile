@@ -52,6 +52,7 @@ bench: $(TEST_STAMP)
 train-embedded: $(STAMP)
 	$(BIN)/pip install -q -e '.[plots]'
 	$(BIN)/nijimi train --config configs/embedded.toml --resume
+	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume --overwrite
 
 clean:
 	rm -rf $(VENV) out

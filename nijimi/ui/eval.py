@@ -17,10 +17,11 @@ from nijimi.eval.attention import evaluate_attention, format_summary, two_colour
 from nijimi.explain.attention import word_maps
 from nijimi.io.controlnet import load_controlnet
 from nijimi.io.files import check_output
-from nijimi.pipelines.adapters import lora_requests
+from nijimi.pipelines.adapters import apply_loras, few_step_adapters, lora_requests
 from nijimi.pipelines.control import ControlUnit, controlnet_source
 from nijimi.pipelines.pipeline import EMBEDDED, load
 from nijimi.pipelines.request import GenerationRequest
+from nijimi.pipelines.shortcuts import fast_settings
 from nijimi.train.captions import ORIGINAL, PHRASINGS
 from nijimi.train.controlnet import MASK, ControlPairs, map_image
 from nijimi.train.report import write_grid
@@ -48,18 +49,25 @@ def cmd_eval_shapes(args: argparse.Namespace) -> int:
     pipe, loras = load(args.model or EMBEDDED), lora_requests(args.lora)
     captions = sample_captions(args.n, seed=args.seed, split=args.split, concept=args.concept, phrasing=args.phrasing)
     palette = {**COLOURS, args.concept: CONCEPT_COLOURS[args.concept]} if args.concept else COLOURS
+    settings = {"steps": args.steps, "sampler": args.sampler, "guidance": args.cfg}
+    if args.fast:
+        settings.update(fast_settings(few_step_adapters(loras, "", None)))
     made: list = []
 
     def generate(batch: list[str], seeds: list[int]) -> list:
-        images = [pipe.generate(c, steps=args.steps, sampler=args.sampler, guidance=args.cfg, seed=s, loras=loras,
-                                embeddings=args.embedding, decoder=args.decoder).images[0]
+        images = [pipe.generate(c, **settings, seed=s, embeddings=args.embedding, decoder=args.decoder).images[0]
                   for c, s in zip(batch, seeds, strict=True)]
         made.extend(images)
         bar.update(len(made))
         return images
 
-    with contextlib.closing(_bar(len(captions), "eval", args.quiet)) as bar:
-        table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))], palette=palette)
+    applied = apply_loras(pipe, loras)  # merged once for every caption: the same images as per-call loras=
+    try:
+        with contextlib.closing(_bar(len(captions), "eval", args.quiet)) as bar:
+            table = evaluate(generate, captions, seeds=[args.seed + i for i in range(len(captions))],
+                             palette=palette)
+    finally:
+        applied.undo()
     if args.grid:
         write_grid(made[:16], Path(args.grid), cols=min(8, len(made)), overwrite=args.overwrite)
     print(format_table(table))
@@ -144,6 +152,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a textual-inversion embedding the captions may name by its file's stem (repeatable)")
     q.add_argument("--decoder", default="vae", metavar="vae|tiny[:PATH]",
                    help="latents → pixels, as for generate (default vae; tiny: the model's TAESD decoder)")
+    q.add_argument("--fast", action="store_true",
+                   help="generate with generate --fast's settings (a few-step --lora's recipe, else DeepCache and a "
+                        "guidance window); they replace --steps, --sampler and --cfg")
     q.add_argument("--grid", help="also write a PNG of the first 16 images (rows of 8, in caption order)")
     q.set_defaults(func=cmd_eval_shapes)
 

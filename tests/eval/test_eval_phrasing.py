@@ -32,3 +32,24 @@ def test_eval_shapes_refuses_an_unknown_phrasing(capsys) -> None:
         main(["eval", "shapes", "--n", "1", "--phrasing", "formal"])
     assert exit_.value.code == 2
     assert "argument --phrasing: invalid choice: 'formal'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora, expected", [
+    (None, {"steps": 20, "deepcache": 2, "guidance_interval": (0.28, 1e4), "guidance": 7.0}),
+    ("lcm", {"steps": 4, "sampler": "lcm", "guidance": 1.0}),
+])
+def test_eval_shapes_fast_generates_with_generate_fasts_settings(lora, expected, monkeypatch, capsys) -> None:
+    """Without an adapter, FAST (the user's --steps 1 is replaced); with the shipped LCM-LoRA, its recipe."""
+    calls, load = [], eval_ui.load
+
+    def recording_load(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        generate = pipe.generate
+        pipe.generate = lambda prompt, **kw: calls.append(kw) or generate(prompt, **kw)
+        return pipe
+
+    monkeypatch.setattr(eval_ui, "load", recording_load)
+    extra = [] if lora is None else ["--lora", lora]
+    assert main(["eval", "shapes", "--n", "1", "--steps", "1", "--fast", "--quiet", *extra]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("all              1 ")
+    assert len(calls) == 1 and {k: calls[0][k] for k in expected} == expected
