@@ -115,8 +115,7 @@ def prepare_embedding_training(cfg: AdapterTrainConfig, model: LatentDiffusion |
     vocabulary = ExtraVocabulary(tokenizer, [name], lambda _: vectors)
     vocabulary.ids(name)  # the vectors are the vocabulary's rows 0..n-1
     _check_captions(data, vocabulary, tokenizer, name, cfg.data)
-    objective = CaptionsWithEmbedding(vocabulary, vectors, model.unet, model.text_encoder, model.vae, tokenizer,
-                                      model.config.schedule, data, caption_dropout=cfg.caption_dropout,
+    objective = CaptionsWithEmbedding(vocabulary, vectors, model, data, caption_dropout=cfg.caption_dropout,
                                       min_snr_gamma=cfg.min_snr_gamma or None, train_text_encoder=False,
                                       mask_loss=cfg.mask_loss)
     trainer = open_trainer(EmbeddingObjective(objective, vectors), len(data), cfg, cfg.work_dir, resume,
