@@ -157,7 +157,7 @@ def open_adapter_data(cfg: AdapterTrainConfig, config: ModelConfig):
     """The training images at ``cfg.image_size`` for a model of ``config``, followed one by one by the
     regularization images of ``cfg.reg_data`` when it is given."""
     size = cfg.image_size(config)
-    data = open_images(cfg.data, size, cfg.seed, cfg.data_count)
+    data = open_images(cfg.data, size, cfg.seed, cfg.data_count, captions=cfg.captions)
     return WithRegularization(data, open_images(cfg.reg_data, size, cfg.seed, cfg.data_count)) if cfg.reg_data else data
 
 

@@ -23,6 +23,7 @@ The parser is built from the same template tables, so every caption any phrasing
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from dataclasses import dataclass
@@ -50,11 +51,16 @@ PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 """The places two objects of one scene take, first (left / top) and second."""
 
 PLACE_PHRASES: dict[str, tuple[str, ...]] = {
-    "left": ("on the left", "on the left side", "at the left", "to the left"),
-    "right": ("on the right", "on the right side", "at the right", "to the right"),
-    "top": ("at the top", "near the top", "on top", "at the top of the image"),
-    "bottom": ("at the bottom", "near the bottom", "on the bottom", "at the bottom of the image"),
-    "center": ("in the center", "in the middle", "in the centre", "at the center"),
+    "left": ("on the left", "on the left side", "at the left", "to the left", "at left", "on the left of the picture",
+             "in the left half", "at the left side"),
+    "right": ("on the right", "on the right side", "at the right", "to the right", "at right",
+              "on the right of the picture", "in the right half", "at the right side"),
+    "top": ("at the top", "near the top", "on top", "at the top of the image", "at top", "at the top of the picture",
+            "in the top half", "in the upper half"),
+    "bottom": ("at the bottom", "near the bottom", "on the bottom", "at the bottom of the image", "at bottom",
+               "at the bottom of the picture", "in the bottom half", "in the lower half"),
+    "center": ("in the center", "in the middle", "in the centre", "at the center", "in the center of the image",
+               "in the middle of the picture", "in the centre of the picture", "centered"),
 }
 PARAPHRASE_PLACES: dict[str, tuple[str, ...]] = {
     "left": ("on the left-hand side", "near the left", "on the left of the image"),
@@ -65,8 +71,9 @@ PARAPHRASE_PLACES: dict[str, tuple[str, ...]] = {
 }
 """Place phrases of the paraphrase set only; its captions use these and :data:`PLACE_PHRASES`."""
 RELATIONS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
-    ("left", "right"): (("to the left of", "to the right of"), ("left of", "right of")),
-    ("top", "bottom"): (("above", "below"), ("over", "under")),
+    ("left", "right"): (("to the left of", "to the right of"), ("left of", "right of"),
+                        ("on the left of", "on the right of")),
+    ("top", "bottom"): (("above", "below"), ("over", "under"), ("on top of", "beneath")),
 }
 """Per pair of places, the (before, after) words that relate its first object to its second and back."""
 
@@ -75,10 +82,17 @@ RELATIONS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
 TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     TRAINING: (
         ("{a} {pa}", "{pa}, {a}", "{a} drawn {pa}", "{a} {pa} against a white background", "{a0} {pa}",
-         "there is {a} {pa}", "a picture of {a} {pa}", "{a} is {pa}"),
+         "there is {a} {pa}", "a picture of {a} {pa}", "{a} is {pa}", "a photo of {a} {pa}",
+         "an illustration of {a} {pa}", "a drawing of {a} {pa}", "a simple picture of {a} {pa}", "{a} located {pa}",
+         "{a} shown {pa}", "{a} appears {pa}", "{pa} is {a}", "{pa} you can see {a}", "one {a0} {pa}",
+         "{a} {pa}, simple", "{a} {pa}, white background", "{a} {pa} on white"),
         ("{a} {pa} and {b} {pb}", "{b} {pb} and {a} {pa}", "{a} {before} {b}", "{b} {after} {a}",
          "{a0} {pa} and {b0} {pb}", "{a} {pa}, {b} {pb}", "there is {a} {before} {b}",
-         "a picture of {a} {pa} and {b} {pb}"),
+         "a picture of {a} {pa} and {b} {pb}", "{a0} {before} {b0}", "a photo of {a} {pa} and {b} {pb}",
+         "an illustration of {a} {before} {b}", "a drawing of {b} {after} {a}", "{a} is {before} {b}",
+         "{b} is {after} {a}", "{a} located {pa} and {b} located {pb}", "{pa}, {a}; {pb}, {b}",
+         "{a} {pa}; {b} {pb}", "there is {a} {pa} and {b} {pb}", "{b} {pb}, {a} {pa}",
+         "{a} {pa} and {b} {pb}, white background", "{a} {before} {b} on white"),
     ),
     PARAPHRASE: (
         ("{pa} there is {a}", "{a}, {pa}", "an image of {a} {pa}", "{a} placed {pa}", "{a} sitting {pa}",
@@ -89,7 +103,8 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 """Per phrasing, the one-object and the two-object templates."""
-CHOICES = 840
+CHOICES = math.lcm(*(len(PLACE_PHRASES[p]) + len(PARAPHRASE_PLACES[p]) for p in PLACE_PHRASES),
+                   *(len(PLACE_PHRASES[p]) for p in PLACE_PHRASES), *(len(r) for r in RELATIONS.values()))
 """Range of the phrase indices :func:`nijimi.train.shapes.describe` draws: a multiple of every list's length."""
 
 

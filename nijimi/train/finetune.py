@@ -19,6 +19,7 @@ from nijimi.errors import ConfigError
 from nijimi.io.checkpoint import load_model
 from nijimi.io.files import check_output
 from nijimi.models.ldm import LatentDiffusion, ModelConfig
+from nijimi.train.captions import ORIGINAL
 from nijimi.train.data import ImageFolder
 from nijimi.train.report import matplotlib_figure, write_grid, write_loss_curve
 from nijimi.train.shapes import ConceptShapes, ShapesDataset
@@ -35,7 +36,8 @@ class FineTuneConfig(LoopConfig):
 
     ``out``: the file to write. ``work``: folder for the checkpoint, loss curve and sample grids (default: ``out``
     without its ending + ``-train``). ``base``: checkpoint file, diffusers folder or ``embedded``. ``data``: ``shapes``,
-    ``shapes-<colour>`` (e.g. ``shapes-pink``) or a folder of captioned images. ``size`` 0: the base model's native
+    ``shapes-<colour>`` (e.g. ``shapes-pink``) or a folder of captioned images; ``captions``: the phrasing of ``shapes``
+    captions (``original`` or ``training``, :mod:`nijimi.train.captions`). ``size`` 0: the base model's native
     size. ``min_snr_gamma`` 0: plain MSE. ``half``: save float16. ``ema_decay`` > 0 saves the EMA weights.
     ``sample_every`` 0: no sample grids.
     """
@@ -45,6 +47,7 @@ class FineTuneConfig(LoopConfig):
     base: str = EMBEDDED
     data: str = "shapes"
     data_count: int = 64
+    captions: str = ORIGINAL
     size: int = 0
     caption_dropout: float = 0.0
     min_snr_gamma: float = 5.0
@@ -72,11 +75,12 @@ class FineTuneConfig(LoopConfig):
         return size
 
 
-def open_images(source: str, size: int, seed: int, count: int, split: str = "train"):
-    """Training images at ``size``: ``shapes`` (``count`` scenes of ``split``), ``shapes-<colour>``
+def open_images(source: str, size: int, seed: int, count: int, split: str = "train", captions: str = ORIGINAL):
+    """Training images at ``size``: ``shapes`` (``count`` scenes of ``split``, captions in phrasing ``captions``),
+    ``shapes-<colour>``
     (:class:`~nijimi.train.shapes.ConceptShapes`) or a folder of captioned images."""
     if source == "shapes":
-        return ShapesDataset(size, seed, split, count)
+        return ShapesDataset(size, seed, split, count, phrasing=captions)
     if source.startswith("shapes-"):
         return ConceptShapes(source.removeprefix("shapes-"), size, seed, count)
     return ImageFolder(source, size)

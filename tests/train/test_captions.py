@@ -98,10 +98,10 @@ def test_user_phrasings_parse() -> None:
 def test_caption_examples_in_both_phrasings() -> None:
     star = ShapeSpec("orange", "star", "center")
     assert caption_for((star,), 4, (2, 0)) == "orange star in the centre"
-    assert caption_for((star,), 0, (5, 0), PARAPHRASE) == "at the centre there is an orange star"
+    assert caption_for((star,), 0, (9, 0), PARAPHRASE) == "at the centre there is an orange star"
     left, right = ShapeSpec("red", "circle", "left", "large"), ShapeSpec("blue", "square", "right", "small")
     assert caption_for((left, right), 3, (1, 0)) == "a small blue square right of a large red circle"
-    assert caption_for((left, right), 1, (4, 6), PARAPHRASE) == (
+    assert caption_for((left, right), 1, (8, 10), PARAPHRASE) == (
         "on the left-hand side is a large red circle and on the right of the image is a small blue square")
 
 
