@@ -52,7 +52,13 @@ bench: $(TEST_STAMP)
 train-embedded: $(STAMP)
 	$(BIN)/pip install -q -e '.[plots]'
 	$(BIN)/nijimi train --config configs/embedded.toml --resume
-	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume --overwrite
+	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume
+	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume --out runs/embedded-captions-2 \
+		--init runs/embedded-captions/model.safetensors --export runs/embedded-captions-2/model.safetensors \
+		--seed 2 --unet.lr 1.5e-4
+	$(BIN)/nijimi train --config configs/embedded-captions.toml --resume --overwrite --out runs/embedded-captions-3 \
+		--init runs/embedded-captions-2/model.safetensors --export nijimi/embedded/model.safetensors \
+		--seed 3 --unet.steps 2500 --unet.lr 1e-4 --unet.ema-decay 0.999
 
 clean:
 	rm -rf $(VENV) out
