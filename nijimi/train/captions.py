@@ -4,13 +4,14 @@ English (:func:`caption_for`) in one of three phrasings, and read back (:class:`
 
 Phrasings (:data:`PHRASINGS`, and ``"original"`` for training data):
     ``"original"``    the first recipe's: the first four templates, two phrases per place, one per relation, and a
-                      one-object caption always names its size — what the shipped embedded model learned.
+                      one-object caption always names its size — what the embedded model learned first.
     ``"training"``    wider training captions (``nijimi.train.shapes.describe`` with ``phrasing="training"``,
                       recipe key ``captions = "training"``), written to cover what people type: the size is
-                      optional, "a"/"an" or no article ("red circle on the left"), several words for each place
-                      ("in the center", "in the middle", "in the centre", "near the top", "on top", "to the left" …)
-                      and relation ("to the left of", "left of", "above", "over" …), and a few
-                      sentence frames ("there is …", "a picture of …").
+                      optional, "a"/"an", "one" or no article ("red circle on the left"), eight phrases for each
+                      place ("in the center", "in the middle", "in the centre", "centered", "near the top", "on
+                      top", "in the upper half", "to the left" …), three for each relation ("to the left of", "left
+                      of", "above", "over", "on top of" …), and 21 sentence frames each for one and two objects
+                      ("there is …", "a photo of …", "… located …", "…, white background" …).
     ``"paraphrase"``  held out of training, to test a model on phrasings it never saw: other sentence frames ("on the
                       left there is a red circle", "an image of …", "on the left is … and on the right is …", "… next
                       to …") and other place phrases ("on the left-hand side", "at the very top", "in the middle of
@@ -46,7 +47,7 @@ PHRASINGS: tuple[str, ...] = (TRAINING, PARAPHRASE)
 """The phrasings a model is evaluated in."""
 DATA_PHRASINGS: tuple[str, ...] = (TRAINING, ORIGINAL)
 """The phrasings training data is captioned in: ``"original"`` is the first recipe's (the first four templates, two
-phrases per place, one per relation, and always a one-object caption's size), which the shipped model learned."""
+phrases per place, one per relation, and always a one-object caption's size), which the embedded model learned first."""
 PAIRS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
 """The places two objects of one scene take, first (left / top) and second."""
 

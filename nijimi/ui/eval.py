@@ -142,7 +142,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", help="model to evaluate (default: the embedded model)")
     _add_generation_options(q, 200, "captions")
     q.add_argument("--phrasing", default=ORIGINAL, choices=(ORIGINAL, *PHRASINGS),
-                   help="captions in the first recipe's phrasing (default original, what the shipped model learned), "
+                   help="captions in the first recipe's phrasing (default original, what the first stage learned), "
                         "the wider training phrasing, or paraphrases no training caption uses")
     q.add_argument("--concept", choices=sorted(CONCEPT_COLOURS),
                    help="make each caption's first object this new colour (to measure an adapter that teaches it)")
