@@ -104,9 +104,6 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
 }
 """Per phrasing, the one-object and the two-object templates."""
-CHOICES = math.lcm(*(len(PLACE_PHRASES[p]) + len(PARAPHRASE_PLACES[p]) for p in PLACE_PHRASES),
-                   *(len(PLACE_PHRASES[p]) for p in PLACE_PHRASES), *(len(r) for r in RELATIONS.values()))
-"""Range of the phrase indices :func:`nijimi.train.shapes.describe` draws: a multiple of every list's length."""
 
 
 def _check_phrasing(phrasing: str) -> None:
@@ -127,6 +124,11 @@ def place_phrases(phrasing: str, place: str) -> tuple[str, ...]:
     if phrasing == ORIGINAL:
         return PLACE_PHRASES[place][:2]
     return PLACE_PHRASES[place] + (PARAPHRASE_PLACES[place] if phrasing == PARAPHRASE else ())
+
+
+CHOICES = math.lcm(*(len(place_phrases(ph, place)) for ph in PHRASINGS for place in PLACE_PHRASES),
+                   *(len(words) for words in RELATIONS.values()))
+"""Range of the phrase indices :func:`nijimi.train.shapes.describe` draws: a multiple of every list's length."""
 
 
 def _object_phrase(spec: ShapeSpec, article: bool = True) -> str:

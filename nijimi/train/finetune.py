@@ -77,8 +77,7 @@ class FineTuneConfig(LoopConfig):
 
 def open_images(source: str, size: int, seed: int, count: int, split: str = "train", captions: str = ORIGINAL):
     """Training images at ``size``: ``shapes`` (``count`` scenes of ``split``, captions in phrasing ``captions``),
-    ``shapes-<colour>``
-    (:class:`~nijimi.train.shapes.ConceptShapes`) or a folder of captioned images."""
+    ``shapes-<colour>`` (:class:`~nijimi.train.shapes.ConceptShapes`) or a folder of captioned images."""
     if source == "shapes":
         return ShapesDataset(size, seed, split, count, phrasing=captions)
     if source.startswith("shapes-"):

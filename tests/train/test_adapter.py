@@ -242,7 +242,6 @@ def test_regularization_images_follow_each_training_image(tmp_path):
     assert meta["ss_training_comment"].endswith("--data shapes-pink --reg-data shapes")
 
 
-
 def test_shapes_captions_in_the_chosen_phrasing(tmp_path):
     data = prepare_training(config(tmp_path, data="shapes", captions="training", size=16), base_model()).data
     captions = [data[i][1] for i in range(8)]
@@ -250,6 +249,7 @@ def test_shapes_captions_in_the_chosen_phrasing(tmp_path):
     assert captions != [ShapesDataset(size=16, count=8).caption(i) for i in range(8)]  # not the default, original
     with pytest.raises(ConfigError, match="shapes captions 'paraphrase': expected one of training, original"):
         prepare_training(config(tmp_path, data="shapes", captions="paraphrase"), base_model())
+
 
 # ---- masked loss ----------------------------------------------------------------------------------------------------
 
