@@ -7,15 +7,19 @@ the diffusion model's latents z) and decoded back, D(z); the decoder learns ``MS
 D(z)|₁ + edge·GDL(tiny(z), D(z))`` — it imitates the VAE's decode, not the image — and the encoder
 ``MSE(tiny_enc(x), z)``. GDL, the gradient difference loss (:func:`gradient_difference`), keeps the edges sharp that
 MSE lets go soft: the points of small stars, which decide how a shape reads. The (z, D(z)) pairs are made once per
-image and reused (the VAE is frozen). The run is the shared fine-tuning flow
-(:func:`~nijimi.train.finetune.run_finetune`: checkpoints, resume, loss curve, comparison grids); the result is saved
-in the published key layout, ``taesd_decoder.safetensors`` (and ``taesd_encoder.safetensors`` beside it), which
-``--decoder tiny:PATH`` loads (:func:`nijimi.io.taesd.load_taesd`).
+image and reused (the VAE is frozen). With ``sampled`` > 0, that share of the scenes trains on the latents the
+diffusion model itself samples for the scene's caption instead (``latent_fn``, given by the caller): the latents
+``--decoder tiny`` decodes in use, which lie a little off the encoder's, where a decoder that saw only encoded latents
+is less exact. ``init`` starts from a published decoder file (to fine-tune one, e.g. on sampled latents). The run is
+the shared fine-tuning flow (:func:`~nijimi.train.finetune.run_finetune`: checkpoints, resume, loss curve,
+comparison grids); the result is saved in the published key layout, ``taesd_decoder.safetensors`` (and
+``taesd_encoder.safetensors`` beside it), which ``--decoder tiny:PATH`` loads (:func:`nijimi.io.taesd.load_taesd`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from torch import nn
 from nijimi.errors import ConfigError
 from nijimi.io.files import check_output
 from nijimi.io.safetensors import save_file
+from nijimi.io.taesd import load_taesd
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.taesd import TAESD, TAESDConfig
 from nijimi.train.controlnet import to_uint8
@@ -35,6 +40,9 @@ from nijimi.train.shapes import AnyColourShapes
 from nijimi.train.trainer import OnStep, open_trainer
 
 ENCODER_FILE = "taesd_encoder.safetensors"
+LatentFn = Callable[[LatentDiffusion, str, int], torch.Tensor]
+"""``latent_fn(model, prompt, seed)`` → the latents (1, C, h, w) ``model`` samples for ``prompt`` and ``seed`` (as
+``generate`` would, before decoding); given by the caller (pipelines sit above)."""
 
 
 @dataclass
@@ -43,7 +51,8 @@ class DecoderTrainConfig(FineTuneConfig):
     Min-SNR, sample steps — are unused). ``l1``: weight of the L1 term. ``edge``: weight of the gradient difference
     term. ``encoder``: also distil the encoder, saved as ``taesd_encoder.safetensors`` beside ``out``. ``channels``
     0: the preset's width. ``any_colour`` (shapes data only): chance an object is drawn in a random colour, as the
-    embedded VAE was trained."""
+    embedded VAE was trained. ``sampled``: share of the scenes whose latents are the base model's samples for their
+    captions, not their encodings (decoder only). ``init``: a TAESD decoder file to start from."""
 
     out: str = "taesd_decoder.safetensors"
     min_snr_gamma: float = 0.0
@@ -54,6 +63,8 @@ class DecoderTrainConfig(FineTuneConfig):
     encoder: bool = False
     channels: int = 0
     any_colour: float = 0.0
+    sampled: float = 0.0
+    init: str = ""
     sample_every: int = 500
 
     def __post_init__(self) -> None:
@@ -61,6 +72,9 @@ class DecoderTrainConfig(FineTuneConfig):
         if min(self.l1, self.edge, self.channels) < 0 or not 0.0 <= self.any_colour <= 1.0:
             raise ConfigError(f"l1, edge and channels must be ≥ 0 and any_colour within [0, 1], got l1={self.l1}, "
                               f"edge={self.edge}, channels={self.channels}, any_colour={self.any_colour}")
+        if not 0.0 <= self.sampled <= 1.0 or (self.sampled and self.encoder):
+            raise ConfigError(f"sampled = {self.sampled}: a share within [0, 1], and 0 with encoder = true (a "
+                              "sampled latent has no image to encode)")
         if self.any_colour and not self.data.startswith("shapes"):
             raise ConfigError(f"any_colour = {self.any_colour} recolours shapes scenes; data {self.data!r} is a "
                               "folder of images (set it to 0)")
@@ -96,21 +110,36 @@ def vae_pairs(model: LatentDiffusion, images: torch.Tensor) -> tuple[torch.Tenso
 
 class DecoderObjective(nn.Module):
     """What the trainer trains: ``tiny`` (the :class:`TAESD` halves) is the only sub-module; the frozen ``model``
-    makes each image's (x, z, D(z)) once (see the module docstring)."""
+    makes each scene's (x, z, D(z)) once (see the module docstring). z is the encoding of image x, or, for the scenes
+    in ``sampled``, ``latent_fn(model, caption, seed + index)`` with the caption ``captioned[index][1]`` (``data``
+    with its captions: shapes drawn in any colour have none), and x is then D(z)."""
 
-    def __init__(self, tiny: TAESD, model: LatentDiffusion, data, cfg: DecoderTrainConfig) -> None:
+    def __init__(self, tiny: TAESD, model: LatentDiffusion, data, cfg: DecoderTrainConfig, captioned=None,
+                 latent_fn: LatentFn | None = None) -> None:
         super().__init__()
         self.tiny = tiny
         object.__setattr__(self, "model", model.requires_grad_(False).eval())
-        self.data, self.l1, self.edge = data, cfg.l1, cfg.edge
+        self.data, self.l1, self.edge, self.seed = data, cfg.l1, cfg.edge, cfg.seed
+        self.captioned, self.latent_fn = data if captioned is None else captioned, latent_fn
+        draws = torch.rand(len(data), generator=torch.Generator().manual_seed(cfg.seed))
+        self.sampled = set(torch.nonzero(draws < cfg.sampled).flatten().tolist())
+        if self.sampled and latent_fn is None:
+            raise ConfigError(f"sampled = {cfg.sampled} needs a latent_fn to sample latents with")
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def _sampled_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latents = self.latent_fn(self.model, self.captioned[index][1], self.seed + index)
+        decoded = self.model.vae.decode(latents / self.model.vae.config.scaling_factor)
+        return decoded[0], latents[0], decoded[0]
 
     def examples(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images x, latents z and VAE decodes D(z) of ``data[i]`` for ``indices``, each made once."""
-        todo = [i for i in indices if i not in self.pairs]
+        todo = [i for i in indices if i not in self.pairs and i not in self.sampled]
         if todo:
             images = torch.stack([self.data[i][0] for i in todo])
             self.pairs.update(zip(todo, zip(images, *vae_pairs(self.model, images), strict=True), strict=True))
+        self.pairs.update({i: self._sampled_pair(i) for i in dict.fromkeys(indices) if i not in self.pairs})
         return tuple(torch.stack(t) for t in zip(*(self.pairs[i] for i in indices), strict=True))
 
     def forward(self, indices: list[int], generator: torch.Generator, part: slice) -> torch.Tensor:
@@ -183,24 +212,33 @@ class DecoderTraining(FineTuning):
             save_file({k: v.to(dtype) for k, v in part.state_dict().items()}, path, meta, overwrite=overwrite)
 
 
-def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = None, resume: bool = False
-                    ) -> DecoderTraining:
-    """Load (or take) the base model and the data, build the student and the trainer; with ``resume``, continue
-    from ``work_dir/checkpoint.pt`` when it exists."""
+def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = None, resume: bool = False,
+                    latent_fn: LatentFn | None = None) -> DecoderTraining:
+    """Load (or take) the base model and the data, build the student (from ``init``, if set) and the trainer; with
+    ``resume``, continue from ``work_dir/checkpoint.pt`` when it exists. ``latent_fn`` samples the latents of
+    ``sampled`` scenes."""
     model = load_base(cfg.base) if model is None else model
-    data = open_images(cfg.data, cfg.image_size(model.config), cfg.seed, cfg.data_count)
-    data = AnyColourShapes(data, cfg.any_colour) if cfg.any_colour else data
+    captioned = open_images(cfg.data, cfg.image_size(model.config), cfg.seed, cfg.data_count, captions=cfg.captions)
+    data = AnyColourShapes(captioned, cfg.any_colour) if cfg.any_colour else captioned
     torch.manual_seed(cfg.seed)  # the student's initialisers draw from the global generator
     tiny = TAESD(cfg.taesd_config(model), encoder=cfg.encoder)
-    trainer = open_trainer(DecoderObjective(tiny, model, data, cfg), len(data), cfg, cfg.work_dir, resume,
+    if cfg.init:
+        start = load_taesd(cfg.init)
+        if start.decoder is None or start.config != tiny.config:
+            raise ConfigError(f"init {cfg.init}: a TAESD decoder of shape {start.config}; this model's is "
+                              f"{tiny.config}" if start.decoder is not None else f"init {cfg.init}: holds no TAESD "
+                              "decoder")
+        tiny.decoder.load_state_dict(start.decoder.state_dict())
+    objective = DecoderObjective(tiny, model, data, cfg, captioned, latent_fn)
+    trainer = open_trainer(objective, len(data), cfg, cfg.work_dir, resume,
                            "holds another decoder (shape or encoder differ)")
     return DecoderTraining(cfg, trainer, model)
 
 
 def train_decoder(cfg: DecoderTrainConfig, *, resume: bool = False, overwrite: bool = False,
                   on_step: OnStep | None = None, samples: bool = True,
-                  model: LatentDiffusion | None = None) -> DecoderTraining:
+                  model: LatentDiffusion | None = None, latent_fn: LatentFn | None = None) -> DecoderTraining:
     """Run the whole recipe (see the module docstring) with :func:`run_finetune`; returns the finished run.
-    ``samples``: write comparison grids every ``sample_every`` steps."""
-    return run_finetune(cfg, lambda: prepare_decoder(cfg, model, resume), resume=resume, overwrite=overwrite,
-                        on_step=on_step, sample_fn=(lambda *_: None) if samples else None)
+    ``samples``: write comparison grids every ``sample_every`` steps; ``latent_fn``: see :func:`prepare_decoder`."""
+    return run_finetune(cfg, lambda: prepare_decoder(cfg, model, resume, latent_fn), resume=resume,
+                        overwrite=overwrite, on_step=on_step, sample_fn=(lambda *_: None) if samples else None)

@@ -12,11 +12,14 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from nijimi.models.ldm import LatentDiffusion
 from nijimi.models.text_encoder import TextEncoderConfig
 from nijimi.models.unet import UNetConfig
 from nijimi.models.vae import VAEConfig
 from nijimi.pipelines.pipeline import Pipeline
+from nijimi.pipelines.request import GenerationRequest
 from nijimi.train.config import build_config, read_toml
 from nijimi.train.decoder import DecoderTrainConfig, heldout_psnr, train_decoder
 from nijimi.train.run import RunConfig, UNetStage, VAEStage, run_training
@@ -78,6 +81,12 @@ def sample_images(model: LatentDiffusion, prompts: list[str], steps: int, seed: 
     return [pipe.generate(p, steps=steps, seed=seed + i, **settings).images[0] for i, p in enumerate(prompts)]
 
 
+def sample_latents(model: LatentDiffusion, prompt: str, seed: int) -> torch.Tensor:
+    """The latents ``generate`` makes for ``prompt`` and ``seed`` with the model's default settings, not decoded:
+    ``train-decoder``'s sampled scenes."""
+    return Pipeline(model).sample_latents(GenerationRequest(prompt, seed=seed))[1]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     with TrainingProgress(args.quiet) as progress:
         path = run_training(config_values(args), resume=args.resume, on_step=progress, sample_fn=sample_images,
@@ -90,7 +99,7 @@ def cmd_train_decoder(args: argparse.Namespace) -> int:
     cfg = build_config(DecoderTrainConfig, config_values(args))
     with TrainingProgress(args.quiet) as progress:
         run = train_decoder(cfg, resume=args.resume, overwrite=args.overwrite, on_step=progress.stage("train decoder"),
-                            samples=not args.no_samples)
+                            samples=not args.no_samples, latent_fn=sample_latents)
     shapes = cfg.data.startswith("shapes")
     print(f"{cfg.out}: PSNR {heldout_psnr(run):.2f} dB against the VAE's decode "
           f"({'64 held-out scenes' if shapes else 'the first 64 training images'})")

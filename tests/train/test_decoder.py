@@ -3,6 +3,8 @@ loss on a fixed batch and saves the published key layout, which ``io.taesd`` loa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import TOY_F2, TOY_F4, random_model
@@ -12,6 +14,7 @@ from nijimi.errors import ConfigError
 from nijimi.io.safetensors import read_header
 from nijimi.io.taesd import load_taesd
 from nijimi.models.taesd import TAESDConfig
+from nijimi.pipelines.pipeline import Pipeline
 from nijimi.train.decoder import (
     ENCODER_FILE,
     DecoderTrainConfig,
@@ -23,7 +26,9 @@ from nijimi.train.decoder import (
     train_decoder,
     vae_pairs,
 )
+from nijimi.train.finetune import open_images
 from nijimi.train.trainer import step_generator
+from nijimi.ui.train import sample_latents
 
 
 def config(tmp_path, **changes) -> DecoderTrainConfig:
@@ -95,13 +100,67 @@ def test_bad_settings_are_refused(tmp_path):
         config(tmp_path, edge=-0.5)
     with pytest.raises(ConfigError, match="recolours shapes scenes"):
         config(tmp_path, data=str(tmp_path), any_colour=0.5)
+    with pytest.raises(ConfigError, match="sampled = 1.5: a share within"):
+        config(tmp_path, sampled=1.5)
+    with pytest.raises(ConfigError, match="no image to encode"):
+        config(tmp_path, sampled=0.5, encoder=True)
+    with pytest.raises(ConfigError, match="sampled = 1.0 needs a latent_fn"):
+        prepare_decoder(config(tmp_path, sampled=1.0), random_model(TOY_F4, 0))
+
+
+def test_sampled_scenes_train_on_the_latents_latent_fn_gives_for_their_captions(tmp_path):
+    model = random_model(TOY_F4, 0)
+    calls = []
+
+    def latent_fn(m, prompt, seed):
+        assert m is model
+        calls.append((prompt, seed))
+        return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+    cfg = config(tmp_path, data_count=16, sampled=0.5, any_colour=0.5, captions="training", seed=3)
+    objective = prepare_decoder(cfg, model, latent_fn=latent_fn).trainer.module
+    assert 0 < len(objective.sampled) < 16  # about half the scenes
+    drawn = min(objective.sampled)
+    encoded = min(set(range(16)) - objective.sampled)
+    images, latents, target = objective.examples([drawn, encoded, drawn])
+    caption = open_images("shapes", 32, 3, 16, captions="training")[drawn][1]
+    assert calls == [(caption, 3 + drawn)]  # once per scene, with the caption the recoloured image lacks
+    torch.testing.assert_close(latents[0], latent_fn(model, "", 3 + drawn)[0])
+    decode = model.vae.decode(latents[:1] / model.vae.config.scaling_factor).detach()[0]
+    torch.testing.assert_close(target[0], decode)
+    torch.testing.assert_close(images[0], decode)  # a sampled scene's image is its decode
+    torch.testing.assert_close(latents[1], model.vae.encode(images[1:2]).mean[0] * model.vae.config.scaling_factor)
+    assert len(prepare_decoder(config(tmp_path, data_count=16, sampled=1.0), model, latent_fn=latent_fn)
+               .trainer.module.sampled) == 16
+
+
+def test_init_starts_from_a_decoder_file_and_refuses_one_that_does_not_fit(tmp_path):
+    model = random_model(TOY_F4, 0)
+    first = train_decoder(config(tmp_path, steps=1), model=model, samples=False)
+    cfg = config(tmp_path, out=str(tmp_path / "again.safetensors"), init=str(tmp_path / "taesd_decoder.safetensors"),
+                 seed=5)
+    again = prepare_decoder(cfg, model)
+    for name, value in first.tiny.decoder.state_dict().items():
+        torch.testing.assert_close(again.tiny.decoder.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="a TAESD decoder of shape"):
+        prepare_decoder(dataclasses.replace(cfg, channels=16), model)
+    train_decoder(config(tmp_path, out=str(tmp_path / "enc" / "taesd_decoder.safetensors"), steps=1, encoder=True),
+                  model=model, samples=False)
+    with pytest.raises(ConfigError, match="holds no TAESD decoder"):
+        prepare_decoder(dataclasses.replace(cfg, init=str(tmp_path / "enc" / ENCODER_FILE)), model)
+
+
+def test_sample_latents_are_the_latents_generate_makes():
+    model = random_model(TOY_F4, 0)
+    torch.testing.assert_close(sample_latents(model, "a red circle", 3),
+                               Pipeline(model).generate("a red circle", seed=3).latents)
 
 
 
 def test_cli_trains_a_decoder_that_eval_shapes_decodes_with(capsys, tmp_path):
     out = tmp_path / "taesd_decoder.safetensors"
     assert main(["train-decoder", "--base", "embedded", "--steps", "1", "--batch-size", "2", "--data-count", "2",
-                 "--out", str(out), "--no-samples", "--quiet"]) == 0
+                 "--sampled", "0.5", "--out", str(out), "--no-samples", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{out}: PSNR ")
     assert printed.endswith(" dB against the VAE's decode (64 held-out scenes)\n")
