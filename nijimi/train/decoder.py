@@ -224,10 +224,11 @@ def prepare_decoder(cfg: DecoderTrainConfig, model: LatentDiffusion | None = Non
     tiny = TAESD(cfg.taesd_config(model), encoder=cfg.encoder)
     if cfg.init:
         start = load_taesd(cfg.init)
-        if start.decoder is None or start.config != tiny.config:
-            raise ConfigError(f"init {cfg.init}: a TAESD decoder of shape {start.config}; this model's is "
-                              f"{tiny.config}" if start.decoder is not None else f"init {cfg.init}: holds no TAESD "
-                              "decoder")
+        if start.decoder is None:
+            raise ConfigError(f"init {cfg.init}: holds no TAESD decoder")
+        if start.config != tiny.config:
+            raise ConfigError(f"init {cfg.init}: a TAESD decoder of shape {start.config}; this model needs "
+                              f"{tiny.config}")
         tiny.decoder.load_state_dict(start.decoder.state_dict())
     objective = DecoderObjective(tiny, model, data, cfg, captioned, latent_fn)
     trainer = open_trainer(objective, len(data), cfg, cfg.work_dir, resume,
