@@ -105,7 +105,7 @@ def vae_pairs(model: LatentDiffusion, images: torch.Tensor) -> tuple[torch.Tenso
     """``images`` (B, 3, H, W) in [-1, 1] → their latents z (posterior mean × scaling factor) and the VAE's decode
     of them, D(z) (B, 3, H, W)."""
     latents = model.vae.encode(images).mean * model.vae.config.scaling_factor
-    return latents, model.vae.decode(latents / model.vae.config.scaling_factor)
+    return latents, model.vae.decode_latents(latents)
 
 
 class DecoderObjective(nn.Module):
@@ -130,7 +130,7 @@ class DecoderObjective(nn.Module):
     @torch.no_grad()
     def _sampled_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latents = self.latent_fn(self.model, self.captioned[index][1], self.seed + index)
-        decoded = self.model.vae.decode(latents / self.model.vae.config.scaling_factor)
+        decoded = self.model.vae.decode_latents(latents)
         return decoded[0], latents[0], decoded[0]
 
     def examples(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
