@@ -68,7 +68,8 @@ def main() -> None:
         for preview in kinds.values():
             preview(torch.zeros(1, 4, 16, 16))  # fit the map, load the decoders, warm up
         results = {name: timed_steps(pipe, args.steps, preview) for name, preview in kinds.items()}
-    print(f"embedded model, 64×64, {args.steps} steps, guidance 7 (batch 2 per U-Net call), {args.threads} threads")
+    print(f"embedded model, 64×64, {args.steps} steps, guidance {pipe.model.config.guidance:g} (batch 2 per U-Net "
+          f"call), {args.threads} threads")
     print(f"{'preview':<15} {'step ms':>8} {'preview ms':>11} {'of a step':>10}")
     for name, (step, cost) in results.items():
         print(f"{name:<15} {step * 1e3:>8.2f} {cost * 1e3:>11.3f} {cost / step:>10.1%}")

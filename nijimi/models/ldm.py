@@ -11,7 +11,7 @@ schedule buffers, ``position_ids``) are dropped. SD 2.x files store the text enc
 (``cond_stage_model.model.*``); ``nijimi.io.checkpoint`` renames those onto the same tree.
 
 :class:`ModelConfig` describes all three parts plus what the weights alone do not say: the noise schedule and
-prediction target the U-Net was trained with, and how prompts are padded.
+prediction target the U-Net was trained with, how prompts are padded, and the guidance scale it samples best at.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ SD1_PAD_TOKEN_ID = 49407
 """SD 1.x pads prompts with ``<|endoftext|>``."""
 SD2_PAD_TOKEN_ID = 0
 """SD 2.x (OpenCLIP) pads prompts with id 0 (``!``)."""
+DEFAULT_GUIDANCE = 7.0
+"""The classifier-free guidance scale of a model whose file names none (A1111's default)."""
+MAX_GUIDANCE = 100.0
+"""The largest guidance scale a model may name as its default."""
 
 UNET_PREFIX = "model.diffusion_model."
 """Where the U-Net sits in the key tree (:attr:`LatentDiffusion.unet`); the one place the top-level prefixes live."""
@@ -54,7 +58,9 @@ class ModelConfig:
 
     ``family`` (see :data:`FAMILIES`) fixes how the text encoder is laid out in a single file. The prediction target
     (``"epsilon"`` or ``"v_prediction"``, arXiv 2202.00512) lives in ``schedule.prediction_type``, the latent scaling
-    factor in ``vae.scaling_factor``; both are also exposed here as properties.
+    factor in ``vae.scaling_factor``; both are also exposed here as properties. ``guidance`` is the classifier-free
+    guidance scale a request without one uses (:class:`~nijimi.pipelines.request.GenerationRequest`): 7, A1111's and
+    most tools' default, unless the model's file names another (its trainer measured it, as for the embedded model).
     """
 
     unet: UNetConfig
@@ -63,6 +69,7 @@ class ModelConfig:
     family: str = "custom"
     pad_token_id: int = SD1_PAD_TOKEN_ID
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd)
+    guidance: float = DEFAULT_GUIDANCE
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -76,6 +83,9 @@ class ModelConfig:
         if not 0 <= self.pad_token_id < self.text.vocab_size:
             raise ConfigError(f"ModelConfig.pad_token_id {self.pad_token_id} is outside the vocabulary "
                               f"0..{self.text.vocab_size - 1}")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, int | float) \
+                or not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise ConfigError(f"ModelConfig.guidance {self.guidance!r} must be a number within [0, {MAX_GUIDANCE}]")
         if self.schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"ModelConfig: prediction_type {self.schedule.prediction_type!r} is not supported "
                               "(epsilon, v_prediction)")
@@ -148,15 +158,17 @@ class ModelConfig:
         """A JSON-ready dict; stored in the metadata of nijimi's own files so they reload exactly."""
         return {"format": _CONFIG_FORMAT, "family": self.family, "pad_token_id": self.pad_token_id,
                 "unet": self.unet.to_dict(), "vae": self.vae.to_dict(), "text": self.text.to_dict(),
-                "schedule": dataclasses.asdict(self.schedule)}
+                "schedule": dataclasses.asdict(self.schedule), "guidance": self.guidance}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError` naming them."""
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise :class:`ConfigError` naming them (``guidance``
+        may be missing: files written before it was stored take :data:`DEFAULT_GUIDANCE`)."""
         expected = {"format", "family", "pad_token_id", "unet", "vae", "text", "schedule"}
-        if set(require_mapping(d, "ModelConfig")) != expected:
-            raise ConfigError(f"ModelConfig dict: missing keys {sorted(expected - set(d))}, "
-                              f"unknown keys {sorted(set(d) - expected)}")
+        keys = set(require_mapping(d, "ModelConfig")) - {"guidance"}
+        if keys != expected:
+            raise ConfigError(f"ModelConfig dict: missing keys {sorted(expected - keys)}, "
+                              f"unknown keys {sorted(keys - expected)}")
         if d["format"] != _CONFIG_FORMAT:
             raise ConfigError(f"ModelConfig dict format {d['format']!r} is not {_CONFIG_FORMAT}")
         check_field_types(cls, {k: v for k, v in d.items() if k != "format"})
@@ -166,7 +178,8 @@ class ModelConfig:
         except TypeError as e:
             raise ConfigError(f"ModelConfig dict: bad schedule {d['schedule']!r}: {e}") from None
         return cls(UNetConfig.from_dict(d["unet"]), VAEConfig.from_dict(d["vae"]),
-                   TextEncoderConfig.from_dict(d["text"]), d["family"], d["pad_token_id"], schedule)
+                   TextEncoderConfig.from_dict(d["text"]), d["family"], d["pad_token_id"], schedule,
+                   d.get("guidance", DEFAULT_GUIDANCE))
 
 
 class DiffusionWrapper(nn.Module):

@@ -210,6 +210,7 @@ class Pipeline:
             request = GenerationRequest(request, **fields)
         elif fields:
             request = request.replace(**fields)
+        request = self.with_model_defaults(request)
         if hires.enabled(request):
             request, x, pixels, unmatched, embeddings = hires.generate(self, request, callback)
         else:
@@ -219,12 +220,17 @@ class Pipeline:
         seeds = [request.seed + i for i in range(request.batch)]
         return Generation(to_pil(pixels), seeds, x.cpu(), pixels, request, unmatched, embeddings)
 
+    def with_model_defaults(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with the model's guidance scale (``ModelConfig.guidance``) when it names none."""
+        return request if request.guidance is not None else request.replace(guidance=self.model.config.guidance)
+
     def sample_latents(self, request: GenerationRequest, callback: Callable[[StepInfo], None] | None = None
                        ) -> tuple[GenerationRequest, torch.Tensor, dict[Path, dict[str, str]], dict[str, Path]]:
         """The final latents (B, C, h, w) of ``request`` without the hires fix, not decoded, with the request as it
-        ran (seed, size, sampler, VAE tile and attention slice filled in), the adapter keys left out and the
-        textual-inversion embeddings used (:meth:`denoise`). An init
-        image is encoded by the current VAE: call it inside :meth:`vae_swapped` of the request's ``vae``."""
+        ran (seed, size, sampler, guidance, VAE tile and attention slice filled in), the adapter keys left out and
+        the textual-inversion embeddings used (:meth:`denoise`). An init image is encoded by the current VAE: call it
+        inside :meth:`vae_swapped` of the request's ``vae``."""
+        request = self.with_model_defaults(request)
         if not request.prompt and request.guidance != 1.0 and not request.negative_prompt:
             raise PromptError("the prompt is empty; give a prompt (or use --guidance 1 for unconditional samples)")
         cfg = self.model.config

@@ -87,8 +87,9 @@ Control = ControlSpec | ControlUnit
 @dataclass(frozen=True)
 class GenerationRequest:
     """What to generate. ``seed`` None draws a random seed once, here; image i of a batch uses ``seed + i``.
-    ``width``/``height`` None: the init image's size, else the model's native size. ``sampler`` None: the model's
-    default (:func:`~nijimi.diffusion.choice.default_sampler`); a name is parsed, with ``schedule``, into a
+    ``width``/``height`` None: the init image's size, else the model's native size. ``guidance`` None: the model's
+    (``ModelConfig.guidance``). ``sampler`` None: the model's default
+    (:func:`~nijimi.diffusion.choice.default_sampler`); a name is parsed, with ``schedule``, into a
     :class:`SamplerChoice` (``schedule`` then holds the resolved schedule; "automatic": the sampler's A1111 default).
     ``vae_tile`` / ``attention_slice`` None: chosen from the free memory; 0: off. LoRA names that are not files are
     looked up in ``lora_dir`` (default: the embedded model's demo adapters); paths are kept absolute, so a recipe
@@ -112,7 +113,8 @@ class GenerationRequest:
         "align_your_steps, trailing, lcm (A1111 labels such as 'SGM Uniform' too)"))
     eta: float | None = knob(None, Cli(("--eta",), "noise amount η of ddim (default 0), euler-a and dpm++2m-sde "
                                        "(default 1); tcd's γ (default 0.3)", float))
-    guidance: float = knob(7.0, Cli(("--guidance", "--cfg"), "classifier-free guidance scale", float))
+    guidance: float | None = knob(None, Cli(("--guidance", "--cfg"), "classifier-free guidance scale (default: "
+                                            "the model's, 7 unless its file names another)", float))
     guidance_rescale: float = knob(0.0, Cli(("--guidance-rescale",), "guidance rescale φ in [0, 1] (2305.08891)",
                                             float))
     guidance_interval: tuple[float, float] | None = knob(None, Cli(
@@ -204,7 +206,7 @@ class GenerationRequest:
         _integer("clip_skip", self.clip_skip, 1, 1000, optional=True)
         for name in ("vae_tile", "attention_slice"):
             _integer(name, getattr(self, name), 0, 1 << 20, optional=True)
-        _number("guidance", self.guidance)
+        _number("guidance", self.guidance, optional=True)
         _number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _number("strength", self.strength, 0.0, 1.0)
         _number("variation_strength", self.variation_strength, 0.0, 1.0)
@@ -279,14 +281,12 @@ class GenerationRequest:
                 hires_size(self.width, self.height, self.hires_scale, self.hires_size, 8)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values of every field (the PNG recipe); in-memory images and ControlNet units cannot be
-        recorded and raise ConfigError."""
+        """JSON-ready values of every field (the PNG recipe); in-memory images or ControlNet units raise ConfigError."""
         return {f.name: _encode(f.name, getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> GenerationRequest:
-        """The request :meth:`to_dict` wrote; a key that is no field, or a value of the wrong kind, raises
-        ConfigError naming ``source`` and the key."""
+        """The request :meth:`to_dict` wrote; a key that is no field or a bad value raises ConfigError naming it."""
         names = {f.name for f in fields(cls)}
         if not isinstance(data, Mapping) or set(data) - names:
             unknown = sorted(set(data) - names) if isinstance(data, Mapping) else data

@@ -370,7 +370,7 @@ def info(call: Call, outcome: Outcome) -> dict:
             "all_seeds": [q.seed for q in ran], "subseed": _or(ran[0].variation_seed, -1),
             "all_subseeds": [_or(q.variation_seed, -1) for q in ran], "subseed_strength": r.variation_strength,
             "width": ran[0].width, "height": ran[0].height,
-            "sampler_name": ran[0].sampler.display if ran[0].sampler else None, "cfg_scale": r.guidance,
+            "sampler_name": ran[0].sampler.display if ran[0].sampler else None, "cfg_scale": ran[0].guidance,
             "steps": r.steps, "batch_size": r.batch, "restore_faces": False, "sd_model_name": outcome.model,
             "sd_model_hash": outcome.model_hash, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
             "denoising_strength": r.strength if r.init_image is not None else None,

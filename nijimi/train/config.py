@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from nijimi.errors import ConfigError
 from nijimi.io.files import regular_file
+from nijimi.models.ldm import MAX_GUIDANCE
 
 T = TypeVar("T")
 MAX_CONFIG_BYTES = 1 << 20
@@ -38,6 +39,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("caption_dropout", "min_lr_ratio", "two_objects", "any_colour", "timestep_bias_portion"),
                     _within(0, 1)),
     "lr": ((lambda v: v > 0), "> 0"),
+    "default_guidance": _within(0, MAX_GUIDANCE),
     **dict.fromkeys(("ema_decay", "target_ema"), _within(0, 1, closed=False)),
     "betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)), "two numbers in [0, 1)"),
 }

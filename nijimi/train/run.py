@@ -46,8 +46,10 @@ StageStep = Callable[[str, Trainer, float, float], None]
 class RunConfig:
     """Top-level keys of a training recipe. ``model``: the architecture preset (tables ``[arch.unet]``, ``[arch.vae]``,
     ``[arch.text]`` change its fields); ``init``: fine-tune this model (checkpoint file or diffusers folder) instead;
-    ``export``: the model file (default ``out/model.safetensors``); ``two_objects`` and ``captions`` (the phrasing of
-    :mod:`nijimi.train.captions`): shapes data only."""
+    ``export``: the model file (default ``out/model.safetensors``); ``default_guidance``: the guidance scale the
+    export names for generation (``ModelConfig.guidance``, measured with ``eval shapes --cfg``; 0 keeps ``init``'s,
+    7 for a new model); ``two_objects`` and ``captions`` (the phrasing of :mod:`nijimi.train.captions`): shapes data
+    only."""
 
     out: str = "runs/train"
     data: str = "shapes"
@@ -67,6 +69,7 @@ class RunConfig:
     sample_prompts: tuple = ("a red circle on the left", "a large blue square in the center",
                              "a small green triangle at the top", "a yellow star on the right")
     export: str = ""
+    default_guidance: float = 0.0
     half: bool = True
 
     def __post_init__(self) -> None:
@@ -253,6 +256,8 @@ def run_training(values: dict, resume: bool = False, on_step: StageStep | None =
     data = open_data(run)
     vae_path = None if run.init else train_vae(run, vae_stage, arch, data, resume, on_step)
     model = train_unet(run, unet_stage, arch, data, vae_path, resume, on_step, sample_fn)
+    if run.default_guidance:
+        model.set_config(dataclasses.replace(model.config, guidance=run.default_guidance))
     if rank == 0:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_single(model, target, half=run.half, overwrite=overwrite)

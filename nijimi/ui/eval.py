@@ -125,7 +125,7 @@ def _add_generation_options(q: argparse.ArgumentParser, n: int, what: str, grid:
     q.add_argument("--n", type=int, default=n, help=f"number of {what} (default {n})")
     q.add_argument("--steps", type=int, default=20)
     q.add_argument("--sampler", help="sampler name (default: the model's, as for generate)")
-    q.add_argument("--cfg", type=float, default=7.0)
+    q.add_argument("--cfg", type=float, help="guidance scale (default: the model's, as for generate)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="heldout", choices=("heldout", "train"), help=f"{what} split (default heldout)")
     q.add_argument("--quiet", action="store_true")

@@ -35,7 +35,7 @@ def test_eval_shapes_refuses_an_unknown_phrasing(capsys) -> None:
 
 
 @pytest.mark.parametrize("lora, expected", [
-    (None, {"steps": 20, "deepcache": 2, "guidance_interval": (0.28, 1e4), "guidance": 7.0}),
+    (None, {"steps": 20, "deepcache": 2, "guidance_interval": (0.28, 1e4), "guidance": None}),
     ("lcm", {"steps": 4, "sampler": "lcm", "guidance": 1.0}),
 ])
 def test_eval_shapes_fast_generates_with_generate_fasts_settings(lora, expected, monkeypatch, capsys) -> None:

@@ -66,6 +66,20 @@ def test_model_config_errors() -> None:
         ModelConfig.from_dict({**SD1.to_dict(), "extra": 1})
     with pytest.raises(ConfigError, match="sample"):
         SD1.with_prediction_type("sample")
+    for bad in (-1.0, 101.0, "7", True):
+        with pytest.raises(ConfigError, match=rf"ModelConfig.guidance {bad!r} must be a number within \[0, 100"):
+            dataclasses.replace(SD1, guidance=bad)
+
+
+def test_model_config_guidance_is_stored_and_defaults_to_7() -> None:
+    """A model may name the guidance scale it samples best at; files written before it was stored load with 7."""
+    assert SD1.guidance == 7.0
+    mine = dataclasses.replace(SD1, guidance=3.5)
+    assert ModelConfig.from_dict(json.loads(json.dumps(mine.to_dict()))) == mine
+    older = {k: v for k, v in mine.to_dict().items() if k != "guidance"}
+    assert ModelConfig.from_dict(older) == SD1
+    with pytest.raises(ConfigError, match="must be float"):
+        ModelConfig.from_dict({**SD1.to_dict(), "guidance": "high"})
 
 
 def test_latent_diffusion_key_tree_and_set_config() -> None:
@@ -169,6 +183,10 @@ def test_round_trip_single_diffusers_single_is_bit_exact(tmp_path, config: Model
     report = convert(tmp_path / "folder", tmp_path / "b.safetensors")
     assert report.layout == "diffusers" and report.config == config
     a, b = (safetensors.torch.load_file(tmp_path / n) for n in ("a.safetensors", "b.safetensors"))
+    guided = dataclasses.replace(config, guidance=4.0)  # the model's guidance survives both layouts
+    save_single(random_model(guided, seed=2), tmp_path / "g.safetensors")
+    assert convert(tmp_path / "g.safetensors", tmp_path / "g").config == guided
+    assert convert(tmp_path / "g", tmp_path / "g2.safetensors").config == guided
     assert same_tensors(a, b)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     convert(tmp_path / "b.safetensors", tmp_path / "half", half=True)

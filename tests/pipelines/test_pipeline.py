@@ -3,6 +3,8 @@ automatic and explicit attention slicing, VAE tiles, the memory a loaded pipelin
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from nijimi.models.layers import Attention
 from nijimi.pipelines import pipeline, runtime
 from nijimi.pipelines.images import to_unit
 from nijimi.pipelines.pipeline import Pipeline, _in_dtype
+from nijimi.pipelines.request import GenerationRequest
 
 PROMPT = "a small house by a lake"
 
@@ -50,6 +53,22 @@ def test_settings_record_every_knob(pipe):
     r = gen.request
     assert (r.sampler.name, r.guidance, r.seed, r.clip_skip, r.negative_prompt) == ("euler-a", 4.0, 3, 2, "dark")
     assert (r.vae_tile, r.attention_slice, r.init_image, r.width, r.height) == (0, 0, None, 64, 64)
+
+
+def test_guidance_defaults_to_the_models(make_model, config, pipe):
+    """A request without a guidance scale takes the model's (``ModelConfig.guidance``: 7 unless its file names
+    another), in the plain path, the hires fix and ``sample_latents``; the recipe records the scale used."""
+    assert pipe.generate(PROMPT, steps=2, sampler="euler", seed=3, width=32, height=32).request.guidance == 7.0
+    model = make_model(config, seed=5)
+    model.set_config(dataclasses.replace(model.config, guidance=2.5))
+    own = Pipeline(model)
+    request = GenerationRequest(PROMPT, steps=2, sampler="euler", seed=3, width=32, height=32)
+    gen = own.generate(request)
+    assert gen.request.guidance == 2.5
+    assert torch.equal(gen.pixels, own.generate(request, guidance=2.5).pixels)
+    assert not torch.equal(gen.pixels, pipe.generate(request).pixels)  # the same weights at 7
+    assert torch.equal(own.sample_latents(request)[1], gen.latents)
+    assert own.generate(request, hires_scale=1.5, hires_steps=1).request.guidance == 2.5
 
 
 def test_random_seed_is_recorded_and_replays(pipe):

@@ -32,8 +32,8 @@ def test_every_field_lands_on_its_request_field():
 def test_absent_and_null_fields_take_the_request_defaults():
     r = parse_call({"prompt": "x", "steps": None, "seed": -1, "subseed": -1, "seed_resize_from_w": -1}, TXT2IMG,
                    Limits()).request
-    assert (r.steps, r.guidance, r.width, r.sampler, r.variation_seed, r.seed_resize) == (20, 7.0, None, None, None,
-                                                                                           None)
+    assert (r.steps, r.guidance, r.width, r.sampler, r.variation_seed, r.seed_resize) == (20, None, None, None, None,
+                                                                                           None)  # None: the model's
 
 
 @pytest.mark.parametrize("sampler, scheduler, choice", [

@@ -48,9 +48,11 @@ def test_txt2img_matches_the_pipeline_and_answers_as_a1111(served):
 
 
 def test_seed_minus_one_is_random_and_recorded(served):
+    """Also: without a cfg_scale the model's own guidance scale is used and reported."""
     status, answer = served.call("/sdapi/v1/txt2img", {"prompt": "a star", "seed": -1, **SMALL})
     seed = json.loads(answer["info"])["seed"]
     assert status == 200 and seed != -1
+    assert json.loads(answer["info"])["cfg_scale"] == served.pipe.model.config.guidance
     np.testing.assert_array_equal(served.pixels(answer["images"][0]), direct(served, prompt="a star", seed=seed,
                                                                               **SMALL)[0])
 

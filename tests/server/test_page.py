@@ -77,7 +77,7 @@ def test_the_gallery_lists_saved_images_with_their_settings(served):
         assert entry["url"] == f"/outputs/{entry['file']}" and entry["mode"] == "txt2img"
         assert entry["model"] == "embedded" and f"Seed: {seed}, " in entry["infotext"]
         one = parse_call({**body, "seed": seed, "batch_size": 1}, TXT2IMG, Limits()).request
-        assert entry["fields"] == request_fields(one)
+        assert entry["fields"] == request_fields(served.pipe.with_model_defaults(one))  # the guidance it ran with
         assert get(served, entry["url"])[2] == base64.b64decode(b64)
     assert [e["id"] for e in gallery] == list(range(len(gallery)))
 

@@ -3,8 +3,9 @@ import sys
 
 import pytest
 
-from nijimi.cli import build_parser, finish_distributed
+from nijimi.cli import build_parser, finish_distributed, main
 from nijimi.errors import ConfigError
+from nijimi.io.checkpoint import load_model
 from nijimi.train.run import model_config, open_data, parse_config
 from nijimi.ui.train import config_values
 
@@ -76,3 +77,18 @@ def test_captions_key_picks_the_data_phrasing():
     assert open_data(run).phrasing == "training" and open_data(parse_config({})[0]).phrasing == "original"
     with pytest.raises(ConfigError, match="captions = 'paraphrase': expected one of training, original"):
         parse_config({"captions": "paraphrase"})
+
+
+def test_default_guidance_goes_into_the_export_and_a_fine_tune_keeps_it(tmp_path):
+    """``default_guidance`` names the export's generation guidance (``ModelConfig.guidance``); without it a new
+    model names 7 and a fine-tune keeps its init's."""
+    tiny = ["--vae.steps=1", "--unet.steps=1", "--data-count=2", "--vae.batch-size=1", "--unet.batch-size=1",
+            "--size=16", "--quiet"]
+    assert main(["train", f"--out={tmp_path}/a", *tiny]) == 0
+    assert load_model(tmp_path / "a" / "model.safetensors")[0].config.guidance == 7.0
+    assert main(["train", f"--out={tmp_path}/b", "--default-guidance=3.5", *tiny]) == 0
+    assert load_model(tmp_path / "b" / "model.safetensors")[0].config.guidance == 3.5
+    assert main(["train", f"--out={tmp_path}/c", f"--init={tmp_path}/b/model.safetensors", *tiny]) == 0
+    assert load_model(tmp_path / "c" / "model.safetensors")[0].config.guidance == 3.5
+    with pytest.raises(ConfigError, match=r"default_guidance.* within \[0, 100\]"):
+        parse_config({"default_guidance": "150"})
