@@ -32,6 +32,7 @@ from nijimi.embedded import ADAPTERS, EMBEDDED, embedded_path
 from nijimi.errors import ConfigError, SamplerError
 from nijimi.io.find import Folders, find_file, hash_matches
 from nijimi.io.pngmeta import parse_name_hashes
+from nijimi.models.ldm import DEFAULT_GUIDANCE
 from nijimi.pipelines import hires
 from nijimi.pipelines.adapters import LoraRequest
 from nijimi.pipelines.infotext import control_spec_text, control_unit_settings
@@ -168,6 +169,7 @@ def _settings_fields(s: ForeignSettings, warnings: list[str]) -> dict[str, Any]:
     values = s.values
     fields: dict[str, Any] = {"prompt": s.prompt, "negative_prompt": s.negative_prompt}
     fields.update({name: values[key] for key, name in _FIELDS.items() if key in values})
+    fields.setdefault("guidance", DEFAULT_GUIDANCE)  # A1111's own default, not the one the model may name
     if isinstance(values.get("Size"), tuple):
         fields["width"], fields["height"] = values["Size"]
     fields["sampler"] = _sampler(values, warnings)

@@ -61,6 +61,13 @@ def test_a1111_infotext_to_request(folders):
     assert r.eta is None and r.init_image is None and r.batch == 1 and r.lora_dir == str(folders.lora)
 
 
+def test_an_infotext_without_a_cfg_scale_means_a1111s_default(folders):
+    """Not the model's own scale: the embedded model (copied in as shapes.safetensors) names 4, A1111 ran 7."""
+    text = "a red circle\nSteps: 3, Seed: 5, Size: 64x64, Model: shapes"
+    imported = to_request(from_infotext(parse_parameters(text)), folders)
+    assert imported.model == str(folders.model / "sd15" / "shapes.safetensors") and imported.request.guidance == 7.0
+
+
 def test_a1111_controlnet_units_are_read_back_as_control_flags(folders):
     text = ('a cat\nSteps: 5, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, RNG: CPU, ControlNet 0: "Module: '
             'canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.9, Resize Mode: Just Resize, Low Vram: False, '
