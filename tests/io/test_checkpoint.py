@@ -178,15 +178,12 @@ def test_saved_folder_loads_in_diffusers(tmp_path, config: ModelConfig) -> None:
 
 @pytest.mark.parametrize("config", [SD1, SD2], ids=["sd1", "sd2"])
 def test_round_trip_single_diffusers_single_is_bit_exact(tmp_path, config: ModelConfig) -> None:
+    config = dataclasses.replace(config, guidance=4.0)  # the guidance a model names survives both layouts too
     save_single(random_model(config, seed=2), tmp_path / "a.safetensors")
     convert(tmp_path / "a.safetensors", tmp_path / "folder")
     report = convert(tmp_path / "folder", tmp_path / "b.safetensors")
     assert report.layout == "diffusers" and report.config == config
     a, b = (safetensors.torch.load_file(tmp_path / n) for n in ("a.safetensors", "b.safetensors"))
-    guided = dataclasses.replace(config, guidance=4.0)  # the model's guidance survives both layouts
-    save_single(random_model(guided, seed=2), tmp_path / "g.safetensors")
-    assert convert(tmp_path / "g.safetensors", tmp_path / "g").config == guided
-    assert convert(tmp_path / "g", tmp_path / "g2.safetensors").config == guided
     assert same_tensors(a, b)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     convert(tmp_path / "b.safetensors", tmp_path / "half", half=True)
